@@ -1,0 +1,265 @@
+// matmul, linear and fused multi-head attention on cblas_sgemm.
+#include <cblas.h>
+
+#include <cmath>
+#include <memory>
+#include <vector>
+
+#include "autograd/ops_util.h"
+
+namespace peftlab {
+using namespace detail;
+
+namespace detail {
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+    if (M == 0 || N == 0) return;
+    if (K == 0) {  // BLAS may skip the beta scaling when K == 0
+        for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.f ? 0.f : beta * C[i * ldc + j];
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, int(M),
+                int(N), int(K), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
+}
+}  // namespace detail
+
+void matmul_naive(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b) {
+    for (int i = 0; i < M; ++i)
+        for (int j = 0; j < N; ++j) {
+            double s = 0;
+            for (int k = 0; k < K; ++k) {
+                float av = trans_a ? a[k * M + i] : a[i * K + k];
+                float bv = trans_b ? b[j * K + k] : b[k * N + j];
+                s += double(av) * double(bv);
+            }
+            c[i * N + j] = float(s);
+        }
+}
+
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
+    require_defined("matmul", a, "a");
+    require_defined("matmul", b, "b");
+    if (a.ndim() < 2 || b.ndim() < 2)
+        throw std::invalid_argument(fmt::format("matmul: operands must have rank >= 2, got shapes {} and {}",
+                                                shape_str(a.shape()), shape_str(b.shape())));
+    const int ra = a.ndim(), rb = b.ndim();
+    const int64_t M = a.dim(trans_a ? -1 : -2), Ka = a.dim(trans_a ? -2 : -1);
+    const int64_t Kb = b.dim(trans_b ? -1 : -2), N = b.dim(trans_b ? -2 : -1);
+    if (Ka != Kb)
+        throw std::invalid_argument(fmt::format("matmul: shapes {}{} and {}{} do not match ({} != {})",
+                                                shape_str(a.shape()), trans_a ? "^T" : "", shape_str(b.shape()),
+                                                trans_b ? "^T" : "", Ka, Kb));
+    const int64_t K = Ka;
+    const int64_t batch = prod(a.shape(), 0, ra - 2);
+    const bool shared_b = rb == 2;
+    if (!shared_b) {
+        Shape ba(a.shape().begin(), a.shape().end() - 2), bb(b.shape().begin(), b.shape().end() - 2);
+        if (ba != bb)
+            throw std::invalid_argument(fmt::format("matmul: batch dims of {} and {} differ", shape_str(a.shape()),
+                                                    shape_str(b.shape())));
+    }
+    Shape os(a.shape().begin(), a.shape().end() - 2);
+    os.push_back(M);
+    os.push_back(N);
+    Tensor out = make_result(os);
+    const int64_t lda = trans_a ? M : K, ldb = trans_b ? K : N;
+    const int64_t sa = M * K, sb = shared_b ? 0 : K * N, sc = M * N;
+    if (shared_b && !trans_a) {
+        // All leading rows of a times one b: one GEMM of batch*M rows.
+        gemm(false, trans_b, batch * M, N, K, 1.f, a.data(), lda, b.data(), ldb, 0.f, out.data(), N);
+    } else {
+        for (int64_t i = 0; i < batch; ++i)
+            gemm(trans_a, trans_b, M, N, K, 1.f, a.data() + i * sa, lda, b.data() + i * sb, ldb, 0.f,
+                 out.data() + i * sc, N);
+    }
+    flops::add(uint64_t(2 * batch * M * N * K));
+
+    auto ga = grad_target(a), gb = grad_target(b);
+    if (!ga && !gb) return out;
+    Tensor save_a = gb ? a : Tensor();  // dB reads A
+    Tensor save_b = ga ? b : Tensor();  // dA reads B
+    record(out, [=](const float* dc) {
+        // With A' = op(A), B' = op(B): dA' = dC B'^T and dB' = A'^T dC.
+        if (ga) {
+            float beta;
+            float* da = ga->gemm_target(beta);
+            if (shared_b && !trans_a) {
+                gemm(false, !trans_b, batch * M, K, N, 1.f, dc, N, save_b.data(), ldb, beta, da, K);
+            } else {
+                for (int64_t i = 0; i < batch; ++i) {
+                    const float* bi = save_b.data() + i * sb;
+                    if (trans_a)  // dA [K, M] = B' dC^T
+                        gemm(trans_b, true, K, M, N, 1.f, bi, ldb, dc + i * sc, N, beta, da + i * sa, M);
+                    else  // dA [M, K] = dC B'^T
+                        gemm(false, !trans_b, M, K, N, 1.f, dc + i * sc, N, bi, ldb, beta, da + i * sa, K);
+                }
+            }
+            flops::add_grad(ga->is_leaf, uint64_t(2 * batch * M * N * K));
+        }
+        if (gb) {
+            float beta;
+            float* db = gb->gemm_target(beta);
+            if (shared_b && !trans_a) {
+                // Over all batch*M rows at once: dB' = A'^T dC.
+                if (trans_b) gemm(true, false, N, K, batch * M, 1.f, dc, N, save_a.data(), K, beta, db, K);
+                else gemm(true, false, K, N, batch * M, 1.f, save_a.data(), K, dc, N, beta, db, N);
+            } else {
+                for (int64_t i = 0; i < batch; ++i) {
+                    const float* ai = save_a.data() + i * sa;
+                    float* dbi = db + i * sb;
+                    float bbeta = shared_b && i > 0 ? 1.f : beta;
+                    if (trans_b)  // dB [N, K] = dC^T A'
+                        gemm(true, trans_a, N, K, M, 1.f, dc + i * sc, N, ai, lda, bbeta, dbi, K);
+                    else  // dB [K, N] = A'^T dC
+                        gemm(!trans_a, false, K, N, M, 1.f, ai, lda, dc + i * sc, N, bbeta, dbi, N);
+                }
+            }
+            flops::add_grad(gb->is_leaf, uint64_t(2 * batch * M * N * K));
+        }
+    });
+    return out;
+}
+
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+    require_defined("linear", x, "input");
+    require_defined("linear", weight, "weight");
+    if (weight.ndim() != 2 || x.ndim() < 1 || x.dim(-1) != weight.dim(1))
+        throw std::invalid_argument(fmt::format("linear: input {} and weight {} do not match (expected weight [out, {}])",
+                                                shape_str(x.shape()), shape_str(weight.shape()),
+                                                x.ndim() ? x.dim(-1) : 0));
+    const int64_t in = weight.dim(1), outf = weight.dim(0), R = x.numel() / std::max<int64_t>(in, 1);
+    if (bias.defined() && (bias.ndim() != 1 || bias.dim(0) != outf))
+        throw std::invalid_argument(fmt::format("linear: bias {} does not match weight {}", shape_str(bias.shape()),
+                                                shape_str(weight.shape())));
+    Shape os = x.shape();
+    os.back() = outf;
+    Tensor out = make_result(os);
+    float* y = out.data();
+    if (bias.defined()) {
+        // y starts as the bias rows, then the GEMM adds x W^T (beta = 1).
+        const float* b = bias.data();
+#pragma omp parallel for if (R * outf > kParallelMin) schedule(static)
+        for (int64_t r = 0; r < R; ++r)
+            for (int64_t j = 0; j < outf; ++j) y[r * outf + j] = b[j];
+        flops::add(uint64_t(R * outf));
+    }
+    gemm(false, true, R, outf, in, 1.f, x.data(), in, weight.data(), in, bias.defined() ? 1.f : 0.f, y, outf);
+    flops::add(uint64_t(2 * R * outf * in));
+
+    auto gx = grad_target(x), gw = grad_target(weight);
+    auto gbias = bias.defined() ? grad_target(bias) : nullptr;
+    if (!gx && !gw && !gbias) return out;
+    Tensor save_x = gw ? x : Tensor();       // dW reads x
+    Tensor save_w = gx ? weight : Tensor();  // dx reads W
+    record(out, [=](const float* dy) {
+        if (gx) {  // dx [R, in] = dy [R, out] W [out, in]
+            float beta;
+            float* dx = gx->gemm_target(beta);
+            gemm(false, false, R, in, outf, 1.f, dy, outf, save_w.data(), in, beta, dx, in);
+            flops::add_grad(gx->is_leaf, uint64_t(2 * R * outf * in));
+        }
+        if (gw) {  // dW [out, in] = dy^T [out, R] x [R, in]
+            float beta;
+            float* dw = gw->gemm_target(beta);
+            gemm(true, false, outf, in, R, 1.f, dy, outf, save_x.data(), in, beta, dw, in);
+            flops::add_grad(gw->is_leaf, uint64_t(2 * R * outf * in));
+        }
+        if (gbias) {  // db [out] = column sums of dy; columns split across threads
+            float* db = gbias->buffer();
+#pragma omp parallel for if (R * outf > kParallelMin) schedule(static)
+            for (int64_t j = 0; j < outf; ++j) {
+                float s = 0.f;
+                for (int64_t r = 0; r < R; ++r) s += dy[r * outf + j];
+                db[j] += s;
+            }
+            flops::add_grad(gbias->is_leaf, uint64_t(R * outf));
+        }
+    });
+    return out;
+}
+
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads, bool causal,
+                 const Tensor& key_valid) {
+    require_defined("attention", q, "q");
+    require_defined("attention", k, "k");
+    require_defined("attention", v, "v");
+    if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3 || k.shape() != v.shape() || q.dim(0) != k.dim(0) ||
+        q.dim(2) != k.dim(2))
+        throw std::invalid_argument(fmt::format(
+            "attention: expected q [B, Tq, C] and k, v [B, Tk, C], got q {}, k {}, v {}", shape_str(q.shape()),
+            shape_str(k.shape()), shape_str(v.shape())));
+    const int64_t B = q.dim(0), Tq = q.dim(1), Tk = k.dim(1), C = q.dim(2), H = n_heads;
+    if (H <= 0 || C % H != 0)
+        throw std::invalid_argument(fmt::format("attention: n_heads = {} does not divide C = {}", n_heads, C));
+    if (causal && Tq > Tk)
+        throw std::invalid_argument(fmt::format("attention: causal with more queries ({}) than keys ({})", Tq, Tk));
+    if (key_valid.defined() && key_valid.shape() != Shape{B, Tk})
+        throw std::invalid_argument(fmt::format("attention: key_valid {} must be [B, Tk] = [{}, {}]",
+                                                shape_str(key_valid.shape()), B, Tk));
+    const int64_t Dh = C / H;
+    const float scale = 1.f / std::sqrt(float(Dh));
+    Tensor out = make_result({B, Tq, C});
+    auto probs = Storage::alloc(B * H * Tq * Tk);  // P [B, H, Tq, Tk], saved for backward
+    const float *pq = q.data(), *pk = k.data(), *pv = v.data();
+    const float* valid = key_valid.defined() ? key_valid.data() : nullptr;
+    float* po = out.data();
+    float* pp = probs->data;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h) {
+            float* P = pp + (b * H + h) * Tq * Tk;
+            // S [Tq, Tk] = Q_bh K_bh^T * scale, heads are column blocks of width Dh.
+            gemm(false, true, Tq, Tk, Dh, scale, pq + b * Tq * C + h * Dh, C, pk + b * Tk * C + h * Dh, C, 0.f, P,
+                 Tk);
+            for (int64_t i = 0; i < Tq; ++i) {
+                int64_t limit = causal ? i + (Tk - Tq) + 1 : Tk;
+                masked_softmax_row(P + i * Tk, P + i * Tk, Tk, limit, valid ? valid + b * Tk : nullptr);
+            }
+            gemm(false, false, Tq, Dh, Tk, 1.f, P, Tk, pv + b * Tk * C + h * Dh, C, 0.f, po + b * Tq * C + h * Dh, C);
+        }
+    flops::add(uint64_t(B * H * (4 * Tq * Tk * Dh + 5 * Tq * Tk)));
+
+    auto gq = grad_target(q), gk = grad_target(k), gv = grad_target(v);
+    if (!gq && !gk && !gv) return out;
+    Tensor sq = gk ? q : Tensor(), sk = gq ? k : Tensor(), sv = gq || gk ? v : Tensor();
+    record(out, [=](const float* dout) {
+        float bq = 0, bk = 0, bv = 0;
+        float* dq = gq ? gq->gemm_target(bq) : nullptr;
+        float* dk = gk ? gk->gemm_target(bk) : nullptr;
+        float* dv = gv ? gv->gemm_target(bv) : nullptr;
+        const float* P0 = probs->data;
+#pragma omp parallel
+        {
+            std::vector<float> dS(static_cast<size_t>(Tq * Tk));
+#pragma omp for collapse(2) schedule(static)
+            for (int64_t b = 0; b < B; ++b)
+                for (int64_t h = 0; h < H; ++h) {
+                    const float* P = P0 + (b * H + h) * Tq * Tk;
+                    const float* dO = dout + b * Tq * C + h * Dh;
+                    if (dv)  // dV [Tk, Dh] = P^T dO
+                        gemm(true, false, Tk, Dh, Tq, 1.f, P, Tk, dO, C, bv, dv + b * Tk * C + h * Dh, C);
+                    if (!dq && !dk) continue;
+                    // dP [Tq, Tk] = dO V^T, then dS = softmax backward (scale folded in).
+                    gemm(false, true, Tq, Tk, Dh, 1.f, dO, C, sv.data() + b * Tk * C + h * Dh, C, 0.f, dS.data(),
+                         Tk);
+                    for (int64_t i = 0; i < Tq; ++i)
+                        softmax_backward_row(dS.data() + i * Tk, dS.data() + i * Tk, P + i * Tk, Tk, scale);
+                    if (dq)  // dQ [Tq, Dh] = dS K
+                        gemm(false, false, Tq, Dh, Tk, 1.f, dS.data(), Tk, sk.data() + b * Tk * C + h * Dh, C, bq,
+                             dq + b * Tq * C + h * Dh, C);
+                    if (dk)  // dK [Tk, Dh] = dS^T Q
+                        gemm(true, false, Tk, Dh, Tq, 1.f, dS.data(), Tk, sq.data() + b * Tq * C + h * Dh, C, bk,
+                             dk + b * Tk * C + h * Dh, C);
+                }
+        }
+        const uint64_t gemm_flops = uint64_t(B * H * 2 * Tq * Tk * Dh);
+        if (gv) flops::add_grad(gv->is_leaf, gemm_flops);
+        if (gq || gk) flops::add_grad(false, gemm_flops + uint64_t(B * H * 4 * Tq * Tk));
+        if (gq) flops::add_grad(gq->is_leaf, gemm_flops);
+        if (gk) flops::add_grad(gk->is_leaf, gemm_flops);
+    });
+    return out;
+}
+
+}  // namespace peftlab

@@ -1,0 +1,50 @@
+#pragma once
+// The tape: a list of backward closures in the order their forward ops ran.
+//
+// An op records a node only when grad mode is on and some input requires
+// grad; the output then requires grad too. backward(loss) seeds d(loss) = 1,
+// walks the tape in reverse, and after running each node drops its closure
+// (and with it the activations it saved) and the now-consumed gradient of its
+// output. Gradients of leaves stay in their GradCell for the optimizer.
+#include <functional>
+#include <memory>
+
+#include "autograd/tensor.h"
+
+namespace peftlab {
+
+bool grad_enabled();
+
+// RAII: ops record nothing while one is alive (evaluation, generation).
+class NoGradGuard {
+public:
+    NoGradGuard();
+    ~NoGradGuard();
+    NoGradGuard(const NoGradGuard&) = delete;
+    NoGradGuard& operator=(const NoGradGuard&) = delete;
+
+private:
+    bool saved_;
+};
+
+// The gradient cell of t if an op must compute t's gradient, else null.
+inline std::shared_ptr<GradCell> grad_target(const Tensor& t) {
+    return t.requires_grad() && grad_enabled() ? t.impl()->gcell : nullptr;
+}
+
+// dy: the output's gradient (same numel as the output), complete when called.
+using BackwardFn = std::function<void(const float* dy)>;
+
+// Marks `out` as a non-leaf that requires grad and appends its backward.
+// Call only when some input had a grad_target.
+void record(Tensor& out, BackwardFn fn);
+
+// Runs the tape backwards from `loss`. A non-scalar loss needs a seed of the
+// same shape. Errors: loss does not require grad (nothing trainable reached
+// it), non-scalar without seed, seed of the wrong shape.
+void backward(const Tensor& loss, const Tensor* seed = nullptr);
+
+size_t tape_size();
+void clear_tape();  // discards recorded nodes without running them
+
+}  // namespace peftlab

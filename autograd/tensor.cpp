@@ -1,0 +1,225 @@
+#include "autograd/tensor.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <unordered_map>
+
+#include <fmt/format.h>
+
+namespace peftlab {
+
+std::string shape_str(const Shape& s) {
+    std::string out = "[";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + "]";
+}
+
+int64_t shape_numel(const Shape& s) {
+    int64_t n = 1;
+    for (int64_t d : s) {
+        if (d < 0) throw std::invalid_argument("tensor: negative dimension in shape " + shape_str(s));
+        n *= d;
+    }
+    return n;
+}
+
+// ---- allocation: free list by element count, live-byte accounting ----------
+namespace {
+struct Pool {
+    std::unordered_map<int64_t, std::vector<float*>> free;  // numel -> buffers
+    int64_t live = 0, peak = 0, cached = 0;
+};
+// Never destroyed: tensors in static objects may outlive any static Pool.
+Pool& pool() {
+    static Pool* p = new Pool;
+    return *p;
+}
+size_t padded_bytes(int64_t numel) { return (size_t(numel) * sizeof(float) + 63) / 64 * 64; }
+}  // namespace
+
+std::shared_ptr<Storage> Storage::alloc(int64_t numel) {
+    auto s = std::make_shared<Storage>();
+    s->numel = numel;
+    if (numel == 0) return s;
+    Pool& p = pool();
+    auto it = p.free.find(numel);
+    if (it != p.free.end() && !it->second.empty()) {
+        s->data = it->second.back();
+        it->second.pop_back();
+        p.cached -= int64_t(padded_bytes(numel));
+    } else {
+        s->data = static_cast<float*>(std::aligned_alloc(64, padded_bytes(numel)));
+        if (!s->data)
+            throw std::runtime_error(fmt::format("tensor: out of memory allocating {} floats", numel));
+    }
+    p.live += int64_t(padded_bytes(numel));
+    if (p.live > p.peak) p.peak = p.live;
+    return s;
+}
+
+std::shared_ptr<Storage> Storage::zeros(int64_t numel) {
+    auto s = alloc(numel);
+    if (numel) std::memset(s->data, 0, size_t(numel) * sizeof(float));
+    return s;
+}
+
+Storage::~Storage() {
+    if (!data) return;
+    Pool& p = pool();
+    p.live -= int64_t(padded_bytes(numel));
+    p.cached += int64_t(padded_bytes(numel));
+    p.free[numel].push_back(data);
+}
+
+namespace mem {
+int64_t current_bytes() { return pool().live; }
+int64_t peak_bytes() { return pool().peak; }
+void reset_peak() { pool().peak = pool().live; }
+int64_t cached_bytes() { return pool().cached; }
+void release_cache() {
+    Pool& p = pool();
+    for (auto& [n, v] : p.free)
+        for (float* ptr : v) std::free(ptr);
+    p.free.clear();
+    p.cached = 0;
+}
+}  // namespace mem
+
+void GradCell::accumulate(const float* g) {
+    if (!grad) {
+        grad = Storage::alloc(numel);
+        std::memcpy(grad->data, g, size_t(numel) * sizeof(float));
+        return;
+    }
+    float* d = grad->data;
+#pragma omp parallel for simd if (numel > 65536) schedule(static)
+    for (int64_t i = 0; i < numel; ++i) d[i] += g[i];
+}
+
+float* GradCell::gemm_target(float& beta) {
+    beta = grad ? 1.f : 0.f;
+    if (!grad) grad = Storage::alloc(numel);
+    return grad->data;
+}
+
+float* GradCell::buffer() {
+    if (!grad) grad = Storage::zeros(numel);
+    return grad->data;
+}
+
+// ---- Tensor -----------------------------------------------------------------
+Tensor make_result(const Shape& shape) {
+    auto impl = std::make_shared<TensorImpl>();
+    impl->shape = shape;
+    impl->storage = Storage::alloc(shape_numel(shape));
+    return Tensor(std::move(impl));
+}
+
+Tensor Tensor::empty(const Shape& shape) { return make_result(shape); }
+
+Tensor Tensor::zeros(const Shape& shape) { return full(shape, 0.f); }
+Tensor Tensor::ones(const Shape& shape) { return full(shape, 1.f); }
+
+Tensor Tensor::full(const Shape& shape, float value) {
+    Tensor t = make_result(shape);
+    float* d = t.data();
+    for (int64_t i = 0; i < t.numel(); ++i) d[i] = value;
+    return t;
+}
+
+Tensor Tensor::from_data(const Shape& shape, const std::vector<float>& values) {
+    if (int64_t(values.size()) != shape_numel(shape))
+        throw std::invalid_argument(fmt::format("Tensor::from_data: shape {} needs {} values, got {}",
+                                                shape_str(shape), shape_numel(shape), values.size()));
+    Tensor t = make_result(shape);
+    if (!values.empty()) std::memcpy(t.data(), values.data(), values.size() * sizeof(float));
+    return t;
+}
+
+Tensor Tensor::arange(int64_t n, float start, float step) {
+    Tensor t = make_result({n});
+    for (int64_t i = 0; i < n; ++i) t.data()[i] = start + step * float(i);
+    return t;
+}
+
+Tensor Tensor::uniform(const Shape& shape, Rng& rng, float lo, float hi) {
+    Tensor t = make_result(shape);
+    for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = rng.uniform(lo, hi);
+    return t;
+}
+
+Tensor Tensor::normal(const Shape& shape, Rng& rng, float mean, float std) {
+    Tensor t = make_result(shape);
+    for (int64_t i = 0; i < t.numel(); ++i) t.data()[i] = rng.normal(mean, std);
+    return t;
+}
+
+int64_t Tensor::dim(int axis) const {
+    int n = ndim();
+    int a = axis < 0 ? axis + n : axis;
+    if (a < 0 || a >= n)
+        throw std::invalid_argument(
+            fmt::format("Tensor::dim: axis {} out of range for shape {}", axis, shape_str(shape())));
+    return shape()[a];
+}
+
+float Tensor::item() const {
+    if (numel() != 1)
+        throw std::invalid_argument("Tensor::item: tensor of shape " + shape_str(shape()) +
+                                    " has " + std::to_string(numel()) + " elements, not 1");
+    return data()[0];
+}
+
+std::vector<float> Tensor::to_vector() const { return std::vector<float>(data(), data() + numel()); }
+
+Tensor& Tensor::set_requires_grad(bool on) {
+    if (!is_leaf())
+        throw std::logic_error("set_requires_grad: '" + name() +
+                               "' is the output of a recorded op, not a leaf; detach() it first");
+    impl_->requires_grad = on;
+    if (on && !impl_->gcell) {
+        impl_->gcell = std::make_shared<GradCell>();
+        impl_->gcell->numel = numel();
+    }
+    if (!on) impl_->gcell.reset();
+    return *this;
+}
+
+Tensor Tensor::grad() const {
+    if (!impl_->requires_grad)
+        throw std::logic_error("grad: tensor '" + name() + "' of shape " + shape_str(shape()) +
+                               " does not require grad");
+    auto impl = std::make_shared<TensorImpl>();
+    impl->shape = shape();
+    impl->storage = impl_->gcell->grad ? impl_->gcell->grad : Storage::zeros(numel());
+    return Tensor(std::move(impl));
+}
+
+void Tensor::zero_grad() {
+    if (impl_->gcell) impl_->gcell->grad.reset();
+}
+
+Tensor Tensor::detach() const {
+    auto impl = std::make_shared<TensorImpl>();
+    impl->shape = shape();
+    impl->storage = impl_->storage;
+    impl->name = impl_->name;
+    return Tensor(std::move(impl));
+}
+
+Tensor Tensor::clone() const {
+    Tensor t = make_result(shape());
+    if (numel()) std::memcpy(t.data(), data(), size_t(numel()) * sizeof(float));
+    t.set_name(name());
+    return t;
+}
+
+void Tensor::copy_from(const Tensor& src) {
+    if (src.numel() != numel())
+        throw std::invalid_argument(fmt::format("copy_from: shapes {} and {} differ in size",
+                                                shape_str(src.shape()), shape_str(shape())));
+    if (numel()) std::memcpy(data(), src.data(), size_t(numel()) * sizeof(float));
+}
+
+}  // namespace peftlab
