@@ -1,0 +1,82 @@
+#pragma once
+// Decoder-only GPT-style LM: token + learned position embeddings, L pre-LN
+// blocks, final LayerNorm, LM head (tied to the token embedding or not).
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "nn/layers.h"
+
+namespace peftlab {
+
+struct GPTConfig {
+    int64_t vocab = 256;
+    int64_t d_model = 256;
+    int n_layers = 4;
+    int n_heads = 4;
+    int64_t d_ff = 1024;
+    int64_t max_seq = 256;
+    float dropout = 0.f;
+    bool tie_embeddings = false;
+
+    // Throws std::invalid_argument naming the bad field and value.
+    void validate() const;
+    nlohmann::json to_json() const;
+    static GPTConfig from_json(const nlohmann::json& j);  // validates; names missing/bad keys
+    bool operator==(const GPTConfig&) const = default;
+};
+
+// One forward's input. Position ids let left-padded rows keep real positions
+// 0..T-1; `valid` marks real tokens (padding is never attended).
+struct ModelInput {
+    int64_t B = 0, T = 0;
+    std::vector<int32_t> tokens;     // [B*T]
+    std::vector<int32_t> positions;  // [B*T]; empty: 0..T-1 in every row
+    std::vector<uint8_t> valid;      // [B*T]; empty: all real
+    // Checks sizes, token ids and positions against the config.
+    void validate(const GPTConfig& cfg) const;
+};
+
+// Keys and values of every layer, appended to by each cached forward.
+struct KVCache {
+    std::vector<LayerCache> layers;
+    int64_t B = 0;
+    bool empty() const { return layers.empty() || !layers[0].k.defined(); }
+};
+
+class GPT : public Module {
+    // Declared first: members below are initialised from them.
+    GPTConfig cfg_;
+    Rng init_rng_;
+
+public:
+    GPT(const GPTConfig& cfg, uint64_t seed);
+
+    // logits [B, T, V] for the real tokens of `in` (prepended prompt vectors
+    // are dropped from the output). With a cache, keys/values are appended and
+    // hooks' prefixes are only requested on the first (prefill) call.
+    Tensor forward(const ModelInput& in, KVCache* cache = nullptr);
+
+    // Non-owning; null detaches. An adapter calls this to attach itself.
+    void set_hooks(ModelHooks* hooks) { hooks_ = hooks; }
+    ModelHooks* hooks() const { return hooks_; }
+
+    const GPTConfig& config() const { return cfg_; }
+    Rng& dropout_rng() { return dropout_rng_; }
+
+    Embedding wte, wpe;
+    std::vector<std::unique_ptr<Block>> blocks;
+    LayerNorm ln_f;
+    std::unique_ptr<Linear> head;  // null when tied to wte
+
+private:
+    ModelHooks* hooks_ = nullptr;
+    Rng dropout_rng_;
+};
+
+// Mean cross-entropy over targets != -1 of logits [B, T, V].
+Tensor lm_loss(const Tensor& logits, const std::vector<int32_t>& targets);
+
+}  // namespace peftlab

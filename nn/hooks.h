@@ -1,0 +1,54 @@
+#pragma once
+// Hook points through which an adapter (peft/) changes the model's forward
+// without editing nn code. The model calls them; nn knows nothing of methods.
+//
+//   1. input_prefix  - vectors prepended to the input embeddings (prompt tuning)
+//   2. layer_prefix.hidden - vectors prepended to a layer's input hidden states
+//                      (prefix tuning, hidden-state form). Only their keys and
+//                      values can reach real tokens and their outputs are
+//                      discarded, so the model computes just LN1 -> K, V for them.
+//   3. layer_prefix.key/value - key and value vectors prepended in a layer's
+//                      attention (prefix tuning, key/value form)
+//   4. linear_delta  - a delta added to any Linear's output (LoRA)
+//   5. per batch row - every prefix may be [B, n, C] with a validity mask
+//                      [B, n], so row i can use adapter a_i or none.
+//
+// Real tokens keep their position ids whatever is prepended; prepended vectors
+// get no position embedding and every real token may attend to all of them.
+// With a KV cache, prefixes enter the cache once, at the first forward.
+#include <string>
+
+#include "autograd/tensor.h"
+
+namespace peftlab {
+
+struct ForwardInfo {
+    int64_t B = 0;      // batch rows
+    int64_t T = 0;      // tokens per row in this call
+    bool prefill = true;  // false on cached decoding steps (prefixes already cached)
+};
+
+struct SeqPrefix {
+    Tensor embeds;  // [n, C] shared by all rows, or [B, n, C] per row
+    Tensor valid;   // optional [B, n] of 0/1; rows with fewer (or no) vectors
+};
+
+struct LayerPrefix {
+    Tensor hidden;  // [n, C] or [B, n, C]: hidden states prepended to the layer input
+    Tensor key;     // [n, C] or [B, n, C]: keys prepended in attention (with value)
+    Tensor value;
+    Tensor valid;   // optional [B, n] for whichever of hidden or key/value is set
+};
+
+class ModelHooks {
+public:
+    virtual ~ModelHooks() = default;
+    virtual SeqPrefix input_prefix(const ForwardInfo&) { return {}; }
+    virtual LayerPrefix layer_prefix(int layer, const ForwardInfo&) { return {}; }
+    // x [..., in] is the input of the Linear at dotted path `path`
+    // ("blocks.2.attn.q_proj"); return a tensor shaped like its output, or an
+    // undefined tensor for no change.
+    virtual Tensor linear_delta(const std::string& path, const Tensor& x, const ForwardInfo&) { return {}; }
+};
+
+}  // namespace peftlab

@@ -1,0 +1,136 @@
+#include "nn/layers.h"
+
+#include <cmath>
+
+#include "autograd/flops.h"
+#include "autograd/tape.h"
+
+namespace peftlab {
+
+namespace {
+Tensor maybe_dropout(const Tensor& x, const ForwardContext& ctx, bool training) {
+    if (!training || ctx.dropout == 0.f || !ctx.rng) return x;
+    return dropout(x, ctx.dropout, *ctx.rng);
+}
+
+// A prefix given as [n, C] (shared by all rows) becomes [B, n, C]; the
+// projections were computed once for the whole batch.
+Tensor per_row(const Tensor& t, int64_t B) {
+    if (t.ndim() == 3) return t;
+    return expand(reshape(t, {1, t.dim(0), t.dim(1)}), {B, t.dim(0), t.dim(1)});
+}
+}  // namespace
+
+Linear::Linear(int64_t in, int64_t out, bool with_bias, Rng& rng, float init_std) {
+    weight = register_parameter("weight", Tensor::normal({out, in}, rng, 0.f, init_std));
+    if (with_bias) bias = register_parameter("bias", Tensor::zeros({out}));
+}
+
+Tensor Linear::forward(const Tensor& x, const ForwardContext& ctx) const {
+    Tensor y = linear(x, weight, bias);
+    if (ctx.hooks) {
+        Tensor delta = ctx.hooks->linear_delta(path(), x, ctx.info);
+        if (delta.defined()) y = add(y, delta);
+    }
+    return y;
+}
+
+Embedding::Embedding(int64_t num, int64_t dim, Rng& rng, float init_std) {
+    weight = register_parameter("weight", Tensor::normal({num, dim}, rng, 0.f, init_std));
+}
+
+Tensor Embedding::forward(const std::vector<int32_t>& ids) const { return embedding(weight, ids); }
+
+LayerNorm::LayerNorm(int64_t dim) {
+    weight = register_parameter("weight", Tensor::ones({dim}));
+    bias = register_parameter("bias", Tensor::zeros({dim}));
+}
+
+Tensor LayerNorm::forward(const Tensor& x) const { return layer_norm(x, weight, bias); }
+
+// GPT-2 scales the init of projections into the residual stream by 1/sqrt(2L).
+MLP::MLP(int64_t C, int64_t F, int n_layers, Rng& rng)
+    : fc(C, F, true, rng), proj(F, C, true, rng, 0.02f / std::sqrt(2.f * float(n_layers))) {
+    register_module("fc", fc);
+    register_module("proj", proj);
+}
+
+Tensor MLP::forward(const Tensor& x, const ForwardContext& ctx) const {
+    return proj.forward(gelu(fc.forward(x, ctx)), ctx);
+}
+
+CausalSelfAttention::CausalSelfAttention(int64_t C, int heads, int n_layers, int layer_index, Rng& rng)
+    : q_proj(C, C, true, rng),
+      k_proj(C, C, true, rng),
+      v_proj(C, C, true, rng),
+      o_proj(C, C, true, rng, 0.02f / std::sqrt(2.f * float(n_layers))),
+      n_heads(heads),
+      layer(layer_index) {
+    register_module("q_proj", q_proj);
+    register_module("k_proj", k_proj);
+    register_module("v_proj", v_proj);
+    register_module("o_proj", o_proj);
+}
+
+Tensor CausalSelfAttention::forward(const Tensor& h, const Tensor& valid, const LayerNorm& ln1,
+                                    const ForwardContext& ctx, LayerCache* cache) const {
+    const int64_t B = h.dim(0);
+    Tensor q = q_proj.forward(h, ctx), k = k_proj.forward(h, ctx), v = v_proj.forward(h, ctx);
+    Tensor kv_valid = valid;
+    if (ctx.hooks && ctx.info.prefill) {
+        LayerPrefix p = ctx.hooks->layer_prefix(layer, ctx.info);
+        Tensor pk, pv;
+        if (p.hidden.defined()) {
+            // Hidden-state prefix: only LN1 and the K/V projections of the
+            // prefix vectors matter to real tokens.
+            Tensor hp = ln1.forward(p.hidden);
+            pk = k_proj.forward(hp, ctx);
+            pv = v_proj.forward(hp, ctx);
+        } else if (p.key.defined()) {
+            pk = p.key;
+            pv = p.value;
+        }
+        if (pk.defined()) {
+            pk = per_row(pk, B);
+            pv = per_row(pv, B);
+            Tensor pvalid = p.valid.defined() ? p.valid : Tensor::ones({B, pk.dim(1)});
+            k = concat({pk, k}, 1);
+            v = concat({pv, v}, 1);
+            kv_valid = concat({pvalid, kv_valid}, 1);
+        }
+    }
+    if (cache) {
+        if (cache->k.defined()) {
+            k = concat({cache->k, k}, 1);
+            v = concat({cache->v, v}, 1);
+            kv_valid = concat({cache->valid, kv_valid}, 1);
+        }
+        cache->k = k;
+        cache->v = v;
+        cache->valid = kv_valid;
+    }
+    Tensor a = attention(q, k, v, n_heads, /*causal=*/true, kv_valid);
+    return o_proj.forward(a, ctx);
+}
+
+Block::Block(int64_t C, int heads, int64_t F, int n_layers, int layer, Rng& rng)
+    : ln1(C), attn(C, heads, n_layers, layer, rng), ln2(C), mlp(C, F, n_layers, rng) {
+    register_module("ln1", ln1);
+    register_module("attn", attn);
+    register_module("ln2", ln2);
+    register_module("mlp", mlp);
+}
+
+Tensor Block::forward(const Tensor& x, const Tensor& valid, const ForwardContext& ctx, LayerCache* cache) const {
+    Tensor a;
+    {
+        flops::Region r("attn");
+        a = attn.forward(ln1.forward(x), valid, ln1, ctx, cache);
+    }
+    Tensor x1 = add(x, maybe_dropout(a, ctx, training()));
+    flops::Region r("mlp");
+    Tensor m = mlp.forward(ln2.forward(x1), ctx);
+    return add(x1, maybe_dropout(m, ctx, training()));
+}
+
+}  // namespace peftlab
