@@ -35,6 +35,8 @@ LDLIBS   += -l:libopenblas.so.0 -lfmt
 LIB_SRC  := $(wildcard autograd/*.cpp nn/*.cpp peft/*.cpp datasets/*.cpp)
 TEST_SRC := $(wildcard tests/*.cpp)
 EXP_SRC  := $(wildcard experiments/*.cpp)
+TOOL_SRC := $(wildcard tools/*.cpp)
+TOOL_BIN := $(TOOL_SRC:tools/%.cpp=$(BUILD)/tools/%)
 LIB_OBJ  := $(LIB_SRC:%.cpp=$(BUILD)/%.o)
 TEST_OBJ := $(TEST_SRC:%.cpp=$(BUILD)/%.o)
 EXP_BIN  := $(EXP_SRC:experiments/%.cpp=$(BUILD)/bin/%)
@@ -47,7 +49,7 @@ DEB_PKGS := g++ make libopenblas-openmp-dev libfmt-dev catch2 nlohmann-json3-dev
         pretrain compare sweep-length sweep-depth sweep-data serve-bench
 
 all: build
-build: $(LIB) $(BUILD)/tests $(EXP_BIN)
+build: $(LIB) $(BUILD)/tests $(EXP_BIN) $(TOOL_BIN)
 
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
@@ -77,6 +79,18 @@ $(BUILD)/bin/%: $(BUILD)/experiments/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CXX) $(LDFLAGS) $< $(LIB) $(LDLIBS) -o $@
 
+$(BUILD)/tools/%: $(BUILD)/tools/%.o $(LIB)
+	@mkdir -p $(dir $@)
+	$(CXX) $(LDFLAGS) $< $(LIB) $(LDLIBS) -o $@
+
+# Regenerates the PyTorch parity fixture (needs Debian's python3-torch; `make test` does not).
+fixtures: deps
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/tools/write_parity_model
+	@dpkg-query -W -f='$${Status}' python3-torch 2>/dev/null | grep -q "install ok installed" || \
+	  { [ "$$(id -u)" -eq 0 ] && apt-get install -y -qq python3-torch >/dev/null; }
+	./$(BUILD)/tools/write_parity_model tests/fixtures/parity_model.safetensors
+	/usr/bin/python3 tools/torch_reference.py tests/fixtures/parity_model.safetensors tests/fixtures/parity_expected.safetensors
+
 # Tests run with 2 threads so that results match CI's 2-core machines.
 test: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/tests
@@ -88,4 +102,5 @@ test-asan: deps
 clean:
 	rm -rf build build-asan build-debug
 
--include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(EXP_BIN:$(BUILD)/bin/%=$(BUILD)/experiments/%.d)
+-include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(EXP_BIN:$(BUILD)/bin/%=$(BUILD)/experiments/%.d) \
+         $(TOOL_BIN:%=%.d)
