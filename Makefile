@@ -36,7 +36,7 @@ LIB_SRC  := $(wildcard autograd/*.cpp nn/*.cpp peft/*.cpp datasets/*.cpp)
 TEST_SRC := $(wildcard tests/*.cpp)
 EXP_SRC  := $(wildcard experiments/*.cpp)
 TOOL_SRC := $(wildcard tools/*.cpp)
-TOOL_BIN := $(TOOL_SRC:tools/%.cpp=$(BUILD)/tools/%)
+TOOL_BIN := $(TOOL_SRC:tools/%.cpp=$(BUILD)/bin/%)
 LIB_OBJ  := $(LIB_SRC:%.cpp=$(BUILD)/%.o)
 TEST_OBJ := $(TEST_SRC:%.cpp=$(BUILD)/%.o)
 EXP_BIN  := $(EXP_SRC:experiments/%.cpp=$(BUILD)/bin/%)
@@ -79,16 +79,16 @@ $(BUILD)/bin/%: $(BUILD)/experiments/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CXX) $(LDFLAGS) $< $(LIB) $(LDLIBS) -o $@
 
-$(BUILD)/tools/%: $(BUILD)/tools/%.o $(LIB)
+$(BUILD)/bin/%: $(BUILD)/tools/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CXX) $(LDFLAGS) $< $(LIB) $(LDLIBS) -o $@
 
 # Regenerates the PyTorch parity fixture (needs Debian's python3-torch; `make test` does not).
 fixtures: deps
-	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/tools/write_parity_model
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/write_parity_model
 	@dpkg-query -W -f='$${Status}' python3-torch 2>/dev/null | grep -q "install ok installed" || \
 	  { [ "$$(id -u)" -eq 0 ] && apt-get install -y -qq python3-torch >/dev/null; }
-	./$(BUILD)/tools/write_parity_model tests/fixtures/parity_model.safetensors
+	./$(BUILD)/bin/write_parity_model tests/fixtures/parity_model.safetensors
 	/usr/bin/python3 tools/torch_reference.py tests/fixtures/parity_model.safetensors tests/fixtures/parity_expected.safetensors
 
 # Tests run with 2 threads so that results match CI's 2-core machines.
@@ -103,4 +103,4 @@ clean:
 	rm -rf build build-asan build-debug
 
 -include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(EXP_BIN:$(BUILD)/bin/%=$(BUILD)/experiments/%.d) \
-         $(TOOL_BIN:%=%.d)
+         $(TOOL_BIN:$(BUILD)/bin/%=$(BUILD)/tools/%.d)
