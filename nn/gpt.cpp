@@ -118,12 +118,10 @@ Tensor GPT::forward(const ModelInput& in, KVCache* cache) {
     if (hooks_ && prefill) {
         SeqPrefix sp = hooks_->input_prefix(ctx.info);
         if (sp.embeds.defined()) {
-            Tensor pe = sp.embeds.ndim() == 3
-                            ? sp.embeds
-                            : expand(reshape(sp.embeds, {1, sp.embeds.dim(0), C}), {B, sp.embeds.dim(0), C});
+            Tensor pe = prefix_per_row(sp.embeds, B, sp.rows);
             n_prompt = pe.dim(1);
             x = concat({pe, x}, 1);
-            valid = concat({sp.valid.defined() ? sp.valid : Tensor::ones({B, n_prompt}), valid}, 1);
+            valid = concat({prefix_valid_per_row(sp.valid, B, n_prompt, sp.rows), valid}, 1);
         }
     }
     if (cache && prefill) {

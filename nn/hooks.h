@@ -11,33 +11,42 @@
 //                      attention (prefix tuning, key/value form)
 //   4. linear_delta  - a delta added to any Linear's output (LoRA)
 //   5. per batch row - every prefix may be [B, n, C] with a validity mask
-//                      [B, n], so row i can use adapter a_i or none.
+//                      [B, n], so row i can use adapter a_i or none; or a table
+//                      [A, n, C] with `rows` naming each batch row's entry, so
+//                      that K/V projections run once per table entry, not per row.
 //
 // Real tokens keep their position ids whatever is prepended; prepended vectors
 // get no position embedding and every real token may attend to all of them.
 // With a KV cache, prefixes enter the cache once, at the first forward.
 #include <string>
+#include <vector>
 
 #include "autograd/tensor.h"
 
 namespace peftlab {
 
 struct ForwardInfo {
-    int64_t B = 0;      // batch rows
-    int64_t T = 0;      // tokens per row in this call
+    int64_t B = 0;        // batch rows
+    int64_t T = 0;        // tokens per row in this call
     bool prefill = true;  // false on cached decoding steps (prefixes already cached)
+    bool on_prefix = false;  // true while the model projects hidden-state prefix vectors
 };
 
+// Shapes below: "[n, C]" is shared by all rows; "[B, n, C]" is per row; with
+// `rows` set, tensors are tables [A, n, C] (validity [A, n]) and batch row b
+// uses entry rows[b].
 struct SeqPrefix {
-    Tensor embeds;  // [n, C] shared by all rows, or [B, n, C] per row
-    Tensor valid;   // optional [B, n] of 0/1; rows with fewer (or no) vectors
+    Tensor embeds;  // [n, C], [B, n, C] or table
+    Tensor valid;   // optional 0/1 [B, n] (or [A, n] with rows): rows with fewer or no vectors
+    std::vector<int32_t> rows;
 };
 
+// Hidden-state vectors and key/value vectors may both be given; the keys
+// derived from `hidden` come first.
 struct LayerPrefix {
-    Tensor hidden;  // [n, C] or [B, n, C]: hidden states prepended to the layer input
-    Tensor key;     // [n, C] or [B, n, C]: keys prepended in attention (with value)
-    Tensor value;
-    Tensor valid;   // optional [B, n] for whichever of hidden or key/value is set
+    Tensor hidden, hidden_valid;    // hidden states prepended to the layer input
+    Tensor key, value, kv_valid;    // keys and values prepended in attention
+    std::vector<int32_t> rows;
 };
 
 class ModelHooks {

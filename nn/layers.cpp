@@ -13,13 +13,21 @@ Tensor maybe_dropout(const Tensor& x, const ForwardContext& ctx, bool training) 
     return dropout(x, ctx.dropout, *ctx.rng);
 }
 
-// A prefix given as [n, C] (shared by all rows) becomes [B, n, C]; the
-// projections were computed once for the whole batch.
-Tensor per_row(const Tensor& t, int64_t B) {
+}  // namespace
+
+// Brings a prefix tensor to per-row form [B, n, C]: a shared [n, C] is
+// expanded (its projections were computed once for the batch); a table
+// [A, n, C] is gathered by `rows`. Validity follows the same rule, defaulting
+// to all ones.
+Tensor prefix_per_row(const Tensor& t, int64_t B, const std::vector<int32_t>& rows) {
+    if (!rows.empty()) return index_rows(t, rows);
     if (t.ndim() == 3) return t;
     return expand(reshape(t, {1, t.dim(0), t.dim(1)}), {B, t.dim(0), t.dim(1)});
 }
-}  // namespace
+Tensor prefix_valid_per_row(const Tensor& valid, int64_t B, int64_t n, const std::vector<int32_t>& rows) {
+    if (!valid.defined()) return Tensor::ones({B, n});
+    return rows.empty() ? valid : index_rows(valid, rows);
+}
 
 Linear::Linear(int64_t in, int64_t out, bool with_bias, Rng& rng, float init_std) {
     weight = register_parameter("weight", Tensor::normal({out, in}, rng, 0.f, init_std));
@@ -79,24 +87,29 @@ Tensor CausalSelfAttention::forward(const Tensor& h, const Tensor& valid, const 
     Tensor kv_valid = valid;
     if (ctx.hooks && ctx.info.prefill) {
         LayerPrefix p = ctx.hooks->layer_prefix(layer, ctx.info);
-        Tensor pk, pv;
+        std::vector<Tensor> ks, vs, valids;
         if (p.hidden.defined()) {
             // Hidden-state prefix: only LN1 and the K/V projections of the
-            // prefix vectors matter to real tokens.
+            // prefix vectors reach real tokens; their outputs would be discarded.
+            ForwardContext pctx = ctx;
+            pctx.info.on_prefix = true;
             Tensor hp = ln1.forward(p.hidden);
-            pk = k_proj.forward(hp, ctx);
-            pv = v_proj.forward(hp, ctx);
-        } else if (p.key.defined()) {
-            pk = p.key;
-            pv = p.value;
+            ks.push_back(prefix_per_row(k_proj.forward(hp, pctx), B, p.rows));
+            vs.push_back(prefix_per_row(v_proj.forward(hp, pctx), B, p.rows));
+            valids.push_back(prefix_valid_per_row(p.hidden_valid, B, ks.back().dim(1), p.rows));
         }
-        if (pk.defined()) {
-            pk = per_row(pk, B);
-            pv = per_row(pv, B);
-            Tensor pvalid = p.valid.defined() ? p.valid : Tensor::ones({B, pk.dim(1)});
-            k = concat({pk, k}, 1);
-            v = concat({pv, v}, 1);
-            kv_valid = concat({pvalid, kv_valid}, 1);
+        if (p.key.defined()) {
+            ks.push_back(prefix_per_row(p.key, B, p.rows));
+            vs.push_back(prefix_per_row(p.value, B, p.rows));
+            valids.push_back(prefix_valid_per_row(p.kv_valid, B, ks.back().dim(1), p.rows));
+        }
+        if (!ks.empty()) {
+            ks.push_back(k);
+            vs.push_back(v);
+            valids.push_back(kv_valid);
+            k = concat(ks, 1);
+            v = concat(vs, 1);
+            kv_valid = concat(valids, 1);
         }
     }
     if (cache) {

@@ -18,6 +18,12 @@ struct ForwardContext {
     float dropout = 0.f;  // applied only in training mode
 };
 
+// A prefix tensor in per-row form [B, n, C]: a shared [n, C] is expanded (its
+// projections ran once for the batch); a table [A, n, C] is gathered by rows.
+Tensor prefix_per_row(const Tensor& t, int64_t B, const std::vector<int32_t>& rows);
+// Its validity [B, n]: all ones if undefined, else as given or gathered by rows.
+Tensor prefix_valid_per_row(const Tensor& valid, int64_t B, int64_t n, const std::vector<int32_t>& rows);
+
 class Linear : public Module {
 public:
     Linear(int64_t in, int64_t out, bool bias, Rng& rng, float init_std = 0.02f);
