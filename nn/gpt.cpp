@@ -99,7 +99,8 @@ Tensor GPT::forward(const ModelInput& in, KVCache* cache) {
     const bool prefill = !cache || cache->empty();
     if (cache && !prefill && cache->B != B)
         throw std::invalid_argument(fmt::format("GPT::forward: cache holds {} rows, input has {}", cache->B, B));
-    ForwardContext ctx{hooks_, ForwardInfo{B, T, prefill}, &dropout_rng_, cfg_.dropout};
+    ForwardContext ctx{hooks_, ForwardInfo{B, T, prefill, false}, &dropout_rng_, cfg_.dropout};
+    if (hooks_) hooks_->begin_forward(ctx.info);
 
     Tensor x, valid;
     {

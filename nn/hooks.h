@@ -52,6 +52,9 @@ struct LayerPrefix {
 class ModelHooks {
 public:
     virtual ~ModelHooks() = default;
+    // Called at the start of every forward, before any other hook (e.g. to
+    // run a reparameterization MLP once for all layers).
+    virtual void begin_forward(const ForwardInfo&) {}
     virtual SeqPrefix input_prefix(const ForwardInfo&) { return {}; }
     virtual LayerPrefix layer_prefix(int layer, const ForwardInfo&) { return {}; }
     // x [..., in] is the input of the Linear at dotted path `path`
