@@ -1,0 +1,368 @@
+#include "nn/safetensors.h"
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <tuple>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+namespace peftlab {
+namespace {
+
+using nlohmann::json;
+
+// The format is little-endian on disk and we read/write float buffers directly.
+static_assert(std::endian::native == std::endian::little, "safetensors I/O assumes a little-endian host");
+
+// A corrupt length prefix must not make us allocate gigabytes; real headers are kilobytes.
+constexpr uint64_t kMaxHeaderBytes = 100ull << 20;
+
+// Temp file beside the target, so the final rename stays within one filesystem and is atomic.
+// Until commit() succeeds, destruction closes and removes the temp file, leaving the target
+// untouched whatever threw in between.
+class AtomicFile {
+public:
+    AtomicFile(std::string_view caller, const std::string& path) : caller_(caller), path_(path) {
+        namespace fs = std::filesystem;
+        const fs::path target(path);
+        if (!target.has_filename()) throw error("path does not name a file");
+        // pid + per-process counter keeps concurrent writers (threads or processes) apart;
+        // O_EXCL makes a stale leftover with the same name a retry rather than a clobber.
+        // open() with 0666 (not mkstemp's 0600) gives the final file the usual umask mode.
+        static std::atomic<unsigned> counter{0};
+        int fd = -1;
+        for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
+            const std::string name =
+                fmt::format(".{}.tmp.{}.{}", target.filename().string(), ::getpid(), counter++);
+            tmp_ = (target.parent_path() / name).string();
+            fd = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+            if (fd < 0 && errno != EEXIST) break;
+        }
+        if (fd < 0) throw error(fmt::format("cannot create temp file '{}': {}", tmp_, std::strerror(errno)));
+        file_ = ::fdopen(fd, "wb");
+        if (!file_) {
+            const int err = errno;
+            ::close(fd);
+            ::unlink(tmp_.c_str());
+            throw error(fmt::format("fdopen of temp file '{}' failed: {}", tmp_, std::strerror(err)));
+        }
+    }
+
+    AtomicFile(const AtomicFile&) = delete;
+    AtomicFile& operator=(const AtomicFile&) = delete;
+
+    ~AtomicFile() {
+        if (committed_) return;
+        if (file_) std::fclose(file_);
+        ::unlink(tmp_.c_str());
+    }
+
+    void write(const void* bytes, size_t n) {
+        if (n == 0) return;
+        if (std::fwrite(bytes, 1, n, file_) != n)
+            throw error(fmt::format("writing temp file '{}' failed: {}", tmp_, std::strerror(errno)));
+    }
+
+    void commit() {
+        if (std::fflush(file_) != 0)
+            throw error(fmt::format("flushing temp file '{}' failed: {}", tmp_, std::strerror(errno)));
+        // Without fsync before rename, a crash can leave the new name pointing at an empty file.
+        if (::fsync(::fileno(file_)) != 0)
+            throw error(fmt::format("fsync of temp file '{}' failed: {}", tmp_, std::strerror(errno)));
+        const int rc = std::fclose(file_);
+        file_ = nullptr;
+        if (rc != 0)
+            throw error(fmt::format("closing temp file '{}' failed: {}", tmp_, std::strerror(errno)));
+        if (std::rename(tmp_.c_str(), path_.c_str()) != 0)
+            throw error(fmt::format("renaming temp file '{}' onto it failed: {}", tmp_, std::strerror(errno)));
+        committed_ = true;
+        // Makes the rename itself durable. The new contents are already complete and in place,
+        // so a filesystem that refuses fsync on directories is not worth failing the save for.
+        const std::filesystem::path dir = std::filesystem::path(path_).parent_path();
+        const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0) {
+            ::fsync(dfd);
+            ::close(dfd);
+        }
+    }
+
+private:
+    std::runtime_error error(std::string_view what) const {
+        return std::runtime_error(fmt::format("{}: cannot write '{}': {}", caller_, path_, what));
+    }
+
+    std::string_view caller_;
+    std::string path_;
+    std::string tmp_;
+    std::FILE* file_ = nullptr;
+    bool committed_ = false;
+};
+
+// IEEE binary16 -> binary32; every half value is exactly representable as a float.
+float f16_to_float(uint16_t h) {
+    const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+    const uint32_t exp = (h >> 10) & 0x1fu;
+    const uint32_t mant = h & 0x3ffu;
+    if (exp == 0x1f) return std::bit_cast<float>(sign | 0x7f800000u | (mant << 13));  // inf, nan
+    if (exp != 0) return std::bit_cast<float>(sign | ((exp + 127 - 15) << 23) | (mant << 13));
+    const float v = std::ldexp(float(mant), -24);  // zero or subnormal: mant * 2^-24
+    return sign ? -v : v;
+}
+
+// bfloat16 is the top half of a float32.
+float bf16_to_float(uint16_t h) { return std::bit_cast<float>(uint32_t(h) << 16); }
+
+// The dtypes we load. 16-bit ones are widened to float on load; F32 (widen == nullptr) is
+// read straight into the output buffer.
+struct Dtype {
+    std::string_view name;
+    size_t size;
+    float (*widen)(uint16_t);
+};
+constexpr Dtype kDtypes[] = {{"F32", 4, nullptr}, {"F16", 2, f16_to_float}, {"BF16", 2, bf16_to_float}};
+
+// "[2, 3]". By hand because fmt 9's range formatting trips GCC 12's -Wstringop-overflow at -O3.
+std::string shape_str(const std::vector<int64_t>& shape) {
+    std::string s = "[";
+    for (size_t i = 0; i < shape.size(); ++i) s += fmt::format("{}{}", i ? ", " : "", shape[i]);
+    return s + "]";
+}
+
+// Element count of `shape`, or nullopt when it does not fit in 64 bits.
+std::optional<uint64_t> element_count(const std::vector<int64_t>& shape) {
+    if (std::find(shape.begin(), shape.end(), 0) != shape.end()) return 0;
+    uint64_t n = 1;
+    for (int64_t d : shape)
+        if (__builtin_mul_overflow(n, uint64_t(d), &n)) return std::nullopt;
+    return n;
+}
+
+struct Entry {
+    std::string name;
+    const Dtype* dtype;
+    std::vector<int64_t> shape;
+    uint64_t begin, end;  // byte range within the data section
+};
+
+// Parses and checks one header entry against the data section size (data_size bytes).
+// `fail` builds the exception; messages here name the tensor and field.
+template <class Fail>
+Entry parse_entry(const std::string& name, const json& v, uint64_t data_size, const Fail& fail) {
+    const auto bad = [&](std::string_view what) { return fail(fmt::format("tensor '{}': {}", name, what)); };
+    if (!v.is_object()) throw bad(fmt::format("entry is a {}, not an object", v.type_name()));
+    for (const auto& [field, _] : v.items())
+        if (field != "dtype" && field != "shape" && field != "data_offsets")
+            throw bad(fmt::format("unknown field \"{}\"", field));
+    for (const char* field : {"dtype", "shape", "data_offsets"})
+        if (!v.contains(field)) throw bad(fmt::format("missing field \"{}\"", field));
+
+    Entry e{name, nullptr, {}, 0, 0};
+
+    const json& dt = v["dtype"];
+    if (!dt.is_string()) throw bad(fmt::format("\"dtype\" is a {}, not a string", dt.type_name()));
+    const std::string& dts = dt.get_ref<const std::string&>();
+    for (const Dtype& d : kDtypes)
+        if (d.name == dts) e.dtype = &d;
+    if (!e.dtype) {
+        std::string supported;
+        for (const Dtype& d : kDtypes) supported += fmt::format("{}{}", supported.empty() ? "" : ", ", d.name);
+        throw bad(fmt::format("unsupported dtype \"{}\" (supported: {})", dts, supported));
+    }
+
+    const json& sh = v["shape"];
+    if (!sh.is_array()) throw bad(fmt::format("\"shape\" is a {}, not an array of integers", sh.type_name()));
+    for (const json& d : sh) {
+        if (!d.is_number_integer())
+            throw bad(fmt::format("\"shape\" {} has a non-integer element {}", sh.dump(), d.dump()));
+        if (d.is_number_unsigned() ? d.get<uint64_t>() > uint64_t(INT64_MAX) : d.get<int64_t>() < 0)
+            throw bad(fmt::format("\"shape\" {} has a negative or out-of-range dimension {}", sh.dump(), d.dump()));
+        e.shape.push_back(d.get<int64_t>());
+    }
+
+    const json& off = v["data_offsets"];
+    if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())
+        throw bad(fmt::format("\"data_offsets\" {} is not [begin, end] with non-negative integers", off.dump()));
+    e.begin = off[0].get<uint64_t>();
+    e.end = off[1].get<uint64_t>();
+    if (e.end < e.begin) throw bad(fmt::format("\"data_offsets\" [{}, {}] end before begin", e.begin, e.end));
+    if (e.end > data_size)
+        throw bad(fmt::format("\"data_offsets\" [{}, {}] extend past the {}-byte data section (file truncated?)",
+                              e.begin, e.end, data_size));
+
+    const std::optional<uint64_t> numel = element_count(e.shape);
+    uint64_t need = 0;
+    if (!numel || __builtin_mul_overflow(*numel, uint64_t(e.dtype->size), &need))
+        throw bad(fmt::format("shape {} is too large to address", sh.dump()));
+    if (e.end - e.begin != need)
+        throw bad(fmt::format("\"data_offsets\" [{}, {}] span {} bytes but {} shape {} needs {}", e.begin, e.end,
+                              e.end - e.begin, e.dtype->name, sh.dump(), need));
+    return e;
+}
+
+}  // namespace
+
+void write_file_atomic(const std::string& path, std::string_view bytes) {
+    AtomicFile f("write_file_atomic", path);
+    f.write(bytes.data(), bytes.size());
+    f.commit();
+}
+
+void save_safetensors(const std::string& path, const std::vector<StTensorRef>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+    const auto fail = [&](std::string_view what) {
+        return std::runtime_error(fmt::format("save_safetensors: '{}': {}", path, what));
+    };
+
+    std::vector<const StTensorRef*> order;
+    for (const StTensorRef& t : tensors) order.push_back(&t);
+    std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->name < b->name; });
+
+    json header = json::object();
+    if (!metadata.empty()) header["__metadata__"] = metadata;
+    std::vector<uint64_t> bytes;  // per tensor in `order`
+    uint64_t offset = 0;
+    for (size_t i = 0; i < order.size(); ++i) {
+        const StTensorRef& t = *order[i];
+        if (t.name == "__metadata__") throw fail("tensor name \"__metadata__\" is reserved for metadata");
+        if (i > 0 && order[i - 1]->name == t.name) throw fail(fmt::format("duplicate tensor name '{}'", t.name));
+        if (std::any_of(t.shape.begin(), t.shape.end(), [](int64_t d) { return d < 0; }))
+            throw fail(fmt::format("tensor '{}': negative dimension in shape {}", t.name, shape_str(t.shape)));
+        const std::optional<uint64_t> numel = element_count(t.shape);
+        uint64_t n = 0;
+        if (!numel || __builtin_mul_overflow(*numel, uint64_t(sizeof(float)), &n))
+            throw fail(fmt::format("tensor '{}': shape {} is too large", t.name, shape_str(t.shape)));
+        if (n > 0 && t.data == nullptr)
+            throw fail(fmt::format("tensor '{}': data is null but shape {} has {} elements", t.name,
+                                   shape_str(t.shape), *numel));
+        json entry = json::object();
+        entry["dtype"] = "F32";
+        entry["shape"] = t.shape;
+        entry["data_offsets"] = json::array({offset, offset + n});
+        header[t.name] = std::move(entry);
+        bytes.push_back(n);
+        offset += n;
+    }
+
+    std::string text;
+    try {
+        text = header.dump();
+    } catch (const json::type_error& e) {  // names or metadata that are not valid UTF-8
+        throw fail(fmt::format("cannot encode header: {}", e.what()));
+    }
+    // Padding keeps the data section 8-byte aligned, so readers can map floats in place.
+    text.append((8 - text.size() % 8) % 8, ' ');
+    const uint64_t n = text.size();
+
+    AtomicFile f("save_safetensors", path);
+    f.write(&n, sizeof n);
+    f.write(text.data(), text.size());
+    for (size_t i = 0; i < order.size(); ++i) f.write(order[i]->data, bytes[i]);
+    f.commit();
+}
+
+StFile load_safetensors(const std::string& path) {
+    const auto fail = [&](std::string_view what) {
+        return std::runtime_error(fmt::format("load_safetensors: '{}': {}", path, what));
+    };
+
+    std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(std::fopen(path.c_str(), "rb"), &std::fclose);
+    if (!file) throw fail(fmt::format("cannot open: {}", std::strerror(errno)));
+    std::FILE* f = file.get();
+    // Size of the file we actually opened; every offset below is checked against it before reading.
+    struct stat st {};
+    if (::fstat(::fileno(f), &st) != 0) throw fail(fmt::format("cannot stat: {}", std::strerror(errno)));
+    if (!S_ISREG(st.st_mode)) throw fail("not a regular file");
+    const uint64_t file_size = uint64_t(st.st_size);
+
+    const auto read_exact = [&](void* dst, size_t n, std::string_view what) {
+        if (n > 0 && std::fread(dst, 1, n, f) != n)
+            throw fail(fmt::format("reading {} failed (file changed while loading?)", what));
+    };
+
+    if (file_size < 8)
+        throw fail(fmt::format("file is {} bytes, too short for the 8-byte header length", file_size));
+    uint64_t header_len = 0;
+    read_exact(&header_len, sizeof header_len, "header length");
+    if (header_len > file_size - 8)
+        throw fail(fmt::format("header length {} exceeds the {} bytes after the length prefix", header_len,
+                               file_size - 8));
+    if (header_len > kMaxHeaderBytes)
+        throw fail(fmt::format("header length {} exceeds the {}-byte limit", header_len, kMaxHeaderBytes));
+    const uint64_t data_size = file_size - 8 - header_len;
+
+    std::string text(header_len, '\0');
+    read_exact(text.data(), text.size(), "header");
+    json header;
+    try {
+        header = json::parse(text);
+    } catch (const json::exception& e) {  // syntax errors, and numbers too large for a double
+        throw fail(fmt::format("header is not valid JSON: {}", e.what()));
+    }
+    if (!header.is_object()) throw fail(fmt::format("header is a JSON {}, not an object", header.type_name()));
+
+    StFile out;
+    std::vector<Entry> entries;
+    for (const auto& [key, value] : header.items()) {
+        if (key != "__metadata__") {
+            entries.push_back(parse_entry(key, value, data_size, fail));
+            continue;
+        }
+        if (!value.is_object())
+            throw fail(fmt::format("\"__metadata__\" is a {}, not an object", value.type_name()));
+        for (const auto& [mk, mv] : value.items()) {
+            if (!mv.is_string())
+                throw fail(fmt::format("\"__metadata__\" key '{}' is a {}, not a string", mk, mv.type_name()));
+            out.metadata[mk] = mv.get<std::string>();
+        }
+    }
+
+    // As in the reference implementation, tensors must tile the data section exactly: sorted by
+    // offset, each starts where the previous ends and the last ends at the end of the file.
+    std::sort(entries.begin(), entries.end(),
+              [](const Entry& a, const Entry& b) { return std::tie(a.begin, a.end) < std::tie(b.begin, b.end); });
+    uint64_t pos = 0;
+    const Entry* prev = nullptr;
+    for (const Entry& e : entries) {
+        if (e.begin < pos)
+            throw fail(fmt::format("tensors '{}' [{}, {}] and '{}' [{}, {}] overlap", prev->name, prev->begin,
+                                   prev->end, e.name, e.begin, e.end));
+        if (e.begin > pos)
+            throw fail(fmt::format("data bytes [{}, {}) before tensor '{}' belong to no tensor", pos, e.begin, e.name));
+        pos = e.end;
+        prev = &e;
+    }
+    if (pos != data_size)
+        throw fail(fmt::format("data bytes [{}, {}) after the last tensor belong to no tensor", pos, data_size));
+
+    // Entries are in file order now, so this reads the data section front to back.
+    for (const Entry& e : entries) {
+        const size_t numel = (e.end - e.begin) / e.dtype->size;
+        StTensor t{e.shape, std::vector<float>(numel)};
+        const std::string what = fmt::format("tensor '{}'", e.name);
+        if (!e.dtype->widen) {
+            read_exact(t.data.data(), e.end - e.begin, what);
+        } else {
+            std::vector<uint16_t> half(numel);
+            read_exact(half.data(), e.end - e.begin, what);
+            std::transform(half.begin(), half.end(), t.data.begin(), e.dtype->widen);
+        }
+        out.tensors.emplace(e.name, std::move(t));
+    }
+    return out;
+}
+
+}  // namespace peftlab
