@@ -49,7 +49,7 @@ DEB_PKGS := g++ make libopenblas-openmp-dev libfmt-dev catch2 nlohmann-json3-dev
         pretrain compare sweep-length sweep-depth sweep-data serve-bench
 
 all: build
-build: $(LIB) $(BUILD)/tests $(EXP_BIN) $(TOOL_BIN)
+build: $(LIB) $(BUILD)/peftlab-tests $(EXP_BIN) $(TOOL_BIN)
 
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
@@ -72,7 +72,7 @@ $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
 	ar rcs $@ $^
 
-$(BUILD)/tests: $(TEST_OBJ) $(LIB)
+$(BUILD)/peftlab-tests: $(TEST_OBJ) $(LIB)
 	$(CXX) $(LDFLAGS) $(TEST_OBJ) $(LIB) $(LDLIBS) -o $@
 
 $(BUILD)/bin/%: $(BUILD)/experiments/%.o $(LIB)
@@ -93,8 +93,8 @@ fixtures: deps
 
 # Tests run with 2 threads so that results match CI's 2-core machines.
 test: deps
-	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/tests
-	PEFTLAB_THREADS=2 ./$(BUILD)/tests $(ARGS)
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/peftlab-tests
+	PEFTLAB_THREADS=2 ./$(BUILD)/peftlab-tests $(ARGS)
 
 test-asan: deps
 	@$(MAKE) --no-print-directory SANITIZE=1 test
