@@ -1,0 +1,43 @@
+// BitFit-style bias tuning (Ben Zaken et al. 2022), the worked example of
+// adding a method: one file plus one registry line. Instead of unfreezing the
+// base's biases (which would change the shared base), every Linear of the
+// chosen layers gets a trainable bias delta [out], added to its output through
+// the linear_delta hook. L*(5d + F) parameters (q, k, v, o, fc, proj).
+#include <fmt/format.h>
+
+#include <map>
+
+#include "peft/adapter.h"
+
+namespace peftlab::peft {
+
+class BitFit : public Adapter {
+public:
+    using Adapter::Adapter;
+    std::string method() const override { return "bitfit"; }
+
+    Tensor linear_delta(const std::string& path, const Tensor&, const ForwardInfo&) override {
+        auto it = deltas_.find(path);
+        return it == deltas_.end() ? Tensor() : it->second;  // [out], broadcast over rows
+    }
+    ParamFormula formula(const GPTConfig& c) const override {
+        return {chosen_layers(c) * (5 * c.d_model + c.d_ff), "L*(5d + F)"};
+    }
+
+protected:
+    void build(GPT& base) override {
+        for (int l : layers_)
+            for (const char* m : {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.fc", "mlp.proj"}) {
+                std::string path = fmt::format("blocks.{}.{}", l, m);
+                int64_t out = base.parameter(path + ".weight").dim(0);
+                deltas_[path] = add_param(path + ".bias_delta", Tensor::zeros({out}));
+            }
+    }
+
+private:
+    std::map<std::string, Tensor> deltas_;  // Linear path -> [out]
+};
+
+std::unique_ptr<Adapter> make_bitfit(const AdapterOptions& o) { return std::make_unique<BitFit>(o); }
+
+}  // namespace peftlab::peft

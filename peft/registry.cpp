@@ -1,0 +1,42 @@
+#include "peft/registry.h"
+
+#include <stdexcept>
+
+namespace peftlab::peft {
+
+// One line per method: registry name, factory (defined in the method's own
+// file in peft/), description. Adding a method adds a line here.
+#define PEFTLAB_METHODS(X)                                                                                  \
+    X("full", make_full, "full fine-tuning: every base parameter trains (the baseline)")                    \
+    X("prompt", make_prompt, "prompt tuning (Lester et al. 2021): n soft tokens at the input only, n*d")    \
+    X("prefix", make_prefix, "prefix tuning, hidden-state form: n vectors prepended to each layer's input, L*n*d") \
+    X("prefix-kv", make_prefix_kv, "prefix tuning, key/value form (Li & Liang 2021): 2*L*n*d")              \
+    X("lora", make_lora, "LoRA (Hu et al. 2021): rank-r deltas B*A on chosen projections")                  \
+    X("bitfit", make_bitfit, "BitFit-style bias deltas on every Linear of the chosen layers (worked example)")
+
+#define PEFTLAB_DECLARE(name, factory, description) std::unique_ptr<Adapter> factory(const AdapterOptions&);
+PEFTLAB_METHODS(PEFTLAB_DECLARE)
+#undef PEFTLAB_DECLARE
+
+const std::vector<MethodInfo>& methods() {
+#define PEFTLAB_ENTRY(name, factory, description) MethodInfo{name, description, factory},
+    static const std::vector<MethodInfo> list{PEFTLAB_METHODS(PEFTLAB_ENTRY)};
+#undef PEFTLAB_ENTRY
+    return list;
+}
+
+std::vector<std::string> method_names() {
+    std::vector<std::string> names;
+    for (const MethodInfo& m : methods()) names.push_back(m.name);
+    return names;
+}
+
+std::unique_ptr<Adapter> make_adapter(const std::string& name, const AdapterOptions& opts) {
+    for (const MethodInfo& m : methods())
+        if (m.name == name) return m.make(opts);
+    std::string known;
+    for (const MethodInfo& m : methods()) known += (known.empty() ? "" : ", ") + m.name;
+    throw std::invalid_argument("unknown PEFT method '" + name + "' (known: " + known + ")");
+}
+
+}  // namespace peftlab::peft
