@@ -32,7 +32,7 @@ CXXFLAGS += -std=c++20 $(OPT) -fopenmp -Wall -Wextra -Wno-unused-parameter -I. -
 LDFLAGS  += $(LDOPT) -fopenmp -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR)
 LDLIBS   += -l:libopenblas.so.0 -lfmt
 
-LIB_SRC  := $(wildcard autograd/*.cpp nn/*.cpp peft/*.cpp datasets/*.cpp)
+LIB_SRC  := $(wildcard autograd/*.cpp nn/*.cpp peft/*.cpp datasets/*.cpp experiments/lib/*.cpp)
 TEST_SRC := $(wildcard tests/*.cpp)
 EXP_SRC  := $(wildcard experiments/*.cpp)
 TOOL_SRC := $(wildcard tools/*.cpp)
