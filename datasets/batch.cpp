@@ -1,0 +1,204 @@
+#include "datasets/batch.h"
+
+#include <algorithm>
+#include <numeric>
+#include <stdexcept>
+
+#include <fmt/format.h>
+
+namespace peftlab::data {
+
+namespace {
+
+Batch empty_batch(int B, int T, int32_t pad_id) {
+    Batch b;
+    b.B = B;
+    b.T = T;
+    size_t n = size_t(B) * size_t(T);
+    b.tokens.assign(n, pad_id);
+    b.targets.assign(n, -1);
+    b.valid.assign(n, 0);
+    b.positions.assign(n, 0);
+    return b;
+}
+
+void check_max_len(const char* who, int max_len) {
+    if (max_len < 1) throw std::invalid_argument(fmt::format("{}: max_len {} must be >= 1", who, max_len));
+}
+
+void check_index(const char* who, size_t index, size_t n) {
+    if (index >= n) throw std::out_of_range(fmt::format("{}: index {} out of range for {} examples", who, index, n));
+}
+
+void append(std::vector<int32_t>& dst, const std::vector<int32_t>& src) { dst.insert(dst.end(), src.begin(), src.end()); }
+
+}  // namespace
+
+std::vector<int32_t> encode_lines(const Tokenizer& tok, std::string_view text) {
+    std::vector<int32_t> stream;
+    for (size_t start = 0; start < text.size();) {
+        size_t end = std::min(text.find('\n', start), text.size());
+        std::string_view line = text.substr(start, end - start);
+        if (line.find_first_not_of(" \t\r\v\f") != std::string_view::npos) {
+            stream.push_back(tok.bos_id());
+            append(stream, tok.encode(line));
+            stream.push_back(tok.eos_id());
+        }
+        start = end + 1;
+    }
+    return stream;
+}
+
+Batch make_lm_batch(const std::vector<int32_t>& stream, const std::vector<size_t>& offsets, int T) {
+    if (T < 1) throw std::invalid_argument(fmt::format("make_lm_batch: T {} must be >= 1", T));
+    Batch b = empty_batch(int(offsets.size()), T, 0);
+    for (size_t r = 0; r < offsets.size(); ++r) {
+        size_t off = offsets[r];
+        if (off + size_t(T) + 1 > stream.size())
+            throw std::out_of_range(fmt::format("make_lm_batch: offset {} (row {}) + T {} + 1 runs past the stream of {} tokens",
+                                                off, r, T, stream.size()));
+        for (int t = 0; t < T; ++t) {
+            size_t i = r * size_t(T) + size_t(t);
+            b.tokens[i] = stream[off + t];
+            b.targets[i] = stream[off + t + 1];
+            b.valid[i] = 1;
+            b.positions[i] = t;
+        }
+    }
+    return b;
+}
+
+Batch make_lm_batch(const std::vector<int32_t>& stream, int B, int T, Rng& rng) {
+    if (T < 1 || stream.size() < size_t(T) + 1)
+        throw std::invalid_argument(
+            fmt::format("make_lm_batch: a stream of {} tokens holds no window of T + 1 = {} tokens", stream.size(), T + 1));
+    size_t n_starts = stream.size() - size_t(T);  // offsets 0 .. size - T - 1
+    if (n_starts > UINT32_MAX)
+        throw std::invalid_argument(fmt::format("make_lm_batch: stream of {} tokens is too long for Rng::below", stream.size()));
+    std::vector<size_t> offsets(size_t(std::max(B, 0)));
+    for (auto& off : offsets) off = rng.below(uint32_t(n_starts));
+    return make_lm_batch(stream, offsets, T);
+}
+
+EncodedExample encode_example(const Example& ex, const Tokenizer& tok, int max_len) {
+    check_max_len("encode_example", max_len);
+    auto source = tok.encode(ex.source);
+    const auto sep = tok.encode(kSeparator);
+    const auto target = tok.encode(ex.target);
+
+    // Framed length is 1 + source + sep + target + 1; it must be <= max_len + 1.
+    const size_t fixed = 1 + sep.size() + target.size() + 1;
+    if (fixed > size_t(max_len) + 1)
+        throw std::invalid_argument(fmt::format(
+            "encode_example: target \"{}\" needs {} tokens with BOS, separator and EOS, more than max_len + 1 = {}",
+            ex.target, fixed, max_len + 1));
+    const size_t keep = std::min(source.size(), size_t(max_len) + 1 - fixed);
+
+    EncodedExample e;
+    e.tokens.reserve(fixed + keep);
+    e.tokens.push_back(tok.bos_id());
+    e.tokens.insert(e.tokens.end(), source.end() - keep, source.end());
+    append(e.tokens, sep);
+    e.target_start = e.tokens.size();
+    append(e.tokens, target);
+    e.tokens.push_back(tok.eos_id());
+    return e;
+}
+
+Batch make_conditional_batch(const std::vector<Example>& examples, const std::vector<size_t>& indices,
+                             const Tokenizer& tok, int max_len, PadSide side) {
+    check_max_len("make_conditional_batch", max_len);
+    std::vector<EncodedExample> rows;
+    size_t T = 0;
+    for (size_t idx : indices) {
+        check_index("make_conditional_batch", idx, examples.size());
+        rows.push_back(encode_example(examples[idx], tok, max_len));
+        T = std::max(T, rows.back().tokens.size() - 1);
+    }
+
+    Batch b = empty_batch(int(rows.size()), int(T), tok.pad_id());
+    for (size_t r = 0; r < rows.size(); ++r) {
+        const auto& seq = rows[r].tokens;
+        const size_t n = seq.size() - 1;  // inputs of this row
+        const size_t pad = side == PadSide::Left ? T - n : 0;
+        for (size_t t = 0; t < n; ++t) {
+            size_t i = r * T + pad + t;
+            b.tokens[i] = seq[t];
+            // Position t predicts seq[t + 1]; count it only if that is a target token or EOS.
+            b.targets[i] = t + 1 >= rows[r].target_start ? seq[t + 1] : -1;
+            b.valid[i] = 1;
+            b.positions[i] = int32_t(t);
+        }
+    }
+    return b;
+}
+
+Batch make_prompt_batch(const std::vector<Example>& examples, const std::vector<size_t>& indices,
+                        const Tokenizer& tok, int max_len) {
+    check_max_len("make_prompt_batch", max_len);
+    const auto sep = tok.encode(kSeparator);
+    if (1 + sep.size() > size_t(max_len))
+        throw std::invalid_argument(fmt::format(
+            "make_prompt_batch: max_len {} leaves no room for BOS and the {}-token separator", max_len, sep.size()));
+
+    std::vector<std::vector<int32_t>> rows;
+    size_t T = 0;
+    for (size_t idx : indices) {
+        check_index("make_prompt_batch", idx, examples.size());
+        auto source = tok.encode(examples[idx].source);
+        size_t keep = std::min(source.size(), size_t(max_len) - 1 - sep.size());
+        std::vector<int32_t> row{tok.bos_id()};
+        row.insert(row.end(), source.end() - keep, source.end());
+        append(row, sep);
+        T = std::max(T, row.size());
+        rows.push_back(std::move(row));
+    }
+
+    Batch b = empty_batch(int(rows.size()), int(T), tok.pad_id());
+    for (size_t r = 0; r < rows.size(); ++r) {
+        const size_t pad = T - rows[r].size();
+        for (size_t t = 0; t < rows[r].size(); ++t) {
+            size_t i = r * T + pad + t;
+            b.tokens[i] = rows[r][t];
+            b.valid[i] = 1;
+            b.positions[i] = int32_t(t);
+        }
+    }
+    return b;
+}
+
+// ---------------------------------------------------------------- BatchSampler
+
+BatchSampler::BatchSampler(size_t n, size_t batch_size, uint64_t seed, bool drop_last)
+    : n_(n), batch_size_(batch_size), seed_(seed), drop_last_(drop_last), order_(n) {
+    if (n == 0) throw std::invalid_argument("BatchSampler: dataset is empty");
+    if (batch_size == 0) throw std::invalid_argument("BatchSampler: batch_size must be >= 1");
+    if (drop_last && batch_size > n)
+        throw std::invalid_argument(fmt::format(
+            "BatchSampler: with drop_last, batch_size {} > dataset size {} would yield no batch", batch_size, n));
+    shuffle();
+}
+
+size_t BatchSampler::batches_per_epoch() const { return drop_last_ ? n_ / batch_size_ : (n_ + batch_size_ - 1) / batch_size_; }
+
+void BatchSampler::shuffle() {
+    // A fresh stream per epoch: epoch e's order is a function of (seed, e) alone.
+    Rng mix(seed_ ^ ((epoch_ + 1) * 0xD1B54A32D192ED03ull));
+    Rng rng(mix.next_u64());
+    std::iota(order_.begin(), order_.end(), size_t{0});
+    for (size_t i = n_ - 1; i > 0; --i) std::swap(order_[i], order_[rng.below(uint32_t(i + 1))]);
+}
+
+std::vector<size_t> BatchSampler::next() {
+    size_t end = std::min(cursor_ + batch_size_, n_);
+    std::vector<size_t> batch(order_.begin() + cursor_, order_.begin() + end);
+    cursor_ = end;
+    if (cursor_ == n_ || (drop_last_ && n_ - cursor_ < batch_size_)) {
+        ++epoch_;
+        cursor_ = 0;
+        shuffle();
+    }
+    return batch;
+}
+
+}  // namespace peftlab::data
