@@ -91,6 +91,25 @@ fixtures: deps
 	./$(BUILD)/bin/write_parity_model tests/fixtures/parity_model.safetensors
 	/usr/bin/python3 tools/torch_reference.py tests/fixtures/parity_model.safetensors tests/fixtures/parity_expected.safetensors
 
+# ---- experiments (flags pass through ARGS="...") ----------------------------------
+# The main job: a quick compare on the default table-to-text task, pretraining
+# included on a fresh machine.
+DEMO_ARGS := --config demo --pretrain-steps 600 --steps 150 --search-steps 30 --eval-examples 60 --out runs/demo
+
+demo: deps
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/compare
+	./$(BUILD)/bin/compare $(DEMO_ARGS) $(ARGS)
+
+pretrain compare: deps
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/$@
+	./$(BUILD)/bin/$@ $(ARGS)
+
+sweep-length sweep-depth sweep-data: deps
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/$(subst -,_,$@)
+	./$(BUILD)/bin/$(subst -,_,$@) $(ARGS)
+
+experiments: pretrain compare sweep-length sweep-depth sweep-data
+
 # Tests run with 2 threads so that results match CI's 2-core machines.
 test: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/peftlab-tests

@@ -1,0 +1,143 @@
+#pragma once
+// Shared machinery of the experiment binaries: common flags, the cached
+// pretrained base, fine-tuning one PEFT method on a task under a fixed budget,
+// evaluation, and the files every run writes (results.json, metrics.csv,
+// report.md, plots).
+#include <cxxopts.hpp>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "datasets/tasks.h"
+#include "datasets/tokenizer.h"
+#include "nn/gpt.h"
+#include "peft/adapter.h"
+
+namespace peftlab::harness {
+
+// Flags every experiment takes (same names everywhere).
+struct CommonArgs {
+    std::string config = "demo";  // named dimension preset; dimension flags override it
+    GPTConfig model;
+    int64_t batch = 16;
+    std::string task = "e2e";
+    std::vector<std::string> methods;
+    uint64_t seed = 0;
+    int threads = 0;
+    int64_t steps = 0;  // fine-tuning updates per method
+    double lr = 0.0;    // 0: per-method search over lr_grid
+    std::string out;    // run directory, default runs/<experiment>
+    int64_t prefix_len = 16;
+    int64_t lora_rank = 8;
+    std::string tokenizer = "word";  // word | byte
+    std::string corpus;              // a UTF-8 file to pretrain on instead of the built-in corpus
+    int64_t pretrain_steps = 0;
+    size_t n_train = 0, n_valid = 0, n_test = 0;
+    int64_t eval_examples = 0;  // test examples scored by generation
+};
+
+// Adds the common flags to `opts` with the experiment's defaults.
+void add_common_flags(cxxopts::Options& opts, const CommonArgs& defaults);
+// Parses them; bad values throw std::invalid_argument naming the flag and value.
+CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& defaults);
+// Parses argv, prints --help, applies --threads; on a bad flag prints the
+// error and exits with status 2.
+CommonArgs parse_or_exit(cxxopts::Options& opts, int argc, char** argv, const CommonArgs& defaults,
+                         cxxopts::ParseResult* result = nullptr);
+
+// The pretrained base and its tokenizer, loaded from the cache under
+// runs/pretrain/<hash of config, tokenizer, corpus, steps, seed>/ or trained
+// there first.
+struct Base {
+    std::string dir;  // cache directory holding model.safetensors
+    std::string model_path;
+    std::unique_ptr<data::Tokenizer> tokenizer;
+    GPTConfig config;
+    double pretrain_valid_loss = 0.0;
+    double pretrain_seconds = 0.0;  // 0 when loaded from the cache
+    bool cached = false;
+};
+Base load_or_pretrain(const CommonArgs& args);
+
+// The task's data, sized by args (or the task's defaults).
+data::TaskData load_task(const CommonArgs& args);
+
+// One fine-tuning run's outcome (the fields of results.json).
+struct MethodResult {
+    std::string method;  // registry name, or a label such as "none" / "full (random init)"
+    std::string label;   // display name, e.g. "prefix (reparam)"
+    int64_t trainable_params = 0;
+    double trainable_pct = 0.0;
+    int64_t step_flops = 0;  // one training step, from the autograd counters
+    double ms_per_step = 0.0;
+    int64_t peak_bytes = 0;  // peak tracked tensor bytes during a training step
+    double final_valid_loss = 0.0;
+    std::string metric_name;
+    double metric = 0.0;
+    std::map<std::string, double> extra_metrics;  // e.g. slot_error_rate
+    int64_t steps = 0;
+    double lr = 0.0;
+    std::vector<std::pair<double, double>> lr_search;     // (lr, valid loss) tried
+    std::vector<double> loss_curve;                       // training loss per update
+    std::vector<std::pair<int64_t, double>> valid_curve;  // (update, valid loss)
+    nlohmann::json to_json() const;
+};
+
+// What to fine-tune and how long.
+struct MethodSpec {
+    std::string method;  // registry name, or "none" (no training: the unadapted base)
+    std::string label;
+    peft::AdapterOptions options;
+    bool random_base = false;  // start from a freshly initialised model instead of the pretrained one
+};
+
+struct Budget {
+    int64_t steps = 300;
+    int64_t search_steps = 60;    // per learning-rate candidate
+    std::vector<double> lr_grid;  // empty: the method's default grid
+    double lr = 0.0;              // > 0: no search
+    int64_t batch = 16;
+    int64_t eval_every = 0;  // 0: steps / 5
+    int64_t eval_examples = 100;
+};
+
+// The spec of a --methods entry ("prefix-reparam" is prefix with the MLP
+// reparameterization) with the common options: n, LoRA rank (alpha = 2r), seed.
+MethodSpec make_spec(const CommonArgs& args, const std::string& entry);
+// The budget the common flags describe (lr 0 = search).
+Budget make_budget(const CommonArgs& args);
+// Default lr when a sweep does not search: the middle of the method's grid.
+double default_lr(const std::string& method);
+
+std::vector<std::string> split_list(const std::string& s);
+// A whole number >= 0 from a flag's list item; throws naming the flag and item.
+int64_t parse_count(const std::string& flag, const std::string& item);
+
+// Default learning-rate grid per method (3 candidates, the same count for all).
+std::vector<double> default_lr_grid(const std::string& method);
+
+// Fine-tunes `spec` from the base on the task (lr search, then the full
+// budget at the best lr) and evaluates on the test split.
+MethodResult run_method(const Base& base, const data::TaskData& task, const MethodSpec& spec, const Budget& budget,
+                        const std::string& out_dir, uint64_t seed);
+
+// Writes results.json (with `extra` merged at the top level), metrics.csv (one
+// row per method and update: method, step, train_loss, valid_loss) and the
+// loss-curve plot. Returns the markdown table of the results.
+std::string write_results(const std::string& dir, const std::string& experiment, const std::vector<MethodResult>& rs,
+                          const nlohmann::json& extra);
+std::string results_table_md(const std::vector<MethodResult>& rs);
+void print_results_table(const std::vector<MethodResult>& rs);
+
+// gnuplot line/point plot to dir/name.png; series: title -> (x, y) points.
+// Returns false (after saying why on stderr) if gnuplot is missing or fails.
+struct Series {
+    std::string title;
+    std::vector<std::pair<double, double>> points;
+};
+bool plot_png(const std::string& path, const std::string& title, const std::string& xlabel, const std::string& ylabel,
+              const std::vector<Series>& series, bool log_x = false);
+
+}  // namespace peftlab::harness
