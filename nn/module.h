@@ -11,6 +11,10 @@
 
 namespace peftlab {
 
+// ("blocks.0.attn.q_proj.weight", tensor), ... — the form parameters, adapters,
+// optimizer state and checkpoints are exchanged in.
+using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
+
 class Module {
 public:
     Module() = default;
@@ -24,7 +28,7 @@ public:
     std::string child_path(const std::string& local) const;
 
     // Depth-first, in registration order: ("blocks.0.ln1.weight", tensor), ...
-    std::vector<std::pair<std::string, Tensor>> named_parameters() const;
+    NamedTensors named_parameters() const;
     std::vector<Tensor> parameters() const;
     std::vector<Tensor> trainable_parameters() const;
     // Parameter by full dotted name; throws std::out_of_range naming it.

@@ -26,10 +26,6 @@
 
 namespace peftlab {
 
-// ("blocks.0.attn.q_proj.weight", tensor), ... — the form parameters, adapters,
-// optimizer state and checkpoints are exchanged in.
-using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
-
 // The parameters of `m` that require grad, with their full dotted names.
 NamedTensors trainable_named_parameters(const Module& m);
 

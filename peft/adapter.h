@@ -17,7 +17,7 @@
 
 namespace peftlab::peft {
 
-using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
+using peftlab::NamedTensors;
 
 struct AdapterOptions {
     int64_t n = 16;                // virtual tokens / prefix vectors per layer
