@@ -157,7 +157,8 @@ Tensor concat(const std::vector<Tensor>& parts, int axis) {
     std::vector<int64_t> lens, offsets;
     for (const Tensor& p : parts) {
         const int64_t len = p.shape()[size_t(ax)];
-        for (int64_t o = 0; o < outer; ++o)
+        // An empty part has no data pointer (memcpy from null is undefined even for 0 bytes).
+        for (int64_t o = 0; o < outer && len * inner > 0; ++o)
             std::memcpy(out.data() + (o * out_len + offset) * inner, p.data() + o * len * inner,
                         size_t(len * inner) * sizeof(float));
         cells.push_back(grad_target(p));

@@ -1,6 +1,9 @@
 #include "nn/layers.h"
 
 #include <cmath>
+#include <stdexcept>
+
+#include <fmt/format.h>
 
 #include "autograd/flops.h"
 #include "autograd/tape.h"
@@ -97,6 +100,12 @@ Tensor CausalSelfAttention::forward(const Tensor& h, const Tensor& valid, const 
             ks.push_back(prefix_per_row(k_proj.forward(hp, pctx), B, p.rows));
             vs.push_back(prefix_per_row(v_proj.forward(hp, pctx), B, p.rows));
             valids.push_back(prefix_valid_per_row(p.hidden_valid, B, ks.back().dim(1), p.rows));
+        }
+        if (p.key.defined() != p.value.defined() || (p.key.defined() && p.key.shape() != p.value.shape())) {
+            auto shape_of = [](const Tensor& t) { return t.defined() ? shape_str(t.shape()) : "none"; };
+            throw std::invalid_argument(
+                fmt::format("layer_prefix (layer {}): key {} and value {} must both be given, with equal shapes",
+                            layer, shape_of(p.key), shape_of(p.value)));
         }
         if (p.key.defined()) {
             ks.push_back(prefix_per_row(p.key, B, p.rows));
