@@ -110,6 +110,12 @@ sweep-length sweep-depth sweep-data: deps
 
 experiments: pretrain compare sweep-length sweep-depth sweep-data
 
+# Per-method parameter, memory and FLOP report (analytic and measured);
+# ARGS="--preset gpt2-xl" prices GPT-2 XL analytically.
+report: deps
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/report
+	./$(BUILD)/bin/report $(ARGS)
+
 # Tests run with 2 threads so that results match CI's 2-core machines.
 test: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/peftlab-tests

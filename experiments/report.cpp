@@ -1,0 +1,382 @@
+// report: what each PEFT method costs — trainable parameters (counted and by
+// formula), memory, training-step FLOPs by phase (analytic and measured on one
+// real step), inference FLOPs per token with prefixes cached, and where the
+// trainable tensors and gradients sit, layer by layer.
+//
+// The point it makes legible: a frozen base saves the dW GEMMs and the
+// optimizer state, but the backward still carries dX through every layer
+// between the loss and the lowest trainable one.
+//
+// With --preset (GPT-2 sizes) everything is analytic: nothing is allocated.
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include <cxxopts.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "autograd/threads.h"
+#include "nn/safetensors.h"
+#include "peft/registry.h"
+#include "peft/report.h"
+
+using namespace peftlab;
+using namespace peftlab::peft;
+
+namespace {
+
+struct Args {
+    std::string preset;  // "" = the small config, measured
+    GPTConfig cfg;
+    ReportSettings settings;
+    AdapterOptions options;
+    std::vector<std::string> methods;
+    std::string out;
+    int threads = 0;
+};
+
+// A whole number from flag `name`, at least `min`; errors name the flag and value.
+int64_t int_flag(const cxxopts::ParseResult& r, const std::string& name, int64_t min) {
+    const std::string text = r[name].as<std::string>();
+    size_t used = 0;
+    long long v = 0;
+    try {
+        v = std::stoll(text, &used);
+    } catch (const std::exception&) {
+        used = 0;
+    }
+    if (used == 0 || used != text.size())
+        throw std::invalid_argument(fmt::format("--{}: '{}' is not a whole number", name, text));
+    if (v < min) throw std::invalid_argument(fmt::format("--{}: {} must be >= {}", name, v, min));
+    return v;
+}
+
+Args parse_args(int argc, char** argv) {
+    cxxopts::Options o("report", "Per-method parameter, memory and FLOP report for PEFT methods");
+    // clang-format off
+    o.add_options()
+        ("h,help", "print this help")
+        ("preset", "GPT-2 dimensions, analytic numbers only: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
+                   "(dimension flags given with it override it)", cxxopts::value<std::string>()->default_value(""))
+        ("vocab", "vocabulary size V", cxxopts::value<std::string>()->default_value("256"))
+        ("d-model", "model width d", cxxopts::value<std::string>()->default_value("256"))
+        ("layers", "number of layers L", cxxopts::value<std::string>()->default_value("4"))
+        ("heads", "attention heads H", cxxopts::value<std::string>()->default_value("4"))
+        ("d-ff", "MLP hidden width F", cxxopts::value<std::string>()->default_value("1024"))
+        ("seq", "T: tokens per row in the training step, and the decoding context (max_seq = T "
+                "without a preset)", cxxopts::value<std::string>()->default_value("128"))
+        ("batch", "B: rows per training step", cxxopts::value<std::string>()->default_value("16"))
+        ("prefix-len", "n: prompt tokens / prefix vectors per layer", cxxopts::value<std::string>()->default_value("16"))
+        ("lora-rank", "LoRA rank r (on q_proj and v_proj, alpha = 2r)", cxxopts::value<std::string>()->default_value("8"))
+        ("adapter-layers", "layers that carry prefixes / LoRA / BitFit: all, top:k, bottom:k or 0,2,3",
+            cxxopts::value<std::string>()->default_value("all"))
+        ("reparam", "prefix forms: train through the MLP reparameterization")
+        ("methods", "comma-separated PEFT methods", cxxopts::value<std::string>()->default_value("full,prompt,prefix,prefix-kv,lora"))
+        ("out", "output directory (report.json, report.csv)", cxxopts::value<std::string>()->default_value("runs/report"))
+        ("threads", "threads for OpenBLAS and OpenMP (0 = all cores)", cxxopts::value<std::string>()->default_value("0"))
+        ("seed", "seed of the base weights, adapter init and batch", cxxopts::value<std::string>()->default_value("0"));
+    // clang-format on
+    cxxopts::ParseResult r = o.parse(argc, argv);
+    if (r.count("help")) {
+        std::cout << o.help() << "\n";
+        std::exit(0);
+    }
+    if (!r.unmatched().empty()) throw std::invalid_argument(fmt::format("unexpected argument '{}'", r.unmatched()[0]));
+
+    Args a;
+    a.preset = r["preset"].as<std::string>();
+    if (!a.preset.empty()) {
+        try {
+            a.cfg = preset_config(a.preset);
+        } catch (const std::invalid_argument& e) {
+            throw std::invalid_argument(std::string("--preset: ") + e.what());
+        }
+    }
+    // Without a preset every dimension flag applies (its default is the small
+    // config); with one, only those given on the command line.
+    auto given = [&](const char* f) { return a.preset.empty() || r.count(f) > 0; };
+    if (given("vocab")) a.cfg.vocab = int_flag(r, "vocab", 1);
+    if (given("d-model")) a.cfg.d_model = int_flag(r, "d-model", 1);
+    if (given("layers")) a.cfg.n_layers = int(int_flag(r, "layers", 1));
+    if (given("heads")) a.cfg.n_heads = int(int_flag(r, "heads", 1));
+    if (given("d-ff")) a.cfg.d_ff = int_flag(r, "d-ff", 1);
+    if (a.cfg.d_model % a.cfg.n_heads != 0)
+        throw std::invalid_argument(
+            fmt::format("--heads: {} does not divide --d-model {}", a.cfg.n_heads, a.cfg.d_model));
+    a.settings.seq = int_flag(r, "seq", 2);
+    if (a.preset.empty()) a.cfg.max_seq = a.settings.seq;
+    else if (a.settings.seq > a.cfg.max_seq)
+        throw std::invalid_argument(
+            fmt::format("--seq: {} exceeds the preset's max_seq {}", a.settings.seq, a.cfg.max_seq));
+    a.settings.batch = int_flag(r, "batch", 1);
+    a.options.n = int_flag(r, "prefix-len", 0);
+    a.options.lora_rank = int_flag(r, "lora-rank", 1);
+    a.options.lora_alpha = 2.f * float(a.options.lora_rank);
+    a.options.layers = r["adapter-layers"].as<std::string>();
+    try {
+        parse_layers(a.options.layers, a.cfg.n_layers);
+    } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument(std::string("--adapter-layers: ") + e.what());
+    }
+    a.options.reparam = r.count("reparam") > 0;
+    a.threads = int(int_flag(r, "threads", 0));
+    a.settings.seed = uint64_t(int_flag(r, "seed", 0));
+    a.out = r["out"].as<std::string>();
+    if (a.out.empty()) throw std::invalid_argument("--out: '' is not a directory name");
+
+    const std::vector<std::string> known = reported_methods();
+    std::string list = r["methods"].as<std::string>(), item;
+    for (size_t start = 0; start <= list.size();) {
+        size_t comma = std::min(list.find(',', start), list.size());
+        item = list.substr(start, comma - start);
+        if (std::find(known.begin(), known.end(), item) == known.end()) {
+            std::string names;
+            for (const std::string& k : known) names += (names.empty() ? "" : ", ") + k;
+            throw std::invalid_argument(fmt::format("--methods: unknown method '{}' (known: {})", item, names));
+        }
+        a.methods.push_back(item);
+        start = comma + 1;
+    }
+    return a;
+}
+
+// 1234567 -> "1.23M": FLOPs and counts at any scale in a few characters.
+std::string si(double v) {
+    const char* units[] = {"", "K", "M", "G", "T", "P", "E"};
+    int u = 0;
+    while (std::abs(v) >= 1000.0 && u < 6) {
+        v /= 1000.0;
+        ++u;
+    }
+    return u == 0 ? fmt::format("{:.0f}", v) : fmt::format("{:.3g}{}", v, units[u]);
+}
+std::string mb(int64_t bytes) { return fmt::format("{:.2f}", double(bytes) / 1e6); }
+// a as a percentage of b; small shares keep three significant digits.
+std::string pct(uint64_t a, uint64_t b) {
+    if (!b) return "-";
+    const double v = 100.0 * double(a) / double(b);
+    if (v == 0.0) return "0%";
+    if (v < 0.01) return "<0.01%";
+    return v < 1.0 ? fmt::format("{:.2f}%", v) : fmt::format("{:.1f}%", v);
+}
+uint64_t step_total(const flops::Counts& c) { return c[0] + c[1] + c[2] + c[3]; }
+
+// "blocks 0-3" for a contiguous run of blocks, "none" for none.
+std::string block_span(const std::vector<int>& blocks) {
+    if (blocks.empty()) return "none";
+    if (blocks.size() == 1) return fmt::format("block {}", blocks[0]);
+    return fmt::format("blocks {}-{}", blocks.front(), blocks.back());
+}
+
+std::string csv_field(const std::string& s) {
+    if (s.find_first_of(",\"\n") == std::string::npos) return s;
+    std::string q = "\"";
+    for (char c : s) q += c == '"' ? std::string("\"\"") : std::string(1, c);
+    return q + "\"";
+}
+
+std::string to_csv(const std::vector<MethodReport>& rs) {
+    std::string csv =
+        "method,trainable_params,formula_params,formula,total_params,trainable_pct,bytes_params,bytes_grads,"
+        "bytes_optimizer,bytes_activations_peak";
+    for (int p = 0; p < flops::kPhases; ++p)
+        csv += fmt::format(",{0}_analytic,{0}_measured", flops::phase_name(flops::Phase(p)));
+    csv += ",inference_flops_per_token,inference_flops_per_token_measured\n";
+    auto opt = [](const auto& o) { return o ? fmt::format("{}", *o) : std::string(); };
+    for (const MethodReport& r : rs) {
+        csv += fmt::format("{},{},{},{},{},{:.6f},{},{},{},{}", r.method, r.trainable_params, r.formula_params,
+                           csv_field(r.formula), r.total_params, r.trainable_pct, r.bytes.params, r.bytes.grads,
+                           r.bytes.optimizer, opt(r.bytes.activations_peak));
+        for (int p = 0; p < flops::kPhases; ++p)
+            csv += fmt::format(",{},{}", r.analytic[size_t(p)],
+                               r.measured ? fmt::format("{}", (*r.measured)[size_t(p)]) : std::string());
+        csv += fmt::format(",{},{}\n", r.inference_flops_per_token, opt(r.inference_flops_per_token_measured));
+    }
+    return csv;
+}
+
+// The footer: per method, its dW and dX against full fine-tuning's, and how
+// far down the backward reaches.
+std::vector<std::string> footer(const Args& a, const std::vector<MethodReport>& rs, const MethodReport& full) {
+    std::vector<std::string> lines;
+    lines.push_back(
+        "A frozen base saves the dW GEMMs and the optimizer state, not the backward pass: dX still flows through "
+        "every block between the loss and the lowest trainable one.");
+    for (const MethodReport& r : rs) {
+        if (r.method == "full") continue;
+        std::string where;
+        if (r.backward_blocks.empty()) where = "no backward at all";
+        else if (r.method == "prompt")
+            where = fmt::format("dX flows through all {} blocks, down to the prompt at the input (on T+n = {} tokens)",
+                                a.cfg.n_layers, a.settings.seq + a.options.n);
+        else if (r.backward_blocks.front() == 0)
+            where = fmt::format("dX flows through all {} blocks (block 0 is trainable)", a.cfg.n_layers);
+        else
+            where = fmt::format("dX flows through {} only; none below block {}", block_span(r.backward_blocks),
+                                r.backward_blocks.front());
+        lines.push_back(fmt::format("  {:<10} backward_dw {:>7} of full's, backward_dx {:>6}, optimizer {:>7}, "
+                                    "whole step {:>6}; {}",
+                                    r.method + ":", pct(r.analytic[2], full.analytic[2]),
+                                    pct(r.analytic[1], full.analytic[1]), pct(r.analytic[3], full.analytic[3]),
+                                    pct(step_total(r.analytic), step_total(full.analytic)), where));
+    }
+    return lines;
+}
+
+void print_report(const Args& a, const std::vector<MethodReport>& rs, const MethodReport& full, bool measured) {
+    const GPTConfig& c = a.cfg;
+    std::string targets;
+    for (const std::string& t : a.options.lora_targets) targets += (targets.empty() ? "" : ",") + t;
+    fmt::print("peftlab report: {}V={} d={} L={} H={} F={} max_seq={}{} ({} base parameters)\n",
+               a.preset.empty() ? "" : a.preset + " ", c.vocab, c.d_model, c.n_layers, c.n_heads, c.d_ff, c.max_seq,
+               c.tie_embeddings ? " tied" : "", si(double(full.total_params)));
+    fmt::print("one training step: B={} rows x T={} tokens, AdamW; n={}, LoRA r={} on {}, adapter layers {}{}\n",
+               a.settings.batch, a.settings.seq, a.options.n, a.options.lora_rank, targets, a.options.layers,
+               a.options.reparam ? ", prefixes reparameterized" : "");
+    if (measured) {
+        double worst = 0.0;
+        for (const MethodReport& r : rs) worst = std::max(worst, r.max_relative_gap());
+        fmt::print("FLOPs: analytic (closed form) vs measured (autograd counters, one real step): largest gap "
+                   "{:.4f}%{}\n",
+                   100.0 * worst, worst == 0.0 ? " (exact)" : "");
+    } else {
+        fmt::print("analytic numbers only (nothing allocated)\n");
+    }
+
+    fmt::print("\nParameters and memory (float32; MB = 1e6 bytes)\n");
+    fmt::print("{:<10} {:>13} {:>9} {:>10} {:>9} {:>9} {:>9} {:>12}  {}\n", "method", "trainable", "%", "total",
+               "params MB", "grads MB", "AdamW MB", "act peak MB", "formula");
+    for (const MethodReport& r : rs)
+        fmt::print("{:<10} {:>13} {:>9.4f} {:>10} {:>9} {:>9} {:>9} {:>12}  {}{}\n", r.method, r.trainable_params,
+                   r.trainable_pct, si(double(r.total_params)), mb(r.bytes.params), mb(r.bytes.grads),
+                   mb(r.bytes.optimizer), r.bytes.activations_peak ? mb(*r.bytes.activations_peak) : "-", r.formula,
+                   r.formula_params == r.trainable_params ? "" : fmt::format(" = {} (!)", r.formula_params));
+
+    fmt::print("\nFLOPs per training step{}\n", measured ? " (analytic = measured where marked exact)" : " (analytic)");
+    fmt::print("{:<10} {:>9} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10}  {}\n", "method", "forward", "backward_dx",
+               "backward_dw", "optimizer", "total", "dx/full", "dw/full", "measured", "backward through");
+    for (const MethodReport& r : rs) {
+        std::string check = "-";
+        if (r.measured) {
+            double gap = r.max_relative_gap();
+            check = gap == 0.0 ? "exact" : fmt::format("{:+.3f}%", 100.0 * gap);
+        }
+        fmt::print("{:<10} {:>9} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10}  {}\n", r.method, si(double(r.analytic[0])),
+                   si(double(r.analytic[1])), si(double(r.analytic[2])), si(double(r.analytic[3])),
+                   si(double(step_total(r.analytic))), pct(r.analytic[1], full.analytic[1]),
+                   pct(r.analytic[2], full.analytic[2]), check, block_span(r.backward_blocks));
+    }
+
+    fmt::print("\nInference FLOPs per generated token (B=1, context T={} with prefixes cached; LoRA merged)\n",
+               a.settings.seq);
+    fmt::print("{:<10} {:>12} {:>9} {:>10}\n", "method", "FLOPs", "vs full", "measured");
+    for (const MethodReport& r : rs) {
+        std::string check = "-";
+        if (r.inference_flops_per_token_measured)
+            check = *r.inference_flops_per_token_measured == r.inference_flops_per_token
+                        ? "exact"
+                        : si(double(*r.inference_flops_per_token_measured));
+        fmt::print("{:<10} {:>12} {:>9} {:>10}\n", r.method, si(double(r.inference_flops_per_token)),
+                   fmt::format("{:+.2f}%", 100.0 * (double(r.inference_flops_per_token) /
+                                                       double(full.inference_flops_per_token) - 1.0)),
+                   check);
+    }
+
+    fmt::print("\nPer-layer map: trainable parameters{}\n",
+               measured ? " [gradient L2 norm after one step]" : "");
+    std::vector<std::string> groups;
+    for (const MethodReport& r : rs)
+        for (const LayerGroup& g : r.per_layer)
+            if (std::find(groups.begin(), groups.end(), g.group) == groups.end()) groups.push_back(g.group);
+    const int width = measured ? 22 : 12;
+    fmt::print("{:<12}", "group");
+    for (const MethodReport& r : rs) fmt::print(" {:>{}}", r.method, width);
+    fmt::print("\n");
+    // One row per group; consecutive blocks with identical cells share a row ("blocks.0-47").
+    std::vector<std::string> cells, prev;
+    std::string first, last;
+    auto flush = [&] {
+        if (prev.empty()) return;
+        std::string label = first == last ? first : first + "-" + last.substr(last.rfind('.') + 1);
+        fmt::print("{:<12}", label);
+        for (const std::string& c : prev) fmt::print(" {:>{}}", c, width);
+        fmt::print("\n");
+        prev.clear();
+    };
+    for (const std::string& g : groups) {
+        cells.clear();
+        for (const MethodReport& r : rs) {
+            std::string cell = "-";
+            for (const LayerGroup& x : r.per_layer)
+                if (x.group == g && x.trainable_params > 0)
+                    cell = x.grad_norm ? fmt::format("{} [{:.2e}]", si(double(x.trainable_params)), *x.grad_norm)
+                                       : si(double(x.trainable_params));
+            cells.push_back(cell);
+        }
+        const bool block = g.rfind("blocks.", 0) == 0;
+        if (block && cells == prev && last.rfind("blocks.", 0) == 0) {
+            last = g;
+            continue;
+        }
+        flush();
+        prev = cells;
+        first = last = g;
+    }
+    flush();
+    fmt::print("\n");
+    for (const std::string& line : footer(a, rs, full)) fmt::print("{}\n", line);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Args a;
+    try {
+        a = parse_args(argc, argv);
+    } catch (const std::exception& e) {
+        fmt::print(stderr, "report: {}\n(see --help)\n", e.what());
+        return 2;
+    }
+    try {
+        set_threads(a.threads);
+        const bool measure = a.preset.empty();
+        std::vector<MethodReport> reports;
+        for (const std::string& m : a.methods) reports.push_back(report_method(a.cfg, a.settings, m, a.options, measure));
+        // Footer and ratios compare against full fine-tuning, analytic, listed or not.
+        auto listed = std::find_if(reports.begin(), reports.end(), [](const MethodReport& r) { return r.method == "full"; });
+        const MethodReport full =
+            listed != reports.end() ? *listed : report_method(a.cfg, a.settings, "full", a.options, false);
+
+        nlohmann::json j = {{"config", a.cfg.to_json()},
+                            {"preset", a.preset},
+                            {"measured", measure},
+                            {"batch", a.settings.batch},
+                            {"seq", a.settings.seq},
+                            {"seed", a.settings.seed},
+                            {"threads", threads()},
+                            {"adapter_options", a.options.to_json()},
+                            {"methods", nlohmann::json::array()}};
+        for (const MethodReport& r : reports) j["methods"].push_back(r.to_json());
+        j["summary"] = footer(a, reports, full);
+        std::filesystem::create_directories(a.out);
+        write_file_atomic(a.out + "/report.json", j.dump(2) + "\n");
+        write_file_atomic(a.out + "/report.csv", to_csv(reports));
+
+        print_report(a, reports, full, measure);
+        fmt::print("\nwrote {0}/report.json and {0}/report.csv\n", a.out);
+        for (const MethodReport& r : reports)
+            if (r.max_relative_gap() > 0.01) {
+                fmt::print(stderr, "report: {}: analytic and measured FLOPs differ by {:.2f}% (> 1%)\n", r.method,
+                           100.0 * r.max_relative_gap());
+                return 1;
+            }
+    } catch (const std::exception& e) {
+        fmt::print(stderr, "report: {}\n", e.what());
+        return 1;
+    }
+    return 0;
+}

@@ -1,0 +1,118 @@
+#pragma once
+// Per-method cost reports: trainable parameters (counted and by formula),
+// memory, and training-step FLOPs split by phase, each both analytic (closed
+// form, below) and measured (one real step through the autograd counters);
+// inference FLOPs per generated token with prefixes cached; and a per-layer
+// map of where the trainable parameters and gradients are.
+//
+// The analytic model mirrors the counting convention of autograd/flops.h op
+// by op, including which gradients each op computes: a frozen weight costs no
+// dW GEMM, but dX still flows through every layer between the loss and the
+// lowest layer holding something trainable (prompt tuning: all of them; a
+// prefix only in the top k layers: only those k). The formulas are written
+// out in report.cpp and in the README section "Cost reports".
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "autograd/flops.h"
+#include "nn/gpt.h"
+#include "peft/adapter.h"
+
+namespace peftlab::peft {
+
+// The shape of the measured step and of the decoding context.
+struct ReportSettings {
+    int64_t batch = 16;  // B rows per training step
+    int64_t seq = 128;   // T real tokens per row; also the decoding context length
+    uint64_t seed = 0;   // base weights, adapter init and the random batch
+    // Throws std::invalid_argument naming the field and value (batch >= 1, seq >= 2).
+    void validate() const;
+};
+
+// GPT-2 dimensions by name: gpt2, gpt2-medium, gpt2-large, gpt2-xl (vocab
+// 50257, max_seq 1024, d_ff 4d, tied embeddings as released). Throws naming
+// the preset and listing the known ones.
+GPTConfig preset_config(const std::string& name);
+std::vector<std::string> preset_names();
+
+// One parameter group of the per-layer map: "embed" (wte, wpe,
+// prompt_embeddings), "blocks.<l>", "head" (ln_f, head) or "reparam"
+// (prefix_mlp.*). grad_norm is the L2 norm of the group's gradients after one
+// step's backward (absent when nothing was measured).
+struct LayerGroup {
+    std::string group;
+    int64_t trainable_params = 0;
+    std::optional<double> grad_norm;
+};
+
+// Group of a trainable tensor by its name; throws naming a name it cannot place.
+std::string group_of(const std::string& tensor_name);
+
+struct MethodReport {
+    std::string method;
+    int64_t trainable_params = 0;  // counted from the attached adapter (the formula's value when not measured)
+    int64_t formula_params = 0;    // Adapter::formula
+    std::string formula;           // e.g. "L*n*d"
+    int64_t total_params = 0;      // base + adapter
+    double trainable_pct = 0.0;
+
+    struct Bytes {
+        int64_t params = 0;     // trainable parameters, float32
+        int64_t grads = 0;      // their gradients
+        int64_t optimizer = 0;  // AdamW's two moments
+        // Peak tracked bytes during one step above those alive before it
+        // (see report.cpp, measure_step); absent when not measured.
+        std::optional<int64_t> activations_peak;
+    } bytes;
+
+    flops::Counts analytic{};               // one training step, by phase
+    std::optional<flops::Counts> measured;  // the same, from the counters
+    std::vector<std::pair<std::string, flops::Counts>> measured_by_region;
+
+    uint64_t inference_flops_per_token = 0;  // analytic, B = 1
+    std::optional<uint64_t> inference_flops_per_token_measured;
+
+    // Blocks whose backward does any work (dX or dW): every block from the
+    // lowest one holding something trainable up (all of them if the input
+    // is trainable).
+    std::vector<int> backward_blocks;
+    std::vector<LayerGroup> per_layer;
+
+    nlohmann::json to_json() const;
+    // Largest relative gap |analytic - measured| / max(analytic, 1) over the
+    // four phases and inference; 0 when nothing was measured.
+    double max_relative_gap() const;
+};
+
+// The analytic FLOPs of one training step (forward, loss, backward, AdamW) of
+// `method` on cfg with B = s.batch rows of T = s.seq tokens, by phase.
+// Throws std::invalid_argument for a method without an analytic model.
+flops::Counts analytic_step_flops(const GPTConfig& cfg, const ReportSettings& s, const std::string& method,
+                                  const AdapterOptions& opts);
+// Analytic FLOPs to decode one token (B = 1) whose context holds T = s.seq
+// real tokens (T - 1 cached plus itself) and, with prefixes cached, n prefix
+// vectors in each chosen layer (prompt tuning: n virtual tokens in every layer).
+// LoRA is counted merged (W + BA: no extra work), as deployed for one tenant.
+uint64_t analytic_inference_flops(const GPTConfig& cfg, const ReportSettings& s, const std::string& method,
+                                  const AdapterOptions& opts);
+// Blocks with backward work, ascending (see MethodReport::backward_blocks).
+std::vector<int> analytic_backward_blocks(const GPTConfig& cfg, const std::string& method, const AdapterOptions& opts);
+// Trainable parameters per group as the method lays them out (no allocation).
+std::vector<LayerGroup> analytic_groups(const GPTConfig& cfg, const std::string& method, const AdapterOptions& opts);
+
+// Methods with an analytic model (a new PEFT method needs a case in report.cpp).
+std::vector<std::string> reported_methods();
+
+// The report of one method. With measure = false nothing is allocated: every
+// number comes from the formulas (usable at GPT-2 XL scale). With measure =
+// true a base is built, the adapter attached, and one real AdamW step runs
+// (counters reset around it), then one cached decoding step.
+MethodReport report_method(const GPTConfig& cfg, const ReportSettings& s, const std::string& method,
+                           const AdapterOptions& opts, bool measure);
+
+}  // namespace peftlab::peft
