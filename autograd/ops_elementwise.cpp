@@ -112,11 +112,16 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
     Tensor sb = (op == BinOp::Mul && ga) || op == BinOp::Div ? b : Tensor();
     Tensor so = op == BinOp::Div && gb ? out.detach() : Tensor();
     record(out, [=](const float* dy) {
-        std::vector<float> tmp(static_cast<size_t>(n));
+        std::vector<float> tmp;  // output-shaped, only for a broadcast operand
         auto grad_to = [&](const std::shared_ptr<GradCell>& g, const int64_t* st, bool is_a, auto term) {
-            for_each_bc(bc, [&](int64_t i, int64_t ia, int64_t ib) { tmp[size_t(i)] = term(dy[i], ia, ib); });
             int64_t cost = op == BinOp::Div && !is_a ? 3 : 1;
             flops::add_grad(g->is_leaf, uint64_t(cost * n));
+            if (same) {  // every index is the output's
+                store_grad(*g, n, [&](int64_t i) { return term(dy[i], i, i); });
+                return;
+            }
+            tmp.resize(size_t(n));
+            for_each_bc(bc, [&](int64_t i, int64_t ia, int64_t ib) { tmp[size_t(i)] = term(dy[i], ia, ib); });
             if (g->numel == n) g->accumulate(tmp.data());
             else reduce_into(g->buffer(), tmp.data(), bc, st);
         };
@@ -141,6 +146,7 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
                     break;
                 case BinOp::Div: {
                     // d(a/b)/db = -(a/b)/b = -out/b, evaluated per output element.
+                    tmp.resize(size_t(n));
                     for_each_bc(bc, [&](int64_t oi, int64_t, int64_t ib) {
                         tmp[size_t(oi)] = -dy[oi] * so.data()[oi] / sb.data()[ib];
                     });
@@ -171,13 +177,12 @@ Tensor unary(const Tensor& a, int fwd_cost, int bwd_cost, bool needs_x, bool nee
     Tensor sx = needs_x ? a : Tensor();
     Tensor sy = needs_y ? out.detach() : Tensor();
     record(out, [=](const float* dy) {
-        std::vector<float> dx(static_cast<size_t>(n));
-        const float* px = needs_x ? sx.data() : nullptr;
-        const float* py = needs_y ? sy.data() : nullptr;
-#pragma omp parallel for simd if (n > kParallelMin) schedule(static)
-        for (int64_t i = 0; i < n; ++i) dx[size_t(i)] = dy[i] * df(px ? px[i] : 0.f, py ? py[i] : 0.f);
+        // An operand df does not read points at dy instead of null, so that the
+        // loads are unconditional and the loop vectorizes.
+        const float* px = needs_x ? sx.data() : dy;
+        const float* py = needs_y ? sy.data() : dy;
+        store_grad(*ga, n, [&](int64_t i) { return dy[i] * df(px[i], py[i]); });
         flops::add_grad(ga->is_leaf, uint64_t(bwd_cost) * uint64_t(n));
-        ga->accumulate(dx.data());
     });
     return out;
 }
@@ -219,15 +224,20 @@ Tensor relu(const Tensor& a) {
     return unary(a, 1, 1, true, false, [](float x) { return x > 0.f ? x : 0.f; },
                  [](float x, float) { return x > 0.f ? 1.f : 0.f; });
 }
+// 0.5 x (1 + tanh u) with u = sqrt(2/pi) (x + 0.044715 x^3) is x * s, where
+// s = sigmoid(2u) = 1 / (1 + e) and e = exp(-2u): the same function without
+// the cancellation in 1 + tanh u for x << 0, and vectorizable (exp_approx).
+// Its derivative s + 0.5 x (1 - tanh^2 u) u' = s + 2 x u' e s^2, with e s <= 1
+// taken first so that nothing overflows where e is huge.
 Tensor gelu(const Tensor& a) {
     return unary(
         a, 8, 16, true, false,
-        [](float x) { return 0.5f * x * (1.f + std::tanh(kSqrt2OverPi * (x + kGeluC * x * x * x))); },
+        [](float x) { return x / (1.f + exp_approx(-2.f * kSqrt2OverPi * (x + kGeluC * x * x * x))); },
         [](float x, float) {
-            float u = kSqrt2OverPi * (x + kGeluC * x * x * x);
-            float t = std::tanh(u);
-            float du = kSqrt2OverPi * (1.f + 3.f * kGeluC * x * x);
-            return 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * du;
+            const float e = exp_approx(-2.f * kSqrt2OverPi * (x + kGeluC * x * x * x));
+            const float s = 1.f / (1.f + e);
+            const float du = kSqrt2OverPi * (1.f + 3.f * kGeluC * x * x);
+            return s + 2.f * x * du * (e * s) * s;
         });
 }
 Tensor gelu_erf(const Tensor& a) {
@@ -280,10 +290,9 @@ Tensor dropout(const Tensor& a, float p, Rng& rng) {
     auto ga = grad_target(a);
     if (!ga) return out;
     record(out, [=](const float* dy) {
-        std::vector<float> dx(static_cast<size_t>(n));
-        for (int64_t i = 0; i < n; ++i) dx[size_t(i)] = (*keep)[size_t(i)] ? dy[i] * scale : 0.f;
+        const uint8_t* kept = keep->data();
+        store_grad(*ga, n, [&](int64_t i) { return kept[i] ? dy[i] * scale : 0.f; });
         flops::add_grad(ga->is_leaf, uint64_t(n));
-        ga->accumulate(dx.data());
     });
     return out;
 }

@@ -165,14 +165,8 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
             gemm(true, false, outf, in, R, 1.f, dy, outf, save_x.data(), in, beta, dw, in);
             flops::add_grad(gw->is_leaf, uint64_t(2 * R * outf * in));
         }
-        if (gbias) {  // db [out] = column sums of dy; columns split across threads
-            float* db = gbias->buffer();
-#pragma omp parallel for if (R * outf > kParallelMin) schedule(static)
-            for (int64_t j = 0; j < outf; ++j) {
-                float s = 0.f;
-                for (int64_t r = 0; r < R; ++r) s += dy[r * outf + j];
-                db[j] += s;
-            }
+        if (gbias) {  // db [out] = column sums of dy
+            add_column_sums(gbias->buffer(), dy, R, outf);
             flops::add_grad(gbias->is_leaf, uint64_t(R * outf));
         }
     });

@@ -46,7 +46,8 @@ Tensor layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, floa
         const float* gm = sg.data();
         const float *mu = stats->data, *rs = stats->data + R;
         if (gx) {
-            float* dx = gx->buffer();
+            bool add;
+            float* dx = gx->target(add);
 #pragma omp parallel for if (R * D > kParallelMin) schedule(static)
             for (int64_t r = 0; r < R; ++r) {
                 const float *xr = xs + r * D, *dyr = dy + r * D;
@@ -63,7 +64,8 @@ Tensor layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, floa
                 float* dxr = dx + r * D;
                 for (int64_t j = 0; j < D; ++j) {
                     float xhat = (xr[j] - mu[r]) * rs[r];
-                    dxr[j] += rs[r] * (dyr[j] * gm[j] - sum_d - xhat * sum_dx);
+                    float v = rs[r] * (dyr[j] * gm[j] - sum_d - xhat * sum_dx);
+                    dxr[j] = add ? dxr[j] + v : v;
                 }
             }
             flops::add_grad(gx->is_leaf, uint64_t(12 * R * D));
@@ -71,17 +73,25 @@ Tensor layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, floa
         if (gg || gb) {
             float* dg = gg ? gg->buffer() : nullptr;
             float* db = gb ? gb->buffer() : nullptr;
-            // Columns split across threads; each sums its rows in order (deterministic).
+            // Column sums over rows, added in row order (deterministic); rows
+            // are read contiguously in column blocks, threads take whole blocks.
+            constexpr int64_t kBlock = 64;
+            const int64_t blocks = (D + kBlock - 1) / kBlock;
 #pragma omp parallel for if (R * D > kParallelMin) schedule(static)
-            for (int64_t j = 0; j < D; ++j) {
-                float sg_ = 0.f, sb_ = 0.f;
+            for (int64_t blk = 0; blk < blocks; ++blk) {
+                const int64_t j0 = blk * kBlock, w = std::min(kBlock, D - j0);
+                float sg_[kBlock] = {}, sb_[kBlock] = {};
                 for (int64_t r = 0; r < R; ++r) {
-                    float d = dy[r * D + j];
-                    sg_ += d * (xs[r * D + j] - mu[r]) * rs[r];
-                    sb_ += d;
+                    const float *dyr = dy + r * D + j0, *xr = xs + r * D + j0;
+                    for (int64_t j = 0; j < w; ++j) {
+                        sg_[j] += dyr[j] * (xr[j] - mu[r]) * rs[r];
+                        sb_[j] += dyr[j];
+                    }
                 }
-                if (dg) dg[j] += sg_;
-                if (db) db[j] += sb_;
+                for (int64_t j = 0; j < w; ++j) {
+                    if (dg) dg[j0 + j] += sg_[j];
+                    if (db) db[j0 + j] += sb_[j];
+                }
             }
             if (gg) flops::add_grad(gg->is_leaf, uint64_t(2 * R * D));
             if (gb) flops::add_grad(gb->is_leaf, uint64_t(2 * R * D));

@@ -1,6 +1,8 @@
 #pragma once
 // Helpers shared by the op implementations (not part of the public API).
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -40,6 +42,58 @@ inline int64_t prod(const Shape& s, int from, int to) {
 
 // Element-wise loops go parallel only when the work pays for the fork.
 inline constexpr int64_t kParallelMin = 32768;
+
+// Stores g(i) for i < n into the gradient held by `cell` (n elements): written
+// on its first arrival, added afterwards. No temporary, no memset.
+template <class G>
+void store_grad(GradCell& cell, int64_t n, G g) {
+    bool add;
+    float* d = cell.target(add);
+    if (add) {
+#pragma omp parallel for simd if (n > kParallelMin) schedule(static)
+        for (int64_t i = 0; i < n; ++i) d[i] += g(i);
+    } else {
+#pragma omp parallel for simd if (n > kParallelMin) schedule(static)
+        for (int64_t i = 0; i < n; ++i) d[i] = g(i);
+    }
+}
+
+// dst[j] += sum over rows r of src[r * C + j], src [R, C]. Rows are read
+// contiguously in column blocks (threads take whole blocks) and added in row
+// order, so the result does not depend on the thread count.
+inline void add_column_sums(float* dst, const float* src, int64_t R, int64_t C) {
+    constexpr int64_t kBlock = 64;
+    const int64_t blocks = (C + kBlock - 1) / kBlock;
+#pragma omp parallel for if (R * C > kParallelMin) schedule(static)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t j0 = blk * kBlock, w = std::min(kBlock, C - j0);
+        float acc[kBlock] = {};
+        for (int64_t r = 0; r < R; ++r)
+            for (int64_t j = 0; j < w; ++j) acc[j] += src[r * C + j0 + j];
+        for (int64_t j = 0; j < w; ++j) dst[j0 + j] += acc[j];
+    }
+}
+
+// e^x in plain arithmetic, so that loops calling it vectorize (libm's expf is
+// a call the compiler cannot vectorize without -ffast-math). Cephes' expf:
+// x = n ln2 + r, |r| <= ln2/2, e^r by a degree-7 polynomial, times 2^n built
+// in the exponent bits; within 2 ulp of expf. x is clamped to [-87, 87]
+// (2^n stays a normal float), which the callers' saturating uses allow.
+inline float exp_approx(float x) {
+    x = std::min(std::max(x, -87.f), 87.f);
+    // n = round(x / ln2): adding 1.5 * 2^23 rounds to an integer in float arithmetic.
+    const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+    float r = x - n * 0.693359375f;  // ln2 split in two parts (Cody-Waite)
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    return p * std::bit_cast<float>(uint32_t(int32_t(n) + 127) << 23);
+}
 
 // Softmax of one row of scores s[0..Tk) into p, where only keys j < limit with
 // valid[j] != 0 (valid may be null) take part; others get p = 0. A row with no

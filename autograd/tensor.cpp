@@ -103,6 +103,12 @@ float* GradCell::gemm_target(float& beta) {
     return grad->data;
 }
 
+float* GradCell::target(bool& add) {
+    add = grad != nullptr;
+    if (!grad) grad = Storage::alloc(numel);
+    return grad->data;
+}
+
 float* GradCell::buffer() {
     if (!grad) grad = Storage::zeros(numel);
     return grad->data;

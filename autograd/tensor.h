@@ -59,6 +59,10 @@ struct GradCell {
     // returns the buffer and sets beta to 0 if it was just allocated (no
     // memset needed), else 1.
     float* gemm_target(float& beta);
+    // For kernels that write the gradient element by element: returns the
+    // buffer and sets `add` to whether it already holds a gradient to add to
+    // (false: just allocated, so write instead; no memset, no temporary).
+    float* target(bool& add);
 };
 
 struct TensorImpl {
