@@ -11,6 +11,73 @@ namespace peftlab {
 using namespace detail;
 
 namespace detail {
+namespace {
+// GEMMs with at most this many rows of op(A) (decoding: a row per sequence)
+// skip BLAS, which packs all of B on every call and then spends longer
+// packing than multiplying; gemm_few_rows reads B once, where it lies.
+constexpr int64_t kFewRows = 16;
+// Multiply-adds above which gemm_few_rows splits columns across threads.
+constexpr int64_t kFewRowsParallelMin = int64_t(1) << 20;
+
+// C [M, N] = alpha * A [M, K] op(B) + beta * C. Each C element is computed by
+// one thread in a fixed order, so the result does not depend on the thread count.
+void gemm_few_rows(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                   const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+    const bool parallel = M * N * K > kFewRowsParallelMin;
+    if (trans_b) {
+        // B [N, K]: C[i, j] = A_i . B_j. Eight columns at a time: their rows of B
+        // stay in L1 for all rows of A, and eight independent sums keep the FMA
+        // units busy (one sum would wait on its own latency). A last partial
+        // block repeats its last column.
+        constexpr int64_t kCols = 8;
+        const int64_t blocks = (N + kCols - 1) / kCols;
+#pragma omp parallel for if (parallel) schedule(static)
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+            const int64_t j0 = blk * kCols, w = std::min(kCols, N - j0);
+            const float* b[kCols];
+            for (int64_t c = 0; c < kCols; ++c) b[c] = B + (j0 + std::min(c, w - 1)) * ldb;
+            for (int64_t i = 0; i < M; ++i) {
+                const float* a = A + i * lda;
+                float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, s4 = 0.f, s5 = 0.f, s6 = 0.f, s7 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
+                for (int64_t k = 0; k < K; ++k) {
+                    const float x = a[k];
+                    s0 += x * b[0][k];
+                    s1 += x * b[1][k];
+                    s2 += x * b[2][k];
+                    s3 += x * b[3][k];
+                    s4 += x * b[4][k];
+                    s5 += x * b[5][k];
+                    s6 += x * b[6][k];
+                    s7 += x * b[7][k];
+                }
+                const float dots[kCols] = {s0, s1, s2, s3, s4, s5, s6, s7};
+                float* c = C + i * ldc + j0;
+                for (int64_t j = 0; j < w; ++j) c[j] = alpha * dots[j] + (beta == 0.f ? 0.f : beta * c[j]);
+            }
+        }
+        return;
+    }
+    // B [K, N]: C_i = sum_k A[i, k] B_k, rows of B added in order, in column blocks.
+    constexpr int64_t kBlock = 256;
+    const int64_t blocks = (N + kBlock - 1) / kBlock;
+#pragma omp parallel for collapse(2) if (parallel) schedule(static)
+    for (int64_t i = 0; i < M; ++i)
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+            const int64_t j0 = blk * kBlock, w = std::min(kBlock, N - j0);
+            float acc[kBlock] = {};
+            for (int64_t k = 0; k < K; ++k) {
+                const float a = A[i * lda + k];
+                const float* b = B + k * ldb + j0;
+#pragma omp simd
+                for (int64_t j = 0; j < w; ++j) acc[j] += a * b[j];
+            }
+            float* c = C + i * ldc + j0;
+            for (int64_t j = 0; j < w; ++j) c[j] = alpha * acc[j] + (beta == 0.f ? 0.f : beta * c[j]);
+        }
+}
+}  // namespace
+
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
     if (M == 0 || N == 0) return;
@@ -19,6 +86,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
             for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.f ? 0.f : beta * C[i * ldc + j];
         return;
     }
+    if (M <= kFewRows && !trans_a) return gemm_few_rows(trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, int(M),
                 int(N), int(K), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
 }

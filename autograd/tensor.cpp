@@ -1,5 +1,6 @@
 #include "autograd/tensor.h"
 
+#include <bit>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -24,10 +25,10 @@ int64_t shape_numel(const Shape& s) {
     return n;
 }
 
-// ---- allocation: free list by element count, live-byte accounting ----------
+// ---- allocation: free list by size class, live-byte accounting ---------------
 namespace {
 struct Pool {
-    std::unordered_map<int64_t, std::vector<float*>> free;  // numel -> buffers
+    std::unordered_map<int64_t, std::vector<float*>> free;  // capacity -> buffers
     int64_t live = 0, peak = 0, cached = 0;
 };
 // Never destroyed: tensors in static objects may outlive any static Pool.
@@ -36,6 +37,16 @@ Pool& pool() {
     return *p;
 }
 size_t padded_bytes(int64_t numel) { return (size_t(numel) * sizeof(float) + 63) / 64 * 64; }
+// A request of n floats gets a buffer of the smallest capacity m * 2^e >= n
+// with m in [8, 16): at most 12.5% more (exact up to 16 floats). A freed
+// buffer then serves every request of its class, so sizes that creep up step
+// by step (a KV cache growing by a token, batches of varying length) reuse
+// buffers instead of each new size calling malloc and faulting in fresh pages.
+int64_t capacity_for(int64_t n) {
+    if (n <= 16) return n;
+    const int64_t step = int64_t(1) << (std::bit_width(uint64_t(n)) - 4);
+    return (n + step - 1) / step * step;
+}
 }  // namespace
 
 std::shared_ptr<Storage> Storage::alloc(int64_t numel) {
@@ -43,13 +54,14 @@ std::shared_ptr<Storage> Storage::alloc(int64_t numel) {
     s->numel = numel;
     if (numel == 0) return s;
     Pool& p = pool();
-    auto it = p.free.find(numel);
+    const int64_t capacity = capacity_for(numel);
+    auto it = p.free.find(capacity);
     if (it != p.free.end() && !it->second.empty()) {
         s->data = it->second.back();
         it->second.pop_back();
-        p.cached -= int64_t(padded_bytes(numel));
+        p.cached -= int64_t(padded_bytes(capacity));
     } else {
-        s->data = static_cast<float*>(std::aligned_alloc(64, padded_bytes(numel)));
+        s->data = static_cast<float*>(std::aligned_alloc(64, padded_bytes(capacity)));
         if (!s->data)
             throw std::runtime_error(fmt::format("tensor: out of memory allocating {} floats", numel));
     }
@@ -67,9 +79,10 @@ std::shared_ptr<Storage> Storage::zeros(int64_t numel) {
 Storage::~Storage() {
     if (!data) return;
     Pool& p = pool();
+    const int64_t capacity = capacity_for(numel);
     p.live -= int64_t(padded_bytes(numel));
-    p.cached += int64_t(padded_bytes(numel));
-    p.free[numel].push_back(data);
+    p.cached += int64_t(padded_bytes(capacity));
+    p.free[capacity].push_back(data);
 }
 
 namespace mem {

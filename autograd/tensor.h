@@ -23,8 +23,9 @@ std::string shape_str(const Shape& s);  // "[4, 8]"
 int64_t shape_numel(const Shape& s);
 
 // Tracked, 64-byte aligned float buffer. Released buffers go to a free list
-// keyed by size, so a training loop that allocates the same shapes every step
-// stops calling malloc after the first step.
+// keyed by size class (capacities at most 12.5% above the request), so a
+// training loop that allocates the same shapes every step stops calling
+// malloc after the first step, and so does a KV cache that grows by a token.
 struct Storage {
     float* data = nullptr;
     int64_t numel = 0;
@@ -37,7 +38,8 @@ struct Storage {
 };
 
 // Live-tensor memory accounting: bytes held by storages that are alive (data,
-// gradients, saved activations, optimizer state), not the free-list cache.
+// gradients, saved activations, optimizer state) as requested, padded to 64
+// bytes; not the free-list cache, which counts whole buffer capacities.
 namespace mem {
 int64_t current_bytes();
 int64_t peak_bytes();
