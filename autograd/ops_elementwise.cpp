@@ -164,7 +164,8 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
 // y = f(x) element-wise; backward dx = dy * df(x, y). Saves x and/or y only if
 // the derivative reads them.
 template <class F, class DF>
-Tensor unary(const Tensor& a, int fwd_cost, int bwd_cost, bool needs_x, bool needs_y, F f, DF df) {
+Tensor unary(const char* name, const Tensor& a, int fwd_cost, int bwd_cost, bool needs_x, bool needs_y, F f, DF df) {
+    require_defined(name, a, "input");
     Tensor out = make_result(a.shape());
     const float* x = a.data();
     float* y = out.data();
@@ -198,30 +199,31 @@ Tensor mul(const Tensor& a, const Tensor& b) { return binary("mul", BinOp::Mul, 
 Tensor div(const Tensor& a, const Tensor& b) { return binary("div", BinOp::Div, a, b); }
 
 Tensor add_scalar(const Tensor& a, float s) {
-    return unary(a, 1, 1, false, false, [s](float x) { return x + s; }, [](float, float) { return 1.f; });
+    return unary("add_scalar", a, 1, 1, false, false, [s](float x) { return x + s; }, [](float, float) { return 1.f; });
 }
 Tensor mul_scalar(const Tensor& a, float s) {
-    return unary(a, 1, 1, false, false, [s](float x) { return x * s; }, [s](float, float) { return s; });
+    return unary("mul_scalar", a, 1, 1, false, false, [s](float x) { return x * s; }, [s](float, float) { return s; });
 }
 Tensor neg(const Tensor& a) {
-    return unary(a, 1, 1, false, false, [](float x) { return -x; }, [](float, float) { return -1.f; });
+    return unary("neg", a, 1, 1, false, false, [](float x) { return -x; }, [](float, float) { return -1.f; });
 }
 Tensor exp(const Tensor& a) {
-    return unary(a, 1, 2, false, true, [](float x) { return std::exp(x); }, [](float, float y) { return y; });
+    return unary("exp", a, 1, 2, false, true, [](float x) { return std::exp(x); }, [](float, float y) { return y; });
 }
 Tensor log(const Tensor& a) {
-    return unary(a, 1, 2, true, false, [](float x) { return std::log(x); }, [](float x, float) { return 1.f / x; });
+    return unary("log", a, 1, 2, true, false, [](float x) { return std::log(x); },
+                 [](float x, float) { return 1.f / x; });
 }
 Tensor tanh(const Tensor& a) {
-    return unary(a, 1, 2, false, true, [](float x) { return std::tanh(x); },
+    return unary("tanh", a, 1, 2, false, true, [](float x) { return std::tanh(x); },
                  [](float, float y) { return 1.f - y * y; });
 }
 Tensor sqrt(const Tensor& a) {
-    return unary(a, 1, 2, false, true, [](float x) { return std::sqrt(x); },
+    return unary("sqrt", a, 1, 2, false, true, [](float x) { return std::sqrt(x); },
                  [](float, float y) { return 0.5f / y; });
 }
 Tensor relu(const Tensor& a) {
-    return unary(a, 1, 1, true, false, [](float x) { return x > 0.f ? x : 0.f; },
+    return unary("relu", a, 1, 1, true, false, [](float x) { return x > 0.f ? x : 0.f; },
                  [](float x, float) { return x > 0.f ? 1.f : 0.f; });
 }
 // 0.5 x (1 + tanh u) with u = sqrt(2/pi) (x + 0.044715 x^3) is x * s, where
@@ -231,7 +233,7 @@ Tensor relu(const Tensor& a) {
 // taken first so that nothing overflows where e is huge.
 Tensor gelu(const Tensor& a) {
     return unary(
-        a, 8, 16, true, false,
+        "gelu", a, 8, 16, true, false,
         [](float x) { return x / (1.f + exp_approx(-2.f * kSqrt2OverPi * (x + kGeluC * x * x * x))); },
         [](float x, float) {
             const float e = exp_approx(-2.f * kSqrt2OverPi * (x + kGeluC * x * x * x));
@@ -242,7 +244,7 @@ Tensor gelu(const Tensor& a) {
 }
 Tensor gelu_erf(const Tensor& a) {
     return unary(
-        a, 8, 16, true, false, [](float x) { return 0.5f * x * (1.f + std::erf(x * 0.7071067811865476f)); },
+        "gelu_erf", a, 8, 16, true, false, [](float x) { return 0.5f * x * (1.f + std::erf(x * 0.7071067811865476f)); },
         [](float x, float) {
             float cdf = 0.5f * (1.f + std::erf(x * 0.7071067811865476f));
             float pdf = 0.3989422804014327f * std::exp(-0.5f * x * x);
@@ -251,6 +253,7 @@ Tensor gelu_erf(const Tensor& a) {
 }
 
 Tensor masked_fill(const Tensor& a, const Tensor& mask, float value) {
+    require_defined("masked_fill", a, "input");
     require_defined("masked_fill", mask, "mask");
     Broadcast bc = broadcast("masked_fill", a.shape(), mask.shape());
     if (bc.out != a.shape())
@@ -275,7 +278,8 @@ Tensor masked_fill(const Tensor& a, const Tensor& mask, float value) {
 }
 
 Tensor dropout(const Tensor& a, float p, Rng& rng) {
-    if (p < 0.f || p >= 1.f) throw std::invalid_argument(fmt::format("dropout: p = {} is not in [0, 1)", p));
+    require_defined("dropout", a, "input");
+    if (!(p >= 0.f && p < 1.f)) throw std::invalid_argument(fmt::format("dropout: p = {} is not in [0, 1)", p));
     if (p == 0.f) return a;
     const int64_t n = a.numel();
     // The keep-mask is drawn sequentially so the result does not depend on threads.
@@ -300,6 +304,7 @@ Tensor dropout(const Tensor& a, float p, Rng& rng) {
 // ---- reductions ---------------------------------------------------------------
 namespace {
 Tensor reduce_axis(const char* name, const Tensor& a, int axis, bool keepdim, float scale) {
+    require_defined(name, a, "input");
     int ax = norm_axis(name, axis, a.ndim(), a.shape());
     const int64_t outer = prod(a.shape(), 0, ax), len = a.shape()[size_t(ax)],
                   inner = prod(a.shape(), ax + 1, a.ndim());
@@ -329,13 +334,18 @@ Tensor reduce_axis(const char* name, const Tensor& a, int axis, bool keepdim, fl
 }
 }  // namespace
 
-Tensor sum(const Tensor& a) { return reduce_axis("sum", reshape(a, {a.numel()}), 0, false, 1.f); }
+Tensor sum(const Tensor& a) {
+    require_defined("sum", a, "input");
+    return reduce_axis("sum", reshape(a, {a.numel()}), 0, false, 1.f);
+}
 Tensor sum(const Tensor& a, int axis, bool keepdim) { return reduce_axis("sum", a, axis, keepdim, 1.f); }
 Tensor mean(const Tensor& a) {
+    require_defined("mean", a, "input");
     if (a.numel() == 0) throw std::invalid_argument("mean: empty tensor " + shape_str(a.shape()));
     return reduce_axis("mean", reshape(a, {a.numel()}), 0, false, 1.f / float(a.numel()));
 }
 Tensor mean(const Tensor& a, int axis, bool keepdim) {
+    require_defined("mean", a, "input");
     int ax = norm_axis("mean", axis, a.ndim(), a.shape());
     if (a.shape()[size_t(ax)] == 0) throw std::invalid_argument("mean: empty axis in " + shape_str(a.shape()));
     return reduce_axis("mean", a, ax, keepdim, 1.f / float(a.shape()[size_t(ax)]));

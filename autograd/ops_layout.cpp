@@ -194,7 +194,8 @@ Tensor slice(const Tensor& a, int axis, int64_t start, int64_t end) {
     os[size_t(ax)] = end - start;
     const int64_t outer = prod(a.shape(), 0, ax), inner = prod(a.shape(), ax + 1, a.ndim()), n = end - start;
     Tensor out = make_result(os);
-    for (int64_t o = 0; o < outer; ++o)
+    // An empty slice has no data pointer (memcpy to null is undefined even for 0 bytes).
+    for (int64_t o = 0; o < outer && n * inner > 0; ++o)
         std::memcpy(out.data() + o * n * inner, a.data() + (o * len + start) * inner, size_t(n * inner) * sizeof(float));
     auto ga = grad_target(a);
     if (!ga) return out;

@@ -286,10 +286,13 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
     if (!gq && !gk && !gv) return out;
     Tensor sq = gk ? q : Tensor(), sk = gq ? k : Tensor(), sv = gq || gk ? v : Tensor();
     record(out, [=](const float* dout) {
+        // q, k, v may be one tensor (or k and v): then they share a cell and only
+        // the first GEMM to write each block may use beta = 0. The loop below
+        // writes dV, then dQ, then dK, so the targets are taken in that order.
         float bq = 0, bk = 0, bv = 0;
+        float* dv = gv ? gv->gemm_target(bv) : nullptr;
         float* dq = gq ? gq->gemm_target(bq) : nullptr;
         float* dk = gk ? gk->gemm_target(bk) : nullptr;
-        float* dv = gv ? gv->gemm_target(bv) : nullptr;
         const float* P0 = probs->data;
 #pragma omp parallel
         {

@@ -1,5 +1,6 @@
 #include "autograd/tape.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <vector>
 
@@ -50,13 +51,22 @@ void backward(const Tensor& loss, const Tensor* seed) {
                                     " is not a scalar; pass a seed gradient of that shape");
     }
     GradCell& cell = *loss.impl()->gcell;
+    std::vector<Node>& nodes = tape().nodes;
+    // Each backward runs and frees the whole tape. A non-leaf loss whose node is
+    // gone was consumed by an earlier backward (its own, or another loss's) or
+    // by clear_tape(); going on would silently produce no gradient. (The loss is
+    // usually the last node, so the search from the back is short.)
+    auto is_loss = [&](const Node& n) { return n.out.get() == &cell; };
+    if (!cell.is_leaf && std::none_of(nodes.rbegin(), nodes.rend(), is_loss))
+        throw std::logic_error(
+            "backward: the loss's graph is no longer on the tape — an earlier backward() ran and freed it "
+            "(it runs the whole tape: sum the losses and call backward once) or clear_tape() discarded it");
     if (seed) {
         cell.accumulate(seed->data());
     } else {
         float one = 1.f;
         cell.accumulate(&one);
     }
-    std::vector<Node>& nodes = tape().nodes;
     NoGradGuard no_grad;  // backward closures must not record
     for (size_t i = nodes.size(); i-- > 0;) {
         Node& n = nodes[i];

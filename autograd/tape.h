@@ -41,7 +41,9 @@ void record(Tensor& out, BackwardFn fn);
 
 // Runs the tape backwards from `loss`. A non-scalar loss needs a seed of the
 // same shape. Errors: loss does not require grad (nothing trainable reached
-// it), non-scalar without seed, seed of the wrong shape.
+// it), non-scalar without seed, seed of the wrong shape, a loss whose graph is
+// no longer on the tape. Every node runs and is freed, whichever loss it
+// belongs to: for several losses, backward their sum once.
 void backward(const Tensor& loss, const Tensor* seed = nullptr);
 
 size_t tape_size();

@@ -102,7 +102,7 @@ void release_cache() {
 void GradCell::accumulate(const float* g) {
     if (!grad) {
         grad = Storage::alloc(numel);
-        std::memcpy(grad->data, g, size_t(numel) * sizeof(float));
+        if (numel) std::memcpy(grad->data, g, size_t(numel) * sizeof(float));  // empty: data is null
         return;
     }
     float* d = grad->data;
