@@ -434,7 +434,18 @@ std::string restaurant_corpus(size_t n_sentences, uint64_t seed) {
     Rng rng = derived_rng(seed, 0xC0);
     std::string out;
     for (size_t i = 0; i < n_sentences; ++i) {
-        out += realize(random_venue(rng, names_for(Split::Train), 1 + rng.below(5)), rng);
+        Slots venue = random_venue(rng, names_for(Split::Train), 1 + rng.below(5));
+        out += realize(venue, rng);
+        // Half the lines go on about the same venue, repeating its name and
+        // some of its values: text where copying from context pays, as in
+        // natural text, so the base learns to copy before any fine-tuning.
+        if (rng.below(2) == 0) {
+            Slots again{{"name", venue.at("name")}};
+            for (const auto& [slot, value] : venue)
+                if (slot != "name" && rng.below(2) == 0) again[slot] = value;
+            out += ' ';
+            out += realize(again, rng);
+        }
         out += '\n';
     }
     return out;

@@ -61,7 +61,8 @@ const std::vector<std::string>& task_names();
 TaskData make_task(const std::string& name, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed);
 
 // Lines of varied restaurant descriptions for LM pretraining, each realizing
-// 1..5 slots of a random venue with the same phrasings as the e2e targets.
+// 1..5 slots of a random venue with the same phrasings as the e2e targets;
+// half the lines add a second sentence about the same venue (copying pays).
 // Only training-split venue names occur, so e2e valid/test names stay unseen.
 std::string restaurant_corpus(size_t n_sentences, uint64_t seed);
 
