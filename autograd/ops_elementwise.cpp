@@ -112,12 +112,15 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
     Tensor sb = (op == BinOp::Mul && ga) || op == BinOp::Div ? b : Tensor();
     Tensor so = op == BinOp::Div && gb ? out.detach() : Tensor();
     record(out, [=](const float* dy) {
+        // Raw pointers, captured by value below, so that the loops load them once.
+        const float* pa = sa.defined() ? sa.data() : nullptr;
+        const float* pb = sb.defined() ? sb.data() : nullptr;
         std::vector<float> tmp;  // output-shaped, only for a broadcast operand
         auto grad_to = [&](const std::shared_ptr<GradCell>& g, const int64_t* st, bool is_a, auto term) {
             int64_t cost = op == BinOp::Div && !is_a ? 3 : 1;
             flops::add_grad(g->is_leaf, uint64_t(cost * n));
             if (same) {  // every index is the output's
-                store_grad(*g, n, [&](int64_t i) { return term(dy[i], i, i); });
+                store_grad(*g, n, [=](int64_t i) { return term(dy[i], i, i); });
                 return;
             }
             tmp.resize(size_t(n));
@@ -130,10 +133,10 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
                 case BinOp::Add:
                 case BinOp::Sub: grad_to(ga, bc.sa, true, [](float d, int64_t, int64_t) { return d; }); break;
                 case BinOp::Mul:
-                    grad_to(ga, bc.sa, true, [&](float d, int64_t, int64_t ib) { return d * sb.data()[ib]; });
+                    grad_to(ga, bc.sa, true, [=](float d, int64_t, int64_t ib) { return d * pb[ib]; });
                     break;
                 case BinOp::Div:
-                    grad_to(ga, bc.sa, true, [&](float d, int64_t, int64_t ib) { return d / sb.data()[ib]; });
+                    grad_to(ga, bc.sa, true, [=](float d, int64_t, int64_t ib) { return d / pb[ib]; });
                     break;
             }
         }
@@ -142,7 +145,7 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
                 case BinOp::Add: grad_to(gb, bc.sb, false, [](float d, int64_t, int64_t) { return d; }); break;
                 case BinOp::Sub: grad_to(gb, bc.sb, false, [](float d, int64_t, int64_t) { return -d; }); break;
                 case BinOp::Mul:
-                    grad_to(gb, bc.sb, false, [&](float d, int64_t ia, int64_t) { return d * sa.data()[ia]; });
+                    grad_to(gb, bc.sb, false, [=](float d, int64_t ia, int64_t) { return d * pa[ia]; });
                     break;
                 case BinOp::Div: {
                     // d(a/b)/db = -(a/b)/b = -out/b, evaluated per output element.
@@ -182,7 +185,7 @@ Tensor unary(const char* name, const Tensor& a, int fwd_cost, int bwd_cost, bool
         // loads are unconditional and the loop vectorizes.
         const float* px = needs_x ? sx.data() : dy;
         const float* py = needs_y ? sy.data() : dy;
-        store_grad(*ga, n, [&](int64_t i) { return dy[i] * df(px[i], py[i]); });
+        store_grad(*ga, n, [=](int64_t i) { return dy[i] * df(px[i], py[i]); });
         flops::add_grad(ga->is_leaf, uint64_t(bwd_cost) * uint64_t(n));
     });
     return out;
@@ -295,7 +298,7 @@ Tensor dropout(const Tensor& a, float p, Rng& rng) {
     if (!ga) return out;
     record(out, [=](const float* dy) {
         const uint8_t* kept = keep->data();
-        store_grad(*ga, n, [&](int64_t i) { return kept[i] ? dy[i] * scale : 0.f; });
+        store_grad(*ga, n, [=](int64_t i) { return kept[i] ? dy[i] * scale : 0.f; });
         flops::add_grad(ga->is_leaf, uint64_t(n));
     });
     return out;

@@ -44,17 +44,23 @@ inline int64_t prod(const Shape& s, int from, int to) {
 inline constexpr int64_t kParallelMin = 32768;
 
 // Stores g(i) for i < n into the gradient held by `cell` (n elements): written
-// on its first arrival, added afterwards. No temporary, no memset.
+// on its first arrival, added afterwards. No temporary, no memset. g should
+// capture by value: each thread then holds its own copy, whose captured
+// pointers the compiler keeps in registers, and the loop vectorizes.
 template <class G>
-void store_grad(GradCell& cell, int64_t n, G g) {
+void store_grad(GradCell& cell, int64_t n, const G& g) {
     bool add;
     float* d = cell.target(add);
-    if (add) {
-#pragma omp parallel for simd if (n > kParallelMin) schedule(static)
-        for (int64_t i = 0; i < n; ++i) d[i] += g(i);
-    } else {
-#pragma omp parallel for simd if (n > kParallelMin) schedule(static)
-        for (int64_t i = 0; i < n; ++i) d[i] = g(i);
+#pragma omp parallel if (n > kParallelMin)
+    {
+        const G f = g;
+        if (add) {
+#pragma omp for simd schedule(static)
+            for (int64_t i = 0; i < n; ++i) d[i] += f(i);
+        } else {
+#pragma omp for simd schedule(static)
+            for (int64_t i = 0; i < n; ++i) d[i] = f(i);
+        }
     }
 }
 
