@@ -1,0 +1,81 @@
+#pragma once
+// Adapter files: peftlab's own format, and Hugging Face PEFT's layout.
+//
+// Own format (save_adapter / load_adapter), a directory holding
+//   adapter_model.safetensors  the adapter's tensors under their own names
+//                              ("blocks.3.prefix.key", "prefix_mlp.fc1.weight", ...)
+//   adapter_config.json        {"format": "peftlab-adapter-v1", "method", "options"
+//                              (AdapterOptions::to_json), "layers" (resolved),
+//                              "inference", "base_config" (GPTConfig JSON),
+//                              "base_hash" (base_hash() of the base it was trained on)}
+// "inference" is true when the file holds inference_parameters() rather than a
+// training-time reparameterization; it is so for every adapter whose training
+// tensors are its inference tensors (all but an unmaterialized reparameterized prefix).
+//
+// Hugging Face PEFT layout (export_hf / import_hf), what PeftModel.save_pretrained
+// writes for a causal LM in inference mode:
+//   PROMPT_TUNING  "prompt_embeddings" [n, d]
+//   PREFIX_TUNING  "prompt_embeddings" [n, 2*L*d]: columns [2l*d, (2l+1)*d) are layer
+//                  l's keys, [(2l+1)*d, (2l+2)*d) its values (PrefixEncoder layout)
+//   LORA           "base_model.model.<module path>.lora_A.weight" [r, in] and
+//                  ".lora_B.weight" [out, r], module paths as ours ("blocks.0.attn.q_proj")
+// plus adapter_config.json with PEFT's fields; "base_model_name_or_path" is
+// "peftlab:<base_hash>", checked on import when present.
+//
+// Every file is written atomically (temp file, then rename); the tensors are
+// written before the config. Every load checks the config, the base and the
+// tensor names and shapes before it copies a value, and throws std::runtime_error
+// naming the file and the key or field; the base's weights are then unchanged and
+// its requires_grad flags restored.
+#include <memory>
+#include <string>
+
+#include "peft/adapter.h"
+
+namespace peftlab::peft {
+
+inline constexpr const char* kAdapterFormat = "peftlab-adapter-v1";
+inline constexpr const char* kAdapterWeightsFile = "adapter_model.safetensors";
+inline constexpr const char* kAdapterConfigFile = "adapter_config.json";
+
+// Content hash of a model's weights: FNV-1a 64 (offset basis 0xcbf29ce484222325,
+// prime 0x100000001b3) over the raw float32 bytes (little-endian, as in memory) of
+// every parameter in named_parameters() order, as 16 lowercase hex digits. Names
+// and shapes are not hashed: the config, stored beside it, fixes them.
+std::string base_hash(const GPT& base);
+
+// Writes dir/adapter_model.safetensors and dir/adapter_config.json (creating dir).
+// inference: save inference_parameters() (a reparameterized prefix as its computed
+// matrices) instead of the training-time tensors.
+// Full fine-tuning trains the base itself, so its file is the whole model and the
+// base it must be loaded onto can no longer be hashed: pass original_base_hash =
+// base_hash(model) taken before training (required for "full"; for other methods,
+// if given, it must equal the attached base's hash). A merged LoRA is refused
+// (its base holds the merged weights): unmerge first.
+void save_adapter(const std::string& dir, const Adapter& adapter, bool inference = false,
+                  const std::string& original_base_hash = {});
+
+// Rebuilds the saved adapter on `base` (same config and base_hash, or it throws
+// "base config differs: n_layers 4 != 2" / "base weights differ (hash ... != ...)"):
+// made by name through the registry with the saved options, attached (not
+// activated: call activate(base) to run it alone), materialized if the file is an
+// inference file, then filled from the file. For "full" this overwrites every
+// weight of `base` with the fine-tuned model.
+std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base);
+
+// Writes the adapter in Hugging Face PEFT's layout to dir (creating it). Supports
+// prompt, prefix-kv and prefix: the hidden-state form has no PEFT counterpart and
+// is exported as key/value prefixes (each layer's frozen ln1 and K/V projections
+// applied to its vectors), which is exact for the model's attention. PEFT's prefix
+// table has every layer, so a prefix adapter on chosen layers only is refused, as
+// are methods without a PEFT counterpart and a merged LoRA.
+void export_hf(const std::string& dir, const Adapter& adapter);
+
+// Reads a PEFT adapter directory onto `base`: PROMPT_TUNING -> "prompt",
+// PREFIX_TUNING -> "prefix-kv" (on every layer), LORA -> "lora". Attached, not
+// activated. Checks peft_type, task_type, dimensions against the base and every
+// tensor's name and shape; features we do not implement (rslora, DoRA, biases,
+// fan_in_fan_out, rank/alpha patterns, regex target_modules) are refused by name.
+std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base);
+
+}  // namespace peftlab::peft
