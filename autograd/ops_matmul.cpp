@@ -16,14 +16,12 @@ namespace {
 // skip BLAS, which packs all of B on every call and then spends longer
 // packing than multiplying; gemm_few_rows reads B once, where it lies.
 constexpr int64_t kFewRows = 16;
-// Multiply-adds above which gemm_few_rows splits columns across threads.
-constexpr int64_t kFewRowsParallelMin = int64_t(1) << 20;
 
 // C [M, N] = alpha * A [M, K] op(B) + beta * C. Each C element is computed by
 // one thread in a fixed order, so the result does not depend on the thread count.
 void gemm_few_rows(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                    const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-    const bool parallel = M * N * K > kFewRowsParallelMin;
+    const bool parallel = M * N * K > kMacsParallelMin;
     if (trans_b) {
         // B [N, K]: C[i, j] = A_i . B_j. Eight columns at a time: their rows of B
         // stay in L1 for all rows of A, and eight independent sums keep the FMA
@@ -267,7 +265,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
     const float* valid = key_valid.defined() ? key_valid.data() : nullptr;
     float* po = out.data();
     float* pp = probs->data;
-#pragma omp parallel for collapse(2) schedule(static)
+    const bool parallel = B * H * 2 * Tq * Tk * Dh > kMacsParallelMin;  // a decoding step often is not
+#pragma omp parallel for collapse(2) if (parallel) schedule(static)
     for (int64_t b = 0; b < B; ++b)
         for (int64_t h = 0; h < H; ++h) {
             float* P = pp + (b * H + h) * Tq * Tk;
@@ -294,7 +293,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
         float* dq = gq ? gq->gemm_target(bq) : nullptr;
         float* dk = gk ? gk->gemm_target(bk) : nullptr;
         const float* P0 = probs->data;
-#pragma omp parallel
+#pragma omp parallel if (parallel)
         {
             std::vector<float> dS(static_cast<size_t>(Tq * Tk));
 #pragma omp for collapse(2) schedule(static)
