@@ -200,15 +200,19 @@ Tensor cross_entropy(const Tensor& logits, const std::vector<int32_t>& targets, 
 #pragma omp parallel for if (N * V > kParallelMin) schedule(static)
     for (int64_t r = 0; r < N; ++r) {
         const float* xr = px + r * V;
+        float* pr = pp + r * V;
         float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
         for (int64_t j = 0; j < V; ++j) mx = std::max(mx, xr[j]);
         float s = 0.f;
+#pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < V; ++j) {
-            pp[r * V + j] = std::exp(xr[j] - mx);
-            s += pp[r * V + j];
+            pr[j] = exp_approx(xr[j] - mx);
+            s += pr[j];
         }
         float inv = 1.f / s;
-        for (int64_t j = 0; j < V; ++j) pp[r * V + j] *= inv;
+#pragma omp simd
+        for (int64_t j = 0; j < V; ++j) pr[j] *= inv;
         int32_t t = targets[size_t(r)];
         if (t != ignore_index) row_loss[size_t(r)] = double(mx) + std::log(double(s)) - double(xr[t]);
     }
@@ -221,14 +225,19 @@ Tensor cross_entropy(const Tensor& logits, const std::vector<int32_t>& targets, 
     if (!gx) return out;
     auto tgt = std::make_shared<std::vector<int32_t>>(targets);
     record(out, [=](const float* dy) {
-        float* dx = gx->buffer();
+        bool add;
+        float* dx = gx->target(add);
         const float g = dy[0] / float(count);
         const float* p = probs->data;
 #pragma omp parallel for if (N * V > kParallelMin) schedule(static)
         for (int64_t r = 0; r < N; ++r) {
-            int32_t t = (*tgt)[size_t(r)];
-            if (t == ignore_index) continue;
-            for (int64_t j = 0; j < V; ++j) dx[r * V + j] += g * (p[r * V + j] - (j == t ? 1.f : 0.f));
+            const int32_t t = (*tgt)[size_t(r)];
+            const float* pr = p + r * V;
+            float* dr = dx + r * V;
+            for (int64_t j = 0; j < V; ++j) {
+                const float d = t == ignore_index ? 0.f : g * (pr[j] - (j == t ? 1.f : 0.f));
+                dr[j] = add ? dr[j] + d : d;
+            }
         }
         flops::add_grad(gx->is_leaf, uint64_t(3 * N * V));
     });

@@ -87,10 +87,12 @@ inline void add_column_sums(float* dst, const float* src, int64_t R, int64_t C) 
 // e^x in plain arithmetic, so that loops calling it vectorize (libm's expf is
 // a call the compiler cannot vectorize without -ffast-math). Cephes' expf:
 // x = n ln2 + r, |r| <= ln2/2, e^r by a degree-7 polynomial, times 2^n built
-// in the exponent bits; within 2 ulp of expf. x is clamped to [-87, 87]
-// (2^n stays a normal float), which the callers' saturating uses allow.
-inline float exp_approx(float x) {
-    x = std::min(std::max(x, -87.f), 87.f);
+// in the exponent bits; within 2 ulp of expf. Below -87.3 (where expf turns
+// subnormal) the result is 0, exactly as a masked softmax entry needs; above
+// 87 it saturates at e^87, which the callers' uses (sigmoid, softmax with the
+// row maximum subtracted) allow.
+inline float exp_approx(float x_in) {
+    const float x = std::min(std::max(x_in, -87.f), 87.f);
     // n = round(x / ln2): adding 1.5 * 2^23 rounds to an integer in float arithmetic.
     const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
     float r = x - n * 0.693359375f;  // ln2 split in two parts (Cody-Waite)
@@ -102,34 +104,41 @@ inline float exp_approx(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.f;
-    return p * std::bit_cast<float>(uint32_t(int32_t(n) + 127) << 23);
+    const float e = p * std::bit_cast<float>(uint32_t(int32_t(n) + 127) << 23);
+    return x_in < -87.33f ? 0.f : e;
 }
 
 // Softmax of one row of scores s[0..Tk) into p, where only keys j < limit with
 // valid[j] != 0 (valid may be null) take part; others get p = 0. A row with no
 // allowed key is all zeros. Used by softmax and attention.
 inline void masked_softmax_row(float* p, const float* s, int64_t Tk, int64_t limit, const float* valid) {
+    auto allowed = [valid](int64_t j) { return !valid || valid[j] != 0.f; };
     float mx = -INFINITY;
-    for (int64_t j = 0; j < limit; ++j)
-        if (!valid || valid[j] != 0.f) mx = std::max(mx, s[j]);
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < limit; ++j) mx = allowed(j) ? std::max(mx, s[j]) : mx;
     if (mx == -INFINITY) {
         for (int64_t j = 0; j < Tk; ++j) p[j] = 0.f;
         return;
     }
     float total = 0.f;
-    for (int64_t j = 0; j < Tk; ++j) {
-        float e = j < limit && (!valid || valid[j] != 0.f) ? std::exp(s[j] - mx) : 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < limit; ++j) {
+        const float e = allowed(j) ? exp_approx(s[j] - mx) : 0.f;
         p[j] = e;
         total += e;
     }
-    float inv = 1.f / total;
-    for (int64_t j = 0; j < Tk; ++j) p[j] *= inv;
+    const float inv = 1.f / total;
+#pragma omp simd
+    for (int64_t j = 0; j < limit; ++j) p[j] *= inv;
+    for (int64_t j = limit; j < Tk; ++j) p[j] = 0.f;
 }
 
 // Softmax backward for one row: ds = p * (dp - sum(dp * p)) * scale.
 inline void softmax_backward_row(float* ds, const float* dp, const float* p, int64_t Tk, float scale) {
     float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
     for (int64_t j = 0; j < Tk; ++j) dot += dp[j] * p[j];
+#pragma omp simd
     for (int64_t j = 0; j < Tk; ++j) ds[j] = p[j] * (dp[j] - dot) * scale;
 }
 
