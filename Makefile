@@ -116,6 +116,12 @@ report: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/report
 	./$(BUILD)/bin/report $(ARGS)
 
+# Multi-tenant serving: one base, K adapters mixed in one batch, prefix cache;
+# runs/serve-bench/{report.md,results.json,*.png}. ARGS="--help" lists the flags.
+serve-bench: deps
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/serve_bench
+	./$(BUILD)/bin/serve_bench $(ARGS)
+
 # Tests run with 2 threads so that results match CI's 2-core machines.
 test: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/peftlab-tests

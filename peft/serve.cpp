@@ -1,0 +1,391 @@
+#include "peft/serve.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <stdexcept>
+
+#include <fmt/format.h>
+
+#include "autograd/tape.h"
+#include "peft/adapter_io.h"
+#include "peft/lora.h"
+
+namespace peftlab::peft {
+
+namespace {
+
+// RAII: `hooks` on the base for the scope, its previous hooks after.
+class HooksScope {
+public:
+    HooksScope(GPT& base, ModelHooks* hooks) : base_(base), saved_(base.hooks()) { base_.set_hooks(hooks); }
+    ~HooksScope() { base_.set_hooks(saved_); }
+    HooksScope(const HooksScope&) = delete;
+    HooksScope& operator=(const HooksScope&) = delete;
+
+private:
+    GPT& base_;
+    ModelHooks* saved_;
+};
+
+// RAII: evaluation mode for the scope, the model's previous mode after.
+class EvalScope {
+public:
+    explicit EvalScope(GPT& model) : model_(model), was_training_(model.training()) { model_.eval(); }
+    ~EvalScope() { model_.train(was_training_); }
+    EvalScope(const EvalScope&) = delete;
+    EvalScope& operator=(const EvalScope&) = delete;
+
+private:
+    GPT& model_;
+    bool was_training_;
+};
+
+// Passes everything to one adapter and notes how many vectors it prepends to
+// the input (prompt tuning's soft prompt).
+struct InputProbe : ModelHooks {
+    explicit InputProbe(ModelHooks& inner) : inner(inner) {}
+    void begin_forward(const ForwardInfo& info) override { inner.begin_forward(info); }
+    SeqPrefix input_prefix(const ForwardInfo& info) override {
+        SeqPrefix p = inner.input_prefix(info);
+        if (p.embeds.defined()) input_vectors = p.embeds.dim(-2);
+        return p;
+    }
+    LayerPrefix layer_prefix(int layer, const ForwardInfo& info) override { return inner.layer_prefix(layer, info); }
+    Tensor linear_delta(const std::string& path, const Tensor& x, const ForwardInfo& info) override {
+        return inner.linear_delta(path, x, info);
+    }
+    ModelHooks& inner;
+    int64_t input_vectors = 0;
+};
+
+// Drops the leading cache columns that no row attends (left padding of rows
+// that have since left), so the attention width follows the rows still
+// running rather than everything the batch ever held. Per layer: layers may
+// hold prefixes of different lengths.
+void drop_dead_columns(KVCache& cache) {
+    for (LayerCache& lc : cache.layers) {
+        const int64_t B = lc.valid.dim(0), Tk = lc.valid.dim(1);
+        int64_t first = Tk;
+        for (int64_t b = 0; b < B; ++b) {
+            const float* v = lc.valid.data() + b * Tk;
+            for (int64_t j = 0; j < first; ++j)
+                if (v[j] != 0.f) {
+                    first = j;
+                    break;
+                }
+        }
+        if (first == 0 || first == Tk) continue;
+        lc.k = slice(lc.k, 1, first, Tk);
+        lc.v = slice(lc.v, 1, first, Tk);
+        lc.valid = slice(lc.valid, 1, first, Tk);
+    }
+}
+
+double wall_ms() {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+void ServerOptions::validate(const GPTConfig& cfg) const {
+    if (max_batch < 1) throw std::invalid_argument(fmt::format("ServerOptions: max_batch = {} must be >= 1", max_batch));
+    if (pad_token < 0 || pad_token >= cfg.vocab)
+        throw std::invalid_argument(
+            fmt::format("ServerOptions: pad_token = {} is outside the vocabulary [0, {})", pad_token, cfg.vocab));
+}
+
+Server::Server(GPT& base, ServerOptions opts)
+    : base_(base), opts_(std::move(opts)), multi_(std::make_unique<MultiAdapter>(std::vector<Adapter*>{})) {
+    opts_.validate(base_.config());
+    if (!opts_.clock_ms) opts_.clock_ms = wall_ms;
+}
+
+void Server::add_adapter(const std::string& name, Adapter& adapter) { add_tenant(name, adapter, nullptr); }
+
+void Server::load_adapter(const std::string& name, const std::string& dir) {
+    std::unique_ptr<Adapter> adapter = peft::load_adapter(dir, base_);
+    Adapter& ref = *adapter;
+    add_tenant(name, ref, std::move(adapter));
+}
+
+void Server::add_tenant(const std::string& name, Adapter& adapter, std::unique_ptr<Adapter> owned) {
+    auto refuse = [&](const std::string& why) {
+        throw std::invalid_argument(fmt::format("Server: cannot add adapter '{}' ({}): {}", name, adapter.method(), why));
+    };
+    if (!idle()) refuse("requests are queued or running; add adapters before serving");
+    if (name.empty()) refuse("the empty name means the base without adapter");
+    if (tenant_index_.count(name)) refuse("the name is taken");
+    if (adapter.base() && adapter.base() != &base_) refuse("it is attached to another model");
+    if (adapter.method() == "full") refuse("full fine-tuning changes the base for every tenant");
+    if (auto* lora = dynamic_cast<LoRA*>(&adapter); lora && lora->merged())
+        refuse("a merged LoRA changes the base for every tenant; unmerge it, or serve the merged model as the base");
+    adapter.attach(base_);
+
+    auto tenant = std::make_unique<Tenant>();
+    tenant->name = name;
+    tenant->adapter = &adapter;
+    tenant->owned = std::move(owned);
+    {
+        // The KV cache of a one-token request: per layer, the adapter's prefix
+        // columns, then that token's column, which is dropped.
+        InputProbe probe(adapter);
+        HooksScope hooks(base_, &probe);
+        EvalScope eval(base_);
+        NoGradGuard no_grad;
+        ModelInput in;
+        in.B = 1;
+        in.T = 1;
+        in.tokens = {opts_.pad_token};
+        KVCache cache;
+        base_.forward(in, &cache);
+        const int64_t C = base_.config().d_model;
+        for (const LayerCache& lc : cache.layers) {
+            const int64_t n = lc.k.dim(1) - 1;
+            tenant->keys.push_back(n ? reshape(slice(lc.k, 1, 0, n), {n, C}) : Tensor());
+            tenant->values.push_back(n ? reshape(slice(lc.v, 1, 0, n), {n, C}) : Tensor());
+        }
+        tenant->virtual_tokens = probe.input_vectors;
+    }
+    std::vector<Adapter*> adapters;
+    for (auto& t : tenants_) adapters.push_back(t->adapter);
+    adapters.push_back(&adapter);
+    multi_ = std::make_unique<MultiAdapter>(adapters);  // checks the base and the method
+    tenant_index_[name] = int32_t(tenants_.size());
+    tenants_.push_back(std::move(tenant));
+}
+
+std::vector<std::string> Server::tenants() const {
+    std::vector<std::string> names;
+    for (auto& t : tenants_) names.push_back(t->name);
+    return names;
+}
+
+int64_t Server::prefix_cache_bytes() const {
+    int64_t bytes = 0;
+    for (auto& t : tenants_)
+        for (size_t l = 0; l < t->keys.size(); ++l)
+            if (t->keys[l].defined()) bytes += 2 * t->keys[l].numel() * int64_t(sizeof(float));
+    return bytes;
+}
+
+std::pair<Tensor, Tensor> Server::cached_prefix(const std::string& name, int layer) const {
+    auto it = tenant_index_.find(name);
+    if (it == tenant_index_.end()) throw std::invalid_argument(fmt::format("Server: unknown adapter '{}'", name));
+    const Tenant& t = *tenants_[size_t(it->second)];
+    if (layer < 0 || layer >= int(t.keys.size()))
+        throw std::invalid_argument(fmt::format("Server: layer {} is outside [0, {})", layer, t.keys.size()));
+    return {t.keys[size_t(layer)], t.values[size_t(layer)]};
+}
+
+uint64_t Server::submit(Request request) {
+    queue_.push_back(Queued{std::move(request), next_seq_});
+    return next_seq_++;
+}
+
+std::string Server::check(const Request& r, int32_t& tenant) const {
+    const GPTConfig& cfg = base_.config();
+    auto error = [&](const std::string& why) { return fmt::format("request '{}': {}", r.id, why); };
+    tenant = -1;
+    if (!r.adapter.empty()) {
+        auto it = tenant_index_.find(r.adapter);
+        if (it == tenant_index_.end()) {
+            std::string known;
+            for (auto& t : tenants_) known += (known.empty() ? "" : ", ") + t->name;
+            return error(fmt::format("unknown adapter '{}' (known: {})", r.adapter, known.empty() ? "none" : known));
+        }
+        tenant = it->second;
+    }
+    if (r.prompt.empty()) return error("empty prompt");
+    for (size_t i = 0; i < r.prompt.size(); ++i)
+        if (r.prompt[i] < 0 || r.prompt[i] >= cfg.vocab)
+            return error(fmt::format("prompt token {} = {} is outside the vocabulary [0, {})", i, r.prompt[i], cfg.vocab));
+    if (r.max_new_tokens < 0) return error(fmt::format("max_new_tokens = {} must be >= 0", r.max_new_tokens));
+    if (r.stop_token != -1 && (r.stop_token < 0 || r.stop_token >= cfg.vocab))
+        return error(fmt::format("stop_token = {} is outside the vocabulary [0, {}) (-1: none)", r.stop_token, cfg.vocab));
+    // The sequence the model reads: soft prompt, prompt, continuation.
+    const int64_t virtual_tokens = tenant < 0 ? 0 : tenants_[size_t(tenant)]->virtual_tokens;
+    const int64_t total = int64_t(r.prompt.size()) + virtual_tokens + r.max_new_tokens;
+    if (total > cfg.max_seq) {
+        std::string soft = virtual_tokens ? fmt::format(" + {} soft-prompt tokens", virtual_tokens) : "";
+        return error(fmt::format("prompt of {} tokens{} + max_new_tokens {} = {} exceeds max_seq = {}",
+                                 r.prompt.size(), soft, r.max_new_tokens, total, cfg.max_seq));
+    }
+    return {};
+}
+
+std::vector<int32_t> Server::row_tenants(const std::vector<Row>& rows) const {
+    std::vector<int32_t> t;
+    for (const Row& r : rows) t.push_back(r.tenant);
+    return t;
+}
+
+Tensor Server::prefill_group(const std::vector<Row>& group, DecodeBatch& joined) {
+    const int64_t G = int64_t(group.size()), V = base_.config().vocab;
+    int64_t T = 0;
+    for (const Row& r : group) T = std::max(T, int64_t(r.request.prompt.size()));
+    // Real tokens keep positions 0..len-1 wherever their padding puts them.
+    ModelInput in;
+    in.B = G;
+    in.T = T;
+    in.tokens.assign(size_t(G * T), opts_.pad_token);
+    in.positions.assign(size_t(G * T), 0);
+    in.valid.assign(size_t(G * T), 0);
+    joined = DecodeBatch{};
+    std::vector<int64_t> last_column(static_cast<size_t>(G));
+    for (int64_t g = 0; g < G; ++g) {
+        const auto& p = group[size_t(g)].request.prompt;
+        const int64_t len = int64_t(p.size()), start = opts_.padding == Padding::Left ? T - len : 0;
+        for (int64_t i = 0; i < len; ++i) {
+            in.tokens[size_t(g * T + start + i)] = p[size_t(i)];
+            in.positions[size_t(g * T + start + i)] = int32_t(i);
+            in.valid[size_t(g * T + start + i)] = 1;
+        }
+        joined.next_position.push_back(int32_t(len));
+        last_column[size_t(g)] = start + len - 1;
+        stats_.prompt_tokens += len;
+    }
+    forward_tenants_ = row_tenants(group);
+    multi_->set_rows(forward_tenants_);
+    HooksScope hooks(base_, this);
+    EvalScope eval(base_);
+    NoGradGuard no_grad;
+    Tensor logits = base_.forward(in, &joined.cache);  // [G, T, V]
+    Tensor out = Tensor::empty({G, V});
+    for (int64_t g = 0; g < G; ++g)
+        std::memcpy(out.data() + g * V, logits.data() + (g * T + last_column[size_t(g)]) * V, size_t(V) * sizeof(float));
+    ++stats_.prefills;
+    return out;
+}
+
+bool Server::emit(Row& row, const float* logits, double now_ms) {
+    const int64_t V = base_.config().vocab;
+    Rng unused;  // greedy: sample_token draws nothing
+    const int32_t token = sample_token(logits, V, 0.f, 0, unused);
+    Result& res = row.result;
+    res.tokens.push_back(token);
+    res.token_ms.push_back(now_ms - row.last_ms);
+    row.last_ms = now_ms;
+    if (opts_.keep_logits) res.logits.insert(res.logits.end(), logits, logits + V);
+    ++stats_.generated_tokens;
+    return token == row.request.stop_token || int64_t(res.tokens.size()) >= row.request.max_new_tokens;
+}
+
+std::vector<Result> Server::step() {
+    std::vector<Result> finished;
+    std::vector<Row> group;
+    const double admitted = opts_.clock_ms();
+    while (!queue_.empty() && int64_t(rows_.size() + group.size()) < opts_.max_batch) {
+        Queued q = std::move(queue_.front());
+        queue_.pop_front();
+        Row row{std::move(q.request), -1, Result{}, admitted};
+        row.result.id = row.request.id;
+        row.result.adapter = row.request.adapter;
+        row.result.seq = q.seq;
+        row.result.error = check(row.request, row.tenant);
+        if (!row.result.ok() || row.request.max_new_tokens == 0) finished.push_back(std::move(row.result));
+        else group.push_back(std::move(row));
+    }
+    if (group.empty() && rows_.empty()) return finished;
+    ++stats_.steps;
+
+    if (!group.empty()) {
+        DecodeBatch joined;
+        Tensor logits = prefill_group(group, joined);
+        const double now = opts_.clock_ms();
+        stats_.prefill_s += (now - admitted) / 1e3;
+        std::vector<int32_t> keep;
+        for (size_t g = 0; g < group.size(); ++g) {
+            if (emit(group[g], logits.data() + int64_t(g) * logits.dim(1), now))
+                finished.push_back(std::move(group[g].result));
+            else
+                keep.push_back(int32_t(g));
+        }
+        keep_rows(joined, keep);
+        for (int32_t g : keep) rows_.push_back(std::move(group[size_t(g)]));
+        append_rows(batch_, joined);
+    }
+    if (rows_.empty()) return finished;
+
+    std::vector<int32_t> fed;
+    for (const Row& r : rows_) fed.push_back(r.result.tokens.back());
+    forward_tenants_ = row_tenants(rows_);
+    multi_->set_rows(forward_tenants_);
+    const double start = opts_.clock_ms();
+    Tensor logits;
+    {
+        HooksScope hooks(base_, this);
+        logits = decode_step(base_, batch_, fed);  // [rows, V]
+    }
+    const double now = opts_.clock_ms();
+    stats_.decode_s += (now - start) / 1e3;
+    std::vector<int32_t> keep;
+    std::vector<Row> still;
+    for (size_t r = 0; r < rows_.size(); ++r) {
+        if (emit(rows_[r], logits.data() + int64_t(r) * logits.dim(1), now)) {
+            finished.push_back(std::move(rows_[r].result));
+        } else {
+            keep.push_back(int32_t(r));
+            still.push_back(std::move(rows_[r]));
+        }
+    }
+    if (keep.size() != rows_.size()) {
+        keep_rows(batch_, keep);
+        if (!keep.empty()) drop_dead_columns(batch_.cache);
+    }
+    rows_ = std::move(still);
+    return finished;
+}
+
+std::vector<Result> Server::run(std::vector<Request> requests) {
+    if (!idle()) throw std::logic_error("Server::run: requests are already queued or running; use step()");
+    const uint64_t first = next_seq_;
+    for (Request& r : requests) submit(std::move(r));
+    std::vector<Result> out(requests.size());
+    while (!idle())
+        for (Result& r : step()) out[size_t(r.seq - first)] = std::move(r);
+    return out;
+}
+
+// ---- hooks: the server's forwards ----------------------------------------------------------
+
+void Server::begin_forward(const ForwardInfo& info) { multi_->begin_forward(info); }
+
+SeqPrefix Server::input_prefix(const ForwardInfo& info) {
+    // Cached: the soft prompt's keys and values arrive as layer prefixes instead.
+    return opts_.prefix_cache ? SeqPrefix{} : multi_->input_prefix(info);
+}
+
+LayerPrefix Server::layer_prefix(int layer, const ForwardInfo& info) {
+    if (!opts_.prefix_cache) return multi_->layer_prefix(layer, info);
+    // Per-row keys and values [G, w, C], w the longest prefix among the rows;
+    // a shorter one is left padded with invalid entries.
+    const int64_t G = int64_t(forward_tenants_.size()), C = base_.config().d_model;
+    int64_t w = 0;
+    for (int32_t t : forward_tenants_)
+        if (t >= 0 && tenants_[size_t(t)]->keys[size_t(layer)].defined())
+            w = std::max(w, tenants_[size_t(t)]->keys[size_t(layer)].dim(0));
+    if (w == 0) return {};
+    LayerPrefix p;
+    p.key = Tensor::zeros({G, w, C});
+    p.value = Tensor::zeros({G, w, C});
+    p.kv_valid = Tensor::zeros({G, w});
+    for (int64_t g = 0; g < G; ++g) {
+        const int32_t t = forward_tenants_[size_t(g)];
+        if (t < 0) continue;
+        const Tensor& k = tenants_[size_t(t)]->keys[size_t(layer)];
+        if (!k.defined()) continue;
+        const Tensor& v = tenants_[size_t(t)]->values[size_t(layer)];
+        const int64_t n = k.dim(0), pad = w - n;
+        std::memcpy(p.key.data() + (g * w + pad) * C, k.data(), size_t(n * C) * sizeof(float));
+        std::memcpy(p.value.data() + (g * w + pad) * C, v.data(), size_t(n * C) * sizeof(float));
+        std::fill_n(p.kv_valid.data() + g * w + pad, n, 1.f);
+    }
+    return p;
+}
+
+Tensor Server::linear_delta(const std::string& path, const Tensor& x, const ForwardInfo& info) {
+    return multi_->linear_delta(path, x, info);
+}
+
+}  // namespace peftlab::peft
