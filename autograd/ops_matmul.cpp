@@ -10,6 +10,13 @@
 namespace peftlab {
 using namespace detail;
 
+namespace {
+// Query rows per block of causal attention: smaller blocks skip more of the
+// masked triangle (1/(2 * blocks) of it is still computed) but make more,
+// smaller GEMM calls.
+constexpr int64_t kQueryBlock = 32;
+}  // namespace
+
 namespace detail {
 namespace {
 // GEMMs with at most this many rows of op(A) (decoding: a row per sequence)
@@ -266,18 +273,28 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
     float* po = out.data();
     float* pp = probs->data;
     const bool parallel = B * H * 2 * Tq * Tk * Dh > kMacsParallelMin;  // a decoding step often is not
+    // Causal attention runs over blocks of query rows, each against only the
+    // keys its last row may see: the masked upper triangle of S and P is
+    // neither computed nor multiplied (P is zero there). n_blocks row blocks.
+    const int64_t n_blocks = causal ? (Tq + kQueryBlock - 1) / kQueryBlock : 1;
+    const int64_t rows_per_block = causal ? kQueryBlock : Tq;
+    auto key_end = [=](int64_t i1) { return causal ? i1 + (Tk - Tq) : Tk; };  // keys seen by rows < i1
 #pragma omp parallel for collapse(2) if (parallel) schedule(static)
     for (int64_t b = 0; b < B; ++b)
         for (int64_t h = 0; h < H; ++h) {
             float* P = pp + (b * H + h) * Tq * Tk;
-            // S [Tq, Tk] = Q_bh K_bh^T * scale, heads are column blocks of width Dh.
-            gemm(false, true, Tq, Tk, Dh, scale, pq + b * Tq * C + h * Dh, C, pk + b * Tk * C + h * Dh, C, 0.f, P,
-                 Tk);
-            for (int64_t i = 0; i < Tq; ++i) {
-                int64_t limit = causal ? i + (Tk - Tq) + 1 : Tk;
-                masked_softmax_row(P + i * Tk, P + i * Tk, Tk, limit, valid ? valid + b * Tk : nullptr);
+            const float *Q = pq + b * Tq * C + h * Dh, *K = pk + b * Tk * C + h * Dh, *V = pv + b * Tk * C + h * Dh;
+            for (int64_t blk = 0; blk < n_blocks; ++blk) {
+                const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
+                const int64_t kend = key_end(i0 + rows);
+                // S [rows, kend] = Q K^T * scale; heads are column blocks of width Dh.
+                gemm(false, true, rows, kend, Dh, scale, Q + i0 * C, C, K, C, 0.f, P + i0 * Tk, Tk);
+                for (int64_t i = i0; i < i0 + rows; ++i) {
+                    const int64_t limit = causal ? i + (Tk - Tq) + 1 : Tk;
+                    masked_softmax_row(P + i * Tk, P + i * Tk, Tk, limit, valid ? valid + b * Tk : nullptr);
+                }
+                gemm(false, false, rows, Dh, kend, 1.f, P + i0 * Tk, Tk, V, C, 0.f, po + (b * Tq + i0) * C + h * Dh, C);
             }
-            gemm(false, false, Tq, Dh, Tk, 1.f, P, Tk, pv + b * Tk * C + h * Dh, C, 0.f, po + b * Tq * C + h * Dh, C);
         }
     flops::add(uint64_t(B * H * (4 * Tq * Tk * Dh + 5 * Tq * Tk)));
 
@@ -299,22 +316,37 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
 #pragma omp for collapse(2) schedule(static)
             for (int64_t b = 0; b < B; ++b)
                 for (int64_t h = 0; h < H; ++h) {
+                    // Row blocks as in the forward. dV and dK sum over row blocks:
+                    // the last block, whose keys are all Tk, goes first with the
+                    // target's beta and the others add. dV, then dQ, then dK.
                     const float* P = P0 + (b * H + h) * Tq * Tk;
                     const float* dO = dout + b * Tq * C + h * Dh;
-                    if (dv)  // dV [Tk, Dh] = P^T dO
-                        gemm(true, false, Tk, Dh, Tq, 1.f, P, Tk, dO, C, bv, dv + b * Tk * C + h * Dh, C);
-                    if (!dq && !dk) continue;
-                    // dP [Tq, Tk] = dO V^T, then dS = softmax backward (scale folded in).
-                    gemm(false, true, Tq, Tk, Dh, 1.f, dO, C, sv.data() + b * Tk * C + h * Dh, C, 0.f, dS.data(),
-                         Tk);
-                    for (int64_t i = 0; i < Tq; ++i)
-                        softmax_backward_row(dS.data() + i * Tk, dS.data() + i * Tk, P + i * Tk, Tk, scale);
-                    if (dq)  // dQ [Tq, Dh] = dS K
-                        gemm(false, false, Tq, Dh, Tk, 1.f, dS.data(), Tk, sk.data() + b * Tk * C + h * Dh, C, bq,
-                             dq + b * Tq * C + h * Dh, C);
-                    if (dk)  // dK [Tk, Dh] = dS^T Q
-                        gemm(true, false, Tk, Dh, Tq, 1.f, dS.data(), Tk, sq.data() + b * Tq * C + h * Dh, C, bk,
-                             dk + b * Tk * C + h * Dh, C);
+                    const int64_t head = h * Dh;
+                    for (int64_t blk = n_blocks - 1; blk >= 0; --blk) {
+                        const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
+                        const int64_t kend = key_end(i0 + rows);
+                        const float beta = blk == n_blocks - 1 ? bv : 1.f;
+                        if (dv)  // dV [kend, Dh] += P^T dO
+                            gemm(true, false, kend, Dh, rows, 1.f, P + i0 * Tk, Tk, dO + i0 * C, C, beta,
+                                 dv + b * Tk * C + head, C);
+                        if (!dq && !dk) continue;
+                        // dP [rows, kend] = dO V^T, then dS = softmax backward (scale folded in).
+                        gemm(false, true, rows, kend, Dh, 1.f, dO + i0 * C, C, sv.data() + b * Tk * C + head, C, 0.f,
+                             dS.data() + i0 * Tk, Tk);
+                        for (int64_t i = i0; i < i0 + rows; ++i)
+                            softmax_backward_row(dS.data() + i * Tk, dS.data() + i * Tk, P + i * Tk, kend, scale);
+                    }
+                    for (int64_t blk = 0; dq && blk < n_blocks; ++blk) {  // dQ [rows, Dh] = dS K
+                        const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
+                        gemm(false, false, rows, Dh, key_end(i0 + rows), 1.f, dS.data() + i0 * Tk, Tk,
+                             sk.data() + b * Tk * C + head, C, bq, dq + (b * Tq + i0) * C + head, C);
+                    }
+                    for (int64_t blk = n_blocks - 1; dk && blk >= 0; --blk) {  // dK [kend, Dh] += dS^T Q
+                        const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
+                        gemm(true, false, key_end(i0 + rows), Dh, rows, 1.f, dS.data() + i0 * Tk, Tk,
+                             sq.data() + (b * Tq + i0) * C + head, C, blk == n_blocks - 1 ? bk : 1.f,
+                             dk + b * Tk * C + head, C);
+                    }
                 }
         }
         const uint64_t gemm_flops = uint64_t(B * H * 2 * Tq * Tk * Dh);
