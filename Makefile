@@ -116,6 +116,13 @@ report: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/report
 	./$(BUILD)/bin/report $(ARGS)
 
+# Training and generation speed per PEFT method, side by side with PyTorch when
+# Debian's python3-torch is installed: runs/bench/bench.{json,md}. ARGS="--quick",
+# "--configs small --methods full,lora --repeats 4", "--no-torch", "--help".
+bench: deps
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/bench
+	./$(BUILD)/bin/bench $(ARGS)
+
 # Multi-tenant serving: one base, K adapters mixed in one batch, prefix cache;
 # runs/serve-bench/{report.md,results.json,*.png}. ARGS="--help" lists the flags.
 serve-bench: deps

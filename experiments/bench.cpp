@@ -1,0 +1,913 @@
+// bench: how fast peftlab trains and generates, per PEFT method, side by side
+// with PyTorch (tools/torch_bench.py) on the same machine in the same run.
+//
+// Every measured row runs in its own child process (this binary with --child),
+// so its peak RSS is that method's alone. The PyTorch worker is one long-lived
+// process. After both sides have set up and warmed up, single steps alternate
+// (ours, torch, ours, ...), so that load from other processes on a shared
+// machine hits both sides alike; medians are taken over the steps and the
+// ratio is of medians measured side by side.
+//
+// Measured: median ms per training step (zero_grad + forward + loss +
+// backward + AdamW), tokens/s, GFLOP/s from the FLOP counters (flops.h) and
+// its share of the cblas_sgemm peak measured in the same run, peak RSS; KV
+// cache generation tokens/s, against a memory-bandwidth bound; how the step
+// grows with T and n. Output: a table on stdout, runs/bench/bench.json and
+// runs/bench/bench.md. Targets are from issue 6 and are reported, not asserted.
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <cblas.h>
+#include <cxxopts.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "autograd/flops.h"
+#include "autograd/ops.h"
+#include "autograd/tape.h"
+#include "autograd/threads.h"
+#include "nn/generate.h"
+#include "nn/optim.h"
+#include "nn/safetensors.h"
+#include "peft/registry.h"
+
+extern char** environ;
+
+using namespace peftlab;
+using nlohmann::json;
+
+namespace {
+
+constexpr const char* kBlasDir = "/usr/lib/x86_64-linux-gnu/openblas-openmp";
+
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+double median(std::vector<double> v) {
+    if (v.empty()) return NAN;
+    std::sort(v.begin(), v.end());
+    const size_t m = v.size() / 2;
+    return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+int64_t peak_rss_bytes() {  // VmHWM of this process
+    FILE* f = std::fopen("/proc/self/status", "r");
+    if (!f) return -1;
+    char line[256];
+    int64_t kb = -1;
+    while (std::fgets(line, sizeof line, f))
+        if (std::strncmp(line, "VmHWM:", 6) == 0) kb = std::atoll(line + 6);
+    std::fclose(f);
+    return kb < 0 ? -1 : kb * 1024;
+}
+
+// ---- what one row measures ------------------------------------------------------
+// kind "train": one AdamW step of `method` on B x T tokens; kind "generate":
+// generate() of batch prompts of prompt_len tokens by new_tokens tokens, on
+// the bare base ("base") or with a prefix ("prefix").
+struct Spec {
+    std::string kind = "train", config, method;
+    GPTConfig model;
+    int64_t batch = 16, seq = 128, n = 16, lora_rank = 8;
+    int64_t prompt_len = 64, new_tokens = 64;
+    int warmup = 1, threads = 2;
+
+    json to_json() const {
+        return {{"kind", kind},           {"config", config},       {"method", method},         {"vocab", model.vocab},
+                {"d_model", model.d_model}, {"layers", model.n_layers}, {"heads", model.n_heads}, {"d_ff", model.d_ff},
+                {"seq", seq},             {"batch", batch},         {"n", n},                   {"lora_rank", lora_rank},
+                {"prompt_len", prompt_len}, {"new_tokens", new_tokens}, {"warmup", warmup},      {"threads", threads}};
+    }
+    static Spec from_json(const json& j) {
+        Spec s;
+        s.kind = j.at("kind");
+        s.config = j.at("config");
+        s.method = j.at("method");
+        s.model.vocab = j.at("vocab");
+        s.model.d_model = j.at("d_model");
+        s.model.n_layers = j.at("layers");
+        s.model.n_heads = j.at("heads");
+        s.model.d_ff = j.at("d_ff");
+        s.seq = j.at("seq");
+        s.batch = j.at("batch");
+        s.n = j.at("n");
+        s.lora_rank = j.at("lora_rank");
+        s.prompt_len = j.at("prompt_len");
+        s.new_tokens = j.at("new_tokens");
+        s.warmup = j.at("warmup");
+        s.threads = j.at("threads");
+        s.model.max_seq = std::max(s.seq, s.prompt_len + s.new_tokens);
+        return s;
+    }
+    // Real tokens per step (training) or per generate() call (new tokens).
+    int64_t tokens() const { return kind == "train" ? batch * seq : batch * new_tokens; }
+};
+
+// ---- the child: one row, driven over stdin/stdout ---------------------------------
+// Prints {"ready": ...} after warm-up, then answers each "step" line with
+// {"ms": ...} and "end" with its peak RSS.
+class Session {
+public:
+    virtual ~Session() = default;
+    virtual void step() = 0;
+};
+
+class TrainSession : public Session {
+public:
+    explicit TrainSession(const Spec& s) : model_(s.model, 1) {
+        peft::AdapterOptions o;
+        o.n = s.n;
+        o.lora_rank = s.lora_rank;
+        o.lora_alpha = 2.f * float(s.lora_rank);
+        adapter_ = peft::make_adapter(s.method, o);
+        adapter_->activate(model_);
+        opt_ = std::make_unique<AdamW>(adapter_->parameters());
+        Rng rng(7);
+        in_.B = s.batch;
+        in_.T = s.seq;
+        for (int64_t i = 0; i < s.batch * s.seq; ++i) {
+            in_.tokens.push_back(int32_t(rng.below(uint32_t(s.model.vocab))));
+            targets_.push_back(int32_t(rng.below(uint32_t(s.model.vocab))));
+        }
+        model_.train();
+    }
+    void step() override {
+        opt_->zero_grad();
+        backward(lm_loss(model_.forward(in_), targets_));
+        opt_->step();
+    }
+
+private:
+    GPT model_;
+    std::unique_ptr<peft::Adapter> adapter_;
+    std::unique_ptr<AdamW> opt_;
+    ModelInput in_;
+    std::vector<int32_t> targets_;
+};
+
+class GenerateSession : public Session {
+public:
+    explicit GenerateSession(const Spec& s) : model_(s.model, 1) {
+        if (s.method == "prefix") {
+            peft::AdapterOptions o;
+            o.n = s.n;
+            adapter_ = peft::make_adapter("prefix", o);
+            adapter_->activate(model_);
+        } else if (s.method != "base") {
+            throw std::invalid_argument(fmt::format("bench: generation model '{}' is not base or prefix", s.method));
+        }
+        Rng rng(9);
+        prompts_.assign(size_t(s.batch), {});
+        for (auto& p : prompts_)
+            for (int64_t i = 0; i < s.prompt_len; ++i) p.push_back(int32_t(rng.below(uint32_t(s.model.vocab))));
+        opts_.max_new_tokens = int(s.new_tokens);
+    }
+    void step() override { generate(model_, prompts_, opts_); }
+
+private:
+    GPT model_;
+    std::unique_ptr<peft::Adapter> adapter_;
+    std::vector<std::vector<int32_t>> prompts_;
+    GenerateOptions opts_;
+};
+
+json measure_machine();
+
+int run_child(const std::string& spec_text) {
+    const json j = json::parse(spec_text);
+    if (j.value("kind", "") == "machine") {  // sgemm peak, matmul overhead, bandwidth
+        set_threads(j.at("threads").get<int>());
+        std::cout << measure_machine().dump() << std::endl;
+        return 0;
+    }
+    const Spec s = Spec::from_json(j);
+    set_threads(s.threads);
+    std::unique_ptr<Session> session;
+    if (s.kind == "train") session = std::make_unique<TrainSession>(s);
+    else session = std::make_unique<GenerateSession>(s);
+    for (int i = 0; i < s.warmup; ++i) {
+        flops::reset();  // the last warm-up step is the one counted
+        session->step();
+    }
+    const flops::Counts c = flops::totals();
+    std::cout << json{{"ready", true}, {"flops", c[0] + c[1] + c[2] + c[3]},
+                      {"flops_by_phase", {c[0], c[1], c[2], c[3]}}}.dump()
+              << std::endl;
+    std::string cmd;
+    while (std::getline(std::cin, cmd)) {
+        if (cmd == "step") {
+            const double t0 = now_s();
+            session->step();
+            std::cout << json{{"ms", (now_s() - t0) * 1e3}}.dump() << std::endl;
+        } else if (cmd == "end") {
+            std::cout << json{{"peak_rss_bytes", peak_rss_bytes()}, {"tracked_peak_bytes", mem::peak_bytes()}}.dump()
+                      << std::endl;
+            return 0;
+        } else {
+            throw std::invalid_argument("bench --child: unknown command '" + cmd + "'");
+        }
+    }
+    return 0;
+}
+
+// ---- the parent's side of a child process -----------------------------------------
+class Child {
+public:
+    // Starts argv[0] (a path) with extra environment variables; its stdin and
+    // stdout are pipes, its stderr is ours.
+    Child(const std::vector<std::string>& argv, const std::vector<std::string>& env_extra) : name_(argv[0]) {
+        int in[2], out[2];
+        if (pipe(in) != 0 || pipe(out) != 0) throw std::runtime_error("bench: pipe() failed");
+        posix_spawn_file_actions_t fa;
+        posix_spawn_file_actions_init(&fa);
+        posix_spawn_file_actions_adddup2(&fa, in[0], 0);
+        posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+        for (int fd : {in[0], in[1], out[0], out[1]}) posix_spawn_file_actions_addclose(&fa, fd);
+        std::vector<std::string> env;
+        for (char** e = environ; *e; ++e) {
+            std::string kv = *e;
+            bool overridden = false;
+            for (const std::string& x : env_extra) overridden |= kv.substr(0, kv.find('=')) == x.substr(0, x.find('='));
+            if (!overridden) env.push_back(kv);
+        }
+        env.insert(env.end(), env_extra.begin(), env_extra.end());
+        std::vector<char*> av, ev;
+        for (const auto& a : argv) av.push_back(const_cast<char*>(a.c_str()));
+        for (const auto& e : env) ev.push_back(const_cast<char*>(e.c_str()));
+        av.push_back(nullptr);
+        ev.push_back(nullptr);
+        const int rc = posix_spawn(&pid_, argv[0].c_str(), &fa, nullptr, av.data(), ev.data());
+        posix_spawn_file_actions_destroy(&fa);
+        close(in[0]);
+        close(out[1]);
+        to_ = in[1];
+        from_ = out[0];
+        if (rc != 0) {
+            pid_ = -1;
+            throw std::runtime_error(fmt::format("bench: cannot start {}: {}", name_, std::strerror(rc)));
+        }
+    }
+    ~Child() {
+        close(to_);
+        close(from_);
+        if (pid_ <= 0) return;
+        for (int i = 0; i < 50; ++i) {  // up to 5 s to exit after its stdin closes
+            if (waitpid(pid_, nullptr, WNOHANG) == pid_) return;
+            usleep(100000);
+        }
+        kill(pid_, SIGKILL);
+        waitpid(pid_, nullptr, 0);
+    }
+    Child(const Child&) = delete;
+    Child& operator=(const Child&) = delete;
+
+    void send(const std::string& line) {
+        const std::string msg = line + "\n";
+        if (write(to_, msg.data(), msg.size()) != ssize_t(msg.size()))
+            throw std::runtime_error(fmt::format("bench: {} is not reading its input (did it exit?)", name_));
+    }
+    // The next line the child prints, as JSON; throws naming the child if it
+    // exits, prints something else, or is silent for timeout_s.
+    json receive(double timeout_s) {
+        const double deadline = now_s() + timeout_s;
+        size_t nl;
+        while ((nl = buf_.find('\n')) == std::string::npos) {
+            pollfd p{from_, POLLIN, 0};
+            const int left_ms = int(std::max(0.0, deadline - now_s()) * 1e3);
+            if (poll(&p, 1, left_ms) <= 0)
+                throw std::runtime_error(fmt::format("bench: no answer from {} within {:.0f} s", name_, timeout_s));
+            char chunk[4096];
+            const ssize_t got = read(from_, chunk, sizeof chunk);
+            if (got <= 0) throw std::runtime_error(fmt::format("bench: {} exited before answering", name_));
+            buf_.append(chunk, size_t(got));
+        }
+        const std::string line = buf_.substr(0, nl);
+        buf_.erase(0, nl + 1);
+        try {
+            return json::parse(line);
+        } catch (const json::exception&) {
+            throw std::runtime_error(fmt::format("bench: {} printed '{}', not a JSON line", name_, line));
+        }
+    }
+
+private:
+    std::string name_;
+    pid_t pid_ = -1;
+    int to_ = -1, from_ = -1;
+    std::string buf_;
+};
+
+// ---- machine limits measured in the same run ----------------------------------------
+// Best GFLOP/s of cblas_sgemm on n x n x n over `reps` calls (a peak: on a
+// shared machine the best call is the one least disturbed).
+double sgemm_gflops(int n, int reps) {
+    std::vector<float> a(size_t(n) * n, 0.5f), b(size_t(n) * n, 0.25f), c(size_t(n) * n);
+    std::vector<double> g;
+    for (int r = 0; r < reps; ++r) {
+        const double t0 = now_s();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
+        g.push_back(2.0 * n * n * n / (now_s() - t0) / 1e9);
+    }
+    return *std::max_element(g.begin(), g.end());
+}
+
+// Our matmul (Tensor API, no grad) against raw cblas_sgemm on 1024^3, calls
+// interleaved; returns {ours, raw}, each the best GFLOP/s of its calls.
+std::pair<double, double> matmul_overhead(int reps) {
+    const int n = 1024;
+    Tensor a = Tensor::full({n, n}, 0.5f), b = Tensor::full({n, n}, 0.25f);
+    std::vector<float> c(size_t(n) * n);
+    std::vector<double> ours, raw;
+    const double flop = 2.0 * n * n * n;
+    NoGradGuard no_grad;
+    for (int r = 0; r < reps + 1; ++r) {
+        double t0 = now_s();
+        Tensor y = matmul(a, b);
+        const double t_ours = now_s() - t0;
+        t0 = now_s();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
+        const double t_raw = now_s() - t0;
+        if (r == 0) continue;  // first call: page faults of fresh buffers
+        ours.push_back(flop / t_ours / 1e9);
+        raw.push_back(flop / t_raw / 1e9);
+    }
+    return {*std::max_element(ours.begin(), ours.end()), *std::max_element(raw.begin(), raw.end())};
+}
+
+// Read bandwidth in GB/s: summing a 256 MiB buffer (far beyond the caches)
+// with all our threads, 16 independent sums per thread so that the loads,
+// not the adds' latency, set the pace.
+double read_bandwidth_gbs() {
+    constexpr int64_t kLanes = 16;
+    const int64_t n = int64_t(64) << 20;  // floats
+    std::vector<float> buf(size_t(n), 1.f);
+    const float* p = buf.data();
+    std::vector<double> g;
+    float total = 0.f;
+    for (int r = 0; r < 5; ++r) {
+        const double t0 = now_s();
+        float s = 0.f;
+#pragma omp parallel reduction(+ : s)
+        {
+            float acc[kLanes] = {};
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < n / kLanes; ++i)
+                for (int64_t j = 0; j < kLanes; ++j) acc[j] += p[i * kLanes + j];
+            for (int64_t j = 0; j < kLanes; ++j) s += acc[j];
+        }
+        g.push_back(double(n) * 4 / (now_s() - t0) / 1e9);
+        total += s;
+    }
+    if (total < 0) std::cout << "";  // keeps the sums alive
+    return median(g);
+}
+
+json measure_machine() {
+    const auto [ours, raw] = matmul_overhead(9);
+    return {{"sgemm_peak_gflops", sgemm_gflops(2048, 5)},
+            {"matmul_1024_gflops", ours},
+            {"cblas_sgemm_1024_gflops", raw},
+            {"read_bandwidth_gbs", read_bandwidth_gbs()}};
+}
+
+// Bytes a decoding step must read at least (every weight once, the KV cache
+// once), summed over the new tokens, plus the prefill's FLOPs at sgemm peak:
+// the fastest generate() this machine allows, as tokens/s.
+double generation_bound(const Spec& s, int64_t n_prefix, int64_t n_params, double bw_gbs, double peak_gflops) {
+    const int64_t C = s.model.d_model, L = s.model.n_layers, B = s.batch;
+    double seconds = 2.0 * double(n_params) * double(B * s.prompt_len) / (peak_gflops * 1e9);
+    for (int64_t t = 1; t < s.new_tokens; ++t) {
+        const double kv = 2.0 * double(L * B * (n_prefix + s.prompt_len + t) * C) * 4;
+        seconds += (double(n_params) * 4 + kv) / (bw_gbs * 1e9);
+    }
+    return double(s.tokens()) / seconds;
+}
+
+int64_t count_params(const GPTConfig& c) {  // what one decoding step reads (all but wte/wpe rows)
+    return c.n_layers * (4 * c.d_model * c.d_model + 2 * c.d_model * c.d_ff + 9 * c.d_model + c.d_ff) +
+           2 * c.d_model + c.vocab * c.d_model;
+}
+
+// ---- flags ------------------------------------------------------------------------------
+struct Args {
+    std::vector<std::string> configs, methods;
+    std::map<std::string, GPTConfig> models;
+    std::map<std::string, std::pair<int64_t, int64_t>> batch_seq;  // config -> (B, T)
+    int64_t n = 16, lora_rank = 8;
+    int steps = 0, threads = 2;
+    bool torch = true, scaling = true, generation = true, quick = false;
+    std::string out, python, torch_script, spin;
+};
+
+GPTConfig make_config(int64_t V, int64_t C, int L, int H, int64_t F) {
+    GPTConfig c;
+    c.vocab = V;
+    c.d_model = C;
+    c.n_layers = L;
+    c.n_heads = H;
+    c.d_ff = F;
+    return c;
+}
+
+std::vector<std::string> split(const std::string& s) {
+    std::vector<std::string> out;
+    size_t start = 0;
+    while (start <= s.size()) {
+        size_t end = s.find(',', start);
+        if (end == std::string::npos) end = s.size();
+        if (end > start) out.push_back(s.substr(start, end - start));
+        start = end + 1;
+    }
+    return out;
+}
+
+Args parse_args(int argc, char** argv) {
+    cxxopts::Options o("bench", "Training and generation speed per PEFT method, side by side with PyTorch");
+    // clang-format off
+    o.add_options()
+        ("h,help", "print this help")
+        ("configs", "comma-separated: small, medium (and custom, implied by any dimension flag)",
+            cxxopts::value<std::string>()->default_value("small,medium"))
+        ("methods", "comma-separated PEFT methods", cxxopts::value<std::string>()->default_value("full,prefix,prefix-kv,prompt,lora"))
+        ("vocab", "custom config: vocabulary", cxxopts::value<int64_t>())
+        ("d-model", "custom config: model width", cxxopts::value<int64_t>())
+        ("layers", "custom config: layers", cxxopts::value<int>())
+        ("heads", "custom config: heads", cxxopts::value<int>())
+        ("d-ff", "custom config: MLP width", cxxopts::value<int64_t>())
+        ("seq", "custom config: tokens per row T", cxxopts::value<int64_t>())
+        ("batch", "custom config: rows per step B", cxxopts::value<int64_t>())
+        ("n", "prompt tokens / prefix vectors per layer", cxxopts::value<int64_t>()->default_value("16"))
+        ("lora-rank", "LoRA rank on q_proj and v_proj (alpha = 2r)", cxxopts::value<int64_t>()->default_value("8"))
+        ("repeats", "measured step pairs (ours, torch) per row; 0: 6 for small, 3 for larger configs",
+            cxxopts::value<int>()->default_value("0"))
+        ("threads", "threads for peftlab and for PyTorch", cxxopts::value<int>()->default_value("2"))
+        ("spin", "GOMP_SPINCOUNT for both sides, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set: how long an "
+                 "OpenMP thread that ran out of work spins before it sleeps (libgomp's default, 300000, holds a "
+                 "core for about a millisecond: on cores shared with other processes a team then waits for "
+                 "its slowest thread); 'default' leaves libgomp's", cxxopts::value<std::string>()->default_value("10000"))
+        ("quick", "small config only, 3 step pairs, no scaling rows, base generation only")
+        ("no-torch", "skip the PyTorch side")
+        ("no-scaling", "skip the T and n scaling rows")
+        ("no-generate", "skip generation")
+        ("python", "interpreter with torch", cxxopts::value<std::string>()->default_value("/usr/bin/python3"))
+        ("torch-script", "the PyTorch side", cxxopts::value<std::string>()->default_value("tools/torch_bench.py"))
+        ("out", "output directory", cxxopts::value<std::string>()->default_value("runs/bench"));
+    // clang-format on
+    auto r = o.parse(argc, argv);
+    if (r.count("help")) {
+        std::cout << o.help() << std::endl;
+        std::exit(0);
+    }
+    Args a;
+    a.models["small"] = make_config(256, 256, 4, 4, 1024);
+    a.batch_seq["small"] = {16, 128};
+    a.models["medium"] = make_config(256, 512, 8, 8, 2048);
+    a.batch_seq["medium"] = {8, 256};
+    a.configs = split(r["configs"].as<std::string>());
+    a.methods = split(r["methods"].as<std::string>());
+    a.quick = r.count("quick") > 0;
+    const bool custom = r.count("vocab") || r.count("d-model") || r.count("layers") || r.count("heads") ||
+                        r.count("d-ff") || r.count("seq") || r.count("batch");
+    if (custom) {  // the small config with the given dimensions replaced
+        GPTConfig c = a.models["small"];
+        if (r.count("vocab")) c.vocab = r["vocab"].as<int64_t>();
+        if (r.count("d-model")) c.d_model = r["d-model"].as<int64_t>();
+        if (r.count("layers")) c.n_layers = r["layers"].as<int>();
+        if (r.count("heads")) c.n_heads = r["heads"].as<int>();
+        if (r.count("d-ff")) c.d_ff = r["d-ff"].as<int64_t>();
+        a.models["custom"] = c;
+        a.batch_seq["custom"] = {r.count("batch") ? r["batch"].as<int64_t>() : 16,
+                                 r.count("seq") ? r["seq"].as<int64_t>() : 128};
+        if (!r.count("configs")) a.configs.clear();
+        if (std::find(a.configs.begin(), a.configs.end(), "custom") == a.configs.end()) a.configs.push_back("custom");
+    }
+    if (a.quick) a.configs = custom ? std::vector<std::string>{"custom"} : std::vector<std::string>{"small"};
+    for (const std::string& c : a.configs) {
+        if (!a.models.count(c))
+            throw std::invalid_argument(fmt::format("--configs: unknown config '{}' (small, medium, or dimension flags)", c));
+        GPTConfig m = a.models[c];
+        m.max_seq = std::max<int64_t>(a.batch_seq[c].second, 128);
+        m.validate();
+        auto [B, T] = a.batch_seq[c];
+        if (B < 1 || T < 2) throw std::invalid_argument(fmt::format("--batch {} / --seq {}: need B >= 1, T >= 2", B, T));
+    }
+    const auto known = peft::method_names();
+    for (const std::string& m : a.methods)
+        if (std::find(known.begin(), known.end(), m) == known.end())
+            throw std::invalid_argument(fmt::format("--methods: unknown method '{}'", m));
+    a.n = r["n"].as<int64_t>();
+    a.lora_rank = r["lora-rank"].as<int64_t>();
+    a.steps = r["repeats"].as<int>();
+    a.threads = r["threads"].as<int>();
+    if (a.n < 0) throw std::invalid_argument(fmt::format("--n: {} must be >= 0", a.n));
+    if (a.steps < 0) throw std::invalid_argument(fmt::format("--repeats: {} must be >= 0", a.steps));
+    if (a.threads < 1) throw std::invalid_argument(fmt::format("--threads: {} must be >= 1", a.threads));
+    a.torch = !r.count("no-torch");
+    a.scaling = !r.count("no-scaling") && !a.quick;
+    a.generation = !r.count("no-generate");
+    a.python = r["python"].as<std::string>();
+    a.torch_script = r["torch-script"].as<std::string>();
+    a.out = r["out"].as<std::string>();
+    a.spin = r["spin"].as<std::string>();
+    if (a.spin != "default" && (a.spin.empty() || a.spin.find_first_not_of("0123456789") != std::string::npos))
+        throw std::invalid_argument(fmt::format("--spin: '{}' is not a spin count or 'default'", a.spin));
+    return a;
+}
+
+// ---- the parent: rows ---------------------------------------------------------------------
+struct Bench {
+    Args args;
+    std::string self;
+    std::vector<std::string> env;  // for every child, ours and torch's
+    std::unique_ptr<Child> torch;  // null when PyTorch is unavailable or failed
+    json torch_hello;
+    double peak = 0, bandwidth = 0;
+
+    // Runs one row: our child and (if available) the torch worker, interleaved.
+    json run_row(const Spec& s, int pairs) {
+        json row = s.to_json();
+        row.erase("warmup");
+        row.erase("threads");
+        std::vector<double> ours, theirs;
+        try {
+            Child child({self, "--child", s.to_json().dump()}, env);
+            const json ready = child.receive(1800);
+            bool torch_ok = false;
+            if (torch) {
+                json setup = s.to_json();
+                setup["cmd"] = "setup";
+                torch->send(setup.dump());
+                const json r = torch->receive(1800);
+                torch_ok = !r.contains("error");
+                if (!torch_ok) row["torch_error"] = r["error"];
+            }
+            for (int i = 0; i < pairs; ++i) {
+                child.send("step");
+                ours.push_back(child.receive(1800).at("ms"));
+                if (torch_ok) {
+                    torch->send(R"({"cmd": "step"})");
+                    const json r = torch->receive(1800);
+                    if (r.contains("ms")) theirs.push_back(r["ms"]);
+                }
+            }
+            child.send("end");
+            const json end = child.receive(60);
+            if (torch_ok) {
+                torch->send(R"({"cmd": "end"})");
+                torch->receive(60);
+            }
+            row["flops_per_step"] = ready["flops"];
+            row["flops_by_phase"] = ready["flops_by_phase"];
+            row["peak_rss_bytes"] = end["peak_rss_bytes"];
+            row["tracked_peak_bytes"] = end["tracked_peak_bytes"];
+        } catch (const std::exception& e) {
+            std::cerr << e.what() << "\n";
+            row["error"] = e.what();
+            if (std::string(e.what()).find("torch") != std::string::npos) torch.reset();
+            return row;
+        }
+        const double ms = median(ours), tokens = double(s.tokens());
+        row["step_ms"] = ours;
+        row["sgemm_peak_gflops"] = peak;
+        if (s.kind == "train") {
+            row["ms_per_step"] = ms;
+            row["tokens_per_s"] = tokens / ms * 1e3;
+            row["gflops"] = row["flops_per_step"].get<double>() / ms / 1e6;
+            row["peak_share"] = row["gflops"].get<double>() / peak;
+        } else {
+            row["ms_per_generate"] = ms;
+            row["gen_tokens_per_s"] = tokens / ms * 1e3;
+            const int64_t n_prefix = s.method == "prefix" ? s.n : 0;
+            row["gen_bound_tokens_per_s"] = generation_bound(s, n_prefix, count_params(s.model), bandwidth, peak);
+        }
+        if (!theirs.empty()) {
+            const double tms = median(theirs);
+            row["torch_step_ms"] = theirs;
+            // Per-pair ratios are the steadiest comparison on a shared machine.
+            std::vector<double> ratio;
+            for (size_t i = 0; i < std::min(ours.size(), theirs.size()); ++i) ratio.push_back(theirs[i] / ours[i]);
+            row["speedup_vs_torch"] = median(ratio);
+            if (s.kind == "train") {
+                row["torch_ms_per_step"] = tms;
+                row["torch_tokens_per_s"] = tokens / tms * 1e3;
+            } else {
+                row["torch_ms_per_generate"] = tms;
+                row["torch_gen_tokens_per_s"] = tokens / tms * 1e3;
+            }
+        }
+        return row;
+    }
+
+    json machine() {
+        Child child({self, "--child", json{{"kind", "machine"}, {"threads", args.threads}}.dump()}, env);
+        return child.receive(600);
+    }
+
+    Spec spec(const std::string& config, const std::string& kind, const std::string& method) const {
+        Spec s;
+        s.kind = kind;
+        s.config = config;
+        s.method = method;
+        s.model = args.models.at(config);
+        std::tie(s.batch, s.seq) = args.batch_seq.at(config);
+        s.n = args.n;
+        s.lora_rank = args.lora_rank;
+        s.threads = args.threads;
+        s.warmup = config == "small" ? 2 : 1;  // the first step allocates every buffer
+        if (kind == "generate") s.batch = 8;
+        s.model.max_seq = std::max(s.seq, s.prompt_len + s.new_tokens);
+        return s;
+    }
+    int pairs_for(const Spec& s) const {
+        if (args.steps) return args.steps;
+        if (args.quick) return 3;
+        return s.model.d_model * s.model.n_layers * s.seq <= 256 * 4 * 128 ? 6 : 3;
+    }
+};
+
+std::string fmt_opt(const json& row, const char* key, const char* spec) {
+    if (!row.contains(key) || row[key].is_null()) return "-";
+    return fmt::format(fmt::runtime(spec), row[key].get<double>());
+}
+
+std::string train_table(const std::vector<json>& rows) {
+    std::string md =
+        "| config | method | T | n | ms/step | tokens/s | GFLOP/s | sgemm peak share | peak RSS MiB | torch ms/step | "
+        "torch tokens/s | speedup vs torch |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    for (const json& r : rows) {
+        if (r.contains("error")) {
+            md += fmt::format("| {} | {} | {} | {} | error: {} |\n", r["config"].get<std::string>(),
+                              r["method"].get<std::string>(), r["seq"].get<int64_t>(), r["n"].get<int64_t>(),
+                              r["error"].get<std::string>());
+            continue;
+        }
+        md += fmt::format("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                          r["config"].get<std::string>(), r["method"].get<std::string>(), r["seq"].get<int64_t>(),
+                          r["method"] == "full" || r["method"] == "lora" ? std::string("-")
+                                                                           : std::to_string(r["n"].get<int64_t>()),
+                          fmt_opt(r, "ms_per_step", "{:.1f}"), fmt_opt(r, "tokens_per_s", "{:.0f}"),
+                          fmt_opt(r, "gflops", "{:.1f}"),
+                          r.contains("peak_share") ? fmt::format("{:.0f}%", 100 * r["peak_share"].get<double>()) : "-",
+                          r.contains("peak_rss_bytes") ? fmt::format("{:.0f}", r["peak_rss_bytes"].get<double>() / 1048576)
+                                                       : "-",
+                          fmt_opt(r, "torch_ms_per_step", "{:.1f}"), fmt_opt(r, "torch_tokens_per_s", "{:.0f}"),
+                          fmt_opt(r, "speedup_vs_torch", "{:.2f}x"));
+    }
+    return md;
+}
+
+std::string gen_table(const std::vector<json>& rows) {
+    std::string md =
+        "| config | model | tokens/s | ms per generate | bound tokens/s | peak RSS MiB | torch tokens/s | speedup vs torch |\n"
+        "|---|---|---|---|---|---|---|---|\n";
+    for (const json& r : rows) {
+        if (r.contains("error")) {
+            md += fmt::format("| {} | {} | error: {} |\n", r["config"].get<std::string>(), r["method"].get<std::string>(),
+                              r["error"].get<std::string>());
+            continue;
+        }
+        md += fmt::format("| {} | {} | {} | {} | {} | {:.0f} | {} | {} |\n", r["config"].get<std::string>(),
+                          r["method"].get<std::string>(), fmt_opt(r, "gen_tokens_per_s", "{:.0f}"),
+                          fmt_opt(r, "ms_per_generate", "{:.1f}"), fmt_opt(r, "gen_bound_tokens_per_s", "{:.0f}"),
+                          r["peak_rss_bytes"].get<double>() / 1048576, fmt_opt(r, "torch_gen_tokens_per_s", "{:.0f}"),
+                          fmt_opt(r, "speedup_vs_torch", "{:.2f}x"));
+    }
+    return md;
+}
+
+// Issue 6's targets, checked on what was measured.
+json check_targets(const std::vector<json>& train, const std::vector<json>& gen) {
+    json out = json::array();
+    auto find = [&](const std::string& config, const std::string& method) -> const json* {
+        for (const json& r : train)
+            if (r["config"] == config && r["method"] == method && !r.contains("error")) return &r;
+        return nullptr;
+    };
+    auto add = [&](std::string what, double value, double limit, bool at_least) {
+        const bool ok = at_least ? value >= limit : value <= limit;
+        out.push_back({{"target", what}, {"value", value}, {"limit", limit}, {"holds", ok}});
+    };
+    for (const json& r : train) {
+        if (r.contains("error")) continue;
+        const std::string cfg = r["config"];
+        if (r.contains("speedup_vs_torch") && (cfg == "small" || cfg == "medium"))
+            add(fmt::format("{} {}: tokens/s vs torch", cfg, r["method"].get<std::string>()),
+                r["speedup_vs_torch"].get<double>(), cfg == "small" ? 1.3 : 1.1, true);
+    }
+    if (const json* full = find("medium", "full"))
+        add("medium full: share of sgemm peak", (*full)["peak_share"].get<double>(), 0.75, true);
+    for (const std::string cfg : {"small", "medium"}) {
+        const json* full = find(cfg, "full");
+        if (!full) continue;
+        for (const std::string m : {"prefix", "prefix-kv", "prompt", "lora"})
+            if (const json* r = find(cfg, m))
+                add(fmt::format("{} {}: step / full step", cfg, m),
+                    (*r)["ms_per_step"].get<double>() / (*full)["ms_per_step"].get<double>(), 0.70, false);
+        const json *p = find(cfg, "prefix"), *kv = find(cfg, "prefix-kv");
+        if (p && kv)
+            add(fmt::format("{} prefix: step / prefix-kv step", cfg),
+                (*p)["ms_per_step"].get<double>() / (*kv)["ms_per_step"].get<double>(), 1.05, false);
+        if (cfg == "medium" && p)
+            add("medium prefix: peak RSS / full peak RSS",
+                (*p)["peak_rss_bytes"].get<double>() / (*full)["peak_rss_bytes"].get<double>(), 0.5, false);
+    }
+    for (const json& r : gen)
+        if (r.contains("speedup_vs_torch"))
+            add(fmt::format("{} generation ({}): tokens/s vs torch", r["config"].get<std::string>(),
+                            r["method"].get<std::string>()),
+                r["speedup_vs_torch"].get<double>(), 3.0, true);
+    return out;
+}
+
+int run_parent(const Args& args) {
+    signal(SIGPIPE, SIG_IGN);  // a child that died is reported, not fatal
+    const double t_start = now_s();
+    Bench b;
+    b.args = args;
+    b.self = std::filesystem::read_symlink("/proc/self/exe").string();
+    set_threads(args.threads);
+    // libgomp reads its waiting settings when a process starts: children get them.
+    const char *policy = std::getenv("OMP_WAIT_POLICY"), *spin = std::getenv("GOMP_SPINCOUNT");
+    if (!policy && !spin && args.spin != "default") b.env.push_back("GOMP_SPINCOUNT=" + args.spin);
+    const std::string waiting = policy ? fmt::format("OMP_WAIT_POLICY={}", policy)
+                                : spin ? fmt::format("GOMP_SPINCOUNT={}", spin)
+                                : args.spin != "default" ? "GOMP_SPINCOUNT=" + args.spin
+                                                         : std::string("libgomp's default");
+    fmt::print("peftlab: {} threads, OpenBLAS core {} ({}), {} threads; OpenMP waiting (both sides): {}\n", threads(),
+               blas_core_name(), blas_config(), openblas_get_num_threads(), waiting);
+
+    if (args.torch) {
+        if (!std::filesystem::exists(args.python) || !std::filesystem::exists(args.torch_script)) {
+            fmt::print("PyTorch side skipped: {} or {} not found\n", args.python, args.torch_script);
+        } else {
+            try {
+                // The OpenMP build of OpenBLAS, as ours: torch's OpenMP pool and
+                // OpenBLAS then share threads instead of oversubscribing the cores.
+                const char* ld = std::getenv("LD_LIBRARY_PATH");
+                std::vector<std::string> env = b.env;
+                env.push_back("LD_LIBRARY_PATH=" + std::string(kBlasDir) + (ld && *ld ? ":" + std::string(ld) : ""));
+                b.torch = std::make_unique<Child>(std::vector<std::string>{args.python, args.torch_script, "--serve",
+                                                                           "--threads", std::to_string(args.threads)},
+                                                  env);
+                b.torch_hello = b.torch->receive(120);
+                const json& blas = b.torch_hello["blas"];
+                fmt::print("torch {}: {} threads, BLAS {} (core {}, {} threads)\n",
+                           b.torch_hello["torch"].get<std::string>(), b.torch_hello["threads"].get<int>(),
+                           blas.value("openblas", std::string("not OpenBLAS: ") + blas["libraries"].dump()),
+                           blas.value("core", std::string("?")), blas.value("openblas_threads", 0));
+            } catch (const std::exception& e) {
+                fmt::print("PyTorch side skipped: {}\n", e.what());
+                b.torch.reset();
+            }
+        }
+    }
+
+    const json m = b.machine();
+    b.peak = m["sgemm_peak_gflops"];
+    b.bandwidth = m["read_bandwidth_gbs"];
+    const double ours_mm = m["matmul_1024_gflops"], raw_mm = m["cblas_sgemm_1024_gflops"];
+    fmt::print("sgemm peak (2048^3, best of 5): {:.1f} GFLOP/s; 1024^3 matmul (best of 9, interleaved): ours {:.1f}, raw "
+               "cblas_sgemm {:.1f} GFLOP/s (overhead {:+.1f}%); read bandwidth {:.1f} GB/s\n",
+               b.peak, ours_mm, raw_mm, 100 * (raw_mm / ours_mm - 1), b.bandwidth);
+
+    std::vector<json> train, scaling, gen;
+    auto show = [](const json& r) {
+        if (r.contains("error")) return;
+        if (r["kind"] == "train")
+            fmt::print("  {:<7} {:<9} T={:<4} n={:<3} {:8.1f} ms/step {:8.0f} tok/s {:6.1f} GFLOP/s  torch {} ms  x{}\n",
+                       r["config"].get<std::string>(), r["method"].get<std::string>(), r["seq"].get<int64_t>(),
+                       r["n"].get<int64_t>(), r["ms_per_step"].get<double>(), r["tokens_per_s"].get<double>(),
+                       r["gflops"].get<double>(), fmt_opt(r, "torch_ms_per_step", "{:.1f}"),
+                       fmt_opt(r, "speedup_vs_torch", "{:.2f}"));
+        else
+            fmt::print("  {:<7} generate {:<6} {:8.0f} tok/s ({:.1f} ms)  torch {} tok/s  x{}\n",
+                       r["config"].get<std::string>(), r["method"].get<std::string>(), r["gen_tokens_per_s"].get<double>(),
+                       r["ms_per_generate"].get<double>(), fmt_opt(r, "torch_gen_tokens_per_s", "{:.0f}"),
+                       fmt_opt(r, "speedup_vs_torch", "{:.2f}"));
+        std::cout.flush();
+    };
+    for (const std::string& config : args.configs)
+        for (const std::string& method : args.methods) {
+            Spec s = b.spec(config, "train", method);
+            train.push_back(b.run_row(s, b.pairs_for(s)));
+            show(train.back());
+        }
+    if (args.scaling && std::find(args.configs.begin(), args.configs.end(), "small") != args.configs.end()) {
+        // The step against T (full and prefix) and against n (the prefix-like
+        // methods); rows the main table already measured are reused.
+        auto scaled = [&](Spec s) {
+            for (const json& r : train)
+                if (r["config"] == "small" && r["method"] == s.method && r["seq"] == s.seq && r["n"] == s.n &&
+                    !r.contains("error")) {
+                    scaling.push_back(r);
+                    return;
+                }
+            s.warmup = 1;
+            scaling.push_back(b.run_row(s, 3));
+            show(scaling.back());
+        };
+        for (const int64_t T : {64, 128, 256, 512})
+            for (const std::string method : {"full", "prefix"}) {
+                Spec s = b.spec("small", "train", method);
+                s.seq = T;
+                s.model.max_seq = std::max<int64_t>(T, 128);
+                scaled(s);
+            }
+        for (const int64_t n : {0, 16, 64})
+            for (const std::string method : {"prefix", "prefix-kv", "prompt"}) {
+                Spec s = b.spec("small", "train", method);
+                s.n = n;
+                scaled(s);
+            }
+    }
+    if (args.generation)
+        for (const std::string& config : args.configs)
+            for (const std::string model : {"base", "prefix"}) {
+                if (args.quick && model == "prefix") continue;
+                Spec s = b.spec(config, "generate", model);
+                gen.push_back(b.run_row(s, b.args.quick ? 3 : 5));
+                show(gen.back());
+            }
+
+    const double peak_end = b.machine()["sgemm_peak_gflops"];
+    const json targets = check_targets(train, gen);
+    json doc = {{"machine",
+                 {{"threads", args.threads},
+                  {"openblas_core", blas_core_name()},
+                  {"openblas_config", blas_config()},
+                  {"openblas_threads", openblas_get_num_threads()},
+                  {"openmp_waiting", waiting},
+                  {"sgemm_peak_gflops", b.peak},
+                  {"sgemm_peak_gflops_at_end", peak_end},
+                  {"matmul_1024_gflops", ours_mm},
+                  {"cblas_sgemm_1024_gflops", raw_mm},
+                  {"read_bandwidth_gbs", b.bandwidth}}},
+                {"torch", b.torch_hello.is_null() ? json(nullptr) : b.torch_hello},
+                {"rows", train},
+                {"scaling", scaling},
+                {"generation", gen},
+                {"targets", targets},
+                {"seconds", now_s() - t_start}};
+
+    std::string md = fmt::format(
+        "# peftlab bench\n\n{} threads; OpenBLAS {} ({} threads); OpenMP waiting (both sides): {}. PyTorch: {}.\n"
+        "sgemm peak {:.1f} GFLOP/s (2048^3; {:.1f} at the end of the run); 1024^3 matmul through the Tensor API "
+        "{:.1f} vs raw cblas_sgemm {:.1f} GFLOP/s; read bandwidth {:.1f} GB/s.\n\n"
+        "## Training steps (forward + backward + AdamW; medians, step pairs interleaved with PyTorch)\n\n{}",
+        args.threads, blas_core_name(), openblas_get_num_threads(), waiting,
+        b.torch_hello.is_null()
+            ? std::string("not run")
+            : fmt::format("torch {} with {} threads, BLAS {} (core {})", b.torch_hello["torch"].get<std::string>(),
+                          b.torch_hello["threads"].get<int>(),
+                          b.torch_hello["blas"].value("openblas", std::string("?")),
+                          b.torch_hello["blas"].value("core", std::string("?"))),
+        b.peak, peak_end, ours_mm, raw_mm, b.bandwidth, train_table(train));
+    if (!gen.empty())
+        md += "\n## Generation (KV cache, batch 8, prompt 64, 64 new tokens, greedy; tokens/s of new tokens)\n\n" +
+              gen_table(gen) +
+              "\nbound: every weight and the KV cache read once per decoding step at the measured read bandwidth, "
+              "the prefill at sgemm peak.\n";
+    if (!scaling.empty()) md += "\n## Scaling (small config)\n\n" + train_table(scaling);
+    md += "\n## Targets (issue 6)\n\n| target | value | limit | holds |\n|---|---|---|---|\n";
+    for (const json& t : targets)
+        md += fmt::format("| {} | {:.3f} | {} {} | {} |\n", t["target"].get<std::string>(), t["value"].get<double>(),
+                          t["target"].get<std::string>().find("torch") != std::string::npos ||
+                                  t["target"].get<std::string>().find("sgemm") != std::string::npos
+                              ? ">="
+                              : "<=",
+                          t["limit"].get<double>(), t["holds"].get<bool>() ? "yes" : "**no**");
+    md += fmt::format("\n({:.0f} s)\n", now_s() - t_start);
+
+    std::filesystem::create_directories(args.out);
+    write_file_atomic(args.out + "/bench.json", doc.dump(2) + "\n");
+    write_file_atomic(args.out + "/bench.md", md);
+    std::cout << "\n" << md << "\nwrote " << args.out << "/bench.json and bench.md\n";
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    try {
+        if (argc == 3 && std::string(argv[1]) == "--child") return run_child(argv[2]);
+        return run_parent(parse_args(argc, argv));
+    } catch (const std::exception& e) {
+        std::cerr << "bench: " << e.what() << "\n";
+        return 1;
+    }
+}
