@@ -21,7 +21,9 @@
 //   attention (fused)           per batch row and head: 2*Tq*Tk*Dh for Q K^T and
 //                               2*Tq*Tk*Dh for P V; softmax 5*Tq*Tk; backward:
 //                               dV, dP, dQ, dK GEMMs 2*Tq*Tk*Dh each when
-//                               computed, softmax backward 4*Tq*Tk
+//                               computed, softmax backward 4*Tq*Tk. Model FLOPs:
+//                               the causal triangle the kernel skips is counted,
+//                               the backward's recomputation of P is not
 //   cross_entropy               6 per logit forward; 3 per logit backward
 //   embedding                   0 forward (a gather); backward 1 per gathered element
 //   dropout                     2 per element; backward 1 per element

@@ -267,11 +267,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
     const int64_t Dh = C / H;
     const float scale = 1.f / std::sqrt(float(Dh));
     Tensor out = make_result({B, Tq, C});
-    auto probs = Storage::alloc(B * H * Tq * Tk);  // P [B, H, Tq, Tk], saved for backward
-    const float *pq = q.data(), *pk = k.data(), *pv = v.data();
-    const float* valid = key_valid.defined() ? key_valid.data() : nullptr;
     float* po = out.data();
-    float* pp = probs->data;
     const bool parallel = B * H * 2 * Tq * Tk * Dh > kMacsParallelMin;  // a decoding step often is not
     // Causal attention runs over blocks of query rows, each against only the
     // keys its last row may see: the masked upper triangle of S and P is
@@ -279,28 +275,44 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
     const int64_t n_blocks = causal ? (Tq + kQueryBlock - 1) / kQueryBlock : 1;
     const int64_t rows_per_block = causal ? kQueryBlock : Tq;
     auto key_end = [=](int64_t i1) { return causal ? i1 + (Tk - Tq) : Tk; };  // keys seen by rows < i1
-#pragma omp parallel for collapse(2) if (parallel) schedule(static)
-    for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < H; ++h) {
-            float* P = pp + (b * H + h) * Tq * Tk;
-            const float *Q = pq + b * Tq * C + h * Dh, *K = pk + b * Tk * C + h * Dh, *V = pv + b * Tk * C + h * Dh;
-            for (int64_t blk = 0; blk < n_blocks; ++blk) {
-                const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
-                const int64_t kend = key_end(i0 + rows);
-                // S [rows, kend] = Q K^T * scale; heads are column blocks of width Dh.
-                gemm(false, true, rows, kend, Dh, scale, Q + i0 * C, C, K, C, 0.f, P + i0 * Tk, Tk);
-                for (int64_t i = i0; i < i0 + rows; ++i) {
-                    const int64_t limit = causal ? i + (Tk - Tq) + 1 : Tk;
-                    masked_softmax_row(P + i * Tk, P + i * Tk, Tk, limit, valid ? valid + b * Tk : nullptr);
-                }
-                gemm(false, false, rows, Dh, kend, 1.f, P + i0 * Tk, Tk, V, C, 0.f, po + (b * Tq + i0) * C + h * Dh, C);
+    // P [Tq, Tk] = softmax(Q K^T * scale) of one batch row b and head h (Q, K
+    // point at its column block of width Dh), row block by row block; after
+    // each block then(i0, rows, kend) runs. P is not saved for the backward,
+    // which recomputes it (the same code, the same bits): B*H*Tq*Tk floats per
+    // layer would otherwise be the largest activation of a training step.
+    auto probs = [=](float* P, const float* Q, const float* K, const float* valid, int64_t b, auto then) {
+        for (int64_t blk = 0; blk < n_blocks; ++blk) {
+            const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
+            const int64_t kend = key_end(i0 + rows);
+            gemm(false, true, rows, kend, Dh, scale, Q + i0 * C, C, K, C, 0.f, P + i0 * Tk, Tk);
+            for (int64_t i = i0; i < i0 + rows; ++i) {
+                const int64_t limit = causal ? i + (Tk - Tq) + 1 : Tk;
+                masked_softmax_row(P + i * Tk, P + i * Tk, Tk, limit, valid ? valid + b * Tk : nullptr);
             }
+            then(i0, rows, kend);
         }
+    };
+    const float *pq = q.data(), *pk = k.data(), *pv = v.data();
+    const float* valid = key_valid.defined() ? key_valid.data() : nullptr;
+#pragma omp parallel if (parallel)
+    {
+        std::vector<float> P(static_cast<size_t>(Tq * Tk));
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t h = 0; h < H; ++h) {
+                const float* V = pv + b * Tk * C + h * Dh;
+                probs(P.data(), pq + b * Tq * C + h * Dh, pk + b * Tk * C + h * Dh, valid, b,
+                      [&](int64_t i0, int64_t rows, int64_t kend) {  // out [rows, Dh] = P V
+                          gemm(false, false, rows, Dh, kend, 1.f, P.data() + i0 * Tk, Tk, V, C, 0.f,
+                               po + (b * Tq + i0) * C + h * Dh, C);
+                      });
+            }
+    }
     flops::add(uint64_t(B * H * (4 * Tq * Tk * Dh + 5 * Tq * Tk)));
 
     auto gq = grad_target(q), gk = grad_target(k), gv = grad_target(v);
     if (!gq && !gk && !gv) return out;
-    Tensor sq = gk ? q : Tensor(), sk = gq ? k : Tensor(), sv = gq || gk ? v : Tensor();
+    Tensor sq = q, sk = k, sv = gq || gk ? v : Tensor(), svalid = key_valid;  // P is recomputed from q, k
     record(out, [=](const float* dout) {
         // q, k, v may be one tensor (or k and v): then they share a cell and only
         // the first GEMM to write each block may use beta = 0. The loop below
@@ -309,32 +321,35 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
         float* dv = gv ? gv->gemm_target(bv) : nullptr;
         float* dq = gq ? gq->gemm_target(bq) : nullptr;
         float* dk = gk ? gk->gemm_target(bk) : nullptr;
-        const float* P0 = probs->data;
+        const float* kv_valid = svalid.defined() ? svalid.data() : nullptr;
 #pragma omp parallel if (parallel)
         {
-            std::vector<float> dS(static_cast<size_t>(Tq * Tk));
+            std::vector<float> P(static_cast<size_t>(Tq * Tk)), dS(static_cast<size_t>(Tq * Tk));
 #pragma omp for collapse(2) schedule(static)
             for (int64_t b = 0; b < B; ++b)
                 for (int64_t h = 0; h < H; ++h) {
                     // Row blocks as in the forward. dV and dK sum over row blocks:
                     // the last block, whose keys are all Tk, goes first with the
                     // target's beta and the others add. dV, then dQ, then dK.
-                    const float* P = P0 + (b * H + h) * Tq * Tk;
-                    const float* dO = dout + b * Tq * C + h * Dh;
                     const int64_t head = h * Dh;
+                    probs(P.data(), sq.data() + b * Tq * C + head, sk.data() + b * Tk * C + head, kv_valid, b,
+                          [](int64_t, int64_t, int64_t) {});
+                    const float* dO = dout + b * Tq * C + head;
                     for (int64_t blk = n_blocks - 1; blk >= 0; --blk) {
                         const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
                         const int64_t kend = key_end(i0 + rows);
                         const float beta = blk == n_blocks - 1 ? bv : 1.f;
                         if (dv)  // dV [kend, Dh] += P^T dO
-                            gemm(true, false, kend, Dh, rows, 1.f, P + i0 * Tk, Tk, dO + i0 * C, C, beta,
+                            gemm(true, false, kend, Dh, rows, 1.f, P.data() + i0 * Tk, Tk, dO + i0 * C, C, beta,
                                  dv + b * Tk * C + head, C);
                         if (!dq && !dk) continue;
                         // dP [rows, kend] = dO V^T, then dS = softmax backward (scale folded in).
                         gemm(false, true, rows, kend, Dh, 1.f, dO + i0 * C, C, sv.data() + b * Tk * C + head, C, 0.f,
                              dS.data() + i0 * Tk, Tk);
-                        for (int64_t i = i0; i < i0 + rows; ++i)
-                            softmax_backward_row(dS.data() + i * Tk, dS.data() + i * Tk, P + i * Tk, kend, scale);
+                        for (int64_t i = i0; i < i0 + rows; ++i) {
+                            float* ds = dS.data() + i * Tk;
+                            softmax_backward_row(ds, ds, P.data() + i * Tk, kend, scale);
+                        }
                     }
                     for (int64_t blk = 0; dq && blk < n_blocks; ++blk) {  // dQ [rows, Dh] = dS K
                         const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
