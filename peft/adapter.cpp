@@ -4,6 +4,7 @@
 #include <set>
 #include <sstream>
 #include <stdexcept>
+#include <type_traits>
 
 #include <fmt/format.h>
 
@@ -27,20 +28,34 @@ AdapterOptions AdapterOptions::from_json(const nlohmann::json& j) {
     AdapterOptions o;
     for (auto it = j.begin(); it != j.end(); ++it) {
         const std::string& k = it.key();
+        auto bad_value = [&] {
+            return std::invalid_argument(fmt::format("AdapterOptions: key '{}' has a bad value {}", k, it->dump()));
+        };
+        // get_to alone would truncate 2.5 to 2 and wrap -1 to 2^64 - 1 without a word.
+        auto integer = [&](const nlohmann::json& v, bool is_unsigned) {
+            if (!v.is_number_integer() || (is_unsigned && !v.is_number_unsigned())) throw bad_value();
+        };
+        auto get_integer = [&](auto& field) {
+            integer(*it, std::is_unsigned_v<std::decay_t<decltype(field)>>);
+            it->get_to(field);
+        };
         try {
-            if (k == "n") it->get_to(o.n);
+            if (k == "n") get_integer(o.n);
             else if (k == "layers") it->get_to(o.layers);
             else if (k == "reparam") it->get_to(o.reparam);
-            else if (k == "reparam_hidden") it->get_to(o.reparam_hidden);
+            else if (k == "reparam_hidden") get_integer(o.reparam_hidden);
             else if (k == "init") it->get_to(o.init);
-            else if (k == "init_tokens") it->get_to(o.init_tokens);
-            else if (k == "lora_rank") it->get_to(o.lora_rank);
+            else if (k == "init_tokens") {
+                if (!it->is_array()) throw bad_value();
+                for (const auto& v : *it) integer(v, false);
+                it->get_to(o.init_tokens);
+            } else if (k == "lora_rank") get_integer(o.lora_rank);
             else if (k == "lora_alpha") it->get_to(o.lora_alpha);
             else if (k == "lora_targets") it->get_to(o.lora_targets);
-            else if (k == "seed") it->get_to(o.seed);
+            else if (k == "seed") get_integer(o.seed);
             else throw std::invalid_argument(fmt::format("AdapterOptions: unknown key '{}'", k));
-        } catch (const nlohmann::json::exception& e) {
-            throw std::invalid_argument(fmt::format("AdapterOptions: key '{}' has a bad value {}", k, it->dump()));
+        } catch (const nlohmann::json::exception&) {
+            throw bad_value();
         }
     }
     if (o.n < 0) throw std::invalid_argument(fmt::format("AdapterOptions: n = {} must be >= 0", o.n));

@@ -16,10 +16,22 @@ std::string target_module(const std::string& t) {
     throw std::invalid_argument(
         fmt::format("lora adapter: target '{}' is not one of q_proj, k_proj, v_proj, o_proj, fc, proj", t));
 }
+
+// Unknown and repeated targets are errors: a repeat would add a second, never
+// used A/B pair under the same names and double the parameter count.
+void check_targets(const std::vector<std::string>& targets) {
+    for (size_t i = 0; i < targets.size(); ++i) {
+        target_module(targets[i]);
+        for (size_t j = 0; j < i; ++j)
+            if (targets[j] == targets[i])
+                throw std::invalid_argument(fmt::format("lora adapter: target '{}' is listed twice", targets[i]));
+    }
+}
 }  // namespace
 
 void LoRA::build(GPT& base) {
     const int64_t r = opts_.lora_rank;
+    check_targets(opts_.lora_targets);
     Rng rng(opts_.seed);
     for (int l : layers_)
         for (const std::string& t : opts_.lora_targets) {
@@ -45,6 +57,7 @@ Tensor LoRA::linear_delta(const std::string& path, const Tensor& x, const Forwar
 
 ParamFormula LoRA::formula(const GPTConfig& c) const {
     const int64_t r = opts_.lora_rank, d = c.d_model, F = c.d_ff;
+    check_targets(opts_.lora_targets);
     int64_t per_layer = 0;
     std::string text;
     for (const std::string& t : opts_.lora_targets) {

@@ -1,0 +1,522 @@
+// Behaviour of the PEFT methods on a tiny GPT: the base stays bitwise frozen,
+// trainable counts equal the formulas, gradients reach exactly the tensors
+// each method places, the equivalences between forms hold (hidden vs
+// key/value prefixes, n = 0, LoRA merge, materialized reparameterization,
+// zero BitFit deltas), backprop matches finite differences, and the registry
+// and option parsers name what is wrong.
+#include <cmath>
+#include <map>
+#include <set>
+
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "nn/optim.h"
+#include "peft/lora.h"
+#include "peft/registry.h"
+#include "tests/peft_testing.h"
+
+using namespace peftlab;
+using namespace peftlab::peft;
+using namespace peftlab::peft_testing;
+using Catch::Contains;
+
+namespace {
+
+// A fixed batch of two left-padded rows (lengths 6 and 4) with random
+// next-token targets (-1 at padding).
+struct Batch {
+    ModelInput in;
+    std::vector<int32_t> targets;
+};
+Batch make_batch(uint64_t seed) {
+    const int64_t vocab = 48;
+    Rng rng(seed);
+    Batch b;
+    b.in = padded_batch({random_tokens(rng, 6, vocab), random_tokens(rng, 4, vocab)}, /*left=*/true);
+    for (size_t i = 0; i < b.in.tokens.size(); ++i)
+        b.targets.push_back(b.in.valid[i] ? int32_t(rng.below(uint32_t(vocab))) : -1);
+    return b;
+}
+
+// Logits of `base` with `hooks` installed (null: the bare base), no gradient.
+Tensor logits_of(GPT& base, ModelHooks* hooks, const ModelInput& in) {
+    NoGradGuard no_grad;
+    base.set_hooks(hooks);
+    Tensor out = base.forward(in);
+    base.set_hooks(nullptr);
+    return out;
+}
+
+// AdamW steps on the adapter's tensors over a fixed batch; returns the losses.
+std::vector<float> train(GPT& base, Adapter& adapter, int steps) {
+    adapter.activate(base);
+    AdamWOptions o;
+    o.lr = 1e-2;
+    AdamW opt(adapter.parameters(), o);
+    Batch b = make_batch(99);
+    std::vector<float> losses;
+    for (int s = 0; s < steps; ++s) {
+        opt.zero_grad();
+        Tensor loss = lm_loss(base.forward(b.in), b.targets);
+        losses.push_back(loss.item());
+        backward(loss);
+        opt.step();
+    }
+    base.set_hooks(nullptr);
+    return losses;
+}
+
+Tensor find(const NamedTensors& tensors, const std::string& name) {
+    for (const auto& [n, t] : tensors)
+        if (n == name) return t;
+    FAIL("no tensor named " << name);
+    return {};
+}
+
+std::unique_ptr<Adapter> attached(GPT& base, const std::string& method, const AdapterOptions& o) {
+    auto a = make_adapter(method, o);
+    a->attach(base);
+    return a;
+}
+
+AdapterOptions options(int64_t n, const std::string& layers, bool reparam = false, const std::string& init = "vocab") {
+    AdapterOptions o;
+    o.n = n;
+    o.layers = layers;
+    o.reparam = reparam;
+    o.reparam_hidden = 24;
+    o.init = init;
+    o.seed = uint64_t(n) * 31 + layers.size();
+    return o;
+}
+
+}  // namespace
+
+TEST_CASE("peft: the registry makes every listed method and names unknown ones with the known list", "[peft]") {
+    std::vector<std::string> names = method_names();
+    CHECK(names == std::vector<std::string>{"full", "prompt", "prefix", "prefix-kv", "lora", "bitfit"});
+    for (const MethodInfo& m : methods()) {
+        CHECK(!m.description.empty());
+        CHECK(make_adapter(m.name)->method() == m.name);
+    }
+    CHECK_THROWS_WITH(make_adapter("nope"), Contains("'nope'") && Contains("full") && Contains("prompt") &&
+                                                Contains("prefix-kv") && Contains("lora") && Contains("bitfit"));
+}
+
+TEST_CASE("peft: parse_layers resolves specs and its errors name the spec", "[peft]") {
+    using V = std::vector<int>;
+    CHECK(parse_layers("all", 3) == V{0, 1, 2});
+    CHECK(parse_layers("none", 3) == V{});
+    CHECK(parse_layers("top:1", 3) == V{2});
+    CHECK(parse_layers("top:3", 3) == V{0, 1, 2});
+    CHECK(parse_layers("bottom:2", 3) == V{0, 1});
+    CHECK(parse_layers("2,0", 3) == V{0, 2});
+    for (const char* bad : {"foo", "0,x", "1,,2", "top:", "top:x", "bottom:1.5"})
+        CHECK_THROWS_WITH(parse_layers(bad, 3), Contains(fmt::format("'{}'", bad)) && Contains("not a number"));
+    CHECK_THROWS_WITH(parse_layers("0,3", 3), Contains("'0,3'") && Contains("layer 3 does not exist"));
+    CHECK_THROWS_WITH(parse_layers("-1", 3), Contains("'-1'") && Contains("layer -1 does not exist"));
+    CHECK_THROWS_WITH(parse_layers("top:4", 3), Contains("'top:4'") && Contains("k = 4"));
+    CHECK_THROWS_WITH(parse_layers("bottom:-1", 3), Contains("'bottom:-1'"));
+    // An adapter resolves its spec on attach and reports it the same way.
+    GPT base(tiny_config(), 1);
+    auto a = make_adapter("prefix", options(2, "top:9"));
+    CHECK_THROWS_WITH(a->attach(base), Contains("'top:9'"));
+}
+
+TEST_CASE("peft: AdapterOptions round-trip JSON and reject unknown keys and bad values by name", "[peft]") {
+    AdapterOptions o = options(7, "0,2", true, "random");
+    o.lora_rank = 3;
+    o.lora_alpha = 5.f;
+    o.lora_targets = {"fc", "proj"};
+    o.init_tokens = {1, 2, 3};
+    AdapterOptions back = AdapterOptions::from_json(o.to_json());
+    CHECK(back.to_json() == o.to_json());
+    CHECK(back.n == 7);
+    CHECK(back.lora_targets == std::vector<std::string>{"fc", "proj"});
+
+    CHECK_THROWS_WITH(AdapterOptions::from_json({{"n", 4}, {"lora_rnk", 2}}), Contains("unknown key 'lora_rnk'"));
+    CHECK_THROWS_WITH(AdapterOptions::from_json({{"n", "many"}}), Contains("'n'") && Contains("\"many\""));
+    CHECK_THROWS_WITH(AdapterOptions::from_json({{"layers", 3}}), Contains("'layers'"));
+    CHECK_THROWS_WITH(AdapterOptions::from_json({{"n", 2.5}}), Contains("'n'") && Contains("2.5"));
+    CHECK_THROWS_WITH(AdapterOptions::from_json({{"seed", -1}}), Contains("'seed'") && Contains("-1"));
+    CHECK_THROWS_WITH(AdapterOptions::from_json({{"init_tokens", {1, 2.5}}}), Contains("'init_tokens'"));
+    CHECK_THROWS_WITH(AdapterOptions::from_json({{"n", -1}}), Contains("n = -1"));
+    CHECK_THROWS_WITH(AdapterOptions::from_json({{"lora_rank", 0}}), Contains("lora_rank = 0"));
+    CHECK_THROWS_WITH(AdapterOptions::from_json(nlohmann::json::array()), Contains("JSON object"));
+}
+
+TEST_CASE("peft: trainable counts equal each method's formula; frozen-base methods train only their tensors",
+          "[peft]") {
+    std::vector<AdapterOptions> combos = {options(4, "all"),         options(3, "top:1"),
+                                          options(5, "bottom:1"),    options(2, "0,2"),
+                                          options(3, "all", true),   options(2, "0,2", true),
+                                          options(1, "top:1", true)};
+    auto lora = [](int64_t r, std::vector<std::string> targets, const std::string& layers) {
+        AdapterOptions o = options(1, layers);
+        o.lora_rank = r;
+        o.lora_targets = std::move(targets);
+        return o;
+    };
+    combos.push_back(lora(2, {"q_proj"}, "all"));
+    combos.push_back(lora(4, {"q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj"}, "all"));
+    combos.push_back(lora(3, {"fc", "proj"}, "top:1"));
+    combos.push_back(lora(1, {"v_proj", "proj"}, "0,2"));
+
+    for (bool tied : {false, true}) {
+        GPTConfig cfg = tiny_config();
+        cfg.tie_embeddings = tied;
+        for (const std::string& method : method_names())
+            for (const AdapterOptions& o : combos) {
+                INFO(method << " " << o.to_json().dump() << " tied=" << tied);
+                GPT base(cfg, 2);
+                auto a = make_adapter(method, o);
+                const ParamFormula before_attach = a->formula(cfg);  // needs no base
+                a->attach(base);
+                CHECK(before_attach.count == a->formula(cfg).count);
+                CHECK(!a->formula(cfg).text.empty());
+                CHECK(total_numel(a->parameters()) == a->formula(cfg).count);
+                for (const auto& [name, t] : a->parameters()) CHECK(t.requires_grad());
+                if (method == "full") {
+                    CHECK(base.num_trainable() == base.num_params());
+                    CHECK(a->formula(cfg).count == base.num_params());
+                } else {
+                    CHECK(base.num_trainable() == 0);
+                }
+                CHECK(total_numel(a->inference_parameters()) == a->inference_formula(cfg).count);
+                a->materialize();
+                CHECK(total_numel(a->parameters()) == a->inference_formula(cfg).count);
+                CHECK(total_numel(a->inference_parameters()) == a->inference_formula(cfg).count);
+                const bool reparam_prefix = o.reparam && (method == "prefix" || method == "prefix-kv");
+                if (!reparam_prefix) CHECK(a->inference_formula(cfg).count == a->formula(cfg).count);
+            }
+    }
+    // Repeated or unknown LoRA targets are refused, by attach and by the formula.
+    {
+        GPT base(tiny_config(), 2);
+        auto twice = make_adapter("lora", lora(2, {"q_proj", "v_proj", "q_proj"}, "all"));
+        CHECK_THROWS_WITH(twice->attach(base), Contains("'q_proj' is listed twice"));
+        CHECK_THROWS_WITH(twice->formula(tiny_config()), Contains("'q_proj' is listed twice"));
+        auto unknown = make_adapter("lora", lora(2, {"q_proj", "mlp"}, "all"));
+        CHECK_THROWS_WITH(unknown->formula(tiny_config()), Contains("target 'mlp'"));
+        CHECK_THROWS_WITH(unknown->attach(base), Contains("target 'mlp'"));
+    }
+    // Hand-computed values for one config, in case formula and build agree on a wrong count.
+    GPTConfig cfg = tiny_config();  // d 32, F 64, L 3
+    CHECK(make_adapter("prompt", options(4, "all"))->formula(cfg).count == 4 * 32);
+    CHECK(make_adapter("prefix", options(4, "0,2"))->formula(cfg).count == 2 * 4 * 32);
+    CHECK(make_adapter("prefix-kv", options(4, "top:1"))->formula(cfg).count == 2 * 4 * 32);
+    CHECK(make_adapter("bitfit", options(1, "all"))->formula(cfg).count == 3 * (5 * 32 + 64));
+    CHECK(make_adapter("lora", lora(2, {"q_proj", "fc"}, "all"))->formula(cfg).count == 3 * (2 * 64 + 2 * 96));
+}
+
+TEST_CASE("peft: training changes no base weight, bitwise, except under full fine-tuning", "[peft]") {
+    for (const std::string& method : method_names()) {
+        INFO(method);
+        GPT base(tiny_config(), 3);
+        sharpen(base);
+        const NamedTensors before = clones(base.named_parameters());
+        AdapterOptions o = options(3, "all");
+        o.lora_targets = {"q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj"};
+        auto a = make_adapter(method, o);
+        a->attach(base);
+        const NamedTensors adapter_before = clones(a->parameters());
+        std::vector<float> losses = train(base, *a, 4);
+        CHECK(losses.back() < losses.front());  // the steps did train something
+        int adapter_changed = 0;
+        for (size_t i = 0; i < adapter_before.size(); ++i)
+            adapter_changed += !bitwise_equal(adapter_before[i].second, a->parameters()[i].second);
+        CHECK(adapter_changed == int(adapter_before.size()));
+
+        const NamedTensors after = base.named_parameters();
+        REQUIRE(after.size() == before.size());
+        for (size_t i = 0; i < before.size(); ++i) {
+            INFO(before[i].first);
+            if (method == "full") CHECK_FALSE(bitwise_equal(before[i].second, after[i].second));
+            else CHECK(bitwise_equal(before[i].second, after[i].second));
+        }
+        if (method != "full") CHECK(base.num_trainable() == 0);
+    }
+}
+
+TEST_CASE("peft: prompt tuning's one tensor sits at the input and receives a gradient", "[peft]") {
+    GPT base(tiny_config(), 4);
+    sharpen(base);
+    auto a = attached(base, "prompt", options(4, "all"));
+    REQUIRE(a->parameters().size() == 1);
+    const Tensor prompt = a->parameters()[0].second;
+    CHECK(a->parameters()[0].first == "prompt_embeddings");
+    CHECK(prompt.shape() == Shape{4, 32});
+    ForwardInfo info{2, 6, true, false};
+    CHECK(a->input_prefix(info).embeds.impl() == prompt.impl());  // the tensor itself, unprojected
+    for (int l = 0; l < 3; ++l) {
+        LayerPrefix p = a->layer_prefix(l, info);
+        CHECK((!p.hidden.defined() && !p.key.defined()));
+    }
+    Batch b = make_batch(5);
+    a->activate(base);
+    backward(lm_loss(base.forward(b.in), b.targets));
+    base.set_hooks(nullptr);
+    REQUIRE(prompt.has_grad());
+    const Tensor g = prompt.grad();
+    for (int64_t v = 0; v < 4; ++v) {  // every virtual token is read
+        float m = 0.f;
+        for (int64_t j = 0; j < 32; ++j) m = std::max(m, std::fabs(g.data()[v * 32 + j]));
+        CHECK(m > 1e-4f);
+    }
+    for (const auto& [name, t] : base.named_parameters()) CHECK(!t.has_grad());
+}
+
+TEST_CASE("peft: prefix gradients reach every chosen layer's prefix and no other layer has one", "[peft]") {
+    Batch b = make_batch(6);
+    for (bool kv : {false, true})
+        for (const char* spec : {"all", "top:1", "0,2"})
+            for (bool reparam : {false, true}) {
+                const std::string method = kv ? "prefix-kv" : "prefix";
+                INFO(method << " layers=" << spec << " reparam=" << reparam);
+                GPT base(tiny_config(), 7);
+                sharpen(base);
+                auto a = attached(base, method, options(3, spec, reparam));
+                const std::vector<int> chosen = parse_layers(spec, 3);
+                CHECK(a->layers() == chosen);
+
+                std::set<std::string> expected;
+                if (reparam) {
+                    for (const char* t : {"embedding", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"})
+                        expected.insert(std::string("prefix_mlp.") + t);
+                } else {
+                    for (int l : chosen)
+                        for (const char* t : kv ? std::vector<const char*>{"key", "value"}
+                                                : std::vector<const char*>{"hidden"})
+                            expected.insert(fmt::format("blocks.{}.prefix.{}", l, t));
+                }
+                std::set<std::string> names;
+                for (const auto& [name, t] : a->parameters()) names.insert(name);
+                CHECK(names == expected);
+
+                ForwardInfo info{2, 6, true, false};
+                a->begin_forward(info);
+                for (int l = 0; l < 3; ++l) {
+                    INFO("layer " << l);
+                    const bool is_chosen = std::count(chosen.begin(), chosen.end(), l) > 0;
+                    LayerPrefix p = a->layer_prefix(l, info);
+                    CHECK(p.hidden.defined() == (is_chosen && !kv));
+                    CHECK(p.key.defined() == (is_chosen && kv));
+                    CHECK(p.value.defined() == (is_chosen && kv));
+                    if (is_chosen) CHECK((kv ? p.key : p.hidden).shape() == Shape{3, 32});
+                }
+                CHECK(!a->input_prefix(info).embeds.defined());
+                clear_tape();  // the probe's MLP forward above
+
+                a->activate(base);
+                backward(lm_loss(base.forward(b.in), b.targets));
+                base.set_hooks(nullptr);
+                for (const auto& [name, t] : a->parameters()) {
+                    INFO(name);
+                    CHECK(max_abs(t.grad()) > 1e-5f);
+                }
+                if (reparam) {
+                    // Each slot's rows of fc2 [S*d, h] (slot s feeds layer chosen[s / (kv ? 2 : 1)]) get a gradient.
+                    const Tensor g = find(a->parameters(), "prefix_mlp.fc2.weight").grad();
+                    const int64_t S = int64_t(chosen.size()) * (kv ? 2 : 1), h = 24, d = 32;
+                    REQUIRE(g.shape() == Shape{S * d, h});
+                    for (int64_t s = 0; s < S; ++s) {
+                        float m = 0.f;
+                        for (int64_t i = s * d * h; i < (s + 1) * d * h; ++i) m = std::max(m, std::fabs(g.data()[i]));
+                        CHECK(m > 1e-6f);
+                    }
+                }
+                for (const auto& [name, t] : base.named_parameters()) CHECK(!t.has_grad());
+            }
+}
+
+TEST_CASE("peft: a key/value prefix computed from a hidden-state prefix gives the same logits", "[peft]") {
+    GPT base(tiny_config(), 8);
+    sharpen(base);
+    auto hidden = attached(base, "prefix", options(3, "0,2", false, "random"));
+    auto kv = attached(base, "prefix-kv", options(3, "0,2", false, "random"));
+    NoGradGuard no_grad;
+    std::map<std::string, Tensor> kv_params(kv->parameters().begin(), kv->parameters().end());
+    for (const auto& [name, h] : hidden->parameters()) {
+        const int l = name[7] - '0';  // "blocks.L.prefix.hidden"
+        const Block& blk = *base.blocks[size_t(l)];
+        Tensor hn = layer_norm(h, blk.ln1.weight, blk.ln1.bias);
+        kv_params.at(fmt::format("blocks.{}.prefix.key", l)).copy_from(linear(hn, blk.attn.k_proj.weight, blk.attn.k_proj.bias));
+        kv_params.at(fmt::format("blocks.{}.prefix.value", l)).copy_from(linear(hn, blk.attn.v_proj.weight, blk.attn.v_proj.bias));
+    }
+    const ModelInput in = make_batch(8).in;
+    Tensor via_hidden = logits_of(base, hidden.get(), in), via_kv = logits_of(base, kv.get(), in);
+    const float diff = max_diff(via_hidden, via_kv);
+    WARN(fmt::format("hidden vs key/value prefix: max |logit diff| = {:.3g}", diff));
+    CHECK(diff < 1e-5f);
+    CHECK(max_diff(via_hidden, logits_of(base, nullptr, in)) > 1e-2f);  // the prefix matters
+}
+
+TEST_CASE("peft: n = 0 prompt and prefixes give exactly the base logits", "[peft]") {
+    GPT base(tiny_config(), 9);
+    sharpen(base);
+    const ModelInput in = make_batch(9).in;
+    const Tensor reference = logits_of(base, nullptr, in);
+    for (const char* method : {"prompt", "prefix", "prefix-kv"})
+        for (bool reparam : {false, true}) {
+            if (reparam && std::string(method) == "prompt") continue;
+            INFO(method << " reparam=" << reparam);
+            auto a = attached(base, method, options(0, "all", reparam));
+            CHECK(bitwise_equal(logits_of(base, a.get(), in), reference));
+            // And the same adapter with vectors does change them.
+            auto b = attached(base, method, options(2, "all", reparam));
+            CHECK(max_diff(logits_of(base, b.get(), in), reference) > 1e-3f);
+        }
+}
+
+TEST_CASE("peft: LoRA starts at the base; merged equals unmerged; unmerge restores the base bitwise", "[peft]") {
+    GPT base(tiny_config(), 10);
+    sharpen(base);
+    const ModelInput in = make_batch(10).in;
+    const Tensor reference = logits_of(base, nullptr, in);
+    AdapterOptions o = options(1, "all");
+    o.lora_rank = 4;
+    o.lora_targets = {"q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj"};
+    auto a = make_adapter("lora", o);
+    a->attach(base);
+    auto& lora = dynamic_cast<LoRA&>(*a);
+    CHECK(lora.target_paths().size() == 18);
+    CHECK(max_diff(logits_of(base, &lora, in), reference) == 0.f);  // B = 0
+
+    const NamedTensors base_before = clones(base.named_parameters());
+    train(base, lora, 5);
+    const Tensor unmerged = logits_of(base, &lora, in);
+    CHECK(max_diff(unmerged, reference) > 1e-3f);
+
+    lora.merge();
+    CHECK(lora.merged());
+    const Tensor merged = logits_of(base, &lora, in);
+    const float diff = max_diff(merged, unmerged);
+    WARN(fmt::format("LoRA merged vs unmerged: max |logit diff| = {:.3g}", diff));
+    CHECK(diff < 1e-5f);
+    CHECK(max_diff(logits_of(base, nullptr, in), unmerged) < 1e-5f);  // merged weights need no hook
+    const std::string fc = "blocks.1.mlp.fc.weight";
+    CHECK_FALSE(bitwise_equal(base.parameter(fc), find(base_before, fc)));
+
+    lora.unmerge();
+    CHECK(!lora.merged());
+    const NamedTensors after = base.named_parameters();
+    for (size_t i = 0; i < after.size(); ++i) {
+        INFO(after[i].first);
+        CHECK(bitwise_equal(after[i].second, base_before[i].second));
+    }
+    CHECK(bitwise_equal(logits_of(base, &lora, in), unmerged));
+}
+
+TEST_CASE("peft: materializing a reparameterized prefix keeps the logits and drops the MLP", "[peft]") {
+    for (const char* method : {"prefix", "prefix-kv"}) {
+        INFO(method);
+        GPT base(tiny_config(), 11);
+        sharpen(base);
+        const GPTConfig cfg = base.config();
+        auto a = attached(base, method, options(3, "0,2", true));
+        train(base, *a, 3);  // move away from the init
+        const ModelInput in = make_batch(11).in;
+        const Tensor before = logits_of(base, a.get(), in);
+        const NamedTensors inference = a->inference_parameters();
+        a->materialize();
+        const Tensor after = logits_of(base, a.get(), in);
+        const float diff = max_diff(before, after);
+        WARN(fmt::format("{} reparameterized vs materialized: max |logit diff| = {:.3g}", method, diff));
+        CHECK(diff < 1e-5f);
+        CHECK(max_diff(before, logits_of(base, nullptr, in)) > 1e-3f);
+        for (const auto& [name, t] : a->parameters()) {
+            CHECK(name.find("prefix_mlp") == std::string::npos);
+            CHECK(t.requires_grad());
+        }
+        CHECK(total_numel(a->parameters()) == a->inference_formula(cfg).count);
+        REQUIRE(a->parameters().size() == inference.size());
+        for (size_t i = 0; i < inference.size(); ++i) {
+            CHECK(a->parameters()[i].first == inference[i].first);
+            CHECK(max_diff(a->parameters()[i].second, inference[i].second) == 0.f);
+        }
+        // The materialized prefix trains on its own.
+        const NamedTensors snapshot = clones(a->parameters());
+        train(base, *a, 1);
+        CHECK_FALSE(bitwise_equal(snapshot[0].second, a->parameters()[0].second));
+    }
+}
+
+TEST_CASE("peft: BitFit with zero deltas is exactly the base", "[peft]") {
+    GPT base(tiny_config(), 12);
+    sharpen(base);
+    const ModelInput in = make_batch(12).in;
+    auto a = attached(base, "bitfit", options(1, "all"));
+    const Tensor reference = logits_of(base, nullptr, in);
+    CHECK(max_diff(logits_of(base, a.get(), in), reference) == 0.f);
+    perturb(a->parameters(), 3, 0.1f);
+    CHECK(max_diff(logits_of(base, a.get(), in), reference) > 1e-3f);
+}
+
+TEST_CASE("peft: backprop through the whole model matches central differences", "[peft]") {
+    struct Case {
+        const char* method;
+        AdapterOptions opts;
+    };
+    AdapterOptions lora = options(1, "0,2");
+    lora.lora_rank = 2;
+    lora.lora_targets = {"q_proj", "v_proj", "fc", "proj"};
+    const std::vector<Case> cases = {{"prompt", options(3, "all", false, "random")},
+                                     {"prefix", options(2, "0,2", false, "random")},
+                                     {"prefix-kv", options(2, "all", false, "random")},
+                                     {"prefix", options(2, "top:1", true)},
+                                     {"lora", lora}};
+    const Batch b = make_batch(13);
+    for (const Case& c : cases) {
+        INFO(c.method << " " << c.opts.to_json().dump());
+        GPT base(tiny_config(), 14);
+        sharpen(base, 4.f);
+        // Sharper attention: gradients of prefix keys then stand well above
+        // the float32 rounding of the loss differences.
+        for (auto& blk : base.blocks)
+            for (int64_t i = 0; i < blk->attn.q_proj.weight.numel(); ++i) blk->attn.q_proj.weight.data()[i] *= 3.f;
+        auto a = attached(base, c.method, c.opts);
+        if (std::string(c.method) == "lora") perturb(a->parameters(), 5, 0.2f);  // B = 0 would zero A's gradient
+        a->activate(base);
+        auto loss = [&] { return lm_loss(base.forward(b.in), b.targets); };
+        backward(loss());
+        Rng rng(21);
+        for (const auto& [name, t] : a->parameters()) {
+            const Tensor g = t.grad().clone();
+            const float scale = max_abs(g);
+            REQUIRE(scale > 1e-4f);
+            // Random coordinates among those whose gradient is at least a tenth
+            // of the largest (smaller ones drown in float32 rounding).
+            std::vector<int64_t> candidates;
+            for (int64_t i = 0; i < g.numel(); ++i)
+                if (std::fabs(g.data()[i]) >= 0.1f * scale) candidates.push_back(i);
+            for (int k = 0; k < 3; ++k) {
+                const int64_t i = candidates[rng.below(uint32_t(candidates.size()))];
+                float* p = Tensor(t).data() + i;
+                const float saved = *p;
+                auto central = [&](float eps) {
+                    NoGradGuard no_grad;
+                    *p = saved + eps;
+                    const double up = loss().item();
+                    *p = saved - eps;
+                    const double down = loss().item();
+                    *p = saved;
+                    return (up - down) / (2.0 * eps);
+                };
+                // Two step sizes: the larger one is off by curvature where the
+                // loss bends sharply (LayerNorm of a small prefix), the smaller
+                // one by rounding; they must agree with each other, and one of
+                // them with backprop.
+                const double fd = central(1e-2f), fd_half = central(5e-3f), analytic = g.data()[i];
+                INFO(name << "[" << i << "]: backprop " << analytic << ", central differences " << fd
+                          << " (eps 1e-2), " << fd_half << " (eps 5e-3)");
+                const double atol = 1e-3 * scale;
+                CHECK(std::min(std::fabs(fd - analytic), std::fabs(fd_half - analytic)) <=
+                      2e-2 * std::fabs(analytic) + atol);
+                CHECK(std::fabs(fd - fd_half) <= 0.1 * std::fabs(analytic) + atol);
+            }
+        }
+        base.set_hooks(nullptr);
+    }
+}
