@@ -345,16 +345,9 @@ std::string fmt_rate(double v) { return fmt::format("{:.0f}", v); }
 std::string fmt_ms(double v) { return fmt::format("{:.2f}", v); }
 std::string fmt_x(double v) { return fmt::format("{:.2f}x", v); }
 
-}  // namespace
 
-int main(int argc, char** argv) {
-    Args a;
-    try {
-        a = parse_args(argc, argv);
-    } catch (const std::exception& e) {
-        fmt::print(stderr, "serve_bench: {}\n", e.what());
-        return 2;
-    }
+// Builds every measurement, runs them, writes the run directory.
+void run_bench(const Args& a) {
     set_threads(a.threads);
     fs::create_directories(a.out);
     const auto wall_start = std::chrono::steady_clock::now();
@@ -675,6 +668,10 @@ int main(int argc, char** argv) {
         conclusion += " Long prefixes erode the advantage: every decoded token attends to all n.\n";
     }
 
+    // Every measurement's tokens/s in each repeat, to judge the noise behind the medians.
+    json repeats_tps = json::object();
+    for (auto& [key, rs] : runs)
+        for (const Run& r : rs) repeats_tps[key].push_back(r.tokens_per_s());
     json results = {
         {"experiment", "serve-bench"},
         {"model", a.cfg.to_json()},
@@ -682,13 +679,14 @@ int main(int argc, char** argv) {
         {"settings",
          {{"batch", a.batch}, {"requests", R}, {"prompt_tokens", {a.prompt_min, a.prompt_max}},
           {"new_tokens", a.new_tokens}, {"prefix_len", a.prefix_len}, {"lora_rank", a.lora_rank},
-          {"repeats", a.repeats}, {"threads", threads()}, {"seed", a.seed}, {"prefix_sweep_tenants", sweep_K}}},
+          {"repeats", a.repeats}, {"threads", threads()}, {"clock", a.cpu_clock ? "cpu" : "wall"}, {"seed", a.seed}, {"prefix_sweep_tenants", sweep_K}}},
         {"per_k", per_k},
         {"per_k_method", a.methods.front()},
         {"k_sweep", k_sweep},
         {"prefix_sweep", prefix_sweep},
         {"lora_merge", {{"per_k", lora}, {"merged_single_tokens_per_s", merged_single.tokens_per_s}}},
         {"batch_curve", batch_curve},
+        {"repeats_tokens_per_s", repeats_tps},
         {"targets", targets},
     };
     write_file_atomic(a.out + "/results.json", results.dump(2) + "\n");
@@ -702,9 +700,9 @@ int main(int argc, char** argv) {
         "# serve-bench\n\nOne frozen base (d {}, {} layers, {} heads, F {}, V {}, max_seq {}), adapters randomly "
         "initialised with every tensor non-zero (throughput does not depend on what they learned), saved as adapter "
         "files and loaded by the server. {} requests per workload, prompts of {}-{} tokens, {} new tokens each (no stop "
-        "token), greedy, batch of {} rows with continuous batching; n = {} for the K sweep (LoRA rank {}). {} "
-        "threads; every number is the median of {} interleaved repeats (latency percentiles pool all repeats). Run "
-        "took {:.1f} min.\n\n"
+        "token), greedy, batch of {} rows with continuous batching; n = {} for the K sweep (LoRA rank {}). Threads: "
+        "{}. {}. Every number is the median of {} interleaved repeats (ratios: the median of per-repeat ratios; "
+        "latency percentiles pool all repeats; results.json keeps every repeat). Run took {:.1f} min.\n\n"
         "Mixed: one server with K tenants, request r going to tenant r mod K, all tenants in every forward. "
         "Single-tenant: the same requests all for one tenant. Sequential: the same requests, tenant by tenant "
         "(each tenant's requests batched together), as a server holding one adapter at a time must. Per-token "
@@ -714,10 +712,32 @@ int main(int argc, char** argv) {
         "## LoRA unmerged against merged\n\n{}\n{}\n\n## Batching on this machine (one tenant)\n\n{}\n"
         "## Conclusion\n\n{}",
         a.cfg.d_model, a.cfg.n_layers, a.cfg.n_heads, a.cfg.d_ff, a.cfg.vocab, a.cfg.max_seq, R, a.prompt_min,
-        a.prompt_max, a.new_tokens, a.batch, a.prefix_len, a.lora_rank, threads(), a.repeats, minutes, k_table, K_max,
+        a.prompt_max, a.new_tokens, a.batch, a.prefix_len, a.lora_rank, threads(),
+        a.cpu_clock ? "Times are the serving process's CPU time (--clock cpu), which other processes on a shared "
+                      "machine do not inflate (their cache and memory traffic still can)"
+                    : "Times are wall-clock (--clock wall)",
+        a.repeats, minutes, k_table, K_max,
         target_lines, sweep_K, n_table, lora_table, lora_single, batch_table, conclusion);
     write_file_atomic(a.out + "/report.md", md);
     fmt::print("\n{}\n{}\n{}\nwrote {}/report.md, results.json, throughput.png, prefix_cost.png ({:.1f} min)\n", k_table,
                target_lines, n_table, a.out, minutes);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Args a;
+    try {
+        a = parse_args(argc, argv);
+    } catch (const std::exception& e) {
+        fmt::print(stderr, "serve_bench: {}\n", e.what());
+        return 2;
+    }
+    try {
+        run_bench(a);
+    } catch (const std::exception& e) {
+        fmt::print(stderr, "serve_bench: {}\n", e.what());
+        return 1;
+    }
     return 0;
 }
