@@ -2,6 +2,19 @@
 // One thread setting for OpenBLAS and our OpenMP loops. Debian's OpenMP build
 // of OpenBLAS runs its kernels on the same OpenMP pool, so setting both to the
 // same number never oversubscribes the cores.
+//
+// On cores shared with other processes, a thread that runs out of work in a
+// parallel region spins (libgomp's default: 300000 spins, about a
+// millisecond) and takes CPU time from the team's slowest thread: on a busy
+// 2-core machine, 2-thread training steps were measured 3-4x and generation
+// 10-15x slower than with 1 thread. libgomp reads OMP_WAIT_POLICY and
+// GOMP_SPINCOUNT only when the process starts (not even an ELF pre-init hook
+// can set them for it), so set them in the environment: GOMP_SPINCOUNT=3000
+// stays within ~10% of the default on an idle machine and near the 1-thread
+// speed on a busy one; OMP_WAIT_POLICY=passive is the most robust under load
+// but costs decoding 15-35% on an idle machine. `make bench` sets
+// GOMP_SPINCOUNT=3000 for both its sides. Our own loops fork a team only for
+// enough work (kParallelMin, kMacsParallelMin in ops_util.h).
 namespace peftlab {
 
 // n <= 0 means "all cores". Applies to OpenBLAS and OpenMP together.
