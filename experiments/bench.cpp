@@ -55,6 +55,9 @@ using nlohmann::json;
 namespace {
 
 constexpr const char* kBlasDir = "/usr/lib/x86_64-linux-gnu/openblas-openmp";
+// cblas_sgemm size of the peak measurements: 2048^3 for the run's peak, a
+// quicker 1536^3 probe after every measured step of a row.
+constexpr int kPeakSize = 2048, kProbeSize = 1536;
 
 double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
@@ -120,11 +123,14 @@ struct Spec {
 
 // ---- the child: one row, driven over stdin/stdout ---------------------------------
 // Prints {"ready": ...} after warm-up, then answers each "step" line with
-// {"ms": ...} and "end" with its peak RSS.
+// {"ms": ..., "sgemm_gflops": ...} (the step, then one cblas_sgemm probe, so
+// that each row's share of the peak is measured under the load its steps saw)
+// and "end" with its peak RSS.
 class Session {
 public:
     virtual ~Session() = default;
     virtual void step() = 0;
+    virtual int64_t trainable_params() const { return 0; }
 };
 
 class TrainSession : public Session {
@@ -146,10 +152,19 @@ public:
         }
         model_.train();
     }
+    // With n = 0 a prefix method has nothing to train: the step is then the
+    // forward and the loss alone (so does the PyTorch side).
     void step() override {
         opt_->zero_grad();
-        backward(lm_loss(model_.forward(in_), targets_));
+        Tensor loss = lm_loss(model_.forward(in_), targets_);
+        if (!loss.requires_grad()) return;
+        backward(loss);
         opt_->step();
+    }
+    int64_t trainable_params() const override {
+        int64_t n = 0;
+        for (const auto& [name, t] : adapter_->parameters()) n += t.numel();
+        return n;
     }
 
 private:
@@ -187,6 +202,7 @@ private:
 };
 
 json measure_machine();
+double sgemm_gflops(int n, int reps);
 
 int run_child(const std::string& spec_text) {
     const json j = json::parse(spec_text);
@@ -205,15 +221,19 @@ int run_child(const std::string& spec_text) {
         session->step();
     }
     const flops::Counts c = flops::totals();
-    std::cout << json{{"ready", true}, {"flops", c[0] + c[1] + c[2] + c[3]},
-                      {"flops_by_phase", {c[0], c[1], c[2], c[3]}}}.dump()
+    std::cout << json{{"ready", true},
+                      {"flops", c[0] + c[1] + c[2] + c[3]},
+                      {"flops_by_phase", {c[0], c[1], c[2], c[3]}},
+                      {"trainable_params", session->trainable_params()}}
+                     .dump()
               << std::endl;
     std::string cmd;
     while (std::getline(std::cin, cmd)) {
         if (cmd == "step") {
             const double t0 = now_s();
             session->step();
-            std::cout << json{{"ms", (now_s() - t0) * 1e3}}.dump() << std::endl;
+            const double ms = (now_s() - t0) * 1e3;
+            std::cout << json{{"ms", ms}, {"sgemm_gflops", sgemm_gflops(kProbeSize, 1)}}.dump() << std::endl;
         } else if (cmd == "end") {
             std::cout << json{{"peak_rss_bytes", peak_rss_bytes()}, {"tracked_peak_bytes", mem::peak_bytes()}}.dump()
                       << std::endl;
@@ -379,7 +399,7 @@ double read_bandwidth_gbs() {
 
 json measure_machine() {
     const auto [ours, raw] = matmul_overhead(9);
-    return {{"sgemm_peak_gflops", sgemm_gflops(2048, 5)},
+    return {{"sgemm_peak_gflops", sgemm_gflops(kPeakSize, 5)},
             {"matmul_1024_gflops", ours},
             {"cblas_sgemm_1024_gflops", raw},
             {"read_bandwidth_gbs", read_bandwidth_gbs()}};
@@ -451,7 +471,7 @@ Args parse_args(int argc, char** argv) {
         ("d-ff", "custom config: MLP width", cxxopts::value<int64_t>())
         ("seq", "custom config: tokens per row T", cxxopts::value<int64_t>())
         ("batch", "custom config: rows per step B", cxxopts::value<int64_t>())
-        ("n", "prompt tokens / prefix vectors per layer", cxxopts::value<int64_t>()->default_value("16"))
+        ("prefix-len", "n: prompt tokens / prefix vectors per layer", cxxopts::value<int64_t>()->default_value("16"))
         ("lora-rank", "LoRA rank on q_proj and v_proj (alpha = 2r)", cxxopts::value<int64_t>()->default_value("8"))
         ("repeats", "measured step pairs (ours, torch) per row; 0: 6 for small, 3 for larger configs",
             cxxopts::value<int>()->default_value("0"))
@@ -459,7 +479,8 @@ Args parse_args(int argc, char** argv) {
         ("spin", "GOMP_SPINCOUNT for both sides, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set: how long an "
                  "OpenMP thread that ran out of work spins before it sleeps (libgomp's default, 300000, holds a "
                  "core for about a millisecond: on cores shared with other processes a team then waits for "
-                 "its slowest thread); 'default' leaves libgomp's", cxxopts::value<std::string>()->default_value("10000"))
+                 "its slowest thread); 'passive' sets OMP_WAIT_POLICY=passive, 'default' leaves libgomp's",
+            cxxopts::value<std::string>()->default_value("3000"))
         ("quick", "small config only, 3 step pairs, no scaling rows, base generation only")
         ("no-torch", "skip the PyTorch side")
         ("no-scaling", "skip the T and n scaling rows")
@@ -510,11 +531,11 @@ Args parse_args(int argc, char** argv) {
     for (const std::string& m : a.methods)
         if (std::find(known.begin(), known.end(), m) == known.end())
             throw std::invalid_argument(fmt::format("--methods: unknown method '{}'", m));
-    a.n = r["n"].as<int64_t>();
+    a.n = r["prefix-len"].as<int64_t>();
     a.lora_rank = r["lora-rank"].as<int64_t>();
     a.steps = r["repeats"].as<int>();
     a.threads = r["threads"].as<int>();
-    if (a.n < 0) throw std::invalid_argument(fmt::format("--n: {} must be >= 0", a.n));
+    if (a.n < 0) throw std::invalid_argument(fmt::format("--prefix-len: {} must be >= 0", a.n));
     if (a.steps < 0) throw std::invalid_argument(fmt::format("--repeats: {} must be >= 0", a.steps));
     if (a.threads < 1) throw std::invalid_argument(fmt::format("--threads: {} must be >= 1", a.threads));
     a.torch = !r.count("no-torch");
@@ -524,8 +545,9 @@ Args parse_args(int argc, char** argv) {
     a.torch_script = r["torch-script"].as<std::string>();
     a.out = r["out"].as<std::string>();
     a.spin = r["spin"].as<std::string>();
-    if (a.spin != "default" && (a.spin.empty() || a.spin.find_first_not_of("0123456789") != std::string::npos))
-        throw std::invalid_argument(fmt::format("--spin: '{}' is not a spin count or 'default'", a.spin));
+    if (a.spin != "default" && a.spin != "passive" &&
+        (a.spin.empty() || a.spin.find_first_not_of("0123456789") != std::string::npos))
+        throw std::invalid_argument(fmt::format("--spin: '{}' is not a spin count, 'passive' or 'default'", a.spin));
     return a;
 }
 
@@ -538,79 +560,134 @@ struct Bench {
     json torch_hello;
     double peak = 0, bandwidth = 0;
 
-    // Runs one row: our child and (if available) the torch worker, interleaved.
-    json run_row(const Spec& s, int pairs) {
-        json row = s.to_json();
-        row.erase("warmup");
-        row.erase("threads");
-        std::vector<double> ours, theirs;
-        try {
-            Child child({self, "--child", s.to_json().dump()}, env);
-            const json ready = child.receive(1800);
+    // Measures a group of rows together: every row's child (its own process)
+    // and PyTorch session are set up and warmed up one after another, then
+    // single steps go round-robin, ours then torch's for each row, `pairs`
+    // times. Load from other processes then hits every row and both sides
+    // alike, so ratios between rows (frozen vs full) and against PyTorch are
+    // measured side by side. A row whose child fails is reported as an error.
+    std::vector<json> run_group(const std::vector<Spec>& specs, int pairs) {
+        struct Run {
+            json row;
+            std::unique_ptr<Child> child;
+            json ready;
             bool torch_ok = false;
-            if (torch) {
-                json setup = s.to_json();
-                setup["cmd"] = "setup";
-                torch->send(setup.dump());
-                const json r = torch->receive(1800);
-                torch_ok = !r.contains("error");
-                if (!torch_ok) row["torch_error"] = r["error"];
+            std::vector<double> ours, theirs, probes;
+        };
+        std::vector<Run> runs(specs.size());
+        auto fail = [&](Run& r, const std::exception& e) {
+            std::cerr << e.what() << "\n";
+            r.row["error"] = e.what();
+            r.child.reset();
+        };
+        for (size_t k = 0; k < specs.size(); ++k) {
+            Run& r = runs[k];
+            r.row = specs[k].to_json();
+            r.row.erase("warmup");
+            r.row.erase("threads");
+            try {
+                r.child = std::make_unique<Child>(std::vector<std::string>{self, "--child", specs[k].to_json().dump()}, env);
+                r.ready = r.child->receive(1800);
+            } catch (const std::exception& e) {
+                fail(r, e);
+                continue;
             }
-            for (int i = 0; i < pairs; ++i) {
-                child.send("step");
-                ours.push_back(child.receive(1800).at("ms"));
-                if (torch_ok) {
-                    torch->send(R"({"cmd": "step"})");
-                    const json r = torch->receive(1800);
-                    if (r.contains("ms")) theirs.push_back(r["ms"]);
+            if (!torch) continue;
+            json setup = specs[k].to_json();
+            setup["cmd"] = "setup";
+            setup["id"] = k;
+            const json t = torch_call(setup);
+            r.torch_ok = !t.contains("error");
+            if (!r.torch_ok) r.row["torch_error"] = t["error"];
+        }
+        for (int i = 0; i < pairs; ++i)
+            for (size_t k = 0; k < runs.size(); ++k) {
+                Run& r = runs[k];
+                if (!r.child) continue;
+                try {
+                    r.child->send("step");
+                    const json a = r.child->receive(1800);
+                    r.ours.push_back(a.at("ms"));
+                    r.probes.push_back(a.at("sgemm_gflops"));
+                } catch (const std::exception& e) {
+                    fail(r, e);
+                    continue;
                 }
+                if (!r.torch_ok) continue;
+                const json t = torch_call({{"cmd", "step"}, {"id", k}});
+                if (t.contains("ms")) r.theirs.push_back(t["ms"]);
             }
-            child.send("end");
-            const json end = child.receive(60);
-            if (torch_ok) {
-                torch->send(R"({"cmd": "end"})");
-                torch->receive(60);
+        std::vector<json> rows;
+        for (size_t k = 0; k < runs.size(); ++k) {
+            Run& r = runs[k];
+            if (r.torch_ok) torch_call({{"cmd", "end"}, {"id", k}});
+            if (r.child) {
+                try {
+                    r.child->send("end");
+                    const json end = r.child->receive(60);
+                    r.row["peak_rss_bytes"] = end["peak_rss_bytes"];
+                    r.row["tracked_peak_bytes"] = end["tracked_peak_bytes"];
+                } catch (const std::exception& e) {
+                    fail(r, e);
+                }
+                r.child.reset();
             }
-            row["flops_per_step"] = ready["flops"];
-            row["flops_by_phase"] = ready["flops_by_phase"];
-            row["peak_rss_bytes"] = end["peak_rss_bytes"];
-            row["tracked_peak_bytes"] = end["tracked_peak_bytes"];
+            if (!r.row.contains("error")) summarize(specs[k], r.ready, r.ours, r.theirs, r.probes, r.row);
+            rows.push_back(r.row);
+        }
+        return rows;
+    }
+
+    // One request to the PyTorch worker; a worker that fails is dropped for
+    // the rest of the run and the answer is an error.
+    json torch_call(const json& request) {
+        if (!torch) return {{"error", "PyTorch worker gone"}};
+        try {
+            torch->send(request.dump());
+            return torch->receive(1800);
         } catch (const std::exception& e) {
             std::cerr << e.what() << "\n";
-            row["error"] = e.what();
-            if (std::string(e.what()).find("torch") != std::string::npos) torch.reset();
-            return row;
+            torch.reset();
+            return {{"error", e.what()}};
         }
+    }
+
+    // Medians, rates and ratios of one measured row.
+    void summarize(const Spec& s, const json& ready, const std::vector<double>& ours, const std::vector<double>& theirs,
+                   const std::vector<double>& probes, json& row) const {
         const double ms = median(ours), tokens = double(s.tokens());
+        row["flops_per_step"] = ready["flops"];
+        row["trainable_params"] = ready["trainable_params"];
+        row["flops_by_phase"] = ready["flops_by_phase"];
         row["step_ms"] = ours;
-        row["sgemm_peak_gflops"] = peak;
+        // The best probe: the least disturbed, as the peak should be.
+        row["sgemm_peak_gflops"] = *std::max_element(probes.begin(), probes.end());
         if (s.kind == "train") {
             row["ms_per_step"] = ms;
             row["tokens_per_s"] = tokens / ms * 1e3;
             row["gflops"] = row["flops_per_step"].get<double>() / ms / 1e6;
-            row["peak_share"] = row["gflops"].get<double>() / peak;
+            row["peak_share"] = row["gflops"].get<double>() / row["sgemm_peak_gflops"].get<double>();
         } else {
             row["ms_per_generate"] = ms;
             row["gen_tokens_per_s"] = tokens / ms * 1e3;
             const int64_t n_prefix = s.method == "prefix" ? s.n : 0;
-            row["gen_bound_tokens_per_s"] = generation_bound(s, n_prefix, count_params(s.model), bandwidth, peak);
+            row["gen_bound_tokens_per_s"] =
+                generation_bound(s, n_prefix, count_params(s.model), bandwidth, row["sgemm_peak_gflops"]);
         }
-        if (!theirs.empty()) {
-            const double tms = median(theirs);
-            row["torch_step_ms"] = theirs;
-            // Per-pair ratios are the steadiest comparison on a shared machine.
-            std::vector<double> ratio;
-            for (size_t i = 0; i < std::min(ours.size(), theirs.size()); ++i) ratio.push_back(theirs[i] / ours[i]);
-            row["speedup_vs_torch"] = median(ratio);
-            if (s.kind == "train") {
-                row["torch_ms_per_step"] = tms;
-                row["torch_tokens_per_s"] = tokens / tms * 1e3;
-            } else {
-                row["torch_ms_per_generate"] = tms;
-                row["torch_gen_tokens_per_s"] = tokens / tms * 1e3;
-            }
+        if (theirs.empty()) return;
+        const double tms = median(theirs);
+        row["torch_step_ms"] = theirs;
+        // Per-pair ratios are the steadiest comparison on a shared machine.
+        std::vector<double> ratio;
+        for (size_t i = 0; i < std::min(ours.size(), theirs.size()); ++i) ratio.push_back(theirs[i] / ours[i]);
+        row["speedup_vs_torch"] = median(ratio);
+        if (s.kind == "train") {
+            row["torch_ms_per_step"] = tms;
+            row["torch_tokens_per_s"] = tokens / tms * 1e3;
+        } else {
+            row["torch_ms_per_generate"] = tms;
+            row["torch_gen_tokens_per_s"] = tokens / tms * 1e3;
         }
-        return row;
     }
 
     json machine() {
@@ -659,7 +736,9 @@ std::string train_table(const std::vector<json>& rows) {
         md += fmt::format("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                           r["config"].get<std::string>(), r["method"].get<std::string>(), r["seq"].get<int64_t>(),
                           r["method"] == "full" || r["method"] == "lora" ? std::string("-")
-                                                                           : std::to_string(r["n"].get<int64_t>()),
+                          : r.value("trainable_params", int64_t(1)) == 0
+                              ? "0 (forward and loss only: nothing to train)"
+                              : std::to_string(r["n"].get<int64_t>()),
                           fmt_opt(r, "ms_per_step", "{:.1f}"), fmt_opt(r, "tokens_per_s", "{:.0f}"),
                           fmt_opt(r, "gflops", "{:.1f}"),
                           r.contains("peak_share") ? fmt::format("{:.0f}%", 100 * r["peak_share"].get<double>()) : "-",
@@ -695,7 +774,9 @@ json check_targets(const std::vector<json>& train, const std::vector<json>& gen)
     json out = json::array();
     auto find = [&](const std::string& config, const std::string& method) -> const json* {
         for (const json& r : train)
-            if (r["config"] == config && r["method"] == method && !r.contains("error")) return &r;
+            if (r["config"] == config && r["method"] == method && !r.contains("error") &&
+                r.value("trainable_params", int64_t(1)) > 0)
+                return &r;
         return nullptr;
     };
     auto add = [&](std::string what, double value, double limit, bool at_least) {
@@ -703,7 +784,7 @@ json check_targets(const std::vector<json>& train, const std::vector<json>& gen)
         out.push_back({{"target", what}, {"value", value}, {"limit", limit}, {"holds", ok}});
     };
     for (const json& r : train) {
-        if (r.contains("error")) continue;
+        if (r.contains("error") || r.value("trainable_params", int64_t(1)) == 0) continue;
         const std::string cfg = r["config"];
         if (r.contains("speedup_vs_torch") && (cfg == "small" || cfg == "medium"))
             add(fmt::format("{} {}: tokens/s vs torch", cfg, r["method"].get<std::string>()),
@@ -743,11 +824,12 @@ int run_parent(const Args& args) {
     set_threads(args.threads);
     // libgomp reads its waiting settings when a process starts: children get them.
     const char *policy = std::getenv("OMP_WAIT_POLICY"), *spin = std::getenv("GOMP_SPINCOUNT");
-    if (!policy && !spin && args.spin != "default") b.env.push_back("GOMP_SPINCOUNT=" + args.spin);
+    if (!policy && !spin && args.spin != "default")
+        b.env.push_back(args.spin == "passive" ? "OMP_WAIT_POLICY=passive" : "GOMP_SPINCOUNT=" + args.spin);
     const std::string waiting = policy ? fmt::format("OMP_WAIT_POLICY={}", policy)
                                 : spin ? fmt::format("GOMP_SPINCOUNT={}", spin)
-                                : args.spin != "default" ? "GOMP_SPINCOUNT=" + args.spin
-                                                         : std::string("libgomp's default");
+                                : !b.env.empty() ? b.env.back()
+                                                 : std::string("libgomp's default");
     fmt::print("peftlab: {} threads, OpenBLAS core {} ({}), {} threads; OpenMP waiting (both sides): {}\n", threads(),
                blas_core_name(), blas_config(), openblas_get_num_threads(), waiting);
 
@@ -801,48 +883,65 @@ int run_parent(const Args& args) {
                        fmt_opt(r, "speedup_vs_torch", "{:.2f}"));
         std::cout.flush();
     };
-    for (const std::string& config : args.configs)
-        for (const std::string& method : args.methods) {
-            Spec s = b.spec(config, "train", method);
-            train.push_back(b.run_row(s, b.pairs_for(s)));
-            show(train.back());
+    auto measure = [&](const std::vector<Spec>& group, int pairs, std::vector<json>& into) {
+        for (json& r : b.run_group(group, pairs)) {
+            show(r);
+            into.push_back(std::move(r));
         }
+    };
+    for (const std::string& config : args.configs) {
+        std::vector<Spec> group;
+        for (const std::string& method : args.methods) group.push_back(b.spec(config, "train", method));
+        measure(group, b.pairs_for(group[0]), train);
+    }
     if (args.scaling && std::find(args.configs.begin(), args.configs.end(), "small") != args.configs.end()) {
         // The step against T (full and prefix) and against n (the prefix-like
-        // methods); rows the main table already measured are reused.
-        auto scaled = [&](Spec s) {
-            for (const json& r : train)
-                if (r["config"] == "small" && r["method"] == s.method && r["seq"] == s.seq && r["n"] == s.n &&
-                    !r.contains("error")) {
-                    scaling.push_back(r);
-                    return;
+        // methods), a group per T and per n; rows the main table already
+        // measured are reused.
+        auto scaled = [&](std::vector<Spec> group) {
+            std::vector<Spec> todo;
+            for (Spec& s : group) {
+                auto same = [&](const json& r) {
+                    return r["config"] == "small" && r["method"] == s.method && r["seq"] == s.seq && r["n"] == s.n &&
+                           !r.contains("error");
+                };
+                auto it = std::find_if(train.begin(), train.end(), same);
+                if (it != train.end()) {
+                    scaling.push_back(*it);
+                    continue;
                 }
-            s.warmup = 1;
-            scaling.push_back(b.run_row(s, 3));
-            show(scaling.back());
+                s.warmup = 1;
+                todo.push_back(s);
+            }
+            if (!todo.empty()) measure(todo, 3, scaling);
         };
-        for (const int64_t T : {64, 128, 256, 512})
+        for (const int64_t T : {64, 128, 256, 512}) {
+            std::vector<Spec> group;
             for (const std::string method : {"full", "prefix"}) {
                 Spec s = b.spec("small", "train", method);
                 s.seq = T;
                 s.model.max_seq = std::max<int64_t>(T, 128);
-                scaled(s);
+                group.push_back(s);
             }
-        for (const int64_t n : {0, 16, 64})
+            scaled(group);
+        }
+        for (const int64_t n : {0, 16, 64}) {
+            std::vector<Spec> group;
             for (const std::string method : {"prefix", "prefix-kv", "prompt"}) {
                 Spec s = b.spec("small", "train", method);
                 s.n = n;
-                scaled(s);
+                group.push_back(s);
             }
+            scaled(group);
+        }
     }
     if (args.generation)
-        for (const std::string& config : args.configs)
-            for (const std::string model : {"base", "prefix"}) {
-                if (args.quick && model == "prefix") continue;
-                Spec s = b.spec(config, "generate", model);
-                gen.push_back(b.run_row(s, b.args.quick ? 3 : 5));
-                show(gen.back());
-            }
+        for (const std::string& config : args.configs) {
+            std::vector<Spec> group;
+            for (const std::string model : {"base", "prefix"})
+                if (!args.quick || model == "base") group.push_back(b.spec(config, "generate", model));
+            measure(group, b.args.quick ? 3 : 5, gen);
+        }
 
     const double peak_end = b.machine()["sgemm_peak_gflops"];
     const json targets = check_targets(train, gen);
@@ -868,7 +967,9 @@ int run_parent(const Args& args) {
         "# peftlab bench\n\n{} threads; OpenBLAS {} ({} threads); OpenMP waiting (both sides): {}. PyTorch: {}.\n"
         "sgemm peak {:.1f} GFLOP/s (2048^3; {:.1f} at the end of the run); 1024^3 matmul through the Tensor API "
         "{:.1f} vs raw cblas_sgemm {:.1f} GFLOP/s; read bandwidth {:.1f} GB/s.\n\n"
-        "## Training steps (forward + backward + AdamW; medians, step pairs interleaved with PyTorch)\n\n{}",
+        "## Training steps (forward + backward + AdamW; medians, step pairs interleaved with PyTorch)\n\n"
+        "GFLOP/s from the FLOP counters (model FLOPs, flops.h); sgemm peak share: of the best 1536^3 cblas_sgemm "
+        "probe run after each of the row's steps; speedup: median of the per-pair time ratios.\n\n{}",
         args.threads, blas_core_name(), openblas_get_num_threads(), waiting,
         b.torch_hello.is_null()
             ? std::string("not run")

@@ -12,11 +12,13 @@ Generation: greedy with a preallocated KV cache (prefix keys/values enter it onc
 Two ways to run it:
   python3 tools/torch_bench.py --config small --method full --steps 5    # standalone
   python3 tools/torch_bench.py --serve                                    # bench's worker
-The worker reads one JSON command per line on stdin and answers one JSON line on stdout:
-  {"cmd": "setup", "kind": "train"|"generate", "vocab", "d_model", "layers", "heads",
-   "d_ff", "seq", "batch", "method", "n", "lora_rank", "warmup", ...}  -> {"ok": true, ...}
-  {"cmd": "step"}  -> {"ms": ...}   one training step, or one whole generate() call
-  {"cmd": "end"}   -> {"ok": true}  drops the model
+The worker reads one JSON command per line on stdin and answers one JSON line on stdout;
+it holds several sessions (models) at once, each named by "id":
+  {"cmd": "setup", "id", "kind": "train"|"generate", "vocab", "d_model", "layers", "heads",
+   "d_ff", "seq", "batch", "method", "n", "lora_rank", "warmup", ...}  -> {"ok": true}
+  {"cmd": "step", "id"}  -> {"ms": ...}   one training step, or one whole generate() call
+  {"cmd": "end", "id"}   -> {"ok": true}  drops the session
+Errors answer {"error": "..."} and the worker carries on.
 Threads: --threads (torch.set_num_threads). Run it with the OpenMP build of OpenBLAS
 (LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu/openblas-openmp) so that torch's OpenMP pool
 and OpenBLAS share one set of threads; the hello line says which BLAS was loaded.
@@ -26,7 +28,6 @@ import ctypes
 import json
 import math
 import os
-import resource
 import sys
 import time
 
@@ -221,8 +222,9 @@ class TrainSession:
         self.opt.zero_grad(set_to_none=True)
         logits = self.method.forward(self.idx)
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), self.targets)
-        loss.backward()
-        self.opt.step()
+        if any(p.numel() for p in self.method.params):  # n = 0: nothing to train, forward and loss only
+            loss.backward()
+            self.opt.step()
         return loss.item()
 
 
@@ -255,14 +257,6 @@ class GenerateSession:
         return torch.cat(out, 1)
 
 
-def peak_rss_bytes():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run_session(spec):
     session = (TrainSession if spec["kind"] == "train" else GenerateSession)(spec)
     for _ in range(spec.get("warmup", 1)):
@@ -273,21 +267,22 @@ def run_session(spec):
 def serve():
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
                       "wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "blas": blas_info()}), flush=True)
-    session = None
+    sessions = {}
     for line in sys.stdin:
         cmd = json.loads(line)
         try:
+            sid = cmd.get("id", 0)
             if cmd["cmd"] == "setup":
-                session = None
-                session = run_session(cmd)
+                sessions.pop(sid, None)
+                sessions[sid] = run_session(cmd)
                 reply = {"ok": True}
             elif cmd["cmd"] == "step":
                 t0 = time.perf_counter()
-                session.step()
+                sessions[sid].step()
                 reply = {"ms": (time.perf_counter() - t0) * 1e3}
             elif cmd["cmd"] == "end":
-                session = None
-                reply = {"ok": True, "peak_rss_bytes": peak_rss_bytes()}
+                sessions.pop(sid, None)
+                reply = {"ok": True}
             else:
                 reply = {"error": f"unknown command '{cmd['cmd']}'"}
         except Exception as e:  # the bench reports it and carries on without torch numbers
