@@ -20,15 +20,22 @@ constexpr int64_t kQueryBlock = 32;
 namespace detail {
 namespace {
 // GEMMs with at most this many rows of op(A) (decoding: a row per sequence)
-// skip BLAS, which packs all of B on every call and then spends longer
-// packing than multiplying; gemm_few_rows reads B once, where it lies.
+// and a B of at least kFewRowsMinB elements (a weight) skip BLAS, which packs
+// all of B on every call and then spends longer packing than multiplying;
+// gemm_few_rows reads B once, where it lies. With a small B (a decoding
+// step's attention against its keys) BLAS's small-matrix kernels do better.
 constexpr int64_t kFewRows = 16;
+constexpr int64_t kFewRowsMinB = int64_t(1) << 16;
+// Multiply-adds above which gemm_few_rows splits B's rows across threads: a
+// quarter of kMacsParallelMin, as reading B (from L3 or memory) dominates and
+// two threads read it faster (a decoding step: -15% at 2 threads).
+constexpr int64_t kFewRowsParallelMin = kMacsParallelMin / 4;
 
 // C [M, N] = alpha * A [M, K] op(B) + beta * C. Each C element is computed by
 // one thread in a fixed order, so the result does not depend on the thread count.
 void gemm_few_rows(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                    const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-    const bool parallel = M * N * K > kMacsParallelMin;
+    const bool parallel = M * N * K > kFewRowsParallelMin;
     if (trans_b) {
         // B [N, K]: C[i, j] = A_i . B_j. Eight columns at a time: their rows of B
         // stay in L1 for all rows of A, and eight independent sums keep the FMA
@@ -91,7 +98,8 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
             for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.f ? 0.f : beta * C[i * ldc + j];
         return;
     }
-    if (M <= kFewRows && !trans_a) return gemm_few_rows(trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    if (M <= kFewRows && !trans_a && N * K >= kFewRowsMinB)
+        return gemm_few_rows(trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, int(M),
                 int(N), int(K), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
 }
