@@ -11,6 +11,13 @@ ARGS     ?=
 DEBUG    ?= 0
 SANITIZE ?= 0
 
+# libgomp's idle threads spin ~1 ms by default, which on cores shared with
+# other processes made 2-thread steps several times slower; 3000 spins cost
+# <10% on an idle machine (measurements in autograd/threads.h). Applies to
+# every binary run from here (tests, demo, experiments, bench); override with
+# GOMP_SPINCOUNT=... on the command line.
+export GOMP_SPINCOUNT ?= 3000
+
 ifeq ($(SANITIZE),1)
   BUILD   ?= build-asan
   OPT      = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined

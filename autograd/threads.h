@@ -12,8 +12,9 @@
 // can set them for it), so set them in the environment: GOMP_SPINCOUNT=3000
 // stays within ~10% of the default on an idle machine and near the 1-thread
 // speed on a busy one; OMP_WAIT_POLICY=passive is the most robust under load
-// but costs decoding 15-35% on an idle machine. `make bench` sets
-// GOMP_SPINCOUNT=3000 for both its sides. Our own loops fork a team only for
+// but costs decoding 15-35% on an idle machine. The Makefile exports
+// GOMP_SPINCOUNT=3000 (unless set) to everything it runs, and `make bench`
+// passes it to both its sides. Our own loops fork a team only for
 // enough work (kParallelMin, kMacsParallelMin in ops_util.h).
 namespace peftlab {
 

@@ -99,6 +99,25 @@ inline Tensor sum_of_row_losses(const Tensor& logits, const std::vector<int32_t>
     return total;
 }
 
+// lm_loss computed in double from float32 logits [B, T, V] (targets -1 not
+// counted): finite differences of it are not limited by the loss's own
+// float32 rounding.
+inline double mean_cross_entropy_in_double(const Tensor& logits, const std::vector<int32_t>& targets) {
+    const int64_t V = logits.dim(logits.ndim() - 1);
+    double total = 0;
+    int64_t counted = 0;
+    for (size_t r = 0; r < targets.size(); ++r) {
+        if (targets[r] < 0) continue;
+        const float* row = logits.data() + int64_t(r) * V;
+        const double top = *std::max_element(row, row + V);
+        double sum = 0;
+        for (int64_t v = 0; v < V; ++v) sum += std::exp(double(row[v]) - top);
+        total += top + std::log(sum) - row[targets[r]];
+        ++counted;
+    }
+    return total / double(counted);
+}
+
 inline bool bitwise_equal(const Tensor& a, const Tensor& b) {
     return a.shape() == b.shape() &&
            (a.numel() == 0 || std::memcmp(a.data(), b.data(), size_t(a.numel()) * sizeof(float)) == 0);
