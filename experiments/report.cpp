@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <filesystem>
-#include <iostream>
 #include <string>
 #include <vector>
 
@@ -20,12 +19,14 @@
 #include <nlohmann/json.hpp>
 
 #include "autograd/threads.h"
+#include "experiments/lib/flags.h"
 #include "nn/safetensors.h"
 #include "peft/registry.h"
 #include "peft/report.h"
 
 using namespace peftlab;
 using namespace peftlab::peft;
+using peftlab::flags::int_flag;
 
 namespace {
 
@@ -38,22 +39,6 @@ struct Args {
     std::string out;
     int threads = 0;
 };
-
-// A whole number from flag `name`, at least `min`; errors name the flag and value.
-int64_t int_flag(const cxxopts::ParseResult& r, const std::string& name, int64_t min) {
-    const std::string text = r[name].as<std::string>();
-    size_t used = 0;
-    long long v = 0;
-    try {
-        v = std::stoll(text, &used);
-    } catch (const std::exception&) {
-        used = 0;
-    }
-    if (used == 0 || used != text.size())
-        throw std::invalid_argument(fmt::format("--{}: '{}' is not a whole number", name, text));
-    if (v < min) throw std::invalid_argument(fmt::format("--{}: {} must be >= {}", name, v, min));
-    return v;
-}
 
 Args parse_args(int argc, char** argv) {
     cxxopts::Options o("report", "Per-method parameter, memory and FLOP report for PEFT methods");
@@ -80,12 +65,7 @@ Args parse_args(int argc, char** argv) {
         ("threads", "threads for OpenBLAS and OpenMP (0 = all cores)", cxxopts::value<std::string>()->default_value("0"))
         ("seed", "seed of the base weights, adapter init and batch", cxxopts::value<std::string>()->default_value("0"));
     // clang-format on
-    cxxopts::ParseResult r = o.parse(argc, argv);
-    if (r.count("help")) {
-        std::cout << o.help() << "\n";
-        std::exit(0);
-    }
-    if (!r.unmatched().empty()) throw std::invalid_argument(fmt::format("unexpected argument '{}'", r.unmatched()[0]));
+    const cxxopts::ParseResult r = flags::parse(o, argc, argv);
 
     Args a;
     a.preset = r["preset"].as<std::string>();

@@ -20,7 +20,6 @@
 #include <ctime>
 #include <filesystem>
 #include <functional>
-#include <iostream>
 #include <map>
 #include <set>
 #include <string>
@@ -32,6 +31,7 @@
 
 #include "autograd/flops.h"
 #include "autograd/threads.h"
+#include "experiments/lib/flags.h"
 #include "experiments/lib/harness.h"
 #include "nn/safetensors.h"
 #include "peft/adapter_io.h"
@@ -41,6 +41,7 @@
 
 using namespace peftlab;
 using namespace peftlab::peft;
+using peftlab::flags::int_flag;
 using nlohmann::json;
 namespace fs = std::filesystem;
 
@@ -62,13 +63,6 @@ struct Args {
     std::string out;
 };
 
-// A whole number >= min from flag `name`; errors name the flag and value.
-int64_t int_flag(const cxxopts::ParseResult& r, const std::string& name, int64_t min) {
-    const int64_t v = harness::parse_count("--" + name, r[name].as<std::string>());
-    if (v < min) throw std::invalid_argument(fmt::format("--{}: {} must be >= {}", name, v, min));
-    return v;
-}
-
 std::vector<std::string> method_list(const cxxopts::ParseResult& r, const std::string& name, bool allow_mix) {
     std::vector<std::string> out = harness::split_list(r[name].as<std::string>());
     if (out.empty()) throw std::invalid_argument(fmt::format("--{}: no methods given", name));
@@ -81,11 +75,8 @@ std::vector<std::string> method_list(const cxxopts::ParseResult& r, const std::s
 
 std::vector<int64_t> count_list(const cxxopts::ParseResult& r, const std::string& name, int64_t min) {
     std::vector<int64_t> out;
-    for (const std::string& item : harness::split_list(r[name].as<std::string>())) {
-        int64_t v = harness::parse_count("--" + name, item);
-        if (v < min) throw std::invalid_argument(fmt::format("--{}: {} must be >= {}", name, v, min));
-        out.push_back(v);
-    }
+    for (const std::string& item : harness::split_list(r[name].as<std::string>()))
+        out.push_back(flags::whole_number("--" + name, item, min));
     if (out.empty()) throw std::invalid_argument(fmt::format("--{}: no values given", name));
     return out;
 }
@@ -120,12 +111,7 @@ Args parse_args(int argc, char** argv) {
         ("seed", "seed of the base, the adapters and the prompts", cxxopts::value<std::string>()->default_value("0"))
         ("out", "output directory", cxxopts::value<std::string>()->default_value("runs/serve-bench"));
     // clang-format on
-    cxxopts::ParseResult r = o.parse(argc, argv);
-    if (r.count("help")) {
-        std::cout << o.help() << "\n";
-        std::exit(0);
-    }
-    if (!r.unmatched().empty()) throw std::invalid_argument(fmt::format("unexpected argument '{}'", r.unmatched()[0]));
+    const cxxopts::ParseResult r = flags::parse(o, argc, argv);
     Args a;
     a.cfg.vocab = int_flag(r, "vocab", 2);
     a.cfg.d_model = int_flag(r, "d-model", 1);

@@ -13,19 +13,6 @@ namespace peftlab {
 
 namespace {
 
-// RAII: evaluation mode for the scope, the model's previous mode after.
-class EvalScope {
-public:
-    explicit EvalScope(GPT& model) : model_(model), was_training_(model.training()) { model_.eval(); }
-    ~EvalScope() { model_.train(was_training_); }
-    EvalScope(const EvalScope&) = delete;
-    EvalScope& operator=(const EvalScope&) = delete;
-
-private:
-    GPT& model_;
-    bool was_training_;
-};
-
 // logits [B, T, V] -> [B, V] at column T-1.
 Tensor last_column(const Tensor& logits) {
     const int64_t B = logits.dim(0), T = logits.dim(1), V = logits.dim(2);

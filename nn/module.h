@@ -64,4 +64,17 @@ private:
     bool training_ = true;
 };
 
+// RAII: evaluation mode for the scope, the module's previous mode after.
+class EvalScope {
+public:
+    explicit EvalScope(Module& m) : m_(m), was_training_(m.training()) { m_.eval(); }
+    ~EvalScope() { m_.train(was_training_); }
+    EvalScope(const EvalScope&) = delete;
+    EvalScope& operator=(const EvalScope&) = delete;
+
+private:
+    Module& m_;
+    bool was_training_;
+};
+
 }  // namespace peftlab

@@ -28,19 +28,6 @@ private:
     ModelHooks* saved_;
 };
 
-// RAII: evaluation mode for the scope, the model's previous mode after.
-class EvalScope {
-public:
-    explicit EvalScope(GPT& model) : model_(model), was_training_(model.training()) { model_.eval(); }
-    ~EvalScope() { model_.train(was_training_); }
-    EvalScope(const EvalScope&) = delete;
-    EvalScope& operator=(const EvalScope&) = delete;
-
-private:
-    GPT& model_;
-    bool was_training_;
-};
-
 // Passes everything to one adapter and notes how many vectors it prepends to
 // the input (prompt tuning's soft prompt).
 struct InputProbe : ModelHooks {

@@ -6,8 +6,6 @@
 #include <fstream>
 #include <sstream>
 
-#include <unistd.h>
-
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -16,30 +14,16 @@
 #include "nn/safetensors.h"
 #include "peft/lora.h"
 #include "peft/registry.h"
+#include "tests/testing.h"
 
 using namespace peftlab;
 using namespace peftlab::peft;
+using peftlab::testing::TempDir;
 using Catch::Contains;
 using nlohmann::json;
 namespace fs = std::filesystem;
 
 namespace {
-
-// A fresh directory under the system temp dir, removed with everything in it.
-struct TempDir {
-    fs::path dir;
-    TempDir() {
-        static int serial = 0;
-        dir = fs::temp_directory_path() / fmt::format("peftlab_adapter_io_{}_{}", ::getpid(), serial++);
-        fs::remove_all(dir);
-        fs::create_directories(dir);
-    }
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(dir, ec);
-    }
-    std::string sub(const std::string& name) const { return (dir / name).string(); }
-};
 
 GPTConfig tiny_config(int layers = 2, int64_t d = 16) {
     GPTConfig c;
@@ -162,9 +146,9 @@ TEST_CASE("adapter_io: own format round trip for every registered method", "[ada
             a->attach(base);
             perturb(a->parameters(), 3);
             const std::vector<float> expected = logits(base, a.get());
-            save_adapter(tmp.sub("a"), *a, false, method == "full" ? original_hash : "");
+            save_adapter(tmp.path("a"), *a, false, method == "full" ? original_hash : "");
 
-            const json cfg = read_json(tmp.sub("a/adapter_config.json"));
+            const json cfg = read_json(tmp.path("a/adapter_config.json"));
             CHECK(cfg.at("format") == kAdapterFormat);
             CHECK(cfg.at("method") == method);
             CHECK(cfg.at("options") == o.to_json());
@@ -174,7 +158,7 @@ TEST_CASE("adapter_io: own format round trip for every registered method", "[ada
             CHECK(cfg.at("base_hash") == original_hash);
 
             GPT fresh(tiny_config(), 1);
-            auto b = load_adapter(tmp.sub("a"), fresh);
+            auto b = load_adapter(tmp.path("a"), fresh);
             CHECK(b->method() == method);
             CHECK(b->layers() == a->layers());
             CHECK(b->base() == &fresh);
@@ -190,13 +174,13 @@ TEST_CASE("adapter_io: full fine-tuning needs the base's hash from before traini
     GPT base(tiny_config(), 1);
     auto a = make_adapter("full", small_options());
     a->attach(base);
-    REQUIRE_THROWS_WITH(save_adapter(tmp.sub("a"), *a), Contains("original_base_hash"));
-    CHECK_FALSE(fs::exists(tmp.sub("a/adapter_config.json")));
+    REQUIRE_THROWS_WITH(save_adapter(tmp.path("a"), *a), Contains("original_base_hash"));
+    CHECK_FALSE(fs::exists(tmp.path("a/adapter_config.json")));
 
     GPT other(tiny_config(), 1);
     auto p = make_adapter("prompt", small_options());
     p->attach(other);
-    REQUIRE_THROWS_WITH(save_adapter(tmp.sub("p"), *p, false, "0123456789abcdef"), Contains("not the attached base's hash"));
+    REQUIRE_THROWS_WITH(save_adapter(tmp.path("p"), *p, false, "0123456789abcdef"), Contains("not the attached base's hash"));
 }
 
 TEST_CASE("adapter_io: reparameterized prefixes, training state and inference file", "[adapter_io]") {
@@ -211,28 +195,28 @@ TEST_CASE("adapter_io: reparameterized prefixes, training state and inference fi
             perturb(a->parameters(), 4);
             const std::vector<float> expected = logits(base, a.get());
 
-            save_adapter(tmp.sub("train"), *a);
-            CHECK(read_json(tmp.sub("train/adapter_config.json")).at("inference") == false);
+            save_adapter(tmp.path("train"), *a);
+            CHECK(read_json(tmp.path("train/adapter_config.json")).at("inference") == false);
             GPT fresh(tiny_config(), 1);
-            auto b = load_adapter(tmp.sub("train"), fresh);
+            auto b = load_adapter(tmp.path("train"), fresh);
             REQUIRE(b->parameters().front().first == "prefix_mlp.embedding");
             require_bitwise_equal(a->parameters(), b->parameters());
             CHECK(logits(fresh, b.get()) == expected);
 
-            save_adapter(tmp.sub("infer"), *a, /*inference=*/true);
-            CHECK(read_json(tmp.sub("infer/adapter_config.json")).at("inference") == true);
+            save_adapter(tmp.path("infer"), *a, /*inference=*/true);
+            CHECK(read_json(tmp.path("infer/adapter_config.json")).at("inference") == true);
             GPT fresh2(tiny_config(), 1);
-            auto c = load_adapter(tmp.sub("infer"), fresh2);
+            auto c = load_adapter(tmp.path("infer"), fresh2);
             CHECK(c->options().reparam);
             require_bitwise_equal(a->inference_parameters(), c->parameters());
             check_close(logits(fresh2, c.get()), expected, 1e-6f);
 
             // A materialized adapter's file is an inference file whatever was asked.
             a->materialize();
-            save_adapter(tmp.sub("mat"), *a);
-            CHECK(read_json(tmp.sub("mat/adapter_config.json")).at("inference") == true);
+            save_adapter(tmp.path("mat"), *a);
+            CHECK(read_json(tmp.path("mat/adapter_config.json")).at("inference") == true);
             GPT fresh3(tiny_config(), 1);
-            require_bitwise_equal(a->parameters(), load_adapter(tmp.sub("mat"), fresh3)->parameters());
+            require_bitwise_equal(a->parameters(), load_adapter(tmp.path("mat"), fresh3)->parameters());
         }
     }
 }
@@ -242,8 +226,8 @@ TEST_CASE("adapter_io: loading onto an incompatible base names what differs", "[
     GPT base(tiny_config(2, 16), 1);
     auto a = make_adapter("prefix-kv", small_options());
     a->attach(base);
-    save_adapter(tmp.sub("a"), *a);
-    const std::string dir = tmp.sub("a");
+    save_adapter(tmp.path("a"), *a);
+    const std::string dir = tmp.path("a");
 
     GPT deeper(tiny_config(3, 16), 1);
     std::string e = load_error(dir, deeper);
@@ -263,42 +247,42 @@ TEST_CASE("adapter_io: damaged adapter_config.json fails naming the file and key
     GPT base(tiny_config(), 1);
     auto a = make_adapter("lora", small_options());
     a->attach(base);
-    save_adapter(tmp.sub("a"), *a);
-    const std::string cfg_path = tmp.sub("a/adapter_config.json");
+    save_adapter(tmp.path("a"), *a);
+    const std::string cfg_path = tmp.path("a/adapter_config.json");
     const json good = read_json(cfg_path);
     GPT fresh(tiny_config(), 1);
 
     write_text(cfg_path, "{\"method\": \"lora\",");
-    CHECK_THAT(load_error(tmp.sub("a"), fresh), Contains("adapter_config.json") && Contains("not valid JSON"));
+    CHECK_THAT(load_error(tmp.path("a"), fresh), Contains("adapter_config.json") && Contains("not valid JSON"));
 
     json j = good;
     j["method"] = "nope";
     write_text(cfg_path, j.dump());
-    CHECK_THAT(load_error(tmp.sub("a"), fresh),
+    CHECK_THAT(load_error(tmp.path("a"), fresh),
                Contains("adapter_config.json") && Contains("key 'method'") && Contains("unknown PEFT method 'nope'"));
 
     for (const char* key : {"base_hash", "options", "layers", "inference", "base_config", "format"}) {
         j = good;
         j.erase(key);
         write_text(cfg_path, j.dump());
-        CHECK_THAT(load_error(tmp.sub("a"), fresh),
+        CHECK_THAT(load_error(tmp.path("a"), fresh),
                    Contains("adapter_config.json") && Contains(fmt::format("key '{}' is missing", key)));
     }
 
     j = good;
     j["options"]["lora_rnak"] = 3;
     write_text(cfg_path, j.dump());
-    CHECK_THAT(load_error(tmp.sub("a"), fresh), Contains("key 'options'") && Contains("unknown key 'lora_rnak'"));
+    CHECK_THAT(load_error(tmp.path("a"), fresh), Contains("key 'options'") && Contains("unknown key 'lora_rnak'"));
 
     j = good;
     j["inference"] = "yes";
     write_text(cfg_path, j.dump());
-    CHECK_THAT(load_error(tmp.sub("a"), fresh), Contains("key 'inference': must be true or false"));
+    CHECK_THAT(load_error(tmp.path("a"), fresh), Contains("key 'inference': must be true or false"));
 
     j = good;
     j["layers"] = {0};
     write_text(cfg_path, j.dump());
-    CHECK_THAT(load_error(tmp.sub("a"), fresh), Contains("key 'layers'") && Contains("resolve to [0,1]"));
+    CHECK_THAT(load_error(tmp.path("a"), fresh), Contains("key 'layers'") && Contains("resolve to [0,1]"));
     CHECK(fresh.num_trainable() == fresh.num_params());  // attach's freeze undone
 }
 
@@ -308,8 +292,8 @@ TEST_CASE("adapter_io: tensor file that does not match the adapter leaves the ba
     auto a = make_adapter("full", small_options());
     a->attach(base);
     const std::string h = base_hash(base);
-    save_adapter(tmp.sub("a"), *a, false, h);
-    const std::string weights = tmp.sub("a/adapter_model.safetensors");
+    save_adapter(tmp.path("a"), *a, false, h);
+    const std::string weights = tmp.path("a/adapter_model.safetensors");
 
     // Drop one tensor, then reshape one: the load stops before writing the base.
     StFile file = load_safetensors(weights);
@@ -320,18 +304,18 @@ TEST_CASE("adapter_io: tensor file that does not match the adapter leaves the ba
     GPT fresh(tiny_config(), 1);
     const std::string fresh_hash = base_hash(fresh);
     fresh.freeze();
-    CHECK_THAT(load_error(tmp.sub("a"), fresh), Contains("adapter_model.safetensors") && Contains("missing tensor 'ln_f.bias'"));
+    CHECK_THAT(load_error(tmp.path("a"), fresh), Contains("adapter_model.safetensors") && Contains("missing tensor 'ln_f.bias'"));
     CHECK(base_hash(fresh) == fresh_hash);
     CHECK(fresh.num_trainable() == 0);  // "full" unfroze it on attach; put back
 
     std::vector<float> bias(16 * 2, 0.f);
     refs.push_back({"ln_f.bias", {32}, bias.data()});
     save_safetensors(weights, refs);
-    CHECK_THAT(load_error(tmp.sub("a"), fresh), Contains("tensor 'ln_f.bias' has shape [32] in the file but [16]"));
+    CHECK_THAT(load_error(tmp.path("a"), fresh), Contains("tensor 'ln_f.bias' has shape [32] in the file but [16]"));
     refs.back() = {"ln_f.bias", {16}, bias.data()};
     refs.push_back({"extra", {2}, bias.data()});
     save_safetensors(weights, refs);
-    CHECK_THAT(load_error(tmp.sub("a"), fresh), Contains("unexpected tensor 'extra'"));
+    CHECK_THAT(load_error(tmp.path("a"), fresh), Contains("unexpected tensor 'extra'"));
     CHECK(base_hash(fresh) == fresh_hash);
 }
 
@@ -341,8 +325,8 @@ TEST_CASE("adapter_io: merged LoRA is refused", "[adapter_io]") {
     auto a = make_adapter("lora", small_options());
     a->attach(base);
     static_cast<LoRA&>(*a).merge();
-    CHECK_THROWS_WITH(save_adapter(tmp.sub("a"), *a), Contains("unmerge"));
-    CHECK_THROWS_WITH(export_hf(tmp.sub("a"), *a), Contains("unmerge"));
+    CHECK_THROWS_WITH(save_adapter(tmp.path("a"), *a), Contains("unmerge"));
+    CHECK_THROWS_WITH(export_hf(tmp.path("a"), *a), Contains("unmerge"));
 }
 
 TEST_CASE("adapter_io: Hugging Face export/import round trip", "[adapter_io]") {
@@ -361,10 +345,10 @@ TEST_CASE("adapter_io: Hugging Face export/import round trip", "[adapter_io]") {
             perturb(a->parameters(), 5);
             const std::vector<float> expected = logits(base, a.get());
             REQUIRE(expected != logits(base, nullptr));
-            export_hf(tmp.sub("hf"), *a);
+            export_hf(tmp.path("hf"), *a);
 
             GPT fresh(tiny_config(), 1);
-            auto b = import_hf(tmp.sub("hf"), fresh);
+            auto b = import_hf(tmp.path("hf"), fresh);
             CHECK(b->method() == k.imported_as);
             check_close(logits(fresh, b.get()), expected, k.tol);
             if (k.tol == 0.f) require_bitwise_equal(a->parameters(), b->parameters());
@@ -379,9 +363,9 @@ TEST_CASE("adapter_io: Hugging Face prefix table holds layer l's keys then value
     auto a = make_adapter("prefix-kv", small_options());
     a->attach(base);
     perturb(a->parameters(), 6);
-    export_hf(tmp.sub("hf"), *a);
+    export_hf(tmp.path("hf"), *a);
 
-    const StFile file = load_safetensors(tmp.sub("hf/adapter_model.safetensors"));
+    const StFile file = load_safetensors(tmp.path("hf/adapter_model.safetensors"));
     REQUIRE(file.tensors.size() == 1);
     const StTensor& table = file.tensors.at("prompt_embeddings");
     const int64_t n = 3, d = 16, L = 3;
@@ -397,7 +381,7 @@ TEST_CASE("adapter_io: Hugging Face prefix table holds layer l's keys then value
             }
     }
 
-    const json j = read_json(tmp.sub("hf/adapter_config.json"));
+    const json j = read_json(tmp.path("hf/adapter_config.json"));
     CHECK(j.at("peft_type") == "PREFIX_TUNING");
     CHECK(j.at("task_type") == "CAUSAL_LM");
     CHECK(j.at("num_virtual_tokens") == 3);
@@ -416,11 +400,11 @@ TEST_CASE("adapter_io: Hugging Face prompt and LoRA files have PEFT's keys and f
     GPT base(tiny_config(), 1);
     auto p = make_adapter("prompt", small_options());
     p->attach(base);
-    export_hf(tmp.sub("prompt"), *p);
-    StFile file = load_safetensors(tmp.sub("prompt/adapter_model.safetensors"));
+    export_hf(tmp.path("prompt"), *p);
+    StFile file = load_safetensors(tmp.path("prompt/adapter_model.safetensors"));
     REQUIRE(file.tensors.size() == 1);
     CHECK(file.tensors.at("prompt_embeddings").shape == Shape{3, 16});
-    json j = read_json(tmp.sub("prompt/adapter_config.json"));
+    json j = read_json(tmp.path("prompt/adapter_config.json"));
     CHECK(j.at("peft_type") == "PROMPT_TUNING");
     CHECK(j.at("task_type") == "CAUSAL_LM");
     CHECK(j.at("num_virtual_tokens") == 3);
@@ -438,8 +422,8 @@ TEST_CASE("adapter_io: Hugging Face prompt and LoRA files have PEFT's keys and f
     GPT base2(tiny_config(), 1);
     a->attach(base2);
     perturb(a->parameters(), 7);
-    export_hf(tmp.sub("lora"), *a);
-    file = load_safetensors(tmp.sub("lora/adapter_model.safetensors"));
+    export_hf(tmp.path("lora"), *a);
+    file = load_safetensors(tmp.path("lora/adapter_model.safetensors"));
     std::map<std::string, Shape> shapes;
     for (const auto& [name, t] : file.tensors) shapes[name] = t.shape;
     const std::map<std::string, Shape> expected = {
@@ -448,7 +432,7 @@ TEST_CASE("adapter_io: Hugging Face prompt and LoRA files have PEFT's keys and f
         {"base_model.model.blocks.1.mlp.fc.lora_A.weight", {2, 16}},
         {"base_model.model.blocks.1.mlp.fc.lora_B.weight", {32, 2}}};
     CHECK(shapes == expected);
-    j = read_json(tmp.sub("lora/adapter_config.json"));
+    j = read_json(tmp.path("lora/adapter_config.json"));
     CHECK(j.at("peft_type") == "LORA");
     CHECK(j.at("task_type") == "CAUSAL_LM");
     CHECK(j.at("r") == 2);
@@ -463,7 +447,7 @@ TEST_CASE("adapter_io: Hugging Face prompt and LoRA files have PEFT's keys and f
     CHECK(j.at("base_model_name_or_path") == "peftlab:" + base_hash(base2));
 
     GPT fresh(tiny_config(), 1);
-    auto b = import_hf(tmp.sub("lora"), fresh);
+    auto b = import_hf(tmp.path("lora"), fresh);
     CHECK(b->layers() == std::vector<int>{1});
     CHECK(b->options().lora_targets == o.lora_targets);
     CHECK(b->options().lora_alpha == 4.f);
@@ -477,17 +461,17 @@ TEST_CASE("adapter_io: Hugging Face export refusals and import validation", "[ad
     o.layers = "1";
     auto chosen = make_adapter("prefix-kv", o);
     chosen->attach(base);
-    CHECK_THROWS_WITH(export_hf(tmp.sub("x"), *chosen), Contains("every layer") && Contains("layers=all"));
+    CHECK_THROWS_WITH(export_hf(tmp.path("x"), *chosen), Contains("every layer") && Contains("layers=all"));
     auto bitfit = make_adapter("bitfit", small_options());
     GPT base2(tiny_config(), 1);
     bitfit->attach(base2);
-    CHECK_THROWS_WITH(export_hf(tmp.sub("x"), *bitfit), Contains("'bitfit' has no Hugging Face PEFT counterpart"));
+    CHECK_THROWS_WITH(export_hf(tmp.path("x"), *bitfit), Contains("'bitfit' has no Hugging Face PEFT counterpart"));
 
     GPT base3(tiny_config(), 1);
     auto p = make_adapter("prompt", small_options());
     p->attach(base3);
-    export_hf(tmp.sub("hf"), *p);
-    const std::string cfg_path = tmp.sub("hf/adapter_config.json");
+    export_hf(tmp.path("hf"), *p);
+    const std::string cfg_path = tmp.path("hf/adapter_config.json");
     const json good = read_json(cfg_path);
     GPT fresh(tiny_config(), 1);
     auto with = [&](const char* key, const json& value) {
@@ -495,7 +479,7 @@ TEST_CASE("adapter_io: Hugging Face export refusals and import validation", "[ad
         if (value.is_discarded()) j.erase(key);
         else j[key] = value;
         write_text(cfg_path, j.dump());
-        return import_error(tmp.sub("hf"), fresh);
+        return import_error(tmp.path("hf"), fresh);
     };
     CHECK_THAT(with("token_dim", 24), Contains("adapter_config.json") && Contains("key 'token_dim': is 24 but the base has 16"));
     CHECK_THAT(with("num_layers", 4), Contains("key 'num_layers': is 4 but the base has 2"));
@@ -511,7 +495,7 @@ TEST_CASE("adapter_io: Hugging Face export refusals and import validation", "[ad
 
     GPT other(tiny_config(), 2);
     write_text(cfg_path, good.dump());
-    CHECK_THAT(import_error(tmp.sub("hf"), other), Contains("base weights differ"));
+    CHECK_THAT(import_error(tmp.path("hf"), other), Contains("base weights differ"));
     CHECK(other.num_trainable() == other.num_params());
 }
 
@@ -520,15 +504,15 @@ TEST_CASE("adapter_io: Hugging Face LoRA features we do not implement are refuse
     GPT base(tiny_config(), 1);
     auto a = make_adapter("lora", small_options());
     a->attach(base);
-    export_hf(tmp.sub("hf"), *a);
-    const std::string cfg_path = tmp.sub("hf/adapter_config.json");
+    export_hf(tmp.path("hf"), *a);
+    const std::string cfg_path = tmp.path("hf/adapter_config.json");
     const json good = read_json(cfg_path);
     GPT fresh(tiny_config(), 1);
     auto with = [&](const char* key, const json& value) {
         json j = good;
         j[key] = value;
         write_text(cfg_path, j.dump());
-        return import_error(tmp.sub("hf"), fresh);
+        return import_error(tmp.path("hf"), fresh);
     };
     CHECK_THAT(with("use_rslora", true), Contains("key 'use_rslora'"));
     CHECK_THAT(with("use_dora", true), Contains("key 'use_dora'"));

@@ -1,18 +1,15 @@
 // Tokenizers and the text corpus loader.
 #include <catch2/catch.hpp>
 
-#include <unistd.h>
-
-#include <filesystem>
-#include <fstream>
 #include <functional>
 #include <utility>
 
 #include "datasets/corpus.h"
 #include "datasets/tokenizer.h"
+#include "tests/testing.h"
 
 using namespace peftlab::data;
-namespace fs = std::filesystem;
+using peftlab::testing::TempDir;
 
 namespace {
 
@@ -31,22 +28,6 @@ void require_throws_with(const std::function<void()>& f, std::initializer_list<s
     }
     FAIL("expected an exception");
 }
-
-// A fresh directory under the system temp dir, removed with everything in it.
-struct TempDir {
-    fs::path path;
-    TempDir() {
-        path = fs::temp_directory_path() / ("peftlab_test_datasets_" + std::to_string(::getpid()));
-        fs::remove_all(path);
-        fs::create_directories(path);
-    }
-    ~TempDir() { fs::remove_all(path); }
-    std::string write(const std::string& name, const std::string& bytes) const {
-        auto p = path / name;
-        std::ofstream(p, std::ios::binary) << bytes;
-        return p.string();
-    }
-};
 
 std::vector<std::string> lines_of(const std::string& text) {
     std::vector<std::string> lines;
@@ -176,19 +157,19 @@ TEST_CASE("find_invalid_utf8 reports the offending byte offset", "[datasets]") {
 
 TEST_CASE("load_text_corpus names the file and the problem", "[datasets]") {
     TempDir dir;
-    const std::string missing = (dir.path / "nope.txt").string();
+    const std::string missing = dir.path("nope.txt");
     require_throws_with<std::runtime_error>([&] { load_text_corpus(missing, 0.1, 1); }, {missing, "does not exist"});
-    require_throws_with<std::runtime_error>([&] { load_text_corpus(dir.path.string(), 0.1, 1); },
-                                            {dir.path.string(), "not a regular file"});
-    auto empty = dir.write("empty.txt", "");
+    require_throws_with<std::runtime_error>([&] { load_text_corpus(dir.dir.string(), 0.1, 1); },
+                                            {dir.dir.string(), "not a regular file"});
+    auto empty = dir.file("empty.txt", "");
     require_throws_with<std::runtime_error>([&] { load_text_corpus(empty, 0.1, 1); }, {empty, "empty"});
-    auto blank = dir.write("blank.txt", "\n  \n\t\n");
+    auto blank = dir.file("blank.txt", "\n  \n\t\n");
     require_throws_with<std::runtime_error>([&] { load_text_corpus(blank, 0.1, 1); }, {blank, "empty"});
-    auto binary = dir.write("bin.txt", std::string("hello\0world", 11));
+    auto binary = dir.file("bin.txt", std::string("hello\0world", 11));
     require_throws_with<std::runtime_error>([&] { load_text_corpus(binary, 0.1, 1); }, {binary, "NUL", "byte offset 5"});
-    auto latin1 = dir.write("latin1.txt", "caf\xE9 au lait\n");
+    auto latin1 = dir.file("latin1.txt", "caf\xE9 au lait\n");
     require_throws_with<std::runtime_error>([&] { load_text_corpus(latin1, 0.1, 1); }, {latin1, "UTF-8", "0xe9", "byte offset 3"});
-    auto ok = dir.write("ok.txt", "one line\n");
+    auto ok = dir.file("ok.txt", "one line\n");
     require_throws_with<std::invalid_argument>([&] { load_text_corpus(ok, 1.0, 1); }, {"valid_fraction"});
 }
 
@@ -200,7 +181,7 @@ TEST_CASE("load_text_corpus splits lines deterministically and keeps file order"
         all.push_back("line " + std::to_string(i) + " café");
         text += all.back() + (i % 10 == 0 ? "\r\n\n" : "\n");  // some CRLF and blank lines
     }
-    auto path = dir.write("corpus.txt", text);
+    auto path = dir.file("corpus.txt", text);
 
     auto a = load_text_corpus(path, 0.1, 42);
     auto b = load_text_corpus(path, 0.1, 42);
@@ -221,7 +202,7 @@ TEST_CASE("load_text_corpus splits lines deterministically and keeps file order"
     }
     CHECK(merged == all);
 
-    auto single = dir.write("single.txt", "only line\n");
+    auto single = dir.file("single.txt", "only line\n");
     auto s = load_text_corpus(single, 0.5, 1);  // train always keeps a line
     CHECK(s.train == "only line\n");
     CHECK(s.valid.empty());

@@ -9,34 +9,24 @@
 
 #include "autograd/tape.h"
 #include "nn/generate.h"
+#include "tests/testing.h"
 
 using namespace peftlab;
+using namespace peftlab::testing;
 using Catch::Contains;
 
 namespace {
 
-constexpr int64_t kVocab = 40, kC = 32;
+constexpr int64_t kVocab = 40, kC = kSmallC;
 
-GPTConfig tiny_config() {
-    GPTConfig c;
-    c.vocab = kVocab;
-    c.d_model = kC;
-    c.n_layers = 2;
-    c.n_heads = 4;
-    c.d_ff = 64;
-    c.max_seq = 24;
-    return c;
-}
+// max_seq 24: the length tests generate up to it exactly.
+GPTConfig tiny_config() { return small_gpt(kVocab, 24); }
 
 // A model whose greedy continuations depend on the context: at init (std
 // 0.02) attention barely moves the logits, so the next token would mostly
 // follow the last one.
 std::unique_ptr<GPT> sharp_model(uint64_t seed, float factor = 6.f) {
-    auto model = std::make_unique<GPT>(tiny_config(), seed);
-    for (auto& [name, t] : model->named_parameters())
-        if (t.ndim() == 2)
-            for (int64_t i = 0; i < t.numel(); ++i) Tensor(t).data()[i] *= factor;
-    return model;
+    return testing::sharp_model(tiny_config(), seed, factor);
 }
 
 const std::vector<std::vector<int32_t>> kPrompts = {{3}, {7, 1, 12, 30, 5}, {22, 9, 2}};

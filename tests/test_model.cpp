@@ -11,82 +11,18 @@
 
 #include "autograd/tape.h"
 #include "nn/gpt.h"
+#include "tests/testing.h"
 
 using namespace peftlab;
+using namespace peftlab::testing;
 using Catch::Contains;
 
 namespace {
 
 GPTConfig tiny_config(bool tied = false) {
-    GPTConfig c;
-    c.vocab = 48;
-    c.d_model = 32;
-    c.n_layers = 2;
-    c.n_heads = 4;
-    c.d_ff = 64;
-    c.max_seq = 24;
+    GPTConfig c = small_gpt(48, 24);
     c.tie_embeddings = tied;
     return c;
-}
-
-// Scales every matrix so that attention and prefixes move the logits by much
-// more than float rounding (at init, std 0.02, their effect is tiny).
-void sharpen(GPT& model, float factor = 5.f) {
-    for (auto& [name, t] : model.named_parameters())
-        if (t.ndim() == 2)
-            for (int64_t i = 0; i < t.numel(); ++i) Tensor(t).data()[i] *= factor;
-}
-
-std::vector<int32_t> random_tokens(Rng& rng, int64_t n, int64_t vocab) {
-    std::vector<int32_t> t(static_cast<size_t>(n));
-    for (auto& x : t) x = int32_t(rng.below(uint32_t(vocab)));
-    return t;
-}
-
-ModelInput single_row(const std::vector<int32_t>& tokens) {
-    ModelInput in;
-    in.B = 1;
-    in.T = int64_t(tokens.size());
-    in.tokens = tokens;
-    return in;
-}
-
-// Batch of rows padded to the longest one, on the left (real tokens keep
-// positions 0..len-1) or on the right. Padding slots hold token 0.
-ModelInput padded_batch(const std::vector<std::vector<int32_t>>& rows, bool left, int64_t extra = 0) {
-    ModelInput in;
-    in.B = int64_t(rows.size());
-    for (auto& r : rows) in.T = std::max(in.T, int64_t(r.size()));
-    in.T += extra;
-    const size_t T = size_t(in.T);
-    in.tokens.assign(rows.size() * T, 0);
-    in.positions.assign(rows.size() * T, 0);
-    in.valid.assign(rows.size() * T, 0);
-    for (size_t b = 0; b < rows.size(); ++b) {
-        const size_t start = left ? T - rows[b].size() : 0;
-        for (size_t i = 0; i < rows[b].size(); ++i) {
-            in.tokens[b * T + start + i] = rows[b][i];
-            in.positions[b * T + start + i] = int32_t(i);
-            in.valid[b * T + start + i] = 1;
-        }
-    }
-    return in;
-}
-
-// Largest |a - b| between logits of row a_row, columns [a_col, a_col + T) of
-// a [B, Ta, V] and row b_row, columns [b_col, ...) of b.
-float max_diff(const Tensor& a, int64_t a_row, int64_t a_col, const Tensor& b, int64_t b_row, int64_t b_col,
-               int64_t T) {
-    const int64_t V = a.dim(2);
-    REQUIRE(b.dim(2) == V);
-    float m = 0.f;
-    for (int64_t t = 0; t < T; ++t)
-        for (int64_t v = 0; v < V; ++v) {
-            float x = a.data()[(a_row * a.dim(1) + a_col + t) * V + v];
-            float y = b.data()[(b_row * b.dim(1) + b_col + t) * V + v];
-            m = std::max(m, std::fabs(x - y));
-        }
-    return m;
 }
 
 float max_diff(const Tensor& a, const Tensor& b) {
@@ -94,10 +30,6 @@ float max_diff(const Tensor& a, const Tensor& b) {
     float m = 0.f;
     for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::fabs(a.data()[i] - b.data()[i]));
     return m;
-}
-
-bool bitwise_equal(const Tensor& a, const Tensor& b) {
-    return a.shape() == b.shape() && std::memcmp(a.data(), b.data(), size_t(a.numel()) * sizeof(float)) == 0;
 }
 
 // Returns fixed prefixes, whatever it is told; counts calls and keeps what it was told.
@@ -435,8 +367,8 @@ TEST_CASE("GPT: logits at position t ignore later tokens (causality)", "[model]"
     Tensor a = model.forward(single_row(tokens));
     tokens[5] = (tokens[5] + 1) % 48;
     Tensor b = model.forward(single_row(tokens));
-    CHECK(max_diff(a, 0, 0, b, 0, 0, 5) == 0.f);
-    CHECK(max_diff(a, 0, 5, b, 0, 5, 3) > 1e-2);
+    CHECK(max_diff_rows(a, 0, 0, b, 0, 0, 5) == 0.f);
+    CHECK(max_diff_rows(a, 0, 5, b, 0, 5, 3) > 1e-2);
 }
 
 TEST_CASE("GPT: padding on the right or left leaves real positions unchanged", "[model]") {
@@ -455,7 +387,7 @@ TEST_CASE("GPT: padding on the right or left leaves real positions unchanged", "
         for (size_t b = 0; b < rows.size(); ++b) {
             const int64_t len = int64_t(rows[b].size());
             const int64_t start = left ? in.T - len : 0;
-            CHECK(max_diff(batched, int64_t(b), start, alone[b], 0, 0, len) < 1e-5);
+            CHECK(max_diff_rows(batched, int64_t(b), start, alone[b], 0, 0, len) < 1e-5);
         }
         for (float x : batched.to_vector()) REQUIRE(std::isfinite(x));  // padding rows too
     }
@@ -547,10 +479,10 @@ TEST_CASE("GPT: per-row prefixes equal each row run alone with its own prefix", 
             model.set_hooks(&own);  // row 2: a hook with no prefix, i.e. the base model
             Tensor alone = model.forward(single_row(rows[size_t(b)]));
             const int64_t len = int64_t(rows[size_t(b)].size());
-            CHECK(max_diff(batched, b, in.T - len, alone, 0, 0, len) < 1e-5);
+            CHECK(max_diff_rows(batched, b, in.T - len, alone, 0, 0, len) < 1e-5);
             if (b == 0) {
                 model.set_hooks(nullptr);
-                CHECK(max_diff(batched, b, in.T - len, model.forward(single_row(rows[0])), 0, 0, len) > 1e-2);
+                CHECK(max_diff_rows(batched, b, in.T - len, model.forward(single_row(rows[0])), 0, 0, len) > 1e-2);
             }
         }
         model.set_hooks(nullptr);

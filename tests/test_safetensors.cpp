@@ -12,47 +12,16 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
-#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "tests/testing.h"
+
 using namespace peftlab;
+using peftlab::testing::TempDir;
 using Catch::Contains;
 namespace fs = std::filesystem;
 
 namespace {
-
-// A fresh directory under the system temp dir for one test, removed with everything in it.
-struct TempDir {
-    fs::path dir;
-
-    TempDir() {
-        static int serial = 0;
-        dir = fs::temp_directory_path() / fmt::format("peftlab_safetensors_{}_{}", ::getpid(), serial++);
-        fs::remove_all(dir);
-        fs::create_directories(dir);
-    }
-    ~TempDir() {
-        std::error_code ec;  // a test may have left the directory read-only
-        fs::permissions(dir, fs::perms::owner_all, fs::perm_options::add, ec);
-        fs::remove_all(dir, ec);
-    }
-
-    std::string path(std::string_view name) const { return (dir / name).string(); }
-
-    // Writes `bytes` to `name` and returns its path.
-    std::string file(std::string_view name, std::string_view bytes) const {
-        std::ofstream(path(name), std::ios::binary).write(bytes.data(), std::streamsize(bytes.size()));
-        return path(name);
-    }
-
-    // Names of the directory's entries, sorted: temp files left behind would show up here.
-    std::vector<std::string> entries() const {
-        std::vector<std::string> names;
-        for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
-        std::sort(names.begin(), names.end());
-        return names;
-    }
-};
 
 std::string read_bytes(const std::string& path) {
     std::ifstream in(path, std::ios::binary);

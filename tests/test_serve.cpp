@@ -18,35 +18,23 @@
 #include "peft/lora.h"
 #include "peft/registry.h"
 #include "peft/serve.h"
+#include "tests/testing.h"
 
 using namespace peftlab;
 using namespace peftlab::peft;
+using namespace peftlab::testing;
 using Catch::Contains;
 
 namespace {
 
-constexpr int64_t kVocab = 40, kC = 32;
+constexpr int64_t kVocab = 40, kC = kSmallC;
 
-GPTConfig tiny_config() {
-    GPTConfig c;
-    c.vocab = kVocab;
-    c.d_model = kC;
-    c.n_layers = 2;
-    c.n_heads = 4;
-    c.d_ff = 64;
-    c.max_seq = 32;
-    return c;
-}
+// max_seq 32: the length errors are tested against it.
+GPTConfig tiny_config() { return small_gpt(kVocab, 32); }
 
 // Weights scaled up so that greedy continuations depend on the context (and
 // on the adapter) instead of mostly repeating the last token.
-std::unique_ptr<GPT> sharp_model(uint64_t seed) {
-    auto model = std::make_unique<GPT>(tiny_config(), seed);
-    for (auto& [name, t] : model->named_parameters())
-        if (t.ndim() == 2)
-            for (int64_t i = 0; i < t.numel(); ++i) Tensor(t).data()[i] *= 6.f;
-    return model;
-}
+std::unique_ptr<GPT> sharp_model(uint64_t seed) { return testing::sharp_model(tiny_config(), seed, 6.f); }
 
 // A randomly initialised adapter whose every tensor is non-zero (LoRA's B and
 // BitFit's deltas start at zero, which would make them the base).

@@ -5,10 +5,7 @@
 #include <fstream>
 #include <sstream>
 
-#include <unistd.h>
-
 #include <catch2/catch.hpp>
-#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "autograd/flops.h"
@@ -20,8 +17,10 @@
 #include "nn/optim.h"
 #include "nn/safetensors.h"
 #include "nn/trainer.h"
+#include "tests/testing.h"
 
 using namespace peftlab;
+using peftlab::testing::TempDir;
 using Catch::Contains;
 namespace fs = std::filesystem;
 
@@ -40,22 +39,6 @@ GPTConfig tiny_config(float dropout = 0.f) {
     c.dropout = dropout;
     return c;
 }
-
-// A fresh directory under the system temp dir, removed with its contents.
-struct TempDir {
-    fs::path dir;
-    TempDir() {
-        static int serial = 0;
-        dir = fs::temp_directory_path() / fmt::format("peftlab_train_{}_{}", ::getpid(), serial++);
-        fs::remove_all(dir);
-        fs::create_directories(dir);
-    }
-    ~TempDir() {
-        std::error_code ec;
-        fs::remove_all(dir, ec);
-    }
-    std::string path(const std::string& name) const { return (dir / name).string(); }
-};
 
 // B rows of T random tokens; targets are the next tokens.
 struct Batch {
