@@ -101,7 +101,7 @@ fixtures: deps
 # ---- experiments (flags pass through ARGS="...") ----------------------------------
 # The main job: a quick compare on the default table-to-text task, pretraining
 # included on a fresh machine.
-DEMO_ARGS := --config demo --pretrain-steps 600 --steps 150 --search-steps 30 --eval-examples 60 --out runs/demo
+DEMO_ARGS := --config demo --steps 300 --search-steps 60 --eval-examples 100 --out runs/demo
 
 demo: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/compare

@@ -435,6 +435,17 @@ std::string restaurant_corpus(size_t n_sentences, uint64_t seed) {
     std::string out;
     for (size_t i = 0; i < n_sentences; ++i) {
         Slots venue = random_venue(rng, names_for(Split::Train), 1 + rng.below(5));
+        // A quarter of the lines are listings in the MR notation, as tables
+        // sit in web text, followed by a sentence about some of the listed
+        // values only: the base learns the notation and that a listing is
+        // talked about, but not the e2e mapping (every value, after " => ").
+        if (rng.below(4) == 0) {
+            Slots some{{"name", venue.at("name")}};
+            for (const auto& [slot, value] : venue)
+                if (slot != "name" && rng.below(2) == 0) some[slot] = value;
+            out += format_mr(venue) + ' ' + realize(some, rng) + '\n';
+            continue;
+        }
         out += realize(venue, rng);
         // Half the lines go on about the same venue, repeating its name and
         // some of its values: text where copying from context pays, as in

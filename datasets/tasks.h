@@ -62,7 +62,9 @@ TaskData make_task(const std::string& name, size_t n_train, size_t n_valid, size
 
 // Lines of varied restaurant descriptions for LM pretraining, each realizing
 // 1..5 slots of a random venue with the same phrasings as the e2e targets;
-// half the lines add a second sentence about the same venue (copying pays).
+// half the lines add a second sentence about the same venue (copying pays);
+// a quarter of the lines are MR listings (format_mr) followed by a sentence
+// on some of their values, so the notation is known but not the e2e mapping.
 // Only training-split venue names occur, so e2e valid/test names stay unseen.
 std::string restaurant_corpus(size_t n_sentences, uint64_t seed);
 

@@ -15,10 +15,9 @@ using namespace peftlab::harness;
 int main(int argc, char** argv) {
     CommonArgs d;
     d.methods = {"full", "prefix", "prefix-kv", "prefix-reparam", "prompt", "lora"};
-    d.steps = 300;
-    d.pretrain_steps = 1500;
+    d.steps = 400;
     d.out = "runs/compare";
-    d.eval_examples = 100;
+    d.eval_examples = 200;
     cxxopts::Options opts("compare", "Compare PEFT methods from one pretrained base under one budget");
     add_common_flags(opts, d);
     // clang-format off

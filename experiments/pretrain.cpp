@@ -11,7 +11,6 @@ using namespace peftlab::harness;
 int main(int argc, char** argv) {
     CommonArgs d;
     d.steps = 1;  // unused here
-    d.pretrain_steps = 1500;
     d.out = "runs/pretrain";
     d.eval_examples = 1;
     cxxopts::Options opts("pretrain", "Pretrain (or find in the cache) the base LM every experiment starts from");

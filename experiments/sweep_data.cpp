@@ -1,11 +1,13 @@
 // sweep-data: training-set size against compute. For each method and training
-// set size (default 50, 200, 1000, all) the same number of updates; we record
+// set size (default 50, 200, 1000, 2000; nested prefixes of one training set)
+// the same number of updates; we record
 // the FLOPs of one update (which do not depend on the data set's size), the
 // updates needed to reach a target validation loss, and the FLOPs that costs.
 // PEFT's saving is per update (no weight gradients, no optimizer state for
 // frozen weights), not a need for less data.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "experiments/lib/harness.h"
@@ -18,14 +20,13 @@ int main(int argc, char** argv) {
     CommonArgs d;
     d.methods = {"full", "prefix", "prefix-kv", "prompt", "lora"};
     d.steps = 200;
-    d.pretrain_steps = 1500;
     d.out = "runs/sweep-data";
     d.eval_examples = 50;
     cxxopts::Options opts("sweep-data", "Compute per step and steps to a target loss against training-set size");
     add_common_flags(opts, d);
     // clang-format off
     opts.add_options()
-        ("sizes", "comma-separated training-set sizes (0 = all)", cxxopts::value<std::string>()->default_value("50,200,1000,0"))
+        ("sizes", "comma-separated training-set sizes (0 = --n-train, or the task's default size)", cxxopts::value<std::string>()->default_value("50,200,1000,2000"))
         ("target-loss", "validation loss to reach (0 = 1.05 x the worst final loss at the largest size)",
             cxxopts::value<double>()->default_value("0"));
     // clang-format on
@@ -36,12 +37,18 @@ int main(int argc, char** argv) {
         for (const std::string& s : split_list(r["sizes"].as<std::string>()))
             sizes.push_back(parse_count("--sizes", s));
         Base base = load_or_pretrain(a);
-        const data::TaskData full_task = load_task(a);
+        const size_t default_size = load_task(a).train.size();
+        for (int64_t& size : sizes)
+            if (size == 0) size = int64_t(default_size);
+        // One training set as large as the largest size; smaller sizes are its prefixes.
+        CommonArgs largest = a;
+        for (int64_t size : sizes) largest.n_train = std::max<size_t>(largest.n_train, size_t(size));
+        const data::TaskData full_task = load_task(largest);
         std::vector<MethodResult> results;
         std::vector<int64_t> result_size;
         for (int64_t size : sizes) {
             data::TaskData task = full_task;
-            if (size > 0 && size_t(size) < task.train.size()) task.train.resize(size_t(size));
+            task.train.resize(size_t(size));
             for (const std::string& m : a.methods) {
                 MethodSpec spec = make_spec(a, m);
                 spec.label = fmt::format("{} n_train={}", m, task.train.size());

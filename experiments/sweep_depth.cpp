@@ -14,7 +14,6 @@ int main(int argc, char** argv) {
     CommonArgs d;
     d.methods = {"prefix"};
     d.steps = 200;
-    d.pretrain_steps = 1500;
     d.out = "runs/sweep-depth";
     d.eval_examples = 100;
     cxxopts::Options opts("sweep-depth", "Metric against which layers carry the prefix (top-k / bottom-k)");

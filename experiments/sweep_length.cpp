@@ -14,7 +14,6 @@ int main(int argc, char** argv) {
     CommonArgs d;
     d.methods = {"prefix", "prompt"};
     d.steps = 200;
-    d.pretrain_steps = 1500;
     d.out = "runs/sweep-length";
     d.eval_examples = 100;
     cxxopts::Options opts("sweep-length", "Metric against prefix / prompt length n");

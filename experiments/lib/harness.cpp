@@ -63,7 +63,9 @@ struct TaskDefaults {
     int max_new_tokens;
 };
 TaskDefaults task_defaults(const std::string& task) {
-    if (task == "e2e") return {2000, 200, 200, 40};
+    // e2e: a low-data regime (as Li & Liang's 50-500 example E2E subsets),
+    // where what the base learned in pretraining shows; sweep-data goes larger.
+    if (task == "e2e") return {300, 200, 200, 40};
     if (task == "classify") return {2000, 200, 200, 2};
     return {2000, 200, 200, 16};  // algorithmic
 }
@@ -231,8 +233,12 @@ Base load_or_pretrain(const CommonArgs& args) {
         // The vocabulary covers the domain: the corpus and every split of the
         // task, so that unseen venue names are distinct words (with untrained
         // embeddings) rather than <unk>.
+        // The task at its default size, so that every --n-train shares one
+        // vocabulary and therefore one cached base.
         std::string vocab_text = corpus_text;
-        data::TaskData task = load_task(args);
+        CommonArgs default_size = args;
+        default_size.n_train = 0;
+        data::TaskData task = load_task(default_size);
         for (const auto* split : {&task.train, &task.valid, &task.test})
             for (const data::Example& ex : *split) vocab_text += "\n" + data::format_example(ex);
         base.tokenizer = std::make_unique<data::WordTokenizer>(data::WordTokenizer::build(vocab_text, 4000));
@@ -245,7 +251,7 @@ Base load_or_pretrain(const CommonArgs& args) {
                           {"steps", args.pretrain_steps},
                           {"seed", args.seed},
                           {"batch", args.batch},
-                          {"format", 1}};
+                          {"format", 3}};  // bumped whenever the built-in corpus or the vocabulary's source changes
     base.dir = fmt::format("runs/pretrain/{:016x}", fnv1a(key.dump()));
     base.model_path = base.dir + "/model.safetensors";
     fs::create_directories(base.dir);
@@ -404,6 +410,10 @@ void score(Run& r, const data::TaskData& task, const data::Tokenizer& tok, int64
     r.model->train();
     res.metric_name = task.metric_name;
     std::vector<data::Example> ex(task.test.begin(), task.test.begin() + n);
+    for (size_t i = 0; i < std::min<size_t>(3, ex.size()); ++i) {
+        res.samples.emplace_back(ex[i].source, hyps[i]);
+        fmt::print("  sample: {}{}{}\n", ex[i].source, data::kSeparator, hyps[i]);
+    }
     if (task.metric_name == "bleu") {
         std::vector<std::vector<std::string>> refs;
         std::vector<std::map<std::string, std::string>> mrs;
@@ -556,6 +566,8 @@ nlohmann::json MethodResult::to_json() const {
                         {"steps", steps},
                         {"lr", lr}};
     for (auto& [k, v] : extra_metrics) j["metric"][k] = v;
+    j["samples"] = nlohmann::json::array();
+    for (auto& [source, generated] : samples) j["samples"].push_back({{"source", source}, {"generated", generated}});
     nlohmann::json search = nlohmann::json::array();
     for (auto& [lr_, v] : lr_search) search.push_back({{"lr", lr_}, {"valid_loss", std::isfinite(v) ? v : -1.0}});
     j["lr_search"] = search;

@@ -33,7 +33,7 @@ struct CommonArgs {
     int64_t lora_rank = 8;
     std::string tokenizer = "word";  // word | byte
     std::string corpus;              // a UTF-8 file to pretrain on instead of the built-in corpus
-    int64_t pretrain_steps = 0;
+    int64_t pretrain_steps = 4000;  // one default for every experiment, so they share the cached base
     size_t n_train = 0, n_valid = 0, n_test = 0;
     int64_t eval_examples = 0;  // test examples scored by generation
 };
@@ -77,6 +77,7 @@ struct MethodResult {
     std::string metric_name;
     double metric = 0.0;
     std::map<std::string, double> extra_metrics;  // e.g. slot_error_rate
+    std::vector<std::pair<std::string, std::string>> samples;  // (source, generated) of the first test examples
     int64_t steps = 0;
     double lr = 0.0;
     std::vector<std::pair<double, double>> lr_search;     // (lr, valid loss) tried
