@@ -1,6 +1,6 @@
 #pragma once
 // Command-line flags of the experiment binaries that parse their own options
-// (harness::parse_or_exit covers the ones built on CommonArgs).
+// (harness::parse_or_exit, for the ones built on CommonArgs, uses parse too).
 #include <cstdint>
 #include <string>
 

@@ -1,5 +1,7 @@
 #include "experiments/lib/harness.h"
 
+#include "experiments/lib/flags.h"
+
 #include <fmt/format.h>
 
 #include <chrono>
@@ -7,7 +9,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <iostream>
 #include <sstream>
 
 #include "autograd/flops.h"
@@ -198,13 +199,7 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
 CommonArgs parse_or_exit(cxxopts::Options& opts, int argc, char** argv, const CommonArgs& defaults,
                          cxxopts::ParseResult* result) {
     try {
-        cxxopts::ParseResult r = opts.parse(argc, argv);
-        if (r.count("help")) {
-            std::cout << opts.help() << "\n";
-            std::exit(0);
-        }
-        if (!r.unmatched().empty())
-            throw std::invalid_argument(fmt::format("unexpected argument '{}'", r.unmatched()[0]));
+        cxxopts::ParseResult r = flags::parse(opts, argc, argv);
         CommonArgs a = parse_common(r, defaults);
         set_threads(a.threads);
         if (result) *result = r;
