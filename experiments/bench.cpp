@@ -125,7 +125,11 @@ struct Spec {
 // Prints {"ready": ...} after warm-up, then answers each "step" line with
 // {"ms": ..., "sgemm_gflops": ...} (the step, then one cblas_sgemm probe, so
 // that each row's share of the peak is measured under the load its steps saw)
-// and "end" with its peak RSS.
+// and "end" with its peak RSS. "steps N" runs N steps back to back without
+// probes, for a profiler, e.g.:
+//   (echo steps 20; echo end) | perf record -g ./build/bin/bench --child
+//     '{"kind":"train","config":"small","method":"prefix","vocab":256,"d_model":256,"layers":4,"heads":4,
+//       "d_ff":1024,"seq":128,"batch":16,"n":16,"lora_rank":8,"prompt_len":64,"new_tokens":64,"warmup":2,"threads":2}'
 class Session {
 public:
     virtual ~Session() = default;
@@ -234,6 +238,11 @@ int run_child(const std::string& spec_text) {
             session->step();
             const double ms = (now_s() - t0) * 1e3;
             std::cout << json{{"ms", ms}, {"sgemm_gflops", sgemm_gflops(kProbeSize, 1)}}.dump() << std::endl;
+        } else if (cmd.rfind("steps ", 0) == 0) {  // back-to-back steps, no probes: for profilers
+            const int n = std::stoi(cmd.substr(6));
+            const double t0 = now_s();
+            for (int i = 0; i < n; ++i) session->step();
+            std::cout << json{{"ms_per_step", (now_s() - t0) * 1e3 / std::max(1, n)}}.dump() << std::endl;
         } else if (cmd == "end") {
             std::cout << json{{"peak_rss_bytes", peak_rss_bytes()}, {"tracked_peak_bytes", mem::peak_bytes()}}.dump()
                       << std::endl;
