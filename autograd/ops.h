@@ -63,9 +63,12 @@ Tensor cross_entropy(const Tensor& logits, const std::vector<int32_t>& targets, 
 // Fused multi-head attention. q [B, Tq, C], k and v [B, Tk, C], C = H * Dh.
 // Scores Q K^T / sqrt(Dh) per head, softmax with the causal rule above and
 // key_valid [B, Tk] (optional), then P V -> [B, Tq, C]. Heads are strided
-// views into C: no permute copies.
+// views into C: no permute copies. k, v [B, S, C] and key_valid [B, S] may
+// hold more positions than are keys: only the first kv_len are read (-1: all
+// S), so a KV cache with room to grow is attended without a copy. Gradients
+// for k and v need kv_len = -1.
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads, bool causal,
-                 const Tensor& key_valid = Tensor());
+                 const Tensor& key_valid = Tensor(), int64_t kv_len = -1);
 
 // ---- indexing and layout -------------------------------------------------------
 // weight [V, D]; ids in [0, V) -> [ids.size(), D] (then reshape as needed).

@@ -255,23 +255,29 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
 }
 
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads, bool causal,
-                 const Tensor& key_valid) {
+                 const Tensor& key_valid, int64_t kv_len) {
     require_defined("attention", q, "q");
     require_defined("attention", k, "k");
     require_defined("attention", v, "v");
     if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3 || k.shape() != v.shape() || q.dim(0) != k.dim(0) ||
         q.dim(2) != k.dim(2))
         throw std::invalid_argument(fmt::format(
-            "attention: expected q [B, Tq, C] and k, v [B, Tk, C], got q {}, k {}, v {}", shape_str(q.shape()),
+            "attention: expected q [B, Tq, C] and k, v [B, S, C], got q {}, k {}, v {}", shape_str(q.shape()),
             shape_str(k.shape()), shape_str(v.shape())));
-    const int64_t B = q.dim(0), Tq = q.dim(1), Tk = k.dim(1), C = q.dim(2), H = n_heads;
+    // S positions are stored per row of k, v and key_valid; the first Tk are keys.
+    const int64_t B = q.dim(0), Tq = q.dim(1), S = k.dim(1), C = q.dim(2), H = n_heads;
+    const int64_t Tk = kv_len < 0 ? S : kv_len;
     if (H <= 0 || C % H != 0)
         throw std::invalid_argument(fmt::format("attention: n_heads = {} does not divide C = {}", n_heads, C));
+    if (Tk > S)
+        throw std::invalid_argument(fmt::format("attention: kv_len = {} exceeds the {} positions of k", kv_len, S));
     if (causal && Tq > Tk)
         throw std::invalid_argument(fmt::format("attention: causal with more queries ({}) than keys ({})", Tq, Tk));
-    if (key_valid.defined() && key_valid.shape() != Shape{B, Tk})
-        throw std::invalid_argument(fmt::format("attention: key_valid {} must be [B, Tk] = [{}, {}]",
-                                                shape_str(key_valid.shape()), B, Tk));
+    if (key_valid.defined() && key_valid.shape() != Shape{B, S})
+        throw std::invalid_argument(fmt::format("attention: key_valid {} must be [B, S] = [{}, {}]",
+                                                shape_str(key_valid.shape()), B, S));
+    if (Tk < S && (grad_target(k) || grad_target(v)))
+        throw std::invalid_argument("attention: gradients for k and v need kv_len = -1 (all positions)");
     const int64_t Dh = C / H;
     const float scale = 1.f / std::sqrt(float(Dh));
     Tensor out = make_result({B, Tq, C});
@@ -295,7 +301,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
             gemm(false, true, rows, kend, Dh, scale, Q + i0 * C, C, K, C, 0.f, P + i0 * Tk, Tk);
             for (int64_t i = i0; i < i0 + rows; ++i) {
                 const int64_t limit = causal ? i + (Tk - Tq) + 1 : Tk;
-                masked_softmax_row(P + i * Tk, P + i * Tk, Tk, limit, valid ? valid + b * Tk : nullptr);
+                masked_softmax_row(P + i * Tk, P + i * Tk, Tk, limit, valid ? valid + b * S : nullptr);
             }
             then(i0, rows, kend);
         }
@@ -308,8 +314,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
 #pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < B; ++b)
             for (int64_t h = 0; h < H; ++h) {
-                const float* V = pv + b * Tk * C + h * Dh;
-                probs(P.data(), pq + b * Tq * C + h * Dh, pk + b * Tk * C + h * Dh, valid, b,
+                const float* V = pv + b * S * C + h * Dh;
+                probs(P.data(), pq + b * Tq * C + h * Dh, pk + b * S * C + h * Dh, valid, b,
                       [&](int64_t i0, int64_t rows, int64_t kend) {  // out [rows, Dh] = P V
                           gemm(false, false, rows, Dh, kend, 1.f, P.data() + i0 * Tk, Tk, V, C, 0.f,
                                po + (b * Tq + i0) * C + h * Dh, C);
@@ -340,7 +346,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
                     // the last block, whose keys are all Tk, goes first with the
                     // target's beta and the others add. dV, then dQ, then dK.
                     const int64_t head = h * Dh;
-                    probs(P.data(), sq.data() + b * Tq * C + head, sk.data() + b * Tk * C + head, kv_valid, b,
+                    probs(P.data(), sq.data() + b * Tq * C + head, sk.data() + b * S * C + head, kv_valid, b,
                           [](int64_t, int64_t, int64_t) {});
                     const float* dO = dout + b * Tq * C + head;
                     for (int64_t blk = n_blocks - 1; blk >= 0; --blk) {
@@ -349,10 +355,10 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
                         const float beta = blk == n_blocks - 1 ? bv : 1.f;
                         if (dv)  // dV [kend, Dh] += P^T dO
                             gemm(true, false, kend, Dh, rows, 1.f, P.data() + i0 * Tk, Tk, dO + i0 * C, C, beta,
-                                 dv + b * Tk * C + head, C);
+                                 dv + b * S * C + head, C);
                         if (!dq && !dk) continue;
                         // dP [rows, kend] = dO V^T, then dS = softmax backward (scale folded in).
-                        gemm(false, true, rows, kend, Dh, 1.f, dO + i0 * C, C, sv.data() + b * Tk * C + head, C, 0.f,
+                        gemm(false, true, rows, kend, Dh, 1.f, dO + i0 * C, C, sv.data() + b * S * C + head, C, 0.f,
                              dS.data() + i0 * Tk, Tk);
                         for (int64_t i = i0; i < i0 + rows; ++i) {
                             float* ds = dS.data() + i * Tk;
@@ -362,13 +368,13 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
                     for (int64_t blk = 0; dq && blk < n_blocks; ++blk) {  // dQ [rows, Dh] = dS K
                         const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
                         gemm(false, false, rows, Dh, key_end(i0 + rows), 1.f, dS.data() + i0 * Tk, Tk,
-                             sk.data() + b * Tk * C + head, C, bq, dq + (b * Tq + i0) * C + head, C);
+                             sk.data() + b * S * C + head, C, bq, dq + (b * Tq + i0) * C + head, C);
                     }
                     for (int64_t blk = n_blocks - 1; dk && blk >= 0; --blk) {  // dK [kend, Dh] += dS^T Q
                         const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
                         gemm(true, false, key_end(i0 + rows), Dh, rows, 1.f, dS.data() + i0 * Tk, Tk,
                              sq.data() + (b * Tq + i0) * C + head, C, blk == n_blocks - 1 ? bk : 1.f,
-                             dk + b * Tk * C + head, C);
+                             dk + b * S * C + head, C);
                     }
                 }
         }

@@ -25,14 +25,6 @@ void check_token(const char* fn, const char* what, int32_t token, const GPTConfi
             fmt::format("{}: {} = {} is outside the vocabulary [0, {})", fn, what, token, cfg.vocab));
 }
 
-// Left pads [B, Tk, ...] along axis 1 to Tk + n with zeros.
-Tensor left_pad(const Tensor& t, int64_t n) {
-    if (n == 0) return t;
-    Shape s = t.shape();
-    s[1] = n;
-    return concat({Tensor::zeros(s), t}, 1);
-}
-
 }  // namespace
 
 void GenerateOptions::validate(const GPTConfig& cfg) const {
@@ -123,7 +115,7 @@ void keep_rows(DecodeBatch& batch, const std::vector<int32_t>& rows) {
         return;
     }
     NoGradGuard no_grad;
-    for (LayerCache& lc : batch.cache.layers) {
+    for (LayerCache& lc : batch.cache.layers) {  // whole rows: the room to grow comes along
         lc.k = index_rows(lc.k, rows);
         lc.v = index_rows(lc.v, rows);
         lc.valid = index_rows(lc.valid, rows);
@@ -143,18 +135,21 @@ void append_rows(DecodeBatch& batch, const DecodeBatch& other) {
     if (batch.cache.layers.size() != other.cache.layers.size())
         throw std::invalid_argument(fmt::format("append_rows: caches of {} and {} layers (different models?)",
                                                 batch.cache.layers.size(), other.cache.layers.size()));
-    NoGradGuard no_grad;
     for (size_t l = 0; l < batch.cache.layers.size(); ++l) {
         LayerCache& a = batch.cache.layers[l];
         const LayerCache& b = other.cache.layers[l];
         if (a.k.dim(2) != b.k.dim(2))
             throw std::invalid_argument(fmt::format("append_rows: layer {} caches {} and {} differ in width", l,
                                                     shape_str(a.k.shape()), shape_str(b.k.shape())));
-        const int64_t Tk = std::max(a.k.dim(1), b.k.dim(1));
-        const int64_t pa = Tk - a.k.dim(1), pb = Tk - b.k.dim(1);
-        a.k = concat({left_pad(a.k, pa), left_pad(b.k, pb)}, 0);
-        a.v = concat({left_pad(a.v, pa), left_pad(b.v, pb)}, 0);
-        a.valid = concat({left_pad(a.valid, pa), left_pad(b.valid, pb)}, 0);
+        // a's rows, then b's, each right-aligned at the longer length; the
+        // free room on the left stays zeros and invalid.
+        const int64_t Tk = std::max(a.length, b.length);
+        LayerCache c = LayerCache::with_room(a.k.dim(0) + b.k.dim(0), std::max({Tk, a.capacity(), b.capacity()}),
+                                             a.k.dim(2));
+        c.place(a, 0, Tk - a.length);
+        c.place(b, a.k.dim(0), Tk - b.length);
+        c.length = Tk;
+        a = std::move(c);
     }
     batch.next_position.insert(batch.next_position.end(), other.next_position.begin(), other.next_position.end());
     batch.cache.B = batch.rows();

@@ -39,7 +39,7 @@ struct ModelInput {
     void validate(const GPTConfig& cfg) const;
 };
 
-// Keys and values of every layer, appended to by each cached forward.
+// Keys and values of every layer, appended to in place by each cached forward.
 struct KVCache {
     std::vector<LayerCache> layers;
     int64_t B = 0;
@@ -56,7 +56,9 @@ public:
 
     // logits [B, T, V] for the real tokens of `in` (prepended prompt vectors
     // are dropped from the output). With a cache, keys/values are appended and
-    // hooks' prefixes are only requested on the first (prefill) call.
+    // hooks' prefixes are only requested on the first (prefill) call. The
+    // cache keeps no graph: a cached forward whose keys or values need
+    // gradients throws (run it under NoGradGuard).
     Tensor forward(const ModelInput& in, KVCache* cache = nullptr);
 
     // Non-owning; null detaches. An adapter calls this to attach itself.

@@ -1,6 +1,8 @@
 #include "nn/layers.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 
 #include <fmt/format.h>
@@ -30,6 +32,65 @@ Tensor prefix_per_row(const Tensor& t, int64_t B, const std::vector<int32_t>& ro
 Tensor prefix_valid_per_row(const Tensor& valid, int64_t B, int64_t n, const std::vector<int32_t>& rows) {
     if (!valid.defined()) return Tensor::ones({B, n});
     return rows.empty() ? valid : index_rows(valid, rows);
+}
+
+namespace {
+// dst[r0 + i, c0 + j] = src[i, s0 + j] for every row i of src and j < n; both
+// [B, S, W] (or [B, S], W = 1) with the same W.
+void copy_positions(Tensor& dst, int64_t r0, int64_t c0, const Tensor& src, int64_t s0, int64_t n) {
+    const int64_t Bs = src.dim(0), Ss = src.dim(1), Sd = dst.dim(1), W = src.ndim() == 3 ? src.dim(2) : 1;
+    for (int64_t b = 0; b < Bs; ++b)
+        std::memcpy(dst.data() + ((r0 + b) * Sd + c0) * W, src.data() + (b * Ss + s0) * W,
+                    size_t(n * W) * sizeof(float));
+}
+}  // namespace
+
+LayerCache::LayerCache(const LayerCache& other) { *this = other; }
+
+LayerCache& LayerCache::operator=(const LayerCache& other) {
+    if (this == &other) return *this;
+    if (!other.k.defined()) return *this = LayerCache{};
+    LayerCache c = with_room(other.k.dim(0), other.capacity(), other.k.dim(2));
+    c.place(other, 0, 0);
+    c.length = other.length;
+    return *this = std::move(c);
+}
+
+LayerCache LayerCache::with_room(int64_t B, int64_t S, int64_t C) {
+    LayerCache c;
+    c.k = Tensor::zeros({B, S, C});
+    c.v = Tensor::zeros({B, S, C});
+    c.valid = Tensor::zeros({B, S});
+    return c;
+}
+
+void LayerCache::place(const LayerCache& src, int64_t r0, int64_t c0) {
+    copy_positions(k, r0, c0, src.k, 0, src.length);
+    copy_positions(v, r0, c0, src.v, 0, src.length);
+    copy_positions(valid, r0, c0, src.valid, 0, src.length);
+}
+
+void LayerCache::append(const Tensor& k_new, const Tensor& v_new, const Tensor& valid_new) {
+    const int64_t n = k_new.dim(1);
+    if (length + n > capacity()) {
+        LayerCache grown = with_room(k_new.dim(0), std::max(length + n, 2 * capacity()), k_new.dim(2));
+        if (length) grown.place(*this, 0, 0);
+        grown.length = length;
+        *this = std::move(grown);
+    }
+    copy_positions(k, 0, length, k_new, 0, n);
+    copy_positions(v, 0, length, v_new, 0, n);
+    copy_positions(valid, 0, length, valid_new, 0, n);
+    length += n;
+}
+
+void LayerCache::drop_front(int64_t n) {
+    LayerCache c = with_room(k.dim(0), capacity(), k.dim(2));
+    copy_positions(c.k, 0, 0, k, n, length - n);
+    copy_positions(c.v, 0, 0, v, n, length - n);
+    copy_positions(c.valid, 0, 0, valid, n, length - n);
+    c.length = length - n;
+    *this = std::move(c);
 }
 
 Linear::Linear(int64_t in, int64_t out, bool with_bias, Rng& rng, float init_std) {
@@ -122,14 +183,13 @@ Tensor CausalSelfAttention::forward(const Tensor& h, const Tensor& valid, const 
         }
     }
     if (cache) {
-        if (cache->k.defined()) {
-            k = concat({cache->k, k}, 1);
-            v = concat({cache->v, v}, 1);
-            kv_valid = concat({cache->valid, kv_valid}, 1);
-        }
-        cache->k = k;
-        cache->v = v;
-        cache->valid = kv_valid;
+        // The cache keeps no graph: keys and values enter it as plain copies.
+        if (grad_enabled() && (k.requires_grad() || v.requires_grad()))
+            throw std::invalid_argument(fmt::format(
+                "attention (layer {}): a cached forward keeps no gradient for keys and values; use NoGradGuard", layer));
+        cache->append(k, v, kv_valid);
+        Tensor a = attention(q, cache->k, cache->v, n_heads, /*causal=*/true, cache->valid, cache->length);
+        return o_proj.forward(a, ctx);
     }
     Tensor a = attention(q, k, v, n_heads, /*causal=*/true, kv_valid);
     return o_proj.forward(a, ctx);

@@ -54,10 +54,35 @@ public:
     Linear fc, proj;  // [F, C], [C, F]
 };
 
-// Per-layer KV cache entry: keys/values seen so far, [B, Tk, C], and their
-// validity [B, Tk] (prefix vectors included).
+// Per-layer KV cache entry. Row b's keys and values seen so far (prefix
+// vectors included) are k[b, :length], v[b, :length], their validity
+// valid[b, :length]; the buffers k, v [B, S, C] and valid [B, S] have room for
+// S >= length positions, so a decode step writes its column in place and
+// attention reads the first `length` (S at least doubles when full: O(T)
+// copying over a generation, not O(T^2)). Columns below `length` are never
+// written in place, so a tensor taken from them stays as it was. A copy owns
+// its buffers: two caches sharing them would append into the same columns.
 struct LayerCache {
     Tensor k, v, valid;
+    int64_t length = 0;
+
+    LayerCache() = default;
+    LayerCache(const LayerCache& other);
+    LayerCache& operator=(const LayerCache& other);
+    LayerCache(LayerCache&&) = default;
+    LayerCache& operator=(LayerCache&&) = default;
+
+    int64_t capacity() const { return k.defined() ? k.dim(1) : 0; }
+    // Appends k, v [B, n, C] and valid [B, n] after the held positions.
+    void append(const Tensor& k_new, const Tensor& v_new, const Tensor& valid_new);
+    // B rows with room for S positions of width C, none held; free room is
+    // zeros and invalid.
+    static LayerCache with_room(int64_t B, int64_t S, int64_t C);
+    // Writes src's held positions into rows [r0, r0 + src rows), columns
+    // [c0, c0 + src.length); the caller sets `length`.
+    void place(const LayerCache& src, int64_t r0, int64_t c0);
+    // Forgets the first n held positions of every row (fresh buffers, same room).
+    void drop_front(int64_t n);
 };
 
 class CausalSelfAttention : public Module {

@@ -52,10 +52,10 @@ struct InputProbe : ModelHooks {
 // hold prefixes of different lengths.
 void drop_dead_columns(KVCache& cache) {
     for (LayerCache& lc : cache.layers) {
-        const int64_t B = lc.valid.dim(0), Tk = lc.valid.dim(1);
+        const int64_t B = lc.valid.dim(0), Tk = lc.length;
         int64_t first = Tk;
         for (int64_t b = 0; b < B; ++b) {
-            const float* v = lc.valid.data() + b * Tk;
+            const float* v = lc.valid.data() + b * lc.capacity();
             for (int64_t j = 0; j < first; ++j)
                 if (v[j] != 0.f) {
                     first = j;
@@ -63,9 +63,7 @@ void drop_dead_columns(KVCache& cache) {
                 }
         }
         if (first == 0 || first == Tk) continue;
-        lc.k = slice(lc.k, 1, first, Tk);
-        lc.v = slice(lc.v, 1, first, Tk);
-        lc.valid = slice(lc.valid, 1, first, Tk);
+        lc.drop_front(first);
     }
 }
 
@@ -128,7 +126,7 @@ void Server::add_tenant(const std::string& name, Adapter& adapter, std::unique_p
         base_.forward(in, &cache);
         const int64_t C = base_.config().d_model;
         for (const LayerCache& lc : cache.layers) {
-            const int64_t n = lc.k.dim(1) - 1;
+            const int64_t n = lc.length - 1;
             tenant->keys.push_back(n ? reshape(slice(lc.k, 1, 0, n), {n, C}) : Tensor());
             tenant->values.push_back(n ? reshape(slice(lc.v, 1, 0, n), {n, C}) : Tensor());
         }

@@ -526,6 +526,33 @@ TEST_CASE("attention equals softmax(QK^T/sqrt(Dh)) V per head", "[autograd][grad
     for (size_t i = 0; i < a.size(); ++i) CHECK(a[i] == Approx(r[i]).margin(1e-5));
 }
 
+TEST_CASE("attention over the first kv_len positions of larger buffers equals attention over exactly those",
+          "[autograd][gradcheck]") {
+    // A KV cache with room to grow: k, v [B, S, C], key_valid [B, S], of which
+    // the first Tk positions are keys; the rest hold junk that must not be read.
+    const int64_t B = 2, Tq = 2, Tk = 5, S = 8, C = 8, H = 2;
+    Tensor q = param(uniform({B, Tq, C}, 811)), big_k = uniform({B, S, C}, 812), big_v = uniform({B, S, C}, 813);
+    Tensor big_valid = Tensor::full({B, S}, 1.f);
+    big_valid.data()[1] = 0.f;  // row 0, key 1 is padding
+    Tensor k = slice(big_k, 1, 0, Tk), v = slice(big_v, 1, 0, Tk), valid = slice(big_valid, 1, 0, Tk);
+    for (bool causal : {true, false}) {
+        // The same bits, and the same gradient for q (one backward at a time:
+        // a backward runs every node on the tape).
+        Tensor exact = attention(q, k, v, int(H), causal, valid);
+        backward(sum(exact));
+        Tensor gq = q.grad().clone();
+        q.zero_grad();
+        Tensor viewed = attention(q, big_k, big_v, int(H), causal, big_valid, Tk);
+        CHECK(viewed.to_vector() == exact.to_vector());
+        backward(sum(viewed));
+        CHECK(q.grad().to_vector() == gq.to_vector());
+        q.zero_grad();
+    }
+    CHECK_THROWS_WITH(attention(q, big_k, big_v, int(H), true, big_valid, S + 1), Catch::Contains("kv_len = 9"));
+    CHECK_THROWS_WITH(attention(q, param(big_k.clone()), big_v, int(H), true, big_valid, Tk),
+                      Catch::Contains("gradients for k and v"));
+}
+
 // ---- indexing and layout ---------------------------------------------------------------------
 
 TEST_CASE("gradcheck: embedding with repeated ids", "[autograd][gradcheck]") {

@@ -352,6 +352,20 @@ TEST_CASE("continuous batching: append_rows and keep_rows match one batched run"
     CHECK_THROWS_WITH(keep_rows(all, {0, 3}), Contains("rows[1] = 3"));
 }
 
+TEST_CASE("a copied DecodeBatch decodes on its own: the copy does not share the cache's room", "[generate]") {
+    auto model = sharp_model(7);
+    DecodeBatch a, ref;
+    prefill(*model, a, kPrompts);
+    prefill(*model, ref, kPrompts);
+    decode_step(*model, a, {1, 2, 3});  // the cache now has free room after its held positions
+    decode_step(*model, ref, {1, 2, 3});
+    DecodeBatch b = a;
+    Tensor from_a = decode_step(*model, a, {4, 5, 6});
+    decode_step(*model, b, {7, 8, 9});  // would overwrite a's newest column if they shared buffers
+    CHECK(bitwise_equal(from_a, decode_step(*model, ref, {4, 5, 6})));
+    CHECK(bitwise_equal(decode_step(*model, a, {10, 11, 12}), decode_step(*model, ref, {10, 11, 12})));
+}
+
 TEST_CASE("generate runs in eval mode without recording, and restores the mode", "[generate]") {
     GPTConfig cfg = tiny_config();
     cfg.dropout = 0.3f;
