@@ -64,31 +64,33 @@ LayerCache LayerCache::with_room(int64_t B, int64_t S, int64_t C) {
     return c;
 }
 
-void LayerCache::place(const LayerCache& src, int64_t r0, int64_t c0) {
-    copy_positions(k, r0, c0, src.k, 0, src.length);
-    copy_positions(v, r0, c0, src.v, 0, src.length);
-    copy_positions(valid, r0, c0, src.valid, 0, src.length);
+void LayerCache::place(const LayerCache& src, int64_t r0, int64_t c0, int64_t s0) {
+    const int64_t n = src.length - s0;
+    if (n <= 0) return;  // also an empty cache, whose buffers are undefined
+    copy_positions(k, r0, c0, src.k, s0, n);
+    copy_positions(v, r0, c0, src.v, s0, n);
+    copy_positions(valid, r0, c0, src.valid, s0, n);
 }
 
 void LayerCache::append(const Tensor& k_new, const Tensor& v_new, const Tensor& valid_new) {
-    const int64_t n = k_new.dim(1);
-    if (length + n > capacity()) {
-        LayerCache grown = with_room(k_new.dim(0), std::max(length + n, 2 * capacity()), k_new.dim(2));
-        if (length) grown.place(*this, 0, 0);
+    LayerCache added;
+    added.k = k_new;
+    added.v = v_new;
+    added.valid = valid_new;
+    added.length = k_new.dim(1);
+    if (length + added.length > capacity()) {
+        LayerCache grown = with_room(k_new.dim(0), std::max(length + added.length, 2 * capacity()), k_new.dim(2));
+        grown.place(*this, 0, 0);
         grown.length = length;
         *this = std::move(grown);
     }
-    copy_positions(k, 0, length, k_new, 0, n);
-    copy_positions(v, 0, length, v_new, 0, n);
-    copy_positions(valid, 0, length, valid_new, 0, n);
-    length += n;
+    place(added, 0, length);
+    length += added.length;
 }
 
 void LayerCache::drop_front(int64_t n) {
     LayerCache c = with_room(k.dim(0), capacity(), k.dim(2));
-    copy_positions(c.k, 0, 0, k, n, length - n);
-    copy_positions(c.v, 0, 0, v, n, length - n);
-    copy_positions(c.valid, 0, 0, valid, n, length - n);
+    c.place(*this, 0, 0, n);
     c.length = length - n;
     *this = std::move(c);
 }

@@ -78,9 +78,9 @@ struct LayerCache {
     // B rows with room for S positions of width C, none held; free room is
     // zeros and invalid.
     static LayerCache with_room(int64_t B, int64_t S, int64_t C);
-    // Writes src's held positions into rows [r0, r0 + src rows), columns
-    // [c0, c0 + src.length); the caller sets `length`.
-    void place(const LayerCache& src, int64_t r0, int64_t c0);
+    // Writes src's held positions from s0 on into rows [r0, r0 + src rows),
+    // columns [c0, c0 + src.length - s0); the caller sets `length`.
+    void place(const LayerCache& src, int64_t r0, int64_t c0, int64_t s0 = 0);
     // Forgets the first n held positions of every row (fresh buffers, same room).
     void drop_front(int64_t n);
 };
