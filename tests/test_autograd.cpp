@@ -109,6 +109,50 @@ TEST_CASE("batched matmul equals matmul_naive per batch", "[autograd][matmul]") 
                 }
 }
 
+// A decoding step multiplies a few rows (one per sequence) by a weight; such
+// GEMMs (at most 16 rows, B of at least 2^16 elements) skip BLAS for a kernel
+// of ours that blocks 4 rows by 4 columns of B (ops_matmul.cpp). The shapes
+// have N not a multiple of 4 and K not a multiple of 16 (partial blocks, tails).
+TEST_CASE("few-row GEMMs equal matmul_naive, and a row's result does not depend on the other rows",
+          "[autograd][matmul]") {
+    uint64_t seed = 9000;
+    for (auto [N, K] : {std::pair<int, int>{303, 259}, {256, 256}, {1030, 64}}) {
+        for (bool tb : {true, false}) {
+            Tensor a = uniform({17, K}, seed++), b = uniform(tb ? Shape{N, K} : Shape{K, N}, seed++);
+            Tensor all16 = matmul(slice(a, 0, 0, 16), b, false, tb);
+            for (int M = 1; M <= 17; ++M) {
+                Tensor am = slice(a, 0, 0, M);
+                Tensor c = matmul(am, b, false, tb);
+                std::vector<float> ref(size_t(M) * size_t(N));
+                matmul_naive(ref.data(), am.data(), b.data(), M, N, K, false, tb);
+                expect_close_gemm(c.data(), ref.data(), c.numel(), K, fmt::format("M={} N={} K={} tb={}", M, N, K, tb));
+                // Bitwise: the first M rows of the 16-row product (other block positions, other partners).
+                if (M <= 16) {
+                    const std::vector<float> got = c.to_vector();
+                    const std::vector<float> want(all16.data(), all16.data() + int64_t(M) * N);
+                    INFO("M=" << M << " N=" << N << " K=" << K << " tb=" << tb);
+                    CHECK(got == want);
+                }
+            }
+            // Each row alone (first in its block) equals its row in the 16-row product.
+            for (int r = 0; r < 16; ++r) {
+                Tensor row = matmul(slice(a, 0, r, r + 1), b, false, tb);
+                INFO("row " << r << " N=" << N << " K=" << K << " tb=" << tb);
+                CHECK(row.to_vector() == std::vector<float>(all16.data() + int64_t(r) * N, all16.data() + int64_t(r + 1) * N));
+            }
+        }
+    }
+    // Threads split B's columns: the same bits at 1 and 2 threads.
+    const int before = threads();
+    Tensor a = uniform({16, 259}, 1), b = uniform({303, 259}, 2);
+    set_threads(1);
+    const std::vector<float> one = matmul(a, b, false, true).to_vector();
+    set_threads(2);
+    const std::vector<float> two = matmul(a, b, false, true).to_vector();
+    set_threads(before);
+    CHECK(one == two);
+}
+
 TEST_CASE("matmul with K = 0 gives zeros", "[autograd][matmul]") {
     Tensor c = matmul(Tensor::zeros({2, 0}), Tensor::zeros({0, 3}));
     CHECK(c.shape() == Shape{2, 3});
