@@ -58,6 +58,7 @@ struct Args {
     std::vector<std::string> methods, sweep_methods;
     int64_t prefix_len = 16, lora_rank = 8;
     int repeats = 5, threads = 1;
+    double prefill_padding = ServerOptions{}.max_prefill_padding;
     bool cpu_clock = true;  // time by the process's CPU time instead of the wall clock
     uint64_t seed = 0;
     std::string out;
@@ -104,6 +105,8 @@ Args parse_args(int argc, char** argv) {
         ("prefix-lens", "n values of the prefix-cost sweep", cxxopts::value<std::string>()->default_value("0,16,64,256"))
         ("sweep-methods", "methods of the prefix-cost sweep", cxxopts::value<std::string>()->default_value("prompt,prefix,prefix-kv"))
         ("lora-rank", "LoRA rank r (q_proj and v_proj, alpha = 2r)", cxxopts::value<std::string>()->default_value("8"))
+        ("prefill-padding", "largest share of padding in one prefill forward before admitted requests are split by "
+                            "prompt length (1 = never split)", cxxopts::value<double>()->default_value(fmt::format("{}", ServerOptions{}.max_prefill_padding)))
         ("repeats", "interleaved repeats of every measurement (medians are reported)", cxxopts::value<std::string>()->default_value("5"))
         ("threads", "threads for OpenBLAS and OpenMP (0 = all cores)", cxxopts::value<std::string>()->default_value("1"))
         ("clock", "cpu: time by the process's CPU time (not inflated by other processes on a shared machine; "
@@ -135,6 +138,9 @@ Args parse_args(int argc, char** argv) {
     a.prefix_lens = count_list(r, "prefix-lens", 0);
     a.sweep_methods = method_list(r, "sweep-methods", false);
     a.lora_rank = int_flag(r, "lora-rank", 1);
+    a.prefill_padding = r["prefill-padding"].as<double>();
+    if (!(a.prefill_padding >= 0.0 && a.prefill_padding <= 1.0))
+        throw std::invalid_argument(fmt::format("--prefill-padding: {} is outside [0, 1]", a.prefill_padding));
     a.repeats = int(int_flag(r, "repeats", 1));
     a.threads = int(int_flag(r, "threads", 0));
     a.seed = uint64_t(int_flag(r, "seed", 0));
@@ -236,6 +242,7 @@ public:
     ServerOptions options() const {
         ServerOptions o;
         o.max_batch = a_.batch;
+        o.max_prefill_padding = a_.prefill_padding;
         o.clock_ms = a_.cpu_clock ? cpu_ms : wall_ms;
         return o;
     }

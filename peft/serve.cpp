@@ -75,6 +75,9 @@ double wall_ms() {
 
 void ServerOptions::validate(const GPTConfig& cfg) const {
     if (max_batch < 1) throw std::invalid_argument(fmt::format("ServerOptions: max_batch = {} must be >= 1", max_batch));
+    if (!(max_prefill_padding >= 0.0 && max_prefill_padding <= 1.0))
+        throw std::invalid_argument(
+            fmt::format("ServerOptions: max_prefill_padding = {} is outside [0, 1]", max_prefill_padding));
     if (pad_token < 0 || pad_token >= cfg.vocab)
         throw std::invalid_argument(
             fmt::format("ServerOptions: pad_token = {} is outside the vocabulary [0, {})", pad_token, cfg.vocab));
@@ -205,6 +208,29 @@ std::vector<int32_t> Server::row_tenants(const std::vector<Row>& rows) const {
     return t;
 }
 
+std::vector<std::vector<Server::Row>> Server::prefill_groups(std::vector<Row> admitted) const {
+    // Longest first; a group takes the next prompt while its padding share
+    // stays within the budget (its first prompt sets the padded length).
+    std::stable_sort(admitted.begin(), admitted.end(), [](const Row& a, const Row& b) {
+        return a.request.prompt.size() > b.request.prompt.size();
+    });
+    std::vector<std::vector<Row>> groups;
+    int64_t width = 0, real = 0;
+    for (Row& row : admitted) {
+        const int64_t len = int64_t(row.request.prompt.size());
+        const int64_t rows = groups.empty() ? 0 : int64_t(groups.back().size());
+        const int64_t slots = width * (rows + 1);
+        if (groups.empty() || double(slots - real - len) > opts_.max_prefill_padding * double(slots)) {
+            groups.emplace_back();
+            width = len;
+            real = 0;
+        }
+        real += len;
+        groups.back().push_back(std::move(row));
+    }
+    return groups;
+}
+
 Tensor Server::prefill_group(const std::vector<Row>& group, DecodeBatch& joined) {
     const int64_t G = int64_t(group.size()), V = base_.config().vocab;
     int64_t T = 0;
@@ -230,6 +256,7 @@ Tensor Server::prefill_group(const std::vector<Row>& group, DecodeBatch& joined)
         last_column[size_t(g)] = start + len - 1;
         stats_.prompt_tokens += len;
     }
+    stats_.prefill_slots += G * T;
     forward_tenants_ = row_tenants(group);
     multi_->set_rows(forward_tenants_);
     HooksScope hooks(base_, this);
@@ -275,20 +302,26 @@ std::vector<Result> Server::step() {
     ++stats_.steps;
 
     if (!group.empty()) {
-        DecodeBatch joined;
-        Tensor logits = prefill_group(group, joined);
+        // Every admitted request's first token is stamped when all groups are
+        // prefilled: they were admitted together and wait together.
+        std::vector<std::vector<Row>> groups = prefill_groups(std::move(group));
+        std::vector<DecodeBatch> joined(groups.size());
+        std::vector<Tensor> logits;
+        for (size_t i = 0; i < groups.size(); ++i) logits.push_back(prefill_group(groups[i], joined[i]));
         const double now = opts_.clock_ms();
         stats_.prefill_s += (now - admitted) / 1e3;
-        std::vector<int32_t> keep;
-        for (size_t g = 0; g < group.size(); ++g) {
-            if (emit(group[g], logits.data() + int64_t(g) * logits.dim(1), now))
-                finished.push_back(std::move(group[g].result));
-            else
-                keep.push_back(int32_t(g));
+        for (size_t i = 0; i < groups.size(); ++i) {
+            std::vector<int32_t> keep;
+            for (size_t g = 0; g < groups[i].size(); ++g) {
+                if (emit(groups[i][g], logits[i].data() + int64_t(g) * logits[i].dim(1), now))
+                    finished.push_back(std::move(groups[i][g].result));
+                else
+                    keep.push_back(int32_t(g));
+            }
+            keep_rows(joined[i], keep);
+            for (int32_t g : keep) rows_.push_back(std::move(groups[i][size_t(g)]));
+            append_rows(batch_, joined[i]);
         }
-        keep_rows(joined, keep);
-        for (int32_t g : keep) rows_.push_back(std::move(group[size_t(g)]));
-        append_rows(batch_, joined);
     }
     if (rows_.empty()) return finished;
 

@@ -5,8 +5,9 @@
 //
 // Each step() admits queued requests into free batch rows (a bad request is
 // answered with an error and takes no row), prefills the admitted ones
-// together, appends them to the running batch (append_rows), feeds every row
-// its last token in ONE forward (decode_step) and retires rows that emitted
+// (together, or in groups of similar prompt length: max_prefill_padding),
+// appends them to the running batch (append_rows), feeds every row its last
+// token in ONE forward (decode_step) and retires rows that emitted
 // their stop token or reached max_new_tokens (keep_rows). Row r of the batch
 // serves one request of tenant rows[r] (or of the base alone); a MultiAdapter
 // applies each row's own Linear deltas (LoRA, BitFit).
@@ -73,6 +74,11 @@ struct ServerOptions {
     Padding padding = Padding::Left;
     int32_t pad_token = 0;     // token id in padding slots (must be in the vocabulary)
     bool keep_logits = false;  // store each generated token's logits row in its Result (tests)
+    // Requests admitted together are prefilled in one forward padded to the
+    // longest prompt, unless more than this share of its positions would be
+    // padding: then they are split, by prompt length, into several forwards
+    // (prompts of 8 and 32 tokens in one forward compute 24 padding positions).
+    double max_prefill_padding = 0.125;
     // The clock latencies and stats are read from, in ms. Default: wall time
     // (steady_clock). A benchmark on a shared machine may pass the process's
     // CPU time, which other processes' load does not inflate.
@@ -84,8 +90,9 @@ struct ServerOptions {
 // Work done so far, for benchmarks.
 struct ServerStats {
     int64_t steps = 0;             // step() calls that ran a forward
-    int64_t prefills = 0;          // prefill forwards (one per admitted group)
+    int64_t prefills = 0;          // prefill forwards (one per group of admitted requests)
     int64_t prompt_tokens = 0;     // real prompt tokens prefilled
+    int64_t prefill_slots = 0;     // positions the prefill forwards computed: prompt tokens + padding
     int64_t generated_tokens = 0;  // tokens emitted
     double prefill_s = 0.0, decode_s = 0.0;
 };
@@ -146,6 +153,8 @@ private:
     void add_tenant(const std::string& name, Adapter& adapter, std::unique_ptr<Adapter> owned);
     // The request's error, or "" if it can be served; sets tenant.
     std::string check(const Request& r, int32_t& tenant) const;
+    // Splits admitted rows into prefill groups by prompt length (max_prefill_padding).
+    std::vector<std::vector<Row>> prefill_groups(std::vector<Row> admitted) const;
     // Prefills `group` into `joined`; returns logits [G, V] at each row's last prompt token.
     Tensor prefill_group(const std::vector<Row>& group, DecodeBatch& joined);
     // Appends token t (with its logits row) to `row`; true when the request is done.

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <map>
+#include <set>
 
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
@@ -135,16 +136,19 @@ TEST_CASE("serve: every request of a mixed stream equals the request run alone",
             if (!r.adapter.empty()) changed += expected.back() != alone(*model, nullptr, r);
         }
         CHECK(changed >= 3);
+        // Padding budget 1: every admitted group is prefilled in one forward, padded to its longest prompt.
         for (Padding padding : {Padding::Left, Padding::Right})
-            for (bool cache : {true, false}) {
-                INFO(fmt::format("{} {} padding, prefix cache {}", fmt::join(methods, "+"),
-                                 padding == Padding::Left ? "left" : "right", cache ? "on" : "off"));
+            for (bool cache : {true, false})
+                for (double budget : {1.0, ServerOptions{}.max_prefill_padding}) {
+                INFO(fmt::format("{} {} padding, prefix cache {}, padding budget {}", fmt::join(methods, "+"),
+                                 padding == Padding::Left ? "left" : "right", cache ? "on" : "off", budget));
                 {
                     // Three rows for ten requests: most join while others decode.
                     ServerOptions o;
                     o.max_batch = 3;
                     o.padding = padding;
                     o.prefix_cache = cache;
+                    o.max_prefill_padding = budget;
                     Server server(*model, o);
                     add_all(server, tenants);
                     std::vector<Result> results = server.run(requests);
@@ -161,6 +165,58 @@ TEST_CASE("serve: every request of a mixed stream equals the request run alone",
                 }
             }
     }
+}
+
+TEST_CASE("serve: requests admitted together are prefilled in groups by prompt length, within the padding budget",
+          "[serve]") {
+    auto model = sharp_model(4);
+    Tenants tenants = make_tenants(*model, {"prefix-kv", "lora"});
+    // Eight prompts of 1..15 tokens, all admitted in the first step.
+    std::vector<Request> requests;
+    Rng rng(21);
+    for (int i = 0; i < 8; ++i) {
+        Request r;
+        r.id = fmt::format("r{}", i);
+        r.adapter = tenants.names[size_t(i) % tenants.names.size()];
+        for (int j = 0; j < 1 + (i * 9) % 15; ++j) r.prompt.push_back(int32_t(rng.below(uint32_t(kVocab))));
+        r.max_new_tokens = 3;
+        requests.push_back(r);
+    }
+    int64_t real = 0, longest = 0;
+    std::set<size_t> lengths;
+    for (const Request& r : requests) {
+        lengths.insert(r.prompt.size());
+        real += int64_t(r.prompt.size());
+        longest = std::max(longest, int64_t(r.prompt.size()));
+    }
+    std::vector<std::vector<int32_t>> expected;
+    for (const Request& r : requests) expected.push_back(alone(*model, tenants.find(r.adapter), r));
+    for (double budget : {1.0, 0.125, 0.0}) {
+        INFO("padding budget " << budget);
+        ServerOptions o;
+        o.max_batch = 8;
+        o.max_prefill_padding = budget;
+        Server server(*model, o);
+        add_all(server, tenants);
+        std::vector<Result> results = server.run(requests);
+        for (size_t i = 0; i < requests.size(); ++i) CHECK(results[i].tokens == expected[i]);
+        const ServerStats& st = server.stats();
+        CHECK(st.prompt_tokens == real);
+        if (budget == 1.0) {  // one forward, every prompt padded to the longest
+            CHECK(st.prefills == 1);
+            CHECK(st.prefill_slots == 8 * longest);
+        } else {  // each group's padding within the budget; budget 0: one group per prompt length, no padding
+            CHECK(st.prefills > 1);
+            CHECK(double(st.prefill_slots - real) <= budget * double(st.prefill_slots));
+            if (budget == 0.0) {
+                CHECK(st.prefills == int64_t(lengths.size()));
+                CHECK(st.prefill_slots == real);
+            }
+        }
+    }
+    ServerOptions bad;
+    bad.max_prefill_padding = 1.5;
+    CHECK_THROWS_WITH(Server(*model, bad), Contains("max_prefill_padding") && Contains("1.5"));
 }
 
 TEST_CASE("serve: requests submitted while others decode join mid-stream and match alone", "[serve]") {
