@@ -195,6 +195,58 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 }
 }  // namespace detail
 
+namespace {
+using detail::kLanes;
+using detail::Vec16;
+
+// A decoding step's attention (one query row) as loops of our own: per head
+// it is a 1 x Tk x Dh product, less work than a BLAS call's own cost.
+// s[j] = scale * q . K_j for keys j < n (K's rows ldk apart). With Dh a
+// multiple of 16: 16 keys at a time, their dots reduced together (lanes, then
+// sum_lanes16); a last partial group repeats its last key. Every key's dot is
+// summed the same way wherever it falls.
+void query_scores(float* s, const float* q, const float* K, int64_t ldk, int64_t n, int64_t Dh, float scale) {
+    if (Dh % kLanes != 0) {
+        for (int64_t j = 0; j < n; ++j) {
+            const float* k = K + j * ldk;
+            float dot = 0.f;
+            for (int64_t t = 0; t < Dh; ++t) dot += q[t] * k[t];
+            s[j] = scale * dot;
+        }
+        return;
+    }
+    for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
+        Vec16 acc[kLanes];
+        for (int64_t c = 0; c < kLanes; ++c) {
+            const float* k = K + std::min(j0 + c, n - 1) * ldk;
+            Vec16 sum = {};
+            for (int64_t t = 0; t < Dh; t += kLanes) sum += *(const Vec16*)(q + t) * *(const Vec16*)(k + t);
+            acc[c] = sum;
+        }
+        const Vec16 dots = detail::sum_lanes16(acc);
+        for (int64_t c = 0; c < std::min(kLanes, n - j0); ++c) s[j0 + c] = scale * dots[c];
+    }
+}
+
+// o = sum over keys j < n of p[j] V_j (V's rows ldv apart), in order of j;
+// keys with p = 0 (masked, padding) add nothing and are skipped.
+void weighted_values(float* o, const float* p, const float* V, int64_t ldv, int64_t n, int64_t Dh) {
+    const int64_t D16 = Dh - Dh % kLanes;
+    for (int64_t t = 0; t < D16; t += kLanes) {  // 16 output columns in a register
+        Vec16 acc = {};
+        for (int64_t j = 0; j < n; ++j)
+            if (p[j] != 0.f) acc += p[j] * *(const Vec16*)(V + j * ldv + t);
+        *(Vec16*)(o + t) = acc;
+    }
+    for (int64_t t = D16; t < Dh; ++t) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < n; ++j)
+            if (p[j] != 0.f) acc += p[j] * V[j * ldv + t];
+        o[t] = acc;
+    }
+}
+}  // namespace
+
 void matmul_naive(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b) {
     for (int i = 0; i < M; ++i)
         for (int j = 0; j < N; ++j) {
@@ -388,7 +440,10 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
         for (int64_t blk = 0; blk < n_blocks; ++blk) {
             const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
             const int64_t kend = key_end(i0 + rows);
-            gemm(false, true, rows, kend, Dh, scale, Q + i0 * C, C, K, C, 0.f, P + i0 * Tk, Tk);
+            if (Tq == 1)
+                query_scores(P, Q, K, C, kend, Dh, scale);
+            else
+                gemm(false, true, rows, kend, Dh, scale, Q + i0 * C, C, K, C, 0.f, P + i0 * Tk, Tk);
             for (int64_t i = i0; i < i0 + rows; ++i) {
                 const int64_t limit = causal ? i + (Tk - Tq) + 1 : Tk;
                 masked_softmax_row(P + i * Tk, P + i * Tk, Tk, limit, valid ? valid + b * S : nullptr);
@@ -407,8 +462,11 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
                 const float* V = pv + b * S * C + h * Dh;
                 probs(P.data(), pq + b * Tq * C + h * Dh, pk + b * S * C + h * Dh, valid, b,
                       [&](int64_t i0, int64_t rows, int64_t kend) {  // out [rows, Dh] = P V
-                          gemm(false, false, rows, Dh, kend, 1.f, P.data() + i0 * Tk, Tk, V, C, 0.f,
-                               po + (b * Tq + i0) * C + h * Dh, C);
+                          float* o = po + (b * Tq + i0) * C + h * Dh;
+                          if (Tq == 1)
+                              weighted_values(o, P.data(), V, C, kend, Dh);
+                          else
+                              gemm(false, false, rows, Dh, kend, 1.f, P.data() + i0 * Tk, Tk, V, C, 0.f, o, C);
                       });
             }
     }
