@@ -60,12 +60,13 @@ inline Vec16 sum_lanes16(const Vec16 v[16]) {
 // (4R accumulators): a row-at-a-time kernel reloads B for every row and is
 // bound by loads at any batch size.
 //
-// `ahead` (or null): the rows of B the caller multiplies kAhead blocks later,
-// requested into L2 a cache line per row and step while this block computes.
-// A weight read from L3 or memory in rows of ~1 KB is too short a stream for
+// `ahead` (or null): rows of B the caller multiplies later, fetched a cache
+// line per row and step while this block computes: ahead[0..4) from memory
+// into L2 (kAhead blocks later), ahead[4..8) on into L1 (the next block). A
+// weight read from L3 or memory in rows of ~1 KB is too short a stream for
 // the hardware prefetcher: without this a 16-row GEMM on a weight in memory
-// ran at ~36 GFLOP/s, with it ~55 (2 rows: 8 -> 15 GB/s of weight read).
-// Into L1 instead, the requests overflow its few miss buffers.
+// ran at ~36 GFLOP/s, with it ~60 (1 row: 8 -> 17 GB/s of weight read).
+// Fetching everything straight into L1 overflows its few miss buffers.
 //
 // The first chunk (k0 = 0) starts from zero and also zeroes acc's rows past R,
 // so that all 16 vectors are defined for sum_lanes16.
@@ -80,7 +81,10 @@ void dots_chunk(const float* const* a, const float* const* b, const float* const
             for (int c = 0; c < 4; ++c) acc[r][c] = Vec16{};
     for (int64_t k = k0; k < k1; k += kLanes) {
         if (ahead)
-            for (int c = 0; c < 4; ++c) __builtin_prefetch(ahead[c] + k, 0, 2);
+            for (int c = 0; c < 4; ++c) {
+                __builtin_prefetch(ahead[c] + k, 0, 2);      // into L2
+                __builtin_prefetch(ahead[4 + c] + k, 0, 3);  // into L1
+            }
         Vec16 b0 = *(const Vec16*)(b[0] + k), b1 = *(const Vec16*)(b[1] + k), b2 = *(const Vec16*)(b[2] + k),
               b3 = *(const Vec16*)(b[3] + k);
         // Keeps each loaded vector in a register: left alone, GCC folds the
@@ -126,10 +130,11 @@ void gemm_few_rows(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, c
         for (int64_t blk = 0; blk < blocks; ++blk) {
             const int64_t j0 = blk * kCols, w = std::min(kCols, N - j0);
             const float* b[kCols];
-            const float* ahead[kCols];
+            const float* ahead[2 * kCols];
             for (int64_t c = 0; c < kCols; ++c) {
                 b[c] = B + (j0 + std::min(c, w - 1)) * ldb;
                 ahead[c] = B + std::min(j0 + kAhead * kCols + c, N - 1) * ldb;
+                ahead[kCols + c] = B + std::min(j0 + kCols + c, N - 1) * ldb;
             }
             const float* a[kMaxRowBlocks][kRows];
             for (int64_t i = 0; i < M; ++i) a[i / kRows][i % kRows] = A + i * lda;
@@ -137,7 +142,7 @@ void gemm_few_rows(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, c
             for (int64_t k0 = 0; k0 < std::max<int64_t>(K16, 1); k0 += kChunk) {  // one pass even if K < 16
                 const int64_t k1 = std::min(k0 + kChunk, K16);
                 for (int64_t rb = 0; rb < row_blocks; ++rb) {
-                    const float* const* pf = rb == 0 && blk + kAhead < blocks ? ahead : nullptr;  // once per line
+                    const float* const* pf = rb == 0 ? ahead : nullptr;  // once per line (past the end: the last row)
                     switch (std::min(kRows, M - rb * kRows)) {
                         case 4: dots_chunk<4>(a[rb], b, pf, k0, k1, acc[rb]); break;
                         case 3: dots_chunk<3>(a[rb], b, pf, k0, k1, acc[rb]); break;
