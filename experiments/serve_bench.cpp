@@ -19,6 +19,7 @@
 #include <chrono>
 #include <ctime>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <set>
@@ -53,7 +54,7 @@ const std::vector<std::string> kKnownMethods = {"prompt", "prefix", "prefix-kv",
 
 struct Args {
     GPTConfig cfg;
-    int64_t batch = 16, requests = 32, prompt_min = 8, prompt_max = 32, new_tokens = 32;
+    int64_t batch = 16, requests = 16, prompt_min = 8, prompt_max = 32, new_tokens = 32;
     std::vector<int64_t> tenants, prefix_lens;
     std::vector<std::string> methods, sweep_methods;
     int64_t prefix_len = 16, lora_rank = 8;
@@ -88,13 +89,14 @@ Args parse_args(int argc, char** argv) {
     o.add_options()
         ("h,help", "print this help")
         ("vocab", "vocabulary size V", cxxopts::value<std::string>()->default_value("256"))
-        ("d-model", "model width d", cxxopts::value<std::string>()->default_value("256"))
-        ("layers", "number of layers L", cxxopts::value<std::string>()->default_value("4"))
-        ("heads", "attention heads H", cxxopts::value<std::string>()->default_value("4"))
-        ("d-ff", "MLP hidden width F", cxxopts::value<std::string>()->default_value("1024"))
+        ("d-model", "model width d", cxxopts::value<std::string>()->default_value("512"))
+        ("layers", "number of layers L", cxxopts::value<std::string>()->default_value("8"))
+        ("heads", "attention heads H", cxxopts::value<std::string>()->default_value("8"))
+        ("d-ff", "MLP hidden width F", cxxopts::value<std::string>()->default_value("2048"))
         ("max-seq", "context length (soft prompt + prompt + continuation)", cxxopts::value<std::string>()->default_value("512"))
         ("batch", "rows decoding together (the server's max_batch)", cxxopts::value<std::string>()->default_value("16"))
-        ("requests", "requests per workload", cxxopts::value<std::string>()->default_value("32"))
+        ("requests", "requests per workload (0 = --batch: one per batch row, so one per tenant at K = --batch)",
+            cxxopts::value<std::string>()->default_value("0"))
         ("prompt-min", "shortest prompt (tokens)", cxxopts::value<std::string>()->default_value("8"))
         ("prompt-max", "longest prompt (tokens)", cxxopts::value<std::string>()->default_value("32"))
         ("new-tokens", "tokens generated per request (no stop token)", cxxopts::value<std::string>()->default_value("32"))
@@ -128,7 +130,8 @@ Args parse_args(int argc, char** argv) {
         throw std::invalid_argument(fmt::format("model flags: {}", e.what()));
     }
     a.batch = int_flag(r, "batch", 1);
-    a.requests = int_flag(r, "requests", 1);
+    a.requests = int_flag(r, "requests", 0);
+    if (a.requests == 0) a.requests = a.batch;
     a.prompt_min = int_flag(r, "prompt-min", 1);
     a.prompt_max = int_flag(r, "prompt-max", a.prompt_min);
     a.new_tokens = int_flag(r, "new-tokens", 1);
@@ -166,6 +169,23 @@ double cpu_ms() {
     timespec ts{};
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return double(ts.tv_sec) * 1e3 + double(ts.tv_nsec) / 1e6;
+}
+
+// Size of the largest cache level CPU 0 reports, in MB (0 where unknown).
+// Read from sysfs: glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) reported 336 MB for
+// a 32 MB L3 on an AMD EPYC guest.
+double last_level_cache_mb() {
+    double best = 0.0;
+    for (int i = 0; i < 16; ++i) {
+        std::ifstream in(fmt::format("/sys/devices/system/cpu/cpu0/cache/index{}/size", i));
+        std::string size;
+        if (!(in >> size) || size.empty()) continue;
+        const char unit = size.back();
+        const double scale = unit == 'K' ? 1e3 * 1.024 : unit == 'M' ? 1e6 * 1.048576 : 1.0;
+        const double value = std::atof(size.c_str()) * scale / 1e6;  // "32768K" -> 33.6 MB
+        best = std::max(best, value);
+    }
+    return best;
 }
 
 double median(std::vector<double> v) {
@@ -623,8 +643,8 @@ void run_bench(const Args& a) {
             "token waits longer (p50 {} ms against {} ms in a tenant's own small batch), but no tenant waits for the "
             "others: requests complete at p50 {:.0f} ms / p95 {:.0f} ms against {:.0f} / {:.0f} ms served tenant by "
             "tenant. The throughput gain is bounded by what batching buys on this machine: one tenant's batch of {} "
-            "rows gives {} the tokens/s of one row at a time (table above); it is larger where the base's weights, "
-            "not its arithmetic, bound a decoding step (larger models, GPUs).\n",
+            "rows gives {} the tokens/s of one row at a time (table above): a step reads the weights once for all "
+            "its rows, until their arithmetic bounds it instead (on a GPU, only at hundreds of rows).\n",
             m, K_max, a.batch, fmt_ms(mx.p50_ms), fmt_ms(sq.p50_ms), mx.request_p50_ms, mx.request_p95_ms,
             sq.request_p50_ms, sq.request_p95_ms, a.batch, fmt_x(batching_gain));
     }
@@ -661,6 +681,11 @@ void run_bench(const Args& a) {
         conclusion += " Long prefixes erode the advantage: every decoded token attends to all n.\n";
     }
 
+    // Where the weights live while decoding: in the last-level cache or in memory.
+    const int64_t n_params = bench.base().num_params();
+    const double weights_mb = double(n_params) * double(sizeof(float)) / 1e6;
+    const double llc_mb = last_level_cache_mb();
+
     // Every measurement's tokens/s in each repeat, to judge the noise behind the medians.
     json repeats_tps = json::object();
     for (auto& [key, rs] : runs)
@@ -668,6 +693,9 @@ void run_bench(const Args& a) {
     json results = {
         {"experiment", "serve-bench"},
         {"model", a.cfg.to_json()},
+        {"parameters", n_params},
+        {"weights_mb", weights_mb},
+        {"last_level_cache_mb", llc_mb},
         {"adapters", "randomly initialised, every tensor non-zero; saved as adapter files and loaded by the server"},
         {"settings",
          {{"batch", a.batch}, {"requests", R}, {"prompt_tokens", {a.prompt_min, a.prompt_max}},
@@ -689,6 +717,18 @@ void run_bench(const Args& a) {
                       "n (prefix vectors; 0 drawn at 1)", "ms/token", n_series, true);
 
     const double minutes = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count() / 60.0;
+    const std::string regime = fmt::format(
+        "The base has {:.1f}M parameters, {:.1f} MB of float32 weights, against {} of last-level cache here: {}. "
+        "Workload: request r goes to tenant r mod K, so with K = {} (the batch size) and {} requests each tenant has "
+        "{} request{} (--requests sets it).\n\n",
+        double(n_params) / 1e6, weights_mb, llc_mb > 0 ? fmt::format("{:.0f} MB", llc_mb) : std::string("an unknown size"),
+        llc_mb > 0 && weights_mb < llc_mb
+            ? "the weights fit in the cache, so a decoding step is bound by arithmetic from a few rows on and batching "
+              "(mixing tenants included) buys less than it does for a served language model, whose weights stream "
+              "from memory"
+            : "a decoding step streams the weights from memory, as it does for any served language model: one row "
+              "reads them all for one token, a batch of rows for one token each",
+        a.batch, R, std::max<int64_t>(1, R / std::max<int64_t>(1, a.batch)), R > a.batch ? "s" : "");
     std::string md = fmt::format(
         "# serve-bench\n\nOne frozen base (d {}, {} layers, {} heads, F {}, V {}, max_seq {}), adapters randomly "
         "initialised with every tensor non-zero (throughput does not depend on what they learned), saved as adapter "
@@ -699,7 +739,7 @@ void run_bench(const Args& a) {
         "Mixed: one server with K tenants, request r going to tenant r mod K, all tenants in every forward. "
         "Single-tenant: the same requests all for one tenant. Sequential: the same requests, tenant by tenant "
         "(each tenant's requests batched together), as a server holding one adapter at a time must. Per-token "
-        "latency: time from a request's previous token (first token: from admission, its prefill).\n\n"
+        "latency: time from a request's previous token (first token: from admission, its prefill).\n\n{}"
         "## Throughput and latency against K\n\n{}\n![throughput](throughput.png)\n\n## Targets (K = {})\n\n{}\n"
         "## Cost against prefix length ({} tenants mixed)\n\n{}\n![prefix cost](prefix_cost.png)\n\n"
         "## LoRA unmerged against merged\n\n{}\n{}\n\n## Batching on this machine (one tenant)\n\n{}\n"
@@ -709,7 +749,7 @@ void run_bench(const Args& a) {
         a.cpu_clock ? "Times are the serving process's CPU time (--clock cpu), which other processes on a shared "
                       "machine do not inflate (their cache and memory traffic still can)"
                     : "Times are wall-clock (--clock wall)",
-        a.repeats, minutes, k_table, K_max,
+        a.repeats, minutes, regime, k_table, K_max,
         target_lines, sweep_K, n_table, lora_table, lora_single, batch_table, conclusion);
     write_file_atomic(a.out + "/report.md", md);
     fmt::print("\n{}\n{}\n{}\nwrote {}/report.md, results.json, throughput.png, prefix_cost.png ({:.1f} min)\n", k_table,
