@@ -61,6 +61,10 @@ public:
     // ("blocks.2.attn.q_proj"); return a tensor shaped like its output, or an
     // undefined tensor for no change.
     virtual Tensor linear_delta(const std::string& path, const Tensor& x, const ForwardInfo&) { return {}; }
+    // False when linear_delta returns no delta for `path` whatever x is: a
+    // caller that must prepare x first (MultiAdapter gathers each adapter's
+    // rows) then skips the call. true, the default, is always safe.
+    virtual bool adapts_linear(const std::string& path) const { return true; }
 };
 
 }  // namespace peftlab

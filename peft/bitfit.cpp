@@ -16,6 +16,7 @@ public:
     using Adapter::Adapter;
     std::string method() const override { return "bitfit"; }
 
+    bool adapts_linear(const std::string& path) const override { return deltas_.count(path) > 0; }
     Tensor linear_delta(const std::string& path, const Tensor&, const ForwardInfo&) override {
         auto it = deltas_.find(path);
         return it == deltas_.end() ? Tensor() : it->second;  // [out], broadcast over rows

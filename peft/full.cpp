@@ -8,6 +8,7 @@ class FullFineTuning : public Adapter {
 public:
     using Adapter::Adapter;
     std::string method() const override { return "full"; }
+    bool adapts_linear(const std::string&) const override { return false; }
     ParamFormula formula(const GPTConfig& c) const override {
         const int64_t d = c.d_model, L = c.n_layers, V = c.vocab;
         // per block: 2 LayerNorms (4d), q,k,v,o (4d^2+4d), MLP (2*d*d_ff + d_ff + d)

@@ -13,6 +13,7 @@ public:
     using Adapter::Adapter;
     std::string method() const override { return "lora"; }
     Tensor linear_delta(const std::string& path, const Tensor& x, const ForwardInfo&) override;
+    bool adapts_linear(const std::string& path) const override { return !merged_ && targets_.count(path) > 0; }
     ParamFormula formula(const GPTConfig& c) const override;
 
     // W += (alpha/r) B A for inference without the extra path; unmerge restores

@@ -101,6 +101,12 @@ LayerPrefix MultiAdapter::layer_prefix(int layer, const ForwardInfo& info) {
     return out;
 }
 
+bool MultiAdapter::adapts_linear(const std::string& path) const {
+    for (Adapter* a : adapters_)
+        if (a->adapts_linear(path)) return true;
+    return false;
+}
+
 Tensor MultiAdapter::linear_delta(const std::string& path, const Tensor& x, const ForwardInfo& info) {
     // Which adapter owns each leading row of x: batch rows normally; table
     // entries (adapter a is entry a, "none" the last) while projecting prefixes.
@@ -118,7 +124,7 @@ Tensor MultiAdapter::linear_delta(const std::string& path, const Tensor& x, cons
             if (owner[size_t(i)] == a) idx.push_back(int32_t(i));
         if (idx.empty()) continue;
         Tensor d;
-        if (a < A) {
+        if (a < A && adapters_[size_t(a)]->adapts_linear(path)) {  // else no gather: most adapters leave most Linears
             ForwardInfo sub = info;
             sub.B = int64_t(idx.size());
             d = adapters_[size_t(a)]->linear_delta(path, index_rows(x, idx), sub);

@@ -28,6 +28,7 @@ public:
         reparam_out_ = mlp_forward();  // once per forward, for all layers
     }
 
+    bool adapts_linear(const std::string&) const override { return false; }
     LayerPrefix layer_prefix(int layer, const ForwardInfo&) override {
         int slot = slot_of(layer);
         if (slot < 0 || opts_.n == 0) return {};

@@ -11,6 +11,7 @@ public:
     using Adapter::Adapter;
     std::string method() const override { return "prompt"; }
 
+    bool adapts_linear(const std::string&) const override { return false; }
     SeqPrefix input_prefix(const ForwardInfo&) override {
         if (opts_.n == 0) return {};
         return {prompt_, Tensor(), {}};

@@ -281,3 +281,33 @@ TEST_CASE("multi: unknown adapters, wrong row counts, full fine-tuning and forei
     CHECK_THROWS_WITH(MultiAdapter({prompt, detached.get()}), Contains("adapter 1 is null or not attached"));
     CHECK_THROWS_WITH(MultiAdapter({nullptr}), Contains("adapter 0 is null"));
 }
+
+TEST_CASE("multi: adapts_linear is false only where linear_delta gives no delta (every method, every Linear)", "[multi]") {
+    // MultiAdapter skips gathering an adapter's rows for a Linear it does not adapt: a false answer
+    // where a delta exists would silently drop it.
+    Tenants t;
+    Rng rng(5);
+    int adapted = 0;
+    for (const std::string& method : method_names()) {
+        AdapterOptions o;
+        o.n = 2;
+        o.init = "random";
+        o.lora_targets = {"q_proj", "v_proj", "fc"};
+        Adapter* a = t.add(method, o);
+        for (auto& [name, w] : t.base.named_parameters()) {
+            if (name.size() < 7 || name.compare(name.size() - 7, 7, ".weight") != 0 || w.ndim() != 2 ||
+                name.find("wte") != std::string::npos || name.find("wpe") != std::string::npos)
+                continue;
+            const std::string path = name.substr(0, name.size() - 7);
+            ForwardInfo info;
+            info.B = 2;
+            const Tensor x = Tensor::normal({2, 3, w.dim(1)}, rng, 0.f, 1.f);
+            const bool delta = a->linear_delta(path, x, info).defined();
+            INFO(method << " " << path);
+            if (!a->adapts_linear(path)) CHECK_FALSE(delta);
+            adapted += delta;
+        }
+        if (method == "full") t.base.freeze();  // full unfreezes the base; the next adapters expect it frozen
+    }
+    CHECK(adapted >= 3 * t.base.config().n_layers);  // LoRA on q, v, fc and BitFit on every Linear
+}
