@@ -36,10 +36,12 @@ constexpr int64_t kFewRowsParallelMin = kMacsParallelMin / 4;
 typedef float Vec16 __attribute__((vector_size(64), aligned(4), may_alias));
 constexpr int64_t kLanes = 16;
 
-// Lane p of the result = the sum of v[p]'s 16 lanes, for 16 vectors at once
-// (a dot's horizontal sum alone would cost as much as its K/16 multiply-adds).
-// Every v[p] is summed by the same tree: lanes l + l+8, then + 4, + 2, + 1.
-inline Vec16 sum_lanes16(const Vec16 v[16]) {
+// sums[p] = the sum of v[p]'s 16 lanes, for 16 vectors at once (a dot's
+// horizontal sum alone would cost as much as its K/16 multiply-adds). Every
+// v[p] is summed by the same tree: lanes l + l+8, then + 4, + 2, + 1. (The
+// result is stored, not returned: a Vec16 return value changes the ABI
+// between AVX-512 builds and others, and GCC warns.)
+inline void sum_lanes16(const Vec16 v[16], float sums[16]) {
     Vec16 u[8], w[4], z[2];
     for (int i = 0; i < 8; ++i)  // lanes 0-7: v[2i]'s 8 partial sums, 8-15: v[2i+1]'s
         u[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -50,8 +52,9 @@ inline Vec16 sum_lanes16(const Vec16 v[16]) {
     for (int i = 0; i < 2; ++i)  // 2 partial sums of each of 8 vectors
         z[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
                __builtin_shufflevector(w[2 * i], w[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    return __builtin_shufflevector(z[0], z[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-           __builtin_shufflevector(z[0], z[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const Vec16 all = __builtin_shufflevector(z[0], z[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+                      __builtin_shufflevector(z[0], z[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    __builtin_memcpy(sums, &all, sizeof all);
 }
 
 // Adds the dots of R rows of A with 4 rows of B over k in [k0, k1) (a
@@ -89,12 +92,19 @@ void dots_chunk(const float* const* a, const float* const* b, const float* const
               b3 = *(const Vec16*)(b[3] + k);
         // Keeps each loaded vector in a register: left alone, GCC folds the
         // loads into every multiply-add's memory operand, loads 8R vectors per
-        // step where R + 4 are needed, and the loop is bound by loads.
+        // step where R + 4 are needed, and the loop is bound by loads. Only
+        // where a Vec16 is one register (AVX-512; elsewhere GCC splits it and
+        // chooses itself). Inline: through a function taking a reference the
+        // kernel ran 15-20% slower.
+#if defined(__AVX512F__)
         asm("" : "+v"(b0), "+v"(b1), "+v"(b2), "+v"(b3));
+#endif
 #pragma GCC unroll 4
         for (int r = 0; r < R; ++r) {
             Vec16 x = *(const Vec16*)(a[r] + k);
+#if defined(__AVX512F__)
             asm("" : "+v"(x));
+#endif
             sum[r][0] += x * b0;
             sum[r][1] += x * b1;
             sum[r][2] += x * b2;
@@ -152,7 +162,8 @@ void gemm_few_rows(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, c
                 }
             }
             for (int64_t rb = 0; rb < row_blocks; ++rb) {
-                const Vec16 sums = sum_lanes16(&acc[rb][0][0]);  // lane 4r + c: row r, column c
+                float sums[kLanes];  // 4r + c: row r, column c
+                sum_lanes16(&acc[rb][0][0], sums);
                 for (int64_t r = 0; r < std::min(kRows, M - rb * kRows); ++r) {
                     float* c = C + (rb * kRows + r) * ldc + j0;
                     for (int64_t j = 0; j < w; ++j) {
@@ -228,7 +239,8 @@ void query_scores(float* s, const float* q, const float* K, int64_t ldk, int64_t
             for (int64_t t = 0; t < Dh; t += kLanes) sum += *(const Vec16*)(q + t) * *(const Vec16*)(k + t);
             acc[c] = sum;
         }
-        const Vec16 dots = detail::sum_lanes16(acc);
+        float dots[kLanes];
+        detail::sum_lanes16(acc, dots);
         for (int64_t c = 0; c < std::min(kLanes, n - j0); ++c) s[j0 + c] = scale * dots[c];
     }
 }
