@@ -179,7 +179,7 @@ double last_level_cache_mb() {
     for (int i = 0; i < 16; ++i) {
         std::ifstream in(fmt::format("/sys/devices/system/cpu/cpu0/cache/index{}/size", i));
         std::string size;
-        if (!(in >> size) || size.empty()) continue;
+        if (!(in >> size)) continue;
         const char unit = size.back();
         const double scale = unit == 'K' ? 1e3 * 1.024 : unit == 'M' ? 1e6 * 1.048576 : 1.0;
         const double value = std::atof(size.c_str()) * scale / 1e6;  // "32768K" -> 33.6 MB
@@ -728,7 +728,7 @@ void run_bench(const Args& a) {
               "from memory"
             : "a decoding step streams the weights from memory, as it does for any served language model: one row "
               "reads them all for one token, a batch of rows for one token each",
-        a.batch, R, std::max<int64_t>(1, R / std::max<int64_t>(1, a.batch)), R > a.batch ? "s" : "");
+        a.batch, R, std::max<int64_t>(1, R / a.batch), R > a.batch ? "s" : "");
     std::string md = fmt::format(
         "# serve-bench\n\nOne frozen base (d {}, {} layers, {} heads, F {}, V {}, max_seq {}), adapters randomly "
         "initialised with every tensor non-zero (throughput does not depend on what they learned), saved as adapter "

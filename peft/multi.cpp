@@ -101,12 +101,6 @@ LayerPrefix MultiAdapter::layer_prefix(int layer, const ForwardInfo& info) {
     return out;
 }
 
-bool MultiAdapter::adapts_linear(const std::string& path) const {
-    for (Adapter* a : adapters_)
-        if (a->adapts_linear(path)) return true;
-    return false;
-}
-
 Tensor MultiAdapter::linear_delta(const std::string& path, const Tensor& x, const ForwardInfo& info) {
     // Which adapter owns each leading row of x: batch rows normally; table
     // entries (adapter a is entry a, "none" the last) while projecting prefixes.

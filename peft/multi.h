@@ -24,7 +24,6 @@ public:
     SeqPrefix input_prefix(const ForwardInfo& info) override;
     LayerPrefix layer_prefix(int layer, const ForwardInfo& info) override;
     Tensor linear_delta(const std::string& path, const Tensor& x, const ForwardInfo& info) override;
-    bool adapts_linear(const std::string& path) const override;
 
 private:
     // rows_ with -1 mapped to the "none" entry A.
