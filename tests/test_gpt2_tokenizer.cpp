@@ -149,7 +149,9 @@ std::vector<std::string> comparison_strings() {
         "emoji 😀 and 👍🏽 and 👨‍👩‍👧 and 🇫🇷", "🚀🚀🚀", "❤️", "☃ ☂ ★ ✓ ✗",
         "½ ¾ ² ³ Ⅻ ⅷ ① ٣ ໒", "١٢٣٤٥ ۱۲۳", "𝟙𝟚𝟛 𝐀𝐁𝐂",
         "non\xc2\xa0" "breaking space", "ideographic\xe3\x80\x80space", "line\xe2\x80\xa8separator",
-        "para\xe2\x80\xa9graph", "mongolian\xe1\xa0\x8evowel separator", "thin\xe2\x80\x89space",
+        "para\xe2\x80\xa9graph", "mongolian\xe1\xa0\x8evowel separator",
+        "U+180E \xe1\xa0\x8e!! \xe1\xa0\x8e\xe1\xa0\x8e? x\xe1\xa0\x8e",  // not white space since Unicode 6.3
+        "thin\xe2\x80\x89space",
         "zero\xe2\x80\x8bwidth", "\x1c\x1d\x1e\x1f unit separators", "ctrl \x01\x02\x7f bytes",
         "!!!???...", "—– - ‒", "“quoted” ‘single’ «guillemets»", "...", "?!", "@#$%^&*()",
         "a,b,,c,,,d,,,,e", ",,,,,,,,", "--------", "========", "________", "*****",
@@ -304,6 +306,14 @@ TEST_CASE("GPT-2 BPE: merges apply lowest rank first, leftmost first, as encoder
         CHECK(t.encode(" hello") == std::vector<int32_t>{v.id("Ġhello")});
         CHECK(t.encode("hellohello") == std::vector<int32_t>{v.id("hello"), v.id("hello")});
         CHECK(t.encode("yell") == std::vector<int32_t>{v.id("y"), v.id("e"), v.id("ll")});
+    }
+    {
+        // "xyz" is made early as x+yz and late as xy+z. encoder.py merges
+        // xy+z at both places in one pass, before the earlier-ranked xyz+xy
+        // that its first merge forms can fire.
+        TinyVocab v;
+        v.merge("x", "y").merge("y", "z").merge("x", "yz").merge("xyz", "xy").merge("xy", "z");
+        CHECK(v.build().encode("xyzxyz") == std::vector<int32_t>{v.id("xyz"), v.id("xyz")});
     }
     // Random merge tables grown as BPE training grows them (each merge joins
     // two existing tokens), on random words, against encoder.py's loop.
