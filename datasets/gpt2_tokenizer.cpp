@@ -188,7 +188,12 @@ struct GPT2Tokenizer::Impl {
     pcre2_code* re = nullptr;
 
     mutable std::mutex cache_mu;
-    mutable std::unordered_map<std::string, std::vector<int32_t>> cache;
+    // Transparent hash: look-ups take the word as a string_view, no copy.
+    struct WordHash {
+        using is_transparent = void;
+        size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+    };
+    mutable std::unordered_map<std::string, std::vector<int32_t>, WordHash, std::equal_to<>> cache;
 
     Impl() = default;
     Impl(const Impl&) = delete;
@@ -283,10 +288,9 @@ void GPT2Tokenizer::Impl::encode_word(std::string_view word, std::vector<int32_t
         bpe(word, out);
         return;
     }
-    std::string key(word);
     {
         std::lock_guard lock(cache_mu);
-        auto it = cache.find(key);
+        auto it = cache.find(word);
         if (it != cache.end()) {
             out.insert(out.end(), it->second.begin(), it->second.end());
             return;
@@ -296,7 +300,7 @@ void GPT2Tokenizer::Impl::encode_word(std::string_view word, std::vector<int32_t
     bpe(word, out);
     std::lock_guard lock(cache_mu);
     if (cache.size() >= kMaxCacheEntries) cache.clear();
-    cache.emplace(std::move(key), std::vector<int32_t>(out.begin() + long(start), out.end()));
+    cache.emplace(std::string(word), std::vector<int32_t>(out.begin() + long(start), out.end()));
 }
 
 void GPT2Tokenizer::Impl::encode_piece(std::string_view text, pcre2_match_data* md, std::vector<int32_t>& out) const {
