@@ -471,6 +471,35 @@ TEST_CASE("GPT-2 BPE: corrupt vocab and merges files name the file and the key o
     require_throws_with<E>(load(v, "#version: 0.2\nh e\n\nh e\n"), {"M.txt", "line 4", "repeats line 2"});
 }
 
+TEST_CASE("GPT-2 BPE: randomly damaged files load or throw runtime_error, never crash", "[bpe]") {
+    TinyVocab v;
+    v.merge("h", "e").merge("l", "l").merge("he", "ll").merge("Ġ", "t");
+    const std::string vocab = v.vocab.dump(), merges = v.merges_txt();
+    Rng rng(3);
+    int loaded = 0;
+    for (int i = 0; i < 300; ++i) {
+        std::string vv = vocab, mm = merges;
+        for (int k = 0, edits = 1 + int(rng.below(3)); k < edits; ++k) {
+            std::string& x = rng.below(2) ? vv : mm;
+            if (x.empty()) continue;
+            const size_t at = rng.below(uint32_t(x.size()));
+            switch (rng.below(3)) {
+                case 0: x[at] = char(rng.below(256)); break;
+                case 1: x.erase(at, 1 + rng.below(8)); break;
+                default: x.insert(at, 1, "{}[]\",:0123456789 \n\xc4\xa0"[rng.below(17)]);
+            }
+        }
+        INFO("vocab " << escaped(vv) << "\nmerges " << escaped(mm));
+        try {
+            GPT2Tokenizer t = GPT2Tokenizer::from_strings(vv, mm);
+            ++loaded;
+            CHECK(t.decode(t.encode("hello there\xff"), true) == "hello there\xff");
+        } catch (const std::runtime_error&) {
+        }
+    }
+    CHECK(loaded > 0);  // some edits (inside merges' symbols, say) leave valid files
+}
+
 TEST_CASE("GPT-2 BPE: decode rejects ids outside the vocabulary", "[bpe]") {
     const GPT2Tokenizer& tok = gpt2();
     require_throws_with<std::out_of_range>([&] { tok.decode({15496, 50257}); }, {"id 50257", "position 1", "50257)"});
