@@ -25,7 +25,8 @@
 //   it back, so decode(encode(s), true) == s for every byte string s.
 //
 // Words up to kMaxCachedWordBytes are cached (word -> ids), so encoding prose
-// costs about one regex match and one hash look-up per word.
+// costs about one regex match and one hash look-up per word. The cache is
+// locked: encode() and decode() may run on several threads at once.
 #include <cstdint>
 #include <memory>
 #include <string>
