@@ -313,3 +313,22 @@ TEST_CASE("Pretraining killed by SIGTERM resumes to the same loss curve", "[cli]
     CHECK_THAT(again.out, Contains("resumed from"));
     CHECK(curve(cut.dir) == reference);  // bitwise: the same doubles
 }
+
+TEST_CASE("report refuses FLOP counts beyond 64 bits and layer tables it cannot hold", "[cli]") {
+    testing::TempDir tmp;
+    const std::string report = bin("report") + " --out " + tmp.path("r");
+    // GPT-2 XL, B = 1e9, T = 1024: ~1e22 FLOPs per step, past 2^64 ~ 1.8e19.
+    Result r = run(report + " --preset gpt2-xl --batch 1000000000 --seq 1024");
+    CHECK(r.rc == 1);
+    CHECK_THAT(r.out, Contains("--batch 1000000000 --seq 1024") && Contains("64-bit counters"));
+    // The largest batch it names fits: priced without complaint.
+    const auto at = r.out.find("--batch <= ");
+    REQUIRE(at != std::string::npos);
+    const std::string largest = r.out.substr(at + 11, r.out.find_first_not_of("0123456789", at + 11) - at - 11);
+    CHECK(run(report + " --preset gpt2-xl --seq 1024 --methods lora --batch " + largest).rc == 0);
+    const auto t0 = std::chrono::steady_clock::now();
+    Result l = run(report + " --preset gpt2 --layers 100000000");
+    CHECK(l.rc == 2);
+    CHECK_THAT(l.out, Contains("--layers: 100000000"));
+    CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
+}
