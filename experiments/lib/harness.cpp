@@ -873,6 +873,8 @@ MethodResult run_method(const Base& base, const data::TaskData& task, const Meth
         res.lr_grid = grid;
         res.lr = best_lr;
         Run r = make_run(base, spec, seed);
+        // The base as it was before training: an adapter that trains the base itself is saved against it.
+        const std::string base_hash = out_dir.empty() ? "" : peft::base_hash(*r.model);
         fmt::print("{}] {}\n", tag, trainable_params_line(*r.adapter, *r.model));
         measure_step(r, task, tok, budget.batch, res);
         int64_t eval_every = budget.eval_every ? budget.eval_every : std::max<int64_t>(1, budget.steps / 5);
@@ -892,7 +894,7 @@ MethodResult run_method(const Base& base, const data::TaskData& task, const Meth
         if (!out_dir.empty()) {
             res.adapter_dir = out_dir + "/adapters/" + file_safe(res.label);
             fs::create_directories(out_dir + "/adapters");
-            peft::save_adapter(res.adapter_dir, *r.adapter);
+            peft::save_adapter(res.adapter_dir, *r.adapter, false, base_hash);
         }
     } else {
         Run r = make_run(base, spec, seed);
@@ -903,6 +905,24 @@ MethodResult run_method(const Base& base, const data::TaskData& task, const Meth
     for (const std::string& f : res.flags) fmt::print(stderr, "{}] flag: {}\n", tag, f);
     fmt::print(stderr, "{}] done: valid loss {:.4f} (LR-selection split), test loss {:.4f}, {} {:.4f} ({:.0f} s)\n",
                tag, res.final_valid_loss, res.test_loss, res.metric_name, res.metric, seconds_since(t_method));
+    return res;
+}
+
+MethodResult evaluate(std::unique_ptr<GPT> model, std::unique_ptr<peft::Adapter> adapter, const data::Tokenizer& tok,
+                      const data::TaskData& task, int64_t eval_examples, int64_t batch, const std::string& label) {
+    MethodResult res;
+    res.method = adapter ? adapter->method() : "none";
+    res.label = label;
+    Run r;
+    r.model = std::move(model);
+    r.adapter = std::move(adapter);
+    if (r.adapter) {
+        for (auto& [n, t] : r.adapter->parameters()) res.trainable_params += t.numel();
+        fmt::print("[{}] {}\n", label, trainable_params_line(*r.adapter, *r.model));
+    }
+    res.final_valid_loss = valid_loss(r, task, tok, batch);
+    res.test_loss = split_loss(r, task.test, tok, batch);
+    score(r, task, tok, eval_examples, batch, res);
     return res;
 }
 

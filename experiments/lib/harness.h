@@ -190,6 +190,12 @@ std::vector<double> default_lr_grid(const std::string& method);
 MethodResult run_method(const Base& base, const data::TaskData& task, const MethodSpec& spec, const Budget& budget,
                         const std::string& out_dir, uint64_t seed);
 
+// Evaluates `model` (with `adapter` activated on it, or none) on the task:
+// loss on the validation and test splits, and the task's metric on the first
+// eval_examples test examples (greedy decoding), flags included.
+MethodResult evaluate(std::unique_ptr<GPT> model, std::unique_ptr<peft::Adapter> adapter, const data::Tokenizer& tok,
+                      const data::TaskData& task, int64_t eval_examples, int64_t batch, const std::string& label);
+
 // Writes results.json (with `extra` merged at the top level), metrics.csv (one
 // row per method and update: method, step, train_loss, valid_loss) and the
 // loss-curve plot. Returns the markdown table of the results.
