@@ -18,6 +18,9 @@
 
 #include "autograd/ops.h"
 #include "autograd/threads.h"
+#include "nn/checkpoint.h"
+#include "nn/safetensors.h"
+#include "peft/adapter_io.h"
 #include "experiments/lib/flags.h"
 #include "experiments/lib/harness.h"
 #include "peft/registry.h"
@@ -331,4 +334,69 @@ TEST_CASE("report refuses FLOP counts beyond 64 bits and layer tables it cannot 
     CHECK(l.rc == 2);
     CHECK_THAT(l.out, Contains("--layers: 100000000"));
     CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
+}
+
+TEST_CASE("trainable_params_line follows print_trainable_parameters; adapter inspect and the HF round trip", "[cli]") {
+    const GPTConfig cfg = testing::small_gpt(50, 16, 2);
+    GPT model(cfg, 3);
+    const int64_t base_params = model.num_params();
+    peft::AdapterOptions o;
+    o.lora_rank = 4;
+    std::unique_ptr<peft::Adapter> lora = peft::make_adapter("lora", o);
+    lora->activate(model);
+    // PEFT: trainable = the adapter's A and B (q and v: 2 * r * (d + d) per layer),
+    // all = base + adapter, trainable% = 100 * trainable / all.
+    const int64_t trainable = 2 * 2 * 4 * (cfg.d_model + cfg.d_model);
+    const std::string line = harness::trainable_params_line(*lora, model);
+    CHECK_THAT(line, Contains(fmt::format("trainable params: {},{:03d} ||", trainable / 1000, trainable % 1000)));
+    const int64_t all = base_params + trainable;
+    CHECK_THAT(line, Contains(fmt::format("all params: {},{:03d} ||", all / 1000, all % 1000)));
+    CHECK_THAT(line, Contains(fmt::format("trainable%: {:.3f}", 100.0 * double(trainable) / double(all))));
+    CHECK_THAT(line, Contains("L=2") && Contains("r=4") && Contains("d=32"));
+    CHECK(harness::file_safe("full (random init)") == "full-random-init");
+    CHECK(harness::file_safe("../x y") == "..-x-y");
+
+    testing::TempDir tmp;
+    std::unique_ptr<peft::Adapter> prompt = peft::make_adapter("prompt", {});
+    GPT base(cfg, 3);
+    save_model(tmp.path("base.safetensors"), base);
+    prompt->attach(base);
+    peft::save_adapter(tmp.path("prompt"), *prompt);
+    Result r = run(bin("adapter") + " inspect " + tmp.path("prompt"));
+    CHECK(r.rc == 0);
+    CHECK_THAT(r.out, Contains("method:    prompt") && Contains(fmt::format("n*d = {}", 16 * cfg.d_model)) &&
+                          Contains(peft::base_hash(base)));
+    REQUIRE(run(bin("adapter") + " export-hf " + tmp.path("prompt") + " " + tmp.path("hf") + " --base " +
+                tmp.path("base.safetensors"))
+                .rc == 0);
+    REQUIRE(run(bin("adapter") + " import-hf " + tmp.path("hf") + " " + tmp.path("back") + " --base " +
+                tmp.path("base.safetensors"))
+                .rc == 0);
+    const StFile a = load_safetensors(tmp.path("prompt") + "/adapter_model.safetensors");
+    const StFile b = load_safetensors(tmp.path("back") + "/adapter_model.safetensors");
+    CHECK(a.tensors.size() == b.tensors.size());
+    for (const auto& [name, t] : a.tensors) CHECK(b.tensors.at(name).data == t.data);
+    Result bad = run(bin("adapter") + " export-hf " + tmp.path("prompt") + " " + tmp.path("hf2"));
+    CHECK(bad.rc == 2);
+    CHECK_THAT(bad.out, Contains("--base"));
+}
+
+TEST_CASE("flag_below_base names methods under the unadapted base", "[cli]") {
+    std::vector<harness::MethodResult> rs(3);
+    rs[0].method = "none", rs[0].metric = 0.5, rs[0].metric_name = "bleu";
+    rs[1].method = "lora", rs[1].metric = 0.4, rs[1].metric_name = "bleu";
+    rs[2].method = "prompt", rs[2].metric = 0.6, rs[2].metric_name = "bleu";
+    harness::flag_below_base(rs);
+    harness::flag_below_base(rs);  // idempotent: a rerun after each method does not repeat it
+    CHECK(rs[0].flags.empty());
+    REQUIRE(rs[1].flags.size() == 1);
+    CHECK_THAT(rs[1].flags[0], Contains("below base: bleu 0.4000 < the unadapted base's 0.5000"));
+    CHECK(rs[2].flags.empty());
+    // results.json round trip keeps what a rerun needs.
+    rs[1].loss_curve = {3.0, 2.5};
+    nlohmann::json j = rs[1].to_json();
+    j["loss_curve"] = rs[1].loss_curve;
+    const harness::MethodResult back = harness::MethodResult::from_json(j);
+    CHECK(back.flags == rs[1].flags);
+    CHECK(back.loss_curve == rs[1].loss_curve);
 }
