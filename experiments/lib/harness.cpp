@@ -695,12 +695,16 @@ void score(Run& r, const data::TaskData& task, const data::Tokenizer& tok, int64
             gold.push_back(int(std::find(task.labels.begin(), task.labels.end(), ex[i].target) - task.labels.begin()));
         }
         res.metric = data::accuracy(pred, gold);
-        // A classifier that answers one class for every example (only worth
-        // saying when the outputs are not already flagged as constant).
-        if (pred.size() > 1 && res.flags.empty() &&
-            std::all_of(pred.begin(), pred.end(), [&](int p) { return p == pred[0]; }))
-            res.flags.push_back(fmt::format("single class: predicts \"{}\" for all {} examples",
-                                            pred[0] >= 0 ? task.labels[size_t(pred[0])] : "(no label)", pred.size()));
+        // A classifier that answers one class for every example: said as such
+        // (rather than as a constant generation).
+        if (pred.size() > 1 && std::all_of(pred.begin(), pred.end(), [&](int p) { return p == pred[0]; })) {
+            std::erase_if(res.flags, [](const std::string& f) { return f.rfind("constant output", 0) == 0; });
+            res.flags.push_back(pred[0] >= 0 ? fmt::format("single class: predicts \"{}\" for all {} examples",
+                                                           task.labels[size_t(pred[0])], pred.size())
+                                             : fmt::format("single class: answers no label word for all {} "
+                                                           "examples (\"{}\")",
+                                                           pred.size(), hyps[0]));
+        }
     } else {
         std::vector<std::string> refs;
         for (auto& e : ex) refs.push_back(e.target);
