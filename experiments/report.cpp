@@ -366,7 +366,7 @@ int main(int argc, char** argv) {
         return 2;
     }
     try {
-        set_threads(a.threads);
+        flags::configure_threads(int64_t(a.threads));  // capped at the cores, with a warning
         const bool measure = a.preset.empty();
         check_counts_fit(a);
         if (measure) {  // a real base and step: its memory must be there
