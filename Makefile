@@ -13,9 +13,10 @@ SANITIZE ?= 0
 
 # libgomp's idle threads spin ~1 ms by default, which on cores shared with
 # other processes made 2-thread steps several times slower; 3000 spins cost
-# <10% on an idle machine (measurements in autograd/threads.h). Applies to
-# every binary run from here (tests, demo, experiments, bench); override with
-# GOMP_SPINCOUNT=... on the command line.
+# <10% on an idle machine (measurements in autograd/threads.h). The experiment
+# binaries set this themselves when started without it (experiments/lib/flags.cpp);
+# exported here for the test binary and PyTorch's side of `make bench`.
+# Override with GOMP_SPINCOUNT=... on the command line.
 export GOMP_SPINCOUNT ?= 3000
 
 ifeq ($(SANITIZE),1)
@@ -153,8 +154,9 @@ serve-bench: deps
 	./$(BUILD)/bin/serve_bench $(ARGS)
 
 # Tests run with 2 threads so that results match CI's 2-core machines.
+# The [cli] tests run the experiment binaries, so they are built too.
 test: deps
-	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/peftlab-tests
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/peftlab-tests $(EXP_BIN) $(TOOL_BIN)
 	PEFTLAB_THREADS=2 ./$(BUILD)/peftlab-tests $(ARGS)
 
 test-asan: deps

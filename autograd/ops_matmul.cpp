@@ -1,5 +1,6 @@
 // matmul, linear and fused multi-head attention on cblas_sgemm.
 #include <cblas.h>
+#include <omp.h>
 
 #include <cmath>
 #include <memory>
@@ -470,20 +471,23 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
     };
     const float *pq = q.data(), *pk = k.data(), *pv = v.data();
     const float* valid = key_valid.defined() ? key_valid.data() : nullptr;
+    // Per-thread probability rows [Tq, Tk], allocated here: an allocation that
+    // throws inside the parallel region would terminate the process.
+    std::vector<float> scratch(size_t(parallel ? omp_get_max_threads() : 1) * size_t(Tq * Tk));
 #pragma omp parallel if (parallel)
     {
-        std::vector<float> P(static_cast<size_t>(Tq * Tk));
+        float* P = scratch.data() + size_t(omp_get_thread_num()) * size_t(Tq * Tk);
 #pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < B; ++b)
             for (int64_t h = 0; h < H; ++h) {
                 const float* V = pv + b * S * C + h * Dh;
-                probs(P.data(), pq + b * Tq * C + h * Dh, pk + b * S * C + h * Dh, valid, b,
+                probs(P, pq + b * Tq * C + h * Dh, pk + b * S * C + h * Dh, valid, b,
                       [&](int64_t i0, int64_t rows, int64_t kend) {  // out [rows, Dh] = P V
                           float* o = po + (b * Tq + i0) * C + h * Dh;
                           if (Tq == 1)
-                              weighted_values(o, P.data(), V, C, kend, Dh);
+                              weighted_values(o, P, V, C, kend, Dh);
                           else
-                              gemm(false, false, rows, Dh, kend, 1.f, P.data() + i0 * Tk, Tk, V, C, 0.f, o, C);
+                              gemm(false, false, rows, Dh, kend, 1.f, P + i0 * Tk, Tk, V, C, 0.f, o, C);
                       });
             }
     }
@@ -501,9 +505,12 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
         float* dq = gq ? gq->gemm_target(bq) : nullptr;
         float* dk = gk ? gk->gemm_target(bk) : nullptr;
         const float* kv_valid = svalid.defined() ? svalid.data() : nullptr;
+        // Per-thread P and dS [Tq, Tk] each, allocated outside the region (see the forward).
+        std::vector<float> scratch(size_t(parallel ? omp_get_max_threads() : 1) * size_t(2 * Tq * Tk));
 #pragma omp parallel if (parallel)
         {
-            std::vector<float> P(static_cast<size_t>(Tq * Tk)), dS(static_cast<size_t>(Tq * Tk));
+            float* P = scratch.data() + size_t(omp_get_thread_num()) * size_t(2 * Tq * Tk);
+            float* dS = P + Tq * Tk;
 #pragma omp for collapse(2) schedule(static)
             for (int64_t b = 0; b < B; ++b)
                 for (int64_t h = 0; h < H; ++h) {
@@ -511,7 +518,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
                     // the last block, whose keys are all Tk, goes first with the
                     // target's beta and the others add. dV, then dQ, then dK.
                     const int64_t head = h * Dh;
-                    probs(P.data(), sq.data() + b * Tq * C + head, sk.data() + b * S * C + head, kv_valid, b,
+                    probs(P, sq.data() + b * Tq * C + head, sk.data() + b * S * C + head, kv_valid, b,
                           [](int64_t, int64_t, int64_t) {});
                     const float* dO = dout + b * Tq * C + head;
                     for (int64_t blk = n_blocks - 1; blk >= 0; --blk) {
@@ -519,25 +526,25 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
                         const int64_t kend = key_end(i0 + rows);
                         const float beta = blk == n_blocks - 1 ? bv : 1.f;
                         if (dv)  // dV [kend, Dh] += P^T dO
-                            gemm(true, false, kend, Dh, rows, 1.f, P.data() + i0 * Tk, Tk, dO + i0 * C, C, beta,
+                            gemm(true, false, kend, Dh, rows, 1.f, P + i0 * Tk, Tk, dO + i0 * C, C, beta,
                                  dv + b * S * C + head, C);
                         if (!dq && !dk) continue;
                         // dP [rows, kend] = dO V^T, then dS = softmax backward (scale folded in).
                         gemm(false, true, rows, kend, Dh, 1.f, dO + i0 * C, C, sv.data() + b * S * C + head, C, 0.f,
-                             dS.data() + i0 * Tk, Tk);
+                             dS + i0 * Tk, Tk);
                         for (int64_t i = i0; i < i0 + rows; ++i) {
-                            float* ds = dS.data() + i * Tk;
-                            softmax_backward_row(ds, ds, P.data() + i * Tk, kend, scale);
+                            float* ds = dS + i * Tk;
+                            softmax_backward_row(ds, ds, P + i * Tk, kend, scale);
                         }
                     }
                     for (int64_t blk = 0; dq && blk < n_blocks; ++blk) {  // dQ [rows, Dh] = dS K
                         const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
-                        gemm(false, false, rows, Dh, key_end(i0 + rows), 1.f, dS.data() + i0 * Tk, Tk,
+                        gemm(false, false, rows, Dh, key_end(i0 + rows), 1.f, dS + i0 * Tk, Tk,
                              sk.data() + b * S * C + head, C, bq, dq + (b * Tq + i0) * C + head, C);
                     }
                     for (int64_t blk = n_blocks - 1; dk && blk >= 0; --blk) {  // dK [kend, Dh] += dS^T Q
                         const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
-                        gemm(true, false, key_end(i0 + rows), Dh, rows, 1.f, dS.data() + i0 * Tk, Tk,
+                        gemm(true, false, key_end(i0 + rows), Dh, rows, 1.f, dS + i0 * Tk, Tk,
                              sq.data() + (b * Tq + i0) * C + head, C, blk == n_blocks - 1 ? bk : 1.f,
                              dk + b * S * C + head, C);
                     }

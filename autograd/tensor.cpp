@@ -3,6 +3,7 @@
 #include <bit>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <unordered_map>
 
@@ -61,7 +62,13 @@ std::shared_ptr<Storage> Storage::alloc(int64_t numel) {
         it->second.pop_back();
         p.cached -= int64_t(padded_bytes(capacity));
     } else {
-        s->data = static_cast<float*>(std::aligned_alloc(64, padded_bytes(capacity)));
+        // A count whose byte size overflows size_t is as impossible as memory that is not there.
+        const bool representable = uint64_t(capacity) <= (std::numeric_limits<size_t>::max() - 63) / sizeof(float);
+        if (representable) s->data = static_cast<float*>(std::aligned_alloc(64, padded_bytes(capacity)));
+        if (!s->data && representable && p.cached > 0) {  // cached blocks of other sizes may make room
+            mem::release_cache();
+            s->data = static_cast<float*>(std::aligned_alloc(64, padded_bytes(capacity)));
+        }
         if (!s->data)
             throw std::runtime_error(fmt::format("tensor: out of memory allocating {} floats", numel));
     }
@@ -81,8 +88,14 @@ Storage::~Storage() {
     Pool& p = pool();
     const int64_t capacity = capacity_for(numel);
     p.live -= int64_t(padded_bytes(numel));
-    p.cached += int64_t(padded_bytes(capacity));
-    p.free[capacity].push_back(data);
+    // Caching the block allocates (the free list grows); a destructor must not
+    // throw, so when that fails the block goes back to the system instead.
+    try {
+        p.free[capacity].push_back(data);
+        p.cached += int64_t(padded_bytes(capacity));
+    } catch (...) {
+        std::free(data);
+    }
 }
 
 namespace mem {

@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
     // clang-format off
     opts.add_options()
         ("search-steps", "updates per learning-rate candidate", cxxopts::value<int64_t>()->default_value("60"))
+        ("fresh", "train every method again, even those a previous run with the same settings finished")
         ("no-baselines", "skip the unadapted-base and random-init rows");
     // clang-format on
     cxxopts::ParseResult r;
@@ -43,9 +44,6 @@ int main(int argc, char** argv) {
         for (const std::string& m : a.methods) specs.push_back(make_spec(a, m));
         if (!r.count("no-baselines")) specs.push_back({"full", "full (random init)", {}, true});
 
-        std::vector<MethodResult> results;
-        for (const MethodSpec& s : specs) results.push_back(run_method(base, task, s, budget, a.out, a.seed));
-
         nlohmann::json extra = {
             {"config", base.config.to_json()},
             {"task", a.task},
@@ -53,9 +51,31 @@ int main(int argc, char** argv) {
             {"steps", a.steps},
             {"search_steps", search_steps},
             {"batch", a.batch},
+            {"lr", a.lr},
+            {"prefix_len", a.prefix_len},
+            {"lora_rank", a.lora_rank},
+            {"n_train", a.n_train},
             {"tokenizer", a.tokenizer},
-            {"base", {{"path", base.model_path}, {"pretrain_valid_loss", base.pretrain_valid_loss}}}};
-        std::string table = write_results(a.out, "compare", results, extra);
+            {"base", {{"path", base.model_path}, {"pretrain_valid_loss", base.pretrain_valid_loss}}},
+            {"eval_examples", std::min<int64_t>(a.eval_examples, int64_t(task.test.size()))}};
+
+        // results.json is written after every method; a rerun with the same
+        // settings (the fields above) keeps the methods it finished and trains the rest.
+        std::vector<MethodResult> results;
+        std::map<std::string, MethodResult> finished =
+            r.count("fresh") ? std::map<std::string, MethodResult>{} : finished_results(a.out + "/results.json", extra);
+        std::string table;
+        for (const MethodSpec& s : specs) {
+            auto it = finished.find(s.label);
+            if (it != finished.end()) {
+                fmt::print(stderr, "[{}] finished in an earlier run ({}/results.json): kept\n", s.label, a.out);
+                results.push_back(it->second);
+            } else {
+                results.push_back(run_method(base, task, s, budget, a.out, a.seed));
+            }
+            flag_below_base(results);
+            table = write_results(a.out, "compare", results, extra);
+        }
 
         std::vector<Series> by_params;
         for (const MethodResult& m : results)
@@ -69,16 +89,21 @@ int main(int argc, char** argv) {
             "Base: {} (d={}, L={}, H={}, d_ff={}, vocab={}, T={}), pretrained valid loss {:.3f}.\n"
             "Budget per method: {} updates of batch {} at the best of {} learning rates "
             "(each tried for {} updates); seed {}.\n\n{}\n"
+            "valid loss: the validation split, on which the learning rate was chosen; test loss and the metric: the "
+            "held-out test split. Flags name degenerate outcomes (one class, constant or empty outputs, below the "
+            "unadapted base, a learning rate at the edge of its grid).\n\n"
             "Metric: `{}` on {} test examples (greedy decoding).\n\n"
-            "Plots: `loss_curves.png`, `metric_vs_params.png`.\n",
+            "Plots: `loss_curves.png`, `valid_curves.png`, `metric_vs_params.png`.\n"
+            "Adapters: `adapters/<method>/` (inspect with `build/bin/adapter inspect DIR`).\n",
             a.task, base.model_path, base.config.d_model, base.config.n_layers, base.config.n_heads, base.config.d_ff,
-            base.config.vocab, base.config.max_seq, base.pretrain_valid_loss, a.steps, a.batch, a.lr > 0 ? 1 : 3,
-            search_steps, a.seed, table, task.metric_name, a.eval_examples);
+            base.config.vocab, base.config.max_seq, base.pretrain_valid_loss, a.steps, a.batch, a.lr > 0 ? 1 : 3 /* at least; see lr_grid in results.json */,
+            search_steps, a.seed, table, task.metric_name, extra["eval_examples"].get<int64_t>());
         write_file_atomic(a.out + "/report.md", md);
         print_results_table(results);
         fmt::print(
             "\nreport: {0}/report.md  results: {0}/results.json  metrics: {0}/metrics.csv\n"
-            "plots:  {0}/loss_curves.png  {0}/metric_vs_params.png\n",
+            "plots:  {0}/loss_curves.png  {0}/valid_curves.png  {0}/metric_vs_params.png\n"
+            "adapters: {0}/adapters/\n",
             a.out);
     } catch (const std::exception& e) {
         fmt::print(stderr, "compare: {}\n", e.what());

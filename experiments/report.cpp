@@ -20,6 +20,7 @@
 
 #include "autograd/threads.h"
 #include "experiments/lib/flags.h"
+#include "experiments/lib/harness.h"
 #include "nn/safetensors.h"
 #include "peft/registry.h"
 #include "peft/report.h"
@@ -81,7 +82,16 @@ Args parse_args(int argc, char** argv) {
     auto given = [&](const char* f) { return a.preset.empty() || r.count(f) > 0; };
     if (given("vocab")) a.cfg.vocab = int_flag(r, "vocab", 1);
     if (given("d-model")) a.cfg.d_model = int_flag(r, "d-model", 1);
-    if (given("layers")) a.cfg.n_layers = int(int_flag(r, "layers", 1));
+    if (given("layers")) {
+        // The report prints a per-layer map (one row per block): a bound on it, not on GPT-2's 48.
+        constexpr int64_t kMaxLayers = 100000;
+        const int64_t L = int_flag(r, "layers", 1);
+        if (L > kMaxLayers)
+            throw std::invalid_argument(fmt::format(
+                "--layers: {} is more than the {} this report tabulates (one row per layer; GPT-2 XL has 48)", L,
+                kMaxLayers));
+        a.cfg.n_layers = int(L);
+    }
     if (given("heads")) a.cfg.n_heads = int(int_flag(r, "heads", 1));
     if (given("d-ff")) a.cfg.d_ff = int_flag(r, "d-ff", 1);
     if (a.cfg.d_model % a.cfg.n_heads != 0)
@@ -313,6 +323,40 @@ void print_report(const Args& a, const std::vector<MethodReport>& rs, const Meth
 
 }  // namespace
 
+// The FLOP counters are 64-bit. A step's count grows at most linearly in the
+// batch (the optimizer's share not at all), so the step at B = 1 bounds it:
+// refuse a request whose B x count(B = 1) would not fit, instead of printing
+// wrapped numbers. Each dimension is first bounded by a rough upper estimate
+// (long double) so that the B = 1 count cannot overflow either.
+static void check_counts_fit(const Args& a) {
+    constexpr long double kMax = 18446744073709551615.0L;  // 2^64 - 1
+    const GPTConfig& c = a.cfg;
+    const long double d = c.d_model, F = c.d_ff, L = c.n_layers, V = c.vocab;
+    const long double T = a.settings.seq + a.options.n;
+    const long double rough_b1 = 100 * (L * T * (d * d + d * F + T * d) + T * V * d + V * d + L * d * F);
+    if (rough_b1 > kMax / 64)
+        throw std::invalid_argument(fmt::format(
+            "one row of this step is ~{:.2e} FLOPs, beyond what the 64-bit counters can hold with any --batch; "
+            "use smaller --seq / --d-model / --d-ff / --vocab / --prefix-len",
+            double(rough_b1)));
+    ReportSettings one = a.settings;
+    one.batch = 1;
+    std::vector<std::string> priced = a.methods;
+    priced.push_back("full");  // the footer's reference
+    for (const std::string& m : priced) {
+        const flops::Counts c1 = analytic_step_flops(a.cfg, one, m, a.options);
+        long double per_row = 0;
+        for (uint64_t v : c1) per_row += (long double)v;
+        const long double total = per_row * (long double)a.settings.batch;
+        if (total > kMax)
+            throw std::invalid_argument(fmt::format(
+                "--batch {} --seq {}: one {} step is ~{:.3e} FLOPs, more than the 64-bit counters hold "
+                "({:.3e}); use --batch <= {}",
+                a.settings.batch, a.settings.seq, m, double(total), double(kMax),
+                (long long)(kMax / per_row)));
+    }
+}
+
 int main(int argc, char** argv) {
     Args a;
     try {
@@ -322,8 +366,21 @@ int main(int argc, char** argv) {
         return 2;
     }
     try {
-        set_threads(a.threads);
+        flags::configure_threads(int64_t(a.threads));  // capped at the cores, with a warning
         const bool measure = a.preset.empty();
+        check_counts_fit(a);
+        if (measure) {  // a real base and step: its memory must be there
+            const long double need =
+                harness::estimate_peak_bytes(a.cfg, a.settings.batch, a.settings.seq + a.options.n,
+                                             harness::base_param_count(a.cfg), true, 0, threads())
+                    .total();
+            const long double avail = harness::available_memory_bytes();
+            if (avail > 0 && need > avail)
+                throw std::invalid_argument(fmt::format(
+                    "the measured step needs an estimated {:.2f} GB, more than the {:.2f} GB available; use smaller "
+                    "sizes, or --preset for the analytic report alone",
+                    double(need / 1e9L), double(avail / 1e9L)));
+        }
         std::vector<MethodReport> reports;
         for (const std::string& m : a.methods) reports.push_back(report_method(a.cfg, a.settings, m, a.options, measure));
         // Footer and ratios compare against full fine-tuning, analytic, listed or not.

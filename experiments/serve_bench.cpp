@@ -361,7 +361,7 @@ std::string fmt_x(double v) { return fmt::format("{:.2f}x", v); }
 
 // Builds every measurement, runs them, writes the run directory.
 void run_bench(const Args& a) {
-    set_threads(a.threads);
+    flags::configure_threads(int64_t(a.threads));  // capped at the cores, with a warning
     fs::create_directories(a.out);
     const auto wall_start = std::chrono::steady_clock::now();
     Bench bench(a);

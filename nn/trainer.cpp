@@ -117,12 +117,12 @@ int64_t Trainer::restore() {
     if (!opts_.resume) return 0;
     const std::string path = checkpoint_path();
     if (!fs::exists(path)) {
-        if (opts_.log_every > 0) fmt::print(stderr, "resume: no checkpoint at '{}', starting from step 0\n", path);
+        if (opts_.log_every > 0) fmt::print(stderr, "{}resume: no checkpoint at '{}', starting from step 0\n", opts_.log_prefix, path);
         return 0;
     }
     const TrainingState state = load_training_state(path, tensors_, opt_, all_rngs());
     last_ckpt_step_ = state.step;
-    if (opts_.log_every > 0) fmt::print(stderr, "resumed from '{}' at step {}\n", path, state.step);
+    if (opts_.log_every > 0) fmt::print(stderr, "{}resumed from '{}' at step {}\n", opts_.log_prefix, path, state.step);
     return state.step;
 }
 
@@ -213,7 +213,7 @@ TrainSummary Trainer::run() {
                                                last_ckpt_step_)
                                  : std::string("no checkpoint was written"));
         if (tty && show) fmt::print(stderr, "\n");
-        fmt::print(stderr, "{}\n", summary.stop_reason);
+        fmt::print(stderr, "{}{}\n", opts_.log_prefix, summary.stop_reason);
     };
 
     int64_t step = summary.start_step;
@@ -280,17 +280,17 @@ TrainSummary Trainer::run() {
                 if (last || !evals.empty() || elapsed - last_draw >= 0.1) {
                     constexpr int kBar = 20;
                     const int filled = int(kBar * (step + 1) / std::max<int64_t>(total, 1));
-                    fmt::print(stderr, "\r{}/{} [{}{}] loss {:.4f} | lr {:.2e}{} | {:.1f} ms/step | ETA {}\x1b[K",
-                               step + 1, total, std::string(size_t(filled), '#'), std::string(size_t(kBar - filled), '.'),
+                    fmt::print(stderr, "\r{}{}/{} [{}{}] loss {:.4f} | lr {:.2e}{} | {:.1f} ms/step | ETA {}\x1b[K",
+                               opts_.log_prefix, step + 1, total, std::string(size_t(filled), '#'), std::string(size_t(kBar - filled), '.'),
                                loss, lr, rate, train_s * 1e3 / done, format_duration(eta));
                     last_draw = elapsed;
                 }
             } else if (last || (step + 1) % opts_.log_every == 0) {
-                fmt::print(stderr, "step {}/{} loss {:.4f} lr {:.3e} grad_norm {:.3f}{} | {:.1f} ms/step | ETA {}\n",
-                           step + 1, total, loss, lr, norm, rate, train_s * 1e3 / done, format_duration(eta));
+                fmt::print(stderr, "{}step {}/{} loss {:.4f} lr {:.3e} grad_norm {:.3f}{} | {:.1f} ms/step | ETA {}\n",
+                           opts_.log_prefix, step + 1, total, loss, lr, norm, rate, train_s * 1e3 / done, format_duration(eta));
             }
             if (!evals.empty()) {
-                std::string line = fmt::format("eval at step {}:", step + 1);
+                std::string line = fmt::format("{}eval at step {}:", opts_.log_prefix, step + 1);
                 for (auto& [key, value] : evals) line += fmt::format(" {} {:.4f}", key, value);
                 fmt::print(stderr, "{}{}\n", tty ? "\n" : "", line);
             }

@@ -39,6 +39,7 @@ struct TrainOptions {
     int64_t eval_every = 0;               // 0: evaluate only at the end (when there is an eval fn)
     int64_t ckpt_every = 0;               // 0: checkpoint only at the end; no checkpoints without out_dir
     int64_t log_every = 10;               // plain log line period off a TTY; 0: no progress output
+    std::string log_prefix;               // starts every progress line, e.g. "[lora | lr 1e-03] "
     std::string out_dir;                  // metrics and checkpoint; "": write no files
     bool resume = false;                  // continue from out_dir's checkpoint if there is one
     uint64_t data_seed = 0;               // seeds the data generator handed to loss_fn

@@ -66,8 +66,17 @@ void redraw_parameters(GPT& model, Rng& rng) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 2) {
-        fmt::print(stderr, "usage: {} <out.safetensors>\n", argv[0]);
+    const std::string usage = fmt::format(
+        "usage: {} OUT.safetensors\n"
+        "Writes the PyTorch parity fixture: a small GPT, a batch and its loss inputs\n"
+        "(tools/torch_reference.py reads it; `make fixtures` runs both).\n",
+        argv[0]);
+    if (argc == 2 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
+        fmt::print("{}", usage);
+        return 0;
+    }
+    if (argc != 2 || argv[1][0] == '-') {  // a flag is never meant as a file name
+        fmt::print(stderr, "{}", usage);
         return 2;
     }
     try {

@@ -1,16 +1,19 @@
 #pragma once
 // Command-line flags of the experiment binaries that parse their own options
-// (harness::parse_or_exit, for the ones built on CommonArgs, uses parse too).
+// (harness::parse_or_exit, for the ones built on CommonArgs, uses parse too),
+// and the process set-up every experiment binary shares (threads, OpenMP's
+// wait policy).
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include <cxxopts.hpp>
 
 namespace peftlab::flags {
 
-// Parses argv: --help prints the options and exits 0; a positional argument
-// throws std::invalid_argument naming it.
-cxxopts::ParseResult parse(cxxopts::Options& o, int argc, char** argv);
+// Parses argv: --help prints the options (then `epilog`, when given) and
+// exits 0; a positional argument throws std::invalid_argument naming it.
+cxxopts::ParseResult parse(cxxopts::Options& o, int argc, char** argv, const std::string& epilog = "");
 
 // The whole number `text` given to `flag` ("--seq"), at least `min`; throws
 // std::invalid_argument naming the flag and the value.
@@ -18,5 +21,19 @@ int64_t whole_number(const std::string& flag, const std::string& text, int64_t m
 
 // whole_number of flag `name`'s value (the flag is declared as a string).
 int64_t int_flag(const cxxopts::ParseResult& r, const std::string& name, int64_t min);
+
+// The thread count a run uses: `requested` (--threads; 0 = all cores) when
+// given, else PEFTLAB_THREADS when set, else all cores. More threads than
+// cores (omp_get_num_procs: the CPUs this process may run on) are capped to
+// the cores with a warning on stderr, because an oversubscribed OpenMP team
+// waits on its descheduled threads at every barrier (a 2-step run with 64
+// threads on 2 cores did not finish in 120 s). Applies the count to OpenBLAS
+// and OpenMP (set_threads) and returns it. Throws std::invalid_argument naming
+// PEFTLAB_THREADS and its value when that is not a whole number >= 0.
+int configure_threads(std::optional<int64_t> requested);
+
+// True when this process was started with GOMP_SPINCOUNT set by the
+// experiment binaries' start-up re-exec (see flags.cpp), or by the caller.
+bool omp_wait_policy_set();
 
 }  // namespace peftlab::flags

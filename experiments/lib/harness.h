@@ -36,16 +36,29 @@ struct CommonArgs {
     int64_t pretrain_steps = 4000;  // one default for every experiment, so they share the cached base
     size_t n_train = 0, n_valid = 0, n_test = 0;
     int64_t eval_examples = 0;  // test examples scored by generation
+    // The memory a run may use, in bytes: 0 = what the system has available
+    // (MemAvailable, RLIMIT_AS); < 0 = no check (--max-memory GB, 0 there).
+    double max_memory = 0;
+    // Whether the binary fine-tunes: pretrain sets false, and then the
+    // fine-tuning flags (--methods, --steps, --lr, ...) are neither offered nor read.
+    bool fine_tunes = true;
 };
 
-// Adds the common flags to `opts` with the experiment's defaults.
+// Adds the common flags to `opts` with the experiment's defaults (only the
+// pretraining ones when defaults.fine_tunes is false).
 void add_common_flags(cxxopts::Options& opts, const CommonArgs& defaults);
-// Parses them; bad values throw std::invalid_argument naming the flag and value.
+// Parses them; bad values throw std::invalid_argument naming the flag and value
+// (an empty or duplicated --methods list included).
 CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& defaults);
-// Parses argv, prints --help, applies --threads; on a bad flag prints the
-// error and exits with status 2.
+// Parses argv; --help prints the flags and, for a fine-tuning binary, the
+// registered methods with their descriptions. Applies the thread count
+// (--threads, else PEFTLAB_THREADS; capped at the cores, see
+// flags::configure_threads) and prints it. On a bad flag prints the error and
+// exits with status 2.
 CommonArgs parse_or_exit(cxxopts::Options& opts, int argc, char** argv, const CommonArgs& defaults,
                          cxxopts::ParseResult* result = nullptr);
+// The --help text after the flags: every --methods entry with its description.
+std::string methods_help();
 
 // The pretrained base and its tokenizer, loaded from the cache under
 // runs/pretrain/<hash of config, tokenizer, corpus, steps, seed>/ or trained
@@ -58,8 +71,45 @@ struct Base {
     double pretrain_valid_loss = 0.0;
     double pretrain_seconds = 0.0;  // 0 when loaded from the cache
     bool cached = false;
+    nlohmann::json key;                 // what the cache directory's name hashes
+    std::vector<int32_t> corpus_tokens;  // the pretraining stream (only while not cached)
 };
+// Checks the run first (check_run), then loads the base from the cache or
+// pretrains it (saying why a new base is needed: which part of the cache key
+// differs from the nearest cached base). Pretraining checkpoints every
+// ~5% of its steps into the cache directory and resumes from there when a
+// killed run is started again.
 Base load_or_pretrain(const CommonArgs& args);
+// The tokenizer, config and cache directory of the base `args` describe,
+// without training anything (base.cached says whether the model exists).
+Base prepare_base(const CommonArgs& args);
+
+// What a run needs before it spends any compute, checked up front. Throws
+// std::invalid_argument naming the flag and value for: an --out that cannot
+// be written; a method with no trainable parameters under the options (e.g.
+// --prefix-len 0); a --seq too short for the task's targets and generation; a
+// corpus too small for pretraining windows of --seq tokens; an estimated peak
+// memory above what the run may use (estimate_peak_bytes; --max-memory
+// overrides). Prints notes (to stderr) for what it adjusts or warns about.
+void check_run(const CommonArgs& args, const Base& base, const data::TaskData& task);
+
+// Estimated peak bytes of one training step (weights, the trained tensors'
+// gradients and AdamW moments, saved activations, logits, attention
+// scratch), from the config alone; long double because a user's sizes can
+// exceed 64 bits. `trainable` = the adapter's formula count (the base's own
+// parameter count for full fine-tuning, which then adds no weights);
+// `extra_tokens` = virtual tokens or prefix keys per row.
+struct MemoryEstimate {
+    long double weights = 0, training_state = 0, activations = 0, attention = 0;
+    long double total() const { return weights + training_state + activations + attention; }
+    std::string describe() const;  // "12.3 GB (weights 1.0 GB, ...)"
+};
+MemoryEstimate estimate_peak_bytes(const GPTConfig& cfg, int64_t batch, int64_t seq, long double trainable,
+                                   bool trains_base, int64_t extra_tokens, int threads);
+// Base parameters of cfg (tied embeddings: wte, wpe, L blocks, final LayerNorm).
+long double base_param_count(const GPTConfig& cfg);
+// Bytes this process may still allocate: min(MemAvailable, RLIMIT_AS - VmSize); -1 if unknown.
+long double available_memory_bytes();
 
 // The task's data, sized by args (or the task's defaults).
 data::TaskData load_task(const CommonArgs& args);
@@ -83,8 +133,24 @@ struct MethodResult {
     std::vector<std::pair<double, double>> lr_search;     // (lr, valid loss) tried
     std::vector<double> loss_curve;                       // training loss per update
     std::vector<std::pair<int64_t, double>> valid_curve;  // (update, valid loss)
+    std::vector<double> lr_grid;  // the grid searched (extended past an edge that won)
+    double test_loss = 0.0;       // held-out: the test split, never used for selection
+    int64_t eval_examples = 0;    // test examples actually scored
+    // Degenerate outcomes said in words: "single class: ...", "constant output: ...",
+    // "empty generations: ...", "below base: ...", "lr at grid edge: ...".
+    std::vector<std::string> flags;
+    std::string adapter_dir;  // where the trained adapter was saved (peft::save_adapter), "" if not
     nlohmann::json to_json() const;
+    // Reads what to_json wrote plus "loss_curve" (a rerun skips finished methods).
+    static MethodResult from_json(const nlohmann::json& j);
 };
+// Flags every result whose metric is below the unadapted base's (method "none").
+void flag_below_base(std::vector<MethodResult>& rs);
+// A label as a file name: letters, digits, '-', '_', '.'; runs of others become '-'.
+std::string file_safe(const std::string& label);
+// One line in the spirit of Hugging Face PEFT's print_trainable_parameters:
+// "trainable params: 8,192 || all params: 843,904 || trainable%: 0.971 (L*n*d = 8,192; L=4, d=128, n=16)".
+std::string trainable_params_line(const peft::Adapter& adapter, const GPT& model);
 
 // What to fine-tune and how long.
 struct MethodSpec {
@@ -124,12 +190,22 @@ std::vector<double> default_lr_grid(const std::string& method);
 MethodResult run_method(const Base& base, const data::TaskData& task, const MethodSpec& spec, const Budget& budget,
                         const std::string& out_dir, uint64_t seed);
 
+// Evaluates `model` (with `adapter` activated on it, or none) on the task:
+// loss on the validation and test splits, and the task's metric on the first
+// eval_examples test examples (greedy decoding), flags included.
+MethodResult evaluate(std::unique_ptr<GPT> model, std::unique_ptr<peft::Adapter> adapter, const data::Tokenizer& tok,
+                      const data::TaskData& task, int64_t eval_examples, int64_t batch, const std::string& label);
+
 // Writes results.json (with `extra` merged at the top level), metrics.csv (one
 // row per method and update: method, step, train_loss, valid_loss) and the
 // loss-curve plot. Returns the markdown table of the results.
 std::string write_results(const std::string& dir, const std::string& experiment, const std::vector<MethodResult>& rs,
                           const nlohmann::json& extra);
 std::string results_table_md(const std::vector<MethodResult>& rs);
+// The methods (by label) of an earlier run's results.json whose top-level
+// settings equal every field of `settings`; empty when the file is missing,
+// unreadable or from other settings.
+std::map<std::string, MethodResult> finished_results(const std::string& path, const nlohmann::json& settings);
 void print_results_table(const std::vector<MethodResult>& rs);
 
 // gnuplot line/point plot to dir/name.png; series: title -> (x, y) points.
@@ -137,6 +213,7 @@ void print_results_table(const std::vector<MethodResult>& rs);
 struct Series {
     std::string title;
     std::vector<std::pair<double, double>> points;
+    std::string style = "";  // gnuplot "with" style; "": lines with points
 };
 bool plot_png(const std::string& path, const std::string& title, const std::string& xlabel, const std::string& ylabel,
               const std::vector<Series>& series, bool log_x = false);

@@ -1,0 +1,174 @@
+// adapter: saved adapters from the command line, as Hugging Face PEFT users
+// know them (save_pretrained / from_pretrained / print_trainable_parameters).
+//
+//   adapter inspect DIR                          method, options, base, trainable parameters
+//   adapter export-hf DIR OUT --base MODEL       to PEFT's layout (adapter_config.json + tensors)
+//   adapter import-hf DIR OUT --base MODEL       from PEFT's layout to ours
+//   adapter eval DIR --base MODEL [--task T]     losses and the task's metric with the adapter on
+//
+// DIR is what compare writes under runs/<out>/adapters/<method>/ (peft::save_adapter);
+// MODEL a base model file, e.g. runs/pretrain/<hash>/model.safetensors (its
+// base_hash must match the adapter's).
+#include <fmt/format.h>
+
+#include <fstream>
+
+#include "datasets/tokenizer.h"
+#include "experiments/lib/flags.h"
+#include "experiments/lib/harness.h"
+#include "nn/checkpoint.h"
+#include "nn/safetensors.h"
+#include "peft/adapter_io.h"
+#include "peft/registry.h"
+
+using namespace peftlab;
+
+namespace {
+
+const char* kUsage =
+    "usage:\n"
+    "  adapter inspect DIR\n"
+    "  adapter export-hf DIR OUT --base MODEL.safetensors\n"
+    "  adapter import-hf DIR OUT --base MODEL.safetensors\n"
+    "  adapter eval DIR --base MODEL.safetensors [--task e2e] [--eval-examples 50] [--batch 16]\n"
+    "DIR: an adapter directory (peft::save_adapter's layout; compare writes runs/<out>/adapters/<method>/).\n";
+
+nlohmann::json read_config(const std::string& dir) {
+    const std::string path = dir + "/adapter_config.json";
+    std::ifstream f(path);
+    if (!f) throw std::runtime_error(fmt::format("{}: cannot open (is '{}' an adapter directory?)", path, dir));
+    nlohmann::json j = nlohmann::json::parse(f, nullptr, false);
+    if (!j.is_object()) throw std::runtime_error(fmt::format("{}: not a JSON object", path));
+    return j;
+}
+
+int inspect(const std::string& dir) {
+    const nlohmann::json j = read_config(dir);
+    for (const char* key : {"method", "options", "base_config", "base_hash"})
+        if (!j.contains(key)) throw std::runtime_error(fmt::format("{}/adapter_config.json: no \"{}\"", dir, key));
+    const std::string method = j["method"].get<std::string>();
+    const peft::AdapterOptions opts = peft::AdapterOptions::from_json(j["options"]);
+    const GPTConfig cfg = GPTConfig::from_json(j["base_config"]);
+    std::unique_ptr<peft::Adapter> adapter = peft::make_adapter(method, opts);
+    const bool inference = j.value("inference", false);
+    const peft::ParamFormula pf = inference ? adapter->inference_formula(cfg) : adapter->formula(cfg);
+
+    // The tensors as stored (their count is checked against the formula).
+    const StFile file = load_safetensors(dir + "/adapter_model.safetensors");
+    int64_t stored = 0;
+    for (const auto& [name, t] : file.tensors) stored += int64_t(t.data.size());
+
+    fmt::print("adapter:   {}\n", dir);
+    fmt::print("method:    {} ({})\n", method, [&] {
+        for (const auto& m : peft::methods())
+            if (m.name == method) return m.description;
+        return std::string("not registered");
+    }());
+    fmt::print("options:   {}\n", opts.to_json().dump());
+    fmt::print("base:      hash {}; config {}\n", j["base_hash"].get<std::string>(), cfg.to_json().dump());
+    fmt::print("stored:    {} tensors, {} parameters{}\n", file.tensors.size(), stored,
+               inference ? " (inference form)" : "");
+    fmt::print("trainable params: {} = {} (d={}, L={}, n={}, r={}, F={})\n", pf.text, pf.count, cfg.d_model,
+               peft::parse_layers(opts.layers, cfg.n_layers).size(), opts.n, opts.lora_rank, cfg.d_ff);
+    for (const auto& [name, t] : file.tensors) {
+        std::string shape;
+        for (int64_t s : t.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(s);
+        fmt::print("  {} [{}]\n", name, shape);
+    }
+    if (stored != pf.count)
+        fmt::print(stderr, "warning: the stored tensors hold {} parameters, the formula says {}\n", stored, pf.count);
+    return 0;
+}
+
+std::unique_ptr<GPT> load_base(const std::string& path) {
+    if (path.empty()) throw std::invalid_argument("--base: the base model file is required (MODEL.safetensors)");
+    return load_model_new(path);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
+        fmt::print(argc < 2 ? stderr : stdout, "{}", kUsage);
+        return argc < 2 ? 2 : 0;
+    }
+    const std::string cmd = argv[1];
+    cxxopts::Options o("adapter " + cmd, "");
+    // clang-format off
+    o.add_options()
+        ("h,help", "print this help")
+        ("base", "base model file", cxxopts::value<std::string>()->default_value(""))
+        ("task", "task to evaluate on (eval)", cxxopts::value<std::string>()->default_value("e2e"))
+        ("eval-examples", "test examples scored by generation (eval)", cxxopts::value<std::string>()->default_value("50"))
+        ("batch", "rows per forward (eval)", cxxopts::value<std::string>()->default_value("16"))
+        ("seed", "seed of the task's data (the one the adapter was trained with)", cxxopts::value<std::string>()->default_value("0"))
+        ("threads", "threads (default: PEFTLAB_THREADS, else all cores)", cxxopts::value<std::string>())
+        ("paths", "", cxxopts::value<std::vector<std::string>>());
+    // clang-format on
+    o.parse_positional({"paths"});
+    o.custom_help("[options]");
+    o.positional_help(kUsage);
+    try {
+        cxxopts::ParseResult r = flags::parse(o, argc - 1, argv + 1);
+        const std::vector<std::string> paths =
+            r.count("paths") ? r["paths"].as<std::vector<std::string>>() : std::vector<std::string>{};
+        auto need = [&](size_t n) {
+            if (paths.size() != n)
+                throw std::invalid_argument(fmt::format("{}: expects {} path{}, got {}\n{}", cmd, n, n == 1 ? "" : "s",
+                                                        paths.size(), kUsage));
+        };
+        flags::configure_threads(r.count("threads") ? std::optional<int64_t>(flags::int_flag(r, "threads", 0))
+                                                    : std::nullopt);
+        if (cmd == "inspect") {
+            need(1);
+            return inspect(paths[0]);
+        }
+        if (cmd == "export-hf") {
+            need(2);
+            std::unique_ptr<GPT> base = load_base(r["base"].as<std::string>());
+            std::unique_ptr<peft::Adapter> a = peft::load_adapter(paths[0], *base);
+            peft::export_hf(paths[1], *a);
+            fmt::print("exported {} ({}) to {} (Hugging Face PEFT layout)\n", paths[0], a->method(), paths[1]);
+            return 0;
+        }
+        if (cmd == "import-hf") {
+            need(2);
+            std::unique_ptr<GPT> base = load_base(r["base"].as<std::string>());
+            std::unique_ptr<peft::Adapter> a = peft::import_hf(paths[0], *base);
+            peft::save_adapter(paths[1], *a);
+            fmt::print("imported {} as {} into {}\n", paths[0], a->method(), paths[1]);
+            return 0;
+        }
+        if (cmd == "eval") {
+            need(1);
+            const std::string base_path = r["base"].as<std::string>();
+            std::unique_ptr<GPT> base = load_base(base_path);
+            const Metadata meta = load_safetensors(base_path).metadata;
+            auto tok_it = meta.find("tokenizer");
+            if (tok_it == meta.end())
+                throw std::runtime_error(fmt::format("{}: no \"tokenizer\" in its metadata (not a base made by "
+                                                     "pretrain)", base_path));
+            std::unique_ptr<data::Tokenizer> tok = data::tokenizer_from_json(nlohmann::json::parse(tok_it->second));
+            std::unique_ptr<peft::Adapter> a = peft::load_adapter(paths[0], *base);
+            a->activate(*base);
+            harness::CommonArgs args;
+            args.task = r["task"].as<std::string>();
+            args.seed = uint64_t(flags::int_flag(r, "seed", 0));
+            const data::TaskData task = harness::load_task(args);
+            const int64_t n = flags::int_flag(r, "eval-examples", 1), batch = flags::int_flag(r, "batch", 1);
+            harness::MethodResult res =
+                harness::evaluate(std::move(base), std::move(a), *tok, task, n, batch, paths[0]);
+            fmt::print("valid loss {:.4f}  test loss {:.4f}  {} {:.4f} on {} test examples\n", res.final_valid_loss,
+                       res.test_loss, res.metric_name, res.metric, res.eval_examples);
+            for (const std::string& f : res.flags) fmt::print("flag: {}\n", f);
+            return 0;
+        }
+        throw std::invalid_argument(fmt::format("unknown command '{}'\n{}", cmd, kUsage));
+    } catch (const std::invalid_argument& e) {
+        fmt::print(stderr, "adapter: {}\n", e.what());
+        return 2;
+    } catch (const std::exception& e) {
+        fmt::print(stderr, "adapter: {}\n", e.what());
+        return 1;
+    }
+}

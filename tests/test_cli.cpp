@@ -1,0 +1,402 @@
+// The experiment binaries as a user meets them (issue 18): flags checked
+// before any compute, thread settings, --help, OpenMP's wait policy without
+// make, pretraining that resumes after SIGTERM; and the library's answers to
+// running out of memory (a clean error, never an abort).
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+#include <omp.h>
+
+#include "autograd/ops.h"
+#include "autograd/threads.h"
+#include "nn/checkpoint.h"
+#include "nn/safetensors.h"
+#include "peft/adapter_io.h"
+#include "experiments/lib/flags.h"
+#include "experiments/lib/harness.h"
+#include "peft/registry.h"
+#include "tests/testing.h"
+
+using namespace peftlab;
+using Catch::Matchers::Contains;
+namespace fs = std::filesystem;
+
+namespace {
+
+// The experiment binaries beside the test binary (build/bin, build-asan/bin).
+std::string bin(const std::string& name) {
+    return (fs::read_symlink("/proc/self/exe").parent_path() / "bin" / name).string();
+}
+
+struct Result {
+    int rc = -1;
+    std::string out;  // stdout and stderr
+};
+
+// Runs `cmd` through the shell in `dir` and collects its output.
+Result run(const std::string& cmd, const std::string& dir = ".") {
+    Result r;
+    FILE* p = ::popen(fmt::format("cd '{}' && {} 2>&1", dir, cmd).c_str(), "r");
+    REQUIRE(p != nullptr);
+    std::array<char, 4096> buf{};
+    size_t n;
+    while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+    const int status = ::pclose(p);
+    r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    return r;
+}
+
+// A run small enough to start in well under a second once the corpus is built.
+const std::string kTiny = "--config tiny --pretrain-steps 20 --steps 2 --search-steps 1 --eval-examples 2 --threads 1";
+
+harness::CommonArgs parse(std::vector<std::string> args) {
+    harness::CommonArgs d;
+    d.methods = {"lora"};
+    d.steps = 2;
+    d.eval_examples = 2;
+    cxxopts::Options o("test", "");
+    harness::add_common_flags(o, d);
+    args.insert(args.begin(), "test");
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    return harness::parse_common(flags::parse(o, int(argv.size()), argv.data()), d);
+}
+
+}  // namespace
+
+TEST_CASE("compare refuses empty, duplicated and oversized requests before any work", "[cli]") {
+    const std::string compare = bin("compare");
+    REQUIRE(fs::exists(compare));
+    testing::TempDir tmp;
+    struct Case {
+        std::string args, message;
+    };
+    for (const Case& c : {Case{"--methods ''", "--methods: '' names no method"},
+                          Case{"--methods ,", "--methods: ',' names no method"},
+                          Case{"--methods lora,lora", "'lora' is listed twice"},
+                          Case{"--n-train 100000000", "--n-train: 100000000 examples is more than this run can use"},
+                          Case{"--threads -1", "--threads: -1 must be >= 0"}}) {
+        CAPTURE(c.args);
+        Result r = run(compare + " " + kTiny + " " + c.args, tmp.dir.string());
+        CHECK(r.rc == 2);
+        CHECK_THAT(r.out, Contains(c.message));
+        CHECK(!fs::exists(tmp.dir / "runs" / "pretrain"));  // nothing pretrained, nothing cached
+    }
+}
+
+TEST_CASE("PEFTLAB_THREADS is honoured and validated; --threads above the cores is capped", "[cli]") {
+    const int before = threads();
+    const char* old = std::getenv("PEFTLAB_THREADS");
+    const std::string saved = old ? old : "";
+    setenv("PEFTLAB_THREADS", "1", 1);
+    CHECK(flags::configure_threads(std::nullopt) == 1);
+    CHECK(omp_get_max_threads() == 1);  // what the next parallel region gets
+    setenv("PEFTLAB_THREADS", "abc", 1);
+    CHECK_THROWS_WITH(flags::configure_threads(std::nullopt), Contains("PEFTLAB_THREADS") && Contains("'abc'"));
+    CHECK(flags::configure_threads(1) == 1);  // --threads wins over the variable
+    const int cores = omp_get_num_procs();
+    CHECK(flags::configure_threads(int64_t(cores) + 62) == cores);
+    if (old)
+        setenv("PEFTLAB_THREADS", saved.c_str(), 1);
+    else
+        unsetenv("PEFTLAB_THREADS");
+    set_threads(before);
+
+    Result r = run("PEFTLAB_THREADS=abc " + bin("compare") + " --config tiny --methods lora");
+    CHECK(r.rc == 2);
+    CHECK_THAT(r.out, Contains("PEFTLAB_THREADS: 'abc' is not a whole number"));
+}
+
+TEST_CASE("Experiment binaries set OpenMP's wait policy themselves when run without make", "[cli]") {
+    // libgomp prints its settings at start-up with OMP_DISPLAY_ENV=verbose:
+    // the re-executed process must start with GOMP_SPINCOUNT = 3000.
+    Result r = run("env -u GOMP_SPINCOUNT -u OMP_WAIT_POLICY OMP_DISPLAY_ENV=verbose " + bin("compare") + " --help");
+    CHECK(r.rc == 0);
+    CHECK_THAT(r.out, Contains("GOMP_SPINCOUNT = '3000'"));
+    // A caller's own setting is kept.
+    r = run("env -u OMP_WAIT_POLICY GOMP_SPINCOUNT=77 OMP_DISPLAY_ENV=verbose " + bin("compare") + " --help");
+    CHECK_THAT(r.out, Contains("GOMP_SPINCOUNT = '77'"));
+}
+
+TEST_CASE("--help lists the registered methods and only the flags the binary reads", "[cli]") {
+    Result r = run(bin("compare") + " --help");
+    CHECK(r.rc == 0);
+    for (const peft::MethodInfo& m : peft::methods()) {
+        CHECK_THAT(r.out, Contains(m.name) && Contains(m.description));
+    }
+    Result p = run(bin("pretrain") + " --help");
+    CHECK(p.rc == 0);
+    CHECK_THAT(p.out, Contains("--pretrain-steps"));
+    CHECK_THAT(p.out, !Contains("--methods") && !Contains("--lora-rank") && !Contains("--eval-examples"));
+
+    testing::TempDir tmp;
+    Result w = run(bin("write_parity_model") + " --help", tmp.dir.string());
+    CHECK(w.rc == 0);
+    CHECK_THAT(w.out, Contains("usage"));
+    CHECK(fs::is_empty(tmp.dir));  // no file named --help
+    CHECK(run(bin("write_parity_model") + " --bogus", tmp.dir.string()).rc == 2);
+    CHECK(fs::is_empty(tmp.dir));
+}
+
+TEST_CASE("check_run refuses what would fail later, naming the flag and value", "[cli]") {
+    testing::TempDir tmp;
+    const fs::path cwd = fs::current_path();
+    fs::current_path(tmp.dir);  // the base cache (runs/pretrain) lands here
+    struct Restore {
+        fs::path p;
+        ~Restore() { fs::current_path(p); }
+    } restore{cwd};
+
+    harness::CommonArgs ok = parse({"--config", "tiny", "--out", tmp.path("out")});
+    harness::Base base = harness::prepare_base(ok);
+    data::TaskData task = harness::load_task(ok);
+    REQUIRE(!base.cached);
+    CHECK_NOTHROW(harness::check_run(ok, base, task));
+
+    // One prepared base (building the corpus and vocabulary is the slow part);
+    // each case changes what its flags change.
+    auto refused = [&](std::vector<std::string> extra, const std::string& message,
+                       std::vector<int32_t> corpus = {}) {
+        std::vector<std::string> args = {"--config", "tiny", "--out", tmp.path("out")};
+        args.insert(args.end(), extra.begin(), extra.end());
+        harness::CommonArgs a = parse(args);
+        const GPTConfig saved_config = base.config;
+        std::vector<int32_t> saved_corpus = base.corpus_tokens;
+        base.config = a.model;
+        base.config.vocab = saved_config.vocab;
+        if (!corpus.empty()) base.corpus_tokens = corpus;
+        CHECK_THROWS_WITH(harness::check_run(a, base, task), Contains(message));
+        base.config = saved_config;
+        base.corpus_tokens = saved_corpus;
+    };
+    tmp.file("file", "x");
+    refused({"--out", tmp.path("file") + "/sub"}, "--out: cannot write to");
+    refused({"--seq", "8"}, "--seq 8 is too short for task e2e");
+    refused({"--methods", "prompt", "--prefix-len", "0"}, "--methods prompt: no trainable parameters");
+    // A one-line corpus: a few dozen tokens, no pretraining window of 48.
+    refused({}, "too short for pretraining windows", std::vector<int32_t>(40, 5));
+    refused({"--layers", "100000", "--max-memory", "8"}, "estimated peak memory");
+    refused({"--methods", "prompt", "--prefix-len", "100000", "--max-memory", "8"}, "--methods prompt: estimated peak");
+    // --max-memory 0 turns the estimate off (the override the message names).
+    harness::CommonArgs big =
+        parse({"--config", "tiny", "--layers", "100000", "--max-memory", "0", "--out", tmp.path("out")});
+    base.config.n_layers = 100000;
+    CHECK_NOTHROW(harness::check_run(big, base, task));
+}
+
+TEST_CASE("The memory estimate grows as the sizes that drive it", "[cli]") {
+    GPTConfig c;
+    c.d_model = 64, c.n_layers = 2, c.n_heads = 4, c.d_ff = 256, c.max_seq = 48, c.vocab = 100;
+    // Weights: the GPT's own parameter count, independently of the estimate.
+    GPT model(c, 0);
+    CHECK(harness::base_param_count(c) == (long double)model.num_params());
+    auto at = [&](int64_t extra) { return harness::estimate_peak_bytes(c, 16, 48, 1000, false, extra, 2); };
+    CHECK(at(100).total() > at(0).total());
+    // Attention scratch is quadratic in the tokens: [Tq, Tk] per thread, twice.
+    CHECK(double(at(952).attention) == Approx(4.0 * 2 * 2 * 1000 * 1000));
+    c.n_layers = 100000000;
+    CHECK(harness::estimate_peak_bytes(c, 16, 48, 0, false, 0, 1).total() > 1e13L);  // no overflow
+}
+
+#if !defined(__SANITIZE_ADDRESS__)
+namespace {
+// Runs `body` in a child process limited to `limit_bytes` of address space;
+// returns what the child wrote, or "killed by signal N".
+template <class F>
+std::string under_memory_limit(size_t limit_bytes, F body) {
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        ::close(fds[0]);
+        struct rlimit rl{limit_bytes, limit_bytes};
+        ::setrlimit(RLIMIT_AS, &rl);
+        std::string msg;
+        try {
+            body();
+            msg = "no exception";
+        } catch (const std::exception& e) {
+            msg = e.what();
+        }
+        (void)!::write(fds[1], msg.data(), msg.size());
+        ::_exit(0);
+    }
+    ::close(fds[1]);
+    std::string out;
+    char buf[512];
+    ssize_t n;
+    while ((n = ::read(fds[0], buf, sizeof buf)) > 0) out.append(buf, size_t(n));
+    ::close(fds[0]);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    if (WIFSIGNALED(status)) return fmt::format("killed by signal {}", WTERMSIG(status));
+    return out;
+}
+
+size_t vm_size_bytes() {
+    std::ifstream f("/proc/self/status");
+    for (std::string line; std::getline(f, line);)
+        if (line.rfind("VmSize:", 0) == 0) return size_t(std::stoull(line.substr(7))) * 1024;
+    return 0;
+}
+}  // namespace
+
+TEST_CASE("Out of memory is a clean error, not an abort", "[cli][oom]") {
+    const size_t limit = vm_size_bytes() + (512ull << 20);
+    // A tensor larger than the limit: the allocator's own message.
+    CHECK(under_memory_limit(limit, [] { Tensor::empty({int64_t(1) << 30}); }) ==
+          "tensor: out of memory allocating 1073741824 floats");
+    // Attention whose per-thread scores do not fit (Tq * Tk = 4e8 floats): the
+    // exception leaves attention() instead of terminating inside its parallel
+    // region. The inputs are made here, before the fork (no OpenMP in the child).
+    Tensor q = Tensor::zeros({1, 20000, 4});
+    const std::string msg = under_memory_limit(limit, [&] { attention(q, q, q, 1, true); });
+    CHECK_THAT(msg, !Contains("killed by signal") && !Contains("no exception"));
+}
+#endif
+
+TEST_CASE("Pretraining killed by SIGTERM resumes to the same loss curve", "[cli][resume]") {
+    const std::string args = "--config tiny --d-model 16 --heads 2 --d-ff 32 --layers 1 --batch 2 --pretrain-steps 24";
+    const std::string pretrain = "PEFTLAB_THREADS=1 " + bin("pretrain") + " " + args;
+    testing::TempDir ref, cut;
+    REQUIRE(run(pretrain, ref.dir.string()).rc == 0);
+    auto curve = [](const fs::path& root) {
+        std::vector<std::pair<double, double>> c;  // (loss, valid loss or -1) per update
+        for (const auto& d : fs::directory_iterator(root / "runs" / "pretrain")) {
+            std::ifstream f(d.path() / "metrics.jsonl");
+            for (std::string line; std::getline(f, line);) {
+                auto j = nlohmann::json::parse(line);
+                c.emplace_back(j.at("loss").get<double>(), j.value("eval_valid_loss", -1.0));
+            }
+        }
+        return c;
+    };
+    const auto reference = curve(ref.dir);
+    REQUIRE(reference.size() == 24);
+
+    // Start, wait for the second checkpoint, SIGTERM, start again.
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        if (::chdir(cut.dir.c_str()) != 0) ::_exit(127);
+        ::setenv("PEFTLAB_THREADS", "1", 1);
+        const std::string exe = bin("pretrain");
+        ::execl("/bin/sh", "sh", "-c", ("exec " + exe + " " + args + " >/dev/null 2>&1").c_str(), (char*)nullptr);
+        ::_exit(127);
+    }
+    bool saw_checkpoint = false;
+    for (int i = 0; i < 3000 && !saw_checkpoint; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        std::error_code ec;
+        if (fs::is_directory(cut.dir / "runs" / "pretrain", ec))
+            for (const auto& d : fs::directory_iterator(cut.dir / "runs" / "pretrain", ec)) {
+                std::ifstream f(d.path() / "metrics.jsonl");
+                int lines = 0;
+                for (std::string l; std::getline(f, l);) ++lines;
+                if (fs::exists(d.path() / "checkpoint.safetensors") && lines >= 4) saw_checkpoint = true;
+            }
+    }
+    ::kill(pid, SIGTERM);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    REQUIRE(saw_checkpoint);
+    REQUIRE(WIFSIGNALED(status));  // killed mid-run, not finished
+    Result again = run(pretrain, cut.dir.string());
+    REQUIRE(again.rc == 0);
+    CHECK_THAT(again.out, Contains("resumed from"));
+    CHECK(curve(cut.dir) == reference);  // bitwise: the same doubles
+}
+
+TEST_CASE("report refuses FLOP counts beyond 64 bits and layer tables it cannot hold", "[cli]") {
+    testing::TempDir tmp;
+    const std::string report = bin("report") + " --out " + tmp.path("r");
+    // GPT-2 XL, B = 1e9, T = 1024: ~1e22 FLOPs per step, past 2^64 ~ 1.8e19.
+    Result r = run(report + " --preset gpt2-xl --batch 1000000000 --seq 1024");
+    CHECK(r.rc == 1);
+    CHECK_THAT(r.out, Contains("--batch 1000000000 --seq 1024") && Contains("64-bit counters"));
+    // The largest batch it names fits: priced without complaint.
+    const auto at = r.out.find("--batch <= ");
+    REQUIRE(at != std::string::npos);
+    const std::string largest = r.out.substr(at + 11, r.out.find_first_not_of("0123456789", at + 11) - at - 11);
+    CHECK(run(report + " --preset gpt2-xl --seq 1024 --methods lora --batch " + largest).rc == 0);
+    const auto t0 = std::chrono::steady_clock::now();
+    Result l = run(report + " --preset gpt2 --layers 100000000");
+    CHECK(l.rc == 2);
+    CHECK_THAT(l.out, Contains("--layers: 100000000"));
+    CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
+}
+
+TEST_CASE("trainable_params_line follows print_trainable_parameters; adapter inspect and the HF round trip", "[cli]") {
+    const GPTConfig cfg = testing::small_gpt(50, 16, 2);
+    GPT model(cfg, 3);
+    const int64_t base_params = model.num_params();
+    peft::AdapterOptions o;
+    o.lora_rank = 4;
+    std::unique_ptr<peft::Adapter> lora = peft::make_adapter("lora", o);
+    lora->activate(model);
+    // PEFT: trainable = the adapter's A and B (q and v: 2 * r * (d + d) per layer),
+    // all = base + adapter, trainable% = 100 * trainable / all.
+    const int64_t trainable = 2 * 2 * 4 * (cfg.d_model + cfg.d_model);
+    const std::string line = harness::trainable_params_line(*lora, model);
+    CHECK_THAT(line, Contains(fmt::format("trainable params: {},{:03d} ||", trainable / 1000, trainable % 1000)));
+    const int64_t all = base_params + trainable;
+    CHECK_THAT(line, Contains(fmt::format("all params: {},{:03d} ||", all / 1000, all % 1000)));
+    CHECK_THAT(line, Contains(fmt::format("trainable%: {:.3f}", 100.0 * double(trainable) / double(all))));
+    CHECK_THAT(line, Contains("L=2") && Contains("r=4") && Contains("d=32"));
+    CHECK(harness::file_safe("full (random init)") == "full-random-init");
+    CHECK(harness::file_safe("../x y") == "..-x-y");
+
+    testing::TempDir tmp;
+    std::unique_ptr<peft::Adapter> prompt = peft::make_adapter("prompt", {});
+    GPT base(cfg, 3);
+    save_model(tmp.path("base.safetensors"), base);
+    prompt->attach(base);
+    peft::save_adapter(tmp.path("prompt"), *prompt);
+    Result r = run(bin("adapter") + " inspect " + tmp.path("prompt"));
+    CHECK(r.rc == 0);
+    CHECK_THAT(r.out, Contains("method:    prompt") && Contains(fmt::format("n*d = {}", 16 * cfg.d_model)) &&
+                          Contains(peft::base_hash(base)));
+    REQUIRE(run(bin("adapter") + " export-hf " + tmp.path("prompt") + " " + tmp.path("hf") + " --base " +
+                tmp.path("base.safetensors"))
+                .rc == 0);
+    REQUIRE(run(bin("adapter") + " import-hf " + tmp.path("hf") + " " + tmp.path("back") + " --base " +
+                tmp.path("base.safetensors"))
+                .rc == 0);
+    const StFile a = load_safetensors(tmp.path("prompt") + "/adapter_model.safetensors");
+    const StFile b = load_safetensors(tmp.path("back") + "/adapter_model.safetensors");
+    CHECK(a.tensors.size() == b.tensors.size());
+    for (const auto& [name, t] : a.tensors) CHECK(b.tensors.at(name).data == t.data);
+    Result bad = run(bin("adapter") + " export-hf " + tmp.path("prompt") + " " + tmp.path("hf2"));
+    CHECK(bad.rc == 2);
+    CHECK_THAT(bad.out, Contains("--base"));
+}
+
+TEST_CASE("flag_below_base names methods under the unadapted base", "[cli]") {
+    std::vector<harness::MethodResult> rs(3);
+    rs[0].method = "none", rs[0].metric = 0.5, rs[0].metric_name = "bleu";
+    rs[1].method = "lora", rs[1].metric = 0.4, rs[1].metric_name = "bleu";
+    rs[2].method = "prompt", rs[2].metric = 0.6, rs[2].metric_name = "bleu";
+    harness::flag_below_base(rs);
+    harness::flag_below_base(rs);  // idempotent: a rerun after each method does not repeat it
+    CHECK(rs[0].flags.empty());
+    REQUIRE(rs[1].flags.size() == 1);
+    CHECK_THAT(rs[1].flags[0], Contains("below base: bleu 0.4000 < the unadapted base's 0.5000"));
+    CHECK(rs[2].flags.empty());
+    // results.json round trip keeps what a rerun needs.
+    rs[1].loss_curve = {3.0, 2.5};
+    nlohmann::json j = rs[1].to_json();
+    j["loss_curve"] = rs[1].loss_curve;
+    const harness::MethodResult back = harness::MethodResult::from_json(j);
+    CHECK(back.flags == rs[1].flags);
+    CHECK(back.loss_curve == rs[1].loss_curve);
+}
