@@ -167,6 +167,9 @@ TEST_CASE("corpus_bleu_tokens matches nltk corpus_bleu and sentence_bleu", "[dat
         refs.push_back(s.at("refs").get<std::vector<Tokens>>());
     }
     REQUIRE(hyps.size() == 300);
+    // The README's tokenization example.
+    CHECK(split_words("It's family-friendly, 4.5 stars.") ==
+          Tokens{"It", "'", "s", "family", "-", "friendly", ",", "4", ".", "5", "stars", "."});
 
     // The fixture's tokens are split_words() tokens: joined with spaces they split back
     // unchanged, so the string API sees exactly what nltk saw.
