@@ -252,8 +252,10 @@ TEST_CASE("corpus_bleu_tokens matches nltk corpus_bleu and sentence_bleu", "[dat
 }
 
 TEST_CASE("corpus_bleu_tokens rejects bad corpora by name", "[datasets][metrics]") {
-    CHECK_THROWS_WITH(corpus_bleu_tokens({{"a"}}, {}), Catch::Contains("corpus_bleu_tokens") && Catch::Contains("1 hypotheses"));
-    CHECK_THROWS_WITH(corpus_bleu_tokens({{"a"}, {"b"}}, {{{"a"}}, {}}), Catch::Contains("hypothesis 1 has no references"));
+    CHECK_THROWS_WITH(corpus_bleu_tokens({{"a"}}, {}),
+                      Catch::Contains("corpus_bleu_tokens") && Catch::Contains("1 hypotheses"));
+    CHECK_THROWS_WITH(corpus_bleu_tokens({{"a"}, {"b"}}, {{{"a"}}, {}}),
+                      Catch::Contains("hypothesis 1 has no references"));
     CHECK_THROWS_AS(corpus_bleu_tokens({}, {}), std::invalid_argument);
 }
 
@@ -304,8 +306,9 @@ TEST_CASE("corpus_rouge_l takes the best reference per sentence, then the mean",
     // Sentence 2: "police kill the gunman" vs "the gunman kill police" (F = 1/2) and
     //   "police killed the gunman" (F = 3/4): best 3/4.
     // Mean = (6/7 + 3/4) / 2 = 45/56.
-    const double r = corpus_rouge_l({"the cat sat on the mat.", "police kill the gunman"},
-                                    {{"the cat is on the mat."}, {"the gunman kill police", "police killed the gunman"}});
+    const double r =
+        corpus_rouge_l({"the cat sat on the mat.", "police kill the gunman"},
+                       {{"the cat is on the mat."}, {"the gunman kill police", "police killed the gunman"}});
     CHECK(r == Approx(45.0 / 56.0));
     CHECK_THROWS_WITH(corpus_rouge_l({"a"}, {{"a"}, {"b"}}), Catch::Contains("corpus_rouge_l"));
     CHECK_THROWS_WITH(corpus_rouge_l({"a"}, {{}}), Catch::Contains("hypothesis 0 has no references"));
