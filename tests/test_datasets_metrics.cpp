@@ -40,7 +40,7 @@ std::string join(const Tokens& t) {
 
 }  // namespace
 
-TEST_CASE("corpus_bleu is 1 for a perfect match and 0 without overlap", "[datasets]") {
+TEST_CASE("corpus_bleu is 1 for a perfect match and 0 without overlap", "[datasets][metrics]") {
     auto perfect = corpus_bleu({"the cat sat on the mat ."}, {{"the cat sat on the mat."}});
     CHECK(perfect.bleu == Approx(1.0));
     CHECK(perfect.brevity_penalty == Approx(1.0));
@@ -52,7 +52,7 @@ TEST_CASE("corpus_bleu is 1 for a perfect match and 0 without overlap", "[datase
     CHECK(none.totals[0] == 5);
 }
 
-TEST_CASE("corpus_bleu matches a two-sentence corpus computed by hand", "[datasets]") {
+TEST_CASE("corpus_bleu matches a two-sentence corpus computed by hand", "[datasets][metrics]") {
     // Sentence 1: hyp "the cat sat on the mat" (6 tokens), ref "the cat is on the mat" (6).
     //   1-grams: the x2, cat, sat, on, mat; clipped matches the 2, cat, on, mat = 5 of 6
     //   2-grams: the cat, cat sat, sat on, on the, the mat; matches the cat, on the, the mat = 3 of 5
@@ -77,7 +77,7 @@ TEST_CASE("corpus_bleu matches a two-sentence corpus computed by hand", "[datase
     CHECK(r.bleu == Approx(0.477411).epsilon(1e-5));
 }
 
-TEST_CASE("corpus_bleu clips repeated n-grams", "[datasets]") {
+TEST_CASE("corpus_bleu clips repeated n-grams", "[datasets][metrics]") {
     // "the" occurs 7 times in the hypothesis but at most twice in the reference.
     auto r = corpus_bleu({"the the the the the the the"}, {{"the cat is on the mat"}});
     CHECK(r.matches[0] == 2);
@@ -85,7 +85,7 @@ TEST_CASE("corpus_bleu clips repeated n-grams", "[datasets]") {
     CHECK(r.bleu == 0.0);  // no 2-gram matches
 }
 
-TEST_CASE("corpus_bleu brevity penalty uses the closest reference length", "[datasets]") {
+TEST_CASE("corpus_bleu brevity penalty uses the closest reference length", "[datasets][metrics]") {
     // All n-grams match (4/4, 3/3, 2/2, 1/1), c = 4 < r = 6: BP = exp(1 - 6/4) = exp(-0.5) = 0.606531
     auto short_hyp = corpus_bleu({"a b c d"}, {{"a b c d e f"}});
     CHECK(short_hyp.brevity_penalty == Approx(std::exp(-0.5)));
@@ -104,7 +104,7 @@ TEST_CASE("corpus_bleu brevity penalty uses the closest reference length", "[dat
     CHECK_THROWS_AS(corpus_bleu({"a"}, {{}}), std::invalid_argument);
 }
 
-TEST_CASE("slot_error_rate counts missing and invented values", "[datasets]") {
+TEST_CASE("slot_error_rate counts missing and invented values", "[datasets][metrics]") {
     const SlotLexicon lex = {
         {"food", {{"French", {"French"}}, {"Italian", {"Italian"}}}},
         {"familyFriendly", {{"yes", {"family friendly", "kid friendly"}}, {"no", {"not family friendly"}}}},
@@ -143,7 +143,7 @@ TEST_CASE("slot_error_rate counts missing and invented values", "[datasets]") {
     CHECK_THROWS_AS(slot_error_rate({"a", "b"}, {mr1}, lex), std::invalid_argument);
 }
 
-TEST_CASE("accuracy and exact_match", "[datasets]") {
+TEST_CASE("accuracy and exact_match", "[datasets][metrics]") {
     CHECK(accuracy({1, 0, 1, 1}, {1, 1, 1, 0}) == Approx(0.5));
     CHECK(exact_match({"1 0 4 2", " a b\n", "12"}, {"1 0 4 2", "a b", "13"}) == Approx(2.0 / 3.0));
     CHECK_THROWS_AS(accuracy({1}, {1, 0}), std::invalid_argument);
