@@ -107,13 +107,21 @@ $(BUILD)/bin/%: $(BUILD)/tools/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CXX) $(LDFLAGS) $< $(LIB) $(LDLIBS) -o $@
 
-# Regenerates the PyTorch parity fixture (needs Debian's python3-torch; `make test` does not).
+# Regenerates the committed test fixtures: the PyTorch parity pair (Debian's
+# python3-torch) and the nltk BLEU reference (Debian's python3-nltk). `make test`
+# needs neither package: it reads the committed files.
+FIXTURE_PKGS := python3-torch python3-nltk
+
 fixtures: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/write_parity_model
-	@dpkg-query -W -f='$${Status}' python3-torch 2>/dev/null | grep -q "install ok installed" || \
-	  { [ "$$(id -u)" -eq 0 ] && apt-get install -y -qq python3-torch >/dev/null; }
+	@for p in $(FIXTURE_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || \
+	  { [ "$$(id -u)" -eq 0 ] && apt-get install -y -qq $$p >/dev/null; } || \
+	  { echo "make fixtures needs $$p: run sudo apt-get install -y $$p"; exit 1; }; \
+	done
 	./$(BUILD)/bin/write_parity_model tests/fixtures/parity_model.safetensors
 	/usr/bin/python3 tools/torch_reference.py tests/fixtures/parity_model.safetensors tests/fixtures/parity_expected.safetensors
+	/usr/bin/python3 tools/bleu_nltk_reference.py tests/fixtures/bleu_nltk.json
 
 # ---- experiments (flags pass through ARGS="...") ----------------------------------
 # The main job: a quick compare on the default table-to-text task, pretraining

@@ -43,16 +43,37 @@ std::string_view trim(std::string_view s) {
     return s.substr(b, s.find_last_not_of(ws) - b + 1);
 }
 
+// split_words() of every hypothesis and reference, after checking the sizes
+// as corpus_bleu_tokens() does (so errors name the string-level caller).
+std::pair<std::vector<std::vector<std::string>>, std::vector<std::vector<std::vector<std::string>>>> tokenize_corpus(
+    const char* who, const std::vector<std::string>& hyps, const std::vector<std::vector<std::string>>& refs) {
+    check_sizes(who, hyps.size(), "hypotheses", refs.size(), "reference lists");
+    std::vector<std::vector<std::string>> hyp_words;
+    std::vector<std::vector<std::vector<std::string>>> ref_words(refs.size());
+    for (size_t s = 0; s < hyps.size(); ++s) {
+        if (refs[s].empty()) throw std::invalid_argument(fmt::format("{}: hypothesis {} has no references", who, s));
+        hyp_words.push_back(split_words(hyps[s]));
+        for (const auto& ref : refs[s]) ref_words[s].push_back(split_words(ref));
+    }
+    return {std::move(hyp_words), std::move(ref_words)};
+}
+
 }  // namespace
 
 BleuResult corpus_bleu(const std::vector<std::string>& hyps, const std::vector<std::vector<std::string>>& refs) {
-    check_sizes("corpus_bleu", hyps.size(), "hypotheses", refs.size(), "reference lists");
+    auto [hyp_words, ref_words] = tokenize_corpus("corpus_bleu", hyps, refs);
+    return corpus_bleu_tokens(hyp_words, ref_words);
+}
+
+BleuResult corpus_bleu_tokens(const std::vector<std::vector<std::string>>& hyps,
+                              const std::vector<std::vector<std::vector<std::string>>>& refs) {
+    check_sizes("corpus_bleu_tokens", hyps.size(), "hypotheses", refs.size(), "reference lists");
     BleuResult r;
     for (size_t s = 0; s < hyps.size(); ++s) {
-        if (refs[s].empty()) throw std::invalid_argument(fmt::format("corpus_bleu: hypothesis {} has no references", s));
-        const auto hyp = split_words(hyps[s]);
-        std::vector<std::vector<std::string>> ref_words;
-        for (const auto& ref : refs[s]) ref_words.push_back(split_words(ref));
+        if (refs[s].empty())
+            throw std::invalid_argument(fmt::format("corpus_bleu_tokens: hypothesis {} has no references", s));
+        const auto& hyp = hyps[s];
+        const auto& ref_words = refs[s];
 
         size_t closest = ref_words[0].size();
         for (const auto& rw : ref_words) {
@@ -86,6 +107,34 @@ BleuResult corpus_bleu(const std::vector<std::string>& hyps, const std::vector<s
     r.brevity_penalty = r.hyp_len > r.ref_len ? 1.0 : std::exp(1.0 - double(r.ref_len) / double(r.hyp_len));
     r.bleu = any_zero ? 0.0 : r.brevity_penalty * std::exp(log_sum / 4.0);
     return r;
+}
+
+RougeScore rouge_l_tokens(const std::vector<std::string>& hyp, const std::vector<std::string>& ref) {
+    RougeScore r;
+    if (hyp.empty() || ref.empty()) return r;
+    // Classic LCS dynamic programme over one row: prev[j] = LCS(hyp[0, i), ref[0, j)).
+    std::vector<size_t> prev(ref.size() + 1, 0), cur(ref.size() + 1, 0);
+    for (size_t i = 1; i <= hyp.size(); ++i) {
+        for (size_t j = 1; j <= ref.size(); ++j)
+            cur[j] = hyp[i - 1] == ref[j - 1] ? prev[j - 1] + 1 : std::max(prev[j], cur[j - 1]);
+        std::swap(prev, cur);
+    }
+    r.lcs = prev[ref.size()];
+    r.precision = double(r.lcs) / double(hyp.size());
+    r.recall = double(r.lcs) / double(ref.size());
+    if (r.precision + r.recall > 0) r.fmeasure = 2 * r.precision * r.recall / (r.precision + r.recall);
+    return r;
+}
+
+double corpus_rouge_l(const std::vector<std::string>& hyps, const std::vector<std::vector<std::string>>& refs) {
+    auto [hyp_words, ref_words] = tokenize_corpus("corpus_rouge_l", hyps, refs);
+    double sum = 0;
+    for (size_t s = 0; s < hyp_words.size(); ++s) {
+        double best = 0;
+        for (const auto& ref : ref_words[s]) best = std::max(best, rouge_l_tokens(hyp_words[s], ref).fmeasure);
+        sum += best;
+    }
+    return sum / double(hyp_words.size());
 }
 
 SlotErrorResult slot_error_rate(const std::vector<std::string>& hyps,
@@ -162,6 +211,25 @@ double accuracy(const std::vector<int>& predicted, const std::vector<int>& gold)
     size_t hits = 0;
     for (size_t i = 0; i < gold.size(); ++i) hits += predicted[i] == gold[i];
     return double(hits) / double(gold.size());
+}
+
+double macro_f1(const std::vector<int>& predicted, const std::vector<int>& gold) {
+    check_sizes("macro_f1", predicted.size(), "predictions", gold.size(), "gold labels");
+    struct Counts {
+        size_t tp = 0, fp = 0, fn = 0;
+    };
+    std::map<int, Counts> per_class;  // every label seen in gold or predicted
+    for (size_t i = 0; i < gold.size(); ++i) {
+        if (predicted[i] == gold[i]) {
+            ++per_class[gold[i]].tp;
+        } else {
+            ++per_class[predicted[i]].fp;
+            ++per_class[gold[i]].fn;
+        }
+    }
+    double sum = 0;
+    for (const auto& [label, c] : per_class) sum += 2.0 * double(c.tp) / double(2 * c.tp + c.fp + c.fn);
+    return sum / double(per_class.size());
 }
 
 double exact_match(const std::vector<std::string>& hyps, const std::vector<std::string>& refs) {
