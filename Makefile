@@ -90,13 +90,14 @@ $(BUILD)/bin/%: $(BUILD)/tools/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CXX) $(LDFLAGS) $< $(LIB) $(LDLIBS) -o $@
 
-# Regenerates the PyTorch parity fixture (needs Debian's python3-torch; `make test` does not).
+# Regenerates the PyTorch parity fixtures, peftlab's GPT and Hugging Face GPT-2 (needs Debian's python3-torch; `make test` does not).
 fixtures: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/write_parity_model
 	@dpkg-query -W -f='$${Status}' python3-torch 2>/dev/null | grep -q "install ok installed" || \
 	  { [ "$$(id -u)" -eq 0 ] && apt-get install -y -qq python3-torch >/dev/null; }
 	./$(BUILD)/bin/write_parity_model tests/fixtures/parity_model.safetensors
 	/usr/bin/python3 tools/torch_reference.py tests/fixtures/parity_model.safetensors tests/fixtures/parity_expected.safetensors
+	/usr/bin/python3 tools/hf_gpt2_reference.py tests/fixtures/hf_gpt2
 
 # ---- experiments (flags pass through ARGS="...") ----------------------------------
 # The main job: a quick compare on the default table-to-text task, pretraining
