@@ -148,7 +148,18 @@ Tensor GPT::forward(const ModelInput& in, KVCache* cache) {
             Tensor pe = prefix_per_row(sp.embeds, B, sp.rows);
             n_prompt = pe.dim(1);
             Tensor pvalid = prefix_valid_per_row(sp.valid, B, n_prompt, sp.rows);  // [B, n]
-            if (std::any_of(offset.begin(), offset.end(), [](int32_t o) { return o >= 0; })) {
+            const bool all_hf = std::all_of(offset.begin(), offset.end(), [](int32_t o) { return o >= 0; });
+            const bool all_valid = std::all_of(pvalid.data(), pvalid.data() + pvalid.numel(), [](float v) { return v != 0.f; });
+            if (all_hf && all_valid) {
+                // hf, one prompt per row: position embeddings 0..n-1, shared by the rows.
+                if (n_prompt > cfg_.max_seq)
+                    throw std::invalid_argument(
+                        fmt::format("GPT::forward: {} prompt vectors exceed max_seq = {}", n_prompt, cfg_.max_seq));
+                std::vector<int32_t> ppos(static_cast<size_t>(n_prompt));
+                for (int64_t j = 0; j < n_prompt; ++j) ppos[size_t(j)] = int32_t(j);
+                Tensor pw = reshape(wpe.forward(ppos), {1, n_prompt, C});
+                pe = add(pe, expand(pw, {B, n_prompt, C}));
+            } else if (std::any_of(offset.begin(), offset.end(), [](int32_t o) { return o >= 0; })) {
                 // hf: the j-th valid vector of a row gets position embedding j;
                 // keep rows (and invalid vectors) get none.
                 std::vector<int32_t> ppos(size_t(B * n_prompt), 0);

@@ -144,6 +144,12 @@ void transpose_block(const float* src, int64_t in, int64_t out, int64_t c0, int6
 
 }  // namespace
 
+GPTConfig load_hf_gpt2_config(const std::string& dir) {
+    const std::string path = (fs::path(dir) / "config.json").string();
+    if (!fs::exists(path)) throw fail(path, "missing (a GPT-2 checkpoint directory holds config.json)");
+    return parse_config(path);
+}
+
 std::unique_ptr<GPT> load_hf_gpt2(const std::string& dir) {
     const fs::path root(dir);
     if (!fs::is_directory(root)) throw fail(dir, "not a directory");

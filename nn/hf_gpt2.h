@@ -38,6 +38,9 @@ namespace peftlab {
 // an lm_head.weight that differs from wte.weight while the config ties them.
 std::unique_ptr<GPT> load_hf_gpt2(const std::string& dir);
 
+// The GPTConfig of dir/config.json alone (no weights read), with the same checks.
+GPTConfig load_hf_gpt2_config(const std::string& dir);
+
 // Writes `model` to `dir` (created if missing) as config.json and
 // model.safetensors (F32, keys "transformer.*", lm_head.weight only when
 // untied, metadata format "pt"), each file atomically (temp + fsync + rename).

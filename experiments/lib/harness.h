@@ -33,6 +33,8 @@ struct CommonArgs {
     int64_t lora_rank = 8;
     std::string tokenizer = "word";  // word | byte
     std::string corpus;              // a UTF-8 file to pretrain on instead of the built-in corpus
+    std::string base;       // a Hugging Face GPT-2 directory: its config, weights and tokenizer; no pretraining
+    std::string positions;  // adapters' position convention: hf | keep; "" = hf with --base, else keep
     int64_t pretrain_steps = 4000;  // one default for every experiment, so they share the cached base
     size_t n_train = 0, n_valid = 0, n_test = 0;
     int64_t eval_examples = 0;  // test examples scored by generation
@@ -58,6 +60,7 @@ struct Base {
     double pretrain_valid_loss = 0.0;
     double pretrain_seconds = 0.0;  // 0 when loaded from the cache
     bool cached = false;
+    bool hf = false;  // dir is a Hugging Face GPT-2 directory (--base), model_path unused
 };
 Base load_or_pretrain(const CommonArgs& args);
 
