@@ -227,7 +227,7 @@ CommonArgs parse_or_exit(cxxopts::Options& opts, int argc, char** argv, const Co
 Base load_or_pretrain(const CommonArgs& args) {
     if (!args.base.empty()) {  // a Hugging Face GPT-2: its own tokenizer and weights
         Base base;
-        base.dir = args.base;
+        base.dir = base.model_path = args.base;
         base.hf = true;
         base.cached = true;
         base.tokenizer = std::make_unique<data::GPT2Tokenizer>(

@@ -60,7 +60,7 @@ struct Base {
     double pretrain_valid_loss = 0.0;
     double pretrain_seconds = 0.0;  // 0 when loaded from the cache
     bool cached = false;
-    bool hf = false;  // dir is a Hugging Face GPT-2 directory (--base), model_path unused
+    bool hf = false;  // dir (= model_path) is a Hugging Face GPT-2 directory (--base)
 };
 Base load_or_pretrain(const CommonArgs& args);
 
