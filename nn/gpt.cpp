@@ -1,5 +1,6 @@
 #include "nn/gpt.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 #include <fmt/format.h>
@@ -23,11 +24,15 @@ void GPTConfig::validate() const {
     if (d_ff < 1) bad("d_ff", d_ff, "must be >= 1");
     if (max_seq < 1) bad("max_seq", max_seq, "must be >= 1");
     if (!(dropout >= 0.f && dropout < 1.f)) bad("dropout", dropout, "must be in [0, 1)");
+    if (!(ln_eps > 0.f && ln_eps < 1.f)) bad("ln_eps", ln_eps, "must be in (0, 1)");
+    if (activation != "gelu_new" && activation != "gelu")
+        bad("activation", activation, "is not gelu_new (tanh form) or gelu (exact)");
 }
 
 nlohmann::json GPTConfig::to_json() const {
     return {{"vocab", vocab},     {"d_model", d_model}, {"n_layers", n_layers}, {"n_heads", n_heads},
-            {"d_ff", d_ff},       {"max_seq", max_seq}, {"dropout", dropout},   {"tie_embeddings", tie_embeddings}};
+            {"d_ff", d_ff},       {"max_seq", max_seq}, {"dropout", dropout},   {"tie_embeddings", tie_embeddings},
+            {"ln_eps", ln_eps},       {"activation", activation}};
 }
 
 GPTConfig GPTConfig::from_json(const nlohmann::json& j) {
@@ -48,6 +53,8 @@ GPTConfig GPTConfig::from_json(const nlohmann::json& j) {
     get("max_seq", c.max_seq);
     get("dropout", c.dropout);
     get("tie_embeddings", c.tie_embeddings);
+    if (j.contains("ln_eps")) get("ln_eps", c.ln_eps);
+    if (j.contains("activation")) get("activation", c.activation);
     c.validate();
     return c;
 }
@@ -72,22 +79,23 @@ void ModelInput::validate(const GPTConfig& cfg) const {
     }
 }
 
-GPT::GPT(const GPTConfig& cfg, uint64_t seed)
+GPT::GPT(const GPTConfig& cfg, uint64_t seed, float init_std)
     : cfg_((cfg.validate(), cfg)),
       init_rng_(seed),
-      wte(cfg.vocab, cfg.d_model, init_rng_),
-      wpe(cfg.max_seq, cfg.d_model, init_rng_),
-      ln_f(cfg.d_model),
+      wte(cfg.vocab, cfg.d_model, init_rng_, init_std),
+      wpe(cfg.max_seq, cfg.d_model, init_rng_, init_std),
+      ln_f(cfg.d_model, cfg.ln_eps),
       dropout_rng_(seed ^ 0xD5A3C1E7ull) {
     register_module("wte", wte);
     register_module("wpe", wpe);
     for (int l = 0; l < cfg.n_layers; ++l) {
-        blocks.push_back(std::make_unique<Block>(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers, l, init_rng_));
+        blocks.push_back(std::make_unique<Block>(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers, l, init_rng_,
+                                                 init_std, cfg.ln_eps, cfg.activation == "gelu"));
         register_module("blocks." + std::to_string(l), *blocks.back());
     }
     register_module("ln_f", ln_f);
     if (!cfg.tie_embeddings) {
-        head = std::make_unique<Linear>(cfg.d_model, cfg.vocab, false, init_rng_);
+        head = std::make_unique<Linear>(cfg.d_model, cfg.vocab, false, init_rng_, init_std);
         register_module("head", *head);
     }
     name_parameters();
@@ -102,6 +110,16 @@ Tensor GPT::forward(const ModelInput& in, KVCache* cache) {
     ForwardContext ctx{hooks_, ForwardInfo{B, T, prefill, false}, &dropout_rng_, cfg_.dropout};
     if (hooks_) hooks_->begin_forward(ctx.info);
 
+    // Position convention per row (ModelHooks::position_offset): -1 keep, n >= 0 hf.
+    std::vector<int32_t> offset(size_t(B), -1);
+    if (hooks_) {
+        std::vector<int32_t> o = hooks_->position_offset(ctx.info);
+        if (o.size() == 1) offset.assign(size_t(B), o[0]);
+        else if (int64_t(o.size()) == B) offset = std::move(o);
+        else if (!o.empty())
+            throw std::invalid_argument(
+                fmt::format("GPT::forward: position_offset gave {} entries for {} rows", o.size(), B));
+    }
     Tensor x, valid;
     {
         flops::Region r("embed");
@@ -109,6 +127,14 @@ Tensor GPT::forward(const ModelInput& in, KVCache* cache) {
         if (pos.empty()) {
             pos.resize(size_t(B * T));
             for (int64_t i = 0; i < B * T; ++i) pos[size_t(i)] = int32_t(i % T);
+        }
+        for (int64_t i = 0; i < B * T; ++i) {
+            const int32_t shift = std::max(offset[size_t(i / T)], 0);
+            if (int64_t(pos[size_t(i)]) + shift >= cfg_.max_seq)
+                throw std::invalid_argument(fmt::format(
+                    "GPT::forward: row {} position {} + {} prefix positions is outside [0, max_seq = {})", i / T,
+                    pos[size_t(i)], shift, cfg_.max_seq));
+            pos[size_t(i)] += shift;
         }
         x = reshape(add(wte.forward(in.tokens), wpe.forward(pos)), {B, T, C});
         if (training() && cfg_.dropout > 0.f) x = dropout(x, cfg_.dropout, dropout_rng_);
@@ -121,8 +147,39 @@ Tensor GPT::forward(const ModelInput& in, KVCache* cache) {
         if (sp.embeds.defined()) {
             Tensor pe = prefix_per_row(sp.embeds, B, sp.rows);
             n_prompt = pe.dim(1);
+            Tensor pvalid = prefix_valid_per_row(sp.valid, B, n_prompt, sp.rows);  // [B, n]
+            const bool all_hf = std::all_of(offset.begin(), offset.end(), [](int32_t o) { return o >= 0; });
+            const bool all_valid = std::all_of(pvalid.data(), pvalid.data() + pvalid.numel(), [](float v) { return v != 0.f; });
+            if (all_hf && all_valid) {
+                // hf, one prompt per row: position embeddings 0..n-1, shared by the rows.
+                if (n_prompt > cfg_.max_seq)
+                    throw std::invalid_argument(
+                        fmt::format("GPT::forward: {} prompt vectors exceed max_seq = {}", n_prompt, cfg_.max_seq));
+                std::vector<int32_t> ppos(static_cast<size_t>(n_prompt));
+                for (int64_t j = 0; j < n_prompt; ++j) ppos[size_t(j)] = int32_t(j);
+                Tensor pw = reshape(wpe.forward(ppos), {1, n_prompt, C});
+                pe = add(pe, expand(pw, {B, n_prompt, C}));
+            } else if (std::any_of(offset.begin(), offset.end(), [](int32_t o) { return o >= 0; })) {
+                // hf: the j-th valid vector of a row gets position embedding j;
+                // keep rows (and invalid vectors) get none.
+                std::vector<int32_t> ppos(size_t(B * n_prompt), 0);
+                Tensor on = Tensor::zeros({B, n_prompt, 1});
+                for (int64_t b = 0; b < B; ++b) {
+                    int32_t next = 0;
+                    for (int64_t j = 0; j < n_prompt; ++j) {
+                        if (offset[size_t(b)] < 0 || pvalid.data()[b * n_prompt + j] == 0.f) continue;
+                        if (next >= cfg_.max_seq)
+                            throw std::invalid_argument(fmt::format(
+                                "GPT::forward: row {} has more prompt vectors than max_seq = {}", b, cfg_.max_seq));
+                        ppos[size_t(b * n_prompt + j)] = next++;
+                        on.data()[b * n_prompt + j] = 1.f;
+                    }
+                }
+                Tensor pw = reshape(wpe.forward(ppos), {B, n_prompt, C});
+                pe = add(pe, mul(pw, expand(on, {B, n_prompt, C})));
+            }
             x = concat({pe, x}, 1);
-            valid = concat({prefix_valid_per_row(sp.valid, B, n_prompt, sp.rows), valid}, 1);
+            valid = concat({pvalid, valid}, 1);
         }
     }
     if (cache && prefill) {

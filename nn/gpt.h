@@ -20,6 +20,11 @@ struct GPTConfig {
     int64_t max_seq = 256;
     float dropout = 0.f;
     bool tie_embeddings = false;
+    // GPT-2's config.json names: layer_norm_epsilon, and activation_function
+    // "gelu_new" (tanh form) or "gelu" (exact x * Phi(x)). Optional in JSON
+    // (older checkpoints lack them; the defaults are what they were written with).
+    float ln_eps = 1e-5f;
+    std::string activation = "gelu_new";
 
     // Throws std::invalid_argument naming the bad field and value.
     void validate() const;
@@ -52,10 +57,15 @@ class GPT : public Module {
     Rng init_rng_;
 
 public:
-    GPT(const GPTConfig& cfg, uint64_t seed);
+    // Weights ~ N(0, 0.02^2) (projections into the residual stream scaled by
+    // 1/sqrt(2L), as GPT-2); init_std = 0 leaves them zero without drawing
+    // (for loaders that overwrite every weight).
+    GPT(const GPTConfig& cfg, uint64_t seed, float init_std = 0.02f);
 
     // logits [B, T, V] for the real tokens of `in` (prepended prompt vectors
-    // are dropped from the output). With a cache, keys/values are appended and
+    // are dropped from the output). Positions follow the hooks' convention
+    // (ModelHooks::position_offset): real tokens sit at in.positions + the
+    // row's offset. With a cache, keys/values are appended and
     // hooks' prefixes are only requested on the first (prefill) call. The
     // cache keeps no graph: a cached forward whose keys or values need
     // gradients throws (run it under NoGradGuard).

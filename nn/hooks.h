@@ -15,9 +15,11 @@
 //                      [A, n, C] with `rows` naming each batch row's entry, so
 //                      that K/V projections run once per table entry, not per row.
 //
-// Real tokens keep their position ids whatever is prepended; prepended vectors
-// get no position embedding and every real token may attend to all of them.
-// With a KV cache, prefixes enter the cache once, at the first forward.
+// Positions (position_offset): under `keep` (AdapterHub; the default) real
+// tokens keep their position ids whatever is prepended and prepended vectors
+// get no position embedding; under `hf` (Hugging Face PEFT) a row's prefixes
+// take the first n positions. Every real token may attend to all prepended
+// vectors. With a KV cache, prefixes enter the cache once, at the first forward.
 #include <string>
 #include <vector>
 
@@ -57,6 +59,14 @@ public:
     virtual void begin_forward(const ForwardInfo&) {}
     virtual SeqPrefix input_prefix(const ForwardInfo&) { return {}; }
     virtual LayerPrefix layer_prefix(int layer, const ForwardInfo&) { return {}; }
+    // Position convention per batch row: -1 is `keep` (real tokens at their
+    // ModelInput positions, prepended vectors without position embedding);
+    // n >= 0 is `hf`, as Hugging Face PEFT on GPT-2: the row's prefixes take
+    // positions 0..n-1 (n = its virtual tokens / prefix vectors), its real
+    // tokens sit at their positions + n, and its input-prefix vectors get
+    // position embeddings 0..n-1 (the j-th valid one gets j). Asked at every
+    // forward, decoding steps included. Size B, or 1 for every row; empty: all -1.
+    virtual std::vector<int32_t> position_offset(const ForwardInfo&) { return {}; }
     // x [..., in] is the input of the Linear at dotted path `path`
     // ("blocks.2.attn.q_proj"); return a tensor shaped like its output, or an
     // undefined tensor for no change.

@@ -96,7 +96,8 @@ void LayerCache::drop_front(int64_t n) {
 }
 
 Linear::Linear(int64_t in, int64_t out, bool with_bias, Rng& rng, float init_std) {
-    weight = register_parameter("weight", Tensor::normal({out, in}, rng, 0.f, init_std));
+    weight = register_parameter("weight", init_std == 0.f ? Tensor::zeros({out, in})
+                                                          : Tensor::normal({out, in}, rng, 0.f, init_std));
     if (with_bias) bias = register_parameter("bias", Tensor::zeros({out}));
 }
 
@@ -110,34 +111,39 @@ Tensor Linear::forward(const Tensor& x, const ForwardContext& ctx) const {
 }
 
 Embedding::Embedding(int64_t num, int64_t dim, Rng& rng, float init_std) {
-    weight = register_parameter("weight", Tensor::normal({num, dim}, rng, 0.f, init_std));
+    weight = register_parameter("weight", init_std == 0.f ? Tensor::zeros({num, dim})
+                                                          : Tensor::normal({num, dim}, rng, 0.f, init_std));
 }
 
 Tensor Embedding::forward(const std::vector<int32_t>& ids) const { return embedding(weight, ids); }
 
-LayerNorm::LayerNorm(int64_t dim) {
+LayerNorm::LayerNorm(int64_t dim, float eps_) : eps(eps_) {
     weight = register_parameter("weight", Tensor::ones({dim}));
     bias = register_parameter("bias", Tensor::zeros({dim}));
 }
 
-Tensor LayerNorm::forward(const Tensor& x) const { return layer_norm(x, weight, bias); }
+Tensor LayerNorm::forward(const Tensor& x) const { return layer_norm(x, weight, bias, eps); }
 
 // GPT-2 scales the init of projections into the residual stream by 1/sqrt(2L).
-MLP::MLP(int64_t C, int64_t F, int n_layers, Rng& rng)
-    : fc(C, F, true, rng), proj(F, C, true, rng, 0.02f / std::sqrt(2.f * float(n_layers))) {
+MLP::MLP(int64_t C, int64_t F, int n_layers, Rng& rng, float init_std, bool exact)
+    : fc(C, F, true, rng, init_std),
+      proj(F, C, true, rng, init_std / std::sqrt(2.f * float(n_layers))),
+      exact_gelu(exact) {
     register_module("fc", fc);
     register_module("proj", proj);
 }
 
 Tensor MLP::forward(const Tensor& x, const ForwardContext& ctx) const {
-    return proj.forward(gelu(fc.forward(x, ctx)), ctx);
+    Tensor h = fc.forward(x, ctx);
+    return proj.forward(exact_gelu ? gelu_erf(h) : gelu(h), ctx);
 }
 
-CausalSelfAttention::CausalSelfAttention(int64_t C, int heads, int n_layers, int layer_index, Rng& rng)
-    : q_proj(C, C, true, rng),
-      k_proj(C, C, true, rng),
-      v_proj(C, C, true, rng),
-      o_proj(C, C, true, rng, 0.02f / std::sqrt(2.f * float(n_layers))),
+CausalSelfAttention::CausalSelfAttention(int64_t C, int heads, int n_layers, int layer_index, Rng& rng,
+                                         float init_std)
+    : q_proj(C, C, true, rng, init_std),
+      k_proj(C, C, true, rng, init_std),
+      v_proj(C, C, true, rng, init_std),
+      o_proj(C, C, true, rng, init_std / std::sqrt(2.f * float(n_layers))),
       n_heads(heads),
       layer(layer_index) {
     register_module("q_proj", q_proj);
@@ -197,8 +203,12 @@ Tensor CausalSelfAttention::forward(const Tensor& h, const Tensor& valid, const 
     return o_proj.forward(a, ctx);
 }
 
-Block::Block(int64_t C, int heads, int64_t F, int n_layers, int layer, Rng& rng)
-    : ln1(C), attn(C, heads, n_layers, layer, rng), ln2(C), mlp(C, F, n_layers, rng) {
+Block::Block(int64_t C, int heads, int64_t F, int n_layers, int layer, Rng& rng, float init_std, float ln_eps,
+             bool exact_gelu)
+    : ln1(C, ln_eps),
+      attn(C, heads, n_layers, layer, rng, init_std),
+      ln2(C, ln_eps),
+      mlp(C, F, n_layers, rng, init_std, exact_gelu) {
     register_module("ln1", ln1);
     register_module("attn", attn);
     register_module("ln2", ln2);

@@ -24,6 +24,9 @@ Tensor prefix_per_row(const Tensor& t, int64_t B, const std::vector<int32_t>& ro
 // Its validity [B, n]: all ones if undefined, else as given or gathered by rows.
 Tensor prefix_valid_per_row(const Tensor& valid, int64_t B, int64_t n, const std::vector<int32_t>& rows);
 
+// Initialisation: weights ~ N(0, init_std^2); init_std = 0 gives zeros without
+// drawing (for loaders that overwrite every weight: GPT-2 XL draws 1.5B normals
+// otherwise).
 class Linear : public Module {
 public:
     Linear(int64_t in, int64_t out, bool bias, Rng& rng, float init_std = 0.02f);
@@ -42,16 +45,19 @@ public:
 
 class LayerNorm : public Module {
 public:
-    explicit LayerNorm(int64_t dim);
+    explicit LayerNorm(int64_t dim, float eps = 1e-5f);
     Tensor forward(const Tensor& x) const;
     Tensor weight, bias;  // [dim]
+    float eps;  // added to the variance (HF layer_norm_epsilon)
 };
 
 class MLP : public Module {
 public:
-    MLP(int64_t C, int64_t F, int n_layers, Rng& rng);
-    Tensor forward(const Tensor& x, const ForwardContext& ctx) const;  // GELU (tanh form)
+    // exact_gelu: x * Phi(x) (HF "gelu") instead of the tanh form (HF "gelu_new").
+    MLP(int64_t C, int64_t F, int n_layers, Rng& rng, float init_std = 0.02f, bool exact_gelu = false);
+    Tensor forward(const Tensor& x, const ForwardContext& ctx) const;
     Linear fc, proj;  // [F, C], [C, F]
+    bool exact_gelu;
 };
 
 // Per-layer KV cache entry. Row b's keys and values seen so far (prefix
@@ -87,7 +93,7 @@ struct LayerCache {
 
 class CausalSelfAttention : public Module {
 public:
-    CausalSelfAttention(int64_t C, int n_heads, int n_layers, int layer, Rng& rng);
+    CausalSelfAttention(int64_t C, int n_heads, int n_layers, int layer, Rng& rng, float init_std = 0.02f);
     // x: the layer input [B, T, C] (its LN1 is applied by the caller as h);
     // h: LN1(x) [B, T, C]; valid [B, T] 0/1 for h's positions.
     // The layer's prefix (from the hooks) is prepended to keys and values;
@@ -101,7 +107,8 @@ public:
 
 class Block : public Module {
 public:
-    Block(int64_t C, int n_heads, int64_t F, int n_layers, int layer, Rng& rng);
+    Block(int64_t C, int n_heads, int64_t F, int n_layers, int layer, Rng& rng, float init_std = 0.02f,
+          float ln_eps = 1e-5f, bool exact_gelu = false);
     Tensor forward(const Tensor& x, const Tensor& valid, const ForwardContext& ctx, LayerCache* cache) const;
     LayerNorm ln1;
     CausalSelfAttention attn;

@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -213,6 +214,56 @@ Entry parse_entry(const std::string& name, const json& v, uint64_t data_size, co
     return e;
 }
 
+// Parses and checks the whole header (header_len bytes of `text`) against a data section of
+// data_size bytes: every entry, the metadata, and the tiling rule. Returns the entries sorted
+// by offset (file order).
+template <class Fail>
+std::vector<Entry> parse_header(const std::string& text, uint64_t data_size,
+                                std::map<std::string, std::string>& metadata, const Fail& fail) {
+    json header;
+    try {
+        header = json::parse(text);
+    } catch (const json::exception& e) {  // syntax errors, and numbers too large for a double
+        throw fail(fmt::format("header is not valid JSON: {}", e.what()));
+    }
+    if (!header.is_object()) throw fail(fmt::format("header is a JSON {}, not an object", header.type_name()));
+
+    std::vector<Entry> entries;
+    for (const auto& [key, value] : header.items()) {
+        if (key != "__metadata__") {
+            entries.push_back(parse_entry(key, value, data_size, fail));
+            continue;
+        }
+        if (!value.is_object())
+            throw fail(fmt::format("\"__metadata__\" is a {}, not an object", value.type_name()));
+        for (const auto& [mk, mv] : value.items()) {
+            if (!mv.is_string())
+                throw fail(fmt::format("\"__metadata__\" key '{}' is a {}, not a string", mk, mv.type_name()));
+            metadata[mk] = mv.template get<std::string>();
+        }
+    }
+
+    // As in the reference implementation, tensors must tile the data section exactly: sorted by
+    // offset, each starts where the previous ends and the last ends at the end of the file.
+    std::sort(entries.begin(), entries.end(),
+              [](const Entry& a, const Entry& b) { return std::tie(a.begin, a.end) < std::tie(b.begin, b.end); });
+    uint64_t pos = 0;
+    const Entry* prev = nullptr;
+    for (const Entry& e : entries) {
+        if (e.begin < pos)
+            throw fail(fmt::format("tensors '{}' [{}, {}] and '{}' [{}, {}] overlap", prev->name, prev->begin,
+                                   prev->end, e.name, e.begin, e.end));
+        if (e.begin > pos)
+            throw fail(fmt::format("data bytes [{}, {}) before tensor '{}' belong to no tensor", pos, e.begin, e.name));
+        pos = e.end;
+        prev = &e;
+    }
+    if (pos != data_size)
+        throw fail(fmt::format("data bytes [{}, {}) after the last tensor belong to no tensor", pos, data_size));
+
+    return entries;
+}
+
 }  // namespace
 
 void write_file_atomic(const std::string& path, std::string_view bytes) {
@@ -245,7 +296,7 @@ void save_safetensors(const std::string& path, const std::vector<StTensorRef>& t
         uint64_t n = 0;
         if (!numel || __builtin_mul_overflow(*numel, uint64_t(sizeof(float)), &n))
             throw fail(fmt::format("tensor '{}': shape {} is too large", t.name, shape_str(t.shape)));
-        if (n > 0 && t.data == nullptr)
+        if (n > 0 && t.data == nullptr && !t.fill)
             throw fail(fmt::format("tensor '{}': data is null but shape {} has {} elements", t.name,
                                    shape_str(t.shape), *numel));
         json entry = json::object();
@@ -270,7 +321,15 @@ void save_safetensors(const std::string& path, const std::vector<StTensorRef>& t
     AtomicFile f("save_safetensors", path);
     f.write(&n, sizeof n);
     f.write(text.data(), text.size());
-    for (size_t i = 0; i < order.size(); ++i) f.write(order[i]->data, bytes[i]);
+    for (size_t i = 0; i < order.size(); ++i) {
+        if (!order[i]->fill) {
+            f.write(order[i]->data, bytes[i]);
+            continue;
+        }
+        std::vector<float> scratch(bytes[i] / sizeof(float));
+        order[i]->fill(scratch.data());
+        f.write(scratch.data(), bytes[i]);
+    }
     f.commit();
 }
 
@@ -306,47 +365,8 @@ StFile load_safetensors(const std::string& path) {
 
     std::string text(header_len, '\0');
     read_exact(text.data(), text.size(), "header");
-    json header;
-    try {
-        header = json::parse(text);
-    } catch (const json::exception& e) {  // syntax errors, and numbers too large for a double
-        throw fail(fmt::format("header is not valid JSON: {}", e.what()));
-    }
-    if (!header.is_object()) throw fail(fmt::format("header is a JSON {}, not an object", header.type_name()));
-
     StFile out;
-    std::vector<Entry> entries;
-    for (const auto& [key, value] : header.items()) {
-        if (key != "__metadata__") {
-            entries.push_back(parse_entry(key, value, data_size, fail));
-            continue;
-        }
-        if (!value.is_object())
-            throw fail(fmt::format("\"__metadata__\" is a {}, not an object", value.type_name()));
-        for (const auto& [mk, mv] : value.items()) {
-            if (!mv.is_string())
-                throw fail(fmt::format("\"__metadata__\" key '{}' is a {}, not a string", mk, mv.type_name()));
-            out.metadata[mk] = mv.get<std::string>();
-        }
-    }
-
-    // As in the reference implementation, tensors must tile the data section exactly: sorted by
-    // offset, each starts where the previous ends and the last ends at the end of the file.
-    std::sort(entries.begin(), entries.end(),
-              [](const Entry& a, const Entry& b) { return std::tie(a.begin, a.end) < std::tie(b.begin, b.end); });
-    uint64_t pos = 0;
-    const Entry* prev = nullptr;
-    for (const Entry& e : entries) {
-        if (e.begin < pos)
-            throw fail(fmt::format("tensors '{}' [{}, {}] and '{}' [{}, {}] overlap", prev->name, prev->begin,
-                                   prev->end, e.name, e.begin, e.end));
-        if (e.begin > pos)
-            throw fail(fmt::format("data bytes [{}, {}) before tensor '{}' belong to no tensor", pos, e.begin, e.name));
-        pos = e.end;
-        prev = &e;
-    }
-    if (pos != data_size)
-        throw fail(fmt::format("data bytes [{}, {}) after the last tensor belong to no tensor", pos, data_size));
+    std::vector<Entry> entries = parse_header(text, data_size, out.metadata, fail);
 
     // Entries are in file order now, so this reads the data section front to back.
     for (const Entry& e : entries) {
@@ -363,6 +383,70 @@ StFile load_safetensors(const std::string& path) {
         out.tensors.emplace(e.name, std::move(t));
     }
     return out;
+}
+
+StMapped::StMapped(const std::string& path) : path_(path) {
+    const auto fail = [&](std::string_view what) {
+        return std::runtime_error(fmt::format("load_safetensors: '{}': {}", path, what));
+    };
+    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) throw fail(fmt::format("cannot open: {}", std::strerror(errno)));
+    try {
+        struct stat st {};
+        if (::fstat(fd_, &st) != 0) throw fail(fmt::format("cannot stat: {}", std::strerror(errno)));
+        if (!S_ISREG(st.st_mode)) throw fail("not a regular file");
+        const uint64_t file_size = uint64_t(st.st_size);
+        if (file_size < 8)
+            throw fail(fmt::format("file is {} bytes, too short for the 8-byte header length", file_size));
+        void* m = ::mmap(nullptr, file_size, PROT_READ, MAP_SHARED, fd_, 0);
+        if (m == MAP_FAILED) throw fail(fmt::format("cannot mmap: {}", std::strerror(errno)));
+        map_ = static_cast<const unsigned char*>(m);
+        map_size_ = file_size;
+        uint64_t header_len = 0;
+        std::memcpy(&header_len, map_, sizeof header_len);
+        if (header_len > file_size - 8)
+            throw fail(fmt::format("header length {} exceeds the {} bytes after the length prefix", header_len,
+                                   file_size - 8));
+        if (header_len > kMaxHeaderBytes)
+            throw fail(fmt::format("header length {} exceeds the {}-byte limit", header_len, kMaxHeaderBytes));
+        data_start_ = 8 + header_len;
+        const std::string text(reinterpret_cast<const char*>(map_ + 8), header_len);
+        for (const Entry& e : parse_header(text, file_size - data_start_, metadata_, fail)) {
+            info_[e.name] = Info{std::string(e.dtype->name), e.shape};
+            ranges_[e.name] = Range{e.begin, e.end, e.dtype->size, e.dtype->widen};
+        }
+    } catch (...) {  // the destructor does not run for a constructor that throws
+        if (map_) ::munmap(const_cast<unsigned char*>(map_), map_size_);
+        ::close(fd_);
+        throw;
+    }
+}
+
+StMapped::~StMapped() {
+    if (map_) ::munmap(const_cast<unsigned char*>(map_), map_size_);
+    ::close(fd_);
+}
+
+void StMapped::read(const std::string& name, float* dst) const {
+    const auto it = ranges_.find(name);
+    if (it == ranges_.end())
+        throw std::runtime_error(fmt::format("load_safetensors: '{}': no tensor '{}'", path_, name));
+    const Range& r = it->second;
+    const unsigned char* src = map_ + data_start_ + r.begin;
+    const size_t numel = (r.end - r.begin) / r.dtype_size;
+    if (!r.widen) {
+        std::memcpy(dst, src, numel * sizeof(float));
+    } else {
+        for (size_t i = 0; i < numel; ++i) {
+            uint16_t h;
+            std::memcpy(&h, src + 2 * i, 2);  // the data section need not be 2-byte aligned
+            dst[i] = r.widen(h);
+        }
+    }
+    // Page-aligned range covering the tensor; neighbours' pages are re-read if needed.
+    const uint64_t page = uint64_t(::sysconf(_SC_PAGESIZE));
+    const uint64_t lo = (data_start_ + r.begin) / page * page, hi = data_start_ + r.end;
+    if (hi > lo) ::madvise(const_cast<unsigned char*>(map_) + lo, hi - lo, MADV_DONTNEED);
 }
 
 }  // namespace peftlab

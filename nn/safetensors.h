@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <string_view>
@@ -29,10 +30,15 @@ struct StFile {
 // A tensor to save, borrowed so that saving does not copy parameter buffers: `data` points at
 // product(shape) row-major floats (may be null only when that product is 0) and must stay
 // valid for the duration of the save call.
+// With `fill` set instead of `data`, the writer calls fill(buf) for a scratch buffer of
+// product(shape) floats just before writing that tensor (e.g. to transpose a weight into
+// another layout): the file is written with one tensor's worth of extra memory, not a copy
+// of the model.
 struct StTensorRef {
     std::string name;
     std::vector<int64_t> shape;
     const float* data = nullptr;
+    std::function<void(float*)> fill = nullptr;
 };
 
 // Writes `bytes` to `path` so that readers see either the old file or the complete new one:
@@ -52,5 +58,44 @@ void save_safetensors(const std::string& path, const std::vector<StTensorRef>& t
 // tensors tiling the data section exactly, with no overlap, gap or trailing bytes. Throws
 // std::runtime_error naming the path and the offending key on any inconsistency.
 StFile load_safetensors(const std::string& path);
+
+// A safetensors file memory-mapped read-only, for models too large to hold twice: the header
+// is validated exactly as load_safetensors does (same errors) when the file is opened, and
+// each tensor is converted to float on request, after which its pages are released from
+// this process (madvise DONTNEED), so loading costs one tensor of extra resident memory.
+class StMapped {
+public:
+    struct Info {
+        std::string dtype;  // "F32", "F16" or "BF16"
+        std::vector<int64_t> shape;
+    };
+    // Throws std::runtime_error naming the path (and key) as load_safetensors does.
+    explicit StMapped(const std::string& path);
+    ~StMapped();
+    StMapped(const StMapped&) = delete;
+    StMapped& operator=(const StMapped&) = delete;
+
+    const std::string& path() const { return path_; }
+    const std::map<std::string, Info>& tensors() const { return info_; }
+    const std::map<std::string, std::string>& metadata() const { return metadata_; }
+    // Writes tensor `name` widened to float into dst (product(shape) floats). Throws naming
+    // the path for an unknown name.
+    void read(const std::string& name, float* dst) const;
+
+private:
+    struct Range {
+        uint64_t begin, end;
+        size_t dtype_size;
+        float (*widen)(uint16_t);
+    };
+    std::string path_;
+    int fd_ = -1;
+    const unsigned char* map_ = nullptr;
+    uint64_t map_size_ = 0;
+    uint64_t data_start_ = 0;
+    std::map<std::string, Info> info_;
+    std::map<std::string, Range> ranges_;
+    std::map<std::string, std::string> metadata_;
+};
 
 }  // namespace peftlab

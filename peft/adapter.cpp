@@ -20,7 +20,8 @@ nlohmann::json AdapterOptions::to_json() const {
             {"lora_rank", lora_rank},
             {"lora_alpha", lora_alpha},
             {"lora_targets", lora_targets},
-            {"seed", seed}};
+            {"seed", seed},
+            {"positions", positions}};
 }
 
 AdapterOptions AdapterOptions::from_json(const nlohmann::json& j) {
@@ -53,6 +54,12 @@ AdapterOptions AdapterOptions::from_json(const nlohmann::json& j) {
             else if (k == "lora_alpha") it->get_to(o.lora_alpha);
             else if (k == "lora_targets") it->get_to(o.lora_targets);
             else if (k == "seed") get_integer(o.seed);
+            else if (k == "positions") {
+                it->get_to(o.positions);
+                if (o.positions != "hf" && o.positions != "keep")
+                    throw std::invalid_argument(
+                        fmt::format("AdapterOptions: positions = '{}' is not hf or keep", o.positions));
+            }
             else throw std::invalid_argument(fmt::format("AdapterOptions: unknown key '{}'", k));
         } catch (const nlohmann::json::exception&) {
             throw bad_value();
@@ -104,6 +111,11 @@ std::vector<int> parse_layers(const std::string& spec, int L) {
         chosen.insert(l);
     }
     return {chosen.begin(), chosen.end()};
+}
+
+std::vector<int32_t> Adapter::position_offset(const ForwardInfo&) {
+    if (opts_.positions != "hf") return {};
+    return {int32_t(virtual_tokens())};
 }
 
 void Adapter::attach(GPT& base) {

@@ -33,6 +33,12 @@ struct AdapterOptions {
     float lora_alpha = 16.f;
     std::vector<std::string> lora_targets = {"q_proj", "v_proj"};
     uint64_t seed = 0;
+    // Position convention (nn/hooks.h position_offset): "keep" (AdapterHub;
+    // peftlab's default: real tokens at 0..T-1, prepended vectors without
+    // position embedding) or "hf" (Hugging Face PEFT: n virtual tokens or
+    // prefix vectors take positions 0..n-1, real tokens n..n+T-1; the default
+    // for bases loaded from a Hugging Face checkpoint).
+    std::string positions = "keep";
 
     nlohmann::json to_json() const;
     // Unknown keys and bad values throw std::invalid_argument naming the key.
@@ -67,6 +73,12 @@ public:
     virtual NamedTensors inference_parameters() const { return params_; }
     // Replaces the reparameterization by its output, for inference.
     virtual void materialize() {}
+
+    // Positions this adapter's prepended vectors take under positions = "hf"
+    // (HF PEFT's num_virtual_tokens); 0 for one that prepends nothing.
+    virtual int64_t virtual_tokens() const { return 0; }
+    // ModelHooks: {virtual_tokens()} under "hf", {} (keep) under "keep".
+    std::vector<int32_t> position_offset(const ForwardInfo&) override;
 
     // Trainable parameters as a formula of the config (training-time) and at inference.
     virtual ParamFormula formula(const GPTConfig& cfg) const = 0;

@@ -71,6 +71,16 @@ void MultiAdapter::begin_forward(const ForwardInfo& info) {
     for (Adapter* a : adapters_) a->begin_forward(info);
 }
 
+std::vector<int32_t> MultiAdapter::position_offset(const ForwardInfo& info) {
+    std::vector<int32_t> out(rows_.size(), -1);
+    for (size_t b = 0; b < rows_.size(); ++b) {
+        if (rows_[b] < 0) continue;
+        std::vector<int32_t> o = adapters_[size_t(rows_[b])]->position_offset(info);
+        if (!o.empty()) out[b] = o[0];
+    }
+    return out;
+}
+
 SeqPrefix MultiAdapter::input_prefix(const ForwardInfo& info) {
     std::vector<Tensor> parts;
     const int64_t C = adapters_.empty() ? 0 : adapters_[0]->base()->config().d_model;

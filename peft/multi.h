@@ -24,6 +24,8 @@ public:
     SeqPrefix input_prefix(const ForwardInfo& info) override;
     LayerPrefix layer_prefix(int layer, const ForwardInfo& info) override;
     Tensor linear_delta(const std::string& path, const Tensor& x, const ForwardInfo& info) override;
+    // Each row's adapter's convention (-1, keep, for rows without one).
+    std::vector<int32_t> position_offset(const ForwardInfo& info) override;
 
 private:
     // rows_ with -1 mapped to the "none" entry A.

@@ -42,6 +42,8 @@ public:
         return p;
     }
 
+    int64_t virtual_tokens() const override { return layers_.empty() ? 0 : opts_.n; }
+
     NamedTensors inference_parameters() const override {
         if (mlp_.empty()) return params_;
         NamedTensors out;

@@ -16,6 +16,7 @@ public:
         if (opts_.n == 0) return {};
         return {prompt_, Tensor(), {}};
     }
+    int64_t virtual_tokens() const override { return opts_.n; }
     ParamFormula formula(const GPTConfig& c) const override { return {opts_.n * c.d_model, "n*d"}; }
 
 protected:

@@ -170,6 +170,7 @@ Sym op_cross_entropy(Tally& t, int64_t N, int64_t V, Sym logits) {
 struct MethodShape {
     bool full = false;
     int64_t prompt_n = 0;        // virtual tokens at the input
+    bool prompt_positions = false;  // positions = hf: the prompt gets position embeddings 0..n-1
     bool prefix_hidden = false;  // "prefix": hidden states prepended to the layer input
     bool prefix_kv = false;      // "prefix-kv": keys and values prepended in attention
     int64_t prefix_n = 0;
@@ -196,6 +197,7 @@ MethodShape shape_of(const GPTConfig& cfg, const std::string& method, const Adap
         m.in_layer.assign(size_t(cfg.n_layers), true);
     } else if (method == "prompt") {
         m.prompt_n = o.n;
+        m.prompt_positions = o.positions == "hf";
     } else if (method == "prefix" || method == "prefix-kv") {
         (method == "prefix" ? m.prefix_hidden : m.prefix_kv) = true;
         m.prefix_n = o.n;
@@ -312,6 +314,8 @@ struct StepWalk {
         int64_t S = T;
         if (m.prompt_n > 0) {  // prompt [n, C] expanded to every row, concatenated
             Sym p = op_expand(t, B * m.prompt_n * C, kParam);
+            if (m.prompt_positions)  // + wpe rows 0..n-1 (a gather), expanded to every row
+                p = op_add(t, B * m.prompt_n * C, p, op_expand(t, B * m.prompt_n * C, op_embedding(t, m.prompt_n, C, emb)));
             x = derived(x.rg || p.rg);
             S += m.prompt_n;
         }

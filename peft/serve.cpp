@@ -106,6 +106,9 @@ void Server::add_tenant(const std::string& name, Adapter& adapter, std::unique_p
     if (tenant_index_.count(name)) refuse("the name is taken");
     if (adapter.base() && adapter.base() != &base_) refuse("it is attached to another model");
     if (adapter.method() == "full") refuse("full fine-tuning changes the base for every tenant");
+    // The prefix cache and the batched prefill assume real tokens at 0..T-1.
+    if (adapter.options().positions != "keep")
+        refuse(fmt::format("positions = {} is not served yet (only keep)", adapter.options().positions));
     if (auto* lora = dynamic_cast<LoRA*>(&adapter); lora && lora->merged())
         refuse("a merged LoRA changes the base for every tenant; unmerge it, or serve the merged model as the base");
     adapter.attach(base_);

@@ -23,6 +23,7 @@
 #include "datasets/metrics.h"
 #include "nn/checkpoint.h"
 #include "nn/generate.h"
+#include "nn/hf_gpt2.h"
 #include "nn/safetensors.h"
 #include "nn/trainer.h"
 #include "peft/adapter_io.h"
@@ -107,6 +108,7 @@ MethodSpec make_spec(const CommonArgs& a, const std::string& entry) {
     s.options.seed = a.seed;
     s.options.reparam = entry == "prefix-reparam";
     s.options.reparam_hidden = 4 * a.model.d_model;
+    s.options.positions = a.positions.empty() ? "keep" : a.positions;
     return s;
 }
 
@@ -143,6 +145,8 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
                     "capped at the cores)", cxxopts::value<int64_t>())
         ("out", d.fine_tunes ? "output directory" : "also copy the base model here (it is cached under runs/pretrain/ either way)", cxxopts::value<std::string>()->default_value(d.out))
         ("tokenizer", "word, byte, or gpt2:DIR (GPT-2 BPE from DIR/vocab.json + merges.txt or encoder.json + vocab.bpe)", cxxopts::value<std::string>()->default_value(d.tokenizer))
+        ("base", "Hugging Face GPT-2 directory (config.json, model.safetensors, vocab.json + merges.txt): use it as the base, skip pretraining", cxxopts::value<std::string>()->default_value(d.base))
+        ("positions", "adapters' position convention: hf (HF PEFT: real tokens after the n virtual ones) or keep; default hf with --base, else keep", cxxopts::value<std::string>()->default_value(d.positions))
         ("corpus", "UTF-8 text file to pretrain on (default: the built-in restaurant corpus)", cxxopts::value<std::string>()->default_value(d.corpus))
         ("pretrain-steps", "base pretraining updates", cxxopts::value<int64_t>()->default_value(std::to_string(d.pretrain_steps)))
         ("max-memory", "GB a run may use (its estimated peak is checked up front; default: what the system has "
@@ -207,6 +211,13 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
     if (a.tokenizer != "word" && a.tokenizer != "byte" && !(a.tokenizer.rfind("gpt2:", 0) == 0 && a.tokenizer.size() > 5))
         throw std::invalid_argument(fmt::format("--tokenizer: '{}' is not word, byte or gpt2:DIR", a.tokenizer));
     a.corpus = r["corpus"].as<std::string>();
+    a.base = r["base"].as<std::string>();
+    if (!a.base.empty() && !fs::is_directory(a.base))
+        throw std::invalid_argument(fmt::format("--base: '{}' is not a directory", a.base));
+    a.positions = r["positions"].as<std::string>();
+    if (a.positions.empty()) a.positions = a.base.empty() ? "keep" : "hf";
+    if (a.positions != "hf" && a.positions != "keep")
+        throw std::invalid_argument(fmt::format("--positions: '{}' is not hf or keep", a.positions));
     a.pretrain_steps = positive("pretrain-steps", r["pretrain-steps"].as<int64_t>());
     if (r.count("max-memory")) {
         const double gb = r["max-memory"].as<double>();
@@ -269,6 +280,16 @@ CommonArgs parse_or_exit(cxxopts::Options& opts, int argc, char** argv, const Co
 // ---- the pretrained base --------------------------------------------------------------------
 
 Base prepare_base(const CommonArgs& args) {
+    if (!args.base.empty()) {  // a Hugging Face GPT-2: its own tokenizer and weights
+        Base base;
+        base.dir = base.model_path = args.base;
+        base.hf = true;
+        base.cached = true;
+        base.tokenizer = std::make_unique<data::GPT2Tokenizer>(
+            data::GPT2Tokenizer::from_dir(args.tokenizer.rfind("gpt2:", 0) == 0 ? args.tokenizer.substr(5) : args.base));
+        base.config = load_hf_gpt2_config(args.base);
+        return base;
+    }
     // The tokenizer and corpus are cheap to rebuild; the model is what we cache.
     std::string corpus_text;
     if (args.corpus.empty()) {
@@ -504,6 +525,12 @@ Base load_or_pretrain(const CommonArgs& args) {
     check_run(args, base, load_task(args));
     if (!base.cached) fmt::print(stderr, "[pretrain] a new base in {}: {}\n", base.dir, why_new_base(base.key));
     fs::create_directories(base.dir);
+    if (base.hf) {
+        load_hf_gpt2(base.dir);  // validates the weights now, not in every run
+        fmt::print(stderr, "[base] Hugging Face GPT-2 {} (d={} L={} V={})\n", base.dir, base.config.d_model,
+                   base.config.n_layers, base.config.vocab);
+        return base;
+    }
     if (base.cached) {
         load_model_new(base.model_path);  // validates the cached file now, not in every run
         std::ifstream info(base.dir + "/pretrain.json");
@@ -603,7 +630,7 @@ Run make_run(const Base& base, const MethodSpec& spec, uint64_t seed) {
     if (spec.random_base)
         r.model = std::make_unique<GPT>(base.config, seed + 999);
     else
-        r.model = load_model_new(base.model_path);
+        r.model = base.hf ? load_hf_gpt2(base.dir) : load_model_new(base.model_path);
     if (spec.method != "none") {
         r.adapter = peft::make_adapter(spec.method, spec.options);
         r.adapter->activate(*r.model);

@@ -33,6 +33,8 @@ struct CommonArgs {
     int64_t lora_rank = 8;
     std::string tokenizer = "word";  // word | byte
     std::string corpus;              // a UTF-8 file to pretrain on instead of the built-in corpus
+    std::string base;       // a Hugging Face GPT-2 directory: its config, weights and tokenizer; no pretraining
+    std::string positions;  // adapters' position convention: hf | keep; "" = hf with --base, else keep
     int64_t pretrain_steps = 4000;  // one default for every experiment, so they share the cached base
     size_t n_train = 0, n_valid = 0, n_test = 0;
     int64_t eval_examples = 0;  // test examples scored by generation
@@ -73,6 +75,7 @@ struct Base {
     bool cached = false;
     nlohmann::json key;                 // what the cache directory's name hashes
     std::vector<int32_t> corpus_tokens;  // the pretraining stream (only while not cached)
+    bool hf = false;  // dir (= model_path) is a Hugging Face GPT-2 directory (--base)
 };
 // Checks the run first (check_run), then loads the base from the cache or
 // pretrains it (saying why a new base is needed: which part of the cache key

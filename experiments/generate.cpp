@@ -1,0 +1,164 @@
+// generate: a continuation, logits or token ids from a base (a Hugging Face
+// GPT-2 directory or a peftlab checkpoint), with or without an adapter.
+//
+//   generate --base DIR --prompt "text" [--adapter DIR] [--max-new-tokens N]
+//   generate --base DIR --input-ids 1,2,3 --dump-logits FILE.json   # JSON [T][V] floats
+//   generate --base DIR --encode "text"                             # JSON [ids] on stdout
+//
+// --adapter DIR: peftlab's own adapter directory, or Hugging Face PEFT's
+// (adapter_config.json + adapter_model.safetensors), read by peft/adapter_io.
+// The tokenizer is the GPT-2 BPE of the base directory (vocab.json +
+// merges.txt, or encoder.json + vocab.bpe), --tokenizer gpt2:DIR, or the one a
+// peftlab checkpoint records.
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "autograd/tape.h"
+#include "datasets/gpt2_tokenizer.h"
+#include "experiments/lib/flags.h"
+#include "nn/checkpoint.h"
+#include "nn/generate.h"
+#include "nn/hf_gpt2.h"
+#include "nn/safetensors.h"
+#include "peft/adapter_io.h"
+
+using namespace peftlab;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::invalid_argument bad_flag(const std::string& flag, const std::string& value, const std::string& why) {
+    return std::invalid_argument(fmt::format("{} '{}': {}", flag, value, why));
+}
+
+std::vector<int32_t> parse_ids(const std::string& text) {
+    std::vector<int32_t> ids;
+    size_t start = 0;
+    while (start <= text.size()) {
+        const size_t comma = text.find(',', start);
+        const std::string item = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+        if (item.empty()) throw bad_flag("--input-ids", text, "expected comma-separated token ids, e.g. 1,2,3");
+        ids.push_back(int32_t(flags::whole_number("--input-ids", item, 0)));
+        if (comma == std::string::npos) break;
+        start = comma + 1;
+    }
+    return ids;
+}
+
+// The tokenizer: --tokenizer gpt2:DIR, else the base directory's GPT-2 files,
+// else the one recorded in a peftlab checkpoint's metadata.
+std::unique_ptr<data::Tokenizer> load_tokenizer(const std::string& spec, const std::string& base) {
+    if (!spec.empty()) {
+        if (spec.rfind("gpt2:", 0) != 0) throw bad_flag("--tokenizer", spec, "expected gpt2:DIR");
+        return std::make_unique<data::GPT2Tokenizer>(data::GPT2Tokenizer::from_dir(spec.substr(5)));
+    }
+    if (fs::is_directory(base)) return std::make_unique<data::GPT2Tokenizer>(data::GPT2Tokenizer::from_dir(base));
+    StMapped file(base);
+    auto it = file.metadata().find("tokenizer");
+    if (it == file.metadata().end())
+        throw bad_flag("--base", base, "the checkpoint records no tokenizer; pass --tokenizer gpt2:DIR");
+    return data::tokenizer_from_json(nlohmann::json::parse(it->second));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    cxxopts::Options opts("generate", "Continuation, logits or token ids from a GPT-2 / peftlab base and an adapter");
+    opts.add_options()
+        ("base", "Hugging Face GPT-2 directory (config.json + model.safetensors) or a peftlab checkpoint file",
+         cxxopts::value<std::string>())
+        ("adapter", "adapter directory (peftlab's or Hugging Face PEFT's)", cxxopts::value<std::string>())
+        ("tokenizer", "gpt2:DIR (default: the base directory)", cxxopts::value<std::string>()->default_value(""))
+        ("prompt", "text to continue", cxxopts::value<std::string>())
+        ("max-new-tokens", "tokens to generate", cxxopts::value<std::string>()->default_value("32"))
+        ("temperature", "0: greedy", cxxopts::value<std::string>()->default_value("0"))
+        ("top-k", "sample among the k largest logits; 0: all", cxxopts::value<std::string>()->default_value("0"))
+        ("seed", "sampling seed", cxxopts::value<std::string>()->default_value("0"))
+        ("input-ids", "comma-separated token ids (with --dump-logits)", cxxopts::value<std::string>())
+        ("dump-logits", "write the logits of --input-ids as JSON [T][V] to this file", cxxopts::value<std::string>())
+        ("encode", "print the token ids of this text as a JSON array", cxxopts::value<std::string>())
+        ("help", "show this help");
+    try {
+        const cxxopts::ParseResult r = flags::parse(opts, argc, argv);
+        const int modes = int(r.count("prompt")) + int(r.count("encode")) + int(r.count("input-ids"));
+        if (modes != 1) throw std::invalid_argument("give exactly one of --prompt, --input-ids, --encode");
+        if (r.count("input-ids") != r.count("dump-logits"))
+            throw std::invalid_argument("--input-ids and --dump-logits go together");
+        if (!r.count("base")) throw std::invalid_argument("--base DIR is required");
+        const std::string base_path = r["base"].as<std::string>();
+        if (!fs::exists(base_path)) throw bad_flag("--base", base_path, "does not exist");
+
+        if (r.count("encode")) {
+            auto tok = load_tokenizer(r["tokenizer"].as<std::string>(), base_path);
+            fmt::print("{}\n", nlohmann::json(tok->encode(r["encode"].as<std::string>())).dump());
+            return 0;
+        }
+
+        const auto t0 = std::chrono::steady_clock::now();
+        std::unique_ptr<GPT> model =
+            fs::is_directory(base_path) ? load_hf_gpt2(base_path) : load_model_new(base_path);
+        fmt::print(stderr, "loaded {} ({} parameters) in {:.2f} s\n", base_path, model->num_params(),
+                   std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        std::unique_ptr<peft::Adapter> adapter;
+        if (r.count("adapter")) {
+            const std::string dir = r["adapter"].as<std::string>();
+            if (!fs::is_directory(dir)) throw bad_flag("--adapter", dir, "is not a directory");
+            adapter = fs::exists(fs::path(dir) / "adapter_config.json") ? peft::import_hf(dir, *model)
+                                                                        : peft::load_adapter(dir, *model);
+            adapter->activate(*model);
+        }
+        model->eval();
+
+        if (r.count("input-ids")) {
+            const std::vector<int32_t> ids = parse_ids(r["input-ids"].as<std::string>());
+            for (size_t i = 0; i < ids.size(); ++i)
+                if (ids[i] >= model->config().vocab)
+                    throw bad_flag("--input-ids", r["input-ids"].as<std::string>(),
+                                   fmt::format("id {} at index {} is outside the vocabulary [0, {})", ids[i], i,
+                                               model->config().vocab));
+            ModelInput in;
+            in.B = 1;
+            in.T = int64_t(ids.size());
+            in.tokens = ids;
+            NoGradGuard ng;
+            const Tensor logits = model->forward(in);
+            const int64_t V = logits.dim(2);
+            nlohmann::json out = nlohmann::json::array();
+            for (int64_t t = 0; t < in.T; ++t)
+                out.push_back(std::vector<float>(logits.data() + t * V, logits.data() + (t + 1) * V));
+            const std::string path = r["dump-logits"].as<std::string>();
+            write_file_atomic(path, out.dump() + "\n");
+            fmt::print(stderr, "wrote logits [{}][{}] to {}\n", in.T, V, path);
+            return 0;
+        }
+
+        auto tok = load_tokenizer(r["tokenizer"].as<std::string>(), base_path);
+        const std::vector<int32_t> prompt = tok->encode(r["prompt"].as<std::string>());
+        if (prompt.empty()) throw bad_flag("--prompt", r["prompt"].as<std::string>(), "encodes to no tokens");
+        GenerateOptions g;
+        g.max_new_tokens = int(flags::int_flag(r, "max-new-tokens", 1));
+        g.top_k = int(flags::int_flag(r, "top-k", 0));
+        g.seed = uint64_t(flags::int_flag(r, "seed", 0));
+        const std::string temp = r["temperature"].as<std::string>();
+        try {
+            size_t used = 0;
+            g.temperature = std::stof(temp, &used);
+            if (used != temp.size() || !(g.temperature >= 0.f)) throw std::invalid_argument("");
+        } catch (const std::exception&) {
+            throw bad_flag("--temperature", temp, "expected a number >= 0");
+        }
+        g.stop_token = tok->eos_id();
+        g.pad_token = tok->pad_id();
+        g.validate(model->config());
+        const auto out = generate(*model, {prompt}, g);
+        fmt::print("{}\n", tok->decode(out[0]));
+    } catch (const std::exception& e) {
+        fmt::print(stderr, "generate: {}\n", e.what());
+        return 2;
+    }
+    return 0;
+}
