@@ -18,11 +18,23 @@ namespace peftlab::peft {
 PEFTLAB_METHODS(PEFTLAB_DECLARE)
 #undef PEFTLAB_DECLARE
 
-const std::vector<MethodInfo>& methods() {
+namespace {
+std::vector<MethodInfo>& method_list() {
 #define PEFTLAB_ENTRY(name, factory, description) MethodInfo{name, description, factory},
-    static const std::vector<MethodInfo> list{PEFTLAB_METHODS(PEFTLAB_ENTRY)};
+    static std::vector<MethodInfo> list{PEFTLAB_METHODS(PEFTLAB_ENTRY)};
 #undef PEFTLAB_ENTRY
     return list;
+}
+}  // namespace
+
+const std::vector<MethodInfo>& methods() { return method_list(); }
+
+void register_method(MethodInfo info) {
+    if (info.name.empty()) throw std::invalid_argument("register_method: empty method name");
+    if (!info.make) throw std::invalid_argument("register_method: method '" + info.name + "' has no factory");
+    for (const MethodInfo& m : methods())
+        if (m.name == info.name) throw std::invalid_argument("register_method: method '" + info.name + "' is already registered");
+    method_list().push_back(std::move(info));
 }
 
 std::vector<std::string> method_names() {

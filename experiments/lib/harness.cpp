@@ -97,11 +97,11 @@ int64_t parse_count(const std::string& flag, const std::string& item) {
 MethodSpec make_spec(const CommonArgs& a, const std::string& entry) {
     MethodSpec s{entry == "prefix-reparam" ? "prefix" : entry, entry, {}, false};
     s.options.n = a.prefix_len;
-    s.options.lora_rank = a.lora_rank;
-    s.options.lora_alpha = float(2 * a.lora_rank);
     s.options.seed = a.seed;
-    s.options.reparam = entry == "prefix-reparam";
-    s.options.reparam_hidden = 4 * a.model.d_model;
+    // --lora-rank and the prefix-reparam entry are shorthands for two methods'
+    // own option sections (peft/adapter.h); each method reads only its own.
+    s.options.section("lora") = {{"r", a.lora_rank}, {"lora_alpha", double(2 * a.lora_rank)}};
+    if (entry == "prefix-reparam") s.options.section(s.method) = {{"reparam", true}, {"reparam_hidden", 4 * a.model.d_model}};
     return s;
 }
 
@@ -324,10 +324,8 @@ data::TaskData load_task(const CommonArgs& args) {
 // ---- fine-tuning one method -------------------------------------------------------------------
 
 std::vector<double> default_lr_grid(const std::string& method) {
-    if (method == "full") return {3e-4, 1e-3, 3e-3};
-    if (method == "lora" || method == "bitfit") return {1e-3, 3e-3, 1e-2};
     if (method == "none") return {};
-    return {3e-3, 1e-2, 3e-2};  // prompt and prefix vectors move further per step
+    return peft::make_adapter(method)->lr_grid();  // each method's own (Adapter::lr_grid)
 }
 
 namespace {
@@ -440,7 +438,7 @@ TrainSummary train(Run& r, const data::TaskData& task, const data::Tokenizer& to
     NamedTensors params = trained_tensors(r);
     AdamWOptions ao;
     ao.lr = lr;
-    ao.weight_decay = r.adapter && r.adapter->method() == "full" ? 0.01 : 0.0;
+    ao.weight_decay = r.adapter ? r.adapter->weight_decay() : 0.0;
     AdamW opt(params, ao);
     TrainOptions to;
     to.steps = steps;
@@ -526,7 +524,7 @@ MethodResult run_method(const Base& base, const data::TaskData& task, const Meth
         res.ms_per_step = s.ms_per_step;
         res.loss_curve = s.losses;
         for (auto& [n, t] : r.adapter->parameters()) res.trainable_params += t.numel();
-        const bool full = r.adapter->method() == "full";  // its tensors are the base's own
+        const bool full = r.adapter->changes_base();  // its tensors are the base's own
         res.trainable_pct =
             100.0 * double(res.trainable_params) / double(r.model->num_params() + (full ? 0 : res.trainable_params));
         res.final_valid_loss = valid_loss(r, task, tok, budget.batch);
