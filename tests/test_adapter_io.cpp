@@ -497,7 +497,8 @@ TEST_CASE("adapter_io: Hugging Face export refusals and import validation", "[ad
     };
     CHECK_THAT(with("token_dim", 24), Contains("adapter_config.json") && Contains("key 'token_dim': is 24 but the base has 16"));
     CHECK_THAT(with("num_layers", 4), Contains("key 'num_layers': is 4 but the base has 2"));
-    CHECK_THAT(with("peft_type", "IA3"), Contains("key 'peft_type'") && Contains("'IA3' is not supported"));
+    // A peft_type no registered method reads (a made-up one: real types may gain a method).
+    CHECK_THAT(with("peft_type", "NO_SUCH_TYPE"), Contains("key 'peft_type'") && Contains("'NO_SUCH_TYPE' is not supported"));
     CHECK_THAT(with("task_type", "SEQ_2_SEQ_LM"), Contains("key 'task_type'"));
     CHECK_THAT(with("num_virtual_tokens", 4),
                Contains("adapter_model.safetensors") && Contains("'prompt_embeddings' has shape [3, 16] in the file but [4, 16]"));
