@@ -12,7 +12,7 @@ namespace peftlab::peft {
     X("prefix", make_prefix, "prefix tuning, hidden-state form: n vectors prepended to each layer's input, L*n*d") \
     X("prefix-kv", make_prefix_kv, "prefix tuning, key/value form (Li & Liang 2021): 2*L*n*d")              \
     X("lora", make_lora, "LoRA (Hu et al. 2021): rank-r deltas B*A on chosen projections")                  \
-    X("bitfit", make_bitfit, "BitFit-style bias deltas on every Linear of the chosen layers (worked example)") \
+    X("bitfit", make_bitfit, "BitFit-style bias deltas on every Linear of the chosen layers")                 \
     X("ia3", make_ia3, "(IA)^3 (Liu et al. 2022): learned scaling of k, v and the MLP inner activation, L*(2d + F)")
 
 #define PEFTLAB_DECLARE(name, factory, description) std::unique_ptr<Adapter> factory(const AdapterOptions&);
