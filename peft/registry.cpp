@@ -13,7 +13,8 @@ namespace peftlab::peft {
     X("prefix-kv", make_prefix_kv, "prefix tuning, key/value form (Li & Liang 2021): 2*L*n*d")              \
     X("lora", make_lora, "LoRA (Hu et al. 2021): rank-r deltas B*A on chosen projections")                  \
     X("bitfit", make_bitfit, "BitFit-style bias deltas on every Linear of the chosen layers")                 \
-    X("ia3", make_ia3, "(IA)^3 (Liu et al. 2022): learned scaling of k, v and the MLP inner activation, L*(2d + F)")
+    X("ia3", make_ia3, "(IA)^3 (Liu et al. 2022): learned scaling of k, v and the MLP inner activation, L*(2d + F)") \
+    X("p-tuning", make_p_tuning, "P-tuning (Liu et al. 2021): n virtual tokens from a prompt encoder (MLP or LSTM), n*d at inference")
 
 #define PEFTLAB_DECLARE(name, factory, description) std::unique_ptr<Adapter> factory(const AdapterOptions&);
 PEFTLAB_METHODS(PEFTLAB_DECLARE)
