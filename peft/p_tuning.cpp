@@ -195,6 +195,7 @@ private:
     // One LSTM direction over x [n, in] -> [n, h]; w = {W_ih, W_hh, b_ih, b_hh}.
     Tensor lstm_direction(const Tensor& x, const Tensor* w, bool reverse) const {
         const int64_t n = x.dim(0), h = w[1].dim(1);
+        if (n == 0) return Tensor::zeros({0, h});  // no virtual tokens: no steps
         const Tensor xp = linear(x, w[0], w[2]);  // [n, 4h]
         Tensor hs = Tensor::zeros({1, h}), cs = Tensor::zeros({1, h});
         std::vector<Tensor> out(static_cast<size_t>(n));

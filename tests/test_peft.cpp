@@ -522,6 +522,9 @@ TEST_CASE("peft: backprop through the whole model matches central differences", 
                                {"prefix-kv", options(2, "all", false, "random")},
                                {"prefix", options(2, "top:1", true)},
                                {"lora", lora}};
+    AdapterOptions lstm = options(3, "all", false, "random");
+    lstm.section("p-tuning") = {{"encoder_reparameterization_type", "LSTM"}, {"encoder_hidden_size", 4}, {"encoder_num_layers", 1}};
+    cases.push_back({"p-tuning", lstm});
     // Every other registered method that leaves the base frozen, with its default options.
     for (const std::string& m : method_names()) {
         const bool listed = std::any_of(cases.begin(), cases.end(), [&](const Case& c) { return c.method == m; });

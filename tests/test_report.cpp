@@ -105,6 +105,18 @@ TEST_CASE("report: analytic step FLOPs equal the measured ones for every method"
         }
 }
 
+TEST_CASE("report: agreement for P-tuning's LSTM prompt encoder (both directions, stacked layers)", "[report]") {
+    const GPTConfig cfg = tiny_config();
+    for (int64_t layers : {1, 2}) {
+        AdapterOptions o = tiny_options("all", false);
+        o.section("p-tuning") = {{"encoder_reparameterization_type", "LSTM"}, {"encoder_hidden_size", 8},
+                                 {"encoder_num_layers", layers}};
+        check_agreement(cfg, "p-tuning", o);
+        o.n = 0;  // no virtual tokens: the encoder runs on no rows, nothing trains
+        check_agreement(cfg, "p-tuning", o);
+    }
+}
+
 TEST_CASE("report: agreement with every LoRA target, tied embeddings and dropout", "[report]") {
     GPTConfig cfg = tiny_config();
     AdapterOptions o = tiny_options("0,2", false);
