@@ -68,8 +68,9 @@ int inspect(const std::string& dir) {
     fmt::print("base:      hash {}; config {}\n", j["base_hash"].get<std::string>(), cfg.to_json().dump());
     fmt::print("stored:    {} tensors, {} parameters{}\n", file.tensors.size(), stored,
                inference ? " (inference form)" : "");
-    fmt::print("trainable params: {} = {} (d={}, L={}, n={}, r={}, F={})\n", pf.text, pf.count, cfg.d_model,
-               peft::parse_layers(opts.layers, cfg.n_layers).size(), opts.n, opts.lora_rank, cfg.d_ff);
+    fmt::print("trainable params: {} = {} (d={}, L={}, n={}, F={}; {} options {})\n", pf.text, pf.count, cfg.d_model,
+               peft::parse_layers(opts.layers, cfg.n_layers).size(), opts.n, cfg.d_ff, method,
+               opts.section_or_empty(method).dump());
     for (const auto& [name, t] : file.tensors) {
         std::string shape;
         for (int64_t s : t.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(s);

@@ -142,8 +142,7 @@ public:
     explicit TrainSession(const Spec& s) : model_(s.model, 1) {
         peft::AdapterOptions o;
         o.n = s.n;
-        o.lora_rank = s.lora_rank;
-        o.lora_alpha = 2.f * float(s.lora_rank);
+        o.section("lora") = {{"r", s.lora_rank}, {"lora_alpha", 2.0 * double(s.lora_rank)}};  // --lora-rank
         adapter_ = peft::make_adapter(s.method, o);
         adapter_->activate(model_);
         opt_ = std::make_unique<AdamW>(adapter_->parameters());

@@ -114,15 +114,16 @@ Args parse_args(int argc, char** argv) {
             fmt::format("--seq: {} exceeds the base's max_seq {}", a.settings.seq, a.cfg.max_seq));
     a.settings.batch = int_flag(r, "batch", 1);
     a.options.n = int_flag(r, "prefix-len", 0);
-    a.options.lora_rank = int_flag(r, "lora-rank", 1);
-    a.options.lora_alpha = 2.f * float(a.options.lora_rank);
+    // Shorthands for two methods' own options (their sections, peft/adapter.h).
+    const int64_t rank = int_flag(r, "lora-rank", 1);
+    a.options.section("lora") = {{"r", rank}, {"lora_alpha", 2.0 * double(rank)}};
     a.options.layers = r["adapter-layers"].as<std::string>();
     try {
         parse_layers(a.options.layers, a.cfg.n_layers);
     } catch (const std::invalid_argument& e) {
         throw std::invalid_argument(std::string("--adapter-layers: ") + e.what());
     }
-    a.options.reparam = r.count("reparam") > 0;
+    for (const char* prefix_form : {"prefix", "prefix-kv"}) a.options.section(prefix_form)["reparam"] = r.count("reparam") > 0;
     a.threads = int(int_flag(r, "threads", 0));
     a.settings.seed = uint64_t(int_flag(r, "seed", 0));
     a.out = r["out"].as<std::string>();
@@ -207,11 +208,13 @@ std::vector<std::string> footer(const Args& a, const std::vector<MethodReport>& 
         "A frozen base saves the dW GEMMs and the optimizer state, not the backward pass: dX still flows through "
         "every block between the loss and the lowest trainable one.");
     for (const MethodReport& r : rs) {
-        if (r.method == "full") continue;
+        if (make_adapter(r.method, a.options)->changes_base()) continue;
         std::string where;
+        const bool input_trains = !r.per_layer.empty() && r.per_layer.front().trainable_params > 0;  // "embed"
         if (r.backward_blocks.empty()) where = "no backward at all";
-        else if (r.method == "prompt")
-            where = fmt::format("dX flows through all {} blocks, down to the prompt at the input (on T+n = {} tokens)",
+        else if (input_trains)
+            where = fmt::format("dX flows through all {} blocks, down to the trainable vectors at the input (on T+n = "
+                                "{} tokens)",
                                 a.cfg.n_layers, a.settings.seq + a.options.n);
         else if (r.backward_blocks.front() == 0)
             where = fmt::format("dX flows through all {} blocks (block 0 is trainable)", a.cfg.n_layers);
@@ -229,15 +232,17 @@ std::vector<std::string> footer(const Args& a, const std::vector<MethodReport>& 
 
 void print_report(const Args& a, const std::vector<MethodReport>& rs, const MethodReport& full, bool measured) {
     const GPTConfig& c = a.cfg;
-    std::string targets;
-    for (const std::string& t : a.options.lora_targets) targets += (targets.empty() ? "" : ",") + t;
+    // The method sections as the methods read them (defaults filled in).
+    std::string sections;
+    for (const std::string& m : a.methods) {
+        const nlohmann::json own = make_adapter(m, a.options)->options().section_or_empty(m);
+        if (!own.empty()) sections += fmt::format("; {} {}", m, own.dump());
+    }
     fmt::print("peftlab report: {}V={} d={} L={} H={} F={} max_seq={}{} ({} base parameters)\n",
                a.preset.empty() ? (a.base.empty() ? "" : a.base + " ") : a.preset + " ", c.vocab, c.d_model, c.n_layers, c.n_heads, c.d_ff, c.max_seq,
                c.tie_embeddings ? " tied" : "", si(double(full.total_params)));
-    fmt::print("one training step: B={} rows x T={} tokens, AdamW; n={}, LoRA r={} on {}, adapter layers {}{}, "
-               "positions {}\n",
-               a.settings.batch, a.settings.seq, a.options.n, a.options.lora_rank, targets, a.options.layers,
-               a.options.reparam ? ", prefixes reparameterized" : "", a.options.positions);
+    fmt::print("one training step: B={} rows x T={} tokens, AdamW; n={}, adapter layers {}{}, positions {}\n",
+               a.settings.batch, a.settings.seq, a.options.n, a.options.layers, sections, a.options.positions);
     if (measured) {
         double worst = 0.0;
         for (const MethodReport& r : rs) worst = std::max(worst, r.max_relative_gap());

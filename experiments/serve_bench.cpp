@@ -36,7 +36,6 @@
 #include "experiments/lib/harness.h"
 #include "nn/safetensors.h"
 #include "peft/adapter_io.h"
-#include "peft/lora.h"
 #include "peft/registry.h"
 #include "peft/serve.h"
 
@@ -50,7 +49,14 @@ namespace {
 
 // Tenant i of the "mix" workload uses kMixMethods[i % 4].
 const std::vector<std::string> kMixMethods = {"prompt", "prefix", "prefix-kv", "lora"};
-const std::vector<std::string> kKnownMethods = {"prompt", "prefix", "prefix-kv", "lora", "mix"};
+// Servable: every registered method that leaves the base unchanged, and "mix".
+std::vector<std::string> known_methods() {
+    std::vector<std::string> out;
+    for (const std::string& m : peft::method_names())
+        if (!peft::make_adapter(m)->changes_base()) out.push_back(m);
+    out.push_back("mix");
+    return out;
+}
 
 struct Args {
     GPTConfig cfg;
@@ -68,10 +74,14 @@ struct Args {
 std::vector<std::string> method_list(const cxxopts::ParseResult& r, const std::string& name, bool allow_mix) {
     std::vector<std::string> out = harness::split_list(r[name].as<std::string>());
     if (out.empty()) throw std::invalid_argument(fmt::format("--{}: no methods given", name));
+    std::vector<std::string> known = known_methods();
+    if (!allow_mix) known.pop_back();
     for (const std::string& m : out)
-        if (std::find(kKnownMethods.begin(), kKnownMethods.end(), m) == kKnownMethods.end() || (m == "mix" && !allow_mix))
-            throw std::invalid_argument(fmt::format("--{}: unknown method '{}' (known: prompt, prefix, prefix-kv, lora{})",
-                                                    name, m, allow_mix ? ", mix" : ""));
+        if (std::find(known.begin(), known.end(), m) == known.end()) {
+            std::string list;
+            for (const std::string& k : known) list += (list.empty() ? "" : ", ") + k;
+            throw std::invalid_argument(fmt::format("--{}: unknown method '{}' (known: {})", name, m, list));
+        }
     return out;
 }
 
@@ -281,8 +291,7 @@ public:
         o.n = n;
         o.init = "random";
         o.seed = a_.seed * 1000 + uint64_t(i) + 7;
-        o.lora_rank = a_.lora_rank;
-        o.lora_alpha = 2.f * float(a_.lora_rank);
+        o.section("lora") = {{"r", a_.lora_rank}, {"lora_alpha", 2.0 * double(a_.lora_rank)}};  // --lora-rank
         auto adapter = make_adapter(method, o);
         adapter->attach(base_);
         Rng rng(o.seed + 13);
@@ -402,15 +411,15 @@ void run_bench(const Args& a) {
         for (int64_t r = 0; r < R; ++r) per_tenant[size_t(r % K)].push_back(base_reqs[size_t(r)]);
         ms.push_back({fmt::format("lora-merged/{}/sequential", K), [=, &bench, &merged_loras] {
                           return bench.serve(
-                              *plain, per_tenant, [&](size_t t) { dynamic_cast<LoRA&>(*merged_loras[t]).merge(); },
-                              [&](size_t t) { dynamic_cast<LoRA&>(*merged_loras[t]).unmerge(); });
+                              *plain, per_tenant, [&](size_t t) { merged_loras[t]->merge(); },
+                              [&](size_t t) { merged_loras[t]->unmerge(); });
                       }});
     }
     {
         ms.push_back({"lora-merged/single", [=, &bench, &merged_loras] {
                           return bench.serve(
-                              *plain, {base_reqs}, [&](size_t) { dynamic_cast<LoRA&>(*merged_loras[0]).merge(); },
-                              [&](size_t) { dynamic_cast<LoRA&>(*merged_loras[0]).unmerge(); });
+                              *plain, {base_reqs}, [&](size_t) { merged_loras[0]->merge(); },
+                              [&](size_t) { merged_loras[0]->unmerge(); });
                       }});
     }
     // How much batching itself buys on this machine: one tenant, batch sizes up to --batch.

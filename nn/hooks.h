@@ -9,7 +9,11 @@
 //                      discarded, so the model computes just LN1 -> K, V for them.
 //   3. layer_prefix.key/value - key and value vectors prepended in a layer's
 //                      attention (prefix tuning, key/value form)
-//   4. linear_delta  - a delta added to any Linear's output (LoRA)
+//   4. linear_delta  - a delta added to any Linear's output (LoRA, BitFit)
+//      linear_input  - a replacement for a Linear's input, e.g. scaled (IA3 on
+//                      the MLP's inner activation)
+//      linear_output - a replacement for a Linear's output, seeing its input
+//                      and output, e.g. scaled (IA3 on keys and values)
 //   5. per batch row - every prefix may be [B, n, C] with a validity mask
 //                      [B, n], so row i can use adapter a_i or none; or a table
 //                      [A, n, C] with `rows` naming each batch row's entry, so
@@ -71,10 +75,52 @@ public:
     // ("blocks.2.attn.q_proj"); return a tensor shaped like its output, or an
     // undefined tensor for no change.
     virtual Tensor linear_delta(const std::string& path, const Tensor& x, const ForwardInfo&) { return {}; }
-    // False when linear_delta returns no delta for `path` whatever x is: a
-    // caller that must prepare x first (MultiAdapter gathers each adapter's
-    // rows) then skips the call. true, the default, is always safe.
+    // x [..., in] is the input of the Linear at `path`: return the input it
+    // should read instead (same shape), or an undefined tensor for no change.
+    // Runs before the GEMM; linear_delta and linear_output then see this input.
+    virtual Tensor linear_input(const std::string& path, const Tensor& x, const ForwardInfo&) { return {}; }
+    // y [..., out] is the output of the Linear at `path` on input x (its base
+    // output plus linear_delta): return the output to use instead (same
+    // shape), or an undefined tensor for no change.
+    virtual Tensor linear_output(const std::string& path, const Tensor& x, const Tensor& y, const ForwardInfo&) {
+        return {};
+    }
+    // False when the three linear_* hooks change nothing for `path` whatever
+    // x is: a caller that must prepare x first (MultiAdapter gathers each
+    // adapter's rows) then skips the call. true, the default, is always safe.
     virtual bool adapts_linear(const std::string& path) const { return true; }
+};
+
+// Passes every hook to `inner` (which may be changed, or null: no change). A
+// wrapper that changes one hook derives from this and overrides that one
+// only, so a new hook is added here once, not in every wrapper.
+class ForwardingHooks : public ModelHooks {
+public:
+    explicit ForwardingHooks(ModelHooks* inner = nullptr) : inner_(inner) {}
+    void set_inner(ModelHooks* inner) { inner_ = inner; }
+    void begin_forward(const ForwardInfo& info) override {
+        if (inner_) inner_->begin_forward(info);
+    }
+    SeqPrefix input_prefix(const ForwardInfo& info) override { return inner_ ? inner_->input_prefix(info) : SeqPrefix{}; }
+    LayerPrefix layer_prefix(int layer, const ForwardInfo& info) override {
+        return inner_ ? inner_->layer_prefix(layer, info) : LayerPrefix{};
+    }
+    std::vector<int32_t> position_offset(const ForwardInfo& info) override {
+        return inner_ ? inner_->position_offset(info) : std::vector<int32_t>{};
+    }
+    Tensor linear_delta(const std::string& path, const Tensor& x, const ForwardInfo& info) override {
+        return inner_ ? inner_->linear_delta(path, x, info) : Tensor();
+    }
+    Tensor linear_input(const std::string& path, const Tensor& x, const ForwardInfo& info) override {
+        return inner_ ? inner_->linear_input(path, x, info) : Tensor();
+    }
+    Tensor linear_output(const std::string& path, const Tensor& x, const Tensor& y, const ForwardInfo& info) override {
+        return inner_ ? inner_->linear_output(path, x, y, info) : Tensor();
+    }
+    bool adapts_linear(const std::string& path) const override { return inner_ && inner_->adapts_linear(path); }
+
+protected:
+    ModelHooks* inner_;
 };
 
 }  // namespace peftlab

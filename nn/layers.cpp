@@ -101,13 +101,15 @@ Linear::Linear(int64_t in, int64_t out, bool with_bias, Rng& rng, float init_std
     if (with_bias) bias = register_parameter("bias", Tensor::zeros({out}));
 }
 
-Tensor Linear::forward(const Tensor& x, const ForwardContext& ctx) const {
+Tensor Linear::forward(const Tensor& x_in, const ForwardContext& ctx) const {
+    if (!ctx.hooks) return linear(x_in, weight, bias);
+    Tensor x = ctx.hooks->linear_input(path(), x_in, ctx.info);
+    if (!x.defined()) x = x_in;
     Tensor y = linear(x, weight, bias);
-    if (ctx.hooks) {
-        Tensor delta = ctx.hooks->linear_delta(path(), x, ctx.info);
-        if (delta.defined()) y = add(y, delta);
-    }
-    return y;
+    Tensor delta = ctx.hooks->linear_delta(path(), x, ctx.info);
+    if (delta.defined()) y = add(y, delta);
+    Tensor out = ctx.hooks->linear_output(path(), x, y, ctx.info);
+    return out.defined() ? out : y;
 }
 
 Embedding::Embedding(int64_t num, int64_t dim, Rng& rng, float init_std) {

@@ -30,7 +30,8 @@ Tensor prefix_valid_per_row(const Tensor& valid, int64_t B, int64_t n, const std
 class Linear : public Module {
 public:
     Linear(int64_t in, int64_t out, bool bias, Rng& rng, float init_std = 0.02f);
-    // x [..., in] -> [..., out], plus the hooks' delta for this path.
+    // x [..., in] -> [..., out], through the hooks for this path (input,
+    // delta, output: nn/hooks.h).
     Tensor forward(const Tensor& x, const ForwardContext& ctx) const;
     Tensor weight;  // [out, in]
     Tensor bias;    // [out] or undefined

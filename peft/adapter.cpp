@@ -1,6 +1,8 @@
 #include "peft/adapter.h"
 
 #include <algorithm>
+#include <cmath>
+#include <map>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -8,25 +10,33 @@
 
 #include <fmt/format.h>
 
+#include "peft/registry.h"
+
 namespace peftlab::peft {
 
+nlohmann::json& AdapterOptions::section(const std::string& method) {
+    if (!sections.is_object()) sections = nlohmann::json::object();
+    nlohmann::json& s = sections[method];
+    if (s.is_null()) s = nlohmann::json::object();
+    return s;
+}
+
+nlohmann::json AdapterOptions::section_or_empty(const std::string& method) const {
+    if (sections.is_object() && sections.contains(method)) return sections.at(method);
+    return nlohmann::json::object();
+}
+
 nlohmann::json AdapterOptions::to_json() const {
-    return {{"n", n},
-            {"layers", layers},
-            {"reparam", reparam},
-            {"reparam_hidden", reparam_hidden},
-            {"init", init},
-            {"init_tokens", init_tokens},
-            {"lora_rank", lora_rank},
-            {"lora_alpha", lora_alpha},
-            {"lora_targets", lora_targets},
-            {"seed", seed},
-            {"positions", positions}};
+    nlohmann::json j = {{"n", n}, {"layers", layers}, {"init", init}, {"init_tokens", init_tokens}, {"seed", seed}, {"positions", positions}};
+    if (sections.is_object())
+        for (const auto& [method, section] : sections.items()) j[method] = section;
+    return j;
 }
 
 AdapterOptions AdapterOptions::from_json(const nlohmann::json& j) {
     if (!j.is_object()) throw std::invalid_argument("AdapterOptions: expected a JSON object, got " + j.dump());
     AdapterOptions o;
+    const std::vector<std::string> known = method_names();
     for (auto it = j.begin(); it != j.end(); ++it) {
         const std::string& k = it.key();
         auto bad_value = [&] {
@@ -43,33 +53,122 @@ AdapterOptions AdapterOptions::from_json(const nlohmann::json& j) {
         try {
             if (k == "n") get_integer(o.n);
             else if (k == "layers") it->get_to(o.layers);
-            else if (k == "reparam") it->get_to(o.reparam);
-            else if (k == "reparam_hidden") get_integer(o.reparam_hidden);
             else if (k == "init") it->get_to(o.init);
             else if (k == "init_tokens") {
                 if (!it->is_array()) throw bad_value();
                 for (const auto& v : *it) integer(v, false);
                 it->get_to(o.init_tokens);
-            } else if (k == "lora_rank") get_integer(o.lora_rank);
-            else if (k == "lora_alpha") it->get_to(o.lora_alpha);
-            else if (k == "lora_targets") it->get_to(o.lora_targets);
-            else if (k == "seed") get_integer(o.seed);
+            } else if (k == "seed") get_integer(o.seed);
             else if (k == "positions") {
                 it->get_to(o.positions);
                 if (o.positions != "hf" && o.positions != "keep")
                     throw std::invalid_argument(
                         fmt::format("AdapterOptions: positions = '{}' is not hf or keep", o.positions));
             }
-            else throw std::invalid_argument(fmt::format("AdapterOptions: unknown key '{}'", k));
+            else if (std::find(known.begin(), known.end(), k) != known.end()) {
+                if (!it->is_object())
+                    throw std::invalid_argument(
+                        fmt::format("AdapterOptions: '{}' options must be a JSON object, got {}", k, it->dump()));
+                o.sections[k] = *it;
+            } else {
+                std::string names;
+                for (const std::string& m : known) names += ", " + m;
+                throw std::invalid_argument(fmt::format(
+                    "AdapterOptions: unknown key '{}' (common keys: n, layers, init, init_tokens, seed, positions; method "
+                    "sections:{})",
+                    k, names));
+            }
         } catch (const nlohmann::json::exception&) {
             throw bad_value();
         }
     }
     if (o.n < 0) throw std::invalid_argument(fmt::format("AdapterOptions: n = {} must be >= 0", o.n));
-    if (o.lora_rank < 1) throw std::invalid_argument(fmt::format("AdapterOptions: lora_rank = {} must be >= 1", o.lora_rank));
-    if (o.reparam_hidden < 1)
-        throw std::invalid_argument(fmt::format("AdapterOptions: reparam_hidden = {} must be >= 1", o.reparam_hidden));
+    // Each section's own method validates it (its constructor reads it).
+    for (const auto& [method, section] : o.sections.items()) make_adapter(method, o);
     return o;
+}
+
+MethodOptions::MethodOptions(const AdapterOptions& o, std::string method)
+    : method_(std::move(method)), in_(o.section_or_empty(method_)) {
+    if (!in_.is_object())
+        throw std::invalid_argument(fmt::format("{} options: expected a JSON object, got {}", method_, in_.dump()));
+}
+
+std::invalid_argument MethodOptions::error(const std::string& key, const std::string& why) const {
+    return std::invalid_argument(fmt::format("{} options: key '{}' {}", method_, key, why));
+}
+
+const nlohmann::json* MethodOptions::find(const std::string& key) {
+    return in_.contains(key) ? &in_.at(key) : nullptr;
+}
+
+int64_t MethodOptions::integer(const std::string& key, int64_t def, int64_t min) {
+    int64_t v = def;
+    if (const nlohmann::json* j = find(key)) {
+        if (!j->is_number_integer()) throw error(key, "must be an integer, got " + j->dump());
+        v = j->get<int64_t>();
+    }
+    if (v < min) throw error(key, fmt::format("= {} must be >= {}", v, min));
+    out_[key] = v;
+    return v;
+}
+
+double MethodOptions::number(const std::string& key, double def) {
+    double v = def;
+    if (const nlohmann::json* j = find(key)) {
+        if (!j->is_number()) throw error(key, "must be a number, got " + j->dump());
+        v = j->get<double>();
+    }
+    if (!std::isfinite(v)) throw error(key, fmt::format("= {} must be finite", v));
+    out_[key] = v;
+    return v;
+}
+
+bool MethodOptions::boolean(const std::string& key, bool def) {
+    bool v = def;
+    if (const nlohmann::json* j = find(key)) {
+        if (!j->is_boolean()) throw error(key, "must be true or false, got " + j->dump());
+        v = j->get<bool>();
+    }
+    out_[key] = v;
+    return v;
+}
+
+std::string MethodOptions::choice(const std::string& key, const std::string& def,
+                                  const std::vector<std::string>& allowed) {
+    std::string v = def;
+    if (const nlohmann::json* j = find(key)) {
+        if (!j->is_string()) throw error(key, "must be a string, got " + j->dump());
+        v = j->get<std::string>();
+    }
+    if (std::find(allowed.begin(), allowed.end(), v) == allowed.end()) {
+        std::string list;
+        for (const std::string& a : allowed) list += (list.empty() ? "" : ", ") + a;
+        throw error(key, fmt::format("= '{}' is not one of {}", v, list));
+    }
+    out_[key] = v;
+    return v;
+}
+
+std::vector<std::string> MethodOptions::strings(const std::string& key, const std::vector<std::string>& def) {
+    std::vector<std::string> v = def;
+    if (const nlohmann::json* j = find(key)) {
+        if (!j->is_array() || !std::all_of(j->begin(), j->end(), [](const nlohmann::json& e) { return e.is_string(); }))
+            throw error(key, "must be a list of strings, got " + j->dump());
+        v = j->get<std::vector<std::string>>();
+    }
+    out_[key] = v;
+    return v;
+}
+
+nlohmann::json MethodOptions::finish() {
+    for (const auto& [key, value] : in_.items())
+        if (!out_.contains(key)) {
+            std::string list;
+            for (const auto& [k, v] : out_.items()) list += (list.empty() ? "" : ", ") + k;
+            throw error(key, fmt::format("is unknown (known: {})", list.empty() ? "none" : list));
+        }
+    return out_;
 }
 
 std::vector<int> parse_layers(const std::string& spec, int L) {
@@ -133,6 +232,57 @@ void Adapter::attach(GPT& base) {
 void Adapter::activate(GPT& base) {
     attach(base);
     base.set_hooks(this);
+}
+
+namespace {
+// Adapters merged into each base, in merge order: unmerge must undo the last one.
+std::map<const GPT*, std::vector<const Adapter*>>& merge_stacks() {
+    static std::map<const GPT*, std::vector<const Adapter*>> stacks;
+    return stacks;
+}
+}  // namespace
+
+Adapter::~Adapter() {
+    if (!merged_) return;
+    auto& stack = merge_stacks()[base_];
+    stack.erase(std::remove(stack.begin(), stack.end(), this), stack.end());
+}
+
+void Adapter::merge() {
+    if (!mergeable()) throw std::logic_error(fmt::format("{} adapter: cannot be merged into the base", method()));
+    if (!base_) throw std::logic_error(fmt::format("{} adapter: merge() before attach()", method()));
+    if (merged_) return;
+    merge_into_base();
+    merged_ = true;
+    merge_stacks()[base_].push_back(this);
+}
+
+void Adapter::unmerge() {
+    if (!merged_) return;
+    auto& stack = merge_stacks()[base_];
+    if (stack.empty() || stack.back() != this)
+        throw std::logic_error(fmt::format(
+            "{} adapter: unmerge() out of order: a {} adapter was merged into the same base after this one and "
+            "is still merged; unmerge it first",
+            method(), stack.empty() ? std::string("?") : stack.back()->method()));
+    restore_base();
+    stack.pop_back();
+    merged_ = false;
+}
+
+void Adapter::set_own_options(const std::string& method, nlohmann::json canonical) {
+    opts_.sections = nlohmann::json::object();
+    opts_.sections[method] = std::move(canonical);
+}
+
+int Adapter::layer_of(const std::string& path) {
+    if (path.rfind("blocks.", 0) != 0) return -1;
+    size_t dot = path.find('.', 7);
+    try {
+        return std::stoi(path.substr(7, dot == std::string::npos ? std::string::npos : dot - 7));
+    } catch (const std::exception&) {
+        return -1;
+    }
 }
 
 Tensor Adapter::add_param(const std::string& name, Tensor t) {

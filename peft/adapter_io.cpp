@@ -13,7 +13,6 @@
 
 #include "autograd/tape.h"
 #include "nn/safetensors.h"
-#include "peft/lora.h"
 #include "peft/registry.h"
 
 namespace peftlab::peft {
@@ -22,7 +21,6 @@ namespace {
 using nlohmann::json;
 namespace fs = std::filesystem;
 
-constexpr const char* kHfLoraKeyPrefix = "base_model.model.";  // PeftModel -> LoraModel -> the LM
 constexpr const char* kHfBaseNamePrefix = "peftlab:";
 
 std::string in_dir(const std::string& dir, const char* file) { return (fs::path(dir) / file).string(); }
@@ -31,94 +29,11 @@ std::runtime_error file_error(const char* fn, const std::string& path, const std
     return std::runtime_error(fmt::format("{}: '{}': {}", fn, path, what));
 }
 
-// A parsed JSON config file whose accessors name the file and key in every error.
-class JsonFile {
-public:
-    JsonFile(const char* fn, std::string path) : fn_(fn), path_(std::move(path)) {
-        std::ifstream in(path_, std::ios::binary);
-        if (!in) throw error(fmt::format("cannot open ({})", std::strerror(errno)));
-        std::stringstream text;
-        text << in.rdbuf();
-        try {
-            j_ = json::parse(text.str());
-        } catch (const json::parse_error& e) {
-            throw error(fmt::format("not valid JSON ({})", e.what()));
-        }
-        if (!j_.is_object()) throw error(fmt::format("expected a JSON object, got {}", j_.type_name()));
-    }
-
-    std::runtime_error error(const std::string& what) const { return file_error(fn_, path_, what); }
-    std::runtime_error key_error(const std::string& key, const std::string& what) const {
-        return error(fmt::format("key '{}': {}", key, what));
-    }
-
-    bool has(const std::string& key) const { return j_.contains(key) && !j_.at(key).is_null(); }
-    const json& at(const std::string& key) const {
-        if (!j_.contains(key)) throw error(fmt::format("key '{}' is missing", key));
-        return j_.at(key);
-    }
-    std::string str(const std::string& key) const {
-        const json& v = at(key);
-        if (!v.is_string()) throw key_error(key, "must be a string, got " + v.dump());
-        return v.get<std::string>();
-    }
-    bool boolean(const std::string& key) const {
-        const json& v = at(key);
-        if (!v.is_boolean()) throw key_error(key, "must be true or false, got " + v.dump());
-        return v.get<bool>();
-    }
-    int64_t integer(const std::string& key) const {
-        const json& v = at(key);
-        if (!v.is_number_integer()) throw key_error(key, "must be an integer, got " + v.dump());
-        return v.get<int64_t>();
-    }
-    double number(const std::string& key) const {
-        const json& v = at(key);
-        if (!v.is_number()) throw key_error(key, "must be a number, got " + v.dump());
-        return v.get<double>();
-    }
-    // An integer key that must equal the base's value.
-    void expect(const std::string& key, int64_t base_value) const {
-        int64_t v = integer(key);
-        if (v != base_value) throw key_error(key, fmt::format("is {} but the base has {}", v, base_value));
-    }
-
-private:
-    const char* fn_;
-    std::string path_;
-    json j_;
-};
-
 StFile read_tensors(const char* fn, const std::string& path) {
     try {
         return load_safetensors(path);
     } catch (const std::runtime_error& e) {
         throw std::runtime_error(fmt::format("{}: {}", fn, e.what()));
-    }
-}
-
-// Throws unless the file holds exactly `dest`'s keys with equal shapes. Changes nothing.
-void check_tensors(const char* fn, const std::string& path, const StFile& file, const NamedTensors& dest) {
-    std::set<std::string> wanted;
-    for (const auto& [key, t] : dest) {
-        wanted.insert(key);
-        auto it = file.tensors.find(key);
-        if (it == file.tensors.end())
-            throw file_error(fn, path, fmt::format("missing tensor '{}' (the adapter has {} tensors, the file {})",
-                                                   key, dest.size(), file.tensors.size()));
-        if (it->second.shape != t.shape())
-            throw file_error(fn, path, fmt::format("tensor '{}' has shape {} in the file but {} in the adapter", key,
-                                                   shape_str(it->second.shape), shape_str(t.shape())));
-    }
-    for (const auto& [key, st] : file.tensors)
-        if (!wanted.count(key)) throw file_error(fn, path, fmt::format("unexpected tensor '{}' (not in the adapter)", key));
-}
-
-// After check_tensors: cannot fail.
-void copy_tensors(const StFile& file, const NamedTensors& dest) {
-    for (const auto& [key, t] : dest) {
-        const std::vector<float>& src = file.tensors.at(key).data;
-        if (!src.empty()) std::memcpy(Tensor(t).data(), src.data(), src.size() * sizeof(float));
     }
 }
 
@@ -156,15 +71,10 @@ private:
 
 GPT& attached_base(const char* fn, const Adapter& adapter) {
     if (!adapter.base()) throw std::invalid_argument(fmt::format("{}: the {} adapter is not attached to a model", fn, adapter.method()));
-    if (const auto* lora = dynamic_cast<const LoRA*>(&adapter); lora && lora->merged())
-        throw std::invalid_argument(fmt::format("{}: the LoRA adapter is merged into its base; unmerge() first", fn));
+    if (adapter.merged())
+        throw std::invalid_argument(
+            fmt::format("{}: the {} adapter is merged into its base; unmerge() first", fn, adapter.method()));
     return *adapter.base();
-}
-
-Tensor find_tensor(const NamedTensors& tensors, const std::string& name) {
-    for (const auto& [n, t] : tensors)
-        if (n == name) return t;
-    throw std::logic_error("adapter_io: the adapter has no tensor '" + name + "'");
 }
 
 bool same_names(const NamedTensors& a, const NamedTensors& b) {
@@ -175,7 +85,7 @@ bool same_names(const NamedTensors& a, const NamedTensors& b) {
 }
 
 // Throws unless `base` is the model the adapter was saved for: equal config, then equal weights.
-void check_base(const JsonFile& cfg, const json& saved_config, const std::string& saved_hash, const GPT& base) {
+void check_base(const ConfigFile& cfg, const json& saved_config, const std::string& saved_hash, const GPT& base) {
     GPTConfig saved;
     try {
         saved = GPTConfig::from_json(saved_config);
@@ -198,35 +108,84 @@ void check_base(const JsonFile& cfg, const json& saved_config, const std::string
 // PEFT's prefix table [n, 2*L*d] of an adapter on every layer: per layer l, the
 // keys in columns [2l*d, (2l+1)*d), then the values. The hidden-state form's
 // vectors P go through layer l's ln1 and K/V projections, as the model does.
-Tensor hf_prefix_table(const Adapter& adapter, const GPT& base) {
-    NoGradGuard no_grad;
-    const NamedTensors params = adapter.inference_parameters();
-    const bool kv = adapter.method() == "prefix-kv";
-    const int64_t n = adapter.options().n, d = base.config().d_model, L = base.config().n_layers;
-    Tensor table = Tensor::empty({n, 2 * L * d});
-    for (int64_t l = 0; l < L; ++l) {
-        Tensor key, value;
-        if (kv) {
-            key = find_tensor(params, fmt::format("blocks.{}.prefix.key", l));
-            value = find_tensor(params, fmt::format("blocks.{}.prefix.value", l));
-        } else {
-            const Block& blk = *base.blocks[size_t(l)];
-            Tensor hn = blk.ln1.forward(find_tensor(params, fmt::format("blocks.{}.prefix.hidden", l)));
-            key = linear(hn, blk.attn.k_proj.weight, blk.attn.k_proj.bias);
-            value = linear(hn, blk.attn.v_proj.weight, blk.attn.v_proj.bias);
-        }
-        for (int64_t i = 0; i < n; ++i) {
-            float* row = table.data() + i * 2 * L * d;
-            std::memcpy(row + 2 * l * d, key.data() + i * d, size_t(d) * sizeof(float));
-            std::memcpy(row + (2 * l + 1) * d, value.data() + i * d, size_t(d) * sizeof(float));
-        }
+}  // namespace
+
+// ---- ConfigFile, tensor checks, PEFT prompt-learning fields ----------------------------------
+ConfigFile::ConfigFile(const char* fn, std::string path) : fn_(fn), path_(std::move(path)) {
+    std::ifstream in(path_, std::ios::binary);
+    if (!in) throw error(fmt::format("cannot open ({})", std::strerror(errno)));
+    std::stringstream text;
+    text << in.rdbuf();
+    try {
+        j_ = json::parse(text.str());
+    } catch (const json::parse_error& e) {
+        throw error(fmt::format("not valid JSON ({})", e.what()));
     }
-    return table;
+    if (!j_.is_object()) throw error(fmt::format("expected a JSON object, got {}", j_.type_name()));
 }
 
-// Fields every PEFT prompt-learning config carries.
-void add_prompt_learning_fields(json& cfg, const Adapter& adapter, const GPTConfig& c) {
-    cfg["num_virtual_tokens"] = adapter.options().n;
+std::runtime_error ConfigFile::error(const std::string& what) const { return file_error(fn_, path_, what); }
+std::runtime_error ConfigFile::key_error(const std::string& key, const std::string& what) const {
+    return error(fmt::format("key '{}': {}", key, what));
+}
+bool ConfigFile::has(const std::string& key) const { return j_.contains(key) && !j_.at(key).is_null(); }
+const json& ConfigFile::at(const std::string& key) const {
+    if (!j_.contains(key)) throw error(fmt::format("key '{}' is missing", key));
+    return j_.at(key);
+}
+std::string ConfigFile::str(const std::string& key) const {
+    const json& v = at(key);
+    if (!v.is_string()) throw key_error(key, "must be a string, got " + v.dump());
+    return v.get<std::string>();
+}
+bool ConfigFile::boolean(const std::string& key) const {
+    const json& v = at(key);
+    if (!v.is_boolean()) throw key_error(key, "must be true or false, got " + v.dump());
+    return v.get<bool>();
+}
+int64_t ConfigFile::integer(const std::string& key) const {
+    const json& v = at(key);
+    if (!v.is_number_integer()) throw key_error(key, "must be an integer, got " + v.dump());
+    return v.get<int64_t>();
+}
+double ConfigFile::number(const std::string& key) const {
+    const json& v = at(key);
+    if (!v.is_number()) throw key_error(key, "must be a number, got " + v.dump());
+    return v.get<double>();
+}
+void ConfigFile::expect(const std::string& key, int64_t base_value) const {
+    int64_t v = integer(key);
+    if (v != base_value) throw key_error(key, fmt::format("is {} but the base has {}", v, base_value));
+}
+
+// Throws unless the file holds exactly `dest`'s keys with equal shapes. Changes nothing.
+void check_tensors(const char* fn, const std::string& path, const StFile& file, const NamedTensors& dest) {
+    std::set<std::string> wanted;
+    for (const auto& [key, t] : dest) {
+        wanted.insert(key);
+        auto it = file.tensors.find(key);
+        if (it == file.tensors.end())
+            throw file_error(fn, path, fmt::format("missing tensor '{}' (the adapter has {} tensors, the file {})",
+                                                   key, dest.size(), file.tensors.size()));
+        if (it->second.shape != t.shape())
+            throw file_error(fn, path, fmt::format("tensor '{}' has shape {} in the file but {} in the adapter", key,
+                                                   shape_str(it->second.shape), shape_str(t.shape())));
+    }
+    for (const auto& [key, st] : file.tensors)
+        if (!wanted.count(key)) throw file_error(fn, path, fmt::format("unexpected tensor '{}' (not in the adapter)", key));
+}
+
+// After check_tensors: cannot fail.
+void copy_tensors(const StFile& file, const NamedTensors& dest) {
+    for (const auto& [key, t] : dest) {
+        const std::vector<float>& src = file.tensors.at(key).data;
+        if (!src.empty()) std::memcpy(Tensor(t).data(), src.data(), src.size() * sizeof(float));
+    }
+}
+
+
+void hf_add_prompt_learning_fields(json& cfg, int64_t n, const GPTConfig& c) {
+    cfg["num_virtual_tokens"] = n;
     cfg["token_dim"] = c.d_model;
     cfg["num_transformer_submodules"] = 1;
     cfg["num_attention_heads"] = c.n_heads;
@@ -234,58 +193,23 @@ void add_prompt_learning_fields(json& cfg, const Adapter& adapter, const GPTConf
     cfg["modules_to_save"] = nullptr;
 }
 
-// layers_to_transform as our layer spec: null -> all, k -> "k", [..] -> "a,b" ([] -> none).
-std::string hf_layers_spec(const JsonFile& cfg, int L) {
-    const char* key = "layers_to_transform";
-    if (!cfg.has(key)) return "all";
-    const json& v = cfg.at(key);
-    std::vector<int64_t> layers;
-    if (v.is_number_integer()) layers.push_back(v.get<int64_t>());
-    else if (v.is_array() && std::all_of(v.begin(), v.end(), [](const json& e) { return e.is_number_integer(); }))
-        layers = v.get<std::vector<int64_t>>();
-    else throw cfg.key_error(key, "must be null, an integer or a list of integers, got " + v.dump());
-    if (layers.empty()) return "none";
-    std::string spec;
-    for (int64_t l : layers) {
-        if (!spec.empty()) spec += ',';
-        spec += std::to_string(l);
-    }
-    try {
-        parse_layers(spec, L);
-    } catch (const std::invalid_argument& e) {
-        throw cfg.key_error(key, e.what());
-    }
-    return spec;
+int64_t hf_check_prompt_learning(const ConfigFile& cfg, const GPTConfig& c) {
+    cfg.expect("token_dim", c.d_model);
+    cfg.expect("num_layers", c.n_layers);
+    cfg.expect("num_attention_heads", c.n_heads);
+    if (cfg.has("num_transformer_submodules")) cfg.expect("num_transformer_submodules", 1);
+    const int64_t n = cfg.integer("num_virtual_tokens");
+    if (n < 0) throw cfg.key_error("num_virtual_tokens", fmt::format("{} must be >= 0", n));
+    return n;
 }
 
-// The LORA config fields that change the function, checked against what our LoRA computes.
-AdapterOptions hf_lora_options(const JsonFile& cfg, int L) {
-    AdapterOptions o;
-    o.lora_rank = cfg.integer("r");
-    if (o.lora_rank < 1) throw cfg.key_error("r", fmt::format("{} must be >= 1", o.lora_rank));
-    o.lora_alpha = float(cfg.number("lora_alpha"));
-    const json& targets = cfg.at("target_modules");
-    if (!targets.is_array() || !std::all_of(targets.begin(), targets.end(), [](const json& t) { return t.is_string(); }))
-        throw cfg.key_error("target_modules", "must be a list of module names (regex strings are not supported), got " +
-                                                  targets.dump());
-    o.lora_targets = targets.get<std::vector<std::string>>();
-    o.layers = hf_layers_spec(cfg, L);
-    if (cfg.has("layers_pattern")) {
-        const json& p = cfg.at("layers_pattern");
-        if (p != json("blocks") && p != json::array({"blocks"}))
-            throw cfg.key_error("layers_pattern", "must be null or \"blocks\" (where our layers live), got " + p.dump());
-    }
-    for (const char* flag : {"use_rslora", "use_dora", "fan_in_fan_out"})
-        if (cfg.has(flag) && cfg.boolean(flag)) throw cfg.key_error(flag, "true is not supported");
-    if (cfg.has("bias") && cfg.str("bias") != "none") throw cfg.key_error("bias", "only \"none\" is supported");
-    for (const char* pattern : {"rank_pattern", "alpha_pattern"})
-        if (cfg.has(pattern) && !cfg.at(pattern).empty()) throw cfg.key_error(pattern, "per-module patterns are not supported");
-    if (cfg.has("modules_to_save") && !cfg.at("modules_to_save").empty())
-        throw cfg.key_error("modules_to_save", "extra trained modules are not supported");
-    return o;
+// The default: the file holds hf_export()'s keys, whose tensors are the adapter's own.
+void Adapter::hf_import_tensors(const std::string& path, const StFile& file) {
+    const std::optional<HfExport> e = hf_export();
+    if (!e) throw std::logic_error(fmt::format("import_hf: the {} adapter has no Hugging Face PEFT form", method()));
+    check_tensors("import_hf", path, file, e->tensors);
+    copy_tensors(file, e->tensors);
 }
-
-}  // namespace
 
 std::string base_hash(const GPT& base) {
     uint64_t h = 0xcbf29ce484222325ull;
@@ -305,11 +229,11 @@ void save_adapter(const std::string& dir, const Adapter& adapter, bool inference
     const char* fn = "save_adapter";
     GPT& base = attached_base(fn, adapter);
     std::string hash;
-    if (adapter.method() == "full") {
+    if (adapter.changes_base()) {
         if (original_base_hash.empty())
-            throw std::invalid_argument(fmt::format("{}: '{}': full fine-tuning changed the base; pass original_base_hash "
+            throw std::invalid_argument(fmt::format("{}: '{}': the {} adapter changed the base; pass original_base_hash "
                                                     "= base_hash(model) taken before training",
-                                                    fn, dir));
+                                                    fn, dir, adapter.method()));
         hash = original_base_hash;
     } else {
         hash = base_hash(base);
@@ -334,7 +258,7 @@ void save_adapter(const std::string& dir, const Adapter& adapter, bool inference
 
 std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base) {
     const char* fn = "load_adapter";
-    const JsonFile cfg(fn, in_dir(dir, kAdapterConfigFile));
+    const ConfigFile cfg(fn, in_dir(dir, kAdapterConfigFile));
     if (cfg.str("format") != kAdapterFormat)
         throw cfg.key_error("format", fmt::format("is '{}', expected '{}'", cfg.str("format"), kAdapterFormat));
     const std::string method = cfg.str("method");
@@ -379,64 +303,33 @@ std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base) {
 void export_hf(const std::string& dir, const Adapter& adapter) {
     const char* fn = "export_hf";
     GPT& base = attached_base(fn, adapter);
-    const GPTConfig& c = base.config();
-    const std::string method = adapter.method();
+    std::optional<HfExport> e;
+    try {
+        e = adapter.hf_export();
+    } catch (const std::invalid_argument& err) {
+        throw std::invalid_argument(fmt::format("{}: '{}': {}", fn, dir, err.what()));
+    }
+    if (!e) {
+        std::string exportable;
+        for (const MethodInfo& m : methods())
+            if (!make_adapter(m.name)->hf_peft_type().empty()) exportable += (exportable.empty() ? "" : ", ") + m.name;
+        throw std::invalid_argument(fmt::format("{}: '{}': method '{}' has no Hugging Face PEFT counterpart "
+                                                "(exportable: {})",
+                                                fn, dir, adapter.method(), exportable));
+    }
     json cfg = {{"task_type", "CAUSAL_LM"},
                 {"base_model_name_or_path", kHfBaseNamePrefix + base_hash(base)},
                 {"revision", nullptr},
                 {"inference_mode", true}};
-    NamedTensors out;
-    if (method == "prompt") {
-        cfg["peft_type"] = "PROMPT_TUNING";
-        add_prompt_learning_fields(cfg, adapter, c);
-        cfg["prompt_tuning_init"] = "RANDOM";  // how it started no longer matters: the values are in the file
-        cfg["prompt_tuning_init_text"] = nullptr;
-        cfg["tokenizer_name_or_path"] = nullptr;
-        cfg["tokenizer_kwargs"] = nullptr;
-        out.emplace_back("prompt_embeddings", find_tensor(adapter.inference_parameters(), "prompt_embeddings"));
-    } else if (method == "prefix" || method == "prefix-kv") {
-        if (int64_t(adapter.layers().size()) != c.n_layers)
-            throw std::invalid_argument(fmt::format(
-                "{}: '{}': the {} adapter has prefixes on layers {} only, but PEFT's PREFIX_TUNING table covers "
-                "every layer (num_layers = {}); train with layers=all to export",
-                fn, dir, method, json(adapter.layers()).dump(), c.n_layers));
-        cfg["peft_type"] = "PREFIX_TUNING";
-        add_prompt_learning_fields(cfg, adapter, c);
-        cfg["encoder_hidden_size"] = c.d_model;  // unused without prefix_projection
-        cfg["prefix_projection"] = false;        // the file holds the final keys and values
-        out.emplace_back("prompt_embeddings", hf_prefix_table(adapter, base));
-    } else if (method == "lora") {
-        const AdapterOptions& o = adapter.options();
-        const bool all_layers = int64_t(adapter.layers().size()) == c.n_layers;
-        cfg["peft_type"] = "LORA";
-        cfg["r"] = o.lora_rank;
-        cfg["lora_alpha"] = o.lora_alpha;
-        cfg["lora_dropout"] = 0.0;
-        cfg["target_modules"] = o.lora_targets;
-        cfg["bias"] = "none";
-        cfg["fan_in_fan_out"] = false;  // our weights are [out, in], as nn.Linear's
-        cfg["use_rslora"] = false;
-        cfg["use_dora"] = false;
-        cfg["init_lora_weights"] = true;
-        cfg["modules_to_save"] = nullptr;
-        cfg["layers_to_transform"] = all_layers ? json(nullptr) : json(adapter.layers());
-        cfg["layers_pattern"] = all_layers ? json(nullptr) : json("blocks");
-        cfg["rank_pattern"] = json::object();
-        cfg["alpha_pattern"] = json::object();
-        for (const auto& [name, t] : adapter.inference_parameters()) out.emplace_back(kHfLoraKeyPrefix + name, t);
-    } else {
-        throw std::invalid_argument(fmt::format("{}: '{}': method '{}' has no Hugging Face PEFT counterpart "
-                                                "(exportable: prompt, prefix, prefix-kv, lora)",
-                                                fn, dir, method));
-    }
+    for (const auto& [key, value] : e->config.items()) cfg[key] = value;
     make_dir(fn, dir);
-    save_tensors(in_dir(dir, kAdapterWeightsFile), out, "pt");  // "pt": what transformers writes
+    save_tensors(in_dir(dir, kAdapterWeightsFile), e->tensors, "pt");  // "pt": what transformers writes
     write_file_atomic(in_dir(dir, kAdapterConfigFile), cfg.dump(2) + "\n");
 }
 
 std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base) {
     const char* fn = "import_hf";
-    const JsonFile cfg(fn, in_dir(dir, kAdapterConfigFile));
+    const ConfigFile cfg(fn, in_dir(dir, kAdapterConfigFile));
     const GPTConfig& c = base.config();
     const std::string peft_type = cfg.str("peft_type");
     if (cfg.has("task_type") && cfg.str("task_type") != "CAUSAL_LM")
@@ -450,54 +343,37 @@ std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base) {
                                             name.substr(std::strlen(kHfBaseNamePrefix)), hash));
     }
 
+    // The method that reads this peft_type: each is asked in registry order.
     std::string method;
-    AdapterOptions opts;
-    opts.init = "random";  // every value is overwritten from the file
-    if (peft_type == "PROMPT_TUNING" || peft_type == "PREFIX_TUNING") {
-        method = peft_type == "PROMPT_TUNING" ? "prompt" : "prefix-kv";
-        cfg.expect("token_dim", c.d_model);
-        cfg.expect("num_layers", c.n_layers);
-        cfg.expect("num_attention_heads", c.n_heads);
-        if (cfg.has("num_transformer_submodules")) cfg.expect("num_transformer_submodules", 1);
-        opts.n = cfg.integer("num_virtual_tokens");
-        if (opts.n < 0) throw cfg.key_error("num_virtual_tokens", fmt::format("{} must be >= 0", opts.n));
-    } else if (peft_type == "LORA") {
-        method = "lora";
-        opts = hf_lora_options(cfg, c.n_layers);
-    } else {
-        throw cfg.key_error("peft_type", fmt::format("'{}' is not supported (PROMPT_TUNING, PREFIX_TUNING, LORA)", peft_type));
+    std::optional<AdapterOptions> opts;
+    std::string supported;
+    for (const MethodInfo& m : methods()) {
+        std::unique_ptr<Adapter> probe = make_adapter(m.name);
+        const std::string type = probe->hf_peft_type();
+        if (!type.empty() && supported.find(type) == std::string::npos) supported += (supported.empty() ? "" : ", ") + type;
+        if (opts) continue;
+        opts = probe->hf_import_options(cfg, c);
+        if (opts) method = m.name;
     }
+    if (!opts)
+        throw cfg.key_error("peft_type", fmt::format("'{}' is not supported ({})",
+                                                     peft_type, supported));
 
     const std::string weights = in_dir(dir, kAdapterWeightsFile);
     const StFile file = read_tensors(fn, weights);
-    std::unique_ptr<Adapter> adapter = make_adapter(method, opts);
+    std::unique_ptr<Adapter> adapter;
+    try {
+        adapter = make_adapter(method, *opts);
+    } catch (const std::invalid_argument& e) {
+        throw cfg.error(e.what());
+    }
     GradFlagsGuard grad_flags(base);
     try {
         adapter->attach(base);
-    } catch (const std::invalid_argument& e) {  // only LoRA's target names can be wrong here
-        throw cfg.key_error("target_modules", e.what());
+    } catch (const std::invalid_argument& e) {
+        throw cfg.error(e.what());
     }
-    const NamedTensors& params = adapter->parameters();
-    if (method == "prefix-kv") {
-        // The file's table [n, 2*L*d], scattered into per-layer keys and values.
-        const int64_t n = opts.n, d = c.d_model, L = c.n_layers;
-        check_tensors(fn, weights, file, {{"prompt_embeddings", Tensor::empty({n, 2 * L * d})}});
-        const std::vector<float>& table = file.tensors.at("prompt_embeddings").data;
-        for (int64_t l = 0; l < L; ++l) {
-            Tensor key = find_tensor(params, fmt::format("blocks.{}.prefix.key", l));
-            Tensor value = find_tensor(params, fmt::format("blocks.{}.prefix.value", l));
-            for (int64_t i = 0; i < n; ++i) {
-                const float* row = table.data() + i * 2 * L * d;
-                std::memcpy(key.data() + i * d, row + 2 * l * d, size_t(d) * sizeof(float));
-                std::memcpy(value.data() + i * d, row + (2 * l + 1) * d, size_t(d) * sizeof(float));
-            }
-        }
-    } else {
-        NamedTensors dest;  // file key -> our tensor
-        for (const auto& [name, t] : params) dest.emplace_back(method == "lora" ? kHfLoraKeyPrefix + name : name, t);
-        check_tensors(fn, weights, file, dest);
-        copy_tensors(file, dest);
-    }
+    adapter->hf_import_tensors(weights, file);
     grad_flags.commit();
     return adapter;
 }

@@ -4,8 +4,8 @@
 // Own format (save_adapter / load_adapter), a directory holding
 //   adapter_model.safetensors  the adapter's tensors under their own names
 //                              ("blocks.3.prefix.key", "prefix_mlp.fc1.weight", ...)
-//   adapter_config.json        {"format": "peftlab-adapter-v1", "method", "options"
-//                              (AdapterOptions::to_json), "layers" (resolved),
+//   adapter_config.json        {"format": "peftlab-adapter-v2", "method", "options"
+//                              (AdapterOptions::to_json: common keys and the method's own section), "layers" (resolved),
 //                              "inference", "base_config" (GPTConfig JSON),
 //                              "base_hash" (base_hash() of the base it was trained on)}
 // "inference" is true when the file holds inference_parameters() rather than a
@@ -13,13 +13,10 @@
 // tensors are its inference tensors (all but an unmaterialized reparameterized prefix).
 //
 // Hugging Face PEFT layout (export_hf / import_hf), what PeftModel.save_pretrained
-// writes for a causal LM in inference mode:
-//   PROMPT_TUNING  "prompt_embeddings" [n, d]
-//   PREFIX_TUNING  "prompt_embeddings" [n, 2*L*d]: columns [2l*d, (2l+1)*d) are layer
-//                  l's keys, [(2l+1)*d, (2l+2)*d) its values (PrefixEncoder layout)
-//   LORA           "base_model.model.<module path>.lora_A.weight" [r, in] and
-//                  ".lora_B.weight" [out, r], module paths as ours ("blocks.0.attn.q_proj")
-// plus adapter_config.json with PEFT's fields; "base_model_name_or_path" is
+// writes for a causal LM in inference mode: each method writes its own
+// peft_type's fields and tensors (Adapter::hf_export; e.g. PROMPT_TUNING
+// "prompt_embeddings" [n, d], LORA "base_model.model.<module>.lora_A.weight"),
+// plus adapter_config.json's common fields; "base_model_name_or_path" is
 // "peftlab:<base_hash>", checked on import when present.
 //
 // Every file is written atomically (temp file, then rename); the tensors are
@@ -28,13 +25,49 @@
 // naming the file and the key or field; the base's weights are then unchanged and
 // its requires_grad flags restored.
 #include <memory>
+#include <stdexcept>
 #include <string>
 
+#include "nn/safetensors.h"
 #include "peft/adapter.h"
 
 namespace peftlab::peft {
 
-inline constexpr const char* kAdapterFormat = "peftlab-adapter-v1";
+// A parsed JSON config file whose accessors name the function, file and key in
+// every error (std::runtime_error "import_hf: 'dir/adapter_config.json': key 'r': ...").
+class ConfigFile {
+public:
+    ConfigFile(const char* fn, std::string path);
+    std::runtime_error error(const std::string& what) const;
+    std::runtime_error key_error(const std::string& key, const std::string& what) const;
+    bool has(const std::string& key) const;  // present and not null
+    const nlohmann::json& at(const std::string& key) const;
+    std::string str(const std::string& key) const;
+    bool boolean(const std::string& key) const;
+    int64_t integer(const std::string& key) const;
+    double number(const std::string& key) const;
+    // An integer key that must equal the base's value.
+    void expect(const std::string& key, int64_t base_value) const;
+
+private:
+    const char* fn_;
+    std::string path_;
+    nlohmann::json j_;
+};
+
+// Throws std::runtime_error naming fn and path unless `file` holds exactly
+// dest's keys with equal shapes. Changes nothing.
+void check_tensors(const char* fn, const std::string& path, const StFile& file, const NamedTensors& dest);
+// After check_tensors: copies each file tensor into dest's tensor of that key.
+void copy_tensors(const StFile& file, const NamedTensors& dest);
+
+// The fields every PEFT prompt-learning config carries (num_virtual_tokens =
+// n, token_dim, num_layers, ...), and their check against the base on import
+// (returns num_virtual_tokens).
+void hf_add_prompt_learning_fields(nlohmann::json& cfg, int64_t n, const GPTConfig& c);
+int64_t hf_check_prompt_learning(const ConfigFile& cfg, const GPTConfig& c);
+
+inline constexpr const char* kAdapterFormat = "peftlab-adapter-v2";  // v2: options in per-method sections
 inline constexpr const char* kAdapterWeightsFile = "adapter_model.safetensors";
 inline constexpr const char* kAdapterConfigFile = "adapter_config.json";
 
@@ -63,19 +96,19 @@ void save_adapter(const std::string& dir, const Adapter& adapter, bool inference
 // weight of `base` with the fine-tuned model.
 std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base);
 
-// Writes the adapter in Hugging Face PEFT's layout to dir (creating it). Supports
-// prompt, prefix-kv and prefix: the hidden-state form has no PEFT counterpart and
-// is exported as key/value prefixes (each layer's frozen ln1 and K/V projections
-// applied to its vectors), which is exact for the model's attention. PEFT's prefix
-// table has every layer, so a prefix adapter on chosen layers only is refused, as
-// are methods without a PEFT counterpart and a merged LoRA.
+// Writes the adapter in Hugging Face PEFT's layout to dir (creating it), as its
+// method's hf_export() gives it. Methods without a PEFT counterpart, a
+// configuration the method cannot express (a prefix on chosen layers only) and a
+// merged adapter are refused, naming the directory and why.
 void export_hf(const std::string& dir, const Adapter& adapter);
 
-// Reads a PEFT adapter directory onto `base`: PROMPT_TUNING -> "prompt",
-// PREFIX_TUNING -> "prefix-kv" (on every layer), LORA -> "lora". Attached, not
-// activated. Checks peft_type, task_type, dimensions against the base and every
-// tensor's name and shape; features we do not implement (rslora, DoRA, biases,
-// fan_in_fan_out, rank/alpha patterns, regex target_modules) are refused by name.
+// Reads a PEFT adapter directory onto `base`, as the first registered method
+// whose hf_import_options accepts its config (PROMPT_TUNING -> "prompt",
+// PREFIX_TUNING -> "prefix-kv" on every layer, LORA -> "lora", ...). Attached,
+// not activated. Checks peft_type, task_type, dimensions against the base and
+// every tensor's name and shape; features a method does not implement (LoRA:
+// rslora, DoRA, biases, fan_in_fan_out, rank/alpha patterns, regex
+// target_modules) are refused by name.
 std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base);
 
 }  // namespace peftlab::peft

@@ -1,5 +1,4 @@
-// BitFit-style bias tuning (Ben Zaken et al. 2022), the worked example of
-// adding a method: one file plus one registry line. Instead of unfreezing the
+// BitFit-style bias tuning (Ben Zaken et al. 2022). Instead of unfreezing the
 // base's biases (which would change the shared base), every Linear of the
 // chosen layers gets a trainable bias delta [out], added to its output through
 // the linear_delta hook. L*(5d + F) parameters (q, k, v, o, fc, proj).
@@ -13,7 +12,9 @@ namespace peftlab::peft {
 
 class BitFit : public Adapter {
 public:
-    using Adapter::Adapter;
+    explicit BitFit(AdapterOptions o) : Adapter(std::move(o)) {
+        set_own_options("bitfit", MethodOptions(opts_, "bitfit").finish());
+    }
     std::string method() const override { return "bitfit"; }
 
     bool adapts_linear(const std::string& path) const override { return deltas_.count(path) > 0; }
@@ -23,6 +24,19 @@ public:
     }
     ParamFormula formula(const GPTConfig& c) const override {
         return {chosen_layers(c) * (5 * c.d_model + c.d_ff), "L*(5d + F)"};
+    }
+    std::vector<double> lr_grid() const override { return {1e-3, 3e-3, 1e-2}; }
+
+    // A bias delta [out] broadcast-added to each Linear's output [R, out].
+    cost::Sym cost_linear(const std::string& path, cost::Tally& t, const GPTConfig& c, int64_t R, int64_t,
+                          int64_t out, cost::Sym, cost::Sym y) const override {
+        return in_chosen_layer(c, path) ? cost::add(t, R * out, y, cost::kParam) : y;
+    }
+    int64_t cost_decode_extra(const GPTConfig& c) const override { return chosen_layers(c) * (5 * c.d_model + c.d_ff); }
+    std::vector<cost::ParamGroup> cost_groups(const GPTConfig& c) const override {
+        std::vector<cost::ParamGroup> g;
+        for (int l : chosen_layers_of(c)) g.push_back({fmt::format("blocks.{}", l), 5 * c.d_model + c.d_ff});
+        return g;
     }
 
 protected:

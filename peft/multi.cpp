@@ -44,9 +44,20 @@ MultiAdapter::MultiAdapter(std::vector<Adapter*> adapters) : adapters_(std::move
             throw std::invalid_argument(fmt::format("MultiAdapter: adapter {} is null or not attached", i));
         if (adapters_[i]->base() != adapters_[0]->base())
             throw std::invalid_argument(fmt::format("MultiAdapter: adapter {} is attached to another base", i));
-        if (adapters_[i]->method() == "full")
-            throw std::invalid_argument("MultiAdapter: full fine-tuning changes the base and cannot be mixed");
+        refuse_holding_base(i);
     }
+}
+
+void MultiAdapter::refuse_holding_base(size_t i) const {
+    const Adapter& a = *adapters_[i];
+    if (a.changes_base())
+        throw std::invalid_argument(
+            fmt::format("MultiAdapter: adapter {} ({}) trains the base itself and cannot be mixed", i, a.method()));
+    if (a.merged())
+        throw std::invalid_argument(fmt::format(
+            "MultiAdapter: adapter {} ({}) is merged into the base, which every other row would then run on; "
+            "unmerge it first",
+            i, a.method()));
 }
 
 void MultiAdapter::set_rows(std::vector<int32_t> rows) {
@@ -68,6 +79,8 @@ void MultiAdapter::begin_forward(const ForwardInfo& info) {
     if (int64_t(rows_.size()) != info.B)
         throw std::invalid_argument(
             fmt::format("MultiAdapter: {} row assignments for a batch of {} rows (call set_rows)", rows_.size(), info.B));
+    // A merge after construction would change every row's base too.
+    for (size_t i = 0; i < adapters_.size(); ++i) refuse_holding_base(i);
     for (Adapter* a : adapters_) a->begin_forward(info);
 }
 
@@ -111,17 +124,17 @@ LayerPrefix MultiAdapter::layer_prefix(int layer, const ForwardInfo& info) {
     return out;
 }
 
-Tensor MultiAdapter::linear_delta(const std::string& path, const Tensor& x, const ForwardInfo& info) {
+Tensor MultiAdapter::by_rows(const std::string& path, const Tensor& x, const ForwardInfo& info, const RowHook& hook,
+                             const Unchanged& unchanged) {
     // Which adapter owns each leading row of x: batch rows normally; table
     // entries (adapter a is entry a, "none" the last) while projecting prefixes.
     const int64_t N = x.dim(0), A = int64_t(adapters_.size());
+    const std::vector<int32_t> table = table_rows();
     std::vector<int32_t> owner(static_cast<size_t>(N));
-    for (int64_t i = 0; i < N; ++i) owner[size_t(i)] = info.on_prefix ? int32_t(i) : table_rows()[size_t(i)];
-    Shape row_shape = x.shape();
+    for (int64_t i = 0; i < N; ++i) owner[size_t(i)] = info.on_prefix ? int32_t(i) : table[size_t(i)];
     std::vector<Tensor> pieces;
-    std::vector<int32_t> order;  // row of x at each position of the concatenated pieces
+    std::vector<std::vector<int32_t>> groups;
     bool any = false;
-    Shape out_shape;
     for (int64_t a = 0; a <= A; ++a) {
         std::vector<int32_t> idx;
         for (int64_t i = 0; i < N; ++i)
@@ -131,33 +144,60 @@ Tensor MultiAdapter::linear_delta(const std::string& path, const Tensor& x, cons
         if (a < A && adapters_[size_t(a)]->adapts_linear(path)) {  // else no gather: most adapters leave most Linears
             ForwardInfo sub = info;
             sub.B = int64_t(idx.size());
-            d = adapters_[size_t(a)]->linear_delta(path, index_rows(x, idx), sub);
+            d = hook(*adapters_[size_t(a)], idx, sub);
         }
         pieces.push_back(d);
-        order.insert(order.end(), idx.begin(), idx.end());
+        groups.push_back(std::move(idx));
         any = any || d.defined();
     }
     if (!any) return {};
-    // The output width comes from the base Linear's weight [out, in].
-    const int64_t out_features = adapters_[0]->base()->parameter(path + ".weight").dim(0);
-    std::vector<Tensor> full;
-    size_t pos = 0;
-    for (Tensor& d : pieces) {
-        // rows in this piece: count until the next group boundary
-        size_t count = 0;
-        int32_t o = owner[size_t(order[pos])];
-        while (pos + count < order.size() && owner[size_t(order[pos + count])] == o) ++count;
-        Shape s = row_shape;
-        s[0] = int64_t(count);
-        s.back() = out_features;
-        if (!d.defined()) d = Tensor::zeros(s);
-        else if (d.shape() != s) d = add(Tensor::zeros(s), d);  // broadcast deltas such as a bias [out]
-        full.push_back(d);
-        pos += count;
+    std::vector<int32_t> order;  // row of x at each position of the concatenated pieces
+    for (size_t g = 0; g < pieces.size(); ++g) {
+        if (!pieces[g].defined()) pieces[g] = unchanged(groups[g]);
+        order.insert(order.end(), groups[g].begin(), groups[g].end());
     }
     std::vector<int32_t> inverse(order.size());
     for (size_t i = 0; i < order.size(); ++i) inverse[size_t(order[i])] = int32_t(i);
-    return index_rows(concat(full, 0), inverse);
+    return index_rows(concat(pieces, 0), inverse);
+}
+
+Tensor MultiAdapter::linear_delta(const std::string& path, const Tensor& x, const ForwardInfo& info) {
+    // Rows without a delta get zeros [rows, ..., out]; the width comes from
+    // the base Linear's weight [out, in].
+    const int64_t out_features = adapters_.empty() ? 0 : adapters_[0]->base()->parameter(path + ".weight").dim(0);
+    auto shape_of = [&](size_t rows) {
+        Shape s = x.shape();
+        s[0] = int64_t(rows);
+        s.back() = out_features;
+        return s;
+    };
+    return by_rows(
+        path, x, info,
+        [&](Adapter& a, const std::vector<int32_t>& idx, const ForwardInfo& sub) {
+            Tensor d = a.linear_delta(path, index_rows(x, idx), sub);
+            const Shape s = shape_of(idx.size());
+            if (d.defined() && d.shape() != s) d = add(Tensor::zeros(s), d);  // broadcast deltas such as a bias [out]
+            return d;
+        },
+        [&](const std::vector<int32_t>& idx) { return Tensor::zeros(shape_of(idx.size())); });
+}
+
+Tensor MultiAdapter::linear_input(const std::string& path, const Tensor& x, const ForwardInfo& info) {
+    return by_rows(
+        path, x, info,
+        [&](Adapter& a, const std::vector<int32_t>& idx, const ForwardInfo& sub) {
+            return a.linear_input(path, index_rows(x, idx), sub);
+        },
+        [&](const std::vector<int32_t>& idx) { return index_rows(x, idx); });
+}
+
+Tensor MultiAdapter::linear_output(const std::string& path, const Tensor& x, const Tensor& y, const ForwardInfo& info) {
+    return by_rows(
+        path, x, info,
+        [&](Adapter& a, const std::vector<int32_t>& idx, const ForwardInfo& sub) {
+            return a.linear_output(path, index_rows(x, idx), index_rows(y, idx), sub);
+        },
+        [&](const std::vector<int32_t>& idx) { return index_rows(y, idx); });
 }
 
 }  // namespace peftlab::peft

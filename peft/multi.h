@@ -3,7 +3,11 @@
 // uses adapter rows[b] (an index into the list) or none (-1). Every adapter's
 // prefix enters as one entry of a table [A+1, n_max, C] (the last entry is the
 // empty "none"), so prefix K/V projections run once per adapter, not per row;
-// Linear deltas (LoRA, BitFit) run on each adapter's rows only.
+// the Linear hooks (delta, input, output: LoRA, BitFit, IA3) run on each
+// adapter's rows only, through one row dispatch (by_rows). An adapter that
+// holds the base (changes_base() or merged()) is refused, at construction and
+// at every forward.
+#include <functional>
 #include <vector>
 
 #include "peft/adapter.h"
@@ -26,8 +30,21 @@ public:
     Tensor linear_delta(const std::string& path, const Tensor& x, const ForwardInfo& info) override;
     // Each row's adapter's convention (-1, keep, for rows without one).
     std::vector<int32_t> position_offset(const ForwardInfo& info) override;
+    Tensor linear_input(const std::string& path, const Tensor& x, const ForwardInfo& info) override;
+    Tensor linear_output(const std::string& path, const Tensor& x, const Tensor& y, const ForwardInfo& info) override;
 
 private:
+    // A Linear hook on one adapter's rows idx of the batch (sub.B = their count).
+    using RowHook = std::function<Tensor(Adapter&, const std::vector<int32_t>& idx, const ForwardInfo& sub)>;
+    // What rows idx get from an adapter that changes nothing (zeros for a delta, the rows themselves otherwise).
+    using Unchanged = std::function<Tensor(const std::vector<int32_t>& idx)>;
+    // Runs `hook` on each adapter's rows of x (leading dim: batch rows, or
+    // table entries while projecting prefixes) and puts the results back in
+    // row order; undefined when no adapter changes anything.
+    Tensor by_rows(const std::string& path, const Tensor& x, const ForwardInfo& info, const RowHook& hook,
+                   const Unchanged& unchanged);
+    // Throws naming adapter i if it holds the base.
+    void refuse_holding_base(size_t i) const;
     // rows_ with -1 mapped to the "none" entry A.
     std::vector<int32_t> table_rows() const;
 

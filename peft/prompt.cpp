@@ -1,14 +1,18 @@
 // Prompt tuning (Lester et al. 2021): n trainable vectors prepended to the
-// input embeddings only. n*d parameters, all at the input.
+// input embeddings only. n*d parameters, all at the input. Hugging Face PEFT:
+// PROMPT_TUNING, "prompt_embeddings" [n, d].
 #include <fmt/format.h>
 
 #include "peft/adapter.h"
+#include "peft/adapter_io.h"
 
 namespace peftlab::peft {
 
 class PromptTuning : public Adapter {
 public:
-    using Adapter::Adapter;
+    explicit PromptTuning(AdapterOptions o) : Adapter(std::move(o)) {
+        set_own_options("prompt", MethodOptions(opts_, "prompt").finish());
+    }
     std::string method() const override { return "prompt"; }
 
     bool adapts_linear(const std::string&) const override { return false; }
@@ -18,6 +22,39 @@ public:
     }
     int64_t virtual_tokens() const override { return opts_.n; }
     ParamFormula formula(const GPTConfig& c) const override { return {opts_.n * c.d_model, "n*d"}; }
+    std::vector<double> lr_grid() const override { return {3e-3, 1e-2, 3e-2}; }  // vectors move further per step
+
+    // The prompt [n, C] expanded to every row and concatenated before the tokens.
+    int64_t cost_input_prefix(cost::Tally& t, const GPTConfig& c, const cost::StepShape& s, cost::Sym& p) const override {
+        if (opts_.n == 0) return 0;
+        p = cost::expand(t, s.B * opts_.n * c.d_model, cost::kParam);
+        return opts_.n;
+    }
+    // Decoding: the soft prompt's keys and values are cached in every layer.
+    int64_t cost_decode_keys(int, const GPTConfig&) const override { return opts_.n; }
+    std::vector<cost::ParamGroup> cost_groups(const GPTConfig& c) const override {
+        return {{"embed", opts_.n * c.d_model}};
+    }
+
+    std::string hf_peft_type() const override { return "PROMPT_TUNING"; }
+    std::optional<HfExport> hf_export() const override {
+        HfExport e;
+        e.config["peft_type"] = "PROMPT_TUNING";
+        hf_add_prompt_learning_fields(e.config, opts_.n, base_->config());
+        e.config["prompt_tuning_init"] = "RANDOM";  // how it started no longer matters: the values are in the file
+        e.config["prompt_tuning_init_text"] = nullptr;
+        e.config["tokenizer_name_or_path"] = nullptr;
+        e.config["tokenizer_kwargs"] = nullptr;
+        e.tensors.emplace_back("prompt_embeddings", prompt_);
+        return e;
+    }
+    std::optional<AdapterOptions> hf_import_options(const ConfigFile& cfg, const GPTConfig& c) const override {
+        if (cfg.str("peft_type") != "PROMPT_TUNING") return std::nullopt;
+        AdapterOptions o;
+        o.init = "random";  // every value is overwritten from the file
+        o.n = hf_check_prompt_learning(cfg, c);
+        return o;
+    }
 
 protected:
     void build(GPT& base) override {

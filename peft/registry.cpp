@@ -12,17 +12,31 @@ namespace peftlab::peft {
     X("prefix", make_prefix, "prefix tuning, hidden-state form: n vectors prepended to each layer's input, L*n*d") \
     X("prefix-kv", make_prefix_kv, "prefix tuning, key/value form (Li & Liang 2021): 2*L*n*d")              \
     X("lora", make_lora, "LoRA (Hu et al. 2021): rank-r deltas B*A on chosen projections")                  \
-    X("bitfit", make_bitfit, "BitFit-style bias deltas on every Linear of the chosen layers (worked example)")
+    X("bitfit", make_bitfit, "BitFit-style bias deltas on every Linear of the chosen layers")                 \
+    X("ia3", make_ia3, "(IA)^3 (Liu et al. 2022): learned scaling of k, v and the MLP inner activation, L*(2d + F)") \
+    X("p-tuning", make_p_tuning, "P-tuning (Liu et al. 2021): n virtual tokens from a prompt encoder (MLP or LSTM), n*d at inference")
 
 #define PEFTLAB_DECLARE(name, factory, description) std::unique_ptr<Adapter> factory(const AdapterOptions&);
 PEFTLAB_METHODS(PEFTLAB_DECLARE)
 #undef PEFTLAB_DECLARE
 
-const std::vector<MethodInfo>& methods() {
+namespace {
+std::vector<MethodInfo>& method_list() {
 #define PEFTLAB_ENTRY(name, factory, description) MethodInfo{name, description, factory},
-    static const std::vector<MethodInfo> list{PEFTLAB_METHODS(PEFTLAB_ENTRY)};
+    static std::vector<MethodInfo> list{PEFTLAB_METHODS(PEFTLAB_ENTRY)};
 #undef PEFTLAB_ENTRY
     return list;
+}
+}  // namespace
+
+const std::vector<MethodInfo>& methods() { return method_list(); }
+
+void register_method(MethodInfo info) {
+    if (info.name.empty()) throw std::invalid_argument("register_method: empty method name");
+    if (!info.make) throw std::invalid_argument("register_method: method '" + info.name + "' has no factory");
+    for (const MethodInfo& m : methods())
+        if (m.name == info.name) throw std::invalid_argument("register_method: method '" + info.name + "' is already registered");
+    method_list().push_back(std::move(info));
 }
 
 std::vector<std::string> method_names() {

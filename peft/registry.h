@@ -15,9 +15,14 @@ struct MethodInfo {
     std::function<std::unique_ptr<Adapter>(const AdapterOptions&)> make;
 };
 
+// The built-in methods (registry.cpp), then those registered at run time.
 const std::vector<MethodInfo>& methods();
 std::vector<std::string> method_names();
 // Throws std::invalid_argument naming the unknown method and listing the known ones.
 std::unique_ptr<Adapter> make_adapter(const std::string& name, const AdapterOptions& opts = {});
+// Adds a method defined outside peft/ (a test, a user's program): from then on
+// it is available everywhere by name, like the built-in ones. Throws
+// std::invalid_argument for an empty or taken name or a missing factory.
+void register_method(MethodInfo info);
 
 }  // namespace peftlab::peft

@@ -42,7 +42,7 @@ std::vector<std::string> preset_names();
 
 // One parameter group of the per-layer map: "embed" (wte, wpe,
 // prompt_embeddings), "blocks.<l>", "head" (ln_f, head) or "reparam"
-// (prefix_mlp.*). grad_norm is the L2 norm of the group's gradients after one
+// (training-time encoders: <x>_mlp.*, <x>_encoder.*). grad_norm is the L2 norm of the group's gradients after one
 // step's backward (absent when nothing was measured).
 struct LayerGroup {
     std::string group;
@@ -91,13 +91,14 @@ struct MethodReport {
 
 // The analytic FLOPs of one training step (forward, loss, backward, AdamW) of
 // `method` on cfg with B = s.batch rows of T = s.seq tokens, by phase.
-// Throws std::invalid_argument for a method without an analytic model.
+// Throws std::invalid_argument for an unknown method or bad options.
 flops::Counts analytic_step_flops(const GPTConfig& cfg, const ReportSettings& s, const std::string& method,
                                   const AdapterOptions& opts);
 // Analytic FLOPs to decode one token (B = 1) whose context holds T = s.seq
 // real tokens (T - 1 cached plus itself) and, with prefixes cached, n prefix
 // vectors in each chosen layer (prompt tuning: n virtual tokens in every layer).
-// LoRA is counted merged (W + BA: no extra work), as deployed for one tenant.
+// A mergeable adapter is counted merged (LoRA: W + BA, no extra work), as
+// deployed for one tenant.
 uint64_t analytic_inference_flops(const GPTConfig& cfg, const ReportSettings& s, const std::string& method,
                                   const AdapterOptions& opts);
 // Blocks with backward work, ascending (see MethodReport::backward_blocks).
@@ -105,7 +106,8 @@ std::vector<int> analytic_backward_blocks(const GPTConfig& cfg, const std::strin
 // Trainable parameters per group as the method lays them out (no allocation).
 std::vector<LayerGroup> analytic_groups(const GPTConfig& cfg, const std::string& method, const AdapterOptions& opts);
 
-// Methods with an analytic model (a new PEFT method needs a case in report.cpp).
+// Methods with an analytic model: every registered one (each supplies its
+// terms through Adapter's cost_* functions).
 std::vector<std::string> reported_methods();
 
 // The report of one method. With measure = false nothing is allocated: every

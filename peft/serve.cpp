@@ -9,7 +9,6 @@
 
 #include "autograd/tape.h"
 #include "peft/adapter_io.h"
-#include "peft/lora.h"
 
 namespace peftlab::peft {
 
@@ -26,24 +25,6 @@ public:
 private:
     GPT& base_;
     ModelHooks* saved_;
-};
-
-// Passes everything to one adapter and notes how many vectors it prepends to
-// the input (prompt tuning's soft prompt).
-struct InputProbe : ModelHooks {
-    explicit InputProbe(ModelHooks& inner) : inner(inner) {}
-    void begin_forward(const ForwardInfo& info) override { inner.begin_forward(info); }
-    SeqPrefix input_prefix(const ForwardInfo& info) override {
-        SeqPrefix p = inner.input_prefix(info);
-        if (p.embeds.defined()) input_vectors = p.embeds.dim(-2);
-        return p;
-    }
-    LayerPrefix layer_prefix(int layer, const ForwardInfo& info) override { return inner.layer_prefix(layer, info); }
-    Tensor linear_delta(const std::string& path, const Tensor& x, const ForwardInfo& info) override {
-        return inner.linear_delta(path, x, info);
-    }
-    ModelHooks& inner;
-    int64_t input_vectors = 0;
 };
 
 // Drops the leading cache columns that no row attends (left padding of rows
@@ -85,6 +66,7 @@ void ServerOptions::validate(const GPTConfig& cfg) const {
 
 Server::Server(GPT& base, ServerOptions opts)
     : base_(base), opts_(std::move(opts)), multi_(std::make_unique<MultiAdapter>(std::vector<Adapter*>{})) {
+    set_inner(multi_.get());
     opts_.validate(base_.config());
     if (!opts_.clock_ms) opts_.clock_ms = wall_ms;
 }
@@ -105,12 +87,13 @@ void Server::add_tenant(const std::string& name, Adapter& adapter, std::unique_p
     if (name.empty()) refuse("the empty name means the base without adapter");
     if (tenant_index_.count(name)) refuse("the name is taken");
     if (adapter.base() && adapter.base() != &base_) refuse("it is attached to another model");
-    if (adapter.method() == "full") refuse("full fine-tuning changes the base for every tenant");
+    if (adapter.changes_base()) refuse("it trains the base itself, which would change the base for every tenant");
+    if (adapter.merged())
+        refuse("it is merged into the base, which changes the base for every tenant; unmerge it, or serve the merged "
+               "model as the base");
     // The prefix cache and the batched prefill assume real tokens at 0..T-1.
     if (adapter.options().positions != "keep")
         refuse(fmt::format("positions = {} is not served yet (only keep)", adapter.options().positions));
-    if (auto* lora = dynamic_cast<LoRA*>(&adapter); lora && lora->merged())
-        refuse("a merged LoRA changes the base for every tenant; unmerge it, or serve the merged model as the base");
     adapter.attach(base_);
 
     auto tenant = std::make_unique<Tenant>();
@@ -120,8 +103,7 @@ void Server::add_tenant(const std::string& name, Adapter& adapter, std::unique_p
     {
         // The KV cache of a one-token request: per layer, the adapter's prefix
         // columns, then that token's column, which is dropped.
-        InputProbe probe(adapter);
-        HooksScope hooks(base_, &probe);
+        HooksScope hooks(base_, &adapter);
         EvalScope eval(base_);
         NoGradGuard no_grad;
         ModelInput in;
@@ -136,12 +118,13 @@ void Server::add_tenant(const std::string& name, Adapter& adapter, std::unique_p
             tenant->keys.push_back(n ? reshape(slice(lc.k, 1, 0, n), {n, C}) : Tensor());
             tenant->values.push_back(n ? reshape(slice(lc.v, 1, 0, n), {n, C}) : Tensor());
         }
-        tenant->virtual_tokens = probe.input_vectors;
+        tenant->positions = adapter.prefix_positions();
     }
     std::vector<Adapter*> adapters;
     for (auto& t : tenants_) adapters.push_back(t->adapter);
     adapters.push_back(&adapter);
-    multi_ = std::make_unique<MultiAdapter>(adapters);  // checks the base and the method
+    multi_ = std::make_unique<MultiAdapter>(adapters);  // checks the base and that no adapter holds it
+    set_inner(multi_.get());
     tenant_index_[name] = int32_t(tenants_.size());
     tenants_.push_back(std::move(tenant));
 }
@@ -194,13 +177,14 @@ std::string Server::check(const Request& r, int32_t& tenant) const {
     if (r.max_new_tokens < 0) return error(fmt::format("max_new_tokens = {} must be >= 0", r.max_new_tokens));
     if (r.stop_token != -1 && (r.stop_token < 0 || r.stop_token >= cfg.vocab))
         return error(fmt::format("stop_token = {} is outside the vocabulary [0, {}) (-1: none)", r.stop_token, cfg.vocab));
-    // The sequence the model reads: soft prompt, prompt, continuation.
-    const int64_t virtual_tokens = tenant < 0 ? 0 : tenants_[size_t(tenant)]->virtual_tokens;
-    const int64_t total = int64_t(r.prompt.size()) + virtual_tokens + r.max_new_tokens;
+    // The positions the sequence takes (one rule for every method, see
+    // serve.h): prompt, continuation, and the prepended vectors that take positions.
+    const int64_t positions = tenant < 0 ? 0 : tenants_[size_t(tenant)]->positions;
+    const int64_t total = int64_t(r.prompt.size()) + positions + r.max_new_tokens;
     if (total > cfg.max_seq) {
-        std::string soft = virtual_tokens ? fmt::format(" + {} soft-prompt tokens", virtual_tokens) : "";
+        std::string prefix = positions ? fmt::format(" + {} adapter positions", positions) : "";
         return error(fmt::format("prompt of {} tokens{} + max_new_tokens {} = {} exceeds max_seq = {}",
-                                 r.prompt.size(), soft, r.max_new_tokens, total, cfg.max_seq));
+                                 r.prompt.size(), prefix, r.max_new_tokens, total, cfg.max_seq));
     }
     return {};
 }
@@ -370,15 +354,13 @@ std::vector<Result> Server::run(std::vector<Request> requests) {
 
 // ---- hooks: the server's forwards ----------------------------------------------------------
 
-void Server::begin_forward(const ForwardInfo& info) { multi_->begin_forward(info); }
-
 SeqPrefix Server::input_prefix(const ForwardInfo& info) {
     // Cached: the soft prompt's keys and values arrive as layer prefixes instead.
-    return opts_.prefix_cache ? SeqPrefix{} : multi_->input_prefix(info);
+    return opts_.prefix_cache ? SeqPrefix{} : ForwardingHooks::input_prefix(info);
 }
 
 LayerPrefix Server::layer_prefix(int layer, const ForwardInfo& info) {
-    if (!opts_.prefix_cache) return multi_->layer_prefix(layer, info);
+    if (!opts_.prefix_cache) return ForwardingHooks::layer_prefix(layer, info);
     // Per-row keys and values [G, w, C], w the longest prefix among the rows;
     // a shorter one is left padded with invalid entries.
     const int64_t G = int64_t(forward_tenants_.size()), C = base_.config().d_model;
@@ -403,10 +385,6 @@ LayerPrefix Server::layer_prefix(int layer, const ForwardInfo& info) {
         std::fill_n(p.kv_valid.data() + g * w + pad, n, 1.f);
     }
     return p;
-}
-
-Tensor Server::linear_delta(const std::string& path, const Tensor& x, const ForwardInfo& info) {
-    return multi_->linear_delta(path, x, info);
 }
 
 }  // namespace peftlab::peft

@@ -10,7 +10,15 @@
 // token in ONE forward (decode_step) and retires rows that emitted
 // their stop token or reached max_new_tokens (keep_rows). Row r of the batch
 // serves one request of tenant rows[r] (or of the base alone); a MultiAdapter
-// applies each row's own Linear deltas (LoRA, BitFit).
+// applies each row's own Linear hooks (LoRA, BitFit, IA3).
+//
+// Sequence length, one rule for every method: a request fits when
+//   prompt + max_new_tokens + adapter.prefix_positions() <= max_seq.
+// Vectors an adapter prepends (soft prompt, prefixes) take no positions under
+// the position convention of nn/hooks.h (positions "keep": real tokens keep
+// 0..T-1), so they do not count, as in generate(); an adapter whose virtual
+// tokens take positions (HF PEFT's convention, positions "hf": n of them)
+// says so through prefix_positions() and they count.
 //
 // Prefix cache. What an adapter puts before a request (a prompt-tuning soft
 // prompt, hidden-state or key/value prefixes) never sees the request: layer
@@ -26,8 +34,9 @@
 // the prefixes through the adapters' hooks (the reference the cache must equal).
 //
 // Adapters must not change while they are served (the cache is a snapshot),
-// and the base must stay as it was when they were added: a merged LoRA changes
-// the base for every tenant, so it is refused; serve it as the base alone.
+// and the base must stay as it was when they were added: an adapter that holds
+// the base (changes_base(), or merged() such as a merged LoRA) changes it for
+// every tenant, so it is refused; serve a merged model as the base alone.
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -97,7 +106,7 @@ struct ServerStats {
     double prefill_s = 0.0, decode_s = 0.0;
 };
 
-class Server : private ModelHooks {
+class Server : private ForwardingHooks {
 public:
     // The base is shared, never written to; hooks it carries are restored
     // after each of the server's forwards.
@@ -137,7 +146,7 @@ private:
         Adapter* adapter = nullptr;
         std::unique_ptr<Adapter> owned;  // set when the server loaded it
         std::vector<Tensor> keys, values;  // per layer [n_l, C], undefined when n_l = 0
-        int64_t virtual_tokens = 0;  // soft-prompt vectors prepended to the input
+        int64_t positions = 0;  // Adapter::prefix_positions(): positions its prepended vectors take
     };
     struct Queued {
         Request request;
@@ -161,11 +170,11 @@ private:
     bool emit(Row& row, const float* logits, double now_ms);
     std::vector<int32_t> row_tenants(const std::vector<Row>& rows) const;
 
-    // ModelHooks: the server's forwards run with itself as the base's hooks.
-    void begin_forward(const ForwardInfo& info) override;
+    // The server's forwards run with itself as the base's hooks: every hook
+    // goes to the MultiAdapter (ForwardingHooks), except the prefixes, which
+    // come from the prefix cache when it is on.
     SeqPrefix input_prefix(const ForwardInfo& info) override;
     LayerPrefix layer_prefix(int layer, const ForwardInfo& info) override;
-    Tensor linear_delta(const std::string& path, const Tensor& x, const ForwardInfo& info) override;
 
     GPT& base_;
     ServerOptions opts_;

@@ -341,7 +341,7 @@ TEST_CASE("trainable_params_line follows print_trainable_parameters; adapter ins
     GPT model(cfg, 3);
     const int64_t base_params = model.num_params();
     peft::AdapterOptions o;
-    o.lora_rank = 4;
+    o.section("lora") = {{"r", 4}};
     std::unique_ptr<peft::Adapter> lora = peft::make_adapter("lora", o);
     lora->activate(model);
     // PEFT: trainable = the adapter's A and B (q and v: 2 * r * (d + d) per layer),

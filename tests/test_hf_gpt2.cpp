@@ -312,8 +312,7 @@ std::unique_ptr<peft::Adapter> adapter(GPT& base, const std::string& method, con
     peft::AdapterOptions o;
     o.n = 3;
     o.positions = positions;
-    o.lora_rank = 2;
-    o.lora_alpha = 4.f;
+    o.section("lora") = {{"r", 2}, {"lora_alpha", 4.0}};
     o.init = "random";
     auto a = peft::make_adapter(method, o);
     a->activate(base);

@@ -33,16 +33,15 @@ struct Tenants {
         AdapterOptions o;
         o.n = n;
         o.layers = layers;
-        o.reparam = reparam;
-        o.reparam_hidden = 16;
+        for (const char* prefix_form : {"prefix", "prefix-kv"})
+            o.section(prefix_form) = {{"reparam", reparam}, {"reparam_hidden", 16}};
         o.init = "random";
         o.seed = owned.size() + 1;
         return add(method, o);
     }
     Adapter* add_lora(int64_t rank, std::vector<std::string> targets, const std::string& layers) {
         AdapterOptions o;
-        o.lora_rank = rank;
-        o.lora_targets = std::move(targets);
+        o.section("lora") = {{"r", rank}, {"target_modules", targets}};
         o.layers = layers;
         o.seed = owned.size() + 1;
         return add("lora", o);
@@ -215,6 +214,23 @@ TEST_CASE("multi: a batch mixing prompt, prefix, prefix-kv, LoRA, BitFit and no 
     check_both_paddings(t.base, a, {0, 1, 2, 3, 4, -1, 2, 3, 0}, "mix");
 }
 
+TEST_CASE("multi: every registered method that leaves the base unchanged mixes with prompt rows and no adapter",
+          "[multi]") {
+    for (const std::string& method : method_names()) {
+        if (make_adapter(method)->changes_base()) continue;
+        DYNAMIC_SECTION(method) {
+            Tenants t;
+            AdapterOptions o;
+            o.n = 2;
+            o.layers = "top:2";
+            o.init = "random";
+            o.seed = 3;
+            std::vector<Adapter*> a = {t.add(method, o), t.add("prompt", 3, "all"), t.add(method, o)};
+            check_both_paddings(t.base, a, {0, 1, -1, 2, 0}, method);
+        }
+    }
+}
+
 TEST_CASE("multi: prefix K/V projections run once per adapter, not once per row", "[multi]") {
     Tenants t;
     const GPTConfig& cfg = t.base.config();
@@ -274,12 +290,44 @@ TEST_CASE("multi: unknown adapters, wrong row counts, full fine-tuning and forei
     full->attach(other);
     auto other_prompt = make_adapter("prompt");
     other_prompt->attach(other);
-    CHECK_THROWS_WITH(MultiAdapter({other_prompt.get(), full.get()}), Contains("full"));
+    CHECK_THROWS_WITH(MultiAdapter({other_prompt.get(), full.get()}), Contains("adapter 1 (full) trains the base"));
     CHECK_THROWS_WITH(MultiAdapter({full.get()}), Contains("full"));
     CHECK_THROWS_WITH(MultiAdapter({prompt, other_prompt.get()}), Contains("adapter 1 is attached to another base"));
     auto detached = make_adapter("lora");
     CHECK_THROWS_WITH(MultiAdapter({prompt, detached.get()}), Contains("adapter 1 is null or not attached"));
     CHECK_THROWS_WITH(MultiAdapter({nullptr}), Contains("adapter 0 is null"));
+}
+
+TEST_CASE("multi: a merged adapter is refused, when built and when merged later (no row runs on merged weights)",
+          "[multi]") {
+    // Before the fix a MultiAdapter took a merged LoRA, and every other row then ran on its merged weights.
+    Tenants t;
+    Adapter* prompt = t.add("prompt", 2, "all");
+    Adapter* lora = t.add_lora(2, {"q_proj", "v_proj"}, "all");
+    const ModelInput in = single_row({1, 2, 3});
+    auto logits_with = [&](ModelHooks* hooks) {
+        NoGradGuard no_grad;
+        t.base.set_hooks(hooks);
+        Tensor l = t.base.forward(in);
+        t.base.set_hooks(nullptr);
+        return l;
+    };
+    const Tensor prompt_alone = logits_with(prompt);
+
+    lora->merge();
+    CHECK_THROWS_WITH(MultiAdapter({prompt, lora}), Contains("adapter 1 (lora) is merged into the base"));
+    lora->unmerge();
+
+    MultiAdapter multi({prompt, lora});
+    multi.set_rows({0});
+    const Tensor mixed = logits_with(&multi);
+    CHECK(max_diff(mixed, prompt_alone) < 1e-5f);
+    lora->merge();  // after construction: refused at the next forward
+    t.base.set_hooks(&multi);
+    CHECK_THROWS_WITH(t.base.forward(in), Contains("is merged into the base"));
+    t.base.set_hooks(nullptr);
+    lora->unmerge();
+    CHECK(bitwise_equal(logits_with(&multi), mixed));
 }
 
 TEST_CASE("multi: adapts_linear is false only where linear_delta gives no delta (every method, every Linear)", "[multi]") {
@@ -292,7 +340,7 @@ TEST_CASE("multi: adapts_linear is false only where linear_delta gives no delta 
         AdapterOptions o;
         o.n = 2;
         o.init = "random";
-        o.lora_targets = {"q_proj", "v_proj", "fc"};
+        o.section("lora")["target_modules"] = {"q_proj", "v_proj", "fc"};
         Adapter* a = t.add(method, o);
         for (auto& [name, w] : t.base.named_parameters()) {
             if (name.size() < 7 || name.compare(name.size() - 7, 7, ".weight") != 0 || w.ndim() != 2 ||
@@ -302,12 +350,14 @@ TEST_CASE("multi: adapts_linear is false only where linear_delta gives no delta 
             ForwardInfo info;
             info.B = 2;
             const Tensor x = Tensor::normal({2, 3, w.dim(1)}, rng, 0.f, 1.f);
-            const bool delta = a->linear_delta(path, x, info).defined();
+            const Tensor y = Tensor::normal({2, 3, w.dim(0)}, rng, 0.f, 1.f);
+            const bool delta = a->linear_delta(path, x, info).defined() || a->linear_input(path, x, info).defined() ||
+                               a->linear_output(path, x, y, info).defined();
             INFO(method << " " << path);
             if (!a->adapts_linear(path)) CHECK_FALSE(delta);
             adapted += delta;
         }
-        if (method == "full") t.base.freeze();  // full unfreezes the base; the next adapters expect it frozen
+        if (a->changes_base()) t.base.freeze();  // it unfreezes the base; the next adapters expect it frozen
     }
     CHECK(adapted >= 3 * t.base.config().n_layers);  // LoRA on q, v, fc and BitFit on every Linear
 }

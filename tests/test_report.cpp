@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
 
+#include "peft/registry.h"
 #include "peft/report.h"
 
 using namespace peftlab;
@@ -38,16 +39,14 @@ AdapterOptions tiny_options(const std::string& layers, bool reparam) {
     AdapterOptions o;
     o.n = 3;
     o.layers = layers;
-    o.reparam = reparam;
-    o.reparam_hidden = 8;
-    o.lora_rank = 2;
+    for (const char* prefix_form : {"prefix", "prefix-kv"})
+        o.section(prefix_form) = {{"reparam", reparam}, {"reparam_hidden", 8}};
+    o.section("lora") = {{"r", 2}};
     return o;
 }
 
 std::string describe(const std::string& method, const AdapterOptions& o, const GPTConfig& c) {
-    std::string targets;
-    for (const std::string& t : o.lora_targets) targets += (targets.empty() ? "" : "+") + t;
-    return fmt::format("{} layers={} reparam={} targets={} tied={} dropout={}", method, o.layers, o.reparam, targets,
+    return fmt::format("{} options={} tied={} dropout={}", method, make_adapter(method, o)->options().to_json().dump(),
                        c.tie_embeddings, c.dropout);
 }
 
@@ -74,7 +73,8 @@ void check_agreement(const GPTConfig& cfg, const std::string& method, const Adap
     }
     // A frozen-base method pays no dW for the base: its dW is at most its own
     // parameters' worth of work, far below full fine-tuning's.
-    if (method != "full") CHECK(r.analytic[2] < analytic_step_flops(cfg, tiny_settings(), "full", o)[2]);
+    if (!make_adapter(method, o)->changes_base())
+        CHECK(r.analytic[2] < analytic_step_flops(cfg, tiny_settings(), "full", o)[2]);
 }
 
 const LayerGroup& group(const MethodReport& r, const std::string& name) {
@@ -96,17 +96,31 @@ flops::Counts region_sum(const MethodReport& r, const std::string& prefix) {
 
 TEST_CASE("report: analytic step FLOPs equal the measured ones for every method", "[report]") {
     const GPTConfig cfg = tiny_config();
-    for (const std::string method : {"full", "prompt", "prefix", "prefix-kv", "lora", "bitfit"})
+    for (const std::string& method : method_names())  // built-in and registered at run time alike
         for (const std::string layers : {"all", "top:1", "1"}) {
             check_agreement(cfg, method, tiny_options(layers, false));
-            if (method == "prefix" || method == "prefix-kv") check_agreement(cfg, method, tiny_options(layers, true));
+            // Methods with a reparameterization, in that form too.
+            if (make_adapter(method, tiny_options(layers, true))->options().section_or_empty(method).value("reparam", false))
+                check_agreement(cfg, method, tiny_options(layers, true));
         }
+}
+
+TEST_CASE("report: agreement for P-tuning's LSTM prompt encoder (both directions, stacked layers)", "[report]") {
+    const GPTConfig cfg = tiny_config();
+    for (int64_t layers : {1, 2}) {
+        AdapterOptions o = tiny_options("all", false);
+        o.section("p-tuning") = {{"encoder_reparameterization_type", "LSTM"}, {"encoder_hidden_size", 8},
+                                 {"encoder_num_layers", layers}};
+        check_agreement(cfg, "p-tuning", o);
+        o.n = 0;  // no virtual tokens: the encoder runs on no rows, nothing trains
+        check_agreement(cfg, "p-tuning", o);
+    }
 }
 
 TEST_CASE("report: agreement with every LoRA target, tied embeddings and dropout", "[report]") {
     GPTConfig cfg = tiny_config();
     AdapterOptions o = tiny_options("0,2", false);
-    o.lora_targets = {"q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj"};
+    o.section("lora")["target_modules"] = {"q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj"};
     check_agreement(cfg, "lora", o);
     cfg.tie_embeddings = true;
     check_agreement(cfg, "full", tiny_options("all", false));

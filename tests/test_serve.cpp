@@ -16,7 +16,6 @@
 #include "autograd/flops.h"
 #include "autograd/tape.h"
 #include "peft/adapter_io.h"
-#include "peft/lora.h"
 #include "peft/registry.h"
 #include "peft/serve.h"
 #include "tests/testing.h"
@@ -44,8 +43,7 @@ std::unique_ptr<Adapter> random_adapter(const std::string& method, GPT& model, u
     o.n = n;
     o.seed = seed;
     o.init = "random";
-    o.lora_rank = 4;
-    o.lora_alpha = 8.f;
+    o.section("lora") = {{"r", 4}, {"lora_alpha", 8.0}};
     auto a = make_adapter(method, o);
     a->attach(model);
     Rng rng(seed + 99);
@@ -327,6 +325,27 @@ TEST_CASE("serve: with the cache, a soft prompt costs exactly what an equal pref
     CHECK(flops_of("p", false) > prompt_cached + 6 * 2 * 2 * uint64_t(kC * kC));  // soft prompt through the layers
 }
 
+TEST_CASE("serve: one sequence-length rule for every method: prepended vectors take no positions", "[serve]") {
+    // Before the fix the server refused this prompt-tuning request (it counted the 3 soft tokens against
+    // max_seq) while generate() and an equal prefix-kv tenant served it.
+    auto model = sharp_model(12);
+    Tenants tenants = make_tenants(*model, {"prompt", "prefix-kv"});
+    Rng rng(4);
+    std::vector<int32_t> prompt;
+    for (int i = 0; i < 27; ++i) prompt.push_back(int32_t(rng.below(uint32_t(kVocab))));
+    for (size_t t = 0; t < tenants.adapters.size(); ++t) {
+        INFO(tenants.adapters[t]->method());
+        CHECK(tenants.adapters[t]->prefix_positions() == 0);
+        const Request fits{"fits", tenants.names[t], prompt, 5, -1};  // 27 + 5 = 32 = max_seq
+        Server server(*model);
+        add_all(server, tenants);
+        const std::vector<Result> r = server.run({fits, {"over", tenants.names[t], prompt, 6, -1}});
+        REQUIRE(r[0].ok());
+        CHECK(r[0].tokens == alone(*model, tenants.adapters[t].get(), fits));
+        CHECK_THAT(r[1].error, Contains("prompt of 27 tokens + max_new_tokens 6 = 33 exceeds max_seq = 32"));
+    }
+}
+
 TEST_CASE("serve: bad requests get errors and leave the others unchanged", "[serve]") {
     auto model = sharp_model(6);
     Tenants tenants = make_tenants(*model, {"prompt", "prefix-kv", "lora"});
@@ -339,8 +358,8 @@ TEST_CASE("serve: bad requests get errors and leave the others unchanged", "[ser
         {"token", tenants.names[1], {1, 40, 2}, 3, -1},
         {"negative", "", {5}, -2, -1},
         {"stop", "", {1, 2}, 3, 77},
-        // 25 + 5 = 30 fits max_seq = 32 without the 3 soft tokens, not with them.
-        {"long", soft, std::vector<int32_t>(25, 1), 5, -1},
+        // 25 + 8 = 33 does not fit max_seq = 32 (the 3 soft tokens take no positions).
+        {"long", soft, std::vector<int32_t>(25, 1), 8, -1},
         {"long-base", "", std::vector<int32_t>(30, 1), 3, -1},
     };
     // Bad requests interleaved with the good ones, so they arrive between admissions.
@@ -363,7 +382,7 @@ TEST_CASE("serve: bad requests get errors and leave the others unchanged", "[ser
     CHECK_THAT(by_id["negative"].error, Contains("max_new_tokens = -2 must be >= 0"));
     CHECK_THAT(by_id["stop"].error, Contains("stop_token = 77 is outside the vocabulary"));
     CHECK_THAT(by_id["long"].error,
-               Contains("prompt of 25 tokens + 3 soft-prompt tokens + max_new_tokens 5 = 33 exceeds max_seq = 32"));
+               Contains("prompt of 25 tokens + max_new_tokens 8 = 33 exceeds max_seq = 32"));
     CHECK_THAT(by_id["long-base"].error, Contains("prompt of 30 tokens + max_new_tokens 3 = 33 exceeds max_seq = 32"));
     for (const Request& b : bad) CHECK(by_id[b.id].tokens.empty());
     for (const Result& e : expected) {
@@ -421,10 +440,10 @@ TEST_CASE("serve: adapters the server cannot mix are refused, naming why", "[ser
     server.add_adapter("kv", *kv);
     CHECK_THROWS_WITH(server.add_adapter("kv", *lora), Contains("cannot add adapter 'kv' (lora): the name is taken"));
     CHECK_THROWS_WITH(server.add_adapter("", *lora), Contains("the empty name means the base"));
-    CHECK_THROWS_WITH(server.add_adapter("f", *full), Contains("full fine-tuning changes the base"));
-    dynamic_cast<LoRA&>(*lora).merge();
-    CHECK_THROWS_WITH(server.add_adapter("m", *lora), Contains("a merged LoRA changes the base for every tenant"));
-    dynamic_cast<LoRA&>(*lora).unmerge();
+    CHECK_THROWS_WITH(server.add_adapter("f", *full), Contains("(full): it trains the base itself"));
+    lora->merge();
+    CHECK_THROWS_WITH(server.add_adapter("m", *lora), Contains("(lora): it is merged into the base"));
+    lora->unmerge();
     GPT other(tiny_config(), 9);
     auto foreign = random_adapter("prompt", other, 3);
     CHECK_THROWS_WITH(server.add_adapter("o", *foreign), Contains("attached to another model"));

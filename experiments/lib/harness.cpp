@@ -103,11 +103,11 @@ int64_t parse_count(const std::string& flag, const std::string& item) {
 MethodSpec make_spec(const CommonArgs& a, const std::string& entry) {
     MethodSpec s{entry == "prefix-reparam" ? "prefix" : entry, entry, {}, false};
     s.options.n = a.prefix_len;
-    s.options.lora_rank = a.lora_rank;
-    s.options.lora_alpha = float(2 * a.lora_rank);
     s.options.seed = a.seed;
-    s.options.reparam = entry == "prefix-reparam";
-    s.options.reparam_hidden = 4 * a.model.d_model;
+    // --lora-rank and the prefix-reparam entry are shorthands for two methods'
+    // own option sections (peft/adapter.h); each method reads only its own.
+    s.options.section("lora") = {{"r", a.lora_rank}, {"lora_alpha", double(2 * a.lora_rank)}};
+    if (entry == "prefix-reparam") s.options.section(s.method) = {{"reparam", true}, {"reparam_hidden", 4 * a.model.d_model}};
     s.options.positions = a.positions.empty() ? "keep" : a.positions;
     return s;
 }
@@ -514,7 +514,7 @@ void check_run(const CommonArgs& a, const Base& base, const data::TaskData& task
         peft::AdapterOptions more = spec.options;
         more.n += 1;
         const bool uses_n = peft::make_adapter(spec.method, more)->formula(cfg).count != pf.count;
-        const bool trains_base = (long double)pf.count >= base_param_count(cfg) * 0.99L;
+        const bool trains_base = adapter->changes_base();
         check_memory("--methods " + entry, estimate_peak_bytes(cfg, a.batch, T, (long double)pf.count, trains_base,
                                                                uses_n ? spec.options.n : 0, threads));
     }
@@ -611,10 +611,8 @@ data::TaskData load_task(const CommonArgs& args) {
 // ---- fine-tuning one method -------------------------------------------------------------------
 
 std::vector<double> default_lr_grid(const std::string& method) {
-    if (method == "full") return {3e-4, 1e-3, 3e-3};
-    if (method == "lora" || method == "bitfit") return {1e-3, 3e-3, 1e-2};
     if (method == "none") return {};
-    return {3e-3, 1e-2, 3e-2};  // prompt and prefix vectors move further per step
+    return peft::make_adapter(method)->lr_grid();  // each method's own (Adapter::lr_grid)
 }
 
 namespace {
@@ -748,7 +746,7 @@ TrainSummary train(Run& r, const data::TaskData& task, const data::Tokenizer& to
     NamedTensors params = trained_tensors(r);
     AdamWOptions ao;
     ao.lr = lr;
-    ao.weight_decay = r.adapter && r.adapter->method() == "full" ? 0.01 : 0.0;
+    ao.weight_decay = r.adapter ? r.adapter->weight_decay() : 0.0;
     AdamW opt(params, ao);
     TrainOptions to;
     to.steps = steps;
@@ -826,13 +824,16 @@ std::string trainable_params_line(const peft::Adapter& adapter, const GPT& model
     const GPTConfig& c = model.config();
     const peft::ParamFormula pf = adapter.formula(c);
     // The formula's symbols with their values (L: the layers the options choose).
+    // r and h come from the method's own options (LoRA's "r", a reparameterization's "reparam_hidden").
+    const nlohmann::json own = adapter.options().section_or_empty(adapter.method());
+    auto own_int = [&](const char* key) { return own.contains(key) && own[key].is_number() ? own[key].get<int64_t>() : 0; };
     const std::map<std::string, int64_t> values = {
         {"L", int64_t(peft::parse_layers(adapter.options().layers, c.n_layers).size())},
         {"n", adapter.options().n},
         {"d", c.d_model},
         {"F", c.d_ff},
-        {"r", adapter.options().lora_rank},
-        {"h", adapter.options().reparam_hidden},
+        {"r", own_int("r")},
+        {"h", own_int("reparam_hidden")},
         {"V", c.vocab},
         {"S", c.max_seq}};
     std::string vals;
@@ -919,7 +920,7 @@ MethodResult run_method(const Base& base, const data::TaskData& task, const Meth
         res.ms_per_step = s.ms_per_step;
         res.loss_curve = s.losses;
         for (auto& [n, t] : r.adapter->parameters()) res.trainable_params += t.numel();
-        const bool full = r.adapter->method() == "full";  // its tensors are the base's own
+        const bool full = r.adapter->changes_base();  // its tensors are the base's own
         res.trainable_pct =
             100.0 * double(res.trainable_params) / double(r.model->num_params() + (full ? 0 : res.trainable_params));
         res.final_valid_loss = valid_loss(r, task, tok, budget.batch);
