@@ -1,12 +1,17 @@
 #include "peft/adapter.h"
 
 #include <algorithm>
+#include <cfloat>
+#include <climits>
+#include <cmath>
 #include <set>
 #include <sstream>
 #include <stdexcept>
 #include <type_traits>
 
 #include <fmt/format.h>
+
+#include "nn/json_limits.h"
 
 namespace peftlab::peft {
 
@@ -24,12 +29,12 @@ nlohmann::json AdapterOptions::to_json() const {
 }
 
 AdapterOptions AdapterOptions::from_json(const nlohmann::json& j) {
-    if (!j.is_object()) throw std::invalid_argument("AdapterOptions: expected a JSON object, got " + j.dump());
+    if (!j.is_object()) throw std::invalid_argument("AdapterOptions: expected a JSON object, got " + json_excerpt(j));
     AdapterOptions o;
     for (auto it = j.begin(); it != j.end(); ++it) {
         const std::string& k = it.key();
         auto bad_value = [&] {
-            return std::invalid_argument(fmt::format("AdapterOptions: key '{}' has a bad value {}", k, it->dump()));
+            return std::invalid_argument(fmt::format("AdapterOptions: key '{}' has a bad value {}", k, json_excerpt(*it)));
         };
         // get_to alone would truncate 2.5 to 2 and wrap -1 to 2^64 - 1 without a word.
         auto integer = [&](const nlohmann::json& v, bool is_unsigned) {
@@ -47,10 +52,17 @@ AdapterOptions AdapterOptions::from_json(const nlohmann::json& j) {
             else if (k == "init") it->get_to(o.init);
             else if (k == "init_tokens") {
                 if (!it->is_array()) throw bad_value();
-                for (const auto& v : *it) integer(v, false);
+                for (const auto& v : *it) {
+                    integer(v, false);
+                    if (v.get<int64_t>() < INT32_MIN || v.get<int64_t>() > INT32_MAX) throw bad_value();
+                }
                 it->get_to(o.init_tokens);
             } else if (k == "lora_rank") get_integer(o.lora_rank);
-            else if (k == "lora_alpha") it->get_to(o.lora_alpha);
+            else if (k == "lora_alpha") {
+                // A double beyond float's range would convert with undefined behaviour.
+                if (!it->is_number() || !(std::abs(it->get<double>()) <= double(FLT_MAX))) throw bad_value();
+                it->get_to(o.lora_alpha);
+            }
             else if (k == "lora_targets") it->get_to(o.lora_targets);
             else if (k == "seed") get_integer(o.seed);
             else throw std::invalid_argument(fmt::format("AdapterOptions: unknown key '{}'", k));

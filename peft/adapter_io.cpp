@@ -12,6 +12,7 @@
 #include <fmt/format.h>
 
 #include "autograd/tape.h"
+#include "nn/json_limits.h"
 #include "nn/safetensors.h"
 #include "peft/lora.h"
 #include "peft/registry.h"
@@ -40,9 +41,9 @@ public:
         std::stringstream text;
         text << in.rdbuf();
         try {
-            j_ = json::parse(text.str());
-        } catch (const json::parse_error& e) {
-            throw error(fmt::format("not valid JSON ({})", e.what()));
+            j_ = parse_json_limited(text.str(), "content");
+        } catch (const std::runtime_error& e) {
+            throw error(e.what());
         }
         if (!j_.is_object()) throw error(fmt::format("expected a JSON object, got {}", j_.type_name()));
     }
@@ -59,22 +60,22 @@ public:
     }
     std::string str(const std::string& key) const {
         const json& v = at(key);
-        if (!v.is_string()) throw key_error(key, "must be a string, got " + v.dump());
+        if (!v.is_string()) throw key_error(key, "must be a string, got " + json_excerpt(v));
         return v.get<std::string>();
     }
     bool boolean(const std::string& key) const {
         const json& v = at(key);
-        if (!v.is_boolean()) throw key_error(key, "must be true or false, got " + v.dump());
+        if (!v.is_boolean()) throw key_error(key, "must be true or false, got " + json_excerpt(v));
         return v.get<bool>();
     }
     int64_t integer(const std::string& key) const {
         const json& v = at(key);
-        if (!v.is_number_integer()) throw key_error(key, "must be an integer, got " + v.dump());
+        if (!v.is_number_integer()) throw key_error(key, "must be an integer, got " + json_excerpt(v));
         return v.get<int64_t>();
     }
     double number(const std::string& key) const {
         const json& v = at(key);
-        if (!v.is_number()) throw key_error(key, "must be a number, got " + v.dump());
+        if (!v.is_number()) throw key_error(key, "must be a number, got " + json_excerpt(v));
         return v.get<double>();
     }
     // An integer key that must equal the base's value.
@@ -89,12 +90,47 @@ private:
     json j_;
 };
 
-StFile read_tensors(const char* fn, const std::string& path) {
+StFile read_tensors(const char* fn, const std::string& path, const LoadOptions& opts) {
+    StFile file;
     try {
-        return load_safetensors(path);
+        file = load_safetensors(path);
     } catch (const std::runtime_error& e) {
         throw std::runtime_error(fmt::format("{}: {}", fn, e.what()));
     }
+    check_finite(fn, path, file, opts);
+    return file;
+}
+
+// Elements a loader may allocate beyond what the weights file holds: attach
+// builds the training-time tensors, and an inference file of a reparameterized
+// prefix does not store its MLP (built, then replaced by its output). 2^24
+// floats = 64 MiB.
+constexpr uint64_t kUnstoredAllowance = uint64_t(1) << 24;
+
+// Refuses, before attach allocates anything, options whose tensors could not
+// come from this file: a config must not make us allocate more than the file
+// holds (plus kUnstoredAllowance). Each size option is bounded first so that
+// the adapter's formula (int64 products of sizes) cannot overflow.
+void check_sizes(const JsonFile& cfg, const char* options_key, const Adapter& adapter, const GPTConfig& c,
+                 const StFile& file) {
+    uint64_t in_file = 0;
+    for (const auto& [name, t] : file.tensors) in_file += t.data.size();  // bounded by the file size
+    const uint64_t limit = in_file + kUnstoredAllowance;
+    const AdapterOptions& o = adapter.options();
+    for (auto [name, v] : {std::pair<const char*, int64_t>{"n", o.n}, {"lora_rank", o.lora_rank},
+                           {"reparam_hidden", o.reparam_hidden}})
+        if (uint64_t(v) > limit)
+            throw cfg.key_error(options_key, fmt::format("{} = {} is larger than the weights file could hold "
+                                                         "({} values in the file)", name, v, in_file));
+    ParamFormula needed;
+    try {
+        needed = adapter.formula(c);
+    } catch (const std::invalid_argument& e) {  // e.g. a layer spec the base does not have
+        throw cfg.key_error(options_key, e.what());
+    }
+    if (needed.count < 0 || uint64_t(needed.count) > limit)
+        throw cfg.key_error(options_key, fmt::format("these options make {} parameters ({}) but the weights file "
+                                                     "holds {} values", needed.count, needed.text, in_file));
 }
 
 // Throws unless the file holds exactly `dest`'s keys with equal shapes. Changes nothing.
@@ -187,7 +223,7 @@ void check_base(const JsonFile& cfg, const json& saved_config, const std::string
         for (const auto& [field, value] : ours.items())
             if (theirs.at(field) != value)
                 throw cfg.error(fmt::format("base config differs: {} {} != {} (the adapter's base vs this base)", field,
-                                            theirs.at(field).dump(), value.dump()));
+                                            json_excerpt(theirs.at(field)), json_excerpt(value)));
     }
     const std::string hash = base_hash(base);
     if (saved_hash != hash)
@@ -243,7 +279,7 @@ std::string hf_layers_spec(const JsonFile& cfg, int L) {
     if (v.is_number_integer()) layers.push_back(v.get<int64_t>());
     else if (v.is_array() && std::all_of(v.begin(), v.end(), [](const json& e) { return e.is_number_integer(); }))
         layers = v.get<std::vector<int64_t>>();
-    else throw cfg.key_error(key, "must be null, an integer or a list of integers, got " + v.dump());
+    else throw cfg.key_error(key, "must be null, an integer or a list of integers, got " + json_excerpt(v));
     if (layers.empty()) return "none";
     std::string spec;
     for (int64_t l : layers) {
@@ -267,13 +303,13 @@ AdapterOptions hf_lora_options(const JsonFile& cfg, int L) {
     const json& targets = cfg.at("target_modules");
     if (!targets.is_array() || !std::all_of(targets.begin(), targets.end(), [](const json& t) { return t.is_string(); }))
         throw cfg.key_error("target_modules", "must be a list of module names (regex strings are not supported), got " +
-                                                  targets.dump());
+                                                  json_excerpt(targets));
     o.lora_targets = targets.get<std::vector<std::string>>();
     o.layers = hf_layers_spec(cfg, L);
     if (cfg.has("layers_pattern")) {
         const json& p = cfg.at("layers_pattern");
         if (p != json("blocks") && p != json::array({"blocks"}))
-            throw cfg.key_error("layers_pattern", "must be null or \"blocks\" (where our layers live), got " + p.dump());
+            throw cfg.key_error("layers_pattern", "must be null or \"blocks\" (where our layers live), got " + json_excerpt(p));
     }
     for (const char* flag : {"use_rslora", "use_dora", "fan_in_fan_out"})
         if (cfg.has(flag) && cfg.boolean(flag)) throw cfg.key_error(flag, "true is not supported");
@@ -332,7 +368,7 @@ void save_adapter(const std::string& dir, const Adapter& adapter, bool inference
     write_file_atomic(in_dir(dir, kAdapterConfigFile), cfg.dump(2) + "\n");
 }
 
-std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base) {
+std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base, const LoadOptions& load_opts) {
     const char* fn = "load_adapter";
     const JsonFile cfg(fn, in_dir(dir, kAdapterConfigFile));
     if (cfg.str("format") != kAdapterFormat)
@@ -346,19 +382,20 @@ std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base) {
     }
     const json& layers_json = cfg.at("layers");
     if (!layers_json.is_array() || !std::all_of(layers_json.begin(), layers_json.end(), [](const json& l) { return l.is_number_integer(); }))
-        throw cfg.key_error("layers", "must be a list of layer indices, got " + layers_json.dump());
+        throw cfg.key_error("layers", "must be a list of layer indices, got " + json_excerpt(layers_json));
     const auto layers = layers_json.get<std::vector<int>>();
     const bool inference = cfg.boolean("inference");
     check_base(cfg, cfg.at("base_config"), cfg.str("base_hash"), base);
 
     const std::string weights = in_dir(dir, kAdapterWeightsFile);
-    const StFile file = read_tensors(fn, weights);
+    const StFile file = read_tensors(fn, weights, load_opts);
     std::unique_ptr<Adapter> adapter;
     try {
         adapter = make_adapter(method, opts);
     } catch (const std::invalid_argument& e) {
         throw cfg.key_error("method", e.what());
     }
+    check_sizes(cfg, "options", *adapter, base.config(), file);
     GradFlagsGuard grad_flags(base);
     try {
         adapter->attach(base);
@@ -367,7 +404,7 @@ std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base) {
     }
     if (inference) adapter->materialize();  // the file holds inference_parameters()
     if (adapter->layers() != layers)
-        throw cfg.key_error("layers", fmt::format("is {} but options.layers '{}' resolve to {}", layers_json.dump(),
+        throw cfg.key_error("layers", fmt::format("is {} but options.layers '{}' resolve to {}", json_excerpt(layers_json),
                                                   opts.layers, json(adapter->layers()).dump()));
     check_tensors(fn, weights, file, adapter->parameters());
     copy_tensors(file, adapter->parameters());
@@ -434,7 +471,7 @@ void export_hf(const std::string& dir, const Adapter& adapter) {
     write_file_atomic(in_dir(dir, kAdapterConfigFile), cfg.dump(2) + "\n");
 }
 
-std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base) {
+std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base, const LoadOptions& load_opts) {
     const char* fn = "import_hf";
     const JsonFile cfg(fn, in_dir(dir, kAdapterConfigFile));
     const GPTConfig& c = base.config();
@@ -469,8 +506,9 @@ std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base) {
     }
 
     const std::string weights = in_dir(dir, kAdapterWeightsFile);
-    const StFile file = read_tensors(fn, weights);
+    const StFile file = read_tensors(fn, weights, load_opts);
     std::unique_ptr<Adapter> adapter = make_adapter(method, opts);
+    check_sizes(cfg, method == "lora" ? "r" : "num_virtual_tokens", *adapter, c, file);
     GradFlagsGuard grad_flags(base);
     try {
         adapter->attach(base);
