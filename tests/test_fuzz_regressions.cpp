@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "datasets/gpt2_tokenizer.h"
 #include "datasets/tokenizer.h"
 #include "fuzz/fuzz.h"
 #include "nn/checkpoint.h"
@@ -217,5 +218,12 @@ TEST_CASE("Every committed fuzz seed is a valid input for its reader", "[fuzz]")
         CHECK_FALSE(tok->encode(in[1]).empty());
         ++n;
     }
-    CHECK(n >= 16);
+    for (const auto& e : fs::directory_iterator(seeds / "gpt2_tokenizer")) {
+        const std::string packed = read_all(e.path());
+        const auto in = fuzz::unpack(reinterpret_cast<const uint8_t*>(packed.data()), packed.size(), 3);
+        const data::GPT2Tokenizer tok = data::GPT2Tokenizer::from_strings(in[0], in[1]);
+        CHECK(tok.decode(tok.encode(in[2]), true) == in[2]);
+        ++n;
+    }
+    CHECK(n >= 17);
 }

@@ -141,6 +141,39 @@ int main(int argc, char** argv) try {
         put(out, "tokenizer_json", "byte", fuzz::pack({data::ByteTokenizer().to_json().dump(), "héllo, world\n"}));
     }
 
+    // GPT-2 BPE files: every byte as its byte symbol (encoder.py's
+    // bytes_to_unicode: printable Latin-1 bytes stand for themselves, the
+    // others for U+0100 + k in byte order), a few merges, "<|endoftext|>".
+    {
+        auto symbol = [](int b) {
+            int cp = b;
+            if (!((b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF))) {
+                int k = 0;
+                for (int c = 0; c < b; ++c)
+                    if (!((c >= '!' && c <= '~') || (c >= 0xA1 && c <= 0xAC) || (c >= 0xAE && c <= 0xFF))) ++k;
+                cp = 256 + k;
+            }
+            std::string u;  // UTF-8 of cp (< 0x800)
+            if (cp < 0x80) u += char(cp);
+            else u += char(0xC0 | (cp >> 6)), u += char(0x80 | (cp & 0x3F));
+            return u;
+        };
+        nlohmann::json vocab = nlohmann::json::object();
+        for (int b = 0; b < 256; ++b) vocab[symbol(b)] = b;
+        const std::string sp = symbol(' ');
+        const std::vector<std::pair<std::string, std::string>> merges = {
+            {sp, "t"}, {"h", "e"}, {sp + "t", "he"}, {"l", "l"}, {"e", "ll"}, {sp, "w"}};
+        std::string merges_txt = "#version: 0.2\n";
+        int id = 256;
+        for (const auto& [a, b] : merges) {
+            merges_txt += a + " " + b + "\n";
+            vocab[a + b] = id++;
+        }
+        vocab["<|endoftext|>"] = id;
+        put(out, "gpt2_tokenizer", "small",
+            fuzz::pack({vocab.dump(), merges_txt, "hello the world<|endoftext|> caf\xc3\xa9 \xff\x01 tell"}));
+    }
+
     // Command lines (NUL-separated arguments).
     const std::vector<std::vector<std::string>> lines = {
         {"--config", "tiny", "--steps", "5", "--methods", "lora,prompt"},

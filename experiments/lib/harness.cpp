@@ -16,6 +16,7 @@
 #include "autograd/threads.h"
 #include "datasets/batch.h"
 #include "datasets/corpus.h"
+#include "datasets/gpt2_tokenizer.h"
 #include "datasets/metrics.h"
 #include "nn/checkpoint.h"
 #include "nn/generate.h"
@@ -142,7 +143,7 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
         ("out", "output directory", cxxopts::value<std::string>()->default_value(d.out))
         ("prefix-len", "n: prompt / prefix vectors", cxxopts::value<int64_t>()->default_value(std::to_string(d.prefix_len)))
         ("lora-rank", "LoRA rank r (on q and v)", cxxopts::value<int64_t>()->default_value(std::to_string(d.lora_rank)))
-        ("tokenizer", "word or byte", cxxopts::value<std::string>()->default_value(d.tokenizer))
+        ("tokenizer", "word, byte, or gpt2:DIR (GPT-2 BPE from DIR/vocab.json + merges.txt or encoder.json + vocab.bpe)", cxxopts::value<std::string>()->default_value(d.tokenizer))
         ("corpus", "UTF-8 text file to pretrain on (default: the built-in restaurant corpus)", cxxopts::value<std::string>()->default_value(d.corpus))
         ("pretrain-steps", "base pretraining updates", cxxopts::value<int64_t>()->default_value(std::to_string(d.pretrain_steps)))
         ("n-train", "training examples (0 = task default)", cxxopts::value<size_t>()->default_value(std::to_string(d.n_train)))
@@ -186,8 +187,8 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
     if (a.prefix_len < 0) throw std::invalid_argument(fmt::format("--prefix-len: {} must be >= 0", a.prefix_len));
     a.lora_rank = positive("lora-rank", r["lora-rank"].as<int64_t>());
     a.tokenizer = r["tokenizer"].as<std::string>();
-    if (a.tokenizer != "word" && a.tokenizer != "byte")
-        throw std::invalid_argument(fmt::format("--tokenizer: '{}' is not word or byte", a.tokenizer));
+    if (a.tokenizer != "word" && a.tokenizer != "byte" && !(a.tokenizer.rfind("gpt2:", 0) == 0 && a.tokenizer.size() > 5))
+        throw std::invalid_argument(fmt::format("--tokenizer: '{}' is not word, byte or gpt2:DIR", a.tokenizer));
     a.corpus = r["corpus"].as<std::string>();
     a.pretrain_steps = positive("pretrain-steps", r["pretrain-steps"].as<int64_t>());
     a.n_train = r["n-train"].as<size_t>();
@@ -224,6 +225,8 @@ Base load_or_pretrain(const CommonArgs& args) {
     Base base;
     if (args.tokenizer == "byte") {
         base.tokenizer = std::make_unique<data::ByteTokenizer>();
+    } else if (args.tokenizer.rfind("gpt2:", 0) == 0) {
+        base.tokenizer = std::make_unique<data::GPT2Tokenizer>(data::GPT2Tokenizer::from_dir(args.tokenizer.substr(5)));
     } else {
         // The vocabulary covers the domain: the corpus and every split of the
         // task, so that unseen venue names are distinct words (with untrained

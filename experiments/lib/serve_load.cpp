@@ -2,7 +2,6 @@
 
 #include <chrono>
 #include <cstdio>
-#include <map>
 #include <memory>
 #include <stdexcept>
 
@@ -142,23 +141,48 @@ LoadReport run_serve_load(const LoadSpec& spec) {
     for (size_t i = 0; i < plan.size(); ++i) plan[i].request.id = fmt::format("r{}", i);
 
     LoadReport rep;
-    std::vector<peft::Result> results(plan.size());
+    // Each result is checked as it arrives (its served-alone reference run
+    // then), so that nothing accumulates but the plan, allocated up front:
+    // RSS growth over the run is the server's.
     std::vector<bool> done(plan.size(), false);
-    std::map<uint64_t, size_t> index_of_seq;
     size_t submitted = 0;
     int64_t finished = 0;
+    double alone_seconds = 0;
+    auto fail = [&](const std::string& what) {
+        if (rep.failures.size() < 10) rep.failures.push_back(what);
+    };
+    auto check = [&](const peft::Result& r) {
+        if (r.seq >= plan.size() || done[r.seq]) {  // seq is the submission order, i.e. the plan index
+            fail(fmt::format("request {}: unexpected or repeated result", r.id));
+            return;
+        }
+        done[r.seq] = true;
+        ++finished;
+        const Planned& p = plan[r.seq];
+        if (p.bad < 0) {
+            ++rep.good;
+            if (!r.ok()) return fail(fmt::format("request {}: good request refused: {}", r.id, r.error));
+            const auto t0 = std::chrono::steady_clock::now();
+            const peft::Result ref = alone.run({p.request}).at(0);
+            alone_seconds += seconds_since(t0);
+            if (ref.tokens == r.tokens) ++rep.good_exact;
+            else fail(fmt::format("request {}: tokens differ from the request served alone ({} vs {} tokens)", r.id,
+                                  r.tokens.size(), ref.tokens.size()));
+        } else {
+            ++rep.bad;
+            if (p.bad == kRemovedKind) ++rep.removed_while_queued;
+            if (!r.ok() && r.tokens.empty() && r.error.find(kBad[p.bad].error) != std::string::npos &&
+                r.error.find("'" + p.request.id + "'") != std::string::npos)
+                ++rep.bad_own_error;
+            else fail(fmt::format("request {} ({}): expected an error with \"{}\", got \"{}\"", r.id,
+                                  kBad[p.bad].what, kBad[p.bad].error, r.error));
+        }
+    };
     auto submit = [&](size_t n) {
-        for (size_t k = 0; k < n && submitted < plan.size(); ++k, ++submitted)
-            index_of_seq[server.submit(plan[submitted].request)] = submitted;
+        for (size_t k = 0; k < n && submitted < plan.size(); ++k, ++submitted) server.submit(plan[submitted].request);
     };
     auto step = [&] {
-        for (peft::Result& r : server.step()) {
-            const size_t i = index_of_seq.at(r.seq);
-            if (done[i]) rep.failures.push_back(fmt::format("request {} answered twice", r.id));
-            done[i] = true;
-            results[i] = std::move(r);
-            ++finished;
-        }
+        for (const peft::Result& r : server.step()) check(r);
         ++rep.steps;
     };
 
@@ -179,50 +203,17 @@ LoadReport run_serve_load(const LoadSpec& spec) {
         }
         submit(size_t(spec.wave));
         if (rep.steps > max_steps || seconds_since(t_start) > spec.max_seconds) {
-            rep.failures.push_back(fmt::format("no progress: {} steps, {:.0f} s, {} of {} requests finished", rep.steps,
-                                               seconds_since(t_start), finished, plan.size()));
+            fail(fmt::format("no progress: {} steps, {:.0f} s, {} of {} requests finished", rep.steps,
+                             seconds_since(t_start), finished, plan.size()));
             return rep;
         }
     }
-    rep.serve_seconds = seconds_since(t_serve);
+    rep.serve_seconds = seconds_since(t_serve) - alone_seconds;
     rep.rss_end_kb = rss_kb();
     if (!rss_taken) rep.rss_start_kb = rep.rss_end_kb;
     rep.generated_tokens = server.stats().generated_tokens;
-
-    for (size_t i = 0; i < plan.size(); ++i) {
-        const Planned& p = plan[i];
-        const peft::Result& r = results[i];
-        auto fail = [&](const std::string& what) {
-            if (rep.failures.size() < 10) rep.failures.push_back(fmt::format("request {}: {}", p.request.id, what));
-        };
-        if (!done[i]) {
-            fail("never answered");
-            continue;
-        }
-        if (p.bad < 0) {
-            ++rep.good;
-            if (!r.ok()) {
-                fail("good request refused: " + r.error);
-                continue;
-            }
-            const peft::Result ref = alone.run({p.request}).at(0);  // served alone
-            if (ref.tokens == r.tokens) ++rep.good_exact;
-            else fail(fmt::format("tokens differ from the request served alone ({} vs {} tokens)", r.tokens.size(),
-                                  ref.tokens.size()));
-        } else {
-            ++rep.bad;
-            if (p.bad == kRemovedKind) ++rep.removed_while_queued;
-            if (!r.ok() && r.tokens.empty() && r.error.find(kBad[p.bad].error) != std::string::npos &&
-                r.error.find("'" + p.request.id + "'") != std::string::npos)
-                ++rep.bad_own_error;
-            else fail(fmt::format("{}: expected an error with \"{}\", got \"{}\"", kBad[p.bad].what, kBad[p.bad].error,
-                                  r.error));
-        }
-        if (seconds_since(t_start) > spec.max_seconds) {
-            rep.failures.push_back(fmt::format("ran past {} s while checking results", spec.max_seconds));
-            break;
-        }
-    }
+    for (size_t i = 0; i < plan.size(); ++i)
+        if (!done[i]) fail(fmt::format("request {}: never answered", plan[i].request.id));
     return rep;
 }
 
