@@ -125,8 +125,11 @@ void check_sizes(const JsonFile& cfg, const char* options_key, const Adapter& ad
     ParamFormula needed;
     try {
         needed = adapter.formula(c);
-    } catch (const std::invalid_argument& e) {  // e.g. a layer spec the base does not have
-        throw cfg.key_error(options_key, e.what());
+    } catch (const std::invalid_argument&) {
+        // Options the method refuses (a layer the base lacks, an unknown LoRA
+        // target): attach refuses them too, before allocating, and the callers
+        // report that error under its own key.
+        return;
     }
     if (needed.count < 0 || uint64_t(needed.count) > limit)
         throw cfg.key_error(options_key, fmt::format("these options make {} parameters ({}) but the weights file "
