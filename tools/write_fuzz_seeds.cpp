@@ -99,7 +99,9 @@ int main(int argc, char** argv) try {
     const std::string hash = peft::base_hash(*base);
     for (const std::string& method : peft::method_names()) {
         peft::AdapterOptions o;
-        o.n = 2, o.lora_rank = 2, o.reparam_hidden = 4, o.layers = method == "lora" ? "1" : "all";
+        o.n = 2, o.layers = method == "lora" ? "1" : "all";
+        o.section("lora") = {{"r", 2}};
+        for (const char* prefix_form : {"prefix", "prefix-kv"}) o.section(prefix_form) = {{"reparam_hidden", 4}};
         const std::unique_ptr<GPT> b = fuzz::make_base();
         std::unique_ptr<peft::Adapter> a = peft::make_adapter(method, o);
         a->attach(*b);
@@ -109,7 +111,8 @@ int main(int argc, char** argv) try {
     }
     {
         peft::AdapterOptions o;
-        o.n = 2, o.reparam = true, o.reparam_hidden = 4;
+        o.n = 2;
+        o.section("prefix") = {{"reparam", true}, {"reparam_hidden", 4}};
         const std::unique_ptr<GPT> b = fuzz::make_base();
         std::unique_ptr<peft::Adapter> a = peft::make_adapter("prefix", o);
         a->attach(*b);
@@ -124,7 +127,8 @@ int main(int argc, char** argv) try {
     // Hugging Face PEFT layout: what export_hf writes for each exportable method.
     for (const std::string method : {"prompt", "prefix-kv", "prefix", "lora"}) {
         peft::AdapterOptions o;
-        o.n = 2, o.lora_rank = 2, o.layers = method == std::string("lora") ? "0" : "all";
+        o.n = 2, o.layers = method == std::string("lora") ? "0" : "all";
+        o.section("lora") = {{"r", 2}};
         const std::unique_ptr<GPT> b = fuzz::make_base();
         std::unique_ptr<peft::Adapter> a = peft::make_adapter(method, o);
         a->attach(*b);

@@ -89,7 +89,8 @@ LoadReport run_serve_load(const LoadSpec& spec) {
     std::vector<std::string> names;
     for (int i = 0; i <= spec.tenants; ++i) {
         peft::AdapterOptions o;
-        o.n = 2 + i % 4, o.lora_rank = 4, o.seed = uint64_t(i), o.init = "random";
+        o.n = 2 + i % 4, o.seed = uint64_t(i), o.init = "random";
+        o.section("lora") = {{"r", 4}};
         auto a = peft::make_adapter(methods[size_t(i) % methods.size()], o);
         a->attach(base);
         for (auto& [name, t] : a->parameters()) {
