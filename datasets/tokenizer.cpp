@@ -165,11 +165,11 @@ nlohmann::json WordTokenizer::to_json() const { return {{"type", "word"}, {"toke
 // ---------------------------------------------------------------- from json
 
 std::unique_ptr<Tokenizer> tokenizer_from_json(const nlohmann::json& j) {
-    if (!j.is_object()) throw std::runtime_error(fmt::format("tokenizer json: expected an object, got {}", j.dump()));
+    if (!j.is_object()) throw std::runtime_error(fmt::format("tokenizer json: expected an object, got a {}", j.type_name()));
     auto type_it = j.find("type");
     if (type_it == j.end()) throw std::runtime_error("tokenizer json: missing key \"type\"");
     if (!type_it->is_string())
-        throw std::runtime_error(fmt::format("tokenizer json: key \"type\" must be a string, got {}", type_it->dump()));
+        throw std::runtime_error(fmt::format("tokenizer json: key \"type\" must be a string, got a {}", type_it->type_name()));
     const auto type = type_it->get<std::string>();
 
     if (type == "byte") return std::make_unique<ByteTokenizer>();
@@ -182,7 +182,7 @@ std::unique_ptr<Tokenizer> tokenizer_from_json(const nlohmann::json& j) {
         for (size_t i = 0; i < tok_it->size(); ++i) {
             const auto& t = (*tok_it)[i];
             if (!t.is_string())
-                throw std::runtime_error(fmt::format("tokenizer json: \"tokens\"[{}] must be a string, got {}", i, t.dump()));
+                throw std::runtime_error(fmt::format("tokenizer json: \"tokens\"[{}] must be a string, got a {}", i, t.type_name()));
             tokens.push_back(t.get<std::string>());
         }
         try {

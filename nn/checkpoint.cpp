@@ -1,6 +1,9 @@
 #include "nn/checkpoint.h"
 
+#include <algorithm>
 #include <charconv>
+#include <cmath>
+#include <optional>
 #include <cstring>
 #include <set>
 #include <stdexcept>
@@ -8,6 +11,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "nn/json_limits.h"
 #include "nn/safetensors.h"
 
 namespace peftlab {
@@ -20,12 +24,15 @@ std::runtime_error file_error(const char* fn, const std::string& path, const std
 }
 
 // Reads the file; safetensors' own errors (truncation, bad header) gain the caller's name.
-StFile read_checked(const char* fn, const std::string& path) {
+StFile read_checked(const char* fn, const std::string& path, const LoadOptions& opts) {
+    StFile file;
     try {
-        return load_safetensors(path);
+        file = load_safetensors(path);
     } catch (const std::runtime_error& e) {
         throw std::runtime_error(fmt::format("{}: {}", fn, e.what()));
     }
+    check_finite(fn, path, file, opts);
+    return file;
 }
 
 const std::string& require_meta(const char* fn, const std::string& path, const StFile& file, const std::string& key) {
@@ -88,13 +95,34 @@ std::vector<StTensorRef> refs(const char* fn, const std::string& path, const Des
 // The config of a model file (after checking its format tag).
 GPTConfig file_config(const char* fn, const std::string& path, const StFile& file) {
     require_format(fn, path, file, kModelFormat);
-    const json cfg = json::parse(require_meta(fn, path, file, "config"), nullptr, false);
-    if (cfg.is_discarded()) throw file_error(fn, path, "metadata key 'config' is not valid JSON");
     try {
-        return GPTConfig::from_json(cfg);
+        return GPTConfig::from_json(parse_json_limited(require_meta(fn, path, file, "config"), "metadata key 'config'"));
     } catch (const std::invalid_argument& e) {
         throw file_error(fn, path, fmt::format("metadata key 'config': {}", e.what()));
+    } catch (const std::runtime_error& e) {
+        throw file_error(fn, path, e.what());
     }
+}
+
+// Parameters of a GPT of this config, or nullopt when the count does not fit in
+// 64 bits: V*d (wte) + T*d (wpe) + L*(4d^2 + 2dF + F + 9d) (blocks: q, k, v, o
+// with biases; fc, proj with biases; ln1, ln2) + 2d (ln_f) + V*d (head, untied).
+// Known before anything is allocated, so a file's config cannot make us build a
+// model larger than the tensors the file holds (a test checks this against
+// GPT::named_parameters()).
+std::optional<uint64_t> parameter_count(const GPTConfig& c) {
+    const uint64_t V = uint64_t(c.vocab), d = uint64_t(c.d_model), L = uint64_t(c.n_layers), F = uint64_t(c.d_ff),
+                   T = uint64_t(c.max_seq);
+    uint64_t dd, dF, block, blocks, vd, td, n = 0;
+    // d*d not overflowing bounds d below 2^32, so 9d and 2d cannot overflow.
+    if (__builtin_mul_overflow(d, d, &dd) || __builtin_mul_overflow(d, F, &dF) || dF > UINT64_MAX / 2 ||
+        __builtin_mul_overflow(dd, uint64_t(4), &block) || __builtin_add_overflow(block, 2 * dF, &block) ||
+        __builtin_add_overflow(block, F + 9 * d, &block) ||
+        __builtin_mul_overflow(block, L, &blocks) || __builtin_mul_overflow(V, d, &vd) ||
+        __builtin_mul_overflow(T, d, &td) || __builtin_add_overflow(blocks, vd, &n) || __builtin_add_overflow(n, td, &n) ||
+        __builtin_add_overflow(n, 2 * d, &n) || (!c.tie_embeddings && __builtin_add_overflow(n, vd, &n)))
+        return std::nullopt;
+    return n;
 }
 
 // Model files: config must equal the model's, then exactly the model's parameters.
@@ -128,13 +156,25 @@ Int parse_int(const char* fn, const std::string& path, const std::string& key, c
 
 }  // namespace
 
+void check_finite(const char* fn, const std::string& path, const StFile& file, const LoadOptions& opts) {
+    if (opts.allow_nonfinite) return;
+    for (const auto& [name, t] : file.tensors) {
+        const auto bad = std::find_if(t.data.begin(), t.data.end(), [](float v) { return !std::isfinite(v); });
+        if (bad != t.data.end())
+            throw file_error(fn, path,
+                             fmt::format("tensor '{}' holds {} at element {} (of {}); refusing non-finite weights "
+                                         "(LoadOptions::allow_nonfinite accepts them)",
+                                         name, *bad, bad - t.data.begin(), t.data.size()));
+    }
+}
+
 // ---- named tensors --------------------------------------------------------------------
 void save_named(const std::string& path, const NamedTensors& tensors, const Metadata& metadata) {
     save_safetensors(path, refs("save_named", path, tensors), metadata);
 }
 
-Metadata load_named_into(const std::string& path, const NamedTensors& into) {
-    const StFile file = read_checked("load_named_into", path);
+Metadata load_named_into(const std::string& path, const NamedTensors& into, const LoadOptions& opts) {
+    const StFile file = read_checked("load_named_into", path, opts);
     check_tensors("load_named_into", path, file, into, "the destination tensors");
     copy_tensors(file, into);
     return file.metadata;
@@ -152,14 +192,22 @@ void save_model(const std::string& path, const GPT& model, const Metadata& extra
     save_safetensors(path, refs("save_model", path, model.named_parameters()), meta);
 }
 
-Metadata load_model(const std::string& path, GPT& model) {
-    return load_model_checked("load_model", path, read_checked("load_model", path), model);
+Metadata load_model(const std::string& path, GPT& model, const LoadOptions& opts) {
+    return load_model_checked("load_model", path, read_checked("load_model", path, opts), model);
 }
 
-std::unique_ptr<GPT> load_model_new(const std::string& path) {
+std::unique_ptr<GPT> load_model_new(const std::string& path, const LoadOptions& opts) {
     const char* fn = "load_model_new";
-    const StFile file = read_checked(fn, path);
-    auto model = std::make_unique<GPT>(file_config(fn, path, file), 0);  // initial values are overwritten
+    const StFile file = read_checked(fn, path, opts);
+    const GPTConfig cfg = file_config(fn, path, file);
+    uint64_t in_file = 0;
+    for (const auto& [name, t] : file.tensors) in_file += t.data.size();  // bounded by the file size
+    const std::optional<uint64_t> needed = parameter_count(cfg);
+    if (!needed || *needed != in_file)
+        throw file_error(fn, path,
+                         fmt::format("metadata key 'config' describes a model of {} parameters but the file holds {}",
+                                     needed ? fmt::format("{}", *needed) : std::string("more than 2^64"), in_file));
+    auto model = std::make_unique<GPT>(cfg, 0);  // initial values are overwritten
     load_model_checked(fn, path, file, *model);
     return model;
 }
@@ -185,9 +233,9 @@ void save_training_state(const std::string& path, const NamedTensors& tensors, c
 }
 
 TrainingState load_training_state(const std::string& path, const NamedTensors& tensors, Optimizer& opt,
-                                  const NamedRngs& rngs) {
+                                  const NamedRngs& rngs, const LoadOptions& opts) {
     const char* fn = "load_training_state";
-    const StFile file = read_checked(fn, path);
+    const StFile file = read_checked(fn, path, opts);
     require_format(fn, path, file, kTrainStateFormat);
 
     TrainingState state;

@@ -23,12 +23,27 @@ namespace peftlab {
 // safetensors "__metadata__": string -> string.
 using Metadata = std::map<std::string, std::string>;
 
+struct StFile;
+
+// Options of every loader here (and of peft/adapter_io.h's).
+struct LoadOptions {
+    // Accept tensors holding NaN or Inf. By default such a file is refused with
+    // the tensor's name and the first bad element: a diverged run's weights
+    // would otherwise turn every later forward into NaN without a word.
+    bool allow_nonfinite = false;
+};
+
+// Throws std::runtime_error "<fn>: '<path>': tensor '<name>' holds <value> at
+// element <i> (of <n>); ..." for the first non-finite value in `file`, in name
+// order, unless opts.allow_nonfinite.
+void check_finite(const char* fn, const std::string& path, const StFile& file, const LoadOptions& opts);
+
 // ---- any named tensors (adapters, tools) -------------------------------------------------
 void save_named(const std::string& path, const NamedTensors& tensors, const Metadata& metadata = {});
 // Copies the file's tensors into `into`, which must name exactly the file's
 // tensors with the same shapes. Returns the file's metadata, for the caller's
 // own checks.
-Metadata load_named_into(const std::string& path, const NamedTensors& into);
+Metadata load_named_into(const std::string& path, const NamedTensors& into, const LoadOptions& opts = {});
 
 // ---- GPT models -------------------------------------------------------------------------
 // Format tag in the metadata of model files.
@@ -39,10 +54,10 @@ inline constexpr const char* kModelFormat = "peftlab-gpt-v1";
 void save_model(const std::string& path, const GPT& model, const Metadata& extra = {});
 // Loads into an existing model whose config must equal the file's. Returns the
 // file's metadata.
-Metadata load_model(const std::string& path, GPT& model);
+Metadata load_model(const std::string& path, GPT& model, const LoadOptions& opts = {});
 // Builds a model from the file's config and loads it. (GPT is neither copyable
 // nor movable, hence the pointer.)
-std::unique_ptr<GPT> load_model_new(const std::string& path);
+std::unique_ptr<GPT> load_model_new(const std::string& path, const LoadOptions& opts = {});
 
 // ---- training state (resume) ------------------------------------------------------------
 // Format tag in the metadata of training-state files.
@@ -65,6 +80,6 @@ void save_training_state(const std::string& path, const NamedTensors& tensors, c
 // Restores tensors, optimizer state and every generator in `rngs` (each must be
 // in the file). All or nothing, as every load here.
 TrainingState load_training_state(const std::string& path, const NamedTensors& tensors, Optimizer& opt,
-                                  const NamedRngs& rngs);
+                                  const NamedRngs& rngs, const LoadOptions& opts = {});
 
 }  // namespace peftlab

@@ -1,6 +1,9 @@
 #include "nn/gpt.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
 #include <stdexcept>
 
 #include <fmt/format.h>
@@ -37,13 +40,30 @@ nlohmann::json GPTConfig::to_json() const {
 
 GPTConfig GPTConfig::from_json(const nlohmann::json& j) {
     GPTConfig c;
+    if (!j.is_object()) throw std::invalid_argument(fmt::format("GPTConfig: expected a JSON object, got a {}", j.type_name()));
+    // get_to alone would truncate 2.5 to 2, wrap 2^40 into an int, and (for a
+    // double outside the target's range) convert with undefined behaviour.
     auto get = [&](const char* key, auto& field) {
+        using T = std::decay_t<decltype(field)>;
         if (!j.contains(key)) throw std::invalid_argument(fmt::format("GPTConfig: missing key '{}'", key));
-        try {
-            j.at(key).get_to(field);
-        } catch (const nlohmann::json::exception& e) {
-            throw std::invalid_argument(fmt::format("GPTConfig: key '{}' has a bad value: {}", key, e.what()));
+        const nlohmann::json& v = j.at(key);
+        bool ok = false;
+        if constexpr (std::is_same_v<T, bool>) {
+            ok = v.is_boolean();
+        } else if constexpr (std::is_integral_v<T>) {
+            ok = v.is_number_integer() &&
+                 (v.is_number_unsigned() ? v.get<uint64_t>() <= uint64_t(std::numeric_limits<T>::max())
+                                         : v.get<int64_t>() >= int64_t(std::numeric_limits<T>::min()) &&
+                                               v.get<int64_t>() <= int64_t(std::numeric_limits<T>::max()));
+        } else {
+            ok = v.is_number() && std::abs(v.get<double>()) <= double(std::numeric_limits<T>::max());
         }
+        if (!ok) {
+            std::string text = v.dump();
+            if (text.size() > 40) text = text.substr(0, 40) + "...";
+            throw std::invalid_argument(fmt::format("GPTConfig: key '{}' has a bad value {}", key, text));
+        }
+        v.get_to(field);
     };
     get("vocab", c.vocab);
     get("d_model", c.d_model);

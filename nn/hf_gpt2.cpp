@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "autograd/tape.h"
+#include "nn/json_limits.h"
 #include "nn/safetensors.h"
 
 namespace peftlab {
@@ -35,9 +36,9 @@ json read_json(const std::string& path) {
     std::stringstream ss;
     ss << f.rdbuf();
     try {
-        return json::parse(ss.str());
-    } catch (const json::exception& e) {
-        throw fail(path, fmt::format("not valid JSON: {}", e.what()));
+        return parse_json_limited(ss.str(), "content");
+    } catch (const std::runtime_error& e) {  // syntax errors, numbers too large for a double, nesting
+        throw fail(path, e.what());
     }
 }
 
@@ -48,7 +49,7 @@ GPTConfig parse_config(const std::string& path) {
     auto integer = [&](const char* key) -> int64_t {
         const json& v = j.at(key);
         if (!v.is_number_integer() || v.get<int64_t>() < 1)
-            throw fail(path, fmt::format("field \"{}\" = {} is not a positive integer", key, v.dump()));
+            throw fail(path, fmt::format("field \"{}\" = {} is not a positive integer", key, json_excerpt(v)));
         return v.get<int64_t>();
     };
     auto need = [&](const char* key) {
@@ -57,11 +58,11 @@ GPTConfig parse_config(const std::string& path) {
     };
     auto flag = [&](const char* key, bool dflt) {
         if (!j.contains(key) || j[key].is_null()) return dflt;
-        if (!j[key].is_boolean()) throw fail(path, fmt::format("field \"{}\" = {} is not a boolean", key, j[key].dump()));
+        if (!j[key].is_boolean()) throw fail(path, fmt::format("field \"{}\" = {} is not a boolean", key, json_excerpt(j[key])));
         return j[key].get<bool>();
     };
     if (j.contains("model_type") && j["model_type"] != "gpt2")
-        throw fail(path, fmt::format("model_type {} is not \"gpt2\"", j["model_type"].dump()));
+        throw fail(path, fmt::format("model_type {} is not \"gpt2\"", json_excerpt(j["model_type"])));
     GPTConfig c;
     c.d_model = need("n_embd");
     c.n_layers = int(need("n_layer"));
@@ -73,13 +74,13 @@ GPTConfig parse_config(const std::string& path) {
     c.d_ff = j.contains("n_inner") && !j["n_inner"].is_null() ? integer("n_inner") : 4 * c.d_model;
     if (j.contains("layer_norm_epsilon")) {
         if (!j["layer_norm_epsilon"].is_number())
-            throw fail(path, fmt::format("field \"layer_norm_epsilon\" = {} is not a number", j["layer_norm_epsilon"].dump()));
+            throw fail(path, fmt::format("field \"layer_norm_epsilon\" = {} is not a number", json_excerpt(j["layer_norm_epsilon"])));
         c.ln_eps = j["layer_norm_epsilon"].get<float>();
     }
     if (j.contains("activation_function")) {
         const json& a = j["activation_function"];
         if (a != "gelu_new" && a != "gelu")
-            throw fail(path, fmt::format("activation_function {} is not implemented (gelu_new or gelu)", a.dump()));
+            throw fail(path, fmt::format("activation_function {} is not implemented (gelu_new or gelu)", json_excerpt(a)));
         c.activation = a.get<std::string>();
     }
     if (flag("scale_attn_by_inverse_layer_idx", false))

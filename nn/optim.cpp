@@ -106,10 +106,12 @@ void Optimizer::load_state_dict(const NamedTensors& state) {
                                                     shape_str(it->second->shape()), shape_str(want.shape())));
     }
     if (given.size() != expected.size())
-        for (auto& [name, t] : given)
+        for (auto& entry : given) {
+            const std::string& name = entry.first;  // not a structured binding: clang 14 cannot capture one
             if (std::none_of(expected.begin(), expected.end(), [&](auto& e) { return e.first == name; }))
                 throw std::invalid_argument(
                     fmt::format("optimizer state: unexpected key '{}' (not a state slot of any parameter)", name));
+        }
     std::vector<int64_t> steps(params_.size());
     for (size_t i = 0; i < params_.size(); ++i) {
         const std::string key = params_[i].first + ".step";

@@ -13,6 +13,9 @@
 #include <stdexcept>
 #include <tuple>
 
+#include <csignal>
+#include <cstdlib>
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -20,6 +23,8 @@
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
+
+#include "nn/json_limits.h"
 
 namespace peftlab {
 namespace {
@@ -45,6 +50,7 @@ public:
         // O_EXCL makes a stale leftover with the same name a retry rather than a clobber.
         // open() with 0666 (not mkstemp's 0600) gives the final file the usual umask mode.
         static std::atomic<unsigned> counter{0};
+        remove_stale_temps(target);
         int fd = -1;
         for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
             const std::string name =
@@ -102,6 +108,24 @@ public:
     }
 
 private:
+    // A writer killed (SIGKILL, power loss) between creating its temp file and the
+    // rename cannot remove it; the next writer of the same target removes the temp
+    // files ".<name>.tmp.<pid>.<n>" of processes that no longer exist. Best effort:
+    // a leftover that cannot be removed only costs disk space.
+    static void remove_stale_temps(const std::filesystem::path& target) {
+        namespace fs = std::filesystem;
+        const std::string prefix = "." + target.filename().string() + ".tmp.";
+        const fs::path dir = target.parent_path().empty() ? fs::path(".") : target.parent_path();
+        std::error_code ec;
+        for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+            const std::string name = it->path().filename().string();
+            if (name.compare(0, prefix.size(), prefix) != 0) continue;
+            const long pid = std::strtol(name.c_str() + prefix.size(), nullptr, 10);
+            if (pid <= 0 || pid == long(::getpid())) continue;
+            if (::kill(pid_t(pid), 0) != 0 && errno == ESRCH) ::unlink(it->path().c_str());
+        }
+    }
+
     std::runtime_error error(std::string_view what) const {
         return std::runtime_error(fmt::format("{}: cannot write '{}': {}", caller_, path_, what));
     }
@@ -188,15 +212,15 @@ Entry parse_entry(const std::string& name, const json& v, uint64_t data_size, co
     if (!sh.is_array()) throw bad(fmt::format("\"shape\" is a {}, not an array of integers", sh.type_name()));
     for (const json& d : sh) {
         if (!d.is_number_integer())
-            throw bad(fmt::format("\"shape\" {} has a non-integer element {}", sh.dump(), d.dump()));
+            throw bad(fmt::format("\"shape\" {} has a non-integer element {}", json_excerpt(sh), json_excerpt(d)));
         if (d.is_number_unsigned() ? d.get<uint64_t>() > uint64_t(INT64_MAX) : d.get<int64_t>() < 0)
-            throw bad(fmt::format("\"shape\" {} has a negative or out-of-range dimension {}", sh.dump(), d.dump()));
+            throw bad(fmt::format("\"shape\" {} has a negative or out-of-range dimension {}", json_excerpt(sh), json_excerpt(d)));
         e.shape.push_back(d.get<int64_t>());
     }
 
     const json& off = v["data_offsets"];
     if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())
-        throw bad(fmt::format("\"data_offsets\" {} is not [begin, end] with non-negative integers", off.dump()));
+        throw bad(fmt::format("\"data_offsets\" {} is not [begin, end] with non-negative integers", json_excerpt(off)));
     e.begin = off[0].get<uint64_t>();
     e.end = off[1].get<uint64_t>();
     if (e.end < e.begin) throw bad(fmt::format("\"data_offsets\" [{}, {}] end before begin", e.begin, e.end));
@@ -207,10 +231,10 @@ Entry parse_entry(const std::string& name, const json& v, uint64_t data_size, co
     const std::optional<uint64_t> numel = element_count(e.shape);
     uint64_t need = 0;
     if (!numel || __builtin_mul_overflow(*numel, uint64_t(e.dtype->size), &need))
-        throw bad(fmt::format("shape {} is too large to address", sh.dump()));
+        throw bad(fmt::format("shape {} is too large to address", json_excerpt(sh)));
     if (e.end - e.begin != need)
         throw bad(fmt::format("\"data_offsets\" [{}, {}] span {} bytes but {} shape {} needs {}", e.begin, e.end,
-                              e.end - e.begin, e.dtype->name, sh.dump(), need));
+                              e.end - e.begin, e.dtype->name, json_excerpt(sh), need));
     return e;
 }
 
@@ -222,9 +246,9 @@ std::vector<Entry> parse_header(const std::string& text, uint64_t data_size,
                                 std::map<std::string, std::string>& metadata, const Fail& fail) {
     json header;
     try {
-        header = json::parse(text);
-    } catch (const json::exception& e) {  // syntax errors, and numbers too large for a double
-        throw fail(fmt::format("header is not valid JSON: {}", e.what()));
+        header = parse_json_limited(text, "header");
+    } catch (const std::runtime_error& e) {  // syntax errors, numbers too large for a double, nesting
+        throw fail(e.what());
     }
     if (!header.is_object()) throw fail(fmt::format("header is a JSON {}, not an object", header.type_name()));
 

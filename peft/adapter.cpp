@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <cfloat>
+#include <climits>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -11,6 +13,7 @@
 #include <fmt/format.h>
 
 #include "peft/registry.h"
+#include "nn/json_limits.h"
 
 namespace peftlab::peft {
 
@@ -34,13 +37,13 @@ nlohmann::json AdapterOptions::to_json() const {
 }
 
 AdapterOptions AdapterOptions::from_json(const nlohmann::json& j) {
-    if (!j.is_object()) throw std::invalid_argument("AdapterOptions: expected a JSON object, got " + j.dump());
+    if (!j.is_object()) throw std::invalid_argument("AdapterOptions: expected a JSON object, got " + json_excerpt(j));
     AdapterOptions o;
     const std::vector<std::string> known = method_names();
     for (auto it = j.begin(); it != j.end(); ++it) {
         const std::string& k = it.key();
         auto bad_value = [&] {
-            return std::invalid_argument(fmt::format("AdapterOptions: key '{}' has a bad value {}", k, it->dump()));
+            return std::invalid_argument(fmt::format("AdapterOptions: key '{}' has a bad value {}", k, json_excerpt(*it)));
         };
         // get_to alone would truncate 2.5 to 2 and wrap -1 to 2^64 - 1 without a word.
         auto integer = [&](const nlohmann::json& v, bool is_unsigned) {
@@ -56,7 +59,10 @@ AdapterOptions AdapterOptions::from_json(const nlohmann::json& j) {
             else if (k == "init") it->get_to(o.init);
             else if (k == "init_tokens") {
                 if (!it->is_array()) throw bad_value();
-                for (const auto& v : *it) integer(v, false);
+                for (const auto& v : *it) {
+                    integer(v, false);
+                    if (v.get<int64_t>() < INT32_MIN || v.get<int64_t>() > INT32_MAX) throw bad_value();
+                }
                 it->get_to(o.init_tokens);
             } else if (k == "seed") get_integer(o.seed);
             else if (k == "positions") {

@@ -12,6 +12,7 @@
 #include <fmt/format.h>
 
 #include "autograd/tape.h"
+#include "nn/json_limits.h"
 #include "nn/safetensors.h"
 #include "peft/registry.h"
 
@@ -29,12 +30,53 @@ std::runtime_error file_error(const char* fn, const std::string& path, const std
     return std::runtime_error(fmt::format("{}: '{}': {}", fn, path, what));
 }
 
-StFile read_tensors(const char* fn, const std::string& path) {
+StFile read_tensors(const char* fn, const std::string& path, const LoadOptions& opts) {
+    StFile file;
     try {
-        return load_safetensors(path);
+        file = load_safetensors(path);
     } catch (const std::runtime_error& e) {
         throw std::runtime_error(fmt::format("{}: {}", fn, e.what()));
     }
+    check_finite(fn, path, file, opts);
+    return file;
+}
+
+// Elements a loader may allocate beyond what the weights file holds: attach
+// builds the training-time tensors, and an inference file of a reparameterized
+// prefix does not store its MLP (built, then replaced by its output). 2^24
+// floats = 64 MiB.
+constexpr uint64_t kUnstoredAllowance = uint64_t(1) << 24;
+
+// Refuses, before attach allocates anything, options whose tensors could not
+// come from this file: a config must not make us allocate more than the file
+// holds (plus kUnstoredAllowance). Every whole number among the options (n and
+// the method's own, e.g. a rank or a hidden width) is bounded first, so that
+// the adapter's formula (int64 products of sizes) cannot overflow.
+void check_sizes(const ConfigFile& cfg, const char* options_key, const Adapter& adapter, const GPTConfig& c,
+                 const StFile& file) {
+    uint64_t in_file = 0;
+    for (const auto& [name, t] : file.tensors) in_file += t.data.size();  // bounded by the file size
+    const uint64_t limit = in_file + kUnstoredAllowance;
+    const AdapterOptions& o = adapter.options();
+    std::vector<std::pair<std::string, int64_t>> sizes = {{"n", o.n}};
+    for (const auto& [key, v] : o.section_or_empty(adapter.method()).items())
+        if (v.is_number_integer()) sizes.emplace_back(key, v.get<int64_t>());
+    for (const auto& [name, v] : sizes)
+        if (uint64_t(v) > limit)
+            throw cfg.key_error(options_key, fmt::format("{} = {} is larger than the weights file could hold "
+                                                         "({} values in the file)", name, v, in_file));
+    ParamFormula needed;
+    try {
+        needed = adapter.formula(c);
+    } catch (const std::invalid_argument&) {
+        // Options the method refuses (a layer the base lacks, an unknown LoRA
+        // target): attach refuses them too, before allocating, and the callers
+        // report that error under its own key.
+        return;
+    }
+    if (needed.count < 0 || uint64_t(needed.count) > limit)
+        throw cfg.key_error(options_key, fmt::format("these options make {} parameters ({}) but the weights file "
+                                                     "holds {} values", needed.count, needed.text, in_file));
 }
 
 void save_tensors(const std::string& path, const NamedTensors& tensors, const std::string& format) {
@@ -97,7 +139,7 @@ void check_base(const ConfigFile& cfg, const json& saved_config, const std::stri
         for (const auto& [field, value] : ours.items())
             if (theirs.at(field) != value)
                 throw cfg.error(fmt::format("base config differs: {} {} != {} (the adapter's base vs this base)", field,
-                                            theirs.at(field).dump(), value.dump()));
+                                            json_excerpt(theirs.at(field)), json_excerpt(value)));
     }
     const std::string hash = base_hash(base);
     if (saved_hash != hash)
@@ -117,9 +159,9 @@ ConfigFile::ConfigFile(const char* fn, std::string path) : fn_(fn), path_(std::m
     std::stringstream text;
     text << in.rdbuf();
     try {
-        j_ = json::parse(text.str());
-    } catch (const json::parse_error& e) {
-        throw error(fmt::format("not valid JSON ({})", e.what()));
+        j_ = parse_json_limited(text.str(), "content");
+    } catch (const std::runtime_error& e) {  // syntax errors, numbers too large for a double, nesting
+        throw error(e.what());
     }
     if (!j_.is_object()) throw error(fmt::format("expected a JSON object, got {}", j_.type_name()));
 }
@@ -135,22 +177,22 @@ const json& ConfigFile::at(const std::string& key) const {
 }
 std::string ConfigFile::str(const std::string& key) const {
     const json& v = at(key);
-    if (!v.is_string()) throw key_error(key, "must be a string, got " + v.dump());
+    if (!v.is_string()) throw key_error(key, "must be a string, got " + json_excerpt(v));
     return v.get<std::string>();
 }
 bool ConfigFile::boolean(const std::string& key) const {
     const json& v = at(key);
-    if (!v.is_boolean()) throw key_error(key, "must be true or false, got " + v.dump());
+    if (!v.is_boolean()) throw key_error(key, "must be true or false, got " + json_excerpt(v));
     return v.get<bool>();
 }
 int64_t ConfigFile::integer(const std::string& key) const {
     const json& v = at(key);
-    if (!v.is_number_integer()) throw key_error(key, "must be an integer, got " + v.dump());
+    if (!v.is_number_integer()) throw key_error(key, "must be an integer, got " + json_excerpt(v));
     return v.get<int64_t>();
 }
 double ConfigFile::number(const std::string& key) const {
     const json& v = at(key);
-    if (!v.is_number()) throw key_error(key, "must be a number, got " + v.dump());
+    if (!v.is_number()) throw key_error(key, "must be a number, got " + json_excerpt(v));
     return v.get<double>();
 }
 void ConfigFile::expect(const std::string& key, int64_t base_value) const {
@@ -256,7 +298,7 @@ void save_adapter(const std::string& dir, const Adapter& adapter, bool inference
     write_file_atomic(in_dir(dir, kAdapterConfigFile), cfg.dump(2) + "\n");
 }
 
-std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base) {
+std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base, const LoadOptions& load_opts) {
     const char* fn = "load_adapter";
     const ConfigFile cfg(fn, in_dir(dir, kAdapterConfigFile));
     if (cfg.str("format") != kAdapterFormat)
@@ -270,19 +312,20 @@ std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base) {
     }
     const json& layers_json = cfg.at("layers");
     if (!layers_json.is_array() || !std::all_of(layers_json.begin(), layers_json.end(), [](const json& l) { return l.is_number_integer(); }))
-        throw cfg.key_error("layers", "must be a list of layer indices, got " + layers_json.dump());
+        throw cfg.key_error("layers", "must be a list of layer indices, got " + json_excerpt(layers_json));
     const auto layers = layers_json.get<std::vector<int>>();
     const bool inference = cfg.boolean("inference");
     check_base(cfg, cfg.at("base_config"), cfg.str("base_hash"), base);
 
     const std::string weights = in_dir(dir, kAdapterWeightsFile);
-    const StFile file = read_tensors(fn, weights);
+    const StFile file = read_tensors(fn, weights, load_opts);
     std::unique_ptr<Adapter> adapter;
     try {
         adapter = make_adapter(method, opts);
     } catch (const std::invalid_argument& e) {
         throw cfg.key_error("method", e.what());
     }
+    check_sizes(cfg, "options", *adapter, base.config(), file);
     GradFlagsGuard grad_flags(base);
     try {
         adapter->attach(base);
@@ -291,7 +334,7 @@ std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base) {
     }
     if (inference) adapter->materialize();  // the file holds inference_parameters()
     if (adapter->layers() != layers)
-        throw cfg.key_error("layers", fmt::format("is {} but options.layers '{}' resolve to {}", layers_json.dump(),
+        throw cfg.key_error("layers", fmt::format("is {} but options.layers '{}' resolve to {}", json_excerpt(layers_json),
                                                   opts.layers, json(adapter->layers()).dump()));
     check_tensors(fn, weights, file, adapter->parameters());
     copy_tensors(file, adapter->parameters());
@@ -327,7 +370,7 @@ void export_hf(const std::string& dir, const Adapter& adapter) {
     write_file_atomic(in_dir(dir, kAdapterConfigFile), cfg.dump(2) + "\n");
 }
 
-std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base) {
+std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base, const LoadOptions& load_opts) {
     const char* fn = "import_hf";
     const ConfigFile cfg(fn, in_dir(dir, kAdapterConfigFile));
     const GPTConfig& c = base.config();
@@ -360,13 +403,14 @@ std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base) {
                                                      peft_type, supported));
 
     const std::string weights = in_dir(dir, kAdapterWeightsFile);
-    const StFile file = read_tensors(fn, weights);
+    const StFile file = read_tensors(fn, weights, load_opts);
     std::unique_ptr<Adapter> adapter;
     try {
         adapter = make_adapter(method, *opts);
     } catch (const std::invalid_argument& e) {
         throw cfg.error(e.what());
     }
+    check_sizes(cfg, "num_virtual_tokens or r", *adapter, c, file);
     GradFlagsGuard grad_flags(base);
     try {
         adapter->attach(base);

@@ -20,8 +20,9 @@
 // "peftlab:<base_hash>", checked on import when present.
 //
 // Every file is written atomically (temp file, then rename); the tensors are
-// written before the config. Every load checks the config, the base and the
-// tensor names and shapes before it copies a value, and throws std::runtime_error
+// written before the config. Every load checks the config, the base, the
+// tensor names and shapes and (unless LoadOptions::allow_nonfinite) that every
+// value is finite before it copies a value, and throws std::runtime_error
 // naming the file and the key or field; the base's weights are then unchanged and
 // its requires_grad flags restored.
 #include <memory>
@@ -29,6 +30,7 @@
 #include <string>
 
 #include "nn/safetensors.h"
+#include "nn/checkpoint.h"
 #include "peft/adapter.h"
 
 namespace peftlab::peft {
@@ -94,7 +96,7 @@ void save_adapter(const std::string& dir, const Adapter& adapter, bool inference
 // activated: call activate(base) to run it alone), materialized if the file is an
 // inference file, then filled from the file. For "full" this overwrites every
 // weight of `base` with the fine-tuned model.
-std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base);
+std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base, const LoadOptions& opts = {});
 
 // Writes the adapter in Hugging Face PEFT's layout to dir (creating it), as its
 // method's hf_export() gives it. Methods without a PEFT counterpart, a
@@ -109,6 +111,6 @@ void export_hf(const std::string& dir, const Adapter& adapter);
 // every tensor's name and shape; features a method does not implement (LoRA:
 // rslora, DoRA, biases, fan_in_fan_out, rank/alpha patterns, regex
 // target_modules) are refused by name.
-std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base);
+std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base, const LoadOptions& opts = {});
 
 }  // namespace peftlab::peft

@@ -129,9 +129,17 @@ void Server::add_tenant(const std::string& name, Adapter& adapter, std::unique_p
     tenants_.push_back(std::move(tenant));
 }
 
+void Server::remove_adapter(const std::string& name) {
+    auto it = tenant_index_.find(name);
+    if (it == tenant_index_.end()) throw std::invalid_argument(fmt::format("Server: unknown adapter '{}'", name));
+    tenants_[size_t(it->second)]->removed = true;
+    tenant_index_.erase(it);
+}
+
 std::vector<std::string> Server::tenants() const {
     std::vector<std::string> names;
-    for (auto& t : tenants_) names.push_back(t->name);
+    for (auto& t : tenants_)
+        if (!t->removed) names.push_back(t->name);
     return names;
 }
 
@@ -164,8 +172,10 @@ std::string Server::check(const Request& r, int32_t& tenant) const {
     if (!r.adapter.empty()) {
         auto it = tenant_index_.find(r.adapter);
         if (it == tenant_index_.end()) {
+            for (auto& t : tenants_)
+                if (t->removed && t->name == r.adapter) return error(fmt::format("adapter '{}' was removed", r.adapter));
             std::string known;
-            for (auto& t : tenants_) known += (known.empty() ? "" : ", ") + t->name;
+            for (const std::string& t : tenants()) known += (known.empty() ? "" : ", ") + t;
             return error(fmt::format("unknown adapter '{}' (known: {})", r.adapter, known.empty() ? "none" : known));
         }
         tenant = it->second;

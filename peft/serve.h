@@ -120,6 +120,14 @@ public:
     // (peft/adapter_io.h); the server owns it.
     void load_adapter(const std::string& name, const std::string& dir);
 
+    // Stops serving tenant `name` (throws std::invalid_argument if it is not
+    // served). Any time, also while serving: its queued requests are refused
+    // when admitted ("adapter 'name' was removed"), its running rows finish.
+    // The name may be added again (while idle, as any add). The tenant's
+    // tensors stay allocated until the server is destroyed: the running
+    // batch's MultiAdapter keeps pointers into them.
+    void remove_adapter(const std::string& name);
+
     // Queues a request; it is checked when admitted. Returns its seq.
     uint64_t submit(Request request);
     // Admits, prefills and decodes one token for every running row. Returns
@@ -132,7 +140,7 @@ public:
     int64_t running() const { return int64_t(rows_.size()); }
     const ServerStats& stats() const { return stats_; }
     void reset_stats() { stats_ = {}; }
-    // Tenants in the order added (their index is their MultiAdapter entry).
+    // Tenants served, in the order added.
     std::vector<std::string> tenants() const;
     // Cached keys + values of every tenant and layer, in bytes.
     int64_t prefix_cache_bytes() const;
@@ -147,6 +155,7 @@ private:
         std::unique_ptr<Adapter> owned;  // set when the server loaded it
         std::vector<Tensor> keys, values;  // per layer [n_l, C], undefined when n_l = 0
         int64_t positions = 0;  // Adapter::prefix_positions(): positions its prepended vectors take
+        bool removed = false;  // remove_adapter: no longer admitted
     };
     struct Queued {
         Request request;

@@ -1,0 +1,30 @@
+// libFuzzer target: import_hf (a Hugging Face PEFT adapter directory:
+// PROMPT_TUNING, PREFIX_TUNING or LORA) onto a fixed base. Input: packed
+// records [adapter_config.json, adapter_model.safetensors] (fuzz/fuzz.h).
+#include <cstring>
+
+#include "fuzz/fuzz.h"
+#include "peft/adapter_io.h"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+    using namespace peftlab;
+    static const std::unique_ptr<GPT> base = fuzz::make_base();
+    static const std::string dir = (fuzz::scratch_dir() / "hf_adapter").string();
+    const std::vector<std::string> files = fuzz::unpack(data, size, 2);
+    fuzz::write_scratch("hf_adapter/adapter_config.json", files[0]);
+    fuzz::write_scratch("hf_adapter/adapter_model.safetensors", files[1]);
+    try {
+        peft::import_hf(dir, *base);
+    } catch (const std::exception&) {
+    }
+    // Leaves the base as make_base() made it for the next input.
+    const std::unique_ptr<GPT> fresh = fuzz::make_base();
+    auto src = fresh->named_parameters();
+    auto dst = base->named_parameters();
+    for (size_t i = 0; i < dst.size(); ++i) {
+        std::memcpy(dst[i].second.data(), src[i].second.data(), size_t(src[i].second.numel()) * sizeof(float));
+        dst[i].second.set_requires_grad(true);
+    }
+    base->set_hooks(nullptr);
+    return 0;
+}
