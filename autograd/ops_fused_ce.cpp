@@ -11,7 +11,7 @@ using namespace detail;
 
 int64_t linear_cross_entropy_chunk_rows(int64_t N, int64_t C, int64_t V) {
     const int64_t per = std::max<int64_t>(1, (V + C - 1) / std::max<int64_t>(C, 1));  // ceil(V / C)
-    const int64_t want = std::max<int64_t>(32, (N + per - 1) / per);
+    const int64_t want = std::max<int64_t>(256, (N + per - 1) / per);
     int64_t p = 1;
     while (p < want) p *= 2;
     return std::max<int64_t>(1, std::min(p, N));
