@@ -159,7 +159,7 @@ public:
     // forward and the loss alone (so does the PyTorch side).
     void step() override {
         opt_->zero_grad();
-        Tensor loss = lm_loss(model_.forward(in_), targets_);
+        Tensor loss = model_.loss(in_, targets_);
         if (!loss.requires_grad()) return;
         backward(loss);
         opt_->step();

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "autograd/flops.h"
+#include "autograd/ops_fused.h"
 
 namespace peftlab {
 
@@ -121,7 +122,11 @@ GPT::GPT(const GPTConfig& cfg, uint64_t seed, float init_std)
     name_parameters();
 }
 
-Tensor GPT::forward(const ModelInput& in, KVCache* cache) {
+Tensor GPT::forward(const ModelInput& in, KVCache* cache) { return run(in, cache, nullptr); }
+
+Tensor GPT::loss(const ModelInput& in, const std::vector<int32_t>& targets) { return run(in, nullptr, &targets); }
+
+Tensor GPT::run(const ModelInput& in, KVCache* cache, const std::vector<int32_t>* targets) {
     in.validate(cfg_);
     const int64_t B = in.B, T = in.T, C = cfg_.d_model;
     const bool prefill = !cache || cache->empty();
@@ -213,7 +218,12 @@ Tensor GPT::forward(const ModelInput& in, KVCache* cache) {
     flops::Region r("head");
     if (n_prompt) x = slice(x, 1, n_prompt, n_prompt + T);
     x = ln_f.forward(x);
-    return head ? head->forward(x, ctx) : linear(x, wte.weight);
+    if (!targets) return head ? head->forward(x, ctx) : linear(x, wte.weight);
+    Tensor delta = head && hooks_ && hooks_->adapts_linear(head->path())
+                       ? hooks_->linear_delta(head->path(), x, ctx.info) : Tensor();
+    if (delta.defined()) return lm_loss(add(linear(x, head->weight), delta), *targets);
+    // The head and the loss fused: both count in this region ("head").
+    return linear_cross_entropy(x, head ? head->weight : wte.weight, *targets, -1);
 }
 
 Tensor lm_loss(const Tensor& logits, const std::vector<int32_t>& targets) {

@@ -71,6 +71,13 @@ public:
     // gradients throws (run it under NoGradGuard).
     Tensor forward(const ModelInput& in, KVCache* cache = nullptr);
 
+    // The training loss: lm_loss(forward(in), targets) (targets [B*T], -1 not
+    // counted) without materializing the logits: the LM head and the
+    // cross-entropy run as one chunked op (linear_cross_entropy, ops_fused.h),
+    // same value, gradients and FLOP counts. A hook that adds a delta to the
+    // head's output (LoRA on `head`) needs the logits: then the unfused path.
+    Tensor loss(const ModelInput& in, const std::vector<int32_t>& targets);
+
     // Non-owning; null detaches. An adapter calls this to attach itself.
     void set_hooks(ModelHooks* hooks) { hooks_ = hooks; }
     ModelHooks* hooks() const { return hooks_; }
@@ -84,6 +91,8 @@ public:
     std::unique_ptr<Linear> head;  // null when tied to wte
 
 private:
+    // forward's body; with targets, returns loss() instead of the logits.
+    Tensor run(const ModelInput& in, KVCache* cache, const std::vector<int32_t>* targets);
     ModelHooks* hooks_ = nullptr;
     Rng dropout_rng_;
 };

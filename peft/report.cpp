@@ -285,7 +285,7 @@ void measure_step(GPT& model, Adapter& adapter, const ReportSettings& s, MethodR
     ModelInput in = random_batch(cfg, s.batch, s.seq, rng, targets);
     model.train();
     auto forward_backward = [&] {
-        Tensor loss = lm_loss(model.forward(in), targets);
+        Tensor loss = model.loss(in, targets);
         if (loss.requires_grad()) backward(loss);
     };
     forward_backward();

@@ -571,7 +571,7 @@ Base load_or_pretrain(const CommonArgs& args) {
     auto loss_fn = [&](int64_t, Rng& rng) {
         data::Batch b = data::make_lm_batch(stream, int(B), T, rng);
         ModelInput in{B, T, b.tokens, b.positions, b.valid};
-        return lm_loss(model.forward(in), b.targets);
+        return model.loss(in, b.targets);
     };
     auto eval_fn = [&](int64_t) {
         Rng rng(args.seed + 7);
@@ -580,7 +580,7 @@ Base load_or_pretrain(const CommonArgs& args) {
         for (int i = 0; i < n; ++i) {
             data::Batch b = data::make_lm_batch(valid, int(B), T, rng);
             ModelInput in{B, T, b.tokens, b.positions, b.valid};
-            total += lm_loss(model.forward(in), b.targets).item();
+            total += model.loss(in, b.targets).item();
         }
         return std::map<std::string, double>{{"valid_loss", total / n}};
     };
@@ -657,7 +657,7 @@ double split_loss(Run& r, const std::vector<data::Example>& split, const data::T
         data::Batch b =
             data::make_conditional_batch(split, idx, tok, int(r.model->config().max_seq), data::PadSide::Right);
         ModelInput in{b.B, b.T, b.tokens, b.positions, b.valid};
-        total += lm_loss(r.model->forward(in), b.targets).item() * double(idx.size());
+        total += r.model->loss(in, b.targets).item() * double(idx.size());
         count += int64_t(idx.size());
     }
     r.model->train();
@@ -762,7 +762,7 @@ TrainSummary train(Run& r, const data::TaskData& task, const data::Tokenizer& to
         for (auto& i : idx) i = rng.below(uint32_t(task.train.size()));
         data::Batch b = data::make_conditional_batch(task.train, idx, tok, max_len, data::PadSide::Right);
         ModelInput in{b.B, b.T, b.tokens, b.positions, b.valid};
-        return lm_loss(r.model->forward(in), b.targets);
+        return r.model->loss(in, b.targets);
     };
     Trainer::EvalFn eval_fn;
     if (res)
@@ -787,7 +787,7 @@ void measure_step(Run& r, const data::TaskData& task, const data::Tokenizer& tok
     mem::reset_peak();
     {
         ModelInput in{b.B, b.T, b.tokens, b.positions, b.valid};
-        Tensor loss = lm_loss(r.model->forward(in), b.targets);
+        Tensor loss = r.model->loss(in, b.targets);
         backward(loss);
         opt.step();
         opt.zero_grad();
