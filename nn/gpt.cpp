@@ -51,6 +51,8 @@ GPTConfig GPTConfig::from_json(const nlohmann::json& j) {
         bool ok = false;
         if constexpr (std::is_same_v<T, bool>) {
             ok = v.is_boolean();
+        } else if constexpr (std::is_same_v<T, std::string>) {
+            ok = v.is_string();
         } else if constexpr (std::is_integral_v<T>) {
             ok = v.is_number_integer() &&
                  (v.is_number_unsigned() ? v.get<uint64_t>() <= uint64_t(std::numeric_limits<T>::max())
