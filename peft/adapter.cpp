@@ -125,7 +125,9 @@ double MethodOptions::number(const std::string& key, double def) {
         if (!j->is_number()) throw error(key, "must be a number, got " + j->dump());
         v = j->get<double>();
     }
-    if (!std::isfinite(v)) throw error(key, fmt::format("= {} must be finite", v));
+    // Methods keep such options as float: a double beyond float's range would convert with undefined behaviour.
+    if (!std::isfinite(v) || std::abs(v) > double(FLT_MAX))
+        throw error(key, fmt::format("= {} must be finite and within float range", v));
     out_[key] = v;
     return v;
 }

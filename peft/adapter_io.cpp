@@ -59,7 +59,8 @@ void check_sizes(const ConfigFile& cfg, const char* options_key, const Adapter& 
     const uint64_t limit = in_file + kUnstoredAllowance;
     const AdapterOptions& o = adapter.options();
     std::vector<std::pair<std::string, int64_t>> sizes = {{"n", o.n}};
-    for (const auto& [key, v] : o.section_or_empty(adapter.method()).items())
+    const json own = o.section_or_empty(adapter.method());
+    for (const auto& [key, v] : own.items())
         if (v.is_number_integer()) sizes.emplace_back(key, v.get<int64_t>());
     for (const auto& [name, v] : sizes)
         if (uint64_t(v) > limit)
@@ -410,7 +411,8 @@ std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base, const Load
     } catch (const std::invalid_argument& e) {
         throw cfg.error(e.what());
     }
-    check_sizes(cfg, "num_virtual_tokens or r", *adapter, c, file);
+    // The HF PEFT config field that sizes the tensors: prompt learning's num_virtual_tokens, or a rank.
+    check_sizes(cfg, cfg.has("num_virtual_tokens") ? "num_virtual_tokens" : "r", *adapter, c, file);
     GradFlagsGuard grad_flags(base);
     try {
         adapter->attach(base);

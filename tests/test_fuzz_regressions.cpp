@@ -150,7 +150,7 @@ TEST_CASE("Adapter loaders: sizes in the config are bounded by the weights file 
     SECTION("own layout: reparam_hidden") {
         unpack_to(read_all(seeds / "adapter" / "prefix_reparam"), tmp.dir / "a");
         json cfg = json::parse(read_all(tmp.dir / "a" / peft::kAdapterConfigFile));
-        cfg["options"]["reparam_hidden"] = int64_t(1) << 50;
+        cfg["options"]["prefix"]["reparam_hidden"] = int64_t(1) << 50;
         std::ofstream(tmp.dir / "a" / peft::kAdapterConfigFile) << cfg.dump();
         CHECK_THROWS_WITH(peft::load_adapter((tmp.dir / "a").string(), *base), Contains("reparam_hidden = "));
     }
@@ -172,8 +172,9 @@ TEST_CASE("Adapter loaders: sizes in the config are bounded by the weights file 
 
 TEST_CASE("AdapterOptions::from_json: numbers must fit their field", "[fuzz][adapter_io]") {
     json j = peft::AdapterOptions{}.to_json();
-    j["lora_alpha"] = 1e300;  // before: converted to float with undefined behaviour
-    CHECK_THROWS_WITH(peft::AdapterOptions::from_json(j), Contains("key 'lora_alpha' has a bad value"));
+    j["lora"] = {{"lora_alpha", 1e300}};  // before: converted to float with undefined behaviour
+    CHECK_THROWS_WITH(peft::make_adapter("lora", peft::AdapterOptions::from_json(j)),
+                      Contains("lora_alpha") && Contains("within float range"));
     j = peft::AdapterOptions{}.to_json();
     j["init_tokens"] = json::array({1, int64_t(1) << 40});  // before: wrapped into an int32 token id
     CHECK_THROWS_WITH(peft::AdapterOptions::from_json(j), Contains("key 'init_tokens' has a bad value"));
