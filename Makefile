@@ -156,7 +156,7 @@ report: deps
 # Debian's python3-torch is installed: runs/bench/bench.{json,md}. ARGS="--quick",
 # "--configs small --methods full,lora --repeats 4", "--no-torch", "--help".
 bench: deps
-	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/bench
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/bench $(BUILD)/bin/compare
 	./$(BUILD)/bin/bench $(ARGS)
 
 # Multi-tenant serving: one base, K adapters mixed in one batch, prefix cache;

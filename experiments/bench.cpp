@@ -438,7 +438,7 @@ struct Args {
     std::map<std::string, std::pair<int64_t, int64_t>> batch_seq;  // config -> (B, T)
     int64_t n = 16, lora_rank = 8;
     int steps = 0, threads = 2;
-    bool torch = true, scaling = true, generation = true, quick = false;
+    bool torch = true, scaling = true, generation = true, quick = false, launch = true;
     std::string out, python, torch_script, spin;
 };
 
@@ -493,6 +493,7 @@ Args parse_args(int argc, char** argv) {
         ("no-torch", "skip the PyTorch side")
         ("no-scaling", "skip the T and n scaling rows")
         ("no-generate", "skip generation")
+        ("no-launch", "skip timing an experiment binary run directly against run as under make")
         ("python", "interpreter with torch", cxxopts::value<std::string>()->default_value("/usr/bin/python3"))
         ("torch-script", "the PyTorch side", cxxopts::value<std::string>()->default_value("tools/torch_bench.py"))
         ("out", "output directory", cxxopts::value<std::string>()->default_value("runs/bench"));
@@ -549,6 +550,7 @@ Args parse_args(int argc, char** argv) {
     a.torch = !r.count("no-torch");
     a.scaling = !r.count("no-scaling") && !a.quick;
     a.generation = !r.count("no-generate");
+    a.launch = !r.count("no-launch");
     a.python = r["python"].as<std::string>();
     a.torch_script = r["torch-script"].as<std::string>();
     a.out = r["out"].as<std::string>();
@@ -823,6 +825,37 @@ json check_targets(const std::vector<json>& train, const std::vector<json>& gen)
     return out;
 }
 
+// An experiment binary run directly must be as fast as under make (issue 18):
+// make exports GOMP_SPINCOUNT=3000, and a binary started without it sets the
+// same value and re-executes itself before main (experiments/lib/flags.cpp).
+// Times the same tiny `compare` run both ways, interleaved after one warm-up
+// run (which pretrains the cached base), with wall-clock medians.
+json launch_check(const std::string& self, const std::string& out) {
+    const std::string compare = (std::filesystem::path(self).parent_path() / "compare").string();
+    if (!std::filesystem::exists(compare)) return {{"error", compare + " not built"}};
+    const std::string args = " --config tiny --pretrain-steps 20 --steps 20 --search-steps 5 --eval-examples 8 "
+                             "--methods lora --no-baselines --fresh --out " + out + "/launch >/dev/null 2>&1";
+    const std::string direct = "env -u GOMP_SPINCOUNT -u OMP_WAIT_POLICY " + compare + args;
+    const std::string under_make = "env -u OMP_WAIT_POLICY GOMP_SPINCOUNT=3000 " + compare + args;
+    auto timed = [](const std::string& cmd) {
+        const double t0 = now_s();
+        if (std::system(cmd.c_str()) != 0) throw std::runtime_error("launch check: failed: " + cmd);
+        return now_s() - t0;
+    };
+    try {
+        timed(under_make);  // warm-up: pretrains the tiny base into the cache
+        std::vector<double> d, m;
+        for (int i = 0; i < 3; ++i) {
+            d.push_back(timed(direct));
+            m.push_back(timed(under_make));
+        }
+        return {{"direct_s", d}, {"under_make_s", m}, {"direct_median_s", median(d)},
+                {"under_make_median_s", median(m)}, {"ratio", median(d) / median(m)}, {"command", direct}};
+    } catch (const std::exception& e) {
+        return {{"error", e.what()}};
+    }
+}
+
 int run_parent(const Args& args) {
     signal(SIGPIPE, SIG_IGN);  // a child that died is reported, not fatal
     const double t_start = now_s();
@@ -951,6 +984,16 @@ int run_parent(const Args& args) {
             measure(group, b.args.quick ? 3 : 5, gen);
         }
 
+    json launch;
+    if (args.launch) {
+        launch = launch_check(b.self, args.out);
+        if (launch.contains("error")) fmt::print("launch check: {}\n", launch["error"].get<std::string>());
+        else
+            fmt::print("compare run directly: {:.1f} s, as under make: {:.1f} s (x{:.2f}, medians of 3)\n",
+                       launch["direct_median_s"].get<double>(), launch["under_make_median_s"].get<double>(),
+                       launch["ratio"].get<double>());
+    }
+
     const double peak_end = b.machine()["sgemm_peak_gflops"];
     const json targets = check_targets(train, gen);
     json doc = {{"machine",
@@ -969,6 +1012,7 @@ int run_parent(const Args& args) {
                 {"scaling", scaling},
                 {"generation", gen},
                 {"targets", targets},
+                {"launch", launch},
                 {"seconds", now_s() - t_start}};
 
     std::string md = fmt::format(
@@ -992,6 +1036,12 @@ int run_parent(const Args& args) {
               "\nbound: every weight and the KV cache read once per decoding step at the measured read bandwidth, "
               "the prefill at sgemm peak.\n";
     if (!scaling.empty()) md += "\n## Scaling (small config)\n\n" + train_table(scaling);
+    if (!launch.is_null() && !launch.contains("error"))
+        md += fmt::format("\n## Run directly or under make (issue 18)\n\nThe same tiny `compare` run (wall-clock medians "
+                          "of 3, interleaved): run directly {:.1f} s, with make's GOMP_SPINCOUNT=3000 {:.1f} s "
+                          "(ratio {:.2f}).\n",
+                          launch["direct_median_s"].get<double>(), launch["under_make_median_s"].get<double>(),
+                          launch["ratio"].get<double>());
     md += "\n## Targets (issue 6)\n\n| target | value | limit | holds |\n|---|---|---|---|\n";
     for (const json& t : targets)
         md += fmt::format("| {} | {:.3f} | {} {} | {} |\n", t["target"].get<std::string>(), t["value"].get<double>(),
