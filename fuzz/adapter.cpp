@@ -1,8 +1,6 @@
 // libFuzzer target: load_adapter (peftlab's own adapter directory) onto a fixed
 // base. Input: packed records [adapter_config.json, adapter_model.safetensors]
 // (fuzz/fuzz.h).
-#include <cstring>
-
 #include "fuzz/fuzz.h"
 #include "peft/adapter_io.h"
 
@@ -17,14 +15,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         peft::load_adapter(dir, *base);
     } catch (const std::exception&) {
     }
-    // "full" overwrites the base when it loads; put the fixed weights back.
-    const std::unique_ptr<GPT> fresh = fuzz::make_base();
-    auto src = fresh->named_parameters();
-    auto dst = base->named_parameters();
-    for (size_t i = 0; i < dst.size(); ++i) {
-        std::memcpy(dst[i].second.data(), src[i].second.data(), size_t(src[i].second.numel()) * sizeof(float));
-        dst[i].second.set_requires_grad(true);
-    }
-    base->set_hooks(nullptr);
+    fuzz::restore_base(*base);
     return 0;
 }

@@ -1,8 +1,6 @@
 // libFuzzer target: import_hf (a Hugging Face PEFT adapter directory:
 // PROMPT_TUNING, PREFIX_TUNING or LORA) onto a fixed base. Input: packed
 // records [adapter_config.json, adapter_model.safetensors] (fuzz/fuzz.h).
-#include <cstring>
-
 #include "fuzz/fuzz.h"
 #include "peft/adapter_io.h"
 
@@ -17,14 +15,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         peft::import_hf(dir, *base);
     } catch (const std::exception&) {
     }
-    // Leaves the base as make_base() made it for the next input.
-    const std::unique_ptr<GPT> fresh = fuzz::make_base();
-    auto src = fresh->named_parameters();
-    auto dst = base->named_parameters();
-    for (size_t i = 0; i < dst.size(); ++i) {
-        std::memcpy(dst[i].second.data(), src[i].second.data(), size_t(src[i].second.numel()) * sizeof(float));
-        dst[i].second.set_requires_grad(true);
-    }
-    base->set_hooks(nullptr);
+    fuzz::restore_base(*base);
     return 0;
 }

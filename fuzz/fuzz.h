@@ -102,4 +102,18 @@ inline std::unique_ptr<GPT> make_base() {
     return model;
 }
 
+// Puts make_base()'s weights and requires_grad flags back into `base` and
+// removes its hooks: a loader may have attached an adapter, frozen the base,
+// or ("full") overwritten its weights, and the next input needs the same base.
+inline void restore_base(GPT& base) {
+    const std::unique_ptr<GPT> fresh = make_base();
+    auto src = fresh->named_parameters();
+    auto dst = base.named_parameters();
+    for (size_t i = 0; i < dst.size(); ++i) {
+        std::memcpy(dst[i].second.data(), src[i].second.data(), size_t(src[i].second.numel()) * sizeof(float));
+        dst[i].second.set_requires_grad(true);
+    }
+    base.set_hooks(nullptr);
+}
+
 }  // namespace peftlab::fuzz
