@@ -587,8 +587,13 @@ TEST_CASE("peft: backprop through the whole model matches central differences", 
                 INFO(name << " along " << what << ": backprop " << analytic << ", central differences " << fd
                           << " (eps 4e-3), " << fd_half << " (eps 2e-3), extrapolated " << extrapolated);
                 // 5e-6: the float32 logits make the loss rough at ~1e-7, which the
-                // difference quotients at these steps turn into a few 1e-6.
-                CHECK(std::fabs(extrapolated - analytic) <= 2e-2 * std::fabs(analytic) + 1e-3 * scale + 5e-6);
+                // difference quotients at these steps turn into a few 1e-6. Where
+                // that roughness dominates the curvature (an LSTM encoder's
+                // weights, at -O1 rounding), extrapolation amplifies it and the
+                // plain quotient at the larger step is the better estimate: the
+                // closer of the two is checked (a wrong gradient misses both).
+                const double err = std::min(std::fabs(extrapolated - analytic), std::fabs(fd - analytic));
+                CHECK(err <= 2e-2 * std::fabs(analytic) + 1e-3 * scale + 5e-6);
             };
             // The gradient's own direction (the whole tensor at once: the
             // largest signal), then single coordinates among those whose
