@@ -4,6 +4,7 @@
 // clear error it must now give. Also: every committed seed input loads (the
 // checks refuse no file our own writers make).
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -17,6 +18,7 @@
 #include "datasets/tokenizer.h"
 #include "fuzz/fuzz.h"
 #include "nn/checkpoint.h"
+#include "nn/hf_gpt2.h"
 #include "nn/json_limits.h"
 #include "nn/optim.h"
 #include "nn/safetensors.h"
@@ -226,5 +228,29 @@ TEST_CASE("Every committed fuzz seed is a valid input for its reader", "[fuzz]")
         CHECK(tok.decode(tok.encode(in[2]), true) == in[2]);
         ++n;
     }
-    CHECK(n >= 17);
+    // HF GPT-2 directories (fuzz/hf_gpt2.cpp's five records): single file and
+    // sharded both give make_base()'s weights back bitwise.
+    for (const auto& e : fs::directory_iterator(seeds / "hf_gpt2")) {
+        INFO(e.path());
+        const std::string packed = read_all(e.path());
+        const char* const names[] = {"config.json", "model.safetensors", "model.safetensors.index.json",
+                                     "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"};
+        const auto in = fuzz::unpack(reinterpret_cast<const uint8_t*>(packed.data()), packed.size(), std::size(names));
+        const fs::path d = tmp.dir / ("hf_gpt2_" + e.path().filename().string());
+        fs::create_directories(d);
+        for (size_t i = 0; i < in.size(); ++i)
+            if (!in[i].empty()) std::ofstream(d / names[i], std::ios::binary) << in[i];
+        const std::unique_ptr<GPT> m = load_hf_gpt2(d.string());
+        const std::unique_ptr<GPT> want = fuzz::make_base();
+        auto got_p = m->named_parameters(), want_p = want->named_parameters();
+        REQUIRE(got_p.size() == want_p.size());
+        for (size_t i = 0; i < got_p.size(); ++i) {
+            INFO(got_p[i].first);
+            REQUIRE(got_p[i].second.numel() == want_p[i].second.numel());
+            CHECK(std::memcmp(got_p[i].second.data(), want_p[i].second.data(),
+                              size_t(got_p[i].second.numel()) * sizeof(float)) == 0);
+        }
+        ++n;
+    }
+    CHECK(n >= 19);
 }

@@ -19,6 +19,7 @@
 #include "datasets/tokenizer.h"
 #include "fuzz/fuzz.h"
 #include "nn/checkpoint.h"
+#include "nn/hf_gpt2.h"
 #include "nn/optim.h"
 #include "nn/safetensors.h"
 #include "peft/adapter_io.h"
@@ -135,6 +136,32 @@ int main(int argc, char** argv) try {
         const fs::path d = fuzz::scratch_dir() / ("hf_" + method);
         peft::export_hf(d.string(), *a);
         put(out, "adapter_hf", method, packed_dir(d));
+    }
+
+    // Hugging Face GPT-2 directory (fuzz/hf_gpt2.cpp's records): the base as
+    // one model.safetensors, and the same tensors split over two shards with
+    // an index.
+    {
+        const fs::path d = fuzz::scratch_dir() / "hf_gpt2_single";
+        save_hf_gpt2(*base, d.string());
+        const std::string config = read_all(d / "config.json");
+        put(out, "hf_gpt2", "single", fuzz::pack({config, read_all(d / "model.safetensors")}));
+        const StFile whole = load_safetensors((d / "model.safetensors").string());
+        std::vector<std::vector<StTensorRef>> shards(2);
+        nlohmann::json weight_map = nlohmann::json::object();
+        size_t i = 0;
+        for (const auto& [key, t] : whole.tensors) {
+            const size_t s = i++ % 2;
+            shards[s].push_back({key, t.shape, t.data.data()});
+            weight_map[key] = fmt::format("model-0000{}-of-00002.safetensors", s + 1);
+        }
+        std::vector<std::string> shard_bytes;
+        for (size_t s = 0; s < 2; ++s)
+            shard_bytes.push_back(bytes_of(fmt::format("shard{}", s),
+                                           [&](const std::string& p) { save_safetensors(p, shards[s], {{"format", "pt"}}); }));
+        put(out, "hf_gpt2", "sharded",
+            fuzz::pack({config, "", nlohmann::json{{"metadata", nlohmann::json::object()}, {"weight_map", weight_map}}.dump(),
+                        shard_bytes[0], shard_bytes[1]}));
     }
 
     // Tokenizer JSON + a text to encode.
