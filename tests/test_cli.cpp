@@ -401,3 +401,68 @@ TEST_CASE("flag_below_base names methods under the unadapted base", "[cli]") {
     CHECK(back.flags == rs[1].flags);
     CHECK(back.loss_curve == rs[1].loss_curve);
 }
+
+TEST_CASE("compare keeps the methods a previous run with the same settings finished; the lr search brackets its optimum",
+          "[cli][resume]") {
+    const std::string compare = bin("compare") + " " + kTiny + " --search-steps 2 --no-baselines --out runs/c";
+    testing::TempDir tmp;
+    auto results = [&] {
+        std::ifstream f(tmp.dir / "runs" / "c" / "results.json");
+        return nlohmann::json::parse(f);
+    };
+    auto row = [](const nlohmann::json& j, const std::string& label) {
+        for (const auto& m : j.at("methods"))
+            if (m.at("label") == label) return m;
+        FAIL("no row " << label);
+        return nlohmann::json();
+    };
+
+    Result first = run(compare + " --methods lora,prompt", tmp.dir.string());
+    REQUIRE(first.rc == 0);
+    const nlohmann::json before = results();
+
+    // The learning-rate search, on every row: the chosen lr has the lowest
+    // valid loss of all tried; a best lr at an edge of the method's default
+    // grid made the search step past it (so the grid grew); one still at the
+    // edge of what was searched is flagged.
+    bool extended = false;
+    for (const auto& m : before.at("methods")) {
+        CAPTURE(m.at("label"));
+        const std::vector<double> start = harness::default_lr_grid(m.at("method"));
+        const auto grid = m.at("lr_grid").get<std::vector<double>>();
+        const double lr = m.at("lr");
+        REQUIRE(m.at("lr_search").size() == grid.size());
+        double best = INFINITY;
+        for (const auto& s : m.at("lr_search")) best = std::min(best, s.at("valid_loss").get<double>());
+        for (const auto& s : m.at("lr_search"))
+            if (s.at("lr").get<double>() == lr) CHECK(s.at("valid_loss").get<double>() == best);
+        if (lr == start.front() || lr == start.back()) CHECK(grid.size() > start.size());
+        extended |= grid.size() > start.size();
+        const bool at_edge = lr == grid.front() || lr == grid.back();
+        bool flagged = false;
+        for (const auto& f : m.at("flags")) flagged |= f.get<std::string>().rfind("lr at grid edge", 0) == 0;
+        CHECK(flagged == at_edge);
+    }
+    CHECK(extended);  // this budget (2 search updates) favours an edge: the extension ran
+
+    // Rerun with one more method: the finished two are kept as they were, only the new one trains.
+    Result second = run(compare + " --methods lora,prompt,bitfit", tmp.dir.string());
+    REQUIRE(second.rc == 0);
+    CHECK_THAT(second.out, Contains("[lora] finished in an earlier run"));
+    CHECK_THAT(second.out, Contains("[prompt] finished in an earlier run"));
+    CHECK_THAT(second.out, !Contains("[lora] start"));
+    CHECK_THAT(second.out, Contains("[bitfit] start"));
+    const nlohmann::json after = results();
+    REQUIRE(after.at("methods").size() == 3);
+    for (const char* label : {"lora", "prompt"}) {
+        CAPTURE(label);
+        CHECK(row(after, label).at("loss_curve") == row(before, label).at("loss_curve"));
+        CHECK(row(after, label).at("metric") == row(before, label).at("metric"));
+    }
+
+    // Different settings (here the seed) make the earlier results stale: everything trains again.
+    Result reseeded = run(compare + " --methods lora --seed 1", tmp.dir.string());
+    REQUIRE(reseeded.rc == 0);
+    CHECK_THAT(reseeded.out, Contains("[lora] start"));
+    CHECK_THAT(reseeded.out, !Contains("finished in an earlier run"));
+}
