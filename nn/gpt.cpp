@@ -219,7 +219,7 @@ Tensor GPT::run(const ModelInput& in, KVCache* cache, const std::vector<int32_t>
     }
     flops::Region r("head");
     if (n_prompt) x = slice(x, 1, n_prompt, n_prompt + T);
-    x = ln_f.forward(x);
+    x = ln_f.forward(x, ctx);
     if (!targets) return head ? head->forward(x, ctx) : linear(x, wte.weight);
     Tensor delta = head && hooks_ && hooks_->adapts_linear(head->path())
                        ? hooks_->linear_delta(head->path(), x, ctx.info) : Tensor();

@@ -14,10 +14,14 @@
 //                      the MLP's inner activation)
 //      linear_output - a replacement for a Linear's output, seeing its input
 //                      and output, e.g. scaled (IA3 on keys and values)
-//   5. per batch row - every prefix may be [B, n, C] with a validity mask
+//   5. layer_norm_params - the gain and bias a LayerNorm uses instead of its
+//                      own (LN-tuning's trained copies)
+//   6. per batch row - every prefix may be [B, n, C] with a validity mask
 //                      [B, n], so row i can use adapter a_i or none; or a table
 //                      [A, n, C] with `rows` naming each batch row's entry, so
-//                      that K/V projections run once per table entry, not per row.
+//                      that K/V projections run once per table entry, not per row;
+//                      LayerNorm gains and biases likewise, a table [A, C] with
+//                      `rows` naming each leading row's entry.
 //
 // Positions (position_offset): under `keep` (AdapterHub; the default) real
 // tokens keep their position ids whatever is prepended and prepended vectors
@@ -55,6 +59,16 @@ struct LayerPrefix {
     std::vector<int32_t> rows;
 };
 
+// The gain and bias (nn.LayerNorm's weight and bias) a LayerNorm uses
+// instead of its own. Without `rows`: [C] each, for every row; either may be
+// undefined (the LayerNorm's own). With `rows`: both given, as tables [A, C],
+// and leading row i of the LayerNorm's input (a batch row, or a table entry
+// while projecting prefixes: ForwardInfo::on_prefix) uses entry rows[i].
+struct NormParams {
+    Tensor weight, bias;
+    std::vector<int32_t> rows;
+};
+
 class ModelHooks {
 public:
     virtual ~ModelHooks() = default;
@@ -85,6 +99,10 @@ public:
     virtual Tensor linear_output(const std::string& path, const Tensor& x, const Tensor& y, const ForwardInfo&) {
         return {};
     }
+    // The LayerNorm at dotted path `path` ("blocks.2.ln1", "blocks.2.ln2",
+    // "ln_f") normalizes with the returned gain and bias (NormParams); an
+    // empty NormParams: its own.
+    virtual NormParams layer_norm_params(const std::string& path, const ForwardInfo&) { return {}; }
     // False when the three linear_* hooks change nothing for `path` whatever
     // x is: a caller that must prepare x first (MultiAdapter gathers each
     // adapter's rows) then skips the call. true, the default, is always safe.
@@ -116,6 +134,9 @@ public:
     }
     Tensor linear_output(const std::string& path, const Tensor& x, const Tensor& y, const ForwardInfo& info) override {
         return inner_ ? inner_->linear_output(path, x, y, info) : Tensor();
+    }
+    NormParams layer_norm_params(const std::string& path, const ForwardInfo& info) override {
+        return inner_ ? inner_->layer_norm_params(path, info) : NormParams{};
     }
     bool adapts_linear(const std::string& path) const override { return inner_ && inner_->adapts_linear(path); }
 

@@ -126,6 +126,35 @@ LayerNorm::LayerNorm(int64_t dim, float eps_) : eps(eps_) {
 
 Tensor LayerNorm::forward(const Tensor& x) const { return layer_norm(x, weight, bias, eps); }
 
+Tensor LayerNorm::forward(const Tensor& x, const ForwardContext& ctx) const {
+    if (!ctx.hooks) return forward(x);
+    const NormParams p = ctx.hooks->layer_norm_params(path(), ctx.info);
+    const int64_t C = weight.dim(0);
+    auto bad = [&](const std::string& why) {
+        auto shape_of = [](const Tensor& t) { return t.defined() ? shape_str(t.shape()) : "none"; };
+        return std::invalid_argument(fmt::format("layer_norm_params ({}): weight {}, bias {} with {} rows for input {}: {}",
+                                                 path(), shape_of(p.weight), shape_of(p.bias), p.rows.size(),
+                                                 shape_str(x.shape()), why));
+    };
+    if (p.rows.empty()) {
+        for (const Tensor* t : {&p.weight, &p.bias})
+            if (t->defined() && t->shape() != Shape{C}) throw bad(fmt::format("must be [{}]", C));
+        return layer_norm(x, p.weight.defined() ? p.weight : weight, p.bias.defined() ? p.bias : bias, eps);
+    }
+    if (!p.weight.defined() || !p.bias.defined() || p.weight.ndim() != 2 || p.weight.dim(1) != C ||
+        p.bias.shape() != p.weight.shape())
+        throw bad(fmt::format("per-row tables must both be [A, {}]", C));
+    if (x.ndim() < 2 || int64_t(p.rows.size()) != x.dim(0)) throw bad("one table entry per leading row of the input");
+    for (int32_t r : p.rows)
+        if (r < 0 || r >= p.weight.dim(0)) throw bad(fmt::format("entry {} is outside the table", r));
+    // Gains and biases [N, 1, ..., C], broadcast over each row's tokens.
+    Shape s(size_t(x.ndim()), 1);
+    s.front() = x.dim(0);
+    s.back() = C;
+    const Tensor n = layer_norm(x, Tensor::ones({C}), Tensor::zeros({C}), eps);
+    return add(mul(n, reshape(index_rows(p.weight, p.rows), s)), reshape(index_rows(p.bias, p.rows), s));
+}
+
 // GPT-2 scales the init of projections into the residual stream by 1/sqrt(2L).
 MLP::MLP(int64_t C, int64_t F, int n_layers, Rng& rng, float init_std, bool exact)
     : fc(C, F, true, rng, init_std),
@@ -167,7 +196,7 @@ Tensor CausalSelfAttention::forward(const Tensor& h, const Tensor& valid, const 
             // prefix vectors reach real tokens; their outputs would be discarded.
             ForwardContext pctx = ctx;
             pctx.info.on_prefix = true;
-            Tensor hp = ln1.forward(p.hidden);
+            Tensor hp = ln1.forward(p.hidden, pctx);
             ks.push_back(prefix_per_row(k_proj.forward(hp, pctx), B, p.rows));
             vs.push_back(prefix_per_row(v_proj.forward(hp, pctx), B, p.rows));
             valids.push_back(prefix_valid_per_row(p.hidden_valid, B, ks.back().dim(1), p.rows));
@@ -221,11 +250,11 @@ Tensor Block::forward(const Tensor& x, const Tensor& valid, const ForwardContext
     Tensor a;
     {
         flops::Region r("attn");
-        a = attn.forward(ln1.forward(x), valid, ln1, ctx, cache);
+        a = attn.forward(ln1.forward(x, ctx), valid, ln1, ctx, cache);
     }
     Tensor x1 = add(x, maybe_dropout(a, ctx, training()));
     flops::Region r("mlp");
-    Tensor m = mlp.forward(ln2.forward(x1), ctx);
+    Tensor m = mlp.forward(ln2.forward(x1, ctx), ctx);
     return add(x1, maybe_dropout(m, ctx, training()));
 }
 

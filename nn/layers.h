@@ -47,7 +47,13 @@ public:
 class LayerNorm : public Module {
 public:
     explicit LayerNorm(int64_t dim, float eps = 1e-5f);
+    // x [..., dim] normalized over its last axis with this module's weight and bias.
     Tensor forward(const Tensor& x) const;
+    // The same with the gain and bias the hooks give for this path
+    // (ModelHooks::layer_norm_params). Per-row tables: normalized with gain 1
+    // and bias 0, then each leading row times its entry's gain plus its bias.
+    // Throws std::invalid_argument naming the path and shapes when they do not fit x.
+    Tensor forward(const Tensor& x, const ForwardContext& ctx) const;
     Tensor weight, bias;  // [dim]
     float eps;  // added to the variance (HF layer_norm_epsilon)
 };

@@ -197,6 +197,10 @@ public:
                                   int64_t out, cost::Sym x, cost::Sym y) const {
         return y;
     }
+    // The LayerNorm at `path` ("blocks.2.ln1", "ln_f") reads gain `gamma` and
+    // bias `beta` (the base's, as given): set them to the Syms of what
+    // layer_norm_params substitutes (kParam for a trained copy).
+    virtual void cost_layer_norm(const std::string& path, const GPTConfig&, cost::Sym& gamma, cost::Sym& beta) const {}
     // Decoding one token (B = 1) with the adapter as deployed (merged if
     // mergeable, prefixes cached): vectors in layer l's attention besides the
     // context, and the method's extra FLOPs.

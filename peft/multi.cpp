@@ -200,4 +200,35 @@ Tensor MultiAdapter::linear_output(const std::string& path, const Tensor& x, con
         [&](const std::vector<int32_t>& idx) { return index_rows(y, idx); });
 }
 
+NormParams MultiAdapter::layer_norm_params(const std::string& path, const ForwardInfo& info) {
+    std::vector<NormParams> own;
+    bool any = false;
+    for (Adapter* a : adapters_) {
+        own.push_back(a->layer_norm_params(path, info));
+        any = any || own.back().weight.defined() || own.back().bias.defined();
+    }
+    if (!any) return {};
+    const GPT& base = *adapters_[0]->base();
+    const Tensor w0 = base.parameter(path + ".weight"), b0 = base.parameter(path + ".bias");
+    const int64_t C = w0.dim(0), A = int64_t(adapters_.size());
+    std::vector<Tensor> weights, biases;
+    for (size_t i = 0; i <= adapters_.size(); ++i) {
+        const NormParams p = i < adapters_.size() ? own[i] : NormParams{};
+        for (const Tensor* t : {&p.weight, &p.bias})
+            if (!p.rows.empty() || (t->defined() && t->shape() != Shape{C}))
+                throw std::invalid_argument(fmt::format(
+                    "MultiAdapter: adapter {} ({}) must give a shared [{}] gain and bias for {}, got {}{}", i,
+                    adapters_[i]->method(), C, path, t->defined() ? shape_str(t->shape()) : "none",
+                    p.rows.empty() ? "" : " per row"));
+        weights.push_back(reshape(p.weight.defined() ? p.weight : w0, {1, C}));
+        biases.push_back(reshape(p.bias.defined() ? p.bias : b0, {1, C}));
+    }
+    NormParams out{concat(weights, 0), concat(biases, 0), table_rows()};
+    if (info.on_prefix) {  // the input's leading rows are the prefix table's A+1 entries
+        out.rows.resize(size_t(A + 1));
+        for (int32_t a = 0; a <= A; ++a) out.rows[size_t(a)] = a;
+    }
+    return out;
+}
+
 }  // namespace peftlab::peft

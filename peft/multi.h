@@ -4,7 +4,8 @@
 // prefix enters as one entry of a table [A+1, n_max, C] (the last entry is the
 // empty "none"), so prefix K/V projections run once per adapter, not per row;
 // the Linear hooks (delta, input, output: LoRA, BitFit, IA3) run on each
-// adapter's rows only, through one row dispatch (by_rows). An adapter that
+// adapter's rows only, through one row dispatch (by_rows); LayerNorm gains and
+// biases enter as a table [A+1, C] gathered per row. An adapter that
 // holds the base (changes_base() or merged()) is refused, at construction and
 // at every forward.
 #include <functional>
@@ -32,6 +33,11 @@ public:
     std::vector<int32_t> position_offset(const ForwardInfo& info) override;
     Tensor linear_input(const std::string& path, const Tensor& x, const ForwardInfo& info) override;
     Tensor linear_output(const std::string& path, const Tensor& x, const Tensor& y, const ForwardInfo& info) override;
+    // When some adapter substitutes this LayerNorm's gain or bias: tables
+    // [A+1, C] (each adapter's, or the base's where it substitutes none; the
+    // last entry, "none", the base's) with each batch row's entry (each table
+    // entry's own while projecting prefixes).
+    NormParams layer_norm_params(const std::string& path, const ForwardInfo& info) override;
 
 private:
     // A Linear hook on one adapter's rows idx of the batch (sub.B = their count).

@@ -14,6 +14,7 @@ namespace peftlab::peft {
     X("lora", make_lora, "LoRA (Hu et al. 2021): rank-r deltas B*A on chosen projections")                  \
     X("bitfit", make_bitfit, "BitFit-style bias deltas on every Linear of the chosen layers")                 \
     X("ia3", make_ia3, "(IA)^3 (Liu et al. 2022): learned scaling of k, v and the MLP inner activation, L*(2d + F)") \
+    X("ln-tuning", make_ln_tuning, "LN-tuning (Qi et al. 2022): trained copies of the LayerNorm gains and biases, (2L+1)*2d") \
     X("p-tuning", make_p_tuning, "P-tuning (Liu et al. 2021): n virtual tokens from a prompt encoder (MLP or LSTM), n*d at inference")
 
 #define PEFTLAB_DECLARE(name, factory, description) std::unique_ptr<Adapter> factory(const AdapterOptions&);

@@ -109,13 +109,19 @@ struct StepWalk {
         return a.cost_linear(path, t, cfg, R, in, out, x, y);
     }
 
+    // The LayerNorm at `path` on R rows of C, with the gain and bias the adapter gives it.
+    Sym layer_norm_at(const std::string& path, int64_t R, Sym x) {
+        Sym gamma = base_param(), beta = base_param();
+        a.cost_layer_norm(path, cfg, gamma, beta);
+        return cost::layer_norm(t, R, cfg.d_model, x, gamma, beta);
+    }
+
     Sym dropout(int64_t n, Sym x) { return cfg.dropout > 0.f ? cost::unary(t, n, 2, 1, x) : x; }
 
     // Block l on x [B, S, C].
     Sym block(int l, Sym x, int64_t S) {
         const int64_t C = cfg.d_model, F = cfg.d_ff, H = cfg.n_heads, R = B * S;
-        const Sym ln = base_param();
-        Sym h = cost::layer_norm(t, R, C, x, ln, ln);
+        Sym h = layer_norm_at(fmt::format("blocks.{}.ln1", l), R, x);
         Sym q = linear_at(l, "attn.q_proj", R, C, C, h);
         Sym k = linear_at(l, "attn.k_proj", R, C, C, h);
         Sym v = linear_at(l, "attn.v_proj", R, C, C, h);
@@ -129,7 +135,7 @@ struct StepWalk {
         Sym att = cost::attention(t, B, H, S, Tk, C / H, q, k, v);
         att = dropout(R * C, linear_at(l, "attn.o_proj", R, C, C, att));
         Sym x1 = cost::add(t, R * C, x, att);
-        Sym h2 = cost::layer_norm(t, R, C, x1, ln, ln);
+        Sym h2 = layer_norm_at(fmt::format("blocks.{}.ln2", l), R, x1);
         Sym f = cost::unary(t, R * F, 8, 16, linear_at(l, "mlp.fc", R, C, F, h2));  // gelu
         Sym y = dropout(R * C, linear_at(l, "mlp.proj", R, F, C, f));
         return cost::add(t, R * C, x1, y);
@@ -155,8 +161,7 @@ struct StepWalk {
             block_rg.push_back(x.rg);
         }
         // The prompt positions are sliced off; final LN; LM head (tied: wte).
-        const Sym ln = base_param();
-        x = cost::layer_norm(t, N, C, x, ln, ln);
+        x = layer_norm_at("ln_f", N, x);
         Sym logits = cost::linear(t, N, C, V, x, base_param(), nullptr);
         Sym loss = cost::cross_entropy(t, N, V, logits);
         if (!loss.rg) t.c[1] = t.c[2] = 0;  // nothing trainable reached the loss: no backward

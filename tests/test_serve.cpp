@@ -121,8 +121,11 @@ float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
 }  // namespace
 
 TEST_CASE("serve: every request of a mixed stream equals the request run alone", "[serve]") {
-    const std::vector<std::vector<std::string>> method_sets = {
+    std::vector<std::vector<std::string>> method_sets = {
         {"prompt"}, {"prefix"}, {"prefix-kv"}, {"lora"}, {"prompt", "prefix", "prefix-kv", "lora", "bitfit"}};
+    method_sets.emplace_back();  // every registered method the server mixes (LayerNorm hooks included)
+    for (const std::string& m : method_names())
+        if (!make_adapter(m)->changes_base()) method_sets.back().push_back(m);
     for (const auto& methods : method_sets) {
         auto model = sharp_model(1);
         Tenants tenants = make_tenants(*model, methods);
