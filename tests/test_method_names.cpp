@@ -22,6 +22,11 @@
 
 #include <catch2/catch.hpp>
 
+#include "experiments/lib/flags.h"
+#include "experiments/lib/harness.h"
+#include "peft/registry.h"
+#include "tests/testing.h"
+
 namespace fs = std::filesystem;
 
 namespace {
@@ -137,4 +142,29 @@ TEST_CASE("method names: the search finds a literal and skips comments and marke
     CHECK(code_of(R"(s = "a // b"; // c)", false) == R"(s = "a // b"; )");
     CHECK(code_of(R"(name == "full"  # "prompt")", true) == R"(name == "full"  )");
     CHECK(code_of(R"(u = "http://x")", false) == R"(u = "http://x")");
+}
+
+TEST_CASE("method entries: METHOD:KEY=VALUE sets the method's own options, checked by the method", "[method_names]") {
+    using Catch::Contains;
+    const peftlab::flags::MethodEntry e = peftlab::flags::method_entry("--methods", "lora:r=4:lora_alpha=8.5:init_lora_weights=true:x=q_proj");
+    CHECK(e.method == "lora");
+    CHECK(e.settings == nlohmann::json{{"r", 4}, {"lora_alpha", 8.5}, {"init_lora_weights", true}, {"x", "q_proj"}});
+    CHECK(peftlab::flags::method_entry("--methods", "ia3").settings.empty());
+    CHECK_THROWS_WITH(peftlab::flags::method_entry("--methods", ":r=4"), Contains("--methods") && Contains("names no method"));
+    CHECK_THROWS_WITH(peftlab::flags::method_entry("--methods", "lora:r"), Contains("'r' in 'lora:r' is not KEY=VALUE"));
+    CHECK_THROWS_WITH(peftlab::flags::method_entry("--methods", "lora:=4"), Contains("is not KEY=VALUE"));
+
+    // Through the harness: the entry's settings reach the method, and its label is the entry.
+    peftlab::harness::CommonArgs a;
+    a.model = peftlab::testing::small_gpt(48, 32, 2);
+    const peftlab::harness::MethodSpec s = peftlab::harness::make_spec(a, "prefix:reparam=true:reparam_hidden=8");
+    CHECK(s.method == "prefix");
+    CHECK(s.label == "prefix:reparam=true:reparam_hidden=8");
+    const auto reparam = peftlab::peft::make_adapter(s.method, s.options);
+    const auto plain = peftlab::peft::make_adapter("prefix", peftlab::harness::make_spec(a, "prefix").options);
+    // The MLP trains on top of the n*d the prefix keeps at inference.
+    CHECK(reparam->formula(a.model).count > reparam->inference_formula(a.model).count);
+    CHECK(plain->formula(a.model).count == plain->inference_formula(a.model).count);
+    // A key the method does not read is refused by the method, naming it.
+    CHECK_THROWS_WITH(peftlab::peft::make_adapter("lora", peftlab::harness::make_spec(a, "lora:rank=4").options), Contains("rank"));
 }
