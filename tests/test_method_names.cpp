@@ -35,7 +35,8 @@ namespace {
 const std::map<std::string, std::string> kAllowedFiles = {
     {"tools/torch_bench.py", "an independent PyTorch implementation of the methods it names (bench's reference)"},
     {"tools/write_fuzz_seeds.cpp", "writes the fuzzers' seed inputs, one per method's file format (test data)"},
-    {"experiments/bench.cpp", "NOT YET PORTED (issue 15): its workloads and conclusions name methods"},
+    {"experiments/bench.cpp", "NOT YET PORTED (issue 15): its workload lists and conclusions name the methods "
+                              "tools/torch_bench.py twins"},
     {"experiments/serve_bench.cpp", "NOT YET PORTED (issue 15): its merged-LoRA comparison and conclusions name the "
                                     "methods they measure"},
 };
