@@ -178,16 +178,19 @@ private:
     std::vector<int32_t> targets_;
 };
 
+// The adapter options of a generation workload: its n, every other option the method's default.
+peft::AdapterOptions generation_options(const Spec& s) {
+    peft::AdapterOptions o;
+    o.n = s.n;
+    return o;
+}
+
 class GenerateSession : public Session {
 public:
     explicit GenerateSession(const Spec& s) : model_(s.model, 1) {
-        if (s.method == "prefix") {
-            peft::AdapterOptions o;
-            o.n = s.n;
-            adapter_ = peft::make_adapter("prefix", o);
+        if (s.method != "base") {  // the bare model, or any registered method with n = s.n (unknown: an error naming the known ones)
+            adapter_ = peft::make_adapter(s.method, generation_options(s));
             adapter_->activate(model_);
-        } else if (s.method != "base") {
-            throw std::invalid_argument(fmt::format("bench: generation model '{}' is not base or prefix", s.method));
         }
         Rng rng(9);
         prompts_.assign(size_t(s.batch), {});
@@ -680,7 +683,9 @@ struct Bench {
         } else {
             row["ms_per_generate"] = ms;
             row["gen_tokens_per_s"] = tokens / ms * 1e3;
-            const int64_t n_prefix = s.method == "prefix" ? s.n : 0;
+            // Keys the adapter adds to each layer's attention while decoding (cached prefixes).
+            const int64_t n_prefix =
+                s.method == "base" ? 0 : peft::make_adapter(s.method, generation_options(s))->cost_decode_keys(0, s.model);
             row["gen_bound_tokens_per_s"] =
                 generation_bound(s, n_prefix, count_params(s.model), bandwidth, row["sgemm_peak_gflops"]);
         }

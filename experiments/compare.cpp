@@ -8,13 +8,14 @@
 
 #include "experiments/lib/harness.h"
 #include "nn/safetensors.h"
+#include "peft/registry.h"
 
 using namespace peftlab;
 using namespace peftlab::harness;
 
 int main(int argc, char** argv) {
     CommonArgs d;
-    d.methods = {"full", "prefix", "prefix-kv", "prefix-reparam", "prompt", "lora"};
+    d.methods = peft::method_names();  // every registered method; --methods picks (and sets options: prefix:reparam=true)
     d.steps = 400;
     d.out = "runs/compare";
     d.eval_examples = 200;
@@ -42,7 +43,13 @@ int main(int argc, char** argv) {
         std::vector<MethodSpec> specs;
         if (!r.count("no-baselines")) specs.push_back({"none", "base (no adaptation)", {}, false});
         for (const std::string& m : a.methods) specs.push_back(make_spec(a, m));
-        if (!r.count("no-baselines")) specs.push_back({"full", "full (random init)", {}, true});
+        // The random-init reference trains every weight: the registered method that trains the base itself.
+        if (!r.count("no-baselines"))
+            for (const std::string& m : peft::method_names())
+                if (peft::make_adapter(m)->changes_base()) {
+                    specs.push_back({m, m + " (random init)", {}, true});
+                    break;
+                }
 
         nlohmann::json extra = {
             {"config", base.config.to_json()},
@@ -53,7 +60,6 @@ int main(int argc, char** argv) {
             {"batch", a.batch},
             {"lr", a.lr},
             {"prefix_len", a.prefix_len},
-            {"lora_rank", a.lora_rank},
             {"n_train", a.n_train},
             {"tokenizer", a.tokenizer},
             {"base", {{"path", base.model_path}, {"pretrain_valid_loss", base.pretrain_valid_loss}}},

@@ -73,7 +73,7 @@ int main(int argc, char** argv) {
          cxxopts::value<std::string>())
         ("adapter", "adapter directory (peftlab's or Hugging Face PEFT's)", cxxopts::value<std::string>())
         ("tokenizer", "gpt2:DIR (default: the base directory)", cxxopts::value<std::string>()->default_value(""))
-        ("prompt", "text to continue", cxxopts::value<std::string>())
+        ("prompt", "text to continue", cxxopts::value<std::string>())  // method-names: the --prompt flag, no method
         ("max-new-tokens", "tokens to generate", cxxopts::value<std::string>()->default_value("32"))
         ("temperature", "0: greedy", cxxopts::value<std::string>()->default_value("0"))
         ("top-k", "sample among the k largest logits; 0: all", cxxopts::value<std::string>()->default_value("0"))
@@ -84,7 +84,7 @@ int main(int argc, char** argv) {
         ("help", "show this help");
     try {
         const cxxopts::ParseResult r = flags::parse(opts, argc, argv);
-        const int modes = int(r.count("prompt")) + int(r.count("encode")) + int(r.count("input-ids"));
+        const int modes = int(r.count("prompt")) + int(r.count("encode")) + int(r.count("input-ids"));  // method-names: flags
         if (modes != 1) throw std::invalid_argument("give exactly one of --prompt, --input-ids, --encode");
         if (r.count("input-ids") != r.count("dump-logits"))
             throw std::invalid_argument("--input-ids and --dump-logits go together");
@@ -137,8 +137,9 @@ int main(int argc, char** argv) {
         }
 
         auto tok = load_tokenizer(r["tokenizer"].as<std::string>(), base_path);
-        const std::vector<int32_t> prompt = tok->encode(r["prompt"].as<std::string>());
-        if (prompt.empty()) throw bad_flag("--prompt", r["prompt"].as<std::string>(), "encodes to no tokens");
+        const std::string text = r["prompt"].as<std::string>();  // method-names: the --prompt flag, no method
+        const std::vector<int32_t> prompt = tok->encode(text);
+        if (prompt.empty()) throw bad_flag("--prompt", text, "encodes to no tokens");
         GenerateOptions g;
         g.max_new_tokens = int(flags::int_flag(r, "max-new-tokens", 1));
         g.top_k = int(flags::int_flag(r, "top-k", 0));

@@ -32,6 +32,13 @@ using peftlab::flags::int_flag;
 
 namespace {
 
+// The footer's reference: the registered method that trains the base's own weights (full fine-tuning).
+std::string reference_method() {
+    for (const std::string& m : method_names())
+        if (make_adapter(m)->changes_base()) return m;
+    throw std::logic_error("report: no registered method trains the base (the footer's reference)");
+}
+
 struct Args {
     std::string preset;  // "" = the small config, measured
     std::string base;    // a Hugging Face GPT-2 directory: its config.json's dimensions, measured
@@ -61,11 +68,11 @@ Args parse_args(int argc, char** argv) {
                 "without a preset)", cxxopts::value<std::string>()->default_value("128"))
         ("batch", "B: rows per training step", cxxopts::value<std::string>()->default_value("16"))
         ("prefix-len", "n: prompt tokens / prefix vectors per layer", cxxopts::value<std::string>()->default_value("16"))
-        ("lora-rank", "LoRA rank r (on q_proj and v_proj, alpha = 2r)", cxxopts::value<std::string>()->default_value("8"))
         ("adapter-layers", "layers that carry prefixes / LoRA / BitFit: all, top:k, bottom:k or 0,2,3",
             cxxopts::value<std::string>()->default_value("all"))
-        ("reparam", "prefix forms: train through the MLP reparameterization")
-        ("methods", "comma-separated PEFT methods", cxxopts::value<std::string>()->default_value("full,prompt,prefix,prefix-kv,lora"))
+        ("methods", "comma-separated PEFT methods, each optionally with settings of its own options, "
+                    "METHOD:KEY=VALUE[:KEY=VALUE] (e.g. lora:r=4, prefix:reparam=true); default: every registered method",
+            cxxopts::value<std::string>()->default_value(""))
         ("out", "output directory (report.json, report.csv)", cxxopts::value<std::string>()->default_value("runs/report"))
         ("threads", "threads for OpenBLAS and OpenMP (0 = all cores)", cxxopts::value<std::string>()->default_value("0"))
         ("seed", "seed of the base weights, adapter init and batch", cxxopts::value<std::string>()->default_value("0"));
@@ -114,32 +121,33 @@ Args parse_args(int argc, char** argv) {
             fmt::format("--seq: {} exceeds the base's max_seq {}", a.settings.seq, a.cfg.max_seq));
     a.settings.batch = int_flag(r, "batch", 1);
     a.options.n = int_flag(r, "prefix-len", 0);
-    // Shorthands for two methods' own options (their sections, peft/adapter.h).
-    const int64_t rank = int_flag(r, "lora-rank", 1);
-    a.options.section("lora") = {{"r", rank}, {"lora_alpha", 2.0 * double(rank)}};
     a.options.layers = r["adapter-layers"].as<std::string>();
     try {
         parse_layers(a.options.layers, a.cfg.n_layers);
     } catch (const std::invalid_argument& e) {
         throw std::invalid_argument(std::string("--adapter-layers: ") + e.what());
     }
-    for (const char* prefix_form : {"prefix", "prefix-kv"}) a.options.section(prefix_form)["reparam"] = r.count("reparam") > 0;
     a.threads = int(int_flag(r, "threads", 0));
     a.settings.seed = uint64_t(int_flag(r, "seed", 0));
     a.out = r["out"].as<std::string>();
     if (a.out.empty()) throw std::invalid_argument("--out: '' is not a directory name");
 
     const std::vector<std::string> known = reported_methods();
-    std::string list = r["methods"].as<std::string>(), item;
+    std::string list = r["methods"].as<std::string>();
+    if (list.empty())
+        for (const std::string& k : known) list += (list.empty() ? "" : ",") + k;
     for (size_t start = 0; start <= list.size();) {
-        size_t comma = std::min(list.find(',', start), list.size());
-        item = list.substr(start, comma - start);
-        if (std::find(known.begin(), known.end(), item) == known.end()) {
+        const size_t comma = std::min(list.find(',', start), list.size());
+        const flags::MethodEntry e = flags::method_entry("--methods", list.substr(start, comma - start));
+        if (std::find(known.begin(), known.end(), e.method) == known.end()) {
             std::string names;
             for (const std::string& k : known) names += (names.empty() ? "" : ", ") + k;
-            throw std::invalid_argument(fmt::format("--methods: unknown method '{}' (known: {})", item, names));
+            throw std::invalid_argument(fmt::format("--methods: unknown method '{}' (known: {})", e.method, names));
         }
-        a.methods.push_back(item);
+        if (std::find(a.methods.begin(), a.methods.end(), e.method) != a.methods.end())
+            throw std::invalid_argument(fmt::format("--methods: '{}' is listed twice", e.method));
+        if (!e.settings.empty()) a.options.section(e.method) = e.settings;  // checked by the method when made
+        a.methods.push_back(e.method);
         start = comma + 1;
     }
     return a;
@@ -358,7 +366,7 @@ static void check_counts_fit(const Args& a) {
     ReportSettings one = a.settings;
     one.batch = 1;
     std::vector<std::string> priced = a.methods;
-    priced.push_back("full");  // the footer's reference
+    priced.push_back(reference_method());  // the footer's reference
     for (const std::string& m : priced) {
         const flops::Counts c1 = analytic_step_flops(a.cfg, one, m, a.options);
         long double per_row = 0;
@@ -399,10 +407,11 @@ int main(int argc, char** argv) {
         }
         std::vector<MethodReport> reports;
         for (const std::string& m : a.methods) reports.push_back(report_method(a.cfg, a.settings, m, a.options, measure));
-        // Footer and ratios compare against full fine-tuning, analytic, listed or not.
-        auto listed = std::find_if(reports.begin(), reports.end(), [](const MethodReport& r) { return r.method == "full"; });
+        // Footer and ratios compare against full fine-tuning (the method that trains the base), analytic, listed or not.
+        const std::string reference = reference_method();
+        auto listed = std::find_if(reports.begin(), reports.end(), [&](const MethodReport& r) { return r.method == reference; });
         const MethodReport full =
-            listed != reports.end() ? *listed : report_method(a.cfg, a.settings, "full", a.options, false);
+            listed != reports.end() ? *listed : report_method(a.cfg, a.settings, reference, a.options, false);
 
         nlohmann::json j = {{"config", a.cfg.to_json()},
                             {"preset", a.preset},

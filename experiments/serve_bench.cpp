@@ -47,8 +47,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// Tenant i of the "mix" workload uses kMixMethods[i % 4].
-const std::vector<std::string> kMixMethods = {"prompt", "prefix", "prefix-kv", "lora"};
 // Servable: every registered method that leaves the base unchanged, and "mix".
 std::vector<std::string> known_methods() {
     std::vector<std::string> out;
@@ -63,7 +61,8 @@ struct Args {
     int64_t batch = 16, requests = 16, prompt_min = 8, prompt_max = 32, new_tokens = 32;
     std::vector<int64_t> tenants, prefix_lens;
     std::vector<std::string> methods, sweep_methods;
-    int64_t prefix_len = 16, lora_rank = 8;
+    std::vector<std::string> mix;  // tenant i of the "mix" workload uses mix[i % mix.size()]
+    int64_t prefix_len = 16;
     int repeats = 5, threads = 1;
     double prefill_padding = ServerOptions{}.max_prefill_padding;
     bool cpu_clock = true;  // time by the process's CPU time instead of the wall clock
@@ -111,12 +110,13 @@ Args parse_args(int argc, char** argv) {
         ("prompt-max", "longest prompt (tokens)", cxxopts::value<std::string>()->default_value("32"))
         ("new-tokens", "tokens generated per request (no stop token)", cxxopts::value<std::string>()->default_value("32"))
         ("tenants", "tenant counts K", cxxopts::value<std::string>()->default_value("1,4,16"))
-        ("methods", "methods of the K sweep; mix = tenants cycling prompt, prefix, prefix-kv, lora",
-            cxxopts::value<std::string>()->default_value("prefix-kv,prompt,prefix,lora,mix"))
+        ("methods", "methods of the K sweep; mix = tenants cycling the --mix methods",
+            cxxopts::value<std::string>()->default_value("prefix-kv,prompt,prefix,lora,mix"))  // method-names: the README's workload, --methods overrides
+        ("mix", "methods the mix workload's tenants cycle (each with its default options)",
+            cxxopts::value<std::string>()->default_value("prompt,prefix,prefix-kv,lora"))  // method-names: the README's workload, --mix overrides
         ("prefix-len", "n of the K sweep: soft-prompt tokens / prefix vectors per layer", cxxopts::value<std::string>()->default_value("16"))
         ("prefix-lens", "n values of the prefix-cost sweep", cxxopts::value<std::string>()->default_value("0,16,64,256"))
-        ("sweep-methods", "methods of the prefix-cost sweep", cxxopts::value<std::string>()->default_value("prompt,prefix,prefix-kv"))
-        ("lora-rank", "LoRA rank r (q_proj and v_proj, alpha = 2r)", cxxopts::value<std::string>()->default_value("8"))
+        ("sweep-methods", "methods of the prefix-cost sweep", cxxopts::value<std::string>()->default_value("prompt,prefix,prefix-kv"))  // method-names: the README's sweep, --sweep-methods overrides
         ("prefill-padding", "largest share of padding in one prefill forward before admitted requests are split by "
                             "prompt length (1 = never split)", cxxopts::value<double>()->default_value(fmt::format("{}", ServerOptions{}.max_prefill_padding)))
         ("repeats", "interleaved repeats of every measurement (medians are reported)", cxxopts::value<std::string>()->default_value("5"))
@@ -150,7 +150,7 @@ Args parse_args(int argc, char** argv) {
     a.prefix_len = int_flag(r, "prefix-len", 0);
     a.prefix_lens = count_list(r, "prefix-lens", 0);
     a.sweep_methods = method_list(r, "sweep-methods", false);
-    a.lora_rank = int_flag(r, "lora-rank", 1);
+    a.mix = method_list(r, "mix", false);
     a.prefill_padding = r["prefill-padding"].as<double>();
     if (!(a.prefill_padding >= 0.0 && a.prefill_padding <= 1.0))
         throw std::invalid_argument(fmt::format("--prefill-padding: {} is outside [0, 1]", a.prefill_padding));
@@ -277,9 +277,9 @@ public:
         return o;
     }
 
-    // Method of tenant i in workload `method` ("mix" cycles kMixMethods).
-    static std::string tenant_method(const std::string& method, int64_t i) {
-        return method == "mix" ? kMixMethods[size_t(i) % kMixMethods.size()] : method;
+    // Method of tenant i in workload `method` ("mix" cycles the --mix methods).
+    static std::string tenant_method(const std::vector<std::string>& mix, const std::string& method, int64_t i) {
+        return method == "mix" ? mix[size_t(i) % mix.size()] : method;
     }
 
     // The adapter file of tenant i of `method` with prefix length n: made on
@@ -291,7 +291,6 @@ public:
         o.n = n;
         o.init = "random";
         o.seed = a_.seed * 1000 + uint64_t(i) + 7;
-        o.section("lora") = {{"r", a_.lora_rank}, {"lora_alpha", 2.0 * double(a_.lora_rank)}};  // --lora-rank
         auto adapter = make_adapter(method, o);
         adapter->attach(base_);
         Rng rng(o.seed + 13);
@@ -318,7 +317,7 @@ public:
         ServerOptions o = options();
         o.prefix_cache = cache;
         auto s = std::make_unique<Server>(base_, o);
-        for (int64_t i = 0; i < K; ++i) s->load_adapter(fmt::format("t{}", i), adapter_dir(tenant_method(method, i), n, i));
+        for (int64_t i = 0; i < K; ++i) s->load_adapter(fmt::format("t{}", i), adapter_dir(tenant_method(a_.mix, method, i), n, i));
         return s;
     }
 
@@ -430,7 +429,7 @@ void run_bench(const Args& a) {
         ServerOptions o = bench.options();
         o.max_batch = b;
         Server* s = hold(std::make_unique<Server>(bench.base(), o));
-        s->load_adapter("t0", bench.adapter_dir(Bench::tenant_method(a.methods.front(), 0), a.prefix_len, 0));
+        s->load_adapter("t0", bench.adapter_dir(Bench::tenant_method(a.mix, a.methods.front(), 0), a.prefix_len, 0));
         std::vector<Request> reqs = bench.requests([](int64_t) { return std::string("t0"); });
         ms.push_back({fmt::format("batch/{}", b), [=, &bench] { return bench.serve(*s, {reqs}); }});
     }
@@ -708,7 +707,7 @@ void run_bench(const Args& a) {
         {"adapters", "randomly initialised, every tensor non-zero; saved as adapter files and loaded by the server"},
         {"settings",
          {{"batch", a.batch}, {"requests", R}, {"prompt_tokens", {a.prompt_min, a.prompt_max}},
-          {"new_tokens", a.new_tokens}, {"prefix_len", a.prefix_len}, {"lora_rank", a.lora_rank},
+          {"new_tokens", a.new_tokens}, {"prefix_len", a.prefix_len}, {"mix", a.mix},
           {"repeats", a.repeats}, {"threads", threads()}, {"clock", a.cpu_clock ? "cpu" : "wall"}, {"seed", a.seed}, {"prefix_sweep_tenants", sweep_K}}},
         {"per_k", per_k},
         {"per_k_method", a.methods.front()},
@@ -742,7 +741,7 @@ void run_bench(const Args& a) {
         "# serve-bench\n\nOne frozen base (d {}, {} layers, {} heads, F {}, V {}, max_seq {}), adapters randomly "
         "initialised with every tensor non-zero (throughput does not depend on what they learned), saved as adapter "
         "files and loaded by the server. {} requests per workload, prompts of {}-{} tokens, {} new tokens each (no stop "
-        "token), greedy, batch of {} rows with continuous batching; n = {} for the K sweep (LoRA rank {}). Threads: "
+        "token), greedy, batch of {} rows with continuous batching; n = {} for the K sweep (every method with its default options; mix: {}). Threads: "
         "{}. {}. Every number is the median of {} interleaved repeats (ratios: the median of per-repeat ratios; "
         "latency percentiles pool all repeats; results.json keeps every repeat). Run took {:.1f} min.\n\n"
         "Mixed: one server with K tenants, request r going to tenant r mod K, all tenants in every forward. "
@@ -754,7 +753,7 @@ void run_bench(const Args& a) {
         "## LoRA unmerged against merged\n\n{}\n{}\n\n## Batching on this machine (one tenant)\n\n{}\n"
         "## Conclusion\n\n{}",
         a.cfg.d_model, a.cfg.n_layers, a.cfg.n_heads, a.cfg.d_ff, a.cfg.vocab, a.cfg.max_seq, R, a.prompt_min,
-        a.prompt_max, a.new_tokens, a.batch, a.prefix_len, a.lora_rank, threads(),
+        a.prompt_max, a.new_tokens, a.batch, a.prefix_len, fmt::join(a.mix, ", "), threads(),
         a.cpu_clock ? "Times are the serving process's CPU time (--clock cpu), which other processes on a shared "
                       "machine do not inflate (their cache and memory traffic still can)"
                     : "Times are wall-clock (--clock wall)",

@@ -18,7 +18,7 @@ using namespace peftlab::harness;
 
 int main(int argc, char** argv) {
     CommonArgs d;
-    d.methods = {"full", "prefix", "prefix-kv", "prompt", "lora"};
+    d.methods = {"full", "prefix", "prefix-kv", "prompt", "lora"};  // method-names: the study's default, --methods overrides
     d.steps = 200;
     d.out = "runs/sweep-data";
     d.eval_examples = 50;

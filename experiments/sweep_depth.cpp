@@ -12,7 +12,7 @@ using namespace peftlab::harness;
 
 int main(int argc, char** argv) {
     CommonArgs d;
-    d.methods = {"prefix"};
+    d.methods = {"prefix"};  // method-names: the study's default (prefix depth), --methods overrides
     d.steps = 200;
     d.out = "runs/sweep-depth";
     d.eval_examples = 100;

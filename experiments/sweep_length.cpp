@@ -12,7 +12,7 @@ using namespace peftlab::harness;
 
 int main(int argc, char** argv) {
     CommonArgs d;
-    d.methods = {"prefix", "prompt"};
+    d.methods = {"prefix", "prompt"};  // method-names: the study's default (prefix length), --methods overrides
     d.steps = 200;
     d.out = "runs/sweep-length";
     d.eval_examples = 100;

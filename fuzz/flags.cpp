@@ -6,6 +6,7 @@
 
 #include "experiments/lib/flags.h"
 #include "experiments/lib/harness.h"
+#include "peft/registry.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     using namespace peftlab;
@@ -30,7 +31,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
     cxxopts::Options opts("fuzz");
     harness::CommonArgs defaults;
-    defaults.methods = {"lora"};
+    defaults.methods = {peft::method_names().front()};
     defaults.steps = 10;
     harness::add_common_flags(opts, defaults);
     try {

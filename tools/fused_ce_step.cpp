@@ -3,7 +3,7 @@
 // (lm_loss(GPT::forward)), for the README's before/after numbers.
 //
 //   fused_ce_step --mode fused|unfused [--batch 8] [--seq 512] [--vocab 50257] [--d-model 768]
-//                 [--layers 12] [--heads 12] [--prefix-len 16] [--steps 3]
+//                 [--layers 12] [--heads 12] [--prefix-len 16] [--steps 3] [--method prefix]
 //
 // Defaults: the GPT-2 small shape. One warm-up step, then --steps measured
 // steps; prints the median ms per step, the peak tracked bytes of a measured
@@ -42,6 +42,7 @@ int main(int argc, char** argv) {
             "layers", "L", cxxopts::value<int>()->default_value("12"))(
             "heads", "H", cxxopts::value<int>()->default_value("12"))(
             "prefix-len", "prefix vectors per layer", cxxopts::value<int64_t>()->default_value("16"))(
+            "method", "the PEFT method trained", cxxopts::value<std::string>()->default_value("prefix"))(  // method-names: the README's measurement, --method overrides
             "steps", "measured steps", cxxopts::value<int>()->default_value("3"));
         auto a = o.parse(argc, argv);
         if (!a.count("mode")) throw std::invalid_argument("--mode: required (fused or unfused)");
@@ -64,7 +65,7 @@ int main(int argc, char** argv) {
         GPT model(cfg, 1);
         peft::AdapterOptions ao;
         ao.n = a["prefix-len"].as<int64_t>();
-        auto adapter = peft::make_adapter("prefix", ao);
+        auto adapter = peft::make_adapter(a["method"].as<std::string>(), ao);
         adapter->activate(model);
         AdamW opt(adapter->parameters());
         Rng rng(7);

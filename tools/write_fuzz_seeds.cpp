@@ -208,10 +208,10 @@ int main(int argc, char** argv) try {
     // Command lines (NUL-separated arguments).
     const std::vector<std::vector<std::string>> lines = {
         {"--config", "tiny", "--steps", "5", "--methods", "lora,prompt"},
-        {"--methods", "prefix-reparam", "--prefix-len", "4", "--lr", "0.01", "--seed", "3", "--tokenizer", "byte"},
+        {"--methods", "prefix:reparam=true,lora:r=4", "--prefix-len", "4", "--lr", "0.01", "--seed", "3", "--tokenizer", "byte"},
         {"--seq", "32", "--d-model", "64", "--heads", "4", "--layers", "2", "--d-ff", "128", "--vocab", "300"},
         {"--task", "classify", "--batch", "8", "--n-train", "100", "--eval-examples", "20", "--threads", "1"},
-        {"--out=runs/x", "--pretrain-steps", "10", "--lora-rank", "4", "--corpus", "c.txt", "17"},
+        {"--out=runs/x", "--pretrain-steps", "10", "--methods", "prefix:oops", "--corpus", "c.txt", "17"},
     };
     for (size_t i = 0; i < lines.size(); ++i) {
         std::string s;

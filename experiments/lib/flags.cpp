@@ -10,6 +10,7 @@
 #include <omp.h>
 
 #include "autograd/threads.h"
+#include "nn/json_limits.h"
 
 namespace peftlab::flags {
 
@@ -61,6 +62,31 @@ int64_t whole_number(const std::string& flag, const std::string& text, int64_t m
         throw std::invalid_argument(fmt::format("{}: '{}' is not a whole number", flag, text));
     if (v < min) throw std::invalid_argument(fmt::format("{}: {} must be >= {}", flag, v, min));
     return v;
+}
+
+MethodEntry method_entry(const std::string& flag, const std::string& entry) {
+    MethodEntry e;
+    size_t colon = entry.find(':');
+    e.method = entry.substr(0, colon);
+    if (e.method.empty()) throw std::invalid_argument(fmt::format("{}: entry '{}' names no method", flag, entry));
+    while (colon != std::string::npos) {
+        const size_t start = colon + 1;
+        colon = entry.find(':', start);
+        const std::string item = entry.substr(start, colon == std::string::npos ? std::string::npos : colon - start);
+        const size_t eq = item.find('=');
+        if (eq == 0 || eq == std::string::npos)
+            throw std::invalid_argument(
+                fmt::format("{}: '{}' in '{}' is not KEY=VALUE (a setting of {}'s own options)", flag, item, entry, e.method));
+        const std::string key = item.substr(0, eq), text = item.substr(eq + 1);
+        nlohmann::json v;
+        try {
+            v = parse_json_limited(text, flag);  // depth-bounded: dump and destruction recurse
+        } catch (const std::runtime_error&) {
+            v = text;  // not JSON: a string
+        }
+        e.settings[key] = v;
+    }
+    return e;
 }
 
 int64_t int_flag(const cxxopts::ParseResult& r, const std::string& name, int64_t min) {

@@ -8,6 +8,7 @@
 #include <string>
 
 #include <cxxopts.hpp>
+#include <nlohmann/json.hpp>
 
 namespace peftlab::flags {
 
@@ -21,6 +22,19 @@ int64_t whole_number(const std::string& flag, const std::string& text, int64_t m
 
 // whole_number of flag `name`'s value (the flag is declared as a string).
 int64_t int_flag(const cxxopts::ParseResult& r, const std::string& name, int64_t min);
+
+// A --methods entry: a registered method's name, then optionally settings of
+// that method's own options (its section of peft::AdapterOptions) as
+// ":KEY=VALUE" pairs, e.g. "prefix:reparam=true", "lora:r=4:lora_alpha=8".
+// VALUE is read as JSON (true, 4, 0.5) or else taken as a string; it cannot
+// hold ',' (the list separator). The method checks keys and values when the
+// adapter is made. Throws std::invalid_argument naming `flag` and the entry
+// for an empty name or a setting without KEY=.
+struct MethodEntry {
+    std::string method;
+    nlohmann::json settings = nlohmann::json::object();
+};
+MethodEntry method_entry(const std::string& flag, const std::string& entry);
 
 // The thread count a run uses: `requested` (--threads; 0 = all cores) when
 // given, else PEFTLAB_THREADS when set, else all cores. More threads than

@@ -101,13 +101,11 @@ int64_t parse_count(const std::string& flag, const std::string& item) {
 }
 
 MethodSpec make_spec(const CommonArgs& a, const std::string& entry) {
-    MethodSpec s{entry == "prefix-reparam" ? "prefix" : entry, entry, {}, false};
+    const flags::MethodEntry e = flags::method_entry("--methods", entry);
+    MethodSpec s{e.method, entry, {}, false};
     s.options.n = a.prefix_len;
     s.options.seed = a.seed;
-    // --lora-rank and the prefix-reparam entry are shorthands for two methods'
-    // own option sections (peft/adapter.h); each method reads only its own.
-    s.options.section("lora") = {{"r", a.lora_rank}, {"lora_alpha", double(2 * a.lora_rank)}};
-    if (entry == "prefix-reparam") s.options.section(s.method) = {{"reparam", true}, {"reparam_hidden", 4 * a.model.d_model}};
+    if (!e.settings.empty()) s.options.section(e.method) = e.settings;  // read by the method alone
     s.options.positions = a.positions.empty() ? "keep" : a.positions;
     return s;
 }
@@ -153,12 +151,12 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
                        "available; 0: no check)", cxxopts::value<double>());
     if (d.fine_tunes)
         o.add_options()
-        ("methods", "comma-separated PEFT methods (listed below)", cxxopts::value<std::string>()->default_value(
+        ("methods", "comma-separated PEFT methods (listed below), each optionally with settings of its own "
+                    "options, METHOD:KEY=VALUE[:KEY=VALUE] (e.g. lora:r=4)", cxxopts::value<std::string>()->default_value(
             [&] { std::string s; for (auto& m : d.methods) s += (s.empty() ? "" : ",") + m; return s; }()))
         ("steps", "fine-tuning updates per method", cxxopts::value<int64_t>()->default_value(std::to_string(d.steps)))
         ("lr", "learning rate (0 = small per-method search)", cxxopts::value<double>()->default_value(fmt::format("{}", d.lr)))
         ("prefix-len", "n: prompt / prefix vectors", cxxopts::value<int64_t>()->default_value(std::to_string(d.prefix_len)))
-        ("lora-rank", "LoRA rank r (on q and v)", cxxopts::value<int64_t>()->default_value(std::to_string(d.lora_rank)))
         ("n-train", "training examples (0 = task default)", cxxopts::value<size_t>()->default_value(std::to_string(d.n_train)))
         ("eval-examples", "test examples scored by generation (at most the test split)", cxxopts::value<int64_t>()->default_value(std::to_string(d.eval_examples)));
     // clang-format on
@@ -167,7 +165,6 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
 std::string methods_help() {
     std::string s = "Methods (--methods):\n";
     for (const peft::MethodInfo& m : peft::methods()) s += fmt::format("  {:<16} {}\n", m.name, m.description);
-    s += fmt::format("  {:<16} {}\n", "prefix-reparam", "prefix trained through an MLP reparameterization (Li & Liang)");
     s += fmt::format("  {:<16} {}\n", "none", "no training: the unadapted base");
     return s;
 }
@@ -239,7 +236,8 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
     auto known = peft::method_names();
     for (size_t i = 0; i < a.methods.size(); ++i) {
         const std::string& m = a.methods[i];
-        if (m != "none" && m != "prefix-reparam" && std::find(known.begin(), known.end(), m) == known.end())
+        const std::string method = flags::method_entry("--methods", m).method;
+        if (method != "none" && std::find(known.begin(), known.end(), method) == known.end())
             throw std::invalid_argument(fmt::format("--methods: unknown method '{}' (see --help)", m));
         if (std::find(a.methods.begin(), a.methods.begin() + long(i), m) != a.methods.begin() + long(i))
             throw std::invalid_argument(fmt::format("--methods: '{}' is listed twice in '{}'", m, list));
@@ -249,7 +247,6 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
     if (!(a.lr >= 0.0)) throw std::invalid_argument(fmt::format("--lr: {} must be >= 0", a.lr));
     a.prefix_len = r["prefix-len"].as<int64_t>();
     if (a.prefix_len < 0) throw std::invalid_argument(fmt::format("--prefix-len: {} must be >= 0", a.prefix_len));
-    a.lora_rank = positive("lora-rank", r["lora-rank"].as<int64_t>());
     a.n_train = r["n-train"].as<size_t>();
     if (int64_t(a.n_train) > max_useful_train_examples(a) || int64_t(a.n_train) < 0)
         throw std::invalid_argument(fmt::format(
@@ -508,8 +505,9 @@ void check_run(const CommonArgs& a, const Base& base, const data::TaskData& task
         const peft::ParamFormula pf = adapter->formula(cfg);
         if (pf.count <= 0)
             throw std::invalid_argument(fmt::format(
-                "--methods {}: no trainable parameters with these options ({} = 0; --prefix-len {}, --lora-rank {})",
-                entry, pf.text, a.prefix_len, a.lora_rank));
+                "--methods {}: no trainable parameters with these options ({} = 0; --prefix-len {} and the entry's "
+                "settings)",
+                entry, pf.text, a.prefix_len));
         // Virtual tokens or prefix keys: the ones whose count follows --prefix-len.
         peft::AdapterOptions more = spec.options;
         more.n += 1;

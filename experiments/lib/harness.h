@@ -30,7 +30,6 @@ struct CommonArgs {
     double lr = 0.0;    // 0: per-method search over lr_grid
     std::string out;    // run directory, default runs/<experiment>
     int64_t prefix_len = 16;
-    int64_t lora_rank = 8;
     std::string tokenizer = "word";  // word | byte
     std::string corpus;              // a UTF-8 file to pretrain on instead of the built-in corpus
     std::string base;       // a Hugging Face GPT-2 directory: its config, weights and tokenizer; no pretraining
@@ -173,8 +172,9 @@ struct Budget {
     int64_t eval_examples = 100;
 };
 
-// The spec of a --methods entry ("prefix-reparam" is prefix with the MLP
-// reparameterization) with the common options: n, LoRA rank (alpha = 2r), seed.
+// The spec of a --methods entry (flags::method_entry: a method, optionally with
+// settings of its own options, "prefix:reparam=true") with the common options:
+// n, seed, positions.
 MethodSpec make_spec(const CommonArgs& args, const std::string& entry);
 // The budget the common flags describe (lr 0 = search).
 Budget make_budget(const CommonArgs& args);

@@ -84,13 +84,14 @@ LoadReport run_serve_load(const LoadSpec& spec) {
 
     // Tenants, each moved away from its initialisation so that they differ,
     // plus "doomed", removed while its requests are queued.
-    const std::vector<std::string> methods = {"lora", "prompt", "prefix-kv", "prefix", "bitfit"};
+    std::vector<std::string> methods;  // every registered method a Server can mix (not one that trains the base)
+    for (const std::string& m : peft::method_names())
+        if (!peft::make_adapter(m)->changes_base()) methods.push_back(m);
     std::vector<std::unique_ptr<peft::Adapter>> adapters;
     std::vector<std::string> names;
     for (int i = 0; i <= spec.tenants; ++i) {
         peft::AdapterOptions o;
         o.n = 2 + i % 4, o.seed = uint64_t(i), o.init = "random";
-        o.section("lora") = {{"r", 4}};
         auto a = peft::make_adapter(methods[size_t(i) % methods.size()], o);
         a->attach(base);
         for (auto& [name, t] : a->parameters()) {
