@@ -70,7 +70,7 @@ GPT2_REF_DIR := .npm-ref
 # cores --oversubscribe; idle ranks yield their core instead of spinning.
 MPI_CXXFLAGS := $(shell mpicxx --showme:compile 2>/dev/null) -DOMPI_SKIP_MPICXX
 MPI_LIBS     := $(filter-out -lmpi_cxx,$(shell mpicxx --showme:link 2>/dev/null))
-MPI_BINS     := pretrain compare sweep_length sweep_depth sweep_data
+MPI_BINS     := pretrain compare sweep_length sweep_depth sweep_data dp_step
 MPI_BIN      := $(MPI_BINS:%=$(BUILD)/bin/%)
 MPI_OBJ      := $(BUILD)/mpi/world.o
 MPI_TEST_SRC := $(wildcard tests/mpi/*.cpp)

@@ -51,6 +51,7 @@ struct Args {
     int64_t scale_seq = 1024;     // their tokens per row
     int max_ranks = 64;
     double latency_us = 10.0;     // per ring step
+    double rank_gflops = 0.0;     // > 0: assume this per-rank rate instead of measuring it
 };
 
 Args parse_args(int argc, char** argv) {
@@ -85,7 +86,9 @@ Args parse_args(int argc, char** argv) {
         ("scale-batch", "global batch rows of the modelled GPT-2 update", cxxopts::value<std::string>()->default_value("64"))
         ("scale-seq", "tokens per row of the modelled GPT-2 update", cxxopts::value<std::string>()->default_value("1024"))
         ("max-ranks", "largest rank count modelled", cxxopts::value<std::string>()->default_value("64"))
-        ("latency-us", "all-reduce latency per ring step, microseconds", cxxopts::value<std::string>()->default_value("10"));
+        ("latency-us", "all-reduce latency per ring step, microseconds", cxxopts::value<std::string>()->default_value("10"))
+        ("rank-gflops", "scale model: assume every rank computes this many GFLOP/s (e.g. 100000 for an accelerator) "
+                        "instead of measuring this machine (0)", cxxopts::value<std::string>()->default_value("0"));
     // clang-format on
     const cxxopts::ParseResult r = flags::parse(o, argc, argv);
 
@@ -150,6 +153,7 @@ Args parse_args(int argc, char** argv) {
     a.scale_seq = int_flag(r, "scale-seq", 2);
     a.max_ranks = int(std::min<int64_t>(int_flag(r, "max-ranks", 1), 1 << 16));
     a.latency_us = double(int_flag(r, "latency-us", 0));
+    a.rank_gflops = double(int_flag(r, "rank-gflops", 0));
     if (a.scale_model && !a.preset.empty())
         throw std::invalid_argument("--scale-model measures throughput on the measured config: drop --preset");
     if (a.scale_model && a.scale_batch < a.max_ranks)
@@ -454,20 +458,24 @@ void print_scale_model(const Args& a) {
                         {"seq", a.scale_seq},
                         {"latency_s", latency},
                         {"rows", nlohmann::json::array()}};
+    const std::string rate_source =
+        a.rank_gflops > 0
+            ? fmt::format("**Assumed** (not measured): every rank computes {} GFLOP/s.\n", a.rank_gflops)
+            : fmt::format("**Measured** (this machine, {} thread(s) per rank): each method's training-step throughput "
+                          "on the measured config (d={} L={} T={} B={}), analytic FLOPs over the median of 3 timed "
+                          "AdamW steps.\n",
+                          threads(), a.cfg.d_model, a.cfg.n_layers, a.settings.seq, a.settings.batch);
     std::string md = fmt::format(
-        "# Data-parallel scale model\n\n"
-        "**Measured** (this machine, {} thread(s) per rank): each method's training-step throughput on the measured "
-        "config (d={} L={} T={} B={}), analytic FLOPs over the median of 3 timed AdamW steps.\n"
+        "# Data-parallel scale model\n\n{}"
         "**Modelled**: a GPT-2 update of a global batch of {} rows x {} tokens on K ranks = (forward + backward) / K "
         "+ optimizer, at that throughput per rank, then a ring all-reduce of the trained gradients (float32), "
         "2(K-1)/K x bytes / bandwidth + 2(K-1) x {} us, not overlapped. Step times in seconds; 'fastest K' is the K "
         "in 1..{} with the shortest step, '>=50% eff.' the largest K whose speed-up is still >= K/2.\n\n",
-        threads(), a.cfg.d_model, a.cfg.n_layers, a.settings.seq, a.settings.batch, a.scale_batch, a.scale_seq,
-        a.latency_us, a.max_ranks);
+        rate_source, a.scale_batch, a.scale_seq, a.latency_us, a.max_ranks);
     std::map<std::string, double> throughput;
-    md += "| method | measured GFLOP/s per rank |\n|---|---:|\n";
+    md += fmt::format("| method | {} GFLOP/s per rank |\n|---|---:|\n", a.rank_gflops > 0 ? "assumed" : "measured");
     for (const std::string& m : a.methods) {
-        throughput[m] = measure_throughput(a, m);
+        throughput[m] = a.rank_gflops > 0 ? a.rank_gflops * 1e9 : measure_throughput(a, m);
         md += fmt::format("| {} | {:.1f} |\n", m, throughput[m] / 1e9);
     }
     md += "\n| model | method | all-reduce MB | network |";
@@ -498,7 +506,7 @@ void print_scale_model(const Args& a) {
                                      {"method", m},
                                      {"allreduce_bytes", r.bytes.allreduce},
                                      {"network", net.name},
-                                     {"flops_per_s_measured", throughput[m]},
+                                     {a.rank_gflops > 0 ? "flops_per_s_assumed" : "flops_per_s_measured", throughput[m]},
                                      {"step_flops", step_total(r.analytic)},
                                      {"modelled", times},
                                      {"fastest_ranks", lim.fastest_ranks},
