@@ -196,7 +196,6 @@ void Trainer::save_checkpoint(int64_t completed_steps) {
     if (!writes_files()) return;  // rank 0 writes; the others hold the same state
     save_training_state(checkpoint_path(), tensors_, opt_, all_rngs(),
                         TrainingState{completed_steps, opts_.ckpt_metadata});
-    last_ckpt_step_ = completed_steps;
     write_csv();  // so a long run's CSV is current at every checkpoint
 }
 
