@@ -216,7 +216,7 @@ test: deps
 # each; they also start training binaries under mpirun (faults, resume).
 test-mpi: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/peftlab-mpi-tests $(MPI_BIN)
-	PEFTLAB_THREADS=1 $(MPIRUN) -np $(MPI_NP) ./$(BUILD)/peftlab-mpi-tests $(ARGS)
+	PEFTLAB_THREADS=1 $(MPIRUN) -np $(MPI_NP) ./$(BUILD)/peftlab-mpi-tests --use-colour no $(ARGS)
 
 test-asan: deps
 	@$(MAKE) --no-print-directory SANITIZE=1 test
