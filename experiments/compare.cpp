@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include "experiments/lib/harness.h"
+#include "mpi/world.h"
 #include "nn/safetensors.h"
 #include "peft/registry.h"
 
@@ -14,6 +15,7 @@ using namespace peftlab;
 using namespace peftlab::harness;
 
 int main(int argc, char** argv) {
+    peftlab::mpi::World world(&argc, &argv);  // several ranks under mpirun, else one process
     CommonArgs d;
     d.methods = peft::method_names();  // every registered method; --methods picks (and sets options: prefix:reparam=true)
     d.steps = 400;
@@ -104,7 +106,7 @@ int main(int argc, char** argv) {
             a.task, base.model_path, base.config.d_model, base.config.n_layers, base.config.n_heads, base.config.d_ff,
             base.config.vocab, base.config.max_seq, base.pretrain_valid_loss, a.steps, a.batch, a.lr > 0 ? 1 : 3 /* at least; see lr_grid in results.json */,
             search_steps, a.seed, table, task.metric_name, extra["eval_examples"].get<int64_t>());
-        write_file_atomic(a.out + "/report.md", md);
+        if (peftlab::dist::is_root()) write_file_atomic(a.out + "/report.md", md);
         print_results_table(results);
         fmt::print(
             "\nreport: {0}/report.md  results: {0}/results.json  metrics: {0}/metrics.csv\n"
@@ -112,8 +114,7 @@ int main(int argc, char** argv) {
             "adapters: {0}/adapters/\n",
             a.out);
     } catch (const std::exception& e) {
-        fmt::print(stderr, "compare: {}\n", e.what());
-        return 1;
+        return world.fail("compare", e.what());
     }
     return 0;
 }

@@ -7,12 +7,14 @@
 #include <filesystem>
 
 #include "experiments/lib/harness.h"
+#include "mpi/world.h"
 #include "nn/safetensors.h"
 
 using namespace peftlab;
 using namespace peftlab::harness;
 
 int main(int argc, char** argv) {
+    peftlab::mpi::World world(&argc, &argv);  // several ranks under mpirun, else one process
     CommonArgs d;
     d.out = "";  // the cache directory only
     d.fine_tunes = false;
@@ -23,7 +25,7 @@ int main(int argc, char** argv) {
         Base base = load_or_pretrain(a);
         fmt::print("base: {}\n  config {}\n  valid loss {:.4f}{}\n", base.model_path, base.config.to_json().dump(),
                    base.pretrain_valid_loss, base.cached ? " (cached)" : "");
-        if (!a.out.empty()) {
+        if (!a.out.empty() && peftlab::dist::is_root()) {
             namespace fs = std::filesystem;
             fs::create_directories(a.out);
             for (const char* name : {"model.safetensors", "pretrain.json"}) {
@@ -36,8 +38,7 @@ int main(int argc, char** argv) {
             fmt::print("  copied to {}/model.safetensors\n", a.out);
         }
     } catch (const std::exception& e) {
-        fmt::print(stderr, "pretrain: {}\n", e.what());
-        return 1;
+        return world.fail("pretrain", e.what());
     }
     return 0;
 }

@@ -9,6 +9,8 @@
 //
 // With --preset (GPT-2 sizes) everything is analytic: nothing is allocated.
 #include <algorithm>
+#include <chrono>
+#include <map>
 #include <cstdlib>
 #include <filesystem>
 #include <string>
@@ -21,7 +23,9 @@
 #include "autograd/threads.h"
 #include "experiments/lib/flags.h"
 #include "experiments/lib/harness.h"
+#include "autograd/tape.h"
 #include "nn/hf_gpt2.h"
+#include "nn/optim.h"
 #include "nn/safetensors.h"
 #include "peft/registry.h"
 #include "peft/report.h"
@@ -48,6 +52,13 @@ struct Args {
     std::vector<std::string> methods;
     std::string out;
     int threads = 0;
+    // --scale-model: the data-parallel step-time model (print_scale_model).
+    bool scale_model = false;
+    int64_t scale_batch = 64;     // global batch rows of the GPT-2 shapes' modelled update
+    int64_t scale_seq = 1024;     // their tokens per row
+    int max_ranks = 64;
+    double latency_us = 10.0;     // per ring step
+    double rank_gflops = 0.0;     // > 0: assume this per-rank rate instead of measuring it
 };
 
 Args parse_args(int argc, char** argv) {
@@ -75,7 +86,16 @@ Args parse_args(int argc, char** argv) {
             cxxopts::value<std::string>()->default_value(""))
         ("out", "output directory (report.json, report.csv)", cxxopts::value<std::string>()->default_value("runs/report"))
         ("threads", "threads for OpenBLAS and OpenMP (0 = all cores)", cxxopts::value<std::string>()->default_value("0"))
-        ("seed", "seed of the base weights, adapter init and batch", cxxopts::value<std::string>()->default_value("0"));
+        ("seed", "seed of the base weights, adapter init and batch", cxxopts::value<std::string>()->default_value("0"))
+        ("scale-model", "also model data-parallel step time on 1..--max-ranks ranks for the GPT-2 small, medium and XL "
+                        "shapes (compute from each method's throughput measured here on the measured config, a ring "
+                        "all-reduce at 10 and 100 Gbit/s): scale_model.{md,json}")
+        ("scale-batch", "global batch rows of the modelled GPT-2 update", cxxopts::value<std::string>()->default_value("64"))
+        ("scale-seq", "tokens per row of the modelled GPT-2 update", cxxopts::value<std::string>()->default_value("1024"))
+        ("max-ranks", "largest rank count modelled", cxxopts::value<std::string>()->default_value("64"))
+        ("latency-us", "all-reduce latency per ring step, microseconds", cxxopts::value<std::string>()->default_value("10"))
+        ("rank-gflops", "scale model: assume every rank computes this many GFLOP/s (e.g. 100000 for an accelerator) "
+                        "instead of measuring this machine (0)", cxxopts::value<std::string>()->default_value("0"));
     // clang-format on
     const cxxopts::ParseResult r = flags::parse(o, argc, argv);
 
@@ -131,6 +151,17 @@ Args parse_args(int argc, char** argv) {
     a.settings.seed = uint64_t(int_flag(r, "seed", 0));
     a.out = r["out"].as<std::string>();
     if (a.out.empty()) throw std::invalid_argument("--out: '' is not a directory name");
+    a.scale_model = r.count("scale-model") > 0;
+    a.scale_batch = int_flag(r, "scale-batch", 1);
+    a.scale_seq = int_flag(r, "scale-seq", 2);
+    a.max_ranks = int(std::min<int64_t>(int_flag(r, "max-ranks", 1), 1 << 16));
+    a.latency_us = double(int_flag(r, "latency-us", 0));
+    a.rank_gflops = double(int_flag(r, "rank-gflops", 0));
+    if (a.scale_model && !a.preset.empty())
+        throw std::invalid_argument("--scale-model measures throughput on the measured config: drop --preset");
+    if (a.scale_model && a.scale_batch < a.max_ranks)
+        throw std::invalid_argument(fmt::format("--scale-batch {} is smaller than --max-ranks {}: a rank needs a row",
+                                                a.scale_batch, a.max_ranks));
 
     const std::vector<std::string> known = reported_methods();
     std::string list = r["methods"].as<std::string>();
@@ -270,6 +301,13 @@ void print_report(const Args& a, const std::vector<MethodReport>& rs, const Meth
                    mb(r.bytes.optimizer), r.bytes.activations_peak ? mb(*r.bytes.activations_peak) : "-", r.formula,
                    r.formula_params == r.trainable_params ? "" : fmt::format(" = {} (!)", r.formula_params));
 
+    fmt::print("\nData-parallel training: bytes each rank all-reduces per update (the trained tensors' float32 "
+               "gradients; nn/trainer.h)\n");
+    fmt::print("{:<10} {:>15} {:>14} {:>10}\n", "method", "floats", "all-reduce MB", "vs full");
+    for (const MethodReport& r : rs)
+        fmt::print("{:<10} {:>15} {:>14} {:>10}\n", r.method, r.trainable_params, mb(r.bytes.allreduce),
+                   pct(uint64_t(r.bytes.allreduce), uint64_t(full.bytes.allreduce)));
+
     fmt::print("\nFLOPs per training step{}\n", measured ? " (analytic = measured where marked exact)" : " (analytic)");
     fmt::print("{:<10} {:>9} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10}  {}\n", "method", "forward", "backward_dx",
                "backward_dw", "optimizer", "total", "dx/full", "dw/full", "measured", "backward through");
@@ -381,6 +419,115 @@ static void check_counts_fit(const Args& a) {
     }
 }
 
+// Measured: one rank's FLOP/s on this machine for `method` at the measured
+// config (analytic FLOPs of the step over the median of 3 timed AdamW steps
+// after a warm-up), the compute rate the scale model gives every rank.
+double measure_throughput(const Args& a, const std::string& method) {
+    GPT model(a.cfg, a.settings.seed);
+    std::unique_ptr<Adapter> adapter = make_adapter(method, a.options);
+    adapter->activate(model);
+    AdamW opt(NamedTensors(adapter->parameters().begin(), adapter->parameters().end()));
+    Rng rng(a.settings.seed);
+    ModelInput in;
+    in.B = a.settings.batch, in.T = a.settings.seq;
+    std::vector<int32_t> targets;
+    for (int64_t i = 0; i < in.B * in.T; ++i) {
+        in.tokens.push_back(int32_t(rng.below(uint32_t(a.cfg.vocab))));
+        targets.push_back(int32_t(rng.below(uint32_t(a.cfg.vocab))));
+    }
+    std::vector<double> times;
+    for (int i = 0; i < 4; ++i) {
+        const auto t0 = std::chrono::steady_clock::now();
+        backward(model.loss(in, targets));
+        opt.step();
+        opt.zero_grad();
+        if (i > 0) times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(times.begin(), times.end());
+    return double(step_total(analytic_step_flops(a.cfg, a.settings, method, a.options))) / times[1];
+}
+
+// The data-parallel scale model: measured per-rank throughput, modelled
+// compute split over K ranks and a ring all-reduce of the trained gradients.
+void print_scale_model(const Args& a) {
+    struct Net {
+        const char* name;
+        double bytes_per_s;
+    };
+    const Net nets[] = {{"10 Gbit/s", 10e9 / 8}, {"100 Gbit/s", 100e9 / 8}};
+    const double latency = a.latency_us * 1e-6;
+    std::vector<int> shown;
+    for (int k = 1; k <= a.max_ranks; k *= 2) shown.push_back(k);
+    nlohmann::json j = {{"measured_config", a.cfg.to_json()},
+                        {"measured_batch", a.settings.batch},
+                        {"measured_seq", a.settings.seq},
+                        {"threads", threads()},
+                        {"global_batch", a.scale_batch},
+                        {"seq", a.scale_seq},
+                        {"latency_s", latency},
+                        {"rows", nlohmann::json::array()}};
+    const std::string rate_source =
+        a.rank_gflops > 0
+            ? fmt::format("**Assumed** (not measured): every rank computes {} GFLOP/s.\n", a.rank_gflops)
+            : fmt::format("**Measured** (this machine, {} thread(s) per rank): each method's training-step throughput "
+                          "on the measured config (d={} L={} T={} B={}), analytic FLOPs over the median of 3 timed "
+                          "AdamW steps.\n",
+                          threads(), a.cfg.d_model, a.cfg.n_layers, a.settings.seq, a.settings.batch);
+    std::string md = fmt::format(
+        "# Data-parallel scale model\n\n{}"
+        "**Modelled**: a GPT-2 update of a global batch of {} rows x {} tokens on K ranks = (forward + backward) / K "
+        "+ optimizer, at that throughput per rank, then a ring all-reduce of the trained gradients (float32), "
+        "2(K-1)/K x bytes / bandwidth + 2(K-1) x {} us, not overlapped. Step times in seconds; 'fastest K' is the K "
+        "in 1..{} with the shortest step, '>=50% eff.' the largest K whose speed-up is still >= K/2.\n\n",
+        rate_source, a.scale_batch, a.scale_seq, a.latency_us, a.max_ranks);
+    std::map<std::string, double> throughput;
+    md += fmt::format("| method | {} GFLOP/s per rank |\n|---|---:|\n", a.rank_gflops > 0 ? "assumed" : "measured");
+    for (const std::string& m : a.methods) {
+        throughput[m] = a.rank_gflops > 0 ? a.rank_gflops * 1e9 : measure_throughput(a, m);
+        md += fmt::format("| {} | {:.1f} |\n", m, throughput[m] / 1e9);
+    }
+    md += "\n| model | method | all-reduce MB | network |";
+    for (int k : shown) md += fmt::format(" K={} |", k);
+    md += " fastest K | >=50% eff. |\n|---|---|---:|---|";
+    for (size_t i = 0; i < shown.size(); ++i) md += "---:|";
+    md += "---:|---:|\n";
+    ReportSettings s = a.settings;
+    s.batch = a.scale_batch;
+    s.seq = a.scale_seq;
+    for (const char* model : {"gpt2", "gpt2-medium", "gpt2-xl"}) {
+        const GPTConfig cfg = preset_config(model);
+        for (const std::string& m : a.methods) {
+            const MethodReport r = report_method(cfg, s, m, a.options, false);
+            for (const Net& net : nets) {
+                const ScaleLimit lim = scale_limit(r.analytic, double(r.bytes.allreduce), a.max_ranks, throughput[m],
+                                                   net.bytes_per_s, latency);
+                md += fmt::format("| {} | {} | {} | {} |", model, m, mb(r.bytes.allreduce), net.name);
+                nlohmann::json times = nlohmann::json::object();
+                for (int k : shown) {
+                    const ScalePoint p =
+                        scale_point(r.analytic, double(r.bytes.allreduce), k, throughput[m], net.bytes_per_s, latency);
+                    md += fmt::format(" {:.3g} |", p.step_s());
+                    times[std::to_string(k)] = {{"compute_s", p.compute_s}, {"comm_s", p.comm_s}};
+                }
+                md += fmt::format(" {} | {} |\n", lim.fastest_ranks, lim.half_efficiency_ranks);
+                j["rows"].push_back({{"model", model},
+                                     {"method", m},
+                                     {"allreduce_bytes", r.bytes.allreduce},
+                                     {"network", net.name},
+                                     {a.rank_gflops > 0 ? "flops_per_s_assumed" : "flops_per_s_measured", throughput[m]},
+                                     {"step_flops", step_total(r.analytic)},
+                                     {"modelled", times},
+                                     {"fastest_ranks", lim.fastest_ranks},
+                                     {"half_efficiency_ranks", lim.half_efficiency_ranks}});
+            }
+        }
+    }
+    std::filesystem::create_directories(a.out);
+    write_file_atomic(a.out + "/scale_model.md", md);
+    write_file_atomic(a.out + "/scale_model.json", j.dump(2) + "\n");
+    fmt::print("\n{}\nwrote {}/scale_model.md and scale_model.json\n", md, a.out);
+}
+
 int main(int argc, char** argv) {
     Args a;
     try {
@@ -430,6 +577,7 @@ int main(int argc, char** argv) {
 
         print_report(a, reports, full, measure);
         fmt::print("\nwrote {0}/report.json and {0}/report.csv\n", a.out);
+        if (a.scale_model) print_scale_model(a);
         for (const MethodReport& r : reports)
             if (r.max_relative_gap() > 0.01) {
                 fmt::print(stderr, "report: {}: analytic and measured FLOPs differ by {:.2f}% (> 1%)\n", r.method,

@@ -11,12 +11,14 @@
 #include <cmath>
 
 #include "experiments/lib/harness.h"
+#include "mpi/world.h"
 #include "nn/safetensors.h"
 
 using namespace peftlab;
 using namespace peftlab::harness;
 
 int main(int argc, char** argv) {
+    peftlab::mpi::World world(&argc, &argv);  // several ranks under mpirun, else one process
     CommonArgs d;
     d.methods = {"full", "prefix", "prefix-kv", "prompt", "lora"};  // method-names: the study's default, --methods overrides
     d.steps = 200;
@@ -102,7 +104,7 @@ int main(int argc, char** argv) {
         for (auto& [k, s] : by_method) series.push_back(s);
         plot_png(a.out + "/flops_to_target.png", fmt::format("GFLOP to reach valid loss {:.3f}", target),
                  "training examples", "GFLOP", series, true);
-        write_file_atomic(a.out + "/report.md",
+        if (peftlab::dist::is_root()) write_file_atomic(a.out + "/report.md",
                           fmt::format("# sweep-data on `{}`\n\nTarget validation loss {:.4f}; {} updates per run, "
                                       "validation every {} updates.\nThe FLOPs of one update do not depend on the "
                                       "number of training examples: PEFT saves compute per update.\n\n{}\n"
@@ -110,8 +112,7 @@ int main(int argc, char** argv) {
                                       a.task, target, a.steps, std::max<int64_t>(1, a.steps / 10), table));
         fmt::print("\n{}\nreport: {}/report.md\n", table, a.out);
     } catch (const std::exception& e) {
-        fmt::print(stderr, "sweep-data: {}\n", e.what());
-        return 1;
+        return world.fail("sweep-data", e.what());
     }
     return 0;
 }

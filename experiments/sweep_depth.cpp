@@ -5,12 +5,14 @@
 #include <fmt/format.h>
 
 #include "experiments/lib/harness.h"
+#include "mpi/world.h"
 #include "nn/safetensors.h"
 
 using namespace peftlab;
 using namespace peftlab::harness;
 
 int main(int argc, char** argv) {
+    peftlab::mpi::World world(&argc, &argv);  // several ranks under mpirun, else one process
     CommonArgs d;
     d.methods = {"prefix"};  // method-names: the study's default (prefix depth), --methods overrides
     d.steps = 200;
@@ -47,7 +49,7 @@ int main(int argc, char** argv) {
             write_results(a.out, "sweep-depth", results, {{"config", base.config.to_json()}, {"task", a.task}});
         plot_png(a.out + "/metric_vs_depth.png", fmt::format("{} against prefix depth", task.metric_name),
                  "k (layers with a prefix)", task.metric_name, series);
-        write_file_atomic(
+        if (peftlab::dist::is_root()) write_file_atomic(
             a.out + "/report.md",
             fmt::format(
                 "# sweep-depth on `{}`\n\nBudget: {} updates per run (lr {}: 0 = each method's default), seed {}. "
@@ -58,8 +60,7 @@ int main(int argc, char** argv) {
         print_results_table(results);
         fmt::print("\nreport: {0}/report.md  plots: {0}/metric_vs_depth.png\n", a.out);
     } catch (const std::exception& e) {
-        fmt::print(stderr, "sweep-depth: {}\n", e.what());
-        return 1;
+        return world.fail("sweep-depth", e.what());
     }
     return 0;
 }

@@ -5,12 +5,14 @@
 #include <fmt/format.h>
 
 #include "experiments/lib/harness.h"
+#include "mpi/world.h"
 #include "nn/safetensors.h"
 
 using namespace peftlab;
 using namespace peftlab::harness;
 
 int main(int argc, char** argv) {
+    peftlab::mpi::World world(&argc, &argv);  // several ranks under mpirun, else one process
     CommonArgs d;
     d.methods = {"prefix", "prompt"};  // method-names: the study's default (prefix length), --methods overrides
     d.steps = 200;
@@ -48,15 +50,14 @@ int main(int argc, char** argv) {
                                           {{"config", base.config.to_json()}, {"task", a.task}, {"lengths", lengths}});
         plot_png(a.out + "/metric_vs_length.png", fmt::format("{} against prefix length n", task.metric_name),
                  "n (vectors per layer / soft tokens)", task.metric_name, series, true);
-        write_file_atomic(a.out + "/report.md", fmt::format("# sweep-length on `{}`\n\nBudget: {} updates per run (lr "
+        if (peftlab::dist::is_root()) write_file_atomic(a.out + "/report.md", fmt::format("# sweep-length on `{}`\n\nBudget: {} updates per run (lr "
                                                             "{}: 0 = each method's default), seed {}.\n\n{}\n"
                                                             "Plots: `metric_vs_length.png`, `loss_curves.png`.\n",
                                                             a.task, a.steps, a.lr, a.seed, table));
         print_results_table(results);
         fmt::print("\nreport: {0}/report.md  plots: {0}/metric_vs_length.png\n", a.out);
     } catch (const std::exception& e) {
-        fmt::print(stderr, "sweep-length: {}\n", e.what());
-        return 1;
+        return world.fail("sweep-length", e.what());
     }
     return 0;
 }

@@ -12,10 +12,9 @@
 // PyTorch. As there, a parameter with no gradient at a step is skipped and
 // its own step count does not advance (bias correction is per parameter).
 //
-// Gradient accumulation over k micro-batches: zero_grad(), then for each
-// micro-batch backward(mul_scalar(loss_i, 1.f / k)) (gradients add up in the
-// leaves), then step(). With equal-sized micro-batches and a mean loss this
-// gives the gradient of the mean over all k*b rows; the Trainer does exactly this.
+// Gradient accumulation: the Trainer (nn/trainer.h) sums micro-batches'
+// token-sum gradients and divides by the global token count, so micro-batches
+// with different numbers of counted tokens weigh as one big batch.
 #include <cstdint>
 #include <string>
 #include <utility>

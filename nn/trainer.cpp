@@ -66,6 +66,10 @@ const double* find_metric(const MetricsRow& row, const std::string& key) {
 
 }  // namespace
 
+int64_t counted_targets(const std::vector<int32_t>& targets, int32_t ignore_index) {
+    return int64_t(std::count_if(targets.begin(), targets.end(), [&](int32_t t) { return t != ignore_index; }));
+}
+
 Trainer::Trainer(NamedTensors tensors, Optimizer& opt, LossFn loss_fn, TrainOptions opts, EvalFn eval_fn)
     : tensors_(std::move(tensors)),
       opt_(opt),
@@ -116,19 +120,24 @@ NamedRngs Trainer::all_rngs() {
 int64_t Trainer::restore() {
     if (!opts_.resume) return 0;
     const std::string path = checkpoint_path();
+    const bool root = (opts_.comm ? *opts_.comm : dist::world()).rank() == 0;
     if (!fs::exists(path)) {
-        if (opts_.log_every > 0) fmt::print(stderr, "{}resume: no checkpoint at '{}', starting from step 0\n", opts_.log_prefix, path);
+        if (root && opts_.log_every > 0) fmt::print(stderr, "{}resume: no checkpoint at '{}', starting from step 0\n", opts_.log_prefix, path);
         return 0;
     }
     const TrainingState state = load_training_state(path, tensors_, opt_, all_rngs());
     last_ckpt_step_ = state.step;
-    if (opts_.log_every > 0) fmt::print(stderr, "{}resumed from '{}' at step {}\n", opts_.log_prefix, path, state.step);
+    if (root && opts_.log_every > 0) fmt::print(stderr, "{}resumed from '{}' at step {}\n", opts_.log_prefix, path, state.step);
     return state.step;
+}
+
+bool Trainer::writes_files() const {
+    return !opts_.out_dir.empty() && (opts_.comm ? *opts_.comm : dist::world()).rank() == 0;
 }
 
 void Trainer::reset_metrics(int64_t completed_steps) {
     rows_.clear();
-    if (opts_.out_dir.empty()) return;
+    if (!writes_files()) return;
     const std::string path = metrics_jsonl_path(opts_.out_dir);
     std::string kept;
     if (completed_steps > 0) {
@@ -150,7 +159,7 @@ void Trainer::reset_metrics(int64_t completed_steps) {
 
 void Trainer::append_metrics(const MetricsRow& row) {
     rows_.push_back(row);
-    if (opts_.out_dir.empty()) return;
+    if (!writes_files()) return;
     const std::string path = metrics_jsonl_path(opts_.out_dir);
     std::ofstream out(path, std::ios::app);
     out << row_json(row).dump() << '\n';
@@ -159,7 +168,7 @@ void Trainer::append_metrics(const MetricsRow& row) {
 }
 
 void Trainer::write_csv() const {
-    if (opts_.out_dir.empty()) return;
+    if (!writes_files()) return;
     // Columns in order of first appearance: the training columns, then eval metrics.
     std::vector<std::string> columns;
     for (const MetricsRow& row : rows_)
@@ -183,25 +192,55 @@ void Trainer::write_csv() const {
 
 void Trainer::save_checkpoint(int64_t completed_steps) {
     if (opts_.out_dir.empty()) return;
+    last_ckpt_step_ = completed_steps;
+    if (!writes_files()) return;  // rank 0 writes; the others hold the same state
     save_training_state(checkpoint_path(), tensors_, opt_, all_rngs(),
                         TrainingState{completed_steps, opts_.ckpt_metadata});
-    last_ckpt_step_ = completed_steps;
     write_csv();  // so a long run's CSV is current at every checkpoint
 }
 
 TrainSummary Trainer::run() {
     const auto t_start = Clock::now();
-    if (!opts_.out_dir.empty()) fs::create_directories(opts_.out_dir);
+    dist::Communicator& comm = opts_.comm ? *opts_.comm : dist::world();
+    const int R = comm.size(), rank = comm.rank();
+    const bool root = rank == 0;
+    if (root && !opts_.out_dir.empty()) fs::create_directories(opts_.out_dir);
     TrainSummary summary;
     summary.start_step = restore();
+    if (R > 1) {
+        // Every rank must continue from the same update (a shared out_dir).
+        double start = double(summary.start_step);
+        comm.all_reduce_sum(&start, 1);
+        if (start != double(summary.start_step) * R)
+            throw std::runtime_error(fmt::format(
+                "Trainer: rank {} resumed at update {} but the {} ranks' updates sum to {}: every rank must read "
+                "the same checkpoint ('{}' on a file system all ranks share)",
+                rank, summary.start_step, R, start, checkpoint_path()));
+        // One starting point everywhere, whatever each rank initialised.
+        for (auto& [name, t] : tensors_) comm.broadcast(Tensor(t).data(), size_t(t.numel()) * sizeof(float), 0);
+    }
     reset_metrics(summary.start_step);
 
     const int64_t total = opts_.steps;
-    const int k = opts_.grad_accum;
+    const int A = opts_.grad_accum;
+    const int M = R * A;  // micro-batches per update over all ranks
     const bool tty = ::isatty(::fileno(stderr)) == 1;
-    const bool show = opts_.log_every > 0;
-    double train_s = 0.0;
+    const bool show = opts_.log_every > 0 && root;
+    double train_s = 0.0, comm_total_s = 0.0;
+    double counted_tokens = 0.0;  // the loss functions' counted target tokens, all ranks, this run
     double last_draw = -1.0;
+
+    // The trained tensors' gradients, packed contiguously (M > 1): what is
+    // summed over micro-batches and all-reduced over ranks.
+    const NamedTensors& trained = opt_.params();
+    const size_t P = trained.size();
+    std::vector<size_t> offset(P + 1, 0);
+    for (size_t i = 0; i < P; ++i) offset[i + 1] = offset[i] + size_t(trained[i].second.numel());
+    std::vector<float> packed(M > 1 ? offset[P] : 0);
+    // Per update, summed over ranks: [0] sum of loss_m * n_m, [1] N, then per
+    // rank an exception flag and a non-finite-loss flag (1 + micro-batch), then
+    // per trained tensor whether any rank gave it a gradient.
+    std::vector<double> status(2 + 2 * size_t(R) + P);
 
     auto stop = [&](int64_t step, const std::string& what) {
         clear_tape();
@@ -213,33 +252,126 @@ TrainSummary Trainer::run() {
                                                last_ckpt_step_)
                                  : std::string("no checkpoint was written"));
         if (tty && show) fmt::print(stderr, "\n");
-        fmt::print(stderr, "{}{}\n", opts_.log_prefix, summary.stop_reason);
+        if (root) fmt::print(stderr, "{}{}\n", opts_.log_prefix, summary.stop_reason);
     };
 
     int64_t step = summary.start_step;
     for (; step < total; ++step) {
         const auto t0 = Clock::now();
+        const double comm_before = comm.comm_seconds();
         const double lr = opts_.schedule ? opts_.schedule->at(step) : opt_.lr();
         opt_.set_lr(lr);
         for (auto& [name, t] : tensors_) Tensor(t).zero_grad();
+        std::fill(status.begin(), status.end(), 0.0);
 
-        double loss_sum = 0.0;
-        std::string failure;
-        for (int micro = 0; micro < k && failure.empty(); ++micro) {
-            Tensor loss = loss_fn_(step, data_rng_);
-            if (!loss.defined() || loss.numel() != 1)
+        const uint64_t rng_start = data_rng_.state();
+        uint64_t rng_end = rng_start;
+        double loss_sum = 0.0, tokens = 0.0;
+        std::string failure, error;
+        bool packed_any = false;  // whether `packed` holds this step's first micro-batch yet
+        // One micro-batch; throws on bad input (caught below when other ranks must hear of it).
+        auto micro_batch = [&](int a) {
+            const dist::Shard shard{rank * A + a, M};
+            Rng rng(rng_start);
+            MicroBatchLoss l = loss_fn_(step, rng, shard);
+            if (!l.loss.defined() || l.loss.numel() != 1)
                 throw std::invalid_argument(fmt::format(
                     "Trainer: the loss function returned {} at step index {}, not a scalar",
-                    loss.defined() ? "shape " + shape_str(loss.shape()) : std::string("an undefined tensor"), step));
-            const double value = loss.item();
+                    l.loss.defined() ? "shape " + shape_str(l.loss.shape()) : std::string("an undefined tensor"), step));
+            if (l.tokens < 0)
+                throw std::invalid_argument(fmt::format(
+                    "Trainer: the loss function returned {} counted tokens at step index {}", l.tokens, step));
+            if (a == 0)
+                rng_end = rng.state();
+            else if (rng.state() != rng_end)
+                throw std::invalid_argument(fmt::format(
+                    "Trainer: micro-batch {} of step index {} drew differently from the data generator than micro-batch "
+                    "{}: every shard must draw the whole global batch and keep its rows (dist::Shard)",
+                    shard.index, step, rank * A));
+            if (M > 1 && l.tokens == 0) return;  // weighs nothing
+            const double value = l.loss.item();
             if (!std::isfinite(value)) {
-                failure = fmt::format("the loss is {} in micro-batch {} of {}", value, micro + 1, k);
-                break;
+                failure = M > 1 ? fmt::format("the loss is {} in micro-batch {} of {}{}", value, shard.index + 1, M,
+                                              R > 1 ? fmt::format(" (rank {})", rank) : "")
+                                : fmt::format("the loss is {} in micro-batch 1 of 1", value);
+                status[2 + size_t(R) + size_t(rank)] = 1.0 + shard.index;
+                return;
             }
-            backward(k > 1 ? mul_scalar(loss, 1.f / float(k)) : loss);
-            loss_sum += value;
+            if (M == 1) {
+                backward(l.loss);
+                loss_sum = value;
+                tokens = double(l.tokens);
+                return;
+            }
+            backward(mul_scalar(l.loss, float(l.tokens)));  // gradient of the token sum
+            for (size_t i = 0; i < P; ++i) {
+                Tensor t = trained[i].second;
+                float* dst = packed.data() + offset[i];
+                const size_t n = offset[i + 1] - offset[i];
+                if (t.has_grad()) {
+                    const float* g = t.impl()->gcell->grad->data;
+                    if (!packed_any)
+                        std::copy(g, g + n, dst);
+                    else
+                        for (size_t j = 0; j < n; ++j) dst[j] += g[j];
+                    status[2 + 2 * size_t(R) + i] = 1.0;
+                    t.zero_grad();
+                } else if (!packed_any) {
+                    std::fill(dst, dst + n, 0.f);
+                }
+            }
+            packed_any = true;
+            loss_sum += value * double(l.tokens);
+            tokens += double(l.tokens);
+        };
+        for (int a = 0; a < A && failure.empty() && error.empty(); ++a) {
+            if (R == 1) {
+                micro_batch(a);
+                continue;
+            }
+            try {
+                micro_batch(a);
+            } catch (const std::exception& e) {
+                error = e.what();
+                clear_tape();
+            }
+        }
+        data_rng_.set_state(rng_end);
+        // A rank whose micro-batches all had no counted token still sends (zero) gradients.
+        if (M > 1 && !packed_any) std::fill(packed.begin(), packed.end(), 0.f);
+        if (!error.empty()) status[2 + size_t(rank)] = 1.0;
+        status[0] = loss_sum;
+        status[1] = tokens;
+        if (R > 1) {
+            comm.all_reduce_sum(status.data(), status.size());
+            for (int r = 0; r < R; ++r)
+                if (status[2 + size_t(r)] != 0.0) {
+                    const std::string what = dist::broadcast_string(comm, error, r);
+                    clear_tape();
+                    for (auto& [name, t] : tensors_) Tensor(t).zero_grad();
+                    throw std::runtime_error(fmt::format("rank {} of {} failed at step {} of {}: {}", r, R, step + 1,
+                                                         total, what));
+                }
+            for (int r = 0; r < R && failure.empty(); ++r)
+                if (status[2 + size_t(R) + size_t(r)] != 0.0)
+                    failure = fmt::format("the loss is not finite in micro-batch {} of {} (rank {})",
+                                          int(status[2 + size_t(R) + size_t(r)]), M, r);
         }
         double norm = std::numeric_limits<double>::quiet_NaN();
+        if (failure.empty() && M > 1) {
+            if (status[1] <= 0.0)
+                throw std::invalid_argument(fmt::format(
+                    "Trainer: the global batch of step index {} has no counted target tokens", step));
+            if (R > 1) comm.all_reduce_sum(packed.data(), packed.size());
+            const float n_tokens = float(status[1]);
+            for (size_t i = 0; i < P; ++i) {
+                if (status[2 + 2 * size_t(R) + i] == 0.0) continue;  // no gradient anywhere: the optimizer skips it
+                float* g = trained[i].second.impl()->gcell->buffer();
+                const float* src = packed.data() + offset[i];
+                const size_t n = offset[i + 1] - offset[i];
+                for (size_t j = 0; j < n; ++j) g[j] = src[j] / n_tokens;
+            }
+        }
         if (failure.empty()) {
             norm = opts_.clip_norm > 0.0 ? clip_grad_norm(tensors_, opts_.clip_norm) : grad_norm(tensors_);
             if (!std::isfinite(norm)) failure = fmt::format("the gradient norm is {}", norm);
@@ -250,12 +382,19 @@ TrainSummary Trainer::run() {
         }
         opt_.step();
         const double step_s = seconds_since(t0);
+        const double comm_s = comm.comm_seconds() - comm_before;
         train_s += step_s;
+        comm_total_s += comm_s;
+        counted_tokens += status[1];
 
-        const double loss = loss_sum / k;
+        const double loss = M > 1 ? status[0] / status[1] : status[0];
         summary.losses.push_back(loss);
         MetricsRow row{{"step", double(step + 1)}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm},
                        {"ms_per_step", step_s * 1e3}};
+        if (R > 1) {
+            row.emplace_back("compute_ms", (step_s - comm_s) * 1e3);
+            row.emplace_back("comm_ms", comm_s * 1e3);
+        }
         if (opts_.tokens_per_step > 0) row.emplace_back("tokens_per_s", double(opts_.tokens_per_step) / step_s);
 
         const bool last = step + 1 == total;
@@ -272,22 +411,30 @@ TrainSummary Trainer::run() {
             const int64_t done = step + 1 - summary.start_step;
             const double elapsed = seconds_since(t_start);
             const double eta = elapsed / double(done) * double(total - step - 1);
+            // tokens_per_step when given (all tokens); else the target tokens the
+            // loss function counted (MicroBatchLoss::tokens, all ranks).
             const std::string rate =
                 opts_.tokens_per_step > 0
                     ? fmt::format(" | {} tok/s", format_rate(double(opts_.tokens_per_step) * done / train_s))
-                    : "";
+                    : fmt::format(" | {} target tok/s", format_rate(counted_tokens / train_s));
+            // With several ranks: the step split into compute and all-reduce time (means so far).
+            const std::string split =
+                R > 1 ? fmt::format(" (compute {:.1f} + comm {:.1f}, {} ranks)", (train_s - comm_total_s) * 1e3 / done,
+                                    comm_total_s * 1e3 / done, R)
+                      : "";
             if (tty) {
                 if (last || !evals.empty() || elapsed - last_draw >= 0.1) {
                     constexpr int kBar = 20;
                     const int filled = int(kBar * (step + 1) / std::max<int64_t>(total, 1));
-                    fmt::print(stderr, "\r{}{}/{} [{}{}] loss {:.4f} | lr {:.2e}{} | {:.1f} ms/step | ETA {}\x1b[K",
+                    fmt::print(stderr, "\r{}{}/{} [{}{}] loss {:.4f} | lr {:.2e}{} | {:.1f} ms/step{} | ETA {}\x1b[K",
                                opts_.log_prefix, step + 1, total, std::string(size_t(filled), '#'), std::string(size_t(kBar - filled), '.'),
-                               loss, lr, rate, train_s * 1e3 / done, format_duration(eta));
+                               loss, lr, rate, train_s * 1e3 / done, split, format_duration(eta));
                     last_draw = elapsed;
                 }
             } else if (last || (step + 1) % opts_.log_every == 0) {
-                fmt::print(stderr, "{}step {}/{} loss {:.4f} lr {:.3e} grad_norm {:.3f}{} | {:.1f} ms/step | ETA {}\n",
-                           opts_.log_prefix, step + 1, total, loss, lr, norm, rate, train_s * 1e3 / done, format_duration(eta));
+                fmt::print(stderr, "{}step {}/{} loss {:.4f} lr {:.3e} grad_norm {:.3f}{} | {:.1f} ms/step{} | ETA {}\n",
+                           opts_.log_prefix, step + 1, total, loss, lr, norm, rate, train_s * 1e3 / done, split,
+                           format_duration(eta));
             }
             if (!evals.empty()) {
                 std::string line = fmt::format("{}eval at step {}:", opts_.log_prefix, step + 1);
@@ -309,6 +456,7 @@ TrainSummary Trainer::run() {
     summary.wall_s = seconds_since(t_start);
     summary.ms_per_step = ran ? train_s * 1e3 / double(ran) : 0.0;
     summary.tokens_per_s = ran && opts_.tokens_per_step > 0 ? double(opts_.tokens_per_step) * ran / train_s : 0.0;
+    summary.comm_ms_per_step = ran ? comm_total_s * 1e3 / double(ran) : 0.0;
     return summary;
 }
 

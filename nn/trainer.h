@@ -5,10 +5,39 @@
 // One step (`step` = 0, 1, ... is the index handed to the loss function and the
 // schedule; files and messages count completed updates, step + 1):
 //   lr = schedule.at(step); zero grads;
-//   k = grad_accum times: loss = loss_fn(step, data_rng); backward(loss / k);
+//   the global batch is split into M = ranks x grad_accum micro-batches
+//   (dist::Shard); this rank computes micro-batches rank*grad_accum + a,
+//   a = 0..grad_accum-1, each loss_fn(step, copy of data_rng, shard);
 //   grad_norm (clipped to clip_norm if > 0); optimizer step;
 //   eval every eval_every updates and at the end; checkpoint every ckpt_every
 //   updates and at the end.
+//
+// Weighting (M > 1): micro-batch m returns its mean loss over its n_m counted
+// target tokens; backward(loss_m * n_m) gives the gradient of its token SUM,
+// which is copied into one contiguous buffer of the trained tensors'
+// gradients (first micro-batch) or added to it (the next ones, in order);
+// the ranks' buffers are summed (one all-reduce of the trainable gradients
+// only), and the sum divided by N = sum of n_m. That is the gradient of the
+// mean over all N tokens of the global batch, whatever the split, as for one
+// big batch (to float rounding). The reported loss is sum(loss_m * n_m) / N.
+// Two ranks with grad_accum 1 add the same two buffers as one process with
+// grad_accum 2 (g0 + g1 either way), so their loss curves and weights are
+// bitwise equal. M = 1 is one batch: backward(loss), nothing packed.
+//
+// Data: every call gets a copy of the data generator as it was at the start of
+// the step, must draw the whole global batch from it and keep rows
+// [shard.begin(B), shard.end(B)); the generator then moves on as one draw of
+// the global batch (checked: every shard must leave it in the same state). A
+// checkpoint is thus the same whatever the number of ranks, and a run
+// resumes on any number of ranks.
+//
+// Several ranks (TrainOptions::comm, default dist::world()): the trained
+// tensors are broadcast from rank 0 at the start; every rank takes the same
+// optimizer step; rank 0 alone prints and writes metrics and checkpoints;
+// eval_fn runs on every rank (it may shard and all-reduce). An exception on
+// one rank inside a step (bad input on its shard) is reported to every rank
+// before the gradient all-reduce, and every rank throws std::runtime_error
+// naming the failing rank and its message.
 // A non-finite loss or gradient norm stops the run before the optimizer steps:
 // run() prints and returns the reason (completed = false) and the last
 // checkpoint written stays on disk.
@@ -27,13 +56,14 @@
 
 #include "autograd/rng.h"
 #include "nn/checkpoint.h"
+#include "nn/dist.h"
 #include "nn/optim.h"
 
 namespace peftlab {
 
 struct TrainOptions {
     int64_t steps = 100;                  // optimizer updates in the whole run (resumed or not)
-    int grad_accum = 1;                   // micro-batches (loss_fn calls) per update
+    int grad_accum = 1;                   // micro-batches per update on each rank (the global batch is split)
     double clip_norm = 0.0;               // > 0: clip the global gradient norm to this
     std::optional<LRSchedule> schedule;   // unset: the optimizer's lr throughout
     int64_t eval_every = 0;               // 0: evaluate only at the end (when there is an eval fn)
@@ -46,6 +76,7 @@ struct TrainOptions {
     int64_t tokens_per_step = 0;          // tokens per update (all micro-batches), for tokens/s
     NamedRngs rngs;                       // more generators to checkpoint, e.g. {"dropout", &model.dropout_rng()}
     Metadata ckpt_metadata;               // extra strings stored in every checkpoint
+    dist::Communicator* comm = nullptr;   // the ranks to train with; nullptr: dist::world()
 };
 
 struct TrainSummary {
@@ -59,7 +90,22 @@ struct TrainSummary {
     double wall_s = 0.0;          // this run, evaluation and checkpoints included
     double ms_per_step = 0.0;     // mean over this run's updates (forward, backward, optimizer)
     double tokens_per_s = 0.0;    // tokens_per_step / that time; 0 if tokens_per_step is 0
+    double comm_ms_per_step = 0.0;  // part of ms_per_step spent in all-reduces (waiting included)
 };
+
+// One micro-batch's loss: its mean over `tokens` counted target tokens (the
+// weight it gets when micro-batches are summed). A plain Tensor converts with
+// tokens = 1 (every micro-batch weighs the same).
+struct MicroBatchLoss {
+    Tensor loss;
+    int64_t tokens = 1;
+    MicroBatchLoss() = default;
+    MicroBatchLoss(Tensor l, int64_t n = 1) : loss(std::move(l)), tokens(n) {}  // NOLINT: implicit on purpose
+};
+
+// Targets that a mean loss counts (!= ignore_index, lm_loss's -1): the
+// `tokens` of a MicroBatchLoss.
+int64_t counted_targets(const std::vector<int32_t>& targets, int32_t ignore_index = -1);
 
 // ("step", 12), ("loss", 2.31), ("lr", ...), ..., then eval metrics: one update's
 // line in metrics.jsonl / metrics.csv.
@@ -67,8 +113,9 @@ using MetricsRow = std::vector<std::pair<std::string, double>>;
 
 class Trainer {
 public:
-    // Returns the loss of one micro-batch (forward inside): a scalar that requires grad.
-    using LossFn = std::function<Tensor(int64_t step, Rng& data_rng)>;
+    // Returns the loss of one micro-batch (forward inside): a scalar that
+    // requires grad, and its counted tokens. See "Data" above for the shard.
+    using LossFn = std::function<MicroBatchLoss(int64_t step, Rng& data_rng, const dist::Shard& shard)>;
     // Metrics after `completed_steps` updates; runs under NoGradGuard. It must
     // switch the model to eval() and back itself and leave the generators alone.
     using EvalFn = std::function<std::map<std::string, double>(int64_t completed_steps)>;
@@ -85,6 +132,8 @@ public:
 
 private:
     NamedRngs all_rngs();
+    // Rank 0 with an out_dir: the one that writes metrics and checkpoints.
+    bool writes_files() const;
     // Loads the checkpoint if resuming from one; returns the step to start at.
     int64_t restore();
     // Keeps the metrics rows of updates <= completed_steps (in memory and in

@@ -391,8 +391,42 @@ MethodReport report_method(const GPTConfig& cfg, const ReportSettings& s, const 
     r.trainable_pct = r.total_params ? 100.0 * double(r.trainable_params) / double(r.total_params) : 0.0;
     r.bytes.params = 4 * r.trainable_params;
     r.bytes.grads = 4 * r.trainable_params;
+    r.bytes.allreduce = 4 * r.trainable_params;
     if (!measure) r.bytes.optimizer = 2 * 4 * r.trainable_params;
     return r;
+}
+
+double ring_allreduce_seconds(double bytes, int ranks, double bandwidth, double latency) {
+    if (ranks <= 1) return 0.0;
+    const double steps = 2.0 * (ranks - 1);
+    return steps / ranks * bytes / bandwidth + steps * latency;
+}
+
+ScalePoint scale_point(const flops::Counts& step, double allreduce_bytes, int ranks, double flops_per_s,
+                       double bandwidth, double latency) {
+    if (ranks < 1 || !(flops_per_s > 0) || !(bandwidth > 0) || !(latency >= 0))
+        throw std::invalid_argument(fmt::format(
+            "scale_point: ranks = {}, flops_per_s = {}, bandwidth = {}, latency = {} (need >= 1, > 0, > 0, >= 0)",
+            ranks, flops_per_s, bandwidth, latency));
+    ScalePoint p;
+    p.ranks = ranks;
+    const double split = double(step[0]) + double(step[1]) + double(step[2]);
+    p.compute_s = (split / ranks + double(step[3])) / flops_per_s;
+    p.comm_s = ring_allreduce_seconds(allreduce_bytes, ranks, bandwidth, latency);
+    return p;
+}
+
+ScaleLimit scale_limit(const flops::Counts& step, double allreduce_bytes, int max_ranks, double flops_per_s,
+                       double bandwidth, double latency) {
+    ScaleLimit lim;
+    const double t1 = scale_point(step, allreduce_bytes, 1, flops_per_s, bandwidth, latency).step_s();
+    double best = t1;
+    for (int k = 2; k <= max_ranks; ++k) {
+        const double t = scale_point(step, allreduce_bytes, k, flops_per_s, bandwidth, latency).step_s();
+        if (t < best) best = t, lim.fastest_ranks = k;
+        if (t1 / (k * t) >= 0.5) lim.half_efficiency_ranks = k;
+    }
+    return lim;
 }
 
 double MethodReport::max_relative_gap() const {
@@ -433,6 +467,7 @@ nlohmann::json MethodReport::to_json() const {
              {{"params", bytes.params},
               {"grads", bytes.grads},
               {"optimizer", bytes.optimizer},
+              {"allreduce_per_step", bytes.allreduce},
               {"activations_peak", opt(bytes.activations_peak)}}},
             {"flops", fl},
             {"inference_flops_per_token", inference_flops_per_token},

@@ -65,6 +65,10 @@ struct MethodReport {
         int64_t params = 0;     // trainable parameters, float32
         int64_t grads = 0;      // their gradients
         int64_t optimizer = 0;  // AdamW's two moments
+        // Sent and received by each data-parallel rank per update: the trained
+        // tensors' gradients, float32, in one all-reduce (nn/trainer.h); the
+        // frozen base sends nothing.
+        int64_t allreduce = 0;
         // Peak tracked bytes during one step above those alive before it
         // (see report.cpp, measure_step); absent when not measured.
         std::optional<int64_t> activations_peak;
@@ -109,6 +113,36 @@ std::vector<LayerGroup> analytic_groups(const GPTConfig& cfg, const std::string&
 // Methods with an analytic model: every registered one (each supplies its
 // terms through Adapter's cost_* functions).
 std::vector<std::string> reported_methods();
+
+// ---- data parallelism on paper ----
+// A ring all-reduce of `bytes` over K ranks (Thakur, Rabenseifner & Gropp,
+// "Optimization of collective communication operations in MPICH", 2005;
+// Baidu's ring all-reduce, Horovod, NCCL): a reduce-scatter then an
+// all-gather, 2(K-1) steps each moving bytes/K per rank, so
+//   t = 2(K-1)/K * bytes / bandwidth + 2(K-1) * latency   (0 for K = 1).
+// bandwidth in bytes/s per link, latency in s per step.
+double ring_allreduce_seconds(double bytes, int ranks, double bandwidth, double latency);
+
+// Modelled time of one update of a fixed global batch on K data-parallel
+// ranks: forward and backward (step[0..2]) split K ways at `flops_per_s` per
+// rank, the optimizer (step[3]) in full on every rank, then the all-reduce,
+// not overlapped with compute (the Trainer all-reduces after the backward).
+struct ScalePoint {
+    int ranks = 1;
+    double compute_s = 0, comm_s = 0;
+    double step_s() const { return compute_s + comm_s; }
+};
+ScalePoint scale_point(const flops::Counts& step, double allreduce_bytes, int ranks, double flops_per_s,
+                       double bandwidth, double latency);
+// Where scaling stops over K = 1..max_ranks: the K with the shortest modelled
+// step (the first, on ties) and the largest K whose parallel efficiency
+// t(1) / (K t(K)) is still >= 0.5.
+struct ScaleLimit {
+    int fastest_ranks = 1;
+    int half_efficiency_ranks = 1;
+};
+ScaleLimit scale_limit(const flops::Counts& step, double allreduce_bytes, int max_ranks, double flops_per_s,
+                       double bandwidth, double latency);
 
 // The report of one method. With measure = false nothing is allocated: every
 // number comes from the formulas (usable at GPT-2 XL scale). With measure =

@@ -76,7 +76,7 @@ int train_child(const std::string& dir) {
     o.data_seed = 5;
     o.rngs = {{"dropout", &model.dropout_rng()}};
     Trainer t(trainable_named_parameters(model), opt,
-              [&](int64_t, Rng& data) {
+              [&](int64_t, Rng& data, const dist::Shard&) {
                   ModelInput in;
                   in.B = 2, in.T = c.max_seq;
                   std::vector<int32_t> targets;
@@ -288,7 +288,7 @@ TEST_CASE("Unwritable output, a checkpoint directory deleted mid-run: clear erro
     // (the suite may run as root, for whom permission bits do not apply).
     const std::string blocker = tmp.file("not_a_dir", "x");
     AdamW opt(trainable_named_parameters(model));
-    auto loss = [&](int64_t, Rng& data) {
+    auto loss = [&](int64_t, Rng& data, const dist::Shard&) {
         ModelInput in;
         in.B = 1, in.T = 4;
         std::vector<int32_t> targets;
@@ -321,9 +321,9 @@ TEST_CASE("Unwritable output, a checkpoint directory deleted mid-run: clear erro
         TrainOptions o;
         o.steps = 6, o.ckpt_every = 1, o.log_every = 0, o.out_dir = tmp.path("run");
         Trainer t(trainable_named_parameters(model), opt,
-                  [&](int64_t step, Rng& data) {
+                  [&](int64_t step, Rng& data, const dist::Shard& shard) {
                       if (step == 3) fs::remove_all(tmp.path("run"));
-                      return loss(step, data);
+                      return loss(step, data, shard);
                   },
                   o);
         CHECK_THROWS_WITH(t.run(), Contains(tmp.path("run")));

@@ -273,3 +273,44 @@ TEST_CASE("report: JSON fields and errors", "[report]") {
     CHECK_THROWS_WITH(report_method(tiny_config(), bad, "lora", {}, false), Contains("seq = 1"));
     CHECK_THROWS_WITH(group_of("decoder.weight"), Contains("decoder.weight"));
 }
+
+TEST_CASE("report: all-reduce bytes per update are the trained floats x 4; ring all-reduce scale model",
+          "[report][mpi]") {
+    // GPT-2 medium (L 24, d 1024), n = 16: prefix-kv trains 2*L*n*d floats,
+    // prefix L*n*d (its hidden-state form), full every base parameter.
+    const GPTConfig c = preset_config("gpt2-medium");
+    ReportSettings s;
+    s.batch = 8, s.seq = 1024;
+    AdapterOptions o;
+    o.n = 16;
+    const MethodReport kv = report_method(c, s, "prefix-kv", o, false);
+    const MethodReport pre = report_method(c, s, "prefix", o, false);
+    const MethodReport full = report_method(c, s, "full", o, false);
+    CHECK(kv.bytes.allreduce == 4 * 2 * 24 * 16 * 1024);
+    CHECK(pre.bytes.allreduce == 4 * 24 * 16 * 1024);
+    // GPT-2 medium as released: 354,823,168 parameters (tied head; Radford et al. 2019, HF's gpt2-medium).
+    CHECK(full.bytes.allreduce == int64_t(4) * 354823168);
+
+    // Ring all-reduce, written out: 2(K-1) steps of bytes/K at the bandwidth, plus a latency each.
+    CHECK(ring_allreduce_seconds(1e9, 1, 1.25e9, 1e-5) == 0.0);
+    CHECK(ring_allreduce_seconds(1e9, 4, 1.25e9, 1e-5) == Approx(6.0 / 4.0 * 1e9 / 1.25e9 + 6 * 1e-5));
+    CHECK(ring_allreduce_seconds(8e6, 64, 12.5e9, 0) == Approx(2.0 * 63 / 64 * 8e6 / 12.5e9));
+
+    // Compute split K ways except the optimizer; comm added on top.
+    flops::Counts step{600, 300, 100, 40};
+    const ScalePoint p = scale_point(step, 1e9, 4, 100.0, 1.25e9, 0.0);
+    CHECK(p.compute_s == Approx((1000.0 / 4 + 40.0) / 100.0));
+    CHECK(p.comm_s == Approx(1.2));
+    // Where it stops, by hand (latency 0): t(K) = (1000/K + 40)/100 + 2(K-1)/K * bytes/1.25e9.
+    // 1e8 bytes: t = 0.56 + 9.84/K, falls all the way to 64; t(1)/(K t(K)) >= 0.5 while K <= 19.57.
+    ScaleLimit lim = scale_limit(step, 1e8, 64, 100.0, 1.25e9, 0.0);
+    CHECK(lim.fastest_ranks == 64);
+    CHECK(lim.half_efficiency_ranks == 19);
+    // 5e9 bytes: t = 8.4 + 2/K; efficiency 10.4 / (8.4K + 2) >= 0.5 while K <= 2.24.
+    lim = scale_limit(step, 5e9, 64, 100.0, 1.25e9, 0.0);
+    CHECK(lim.fastest_ranks == 64);
+    CHECK(lim.half_efficiency_ranks == 2);
+    // A gradient as large as full fine-tuning's on a slow link: one rank is fastest.
+    CHECK(scale_limit(step, 1e12, 64, 100.0, 1.25e9, 1e-5).fastest_ranks == 1);
+    CHECK_THROWS_WITH(scale_point(step, 1, 0, 1, 1, 0), Contains("ranks = 0"));
+}

@@ -316,15 +316,13 @@ TEST_CASE("gradient accumulation over k micro-batches equals one batch of k*b ro
     auto train = [&](GPT& model, int k) {
         for (auto& [n, t] : model.named_parameters()) Tensor(t).zero_grad();
         SGD opt(trainable_named_parameters(model), SGDOptions{0.5, 0.9, 0.0});
-        int calls = 0;
         TrainOptions o = quiet_options(3);
         o.grad_accum = k;
         Trainer trainer(trainable_named_parameters(model), opt,
-                        [&](int64_t step, Rng&) {
+                        [&](int64_t step, Rng&, const dist::Shard& shard) -> MicroBatchLoss {
                             Rng r{uint64_t(step)};
-                            const Batch b = random_batch(r, 4);
-                            const int micro = calls++ % k;
-                            return batch_loss(model, rows(b, micro * 4 / k, (micro + 1) * 4 / k));
+                            const Batch b = rows(random_batch(r, 4), shard.begin(4), shard.end(4));
+                            return {batch_loss(model, b), counted_targets(b.targets)};
                         },
                         o);
         return trainer.run();
@@ -335,6 +333,75 @@ TEST_CASE("gradient accumulation over k micro-batches equals one batch of k*b ro
         const std::vector<float> pa = a[i].second.to_vector(), pb = b[i].second.to_vector();
         for (size_t j = 0; j < pa.size(); ++j) REQUIRE(pb[j] == Approx(pa[j]).margin(1e-5).epsilon(1e-4));
     }
+}
+
+TEST_CASE("gradient accumulation weighs micro-batches by counted tokens, as one batch; deterministic",
+          "[train][grad_accum]") {
+    // Two rows: row 0 counts 1 target token, row 1 counts 5 (the rest are -1,
+    // as the source part of a conditional example). One batch's loss is the
+    // mean over those 6 tokens (lm_loss's definition, as torch's
+    // cross_entropy(ignore_index=-1)); split in two micro-batches the update
+    // must be the same. Averaging the two micro-batch means instead (1/k each)
+    // weighs row 0's single token 3x too much: checked to differ.
+    Rng data(5);
+    Batch batch = random_batch(data, 2);
+    for (int64_t t = 0; t < kT; ++t) {
+        if (t != 3) batch.targets[size_t(t)] = -1;            // row 0: 1 counted token
+        if (t < 3) batch.targets[size_t(kT + t)] = -1;        // row 1: 5 counted tokens
+    }
+    REQUIRE(counted_targets(rows(batch, 0, 1).targets) == 1);
+    REQUIRE(counted_targets(rows(batch, 1, 2).targets) == 5);
+
+    auto train = [&](int k, int steps, bool token_weighted) {
+        auto model = std::make_unique<GPT>(tiny_config(), 21);
+        SGD opt(trainable_named_parameters(*model), SGDOptions{0.5, 0.0, 0.0});
+        TrainOptions o = quiet_options(steps);
+        o.grad_accum = k;
+        Trainer trainer(trainable_named_parameters(*model), opt,
+                        [&](int64_t, Rng&, const dist::Shard& shard) -> MicroBatchLoss {
+                            const Batch b = rows(batch, shard.begin(2), shard.end(2));
+                            return {batch_loss(*model, b), token_weighted ? counted_targets(b.targets) : 1};
+                        },
+                        o);
+        const TrainSummary s = trainer.run();
+        return std::make_pair(s, snapshot(model->named_parameters()));
+    };
+    const auto [s_one, w_one] = train(1, 2, true);
+    const auto [s_acc, w_acc] = train(2, 2, true);
+    const auto [s_mean, w_mean] = train(2, 2, false);  // the old 1/k weighting
+    const Snapshot w0 = snapshot(GPT(tiny_config(), 21).named_parameters());
+    REQUIRE(s_acc.losses.size() == 2);
+    for (size_t i = 0; i < 2; ++i) CHECK(s_acc.losses[i] == Approx(s_one.losses[i]).epsilon(1e-6));
+    double max_err = 0, max_update = 0, max_mean_err = 0;
+    for (size_t i = 0; i < w_one.size(); ++i)
+        for (size_t j = 0; j < w_one[i].size(); ++j) {
+            max_update = std::max(max_update, double(std::fabs(w_one[i][j] - w0[i][j])));
+            max_err = std::max(max_err, double(std::fabs(w_acc[i][j] - w_one[i][j])));
+            max_mean_err = std::max(max_mean_err, double(std::fabs(w_mean[i][j] - w_one[i][j])));
+        }
+    REQUIRE(max_update > 1e-3);               // the steps did move the weights
+    CHECK(max_err < 1e-6 + 1e-4 * max_update);  // token-weighted: one batch, to float rounding
+    CHECK(max_mean_err > 0.1 * max_update);   // mean of means: a different update
+    // The reported loss is the token-weighted mean, not the mean of the two means.
+    CHECK(s_mean.losses[0] != Approx(s_one.losses[0]).epsilon(1e-3));
+
+    // Same inputs, same bits.
+    const auto [s_again, w_again] = train(2, 2, true);
+    CHECK(s_again.losses == s_acc.losses);
+    CHECK(bitwise_equal(w_again, w_acc));
+
+    // A loss function that draws a different global batch per micro-batch is refused.
+    GPT model(tiny_config(), 1);
+    SGD opt(trainable_named_parameters(model), SGDOptions{0.1, 0.0, 0.0});
+    TrainOptions o = quiet_options(1);
+    o.grad_accum = 2;
+    Trainer bad(trainable_named_parameters(model), opt,
+                [&](int64_t, Rng& rng, const dist::Shard& shard) {
+                    return batch_loss(model, random_batch(rng, shard.index + 1));  // draws more for shard 1
+                },
+                o);
+    CHECK_THROWS_WITH(bad.run(), Contains("drew differently from the data generator"));
+    clear_tape();
 }
 
 // ---- checkpoints -------------------------------------------------------------------------
@@ -441,7 +508,7 @@ TEST_CASE("Trainer: a tiny model overfits one batch, frozen weights stay bitwise
     o.out_dir = tmp.path("run");
     o.eval_every = 50;
     o.tokens_per_step = 4 * kT;
-    Trainer trainer(trainable_named_parameters(model), opt, [&](int64_t, Rng&) { return batch_loss(model, batch); },
+    Trainer trainer(trainable_named_parameters(model), opt, [&](int64_t, Rng&, const dist::Shard&) { return batch_loss(model, batch); },
                     o, [&](int64_t) {
                         return std::map<std::string, double>{{"loss", batch_loss(model, batch).item()}};
                     });
@@ -503,9 +570,10 @@ TEST_CASE("Trainer: resuming from a mid-run checkpoint reproduces the uninterrup
             o.data_seed = 77;
             o.rngs = {{"dropout", &model.dropout_rng()}};
             Trainer t(trainable_named_parameters(model), opt,
-                      [&](int64_t step, Rng& data) {
+                      [&](int64_t step, Rng& data, const dist::Shard& shard) {
                           if (crash_at && step == *crash_at) throw std::runtime_error("simulated crash");
-                          return batch_loss(model, random_batch(data, 2));
+                          const Batch global = random_batch(data, 4);  // split in two micro-batches
+                          return batch_loss(model, rows(global, shard.begin(4), shard.end(4)));
                       },
                       o);
             return t.run();
@@ -549,7 +617,7 @@ TEST_CASE("Trainer: a NaN loss stops before the optimizer steps; the last checkp
     o.out_dir = tmp.path("run");
     Snapshot at_step6, at_step7;
     Trainer trainer(trainable_named_parameters(model), opt,
-                    [&](int64_t step, Rng& data) {
+                    [&](int64_t step, Rng& data, const dist::Shard&) {
                         if (step == 6) at_step6 = snapshot(model.named_parameters());
                         if (step == 7) at_step7 = snapshot(model.named_parameters());
                         Tensor loss = batch_loss(model, random_batch(data, 2));

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <iostream>
 #include <stdexcept>
@@ -10,6 +11,7 @@
 #include <omp.h>
 
 #include "autograd/threads.h"
+#include "nn/dist.h"
 #include "nn/json_limits.h"
 
 namespace peftlab::flags {
@@ -103,6 +105,9 @@ int configure_threads(std::optional<int64_t> requested) {
         source = "PEFTLAB_THREADS";
     }
     const int cores = omp_get_num_procs();
+    // Several ranks on one machine (mpirun without core binding): all cores
+    // by default means this rank's share of them.
+    if (n == 0 && dist::world().local_size() > 1) n = std::max(1, cores / dist::world().local_size());
     if (n > cores) {
         fmt::print(stderr,
                    "warning: {} {} is more than the {} cores this process may use; running {} threads "

@@ -22,6 +22,7 @@
 #include "datasets/gpt2_tokenizer.h"
 #include "datasets/metrics.h"
 #include "nn/checkpoint.h"
+#include "nn/dist.h"
 #include "nn/generate.h"
 #include "nn/hf_gpt2.h"
 #include "nn/safetensors.h"
@@ -115,6 +116,7 @@ Budget make_budget(const CommonArgs& a) {
     b.steps = a.steps;
     b.lr = a.lr;
     b.batch = a.batch;
+    b.grad_accum = a.grad_accum;
     b.eval_examples = a.eval_examples;
     return b;
 }
@@ -135,7 +137,9 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
         ("heads", "attention heads", cxxopts::value<int>())
         ("d-ff", "MLP hidden width", cxxopts::value<int64_t>())
         ("seq", "context length T (max_seq)", cxxopts::value<int64_t>())
-        ("batch", "batch rows", cxxopts::value<int64_t>()->default_value(std::to_string(d.batch)))
+        ("batch", "global batch rows per update (split over MPI ranks and --grad-accum micro-batches)", cxxopts::value<int64_t>()->default_value(std::to_string(d.batch)))
+        ("grad-accum", "micro-batches per update on each rank: K splits --batch into K forward/backward passes "
+                       "weighted by their target tokens (same update as one batch)", cxxopts::value<int64_t>()->default_value(std::to_string(d.grad_accum)))
         ("task", "task (its data also builds the word vocabulary): " + [] { std::string s; for (auto& t : data::task_names()) s += (s.empty() ? "" : ", ") + t; return s; }(),
             cxxopts::value<std::string>()->default_value(d.task))
         ("seed", "random seed", cxxopts::value<uint64_t>()->default_value(std::to_string(d.seed)))
@@ -192,6 +196,10 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
     if (r.count("d-ff")) a.model.d_ff = positive("d-ff", r["d-ff"].as<int64_t>());
     if (r.count("seq")) a.model.max_seq = positive("seq", r["seq"].as<int64_t>());
     a.batch = positive("batch", r["batch"].as<int64_t>());
+    a.grad_accum = int(std::min<int64_t>(positive("grad-accum", r["grad-accum"].as<int64_t>()), 1 << 20));
+    dist::check_shards(a.batch, dist::world().size() * a.grad_accum,
+                       fmt::format("--batch {} with --grad-accum {} on {} rank(s)", a.batch, a.grad_accum,
+                                   dist::world().size()).c_str());
     a.task = r["task"].as<std::string>();
     const auto& names = data::task_names();
     if (std::find(names.begin(), names.end(), a.task) == names.end())
@@ -323,6 +331,8 @@ Base prepare_base(const CommonArgs& args) {
                 {"seed", args.seed},
                 {"batch", args.batch},
                 {"format", 3}};  // bumped whenever the built-in corpus or the vocabulary's source changes
+    // Split batches sum their gradients in another order: another base, bitwise.
+    if (const int m = dist::world().size() * args.grad_accum; m > 1) base.key["micro_batches"] = m;
     base.dir = fmt::format("runs/pretrain/{:016x}", fnv1a(base.key.dump()));
     base.model_path = base.dir + "/model.safetensors";
     base.cached = fs::exists(base.model_path);
@@ -430,8 +440,9 @@ long double available_memory_bytes() {
 }
 
 void check_run(const CommonArgs& a, const Base& base, const data::TaskData& task) {
-    // --out: created and written to now, not after the first method has trained.
-    if (!a.out.empty()) {
+    // --out: created and written to now, not after the first method has trained
+    // (by rank 0, the one that writes).
+    if (!a.out.empty() && dist::is_root()) {
         std::error_code ec;
         fs::create_directories(a.out, ec);
         const std::string probe = a.out + "/.write-test";
@@ -522,7 +533,7 @@ Base load_or_pretrain(const CommonArgs& args) {
     Base base = prepare_base(args);
     check_run(args, base, load_task(args));
     if (!base.cached) fmt::print(stderr, "[pretrain] a new base in {}: {}\n", base.dir, why_new_base(base.key));
-    fs::create_directories(base.dir);
+    if (dist::is_root()) fs::create_directories(base.dir);
     if (base.hf) {
         load_hf_gpt2(base.dir);  // validates the weights now, not in every run
         fmt::print(stderr, "[base] Hugging Face GPT-2 {} (d={} L={} V={})\n", base.dir, base.config.d_model,
@@ -564,22 +575,36 @@ Base load_or_pretrain(const CommonArgs& args) {
     to.log_prefix = "[pretrain] ";
     to.data_seed = args.seed + 1;
     to.tokens_per_step = args.batch * T;
+    to.grad_accum = args.grad_accum;
     to.out_dir = base.dir;
     const int64_t B = args.batch;
-    auto loss_fn = [&](int64_t, Rng& rng) {
-        data::Batch b = data::make_lm_batch(stream, int(B), T, rng);
-        ModelInput in{B, T, b.tokens, b.positions, b.valid};
-        return model.loss(in, b.targets);
+    // The global batch's B windows (drawn as make_lm_batch draws them), this shard's rows.
+    auto window_offsets = [&](const std::vector<int32_t>& s, Rng& rng) {
+        std::vector<size_t> offsets(static_cast<size_t>(B));
+        for (auto& off : offsets) off = rng.below(uint32_t(s.size() - size_t(T)));
+        return offsets;
     };
+    auto loss_fn = [&](int64_t, Rng& rng, const dist::Shard& shard) -> MicroBatchLoss {
+        const std::vector<size_t> all = window_offsets(stream, rng);
+        const std::vector<size_t> mine(all.begin() + shard.begin(B), all.begin() + shard.end(B));
+        data::Batch b = data::make_lm_batch(stream, mine, T);
+        ModelInput in{b.B, T, b.tokens, b.positions, b.valid};
+        return {model.loss(in, b.targets), counted_targets(b.targets)};
+    };
+    // The 8 validation batches shared out over the ranks, sums all-reduced.
     auto eval_fn = [&](int64_t) {
+        dist::Communicator& comm = dist::world();
         Rng rng(args.seed + 7);
         double total = 0;
         const int n = 8;
         for (int i = 0; i < n; ++i) {
-            data::Batch b = data::make_lm_batch(valid, int(B), T, rng);
+            const std::vector<size_t> offsets = window_offsets(valid, rng);
+            if (i % comm.size() != comm.rank()) continue;
+            data::Batch b = data::make_lm_batch(valid, offsets, T);
             ModelInput in{B, T, b.tokens, b.positions, b.valid};
             total += model.loss(in, b.targets).item();
         }
+        comm.all_reduce_sum(&total, 1);
         return std::map<std::string, double>{{"valid_loss", total / n}};
     };
     fmt::print(stderr, "[pretrain] base: {} params, {} steps of {}x{} tokens -> {}\n", model.num_params(), args.pretrain_steps,
@@ -589,13 +614,17 @@ Base load_or_pretrain(const CommonArgs& args) {
     if (!s.completed) throw std::runtime_error("pretraining stopped: " + s.stop_reason);
     base.pretrain_valid_loss = s.final_eval.count("valid_loss") ? s.final_eval.at("valid_loss") : s.final_loss;
     base.pretrain_seconds = seconds_since(t0);
-    save_model(base.model_path, model, {{"tokenizer", base.tokenizer->to_json().dump()}});
-    nlohmann::json info = {{"valid_loss", base.pretrain_valid_loss},
-                           {"train_loss", s.final_loss},
-                           {"seconds", base.pretrain_seconds},
-                           {"key", base.key}};
-    write_file_atomic(base.dir + "/pretrain.json", info.dump(2));
-    fs::remove(trainer.checkpoint_path());  // the model file is what later runs need
+    if (dist::is_root()) {
+        save_model(base.model_path, model, {{"tokenizer", base.tokenizer->to_json().dump()}});
+        nlohmann::json info = {{"valid_loss", base.pretrain_valid_loss},
+                               {"train_loss", s.final_loss},
+                               {"seconds", base.pretrain_seconds},
+                               {"key", base.key}};
+        write_file_atomic(base.dir + "/pretrain.json", info.dump(2));
+        fs::remove(trainer.checkpoint_path());  // the model file is what later runs need
+    }
+    // The other ranks load the base from rank 0's file (runs/ on a shared file system).
+    dist::world().barrier();
     fmt::print(stderr, "[pretrain] done in {:.0f} s, valid loss {:.3f}\n", base.pretrain_seconds,
                base.pretrain_valid_loss);
     return base;
@@ -647,19 +676,23 @@ NamedTensors trained_tensors(const Run& r) {
 double split_loss(Run& r, const std::vector<data::Example>& split, const data::Tokenizer& tok, int64_t batch) {
     NoGradGuard no_grad;
     r.model->eval();
-    double total = 0;
-    int64_t count = 0;
-    for (size_t start = 0; start < split.size(); start += size_t(batch)) {
+    dist::Communicator& comm = dist::world();
+    double sums[2] = {0.0, 0.0};  // loss x rows, rows: batch i on rank i % ranks, summed over ranks
+    double& total = sums[0];
+    double& count = sums[1];
+    for (size_t start = 0, i = 0; start < split.size(); start += size_t(batch), ++i) {
+        if (int(i % size_t(comm.size())) != comm.rank()) continue;
         std::vector<size_t> idx;
         for (size_t i = start; i < std::min(split.size(), start + size_t(batch)); ++i) idx.push_back(i);
         data::Batch b =
             data::make_conditional_batch(split, idx, tok, int(r.model->config().max_seq), data::PadSide::Right);
         ModelInput in{b.B, b.T, b.tokens, b.positions, b.valid};
         total += r.model->loss(in, b.targets).item() * double(idx.size());
-        count += int64_t(idx.size());
+        count += double(idx.size());
     }
+    comm.all_reduce_sum(sums, 2);
     r.model->train();
-    return total / double(count);
+    return total / count;
 }
 double valid_loss(Run& r, const data::TaskData& task, const data::Tokenizer& tok, int64_t batch) {
     return split_loss(r, task.valid, tok, batch);
@@ -674,7 +707,12 @@ void score(Run& r, const data::TaskData& task, const data::Tokenizer& tok, int64
     const int64_t prompt_budget = r.model->config().max_seq - max_new;
     std::vector<std::string> hyps;
     n = std::min<int64_t>(n, int64_t(task.test.size()));
+    // Batch i is generated on rank i % ranks (same batches as one process, so
+    // the same outputs); every rank then gathers all of them in order.
+    dist::Communicator& comm = dist::world();
+    std::vector<std::vector<std::string>> by_batch(size_t((n + batch - 1) / batch));
     for (int64_t start = 0; start < n; start += batch) {
+        if (int((start / batch) % comm.size()) != comm.rank()) continue;
         std::vector<std::vector<int32_t>> prompts;
         for (int64_t i = start; i < std::min(n, start + batch); ++i) {
             data::EncodedExample e = data::encode_example(task.test[size_t(i)], tok, int(prompt_budget) + 64);
@@ -687,7 +725,15 @@ void score(Run& r, const data::TaskData& task, const data::Tokenizer& tok, int64
         go.max_new_tokens = max_new;
         go.stop_token = tok.eos_id();
         go.pad_token = tok.pad_id();
-        for (auto& out : generate(*r.model, prompts, go)) hyps.push_back(tok.decode(out));
+        for (auto& out : generate(*r.model, prompts, go)) by_batch[size_t(start / batch)].push_back(tok.decode(out));
+    }
+    for (size_t i = 0; i < by_batch.size(); ++i) {
+        const int owner = int(i % size_t(comm.size()));
+        if (comm.size() > 1) {
+            const std::string mine = comm.rank() == owner ? nlohmann::json(by_batch[i]).dump() : std::string();
+            by_batch[i] = nlohmann::json::parse(dist::broadcast_string(comm, mine, owner)).get<std::vector<std::string>>();
+        }
+        hyps.insert(hyps.end(), by_batch[i].begin(), by_batch[i].end());
     }
     r.model->train();
     res.metric_name = task.metric_name;
@@ -740,7 +786,8 @@ void score(Run& r, const data::TaskData& task, const data::Tokenizer& tok, int64
 
 // Trains run `r` for `steps` at `lr`; fills the curves when `res` is given.
 TrainSummary train(Run& r, const data::TaskData& task, const data::Tokenizer& tok, int64_t steps, double lr,
-                   int64_t batch, int64_t eval_every, uint64_t seed, MethodResult* res, const std::string& prefix) {
+                   int64_t batch, int grad_accum, int64_t eval_every, uint64_t seed, MethodResult* res,
+                   const std::string& prefix) {
     NamedTensors params = trained_tensors(r);
     AdamWOptions ao;
     ao.lr = lr;
@@ -754,13 +801,16 @@ TrainSummary train(Run& r, const data::TaskData& task, const data::Tokenizer& to
     to.eval_every = res ? eval_every : 0;
     to.log_prefix = prefix;
     to.data_seed = seed;
+    to.grad_accum = grad_accum;
     const int max_len = int(r.model->config().max_seq);
-    auto loss_fn = [&](int64_t, Rng& rng) {
+    // The global batch's example indices, then this shard's rows (padded to its own longest example).
+    auto loss_fn = [&](int64_t, Rng& rng, const dist::Shard& shard) -> MicroBatchLoss {
         std::vector<size_t> idx(static_cast<size_t>(batch));
         for (auto& i : idx) i = rng.below(uint32_t(task.train.size()));
-        data::Batch b = data::make_conditional_batch(task.train, idx, tok, max_len, data::PadSide::Right);
+        const std::vector<size_t> mine(idx.begin() + shard.begin(batch), idx.begin() + shard.end(batch));
+        data::Batch b = data::make_conditional_batch(task.train, mine, tok, max_len, data::PadSide::Right);
         ModelInput in{b.B, b.T, b.tokens, b.positions, b.valid};
-        return r.model->loss(in, b.targets);
+        return {r.model->loss(in, b.targets), counted_targets(b.targets)};
     };
     Trainer::EvalFn eval_fn;
     if (res)
@@ -873,7 +923,7 @@ MethodResult run_method(const Base& base, const data::TaskData& task, const Meth
         double best_lr = grid[0], best = INFINITY;
         auto try_lr = [&](double lr) {
             Run r = make_run(base, spec, seed);
-            TrainSummary s = train(r, task, tok, budget.search_steps, lr, budget.batch, 0, seed, nullptr,
+            TrainSummary s = train(r, task, tok, budget.search_steps, lr, budget.batch, budget.grad_accum, 0, seed, nullptr,
                                    fmt::format("{} | lr search {:.0e}] ", tag, lr));
             double v = s.completed ? valid_loss(r, task, tok, budget.batch) : INFINITY;
             res.lr_search.emplace_back(lr, v);
@@ -911,7 +961,7 @@ MethodResult run_method(const Base& base, const data::TaskData& task, const Meth
         fmt::print("{}] {}\n", tag, trainable_params_line(*r.adapter, *r.model));
         measure_step(r, task, tok, budget.batch, res);
         int64_t eval_every = budget.eval_every ? budget.eval_every : std::max<int64_t>(1, budget.steps / 5);
-        TrainSummary s = train(r, task, tok, budget.steps, best_lr, budget.batch, eval_every, seed, &res,
+        TrainSummary s = train(r, task, tok, budget.steps, best_lr, budget.batch, budget.grad_accum, eval_every, seed, &res,
                                fmt::format("{} | train lr {:.0e}] ", tag, best_lr));
         if (!s.completed) fmt::print(stderr, "{}] stopped early: {}\n", tag, s.stop_reason);
         res.steps = s.steps;
@@ -926,8 +976,10 @@ MethodResult run_method(const Base& base, const data::TaskData& task, const Meth
         score(r, task, tok, budget.eval_examples, budget.batch, res);
         if (!out_dir.empty()) {
             res.adapter_dir = out_dir + "/adapters/" + file_safe(res.label);
-            fs::create_directories(out_dir + "/adapters");
-            peft::save_adapter(res.adapter_dir, *r.adapter, false, base_hash);
+            if (dist::is_root()) {
+                fs::create_directories(out_dir + "/adapters");
+                peft::save_adapter(res.adapter_dir, *r.adapter, false, base_hash);
+            }
         }
     } else {
         Run r = make_run(base, spec, seed);
@@ -1088,6 +1140,7 @@ void print_results_table(const std::vector<MethodResult>& rs) {
 
 std::string write_results(const std::string& dir, const std::string& experiment, const std::vector<MethodResult>& rs,
                           const nlohmann::json& extra) {
+    if (!dist::is_root()) return results_table_md(rs);  // rank 0 writes
     fs::create_directories(dir);
     nlohmann::json j = extra;
     j["experiment"] = experiment;
@@ -1146,7 +1199,7 @@ std::string write_results(const std::string& dir, const std::string& experiment,
 
 bool plot_png(const std::string& path, const std::string& title, const std::string& xlabel, const std::string& ylabel,
               const std::vector<Series>& series, bool log_x) {
-    if (series.empty()) return false;
+    if (series.empty() || !dist::is_root()) return false;
     if (std::system("command -v gnuplot >/dev/null 2>&1") != 0) {
         fmt::print(stderr, "gnuplot not found: {} not drawn (make deps installs gnuplot-nox)\n", path);
         return false;

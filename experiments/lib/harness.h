@@ -21,7 +21,8 @@ namespace peftlab::harness {
 struct CommonArgs {
     std::string config = "demo";  // named dimension preset; dimension flags override it
     GPTConfig model;
-    int64_t batch = 16;
+    int64_t batch = 16;  // the global batch: rows per update over all ranks and micro-batches
+    int grad_accum = 1;  // micro-batches per update on each rank (--grad-accum)
     std::string task = "e2e";
     std::vector<std::string> methods;
     uint64_t seed = 0;
@@ -167,7 +168,8 @@ struct Budget {
     int64_t search_steps = 60;    // per learning-rate candidate
     std::vector<double> lr_grid;  // empty: the method's default grid
     double lr = 0.0;              // > 0: no search
-    int64_t batch = 16;
+    int64_t batch = 16;      // global batch
+    int grad_accum = 1;      // micro-batches per update on each rank
     int64_t eval_every = 0;  // 0: steps / 5
     int64_t eval_examples = 100;
 };
