@@ -7,16 +7,18 @@
 //   adapter eval DIR --base MODEL [--task T]     losses and the task's metric with the adapter on
 //
 // DIR is what compare writes under runs/<out>/adapters/<method>/ (peft::save_adapter);
-// MODEL a base model file, e.g. runs/pretrain/<hash>/model.safetensors (its
-// base_hash must match the adapter's).
+// MODEL a base model file, e.g. runs/pretrain/<hash>/model.safetensors, or a
+// Hugging Face GPT-2 directory (its base_hash must match the adapter's).
 #include <fmt/format.h>
 
+#include <filesystem>
 #include <fstream>
 
 #include "datasets/tokenizer.h"
 #include "experiments/lib/flags.h"
 #include "experiments/lib/harness.h"
 #include "nn/checkpoint.h"
+#include "nn/hf_gpt2.h"
 #include "nn/safetensors.h"
 #include "peft/adapter_io.h"
 #include "peft/registry.h"
@@ -81,8 +83,11 @@ int inspect(const std::string& dir) {
     return 0;
 }
 
+// A peftlab model file, or a Hugging Face GPT-2 directory (what --base DIR trained on).
 std::unique_ptr<GPT> load_base(const std::string& path) {
-    if (path.empty()) throw std::invalid_argument("--base: the base model file is required (MODEL.safetensors)");
+    if (path.empty())
+        throw std::invalid_argument("--base: the base model is required (MODEL.safetensors or a GPT-2 directory)");
+    if (std::filesystem::is_directory(path)) return load_hf_gpt2(path);
     return load_model_new(path);
 }
 

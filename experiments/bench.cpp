@@ -472,7 +472,7 @@ Args parse_args(int argc, char** argv) {
     // clang-format off
     o.add_options()
         ("h,help", "print this help")
-        ("configs", "comma-separated: small, medium (and custom, implied by any dimension flag)",
+        ("configs", "comma-separated: small, medium, gpt2 (and custom, implied by any dimension flag)",
             cxxopts::value<std::string>()->default_value("small,medium"))
         ("methods", "comma-separated PEFT methods", cxxopts::value<std::string>()->default_value("full,prefix,prefix-kv,prompt,lora"))
         ("vocab", "custom config: vocabulary", cxxopts::value<int64_t>())
@@ -492,6 +492,8 @@ Args parse_args(int argc, char** argv) {
                  "core for about a millisecond: on cores shared with other processes a team then waits for "
                  "its slowest thread); 'passive' sets OMP_WAIT_POLICY=passive, 'default' leaves libgomp's",
             cxxopts::value<std::string>()->default_value("3000"))
+        ("preset", "gpt2: the GPT-2 small shape (V 50257, d 768, L 12, H 12, F 3072; B 2, T 128; random "
+                   "weights) alone, no scaling rows", cxxopts::value<std::string>())
         ("quick", "small config only, 3 step pairs, no scaling rows, base generation only")
         ("no-torch", "skip the PyTorch side")
         ("no-scaling", "skip the T and n scaling rows")
@@ -511,7 +513,16 @@ Args parse_args(int argc, char** argv) {
     a.batch_seq["small"] = {16, 128};
     a.models["medium"] = make_config(256, 512, 8, 8, 2048);
     a.batch_seq["medium"] = {8, 256};
+    // GPT-2 small (Radford et al. 2019; the hub's gpt2 config.json) at a batch that fits a short run.
+    a.models["gpt2"] = make_config(50257, 768, 12, 12, 3072);
+    a.batch_seq["gpt2"] = {2, 128};
     a.configs = split(r["configs"].as<std::string>());
+    std::string preset;
+    if (r.count("preset")) {
+        preset = r["preset"].as<std::string>();
+        if (preset != "gpt2") throw std::invalid_argument(fmt::format("--preset: unknown preset '{}' (gpt2)", preset));
+        if (!r.count("configs")) a.configs = {"gpt2"};
+    }
     a.methods = split(r["methods"].as<std::string>());
     a.quick = r.count("quick") > 0;
     const bool custom = r.count("vocab") || r.count("d-model") || r.count("layers") || r.count("heads") ||
@@ -532,7 +543,8 @@ Args parse_args(int argc, char** argv) {
     if (a.quick) a.configs = custom ? std::vector<std::string>{"custom"} : std::vector<std::string>{"small"};
     for (const std::string& c : a.configs) {
         if (!a.models.count(c))
-            throw std::invalid_argument(fmt::format("--configs: unknown config '{}' (small, medium, or dimension flags)", c));
+            throw std::invalid_argument(
+                fmt::format("--configs: unknown config '{}' (small, medium, gpt2, or dimension flags)", c));
         GPTConfig m = a.models[c];
         m.max_seq = std::max<int64_t>(a.batch_seq[c].second, 128);
         m.validate();
@@ -551,7 +563,7 @@ Args parse_args(int argc, char** argv) {
     if (a.steps < 0) throw std::invalid_argument(fmt::format("--repeats: {} must be >= 0", a.steps));
     if (a.threads < 1) throw std::invalid_argument(fmt::format("--threads: {} must be >= 1", a.threads));
     a.torch = !r.count("no-torch");
-    a.scaling = !r.count("no-scaling") && !a.quick;
+    a.scaling = !r.count("no-scaling") && !a.quick && preset.empty();
     a.generation = !r.count("no-generate");
     a.launch = !r.count("no-launch");
     a.python = r["python"].as<std::string>();

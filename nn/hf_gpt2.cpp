@@ -375,4 +375,39 @@ void save_hf_gpt2(const GPT& model, const std::string& dir) {
     write_file_atomic((fs::path(dir) / "config.json").string(), config.dump(2) + "\n");
 }
 
+// ---- GPT-2 module names --------------------------------------------------------------------
+const std::vector<HfGpt2Module>& hf_gpt2_block_modules() {
+    static const std::vector<HfGpt2Module> modules = {
+        {"attn.c_attn", "c_attn", {"attn.q_proj", "attn.k_proj", "attn.v_proj"}},
+        {"attn.c_proj", "attn.c_proj", {"attn.o_proj"}},
+        {"mlp.c_fc", "c_fc", {"mlp.fc"}},
+        {"mlp.c_proj", "mlp.c_proj", {"mlp.proj"}},
+    };
+    return modules;
+}
+
+std::pair<const HfGpt2Module*, int> hf_gpt2_module_of(const std::string& linear) {
+    for (const HfGpt2Module& m : hf_gpt2_block_modules())
+        for (size_t i = 0; i < m.linears.size(); ++i)
+            if (m.linears[i] == linear) return {&m, int(i)};
+    throw std::invalid_argument(fmt::format("hf_gpt2_module_of: '{}' is not a Linear of a GPT-2 block (attn.q_proj, "
+                                            "attn.k_proj, attn.v_proj, attn.o_proj, mlp.fc, mlp.proj)",
+                                            linear));
+}
+
+std::vector<const HfGpt2Module*> hf_gpt2_select(const std::string& target) {
+    std::vector<const HfGpt2Module*> out;
+    for (const HfGpt2Module& m : hf_gpt2_block_modules()) {
+        const std::string& n = m.name;
+        const bool suffix = n.size() > target.size() && n.compare(n.size() - target.size(), target.size(), target) == 0 &&
+                            n[n.size() - target.size() - 1] == '.';
+        if (target == n || suffix) out.push_back(&m);
+    }
+    return out;
+}
+
+std::string hf_gpt2_module_key(int layer, const std::string& module) {
+    return fmt::format("transformer.h.{}.{}", layer, module);
+}
+
 }  // namespace peftlab

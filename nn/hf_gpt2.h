@@ -21,6 +21,7 @@
 // loaded model (the *_pdrop fields are not applied).
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "nn/gpt.h"
 
@@ -47,5 +48,37 @@ GPTConfig load_hf_gpt2_config(const std::string& dir);
 // load_hf_gpt2 gives back bitwise the same parameters. The model's dropout is
 // written as resid_pdrop/embd_pdrop. Throws std::runtime_error naming the path.
 void save_hf_gpt2(const GPT& model, const std::string& dir);
+
+// ---- GPT-2 module names, for adapters exported to / imported from HF PEFT ----------------
+// A GPT-2 block's four Conv1D modules (weight [in, out]) and, in the order of
+// their output columns, our Linear layers each holds (paths inside a block):
+//   attn.c_attn [C, 3C] -> attn.q_proj, attn.k_proj, attn.v_proj (C outputs each)
+//   attn.c_proj [C, C]  -> attn.o_proj
+//   mlp.c_fc    [C, F]  -> mlp.fc
+//   mlp.c_proj  [F, C]  -> mlp.proj
+struct HfGpt2Module {
+    std::string name;                  // "attn.c_attn": the path inside transformer.h.N
+    std::string target;                // how PEFT's target_modules names it alone: "c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"
+    std::vector<std::string> linears;  // ours, in output order: {"attn.q_proj", "attn.k_proj", "attn.v_proj"}
+};
+const std::vector<HfGpt2Module>& hf_gpt2_block_modules();
+
+// The module holding our Linear `linear` ("attn.v_proj", a path inside a block)
+// and the index of its output block in it (v_proj: 2); throws
+// std::invalid_argument for a path that is none of ours.
+std::pair<const HfGpt2Module*, int> hf_gpt2_module_of(const std::string& linear);
+
+// The block modules a PEFT target_modules entry selects: PEFT matches a module
+// whose full name equals the entry or ends with "." + entry, so "c_proj" selects
+// attn.c_proj and mlp.c_proj, "attn.c_attn" and "c_attn" the fused attention
+// input. Empty when it selects none (e.g. "q_proj", "ln_1").
+std::vector<const HfGpt2Module*> hf_gpt2_select(const std::string& target);
+
+// "transformer.h.<layer>.<module>": the module's name in GPT2LMHeadModel
+// (PEFT prefixes its adapter keys with "base_model.model.").
+std::string hf_gpt2_module_key(int layer, const std::string& module);
+
+// PEFT's layers_pattern for GPT-2: the ModuleList holding the blocks (transformer.h).
+inline constexpr const char* kHfGpt2LayersPattern = "h";
 
 }  // namespace peftlab

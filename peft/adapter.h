@@ -218,9 +218,13 @@ public:
     // PEFT's peft_type of that export ("LORA"), "" when there is none.
     virtual std::string hf_peft_type() const { return ""; }
     // Called on an unattached adapter made with default options: the options
-    // of this method that reads PEFT config `cfg`, or nullopt when `cfg` is not
-    // this method's (its peft_type). Throws naming the file and key.
-    virtual std::optional<AdapterOptions> hf_import_options(const ConfigFile& cfg, const GPTConfig& c) const {
+    // of this method that reads PEFT config `cfg` with weights `file`, or
+    // nullopt when `cfg` is not this method's (its peft_type). `file` is read
+    // only where the config alone does not fix the options (LoRA: how a fused
+    // GPT-2 c_attn pair splits into q/k/v); its keys and shapes are checked
+    // later, so a wrong one must not throw here. Throws naming the file and key.
+    virtual std::optional<AdapterOptions> hf_import_options(const ConfigFile& cfg, const GPTConfig& c,
+                                                            const StFile& file) const {
         return std::nullopt;
     }
     // Fills the attached adapter from the PEFT file at `path` (keys and shapes

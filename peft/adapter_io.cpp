@@ -347,6 +347,15 @@ std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base, const L
 void export_hf(const std::string& dir, const Adapter& adapter) {
     const char* fn = "export_hf";
     GPT& base = attached_base(fn, adapter);
+    // HF PEFT puts real tokens at n..n+T-1 after n virtual tokens; under "keep" they sit at
+    // 0..T-1, so the same tensors would compute other logits there.
+    if (adapter.virtual_tokens() > 0 && adapter.options().positions != "hf")
+        throw std::invalid_argument(fmt::format(
+            "{}: '{}': the {} adapter uses positions '{}' (real tokens at 0..T-1 after its {} virtual tokens), but "
+            "Hugging Face PEFT places them at {}..T+{} (positions 'hf'), so its logits would differ there: train "
+            "with positions hf (--positions hf) to export",
+            fn, dir, adapter.method(), adapter.options().positions, adapter.virtual_tokens(), adapter.virtual_tokens(),
+            adapter.virtual_tokens() - 1));
     std::optional<HfExport> e;
     try {
         e = adapter.hf_export();
@@ -387,6 +396,9 @@ std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base, const Load
                                             name.substr(std::strlen(kHfBaseNamePrefix)), hash));
     }
 
+    // The weights first: a method may need them to choose its options (see Adapter::hf_import_options).
+    const std::string weights = in_dir(dir, kAdapterWeightsFile);
+    const StFile file = read_tensors(fn, weights, load_opts);
     // The method that reads this peft_type: each is asked in registry order.
     std::string method;
     std::optional<AdapterOptions> opts;
@@ -396,15 +408,14 @@ std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base, const Load
         const std::string type = probe->hf_peft_type();
         if (!type.empty() && supported.find(type) == std::string::npos) supported += (supported.empty() ? "" : ", ") + type;
         if (opts) continue;
-        opts = probe->hf_import_options(cfg, c);
+        opts = probe->hf_import_options(cfg, c, file);
         if (opts) method = m.name;
     }
     if (!opts)
         throw cfg.key_error("peft_type", fmt::format("'{}' is not supported ({})",
                                                      peft_type, supported));
+    opts->positions = "hf";  // PEFT's convention: real tokens follow the virtual tokens
 
-    const std::string weights = in_dir(dir, kAdapterWeightsFile);
-    const StFile file = read_tensors(fn, weights, load_opts);
     std::unique_ptr<Adapter> adapter;
     try {
         adapter = make_adapter(method, *opts);

@@ -100,17 +100,21 @@ std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base, const L
 
 // Writes the adapter in Hugging Face PEFT's layout to dir (creating it), as its
 // method's hf_export() gives it. Methods without a PEFT counterpart, a
-// configuration the method cannot express (a prefix on chosen layers only) and a
-// merged adapter are refused, naming the directory and why.
+// configuration the method cannot express (a prefix on chosen layers only), an
+// adapter with virtual tokens under positions "keep" (PEFT's logits would
+// differ: its real tokens follow the virtual ones) and a merged adapter are
+// refused, naming the directory and why. LoRA and IA3 use GPT-2's module names
+// (nn/hf_gpt2.h: transformer.h.N.attn.c_attn, ...; see each method's hf_export).
 void export_hf(const std::string& dir, const Adapter& adapter);
 
-// Reads a PEFT adapter directory onto `base`, as the first registered method
+// Reads a PEFT adapter directory onto `base` (with positions "hf", PEFT's
+// convention), as the first registered method
 // whose hf_import_options accepts its config (PROMPT_TUNING -> "prompt",
 // PREFIX_TUNING -> "prefix-kv" on every layer, LORA -> "lora", ...). Attached,
 // not activated. Checks peft_type, task_type, dimensions against the base and
 // every tensor's name and shape; features a method does not implement (LoRA:
-// rslora, DoRA, biases, fan_in_fan_out, rank/alpha patterns, regex
-// target_modules) are refused by name.
+// rslora, DoRA, biases, rank/alpha patterns that leave modules with different
+// ranks after mapping, regex target_modules) are refused by name.
 std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base, const LoadOptions& opts = {});
 
 }  // namespace peftlab::peft

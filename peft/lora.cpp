@@ -4,14 +4,19 @@
 // Own options ("lora" section, Hugging Face PEFT's names): r (8), lora_alpha
 // (16), target_modules (["q_proj", "v_proj"]; of q_proj, k_proj, v_proj,
 // o_proj, fc, proj). Mergeable: W += (alpha/r) B A.
-// Hugging Face PEFT: LORA, "base_model.model.<module path>.lora_A.weight"
-// [r, in] and ".lora_B.weight" [out, r], module paths as ours.
+// Hugging Face PEFT: LORA on GPT-2's module names,
+// "base_model.model.transformer.h.N.attn.c_attn.lora_A.weight" [r', C] and
+// ".lora_B.weight" [3C, r'] (q, k, v fused; see hf_export for the mapping).
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 
 #include <fmt/format.h>
 
 #include "autograd/tape.h"
+#include "nn/hf_gpt2.h"
+#include "nn/safetensors.h"
 #include "peft/adapter.h"
 #include "peft/adapter_io.h"
 
@@ -37,6 +42,62 @@ void check_targets(const std::vector<std::string>& targets) {
             if (targets[j] == targets[i])
                 throw std::invalid_argument(fmt::format("lora adapter: target '{}' is listed twice", targets[i]));
     }
+}
+
+// Our target name of a block Linear path ("attn.q_proj" -> "q_proj", "mlp.fc" -> "fc").
+std::string short_name(const std::string& linear) { return linear.substr(linear.find('.') + 1); }
+
+// Whether lora_B [rows, R] of the fused c_attn (rows = 3C, our q, k, v blocks of C) is zero
+// outside the block pattern that hf_export writes for `members`: projection
+// members[j]'s rows nonzero only in columns [j*R/m, (j+1)*R/m), other projections' rows zero.
+bool fits_split(const std::vector<float>& B, int64_t C, int64_t R, const std::vector<int>& members) {
+    const int64_t m = int64_t(members.size()), w = R / m;
+    for (int p = 0; p < 3; ++p) {
+        const auto it = std::find(members.begin(), members.end(), p);
+        const int64_t j = it == members.end() ? -1 : int64_t(it - members.begin());
+        for (int64_t o = p * C; o < (p + 1) * C; ++o)
+            for (int64_t k = 0; k < R; ++k)
+                if (B[size_t(o * R + k)] != 0.f && (j < 0 || k / w != j)) return false;
+    }
+    return true;
+}
+
+// The lora_B tensors of module m over the chosen layers that have the shape [3C, R]
+// (the others are refused later by hf_import_tensors).
+std::vector<const std::vector<float>*> c_attn_bs(const StFile& file, const GPTConfig& c, const HfGpt2Module& m,
+                                                 const std::string& layers, int64_t R) {
+    std::vector<const std::vector<float>*> bs;
+    for (int l : parse_layers(layers, c.n_layers)) {
+        auto it = file.tensors.find(std::string(kHfKeyPrefix) + hf_gpt2_module_key(l, m.name) + ".lora_B.weight");
+        if (it != file.tensors.end() && it->second.shape == Shape{3 * c.d_model, R} &&
+            int64_t(it->second.data.size()) == 3 * c.d_model * R)
+            bs.push_back(&it->second.data);
+    }
+    return bs;
+}
+
+// How a fused c_attn pair of rank R maps onto our q/k/v LoRAs: which of
+// q, k, v (0, 1, 2) it holds, and whether they share the file's A.
+struct CAttnSplit {
+    std::vector<int> members;
+    bool shared = false;
+};
+// The first of (q,v), (q,k,v), (q), (k), (v), (q,k), (k,v) into whose block
+// pattern (fits_split) R divides and every layer's lora_B fits -- what
+// hf_export writes, so an export reads back as the same LoRAs, rank R/m each --
+// else all three of rank R with the file's A shared: B = [B_q; B_k; B_v] gives
+// dW_q = B_q A, dW_k = B_k A, dW_v = B_v A, the fused pair's update. Either
+// way the function is exactly the file's.
+CAttnSplit split_c_attn(const StFile& file, const GPTConfig& c, const HfGpt2Module& m, const std::string& layers,
+                        int64_t R) {
+    const std::vector<std::vector<int>> candidates = {{0, 2}, {0, 1, 2}, {0}, {1}, {2}, {0, 1}, {1, 2}};
+    const auto bs = c_attn_bs(file, c, m, layers, R);
+    for (const auto& members : candidates) {
+        if (R % int64_t(members.size()) != 0) continue;
+        if (std::all_of(bs.begin(), bs.end(), [&](const std::vector<float>* B) { return fits_split(*B, c.d_model, R, members); }))
+            return {members, false};
+    }
+    return {{0, 1, 2}, true};
 }
 
 // layers_to_transform as our layer spec: null -> all, k -> "k", [..] -> "a,b" ([] -> none).
@@ -118,63 +179,218 @@ public:
     }
 
     std::string hf_peft_type() const override { return "LORA"; }
+    // GPT-2 module names (nn/hf_gpt2.h). Our LoRAs on q_proj / k_proj / v_proj
+    // of a layer become one LoRA on the fused c_attn [C, 3C] of rank r' = m*r
+    // (m of them targeted): lora_A [m*r, C] stacks their A's in q, k, v order;
+    // lora_B [3C, m*r] holds the j-th one's B in its projection's C rows and
+    // columns [j*r, (j+1)*r), zeros elsewhere (an untargeted projection's rows
+    // are all zero); lora_alpha' = m*alpha keeps alpha'/r' = alpha/r, so
+    // (alpha'/r') B' A' = (alpha/r) [B_q A_q; 0; B_v A_v], exactly our update.
+    // o_proj, fc and proj keep rank r as attn.c_proj, c_fc and mlp.c_proj.
+    // The top-level r / lora_alpha are the first exported module's (c_attn
+    // when targeted); modules with another rank get rank_pattern /
+    // alpha_pattern entries. fan_in_fan_out is true (Conv1D stores [in, out]);
+    // lora_A [r, in] and lora_B [out, r] are nn.Linear weights either way.
     std::optional<HfExport> hf_export() const override {
-        const bool all_layers = int64_t(layers_.size()) == base_->config().n_layers;
+        const GPTConfig& c = base_->config();
+        const bool all_layers = int64_t(layers_.size()) == c.n_layers;
+        const std::vector<Group> groups = export_groups();
+        const int64_t top = groups.empty() ? rank_ : rank_ * int64_t(groups[0].members.size());
         HfExport e;
         nlohmann::json& cfg = e.config;
         cfg["peft_type"] = "LORA";
-        cfg["r"] = rank_;
-        cfg["lora_alpha"] = alpha_;
+        cfg["r"] = top;
+        cfg["lora_alpha"] = double(alpha_) * double(top / rank_);
         cfg["lora_dropout"] = 0.0;
-        cfg["target_modules"] = targets_;
         cfg["bias"] = "none";
-        cfg["fan_in_fan_out"] = false;  // our weights are [out, in], as nn.Linear's
+        cfg["fan_in_fan_out"] = true;  // GPT-2's Conv1D weights are [in, out]
         cfg["use_rslora"] = false;
         cfg["use_dora"] = false;
         cfg["init_lora_weights"] = true;
         cfg["modules_to_save"] = nullptr;
         cfg["layers_to_transform"] = all_layers ? nlohmann::json(nullptr) : nlohmann::json(layers_);
-        cfg["layers_pattern"] = all_layers ? nlohmann::json(nullptr) : nlohmann::json("blocks");
+        cfg["layers_pattern"] = all_layers ? nlohmann::json(nullptr) : nlohmann::json(kHfGpt2LayersPattern);
+        cfg["target_modules"] = nlohmann::json::array();
         cfg["rank_pattern"] = nlohmann::json::object();
         cfg["alpha_pattern"] = nlohmann::json::object();
-        for (const auto& [name, t] : params_) e.tensors.emplace_back(kHfKeyPrefix + name, t);
+        for (const Group& g : groups) {
+            const int64_t m = int64_t(g.members.size());
+            cfg["target_modules"].push_back(g.module->target);
+            if (rank_ * m != top) {
+                cfg["rank_pattern"][g.module->target] = rank_ * m;
+                cfg["alpha_pattern"][g.module->target] = double(alpha_) * double(m);
+            }
+        }
+        NoGradGuard no_grad;
+        for (int l : layers_)
+            for (const Group& g : groups) {
+                const Shape outs = module_rows(l, *g.module);
+                const int64_t R = rank_ * int64_t(g.members.size()), in = pair_of(l, g.module->linears[0]).A.dim(1);
+                int64_t total = 0;
+                for (int64_t o : outs) total += o;
+                Tensor A = Tensor::zeros({R, in}), B = Tensor::zeros({total, R});
+                for (size_t j = 0; j < g.members.size(); ++j) {
+                    const int i = g.members[j];
+                    const Pair& p = pair_of(l, g.module->linears[size_t(i)]);
+                    std::memcpy(A.data() + int64_t(j) * rank_ * in, p.A.data(), size_t(rank_ * in) * sizeof(float));
+                    int64_t row0 = 0;
+                    for (int k = 0; k < i; ++k) row0 += outs[size_t(k)];
+                    for (int64_t o = 0; o < outs[size_t(i)]; ++o)
+                        for (int64_t k = 0; k < rank_; ++k)
+                            B.data()[(row0 + o) * R + int64_t(j) * rank_ + k] = p.B.data()[o * rank_ + k];
+                }
+                const std::string key = kHfKeyPrefix + hf_gpt2_module_key(l, g.module->name);
+                e.tensors.emplace_back(key + ".lora_A.weight", A);
+                e.tensors.emplace_back(key + ".lora_B.weight", B);
+            }
         return e;
     }
-    // The LORA config fields that change the function, checked against what this LoRA computes.
-    std::optional<AdapterOptions> hf_import_options(const ConfigFile& cfg, const GPTConfig& c) const override {
+    // A LORA config on GPT-2 module names, mapped back: each module's rank and
+    // alpha (r / lora_alpha, or their rank_pattern / alpha_pattern entry); a
+    // c_attn pair splits into q/k/v LoRAs as split_c_attn finds it in the
+    // file. The result must have one rank and one alpha/r across modules (ours
+    // has one of each), else it is refused naming the key.
+    std::optional<AdapterOptions> hf_import_options(const ConfigFile& cfg, const GPTConfig& c,
+                                                    const StFile& file) const override {
         if (cfg.str("peft_type") != "LORA") return std::nullopt;
-        AdapterOptions o;
-        nlohmann::json& own = o.section("lora");
         const int64_t r = cfg.integer("r");
         if (r < 1) throw cfg.key_error("r", fmt::format("{} must be >= 1", r));
-        own["r"] = r;
-        own["lora_alpha"] = cfg.number("lora_alpha");
+        const double alpha = cfg.number("lora_alpha");
+        // The modules each target_modules entry selects, as PEFT matches names.
         const nlohmann::json& targets = cfg.at("target_modules");
         if (!targets.is_array() ||
             !std::all_of(targets.begin(), targets.end(), [](const nlohmann::json& t) { return t.is_string(); }))
             throw cfg.key_error("target_modules",
                                 "must be a list of module names (regex strings are not supported), got " + targets.dump());
-        try {
-            check_targets(targets.get<std::vector<std::string>>());
-        } catch (const std::invalid_argument& e) {
-            throw cfg.key_error("target_modules", e.what());
+        std::vector<const HfGpt2Module*> modules;  // in block order
+        for (const auto& t : targets) {
+            const std::vector<const HfGpt2Module*> sel = hf_gpt2_select(t.get<std::string>());
+            if (sel.empty())
+                throw cfg.key_error("target_modules",
+                                    fmt::format("'{}' names no Conv1D module of a GPT-2 block (c_attn, c_proj, c_fc, "
+                                                "attn.c_proj, mlp.c_proj; q, k and v are the fused c_attn)",
+                                                t.get<std::string>()));
+            for (const HfGpt2Module* m : sel)
+                if (std::find(modules.begin(), modules.end(), m) == modules.end()) modules.push_back(m);
         }
-        own["target_modules"] = targets;
-        o.layers = hf_layers_spec(cfg, c.n_layers);
+        const auto& order = hf_gpt2_block_modules();
+        std::sort(modules.begin(), modules.end(), [&](auto* a, auto* b) { return a - order.data() < b - order.data(); });
+        // Per-module rank and alpha: PEFT takes a pattern entry that names the module, else r / lora_alpha.
+        auto pattern = [&](const char* key, const HfGpt2Module& m, double fallback) {
+            if (!cfg.has(key)) return fallback;
+            const nlohmann::json& p = cfg.at(key);
+            if (!p.is_object()) throw cfg.key_error(key, "must be an object, got " + p.dump());
+            for (const auto& [name, v] : p.items()) {
+                const std::vector<const HfGpt2Module*> sel = hf_gpt2_select(name);
+                if (sel.empty())
+                    throw cfg.key_error(key, fmt::format("'{}' names no Conv1D module of a GPT-2 block", name));
+                if (!v.is_number()) throw cfg.key_error(key, fmt::format("'{}' must be a number, got {}", name, v.dump()));
+                if (std::find(sel.begin(), sel.end(), &m) != sel.end()) return v.get<double>();
+            }
+            return fallback;
+        };
+        const std::string layers = hf_layers_spec(cfg, c.n_layers);
         if (cfg.has("layers_pattern")) {
             const nlohmann::json& p = cfg.at("layers_pattern");
-            if (p != nlohmann::json("blocks") && p != nlohmann::json::array({"blocks"}))
-                throw cfg.key_error("layers_pattern", "must be null or \"blocks\" (where our layers live), got " + p.dump());
+            if (p != nlohmann::json(kHfGpt2LayersPattern) && p != nlohmann::json::array({kHfGpt2LayersPattern}))
+                throw cfg.key_error("layers_pattern",
+                                    "must be null or \"h\" (GPT-2's blocks, transformer.h), got " + p.dump());
         }
-        for (const char* flag : {"use_rslora", "use_dora", "fan_in_fan_out"})
+        for (const char* flag : {"use_rslora", "use_dora"})
             if (cfg.has(flag) && cfg.boolean(flag)) throw cfg.key_error(flag, "true is not supported");
+        // fan_in_fan_out either way: PEFT sets it true for GPT-2's Conv1D, and lora_A / lora_B are laid out alike.
+        if (cfg.has("fan_in_fan_out")) cfg.boolean("fan_in_fan_out");
         if (cfg.has("bias") && cfg.str("bias") != "none") throw cfg.key_error("bias", "only \"none\" is supported");
-        for (const char* pattern : {"rank_pattern", "alpha_pattern"})
-            if (cfg.has(pattern) && !cfg.at(pattern).empty())
-                throw cfg.key_error(pattern, "per-module patterns are not supported");
         if (cfg.has("modules_to_save") && !cfg.at("modules_to_save").empty())
             throw cfg.key_error("modules_to_save", "extra trained modules are not supported");
+
+        std::vector<std::string> ours;
+        int64_t rank = 0;
+        double scale = 0;
+        std::string seen;  // "c_attn rank 8 per projection, alpha/r 2" of the first module, for the error
+        const char* rank_key = cfg.has("rank_pattern") && !cfg.at("rank_pattern").empty() ? "rank_pattern" : "r";
+        for (const HfGpt2Module* m : modules) {
+            const double rm = pattern("rank_pattern", *m, double(r)), am = pattern("alpha_pattern", *m, alpha);
+            if (rm < 1 || rm != std::floor(rm) || rm > double(int64_t(1) << 40))
+                throw cfg.key_error("rank_pattern", fmt::format("{}: {} is not a rank", m->target, rm));
+            const int64_t R = int64_t(rm);
+            CAttnSplit split{{0}, false};
+            if (m->linears.size() > 1) split = split_c_attn(file, c, *m, layers, R);
+            const std::vector<int>& members = split.members;
+            const int64_t per = split.shared ? R : R / int64_t(members.size());
+            const std::string what = fmt::format("{} rank {}{}, alpha/r {}", m->target, per,
+                                                 members.size() > 1 ? " per projection" : "", am / rm);
+            if (rank == 0) {
+                rank = per;
+                scale = am / rm;
+                seen = what;
+            } else if (per != rank || am / rm != scale) {
+                throw cfg.key_error(per != rank ? rank_key : "alpha_pattern",
+                                    fmt::format("peftlab's LoRA has one rank and one alpha/r for all modules, but this "
+                                                "file maps to {} and {}",
+                                                seen, what));
+            }
+            for (int i : members) ours.push_back(short_name(m->linears[size_t(i)]));
+        }
+        if (ours.empty()) throw cfg.key_error("target_modules", "is empty");
+        AdapterOptions o;
+        nlohmann::json& own = o.section("lora");
+        own["r"] = rank;
+        own["lora_alpha"] = scale * double(rank);
+        own["target_modules"] = ours;
+        o.layers = layers;
         return o;
+    }
+    // The file's GPT-2 module pairs into ours, as hf_import_options mapped them.
+    void hf_import_tensors(const std::string& path, const StFile& file) override {
+        NoGradGuard no_grad;
+        const std::vector<Group> groups = export_groups();
+        // The shapes each module's pair has in the file: a c_attn holding all
+        // three projections has rank r (shared A) or 3r (split), as the file says.
+        NamedTensors expected;
+        std::vector<bool> shared(groups.size(), false);
+        for (size_t gi = 0; gi < groups.size(); ++gi) {
+            const Group& g = groups[gi];
+            int64_t R = rank_ * int64_t(g.members.size());
+            if (g.members.size() == 3 && !layers_.empty()) {
+                auto it = file.tensors.find(kHfKeyPrefix + hf_gpt2_module_key(layers_[0], g.module->name) + ".lora_A.weight");
+                if (it != file.tensors.end() && !it->second.shape.empty() && it->second.shape[0] == rank_) {
+                    R = rank_;
+                    shared[gi] = true;
+                }
+            }
+            for (int l : layers_) {
+                const Shape outs = module_rows(l, *g.module);
+                int64_t total = 0;
+                for (int64_t o : outs) total += o;
+                const std::string key = kHfKeyPrefix + hf_gpt2_module_key(l, g.module->name);
+                const int64_t in = pair_of(l, g.module->linears[size_t(g.members[0])]).A.dim(1);
+                expected.emplace_back(key + ".lora_A.weight", Tensor::empty({R, in}));
+                expected.emplace_back(key + ".lora_B.weight", Tensor::empty({total, R}));
+            }
+        }
+        check_tensors("import_hf", path, file, expected);
+        for (size_t gi = 0; gi < groups.size(); ++gi) {
+            const Group& g = groups[gi];
+            const int64_t R = shared[gi] ? rank_ : rank_ * int64_t(g.members.size());
+            for (int l : layers_) {
+                const Shape outs = module_rows(l, *g.module);
+                const std::string key = kHfKeyPrefix + hf_gpt2_module_key(l, g.module->name);
+                const std::vector<float>& A = file.tensors.at(key + ".lora_A.weight").data;
+                const std::vector<float>& B = file.tensors.at(key + ".lora_B.weight").data;
+                for (size_t j = 0; j < g.members.size(); ++j) {
+                    const int i = g.members[j];
+                    Pair& p = pair_of(l, g.module->linears[size_t(i)]);
+                    const int64_t in = p.A.dim(1), col0 = shared[gi] ? 0 : int64_t(j) * rank_;
+                    std::memcpy(p.A.data(), A.data() + col0 * in, size_t(rank_ * in) * sizeof(float));
+                    int64_t row0 = 0;
+                    for (int k = 0; k < i; ++k) row0 += outs[size_t(k)];
+                    for (int64_t o = 0; o < outs[size_t(i)]; ++o)
+                        for (int64_t k = 0; k < rank_; ++k)
+                            p.B.data()[o * rank_ + k] = B[size_t((row0 + o) * R + col0 + k)];
+                }
+            }
+        }
     }
 
 protected:
@@ -216,6 +432,30 @@ private:
         Tensor base_copy;  // W before merge
     };
     float scale() const { return alpha_ / float(rank_); }
+    // A GPT-2 module and the indices (into module->linears) of our targets it holds.
+    struct Group {
+        const HfGpt2Module* module;
+        std::vector<int> members;
+    };
+    std::vector<Group> export_groups() const {
+        std::vector<Group> groups;
+        for (const HfGpt2Module& m : hf_gpt2_block_modules()) {
+            Group g{&m, {}};
+            for (size_t i = 0; i < m.linears.size(); ++i)
+                for (const std::string& t : targets_)
+                    if (target_module(t) == m.linears[i]) g.members.push_back(int(i));
+            if (!g.members.empty()) groups.push_back(g);
+        }
+        return groups;
+    }
+    // Output rows of each of the module's Linears in layer l (c_attn: C, C, C).
+    Shape module_rows(int l, const HfGpt2Module& m) const {
+        Shape rows;
+        for (const std::string& lin : m.linears) rows.push_back(base_->parameter(fmt::format("blocks.{}.{}.weight", l, lin)).dim(0));
+        return rows;
+    }
+    Pair& pair_of(int l, const std::string& linear) { return pairs_.at(fmt::format("blocks.{}.{}", l, linear)); }
+    const Pair& pair_of(int l, const std::string& linear) const { return pairs_.at(fmt::format("blocks.{}.{}", l, linear)); }
     bool targets(const std::string& path) const {
         for (const std::string& t : targets_) {
             const std::string m = "." + target_module(t);  // "blocks.0.attn.q_proj" ends with ".attn.q_proj"

@@ -125,7 +125,7 @@ public:
         e.tensors = inference_parameters();  // "prompt_embeddings" [n, d], the encoder's output
         return e;
     }
-    std::optional<AdapterOptions> hf_import_options(const ConfigFile& cfg, const GPTConfig& c) const override {
+    std::optional<AdapterOptions> hf_import_options(const ConfigFile& cfg, const GPTConfig& c, const StFile&) const override {
         if (cfg.str("peft_type") != "P_TUNING") return std::nullopt;
         AdapterOptions o;
         o.init = "random";  // every value is overwritten from the file

@@ -147,7 +147,7 @@ public:
         return e;
     }
     // PREFIX_TUNING is read as key/value prefixes on every layer.
-    std::optional<AdapterOptions> hf_import_options(const ConfigFile& cfg, const GPTConfig& c) const override {
+    std::optional<AdapterOptions> hf_import_options(const ConfigFile& cfg, const GPTConfig& c, const StFile&) const override {
         if (!kv_ || cfg.str("peft_type") != "PREFIX_TUNING") return std::nullopt;
         AdapterOptions o;
         o.init = "random";  // every value is overwritten from the file

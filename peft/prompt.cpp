@@ -48,7 +48,7 @@ public:
         e.tensors.emplace_back("prompt_embeddings", prompt_);
         return e;
     }
-    std::optional<AdapterOptions> hf_import_options(const ConfigFile& cfg, const GPTConfig& c) const override {
+    std::optional<AdapterOptions> hf_import_options(const ConfigFile& cfg, const GPTConfig& c, const StFile&) const override {
         if (cfg.str("peft_type") != "PROMPT_TUNING") return std::nullopt;
         AdapterOptions o;
         o.init = "random";  // every value is overwritten from the file

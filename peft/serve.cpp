@@ -91,9 +91,6 @@ void Server::add_tenant(const std::string& name, Adapter& adapter, std::unique_p
     if (adapter.merged())
         refuse("it is merged into the base, which changes the base for every tenant; unmerge it, or serve the merged "
                "model as the base");
-    // The prefix cache and the batched prefill assume real tokens at 0..T-1.
-    if (adapter.options().positions != "keep")
-        refuse(fmt::format("positions = {} is not served yet (only keep)", adapter.options().positions));
     adapter.attach(base_);
 
     auto tenant = std::make_unique<Tenant>();

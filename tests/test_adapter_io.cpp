@@ -92,6 +92,7 @@ AdapterOptions small_options() {
     o.section("prefix") = {{"reparam_hidden", 8}};
     o.section("prefix-kv") = {{"reparam_hidden", 8}};
     o.seed = 11;
+    o.positions = "hf";  // what Hugging Face PEFT computes: export_hf refuses "keep" with virtual tokens
     return o;
 }
 
@@ -444,24 +445,27 @@ TEST_CASE("adapter_io: Hugging Face prompt and LoRA files have PEFT's keys and f
     file = load_safetensors(tmp.path("lora/adapter_model.safetensors"));
     std::map<std::string, Shape> shapes;
     for (const auto& [name, t] : file.tensors) shapes[name] = t.shape;
+    // GPT-2 module names: q alone is a c_attn LoRA of rank 2 with zero k and v rows; fc is c_fc.
     const std::map<std::string, Shape> expected = {
-        {"base_model.model.blocks.1.attn.q_proj.lora_A.weight", {2, 16}},
-        {"base_model.model.blocks.1.attn.q_proj.lora_B.weight", {16, 2}},
-        {"base_model.model.blocks.1.mlp.fc.lora_A.weight", {2, 16}},
-        {"base_model.model.blocks.1.mlp.fc.lora_B.weight", {32, 2}}};
+        {"base_model.model.transformer.h.1.attn.c_attn.lora_A.weight", {2, 16}},
+        {"base_model.model.transformer.h.1.attn.c_attn.lora_B.weight", {48, 2}},
+        {"base_model.model.transformer.h.1.mlp.c_fc.lora_A.weight", {2, 16}},
+        {"base_model.model.transformer.h.1.mlp.c_fc.lora_B.weight", {32, 2}}};
     CHECK(shapes == expected);
+    const std::vector<float>& fused_b = file.tensors.at("base_model.model.transformer.h.1.attn.c_attn.lora_B.weight").data;
+    for (size_t i = 16 * 2; i < fused_b.size(); ++i) CHECK(fused_b[i] == 0.f);  // k and v rows
     j = read_json(tmp.path("lora/adapter_config.json"));
     CHECK(j.at("peft_type") == "LORA");
     CHECK(j.at("task_type") == "CAUSAL_LM");
     CHECK(j.at("r") == 2);
     CHECK(j.at("lora_alpha") == 4.0);
-    CHECK(j.at("target_modules") == json({"q_proj", "fc"}));
+    CHECK(j.at("target_modules") == json({"c_attn", "c_fc"}));
     CHECK(j.at("lora_dropout") == 0.0);
     CHECK(j.at("bias") == "none");
-    CHECK(j.at("fan_in_fan_out") == false);
+    CHECK(j.at("fan_in_fan_out") == true);
     CHECK(j.at("inference_mode") == true);
     CHECK(j.at("layers_to_transform") == json({1}));
-    CHECK(j.at("layers_pattern") == "blocks");
+    CHECK(j.at("layers_pattern") == "h");
     CHECK(j.at("base_model_name_or_path") == "peftlab:" + base_hash(base2));
 
     GPT fresh(tiny_config(), 1);
@@ -537,9 +541,12 @@ TEST_CASE("adapter_io: Hugging Face LoRA features we do not implement are refuse
     CHECK_THAT(with("use_dora", true), Contains("key 'use_dora'"));
     CHECK_THAT(with("bias", "all"), Contains("key 'bias'"));
     CHECK_THAT(with("target_modules", ".*proj"), Contains("key 'target_modules'") && Contains("regex"));
-    CHECK_THAT(with("target_modules", json({"c_attn"})), Contains("key 'target_modules'") && Contains("c_attn"));
+    // Our names are not GPT-2's: q_proj lives in the fused c_attn.
+    CHECK_THAT(with("target_modules", json({"q_proj"})), Contains("key 'target_modules'") && Contains("'q_proj' names no Conv1D"));
     CHECK_THAT(with("rank_pattern", json({{"q_proj", 4}})), Contains("key 'rank_pattern'"));
     CHECK_THAT(with("layers_to_transform", json({5})), Contains("key 'layers_to_transform'") && Contains("layer 5"));
-    CHECK_THAT(with("r", 3), Contains("lora_A.weight' has shape [2, 16] in the file but [3, 16]"));
+    CHECK_THAT(with("layers_pattern", "blocks"), Contains("key 'layers_pattern'") && Contains("\"h\""));
+    // r 3 is odd: no q/v split, so q, k and v of rank 3 sharing A; the file holds rank 4.
+    CHECK_THAT(with("r", 3), Contains("c_attn.lora_A.weight' has shape [4, 16] in the file but [3, 16]"));
     CHECK(fresh.num_trainable() == fresh.num_params());
 }

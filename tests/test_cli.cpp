@@ -358,7 +358,9 @@ TEST_CASE("trainable_params_line follows print_trainable_parameters; adapter ins
     CHECK(harness::file_safe("../x y") == "..-x-y");
 
     testing::TempDir tmp;
-    std::unique_ptr<peft::Adapter> prompt = peft::make_adapter("prompt", {});
+    peft::AdapterOptions hf_positions;
+    hf_positions.positions = "hf";  // export-hf refuses "keep" with virtual tokens
+    std::unique_ptr<peft::Adapter> prompt = peft::make_adapter("prompt", hf_positions);
     GPT base(cfg, 3);
     save_model(tmp.path("base.safetensors"), base);
     prompt->attach(base);

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include <nlohmann/json.hpp>
 
@@ -19,12 +20,14 @@
 #include "nn/generate.h"
 #include "nn/hf_gpt2.h"
 #include "nn/safetensors.h"
+#include "peft/adapter_io.h"
 #include "peft/multi.h"
 #include "peft/registry.h"
 #include "tests/testing.h"
 
 using namespace peftlab;
 using namespace peftlab::testing;
+using Catch::Contains;
 namespace fs = std::filesystem;
 
 namespace {
@@ -445,4 +448,128 @@ TEST_CASE("positions: recorded in adapter options; bad values refused", "[hf]") 
     REQUIRE_THROWS_WITH(peft::AdapterOptions::from_json(j), Catch::Contains("positions = 'left'"));
     j.erase("positions");
     REQUIRE(peft::AdapterOptions::from_json(j).positions == "keep");  // files written before the option
+}
+
+// ---- adapters in HF PEFT's layout on GPT-2 module names ----------------------
+// tests/fixtures/hf_gpt2/adapters/<case>: PEFT adapter directories written by
+// the reference script from HF PEFT's conventions (fused c_attn LoRA with
+// fan_in_fan_out, rank/alpha patterns, layers_to_transform; prompt and prefix
+// tables; IA3 on c_attn and mlp.c_proj), and "peft.<case>.logits" as HF PEFT
+// computes them in float64.
+// import_hf must reproduce those logits (|d| < 2e-5), and export_hf of what it
+// imported must write the same tensors bitwise and the same fields HF PEFT reads.
+
+namespace {
+
+nlohmann::json peft_fields(const nlohmann::json& j) {
+    nlohmann::json out;
+    for (const char* k : {"peft_type", "task_type", "r", "lora_alpha", "target_modules", "fan_in_fan_out", "rank_pattern",
+                          "alpha_pattern", "layers_to_transform", "layers_pattern", "bias", "use_rslora", "use_dora", "feedforward_modules",
+                          "num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads",
+                          "num_transformer_submodules", "prefix_projection"})
+        if (j.contains(k)) out[k] = j.at(k);
+    return out;
+}
+
+Tensor logits_with(GPT& model, peft::Adapter& a) {
+    a.activate(model);
+    NoGradGuard ng;
+    Tensor out = model.forward(batch());
+    model.set_hooks(nullptr);
+    return out;
+}
+
+}  // namespace
+
+TEST_CASE("HF PEFT adapters on GPT-2 module names: import reproduces PEFT's logits, export writes PEFT's files",
+          "[hf][adapter_io]") {
+    struct Case {
+        std::string name, method;
+        nlohmann::json lora_targets;  // what the LoRA imports as (null: not a LoRA)
+        bool same_files;              // export_hf gives back the fixture's files
+    };
+    const std::vector<Case> cases = {
+        {"lora_qv", "lora", {"q_proj", "v_proj"}, true},
+        {"lora_mixed", "lora", {"q_proj", "v_proj", "o_proj"}, true},
+        // dense c_attn B: q, k and v share the file's A (rank r each); "c_proj" selects both projections
+        {"lora_dense", "lora", {"q_proj", "k_proj", "v_proj", "o_proj", "fc", "proj"}, false},
+        {"prompt", "prompt", nullptr, true},
+        {"prefix", "prefix-kv", nullptr, true},
+        {"ia3", "ia3", nullptr, true},  // c_attn's q rows are 1: it imports as k and v
+    };
+    for (const Case& k : cases) {
+        DYNAMIC_SECTION(k.name) {
+            auto model = f32_model();
+            const std::string dir = kDir + "/adapters/" + k.name;
+            auto a = peft::import_hf(dir, *model);
+            REQUIRE(a->method() == k.method);
+            if (!k.lora_targets.is_null()) {
+                const nlohmann::json& own = a->options().section_or_empty("lora");
+                CHECK(own.at("target_modules") == k.lora_targets);
+                CHECK(own.at("r") == 2);
+                CHECK(own.at("lora_alpha").get<double>() == (k.name == "lora_dense" ? 6.0 : 4.0));
+                CHECK(a->layers() == (k.name == "lora_mixed" ? std::vector<int>{1} : std::vector<int>{0, 1}));
+            }
+            if (k.method == "ia3") {
+                const nlohmann::json& own = a->options().section_or_empty("ia3");
+                CHECK(own.at("target_modules") == nlohmann::json({"k_proj", "v_proj", "proj"}));
+                CHECK(own.at("feedforward_modules") == nlohmann::json({"proj"}));
+            }
+            CHECK(a->options().positions == "hf");
+            REQUIRE(max_abs_diff(logits_with(*model, *a), want_t("peft." + k.name + ".logits")) < 2e-5f);
+
+            TempDir tmp;
+            peft::export_hf(tmp.path("out"), *a);
+            const StFile want = load_safetensors(dir + "/adapter_model.safetensors");
+            const StFile got = load_safetensors(tmp.path("out/adapter_model.safetensors"));
+            const nlohmann::json want_cfg = read_json(dir + "/adapter_config.json");
+            const nlohmann::json got_cfg = read_json(tmp.path("out/adapter_config.json"));
+            if (k.same_files) {
+                REQUIRE(got.tensors.size() == want.tensors.size());
+                for (const auto& [name, t] : want.tensors) {
+                    INFO(name);
+                    REQUIRE(got.tensors.count(name));
+                    CHECK(got.tensors.at(name).shape == t.shape);
+                    CHECK(got.tensors.at(name).data == t.data);
+                }
+                CHECK(peft_fields(got_cfg) == peft_fields(want_cfg));
+            }
+            // Whatever it exports reads back to the same logits.
+            auto model2 = f32_model();
+            auto b = peft::import_hf(tmp.path("out"), *model2);
+            REQUIRE(max_abs_diff(logits_with(*model2, *b), want_t("peft." + k.name + ".logits")) < 2e-5f);
+        }
+    }
+}
+
+TEST_CASE("HF PEFT LoRA import: what peftlab's LoRA cannot represent is refused naming the key", "[hf][adapter_io]") {
+    auto model = f32_model();
+    TempDir tmp;
+    const std::string src = kDir + "/adapters/lora_mixed";
+    auto with = [&](const std::function<void(nlohmann::json&)>& edit) {
+        static int serial = 0;
+        const std::string d = tmp.path("case" + std::to_string(serial++));
+        copy_dir(src, d);
+        nlohmann::json j = read_json(d + "/adapter_config.json");
+        edit(j);
+        write_json(d + "/adapter_config.json", j);
+        try {
+            peft::import_hf(d, *model);
+        } catch (const std::exception& e) {
+            return std::string(e.what());
+        }
+        return std::string("(no error)");
+    };
+    // attn.c_proj at rank 4 while c_attn's q and v get 2 each: two ranks.
+    CHECK_THAT(with([](auto& j) { j["rank_pattern"] = nlohmann::json::object(); j["alpha_pattern"] = nlohmann::json::object(); }),
+               Contains("adapter_config.json") && Contains("one rank") && Contains("c_attn rank 2 per projection") &&
+                   Contains("attn.c_proj rank 4"));
+    CHECK_THAT(with([](auto& j) { j["alpha_pattern"]["attn.c_proj"] = 8.0; }),
+               Contains("key 'alpha_pattern'") && Contains("alpha/r"));
+    CHECK_THAT(with([](auto& j) { j["target_modules"] = {"q_proj"}; }),
+               Contains("key 'target_modules'") && Contains("'q_proj' names no Conv1D module"));
+    CHECK_THAT(with([](auto& j) { j["layers_pattern"] = "blocks"; }), Contains("key 'layers_pattern'"));
+    CHECK_THAT(with([](auto& j) { j["use_dora"] = true; }), Contains("key 'use_dora'"));
+    CHECK_THAT(with([](auto& j) { j["rank_pattern"]["ln_1"] = 3; }), Contains("key 'rank_pattern'") && Contains("'ln_1'"));
+    CHECK(model->num_trainable() == model->num_params());  // nothing attached by a refused import
 }

@@ -38,9 +38,11 @@ std::unique_ptr<GPT> sharp_model(uint64_t seed) { return testing::sharp_model(ti
 
 // A randomly initialised adapter whose every tensor is non-zero (LoRA's B and
 // BitFit's deltas start at zero, which would make them the base).
-std::unique_ptr<Adapter> random_adapter(const std::string& method, GPT& model, uint64_t seed, int64_t n = 3) {
+std::unique_ptr<Adapter> random_adapter(const std::string& method, GPT& model, uint64_t seed, int64_t n = 3,
+                                        const std::string& positions = "keep") {
     AdapterOptions o;
     o.n = n;
+    o.positions = positions;
     o.seed = seed;
     o.init = "random";
     o.section("lora") = {{"r", 4}, {"lora_alpha", 8.0}};
@@ -166,6 +168,65 @@ TEST_CASE("serve: every request of a mixed stream equals the request run alone",
                 }
             }
     }
+}
+
+TEST_CASE("serve: positions hf (Hugging Face PEFT) and keep tenants mixed equal each request alone", "[serve][hf]") {
+    // Under hf a tenant's real tokens sit at positions n..n+T-1 after its n
+    // virtual tokens (prefill and every decoding step), its cached prefix was
+    // computed with position embeddings 0..n-1, and the length rule counts n.
+    auto model = sharp_model(11);
+    Tenants t;
+    uint64_t seed = 30;
+    for (const std::string m : {"prompt", "prefix", "prefix-kv", "p-tuning"})
+        for (const std::string positions : {"hf", "keep"}) {
+            t.adapters.push_back(random_adapter(m, *model, seed, 2 + int64_t(seed % 3), positions));
+            t.names.push_back(fmt::format("{}-{}-{}", m, positions, seed++));
+        }
+    t.names.push_back("");
+    const std::vector<Request> requests = mixed_requests(t.names, 12, 5);
+    std::vector<std::vector<int32_t>> expected;
+    int differs = 0;  // hf requests whose tokens differ from the same adapter under keep
+    for (const Request& r : requests) {
+        Adapter* a = t.find(r.adapter);
+        expected.push_back(alone(*model, a, r));
+        if (a && a->options().positions == "hf") {
+            CHECK(a->prefix_positions() == a->virtual_tokens());
+            AdapterOptions o = a->options();
+            o.positions = "keep";
+            auto k = make_adapter(a->method(), o);
+            k->attach(*model);
+            for (size_t i = 0; i < k->parameters().size(); ++i)
+                Tensor(k->parameters()[i].second).copy_from(a->parameters()[i].second);
+            differs += alone(*model, k.get(), r) != expected.back();
+        }
+    }
+    CHECK(differs >= 2);  // the convention changes outputs: the test can tell them apart
+    for (Padding padding : {Padding::Left, Padding::Right})
+        for (bool cache : {true, false}) {
+            INFO(fmt::format("{} padding, prefix cache {}", padding == Padding::Left ? "left" : "right", cache));
+            ServerOptions o;
+            o.max_batch = 3;
+            o.padding = padding;
+            o.prefix_cache = cache;
+            Server server(*model, o);
+            add_all(server, t);
+            const std::vector<Result> results = server.run(requests);
+            for (size_t i = 0; i < requests.size(); ++i) {
+                INFO("request " << requests[i].id << " adapter '" << requests[i].adapter << "'");
+                REQUIRE(results[i].ok());
+                CHECK(results[i].tokens == expected[i]);
+            }
+        }
+    // The length rule counts an hf tenant's virtual tokens: max_seq 32 = 20 prompt + 2 virtual + 10 new.
+    Adapter* hf = t.find("prompt-hf-30");
+    REQUIRE(hf);
+    REQUIRE(hf->prefix_positions() == 2);
+    Server server(*model);
+    server.add_adapter("hf", *hf);
+    Request fits{"a", "hf", std::vector<int32_t>(20, 1), 10, -1}, over{"b", "hf", std::vector<int32_t>(21, 1), 10, -1};
+    const std::vector<Result> rs = server.run({fits, over});
+    CHECK(rs[0].ok());
+    CHECK_THAT(rs[1].error, Contains("2 adapter positions"));
 }
 
 TEST_CASE("serve: requests admitted together are prefilled in groups by prompt length, within the padding budget",
