@@ -11,21 +11,37 @@
 // Own options ("ln-tuning" section, PEFT's names): target_modules (["ln1",
 // "ln2", "ln_f"]; ln1 and ln2 in the chosen layers, ln_f once).
 // Mergeable: the copies are written into the base LayerNorms (the base's kept
-// to restore). Hugging Face PEFT: LN_TUNING,
-// "base_model.model.<module path>.ln_tuning_layers.{weight,bias}" [d] (all
-// layers only: LNTuningConfig has no layers_to_transform).
+// to restore). Hugging Face PEFT: LN_TUNING on GPT2LMHeadModel's names,
+// "base_model.model.transformer.h.N.ln_1.ln_tuning_layers.{weight,bias}" [d]
+// (ln_2 likewise, "transformer.ln_f" for the final one), target_modules
+// ["ln_1", "ln_2", "ln_f"] (all layers only: LNTuningConfig has no
+// layers_to_transform).
 #include <algorithm>
 #include <map>
 
 #include <fmt/format.h>
 
 #include "peft/adapter.h"
+#include "nn/hf_gpt2.h"
 #include "peft/adapter_io.h"
 
 namespace peftlab::peft {
 
 namespace {
 constexpr const char* kHfKeyPrefix = "base_model.model.";  // PeftModel -> LNTuningModel -> the LM
+
+// Our LayerNorm names and GPT2LMHeadModel's (modeling_gpt2.py: GPT2Block.ln_1/ln_2, GPT2Model.ln_f).
+const std::vector<std::pair<std::string, std::string>> kHfNames = {{"ln1", "ln_1"}, {"ln2", "ln_2"}, {"ln_f", "ln_f"}};
+
+// "blocks.3.ln1" -> "transformer.h.3.ln_1", "ln_f" -> "transformer.ln_f".
+std::string hf_module_path(const std::string& path) {
+    if (path == "ln_f") return "transformer.ln_f";
+    const size_t dot = path.rfind('.');
+    const int layer = std::stoi(path.substr(path.find('.') + 1));
+    for (const auto& [ours, hf] : kHfNames)
+        if (path.substr(dot + 1) == ours) return hf_gpt2_module_key(layer, hf);
+    throw std::logic_error("ln-tuning: no GPT-2 name for " + path);
+}
 
 // Targets known and not repeated.
 void check(const std::vector<std::string>& targets) {
@@ -88,26 +104,40 @@ public:
                 nlohmann::json(layers_).dump()));
         HfExport e;
         e.config["peft_type"] = "LN_TUNING";
-        e.config["target_modules"] = targets_;
+        nlohmann::json targets = nlohmann::json::array();
+        for (const std::string& t : targets_)
+            for (const auto& [ours, hf] : kHfNames)
+                if (t == ours) targets.push_back(hf);
+        e.config["target_modules"] = targets;
         e.config["exclude_modules"] = nullptr;
         e.config["modules_to_save"] = nullptr;
-        for (const auto& [name, t] : params_) e.tensors.emplace_back(kHfKeyPrefix + name, t);
+        for (const auto& [path, n] : norms_) {
+            e.tensors.emplace_back(kHfKeyPrefix + hf_module_path(path) + ".ln_tuning_layers.weight", n.weight);
+            e.tensors.emplace_back(kHfKeyPrefix + hf_module_path(path) + ".ln_tuning_layers.bias", n.bias);
+        }
         return e;
     }
-    std::optional<AdapterOptions> hf_import_options(const ConfigFile& cfg, const GPTConfig&) const override {
+    std::optional<AdapterOptions> hf_import_options(const ConfigFile& cfg, const GPTConfig&, const StFile&) const override {
         if (cfg.str("peft_type") != "LN_TUNING") return std::nullopt;
         const nlohmann::json& v = cfg.at("target_modules");
         if (!v.is_array() || !std::all_of(v.begin(), v.end(), [](const nlohmann::json& e) { return e.is_string(); }))
             throw cfg.key_error("target_modules", "must be a list of module names (regex strings are not supported), got " + v.dump());
+        std::vector<std::string> ours;
+        for (const nlohmann::json& t : v) {
+            auto it = std::find_if(kHfNames.begin(), kHfNames.end(), [&](const auto& n) { return n.second == t; });
+            if (it == kHfNames.end())
+                throw cfg.key_error("target_modules", fmt::format("'{}' is not one of GPT-2's ln_1, ln_2, ln_f", t.get<std::string>()));
+            ours.push_back(it->first);
+        }
         try {
-            check(v.get<std::vector<std::string>>());
+            check(ours);
         } catch (const std::invalid_argument& e) {
             throw cfg.key_error("target_modules", e.what());
         }
         for (const char* key : {"exclude_modules", "modules_to_save"})
             if (cfg.has(key) && !cfg.at(key).empty()) throw cfg.key_error(key, "is not supported (must be null)");
         AdapterOptions o;
-        o.section("ln-tuning")["target_modules"] = v;
+        o.section("ln-tuning")["target_modules"] = ours;
         return o;
     }
 

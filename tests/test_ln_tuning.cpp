@@ -139,11 +139,13 @@ TEST_CASE("ln_tuning: the Hugging Face file has PEFT's LN_TUNING keys, shapes an
     perturb(a->parameters(), 2);
     export_hf(tmp.path("hf"), *a);
     // PEFT's LNTuningLayer holds the copy in ln_tuning_layers[adapter]; the
-    // saved state dict drops the adapter name: <module>.ln_tuning_layers.{weight,bias}.
+    // saved state dict drops the adapter name: <module>.ln_tuning_layers.{weight,bias},
+    // <module> named as in transformers' GPT2LMHeadModel.
     std::map<std::string, Shape> shapes, expected;
     const StFile file = load_safetensors(tmp.path("hf/adapter_model.safetensors"));
     for (const auto& [name, t] : file.tensors) shapes[name] = t.shape;
-    for (const char* m : {"blocks.0.ln1", "blocks.0.ln2", "blocks.1.ln1", "blocks.1.ln2", "ln_f"})
+    for (const char* m : {"transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.h.1.ln_1", "transformer.h.1.ln_2",
+                          "transformer.ln_f"})
         for (const char* f : {"weight", "bias"})
             expected[std::string("base_model.model.") + m + ".ln_tuning_layers." + f] = Shape{32};
     CHECK(shapes == expected);
@@ -151,7 +153,7 @@ TEST_CASE("ln_tuning: the Hugging Face file has PEFT's LN_TUNING keys, shapes an
     const json j = json::parse(cfg_file);
     CHECK(j.at("peft_type") == "LN_TUNING");
     CHECK(j.at("task_type") == "CAUSAL_LM");
-    CHECK(j.at("target_modules") == json({"ln1", "ln2", "ln_f"}));
+    CHECK(j.at("target_modules") == json({"ln_1", "ln_2", "ln_f"}));
     CHECK(j.at("exclude_modules").is_null());
     CHECK(j.at("modules_to_save").is_null());
     CHECK(j.at("inference_mode") == true);
@@ -175,10 +177,10 @@ TEST_CASE("ln_tuning: the Hugging Face file has PEFT's LN_TUNING keys, shapes an
     GPT fresh(tiny_config(2), 1);
     CHECK_THROWS_WITH(import_hf(tmp.path("hf"), fresh), Contains("adapter_config.json") && Contains("exclude_modules"));
     bad = j;
-    bad["target_modules"] = {"ln_1"};
+    bad["target_modules"] = {"ln1"};  // our name, not GPT-2's
     {
         std::ofstream out(tmp.path("hf/adapter_config.json"));
         out << bad.dump();
     }
-    CHECK_THROWS_WITH(import_hf(tmp.path("hf"), fresh), Contains("target_modules") && Contains("'ln_1'"));
+    CHECK_THROWS_WITH(import_hf(tmp.path("hf"), fresh), Contains("target_modules") && Contains("'ln1'"));
 }
