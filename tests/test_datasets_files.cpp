@@ -181,7 +181,8 @@ TEST_CASE("one file splits by distinct input, deterministically in the seed", "[
     // 10% of 40 inputs each for valid and test; no input in two splits; every row used.
     CHECK(a.valid.size() == 4);
     CHECK(a.test.size() == 4);
-    std::set<std::string> train_in(sources(a.train).begin(), sources(a.train).end());
+    const std::vector<std::string> train_sources = sources(a.train);
+    std::set<std::string> train_in(train_sources.begin(), train_sources.end());
     CHECK(train_in.size() == 32);
     for (const auto* split : {&a.valid, &a.test})
         for (const Example& e : *split) CHECK_FALSE(train_in.count(e.source));

@@ -43,7 +43,7 @@ std::vector<std::string> words_of(const std::string& text) {
 }  // namespace
 
 TEST_CASE("make_task is deterministic in the seed for every task", "[datasets]") {
-    for (const auto& name : task_names()) {
+    for (const std::string name : {"e2e", "classify", "reverse", "sort", "add"}) {  // the built-in ones (tests register others)
         INFO("task " << name);
         auto a = make_task(name, 60, 20, 20, 7);
         auto b = make_task(name, 60, 20, 20, 7);
