@@ -52,7 +52,8 @@ EXP_BIN  := $(EXP_SRC:experiments/%.cpp=$(BUILD)/bin/%)
 LIB      := $(BUILD)/libpeftlab.a
 
 # Packages the build and run need; `make deps` installs whichever are missing.
-# nodejs runs the GPT-2 tokenizer tests' JavaScript reference.
+# nodejs runs the GPT-2 tokenizer tests' JavaScript reference; libcsv-dev reads
+# CSV/TSV data files (datasets/files.cpp).
 DEB_PKGS := g++ make libopenblas-openmp-dev libfmt-dev catch2 nlohmann-json3-dev libcxxopts-dev gnuplot-nox \
             libpcre2-dev nodejs clang-14 libclang-rt-14-dev libcsv-dev
 
@@ -93,9 +94,10 @@ $(BUILD)/%.o: %.cpp
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) -c $< -o $@
 
+# Rebuilt from scratch: `ar r` alone would keep members of sources since removed.
 $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
-	ar rcs $@ $^
+	rm -f $@ && ar rcs $@ $^
 
 $(BUILD)/peftlab-tests: $(TEST_OBJ) $(LIB)
 	$(CXX) $(LDFLAGS) $(TEST_OBJ) $(LIB) $(LDLIBS) -o $@
@@ -210,7 +212,7 @@ $(FUZZ_BUILD)/%.o: %.cpp
 .SECONDARY: $(FUZZ_SRC:%.cpp=$(FUZZ_BUILD)/%.o)
 
 $(FUZZ_BUILD)/libpeftlab.a: $(FUZZ_LIB_OBJ)
-	ar rcs $@ $^
+	rm -f $@ && ar rcs $@ $^
 
 $(FUZZ_BUILD)/bin/%: $(FUZZ_BUILD)/fuzz/%.o $(FUZZ_BUILD)/libpeftlab.a
 	@mkdir -p $(dir $@)
