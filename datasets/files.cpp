@@ -376,7 +376,7 @@ Task load_file_task(const FileTaskOptions& o) {
         auto carved = [&](std::vector<Pair> pairs) {
             SplitRows s;
             s.pairs = std::move(pairs);
-            s.report.path = "";
+            s.report.path = o.train + " (carved)";
             s.report.rows = s.pairs.size();
             return s;
         };
