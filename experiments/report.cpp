@@ -26,6 +26,7 @@
 #include "autograd/tape.h"
 #include "nn/hf_gpt2.h"
 #include "nn/optim.h"
+#include "nn/presets.h"
 #include "nn/safetensors.h"
 #include "peft/registry.h"
 #include "peft/report.h"
@@ -103,7 +104,7 @@ Args parse_args(int argc, char** argv) {
     a.preset = r["preset"].as<std::string>();
     if (!a.preset.empty()) {
         try {
-            a.cfg = preset_config(a.preset);
+            a.cfg = model_preset(a.preset);
         } catch (const std::invalid_argument& e) {
             throw std::invalid_argument(std::string("--preset: ") + e.what());
         }
@@ -495,7 +496,7 @@ void print_scale_model(const Args& a) {
     s.batch = a.scale_batch;
     s.seq = a.scale_seq;
     for (const char* model : {"gpt2", "gpt2-medium", "gpt2-xl"}) {
-        const GPTConfig cfg = preset_config(model);
+        const GPTConfig cfg = model_preset(model);
         for (const std::string& m : a.methods) {
             const MethodReport r = report_method(cfg, s, m, a.options, false);
             for (const Net& net : nets) {

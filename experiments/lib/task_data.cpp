@@ -1,0 +1,52 @@
+// The task a run uses: a registered one by name or one from files, fitted
+// to the base's context, and its data report.
+#include <fmt/format.h>
+
+#include "datasets/batch.h"
+#include "experiments/lib/harness.h"
+#include "experiments/lib/run.h"
+
+namespace peftlab::harness {
+
+data::Task load_task(const CommonArgs& args) {
+    if (!args.files.train.empty()) {
+        data::FileTaskOptions o = args.files;
+        o.n_train = args.n_train;
+        return data::load_file_task(o);
+    }
+    const data::TaskDefaults& d = data::task_info(args.task).defaults;
+    return data::make_task(args.task, args.n_train ? args.n_train : d.n_train, d.n_valid, d.n_test, args.seed + 100);
+}
+
+data::Task detail::fitted_task(const CommonArgs& args, const Base& base) {
+    data::Task task = load_task(args);
+    data::fit_to_context(task, *base.tokenizer, int(base.config.max_seq), data::parse_truncate(args.truncate));
+    return task;
+}
+
+data::Task load_task(const CommonArgs& args, const Base& base) {
+    data::Task task = detail::fitted_task(args, base);
+    for (const std::string& note : task.report.notes) fmt::print(stderr, "[data] {}\n", note);
+    for (const auto& [split, r] : task.report.splits) {
+        std::string left_out;
+        if (r.blank_rows) left_out += fmt::format(", {} blank rows left out", r.blank_rows);
+        if (r.duplicate_rows) left_out += fmt::format(", {} duplicate rows left out", r.duplicate_rows);
+        if (r.dropped_too_long) left_out += fmt::format(", {} left out as too long for --seq {}", r.dropped_too_long, base.config.max_seq);
+        if (r.truncated) left_out += fmt::format(", {} sources cut to fit --seq {} (--truncate {})", r.truncated, base.config.max_seq, args.truncate);
+        fmt::print(stderr, "[data] {} {}: {} examples ({} pairs{}){}\n", task.name, split, r.examples, r.pairs,
+                   r.path.empty() ? "" : " from " + r.path, left_out);
+    }
+    return task;
+}
+
+nlohmann::json data_report_json(const data::Task& task) {
+    nlohmann::json j = {{"task", task.name}, {"notes", task.report.notes}, {"left_out", task.report.left_out()}};
+    for (const auto& [split, r] : task.report.splits)
+        j["splits"][split] = {{"path", r.path},           {"rows", r.rows},
+                              {"examples", r.examples},   {"pairs", r.pairs},
+                              {"blank_rows", r.blank_rows}, {"duplicate_rows", r.duplicate_rows},
+                              {"truncated", r.truncated}, {"dropped_too_long", r.dropped_too_long}};
+    return j;
+}
+
+}  // namespace peftlab::harness

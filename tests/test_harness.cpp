@@ -1,0 +1,180 @@
+// experiments/lib on its own: flag errors, the pretrain cache key, a short
+// run_method on a file-backed task whose saved adapter reloads with
+// peft::load_adapter to the same test loss, and the fields of results.json.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <fstream>
+
+#include "datasets/tasks.h"
+#include "experiments/lib/flags.h"
+#include "experiments/lib/harness.h"
+#include "nn/checkpoint.h"
+#include "peft/adapter_io.h"
+#include "tests/testing.h"
+
+using namespace peftlab;
+using Catch::Matchers::Contains;
+namespace fs = std::filesystem;
+
+namespace {
+
+harness::CommonArgs parse(std::vector<std::string> args) {
+    harness::CommonArgs d;
+    d.methods = {"lora"};
+    d.steps = 2;
+    d.eval_examples = 2;
+    cxxopts::Options o("test", "");
+    harness::add_common_flags(o, d);
+    args.insert(args.begin(), "test");
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    return harness::parse_common(flags::parse(o, int(argv.size()), argv.data()), d);
+}
+
+std::string parse_error(std::vector<std::string> args) {
+    try {
+        parse(std::move(args));
+    } catch (const std::exception& e) {
+        return e.what();
+    }
+    return "(no error)";
+}
+
+// Runs in a scratch directory (the base cache runs/pretrain/ lands there).
+struct InDir {
+    fs::path saved = fs::current_path();
+    explicit InDir(const fs::path& p) { fs::current_path(p); }
+    ~InDir() { fs::current_path(saved); }
+};
+
+}  // namespace
+
+TEST_CASE("harness flags: data-file flags parse and bad ones name the flag and value", "[harness]") {
+    harness::CommonArgs a = parse({"--train", "d.csv", "--input-field", "mr", "--output-field", "ref"});
+    CHECK(a.files.train == "d.csv");
+    CHECK_FALSE(a.files.classification);
+    CHECK(a.files.input_field == "mr");
+    a = parse({"--train", "d.jsonl", "--label-words", "0=negative,1=positive"});
+    CHECK(a.files.classification);  // implied by --label-words
+    CHECK(a.files.label_words == std::map<std::string, std::string>{{"0", "negative"}, {"1", "positive"}});
+    CHECK(parse({"--train", "d.jsonl", "--task-type", "classification"}).files.classification);
+
+    CHECK_THAT(parse_error({"--valid", "v.csv"}), Contains("--valid: needs --train"));
+    CHECK_THAT(parse_error({"--train", "d.csv", "--task", "e2e"}), Contains("--task e2e and --train d.csv"));
+    CHECK_THAT(parse_error({"--task-type", "regression"}), Contains("--task-type: 'regression'"));
+    CHECK_THAT(parse_error({"--label-words", "0negative"}), Contains("--label-words: '0negative' is not label=word"));
+    CHECK_THAT(parse_error({"--label-words", "a=x,a=y"}), Contains("label 'a' is given twice"));
+    CHECK_THAT(parse_error({"--truncate", "middle"}), Contains("--truncate: 'middle'"));
+    CHECK_THAT(parse_error({"--task", "translate"}), Contains("--task: unknown task \"translate\"") && Contains("e2e"));
+    CHECK_THAT(parse_error({"--config", "huge"}), Contains("--config: unknown preset 'huge'") && Contains("gpt2-xl"));
+    CHECK_THAT(parse_error({"--methods", "lora,lora"}), Contains("'lora' is listed twice"));
+    CHECK_THAT(parse_error({"--steps", "0"}), Contains("--steps: 0 must be >= 1"));
+}
+
+TEST_CASE("flags::split_list and whole_number: the one list and number parser", "[harness]") {
+    CHECK(flags::split_list("a,,b,") == std::vector<std::string>{"a", "b"});
+    CHECK(flags::split_list("").empty());
+    CHECK(flags::whole_number("--sizes", "12", 0) == 12);
+    CHECK_THROWS_WITH(flags::whole_number("--sizes", "1x", 0), "--sizes: '1x' is not a whole number");
+    CHECK_THROWS_WITH(flags::whole_number("--sizes", "-1", 0), "--sizes: -1 must be >= 0");
+}
+
+TEST_CASE("pretrain cache key: what changes the base changes the directory, nothing else does", "[harness]") {
+    testing::TempDir tmp;
+    InDir in(tmp.dir);
+    const std::string csv = tmp.file("d.csv", "input,output\na b,c\nd e,f\ng h,i\nj k,l\n");
+    auto dir_of = [&](std::vector<std::string> extra) {
+        std::vector<std::string> args = {"--config", "tiny", "--tokenizer", "byte", "--pretrain-steps", "5"};
+        args.insert(args.end(), extra.begin(), extra.end());
+        return harness::prepare_base(parse(args)).dir;
+    };
+    const std::string d0 = dir_of({});
+    CHECK(d0.rfind("runs/pretrain/", 0) == 0);
+    CHECK(dir_of({}) == d0);                      // deterministic
+    CHECK(dir_of({"--steps", "7"}) == d0);         // fine-tuning flags are not part of the base
+    CHECK(dir_of({"--n-train", "50"}) == d0);      // nor the training-set size
+    CHECK(dir_of({"--pretrain-steps", "6"}) != d0);
+    CHECK(dir_of({"--seed", "1"}) != d0);
+    CHECK(dir_of({"--seq", "40"}) != d0);
+    // The word vocabulary comes from the task's data, so a data file changes it.
+    auto word_dir = [&](std::vector<std::string> extra) {
+        std::vector<std::string> args = {"--config", "tiny", "--pretrain-steps", "5"};
+        args.insert(args.end(), extra.begin(), extra.end());
+        return harness::prepare_base(parse(args)).dir;
+    };
+    CHECK(word_dir({"--train", csv}) != word_dir({}));
+}
+
+TEST_CASE("run_method on a file-backed task: results, and a saved adapter that reloads", "[harness]") {
+    testing::TempDir tmp;
+    // A generation task from the E2E-format fixture, split from one file.
+    harness::CommonArgs a = parse({"--train", "tests/fixtures/data/restaurants.csv", "--input-field", "mr",
+                                   "--output-field", "ref", "--out", tmp.path("out")});
+    // A small base of our own (no pretraining: the harness only needs a saved model and its tokenizer).
+    data::Task raw = harness::load_task(a);
+    std::string text;
+    for (const auto* split : {&raw.train, &raw.valid, &raw.test})
+        for (const data::Example& ex : *split)
+            for (const std::string& r : ex.references) text += ex.source + std::string(data::kSeparator) + r + "\n";
+    harness::Base base;
+    base.tokenizer = std::make_unique<data::WordTokenizer>(data::WordTokenizer::build(text, 1000));
+    base.config.vocab = base.tokenizer->vocab_size();
+    base.config.d_model = 16, base.config.n_layers = 1, base.config.n_heads = 2, base.config.d_ff = 32;
+    base.config.max_seq = 40;
+    base.dir = tmp.path("base");
+    base.model_path = tmp.path("base/model.safetensors");
+    fs::create_directories(base.dir);
+    save_model(base.model_path, GPT(base.config, 3));
+    base.cached = true;
+
+    data::Task task = harness::load_task(a, base);
+    CHECK(task.defaults.max_new_tokens > 1);  // from the data: the longest reference + EOS
+    harness::MethodSpec spec = harness::make_spec(a, "lora");
+    harness::Budget budget;
+    budget.steps = 3;
+    budget.search_steps = 1;
+    budget.lr = 1e-2;
+    budget.batch = 4;
+    budget.eval_examples = 2;
+    harness::MethodResult res = harness::run_method(base, task, spec, budget, tmp.path("out"), 0);
+    CHECK(res.metric_name == "bleu");
+    CHECK(res.extra_metrics.count("rouge_l") == 1);
+    CHECK(res.steps == 3);
+    CHECK(res.loss_curve.size() == 3);
+    CHECK(res.eval_examples == 2);
+    CHECK(std::isfinite(res.test_loss));
+    REQUIRE(fs::exists(res.adapter_dir + "/" + peft::kAdapterConfigFile));
+
+    // The saved adapter on a fresh copy of the base gives the same test loss.
+    auto model = load_model_new(base.model_path);
+    auto adapter = peft::load_adapter(res.adapter_dir, *model);
+    CHECK(adapter->method() == "lora");
+    adapter->activate(*model);
+    harness::MethodResult again =
+        harness::evaluate(std::move(model), std::move(adapter), *base.tokenizer, task, 2, budget.batch, "reloaded");
+    CHECK(again.test_loss == res.test_loss);
+    CHECK(again.metric == res.metric);
+
+    // results.json: the fields a reader relies on, `extra` merged at the top.
+    const nlohmann::json extra = {{"task", task.name}, {"data", harness::data_report_json(task)}};
+    harness::write_results(tmp.path("out"), "compare", {res}, extra);
+    std::ifstream f(tmp.path("out/results.json"));
+    const nlohmann::json j = nlohmann::json::parse(f);
+    CHECK(j.at("experiment") == "compare");
+    CHECK(j.at("task") == "tests/fixtures/data/restaurants.csv");
+    CHECK(j.at("data").at("splits").at("test").at("examples") == task.test.size());
+    CHECK(j.at("data").at("left_out") == 0);
+    const nlohmann::json& m = j.at("methods").at(0);
+    for (const char* key : {"method", "label", "trainable_params", "final_valid_loss", "test_loss", "metric", "steps",
+                            "lr", "lr_grid", "lr_search", "loss_curve", "valid_curve", "flags", "adapter_dir",
+                            "eval_examples", "samples"})
+        CHECK(m.contains(key));
+    CHECK(m.at("metric").at("name") == "bleu");
+    CHECK(m.at("metric").contains("rouge_l"));
+    CHECK(m.at("adapter_dir") == res.adapter_dir);
+    CHECK(m.at("loss_curve").size() == 3);
+    // A rerun with the same settings finds the method finished; other settings do not.
+    CHECK(harness::finished_results(tmp.path("out/results.json"), extra).count(res.label) == 1);
+    CHECK(harness::finished_results(tmp.path("out/results.json"), {{"task", "other"}}).empty());
+}
