@@ -301,8 +301,11 @@ std::string TaskReport::summary() const {
         left_out += n;
         reasons += fmt::format("{}{} {}", reasons.empty() ? "" : ", ", n, why);
     }
-    return fmt::format("{} synsets read, {} left out ({}); examples available: train {}, valid {}, test {}", synsets,
-                       left_out, reasons.empty() ? "none" : reasons, pool_train, pool_valid, pool_test);
+    const std::string head = fmt::format("{} synsets read, {} left out ({})", synsets, left_out,
+                                         reasons.empty() ? "none" : reasons);
+    if (lines || examples_left_out)  // a corpus
+        return fmt::format("{}, {} example sentences left out; {} lines", head, examples_left_out, lines);
+    return fmt::format("{}; examples available: train {}, valid {}, test {}", head, pool_train, pool_valid, pool_test);
 }
 
 namespace {
@@ -470,17 +473,46 @@ TaskData make_pos_task(const Database& db, size_t n_train, size_t n_valid, size_
     return t;
 }
 
-std::string pretraining_corpus(const Database& db, size_t max_lines, uint64_t seed) {
+std::string pretraining_corpus(const Database& db, size_t max_lines, uint64_t seed, const TaskOptions& opt,
+                               TaskReport* report) {
+    const std::set<std::string> common = common_tokens(db, opt.common_words);
+    auto all_common = [&](const std::string& text) {
+        for (auto& w : split_words(text))
+            if (!common.count(w)) return false;
+        return true;
+    };
+    TaskReport rep;
     std::vector<std::string> lines;
     for_each_synset(db, [&](const Synset& s) {
-        if (split_of(s) != Split::Train || !s.parsed.balanced) return;
-        std::string line = key(s) + ":";
-        if (!s.parsed.definition.empty()) line += " " + s.parsed.definition + ".";
-        for (auto& e : s.parsed.examples) line += " \"" + e + "\"";
+        ++rep.synsets;
+        const char* why = split_of(s) != Split::Train  ? "in the valid/test split"
+                          : !s.parsed.balanced         ? "unbalanced quotes in gloss"
+                          : s.parsed.definition.empty() ? "no definition (examples only)"
+                          : nullptr;
+        if (why) {
+            ++rep.filtered[why];
+            return;
+        }
+        if (!(all_common(head(s)) && all_common(s.parsed.definition))) {
+            ++rep.filtered[fmt::format("head or definition has a word outside the {} most common", opt.common_words)];
+            return;
+        }
+        std::string line = key(s) + ": " + s.parsed.definition + ".";
+        for (auto& e : s.parsed.examples) {
+            if (all_common(e))
+                line += " \"" + e + "\"";
+            else
+                ++rep.examples_left_out;
+        }
         lines.push_back(std::move(line));
     });
     seeded_shuffle(lines, seed);
-    if (max_lines && lines.size() > max_lines) lines.resize(max_lines);
+    if (max_lines && lines.size() > max_lines) {
+        rep.filtered["beyond max_lines"] += lines.size() - max_lines;
+        lines.resize(max_lines);
+    }
+    rep.lines = lines.size();
+    if (report) *report = rep;
     std::string out;
     for (auto& l : lines) (out += l) += '\n';
     return out;

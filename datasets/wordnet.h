@@ -139,6 +139,8 @@ struct TaskReport {
     size_t synsets = 0;                       // synsets read
     std::map<std::string, size_t> filtered;   // reason -> synsets left out
     size_t pool_train = 0, pool_valid = 0, pool_test = 0;  // examples available per split
+    size_t lines = 0;                         // corpus only: lines written
+    size_t examples_left_out = 0;             // corpus only: example sentences with an uncommon word
     std::string summary() const;              // one line for stderr
 };
 
@@ -167,11 +169,17 @@ TaskData make_gloss_task(const Database& db, size_t n_train, size_t n_valid, siz
 TaskData make_pos_task(const Database& db, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed,
                        const TaskOptions& opt = {}, TaskReport* report = nullptr);
 
-// Pretraining text: one line per Train-split synset with a balanced gloss,
-//   dog (noun): a member of the genus Canis. "the dog barked all night"
-// (key, ": ", definition, ".", then each example in double quotes), in a
-// seeded shuffle; max_lines = 0 keeps them all (about 94k lines, 9 MB for
-// WordNet 3.0). Valid and test keys never occur (split_of).
-std::string pretraining_corpus(const Database& db, size_t max_lines, uint64_t seed);
+// Pretraining text, one line per Train-split synset with a balanced gloss
+// whose head word and definition are made of common tokens (as in the tasks,
+// so that a small word vocabulary covers every line instead of learning
+// "<unk>", the most frequent token of unfiltered glosses):
+//   kettle (noun): a pot with a spout for boiling water. "the kettle sang"
+// (key, ": ", definition, ".", then each example in double quotes, examples
+// with an uncommon word left out), in a seeded shuffle; max_lines = 0 keeps
+// them all (6,737 lines, 0.3 MB for WordNet 3.0 with the default options).
+// Valid and test keys never occur (split_of). `report` counts the synsets
+// left out by reason, the example sentences left out, and the lines.
+std::string pretraining_corpus(const Database& db, size_t max_lines, uint64_t seed, const TaskOptions& opt = {},
+                               TaskReport* report = nullptr);
 
 }  // namespace peftlab::data::wordnet

@@ -300,7 +300,8 @@ TEST_CASE("wordnet: definition task split, references and corpus hygiene", "[wor
     for (auto& k : valid_keys) CHECK_FALSE(train_keys.count(k));
 
     // The pretraining corpus holds no valid or test key, whatever its seed.
-    const std::string corpus = wn::pretraining_corpus(db, 0, 3);
+    wn::TaskReport corpus_rep;
+    const std::string corpus = wn::pretraining_corpus(db, 0, 3, {}, &corpus_rep);
     std::istringstream lines(corpus);
     size_t n_lines = 0;
     for (std::string line; std::getline(lines, line); ++n_lines) {
@@ -308,6 +309,15 @@ TEST_CASE("wordnet: definition task split, references and corpus hygiene", "[wor
         CHECK_FALSE(test_keys.count(k));
         CHECK_FALSE(valid_keys.count(k));
     }
+    CHECK(n_lines == corpus_rep.lines);
+    size_t left_out = 0;
+    for (auto& [why, n] : corpus_rep.filtered) left_out += n;
+    CHECK(left_out + corpus_rep.lines == db.size());
+    CHECK(corpus_rep.filtered.at("in the valid/test split") == held_out_senses + [&] {
+        size_t n = 0;  // the three odd synsets at offsets >= 9000 that fall outside Train
+        for (const auto& s : db.noun) n += s.offset >= 9000 && wn::split_of(s) != wn::Split::Train;
+        return n;
+    }());
     CHECK(corpus.find("\"an example with ") != std::string::npos);
     CHECK(wn::pretraining_corpus(db, 10, 3).size() < corpus.size());
 
