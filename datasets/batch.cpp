@@ -201,4 +201,73 @@ std::vector<size_t> BatchSampler::next() {
     return batch;
 }
 
+Truncate parse_truncate(const std::string& text) {
+    if (text == "left") return Truncate::Left;
+    if (text == "right") return Truncate::Right;
+    if (text == "error") return Truncate::Error;
+    throw std::invalid_argument(fmt::format("--truncate: '{}' is not left, right or error", text));
+}
+
+void fit_to_context(Task& task, const Tokenizer& tok, int max_len, Truncate mode) {
+    const int64_t sep = int64_t(tok.encode(kSeparator).size());
+    auto name_of = [&](const Example& ex, size_t i, const char* split) {
+        return ex.origin.empty() ? fmt::format("{} {} example {}", task.name, split, i) : ex.origin;
+    };
+    int64_t longest_target = 0;
+    for (auto [split, examples] : {std::pair{"train", &task.train}, {"valid", &task.valid}, {"test", &task.test}}) {
+        DataReport::Split& report = task.report.splits[split];
+        std::vector<Example> kept;
+        kept.reserve(examples->size());
+        for (size_t i = 0; i < examples->size(); ++i) {
+            Example& ex = (*examples)[i];
+            const int64_t tgt = int64_t(tok.encode(ex.target).size());
+            for (const std::string& r : ex.references) longest_target = std::max(longest_target, int64_t(tok.encode(r).size()));
+            longest_target = std::max(longest_target, tgt);
+            // Model inputs of the framed example: BOS + source + sep + target (EOS is only a target).
+            const int64_t room = int64_t(max_len) - 1 - sep - tgt;  // source tokens that fit
+            const int64_t src = int64_t(tok.encode(ex.source).size());
+            if (src <= room) {
+                kept.push_back(std::move(ex));
+                continue;
+            }
+            if (mode == Truncate::Error || room < 0) {
+                if (mode == Truncate::Error)
+                    throw std::invalid_argument(fmt::format(
+                        "{}: the example takes {} tokens framed, more than --seq {} (--truncate left|right cuts its "
+                        "source{})",
+                        name_of(ex, i, split), 1 + src + sep + tgt, max_len,
+                        room < 0 ? "; its target alone does not fit" : ""));
+                ++report.dropped_too_long;
+                continue;
+            }
+            ++report.truncated;
+            if (mode == Truncate::Right) {
+                // Longest prefix (at a character boundary) whose encoding fits:
+                // binary search on the byte length, then step back while it does not.
+                auto boundary = [&](size_t n) {
+                    while (n > 0 && (static_cast<unsigned char>(ex.source[n]) & 0xC0) == 0x80) --n;
+                    return n;
+                };
+                size_t lo = 0, hi = ex.source.size();
+                while (lo < hi) {
+                    const size_t mid = boundary(lo + (hi - lo + 1) / 2);
+                    if (mid <= lo) break;
+                    if (int64_t(tok.encode(std::string_view(ex.source).substr(0, mid)).size()) <= room) lo = mid;
+                    else hi = mid - 1;
+                }
+                lo = boundary(lo);
+                while (lo > 0 && int64_t(tok.encode(std::string_view(ex.source).substr(0, lo)).size()) > room)
+                    lo = boundary(lo - 1);
+                ex.source.resize(lo);
+            }
+            kept.push_back(std::move(ex));
+        }
+        *examples = std::move(kept);
+        if (examples->empty())
+            throw std::invalid_argument(fmt::format("{}: no {} example fits --seq {} ({} left out as too long)",
+                                                    task.name, split, max_len, report.dropped_too_long));
+    }
+    if (task.defaults.max_new_tokens == 0) task.defaults.max_new_tokens = int(longest_target + 1);
+}
+
 }  // namespace peftlab::data

@@ -2,11 +2,12 @@
 // Turning token ids into fixed-shape [B, T] batches for training and generation.
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <string_view>
 #include <vector>
 
 #include "autograd/rng.h"
-#include "datasets/tasks.h"
+#include "datasets/task.h"
 #include "datasets/tokenizer.h"
 
 namespace peftlab::data {
@@ -59,6 +60,27 @@ Batch make_conditional_batch(const std::vector<Example>& examples, const std::ve
 // max_len = context length - tokens to generate.
 Batch make_prompt_batch(const std::vector<Example>& examples, const std::vector<size_t>& indices,
                         const Tokenizer& tok, int max_len);
+
+// What fit_to_context does with an example whose framed form (BOS source
+// separator target EOS) gives more than max_len model inputs:
+//   Left   keep it; encode_example drops source tokens from the left (just
+//          after BOS) when it is batched, as for every example;
+//   Right  cut its source text at the end (on a UTF-8 character boundary) to
+//          the longest prefix that fits;
+//   Error  throw std::invalid_argument naming the example (Example::origin),
+//          its token count and max_len.
+// A target that does not fit even after an empty source cannot be cut: the
+// example is left out (Left, Right) and counted, or refused (Error).
+enum class Truncate { Left, Right, Error };
+// "left" | "right" | "error"; throws std::invalid_argument naming the value.
+Truncate parse_truncate(const std::string& text);
+
+// Applies `mode` to every split of `task` for a context of max_len tokens,
+// counting DataReport::Split::truncated and dropped_too_long per split, and
+// sets task.defaults.max_new_tokens when it is 0 (the task's longest target
+// or reference in tokens, + 1 for EOS). Throws std::invalid_argument when a
+// split is left empty.
+void fit_to_context(Task& task, const Tokenizer& tok, int max_len, Truncate mode);
 
 // Mini-batches of indices into a dataset of n examples, reshuffled every
 // epoch. Epoch e's order depends only on (seed, e), so a run can resume at

@@ -343,7 +343,7 @@ Example reverse_example(Rng& rng, Split) {
     std::string s(3 + rng.below(8), ' ');
     for (auto& c : s) c = alphabet[rng.below(uint32_t(alphabet.size()))];
     std::string r(s.rbegin(), s.rend());
-    return {spaced(s), spaced(r), {spaced(r)}, {}};
+    return {spaced(s), spaced(r), {spaced(r)}, {}, {}};
 }
 
 Example sort_example(Rng& rng, Split) {
@@ -351,13 +351,13 @@ Example sort_example(Rng& rng, Split) {
     for (auto& c : s) c = char('0' + rng.below(10));
     std::string sorted = s;
     std::sort(sorted.begin(), sorted.end());
-    return {spaced(s), spaced(sorted), {spaced(sorted)}, {}};
+    return {spaced(s), spaced(sorted), {spaced(sorted)}, {}, {}};
 }
 
 Example add_example(Rng& rng, Split) {
     uint32_t a = rng.below(10000), b = rng.below(10000);
     std::string sum = std::to_string(a + b);
-    return {fmt::format("{} + {}", a, b), sum, {sum}, {}};
+    return {fmt::format("{} + {}", a, b), sum, {sum}, {}, {}};
 }
 
 // ------------------------------------------------------------- assembly
@@ -366,10 +366,10 @@ using Generator = std::function<Example(Rng&, Split)>;
 
 // Test is drawn first and train last, each from its own stream, so that a
 // split never depends on the sizes of the splits drawn after it.
-void fill_splits(TaskData& task, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed, const Generator& gen) {
+void fill_splits(Task& task, const char* name, const TaskRequest& req, const Generator& gen) {
     std::set<std::string> seen;
     auto draw = [&](std::vector<Example>& out, size_t n, Split split, const char* split_name) {
-        Rng rng = derived_rng(seed, uint64_t(split) + 1);
+        Rng rng = derived_rng(req.seed, uint64_t(split) + 1);
         const size_t max_draws = 20 * n + 1000;
         for (size_t d = 0; d < max_draws && out.size() < n; ++d) {
             Example ex = gen(rng, split);
@@ -378,57 +378,41 @@ void fill_splits(TaskData& task, size_t n_train, size_t n_valid, size_t n_test, 
         if (out.size() < n)
             throw std::invalid_argument(
                 fmt::format("make_task(\"{}\"): only {} distinct {} examples of the {} requested after {} draws",
-                            task.name, out.size(), split_name, n, max_draws));
+                            name, out.size(), split_name, n, max_draws));
     };
-    draw(task.test, n_test, Split::Test, "test");
-    draw(task.valid, n_valid, Split::Valid, "valid");
-    draw(task.train, n_train, Split::Train, "train");
+    draw(task.test, req.n_test, Split::Test, "test");
+    draw(task.valid, req.n_valid, Split::Valid, "valid");
+    draw(task.train, req.n_train, Split::Train, "train");
+    for (auto [split, examples] : {std::pair{"train", &task.train}, {"valid", &task.valid}, {"test", &task.test}}) {
+        DataReport::Split& r = task.report.splits[split];
+        r.rows = r.examples = r.pairs = examples->size();
+    }
 }
 
-struct TaskSpec {
-    std::string metric;
-    Generator gen;
-    std::vector<std::string> labels;
-};
-
-const std::map<std::string, TaskSpec>& task_specs() {
-    static const std::map<std::string, TaskSpec> specs = {
-        {"e2e", {"bleu", e2e_example, {}}},
-        {"classify", {"accuracy", sentiment_example, {"negative", "positive"}}},
-        {"reverse", {"exact_match", reverse_example, {}}},
-        {"sort", {"exact_match", sort_example, {}}},
-        {"add", {"exact_match", add_example, {}}},
-    };
-    return specs;
+Task synthetic_task(const char* name, const TaskRequest& req, const Generator& gen,
+                    std::shared_ptr<const Scorer> scorer, std::vector<std::string> labels = {}) {
+    Task task;
+    task.name = name;
+    task.scorer = std::move(scorer);
+    task.labels = std::move(labels);
+    fill_splits(task, name, req, gen);
+    return task;
 }
 
 }  // namespace
 
-std::string format_example(const Example& ex) { return ex.source + std::string(kSeparator) + ex.target; }
-
-const std::vector<std::string>& task_names() {
-    static const std::vector<std::string> names = [] {
-        std::vector<std::string> n;
-        for (const auto& [name, spec] : task_specs()) n.push_back(name);
-        return n;
-    }();
-    return names;
+Task make_e2e_task(const TaskRequest& req) {
+    Task t = synthetic_task("e2e", req, e2e_example, generation_scorer(&e2e_lexicon()));
+    t.corpus = [](uint64_t seed) { return restaurant_corpus(kDefaultCorpusLines, seed); };
+    return t;
 }
-
-TaskData make_task(const std::string& name, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed) {
-    auto it = task_specs().find(name);
-    if (it == task_specs().end()) {
-        std::string valid;
-        for (const auto& n : task_names()) valid += (valid.empty() ? "" : ", ") + n;
-        throw std::invalid_argument(fmt::format("make_task: unknown task \"{}\" (valid: {})", name, valid));
-    }
-    TaskData task;
-    task.name = name;
-    task.metric_name = it->second.metric;
-    task.labels = it->second.labels;
-    fill_splits(task, n_train, n_valid, n_test, seed, it->second.gen);
-    return task;
+Task make_classify_task(const TaskRequest& req) {
+    std::vector<std::string> labels = {"negative", "positive"};
+    return synthetic_task("classify", req, sentiment_example, label_scorer(labels), labels);
 }
+Task make_reverse_task(const TaskRequest& req) { return synthetic_task("reverse", req, reverse_example, exact_match_scorer()); }
+Task make_sort_task(const TaskRequest& req) { return synthetic_task("sort", req, sort_example, exact_match_scorer()); }
+Task make_add_task(const TaskRequest& req) { return synthetic_task("add", req, add_example, exact_match_scorer()); }
 
 std::string restaurant_corpus(size_t n_sentences, uint64_t seed) {
     Rng rng = derived_rng(seed, 0xC0);

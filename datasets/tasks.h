@@ -1,64 +1,47 @@
 #pragma once
-// Synthetic fine-tuning tasks, all deterministic given a seed.
-//
-// Conditioning format: a model reads `source + kSeparator` and is trained to
-// continue with `target` followed by EOS; framed as token ids that is
-//     BOS  encode(source)  encode(kSeparator)  encode(target)  EOS
-// (datasets/batch.h builds exactly this). kSeparator starts and ends with a
-// space, so encoding the three strings apart or together gives the same ids
-// with both tokenizers. Examples are short by design: every "e2e" example
-// has source + kSeparator + target <= kE2EMaxBytes bytes, so framed with BOS
-// and EOS it fits in 128 byte tokens.
+// The built-in synthetic fine-tuning tasks (registered in task.cpp), all
+// deterministic given a seed, and the restaurant corpus the base is
+// pretrained on by default. Examples are short by design: every "e2e"
+// example has source + kSeparator + target <= kE2EMaxBytes bytes, so framed
+// with BOS and EOS it fits in 128 byte tokens.
 #include <cstddef>
 #include <cstdint>
 #include <map>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include "datasets/metrics.h"
+#include "datasets/task.h"
 
 namespace peftlab::data {
 
-inline constexpr std::string_view kSeparator = " => ";
 inline constexpr size_t kE2EMaxBytes = 126;
 
-struct Example {
-    std::string source;
-    std::string target;
-    std::vector<std::string> references;        // for BLEU; references[0] == target
-    std::map<std::string, std::string> slots;   // e2e only: the meaning representation
-};
-
-struct TaskData {
-    std::string name;
-    std::vector<Example> train, valid, test;
-    std::string metric_name;          // "bleu" (e2e), "accuracy" (classify), "exact_match" (algorithmic)
-    std::vector<std::string> labels;  // classify only: the verbalizer words; a target is one of them
-};
-
-// `source + kSeparator + target`: the text a tokenizer should cover, e.g.
-// when building a WordTokenizer vocabulary from a task's training split.
-std::string format_example(const Example& ex);
-
-// Task names accepted by make_task.
-const std::vector<std::string>& task_names();
-
-// Builds task `name` with the given split sizes:
-//   "e2e"      restaurant table-to-text. source: MR "name[Blue Spice], food[French], area[riverside]";
-//              target: a sentence realizing every slot value; up to 3 references. Metric BLEU (and
-//              slot_error_rate with e2e_lexicon()). Venue names of train, valid and test are
-//              disjoint, so test MRs name venues never seen in training and must be copied.
-//   "classify" restaurant review sentiment; target is the label word "negative" or "positive"
-//              (the majority polarity of its 1 or 3 clauses, "not" flipping a clause). Metric accuracy.
-//   "reverse"  "k 3 f 9" => "9 f 3 k" (3..10 letters/digits). Metric exact_match.
-//   "sort"     "5 1 4 1" => "1 1 4 5" (3..10 digits). Metric exact_match.
-//   "add"      "1234 + 56" => "1290" (operands 0..9999). Metric exact_match.
+// The factories of the built-in tasks (task.cpp lists them), each with the
+// requested split sizes:
+//   make_e2e_task      restaurant table-to-text. source: MR "name[Blue Spice], food[French], area[riverside]";
+//                      target: a sentence realizing every slot value; up to 3 references. Metric BLEU
+//                      (generation_scorer with e2e_lexicon(): ROUGE-L and slot_error_rate too). Venue names
+//                      of train, valid and test are disjoint, so test MRs name venues never seen in training
+//                      and must be copied. Pretrains on restaurant_corpus.
+//   make_classify_task restaurant review sentiment; target is the label word "negative" or "positive"
+//                      (the majority polarity of its 1 or 3 clauses, "not" flipping a clause). Metric accuracy.
+//   make_reverse_task  "k 3 f 9" => "9 f 3 k" (3..10 letters/digits). Metric exact_match.
+//   make_sort_task     "5 1 4 1" => "1 1 4 5" (3..10 digits). Metric exact_match.
+//   make_add_task      "1234 + 56" => "1290" (operands 0..9999). Metric exact_match.
 // Each split draws from its own stream, so the test set depends only on
 // (seed, n_test) and valid on (seed, n_test, n_valid); sources are unique
-// across all splits. Unknown names throw std::invalid_argument listing the
-// valid ones.
-TaskData make_task(const std::string& name, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed);
+// across all splits. Throws std::invalid_argument when a split cannot get
+// that many distinct examples.
+Task make_e2e_task(const TaskRequest& req);
+Task make_classify_task(const TaskRequest& req);
+Task make_reverse_task(const TaskRequest& req);
+Task make_sort_task(const TaskRequest& req);
+Task make_add_task(const TaskRequest& req);
+
+// Lines of restaurant_corpus a base pretrains on when neither the task nor
+// --corpus gives other text.
+inline constexpr size_t kDefaultCorpusLines = 20000;
 
 // Lines of varied restaurant descriptions for LM pretraining, each realizing
 // 1..5 slots of a random venue with the same phrasings as the e2e targets;

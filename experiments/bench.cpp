@@ -42,8 +42,10 @@
 #include "autograd/ops.h"
 #include "autograd/tape.h"
 #include "autograd/threads.h"
+#include "experiments/lib/flags.h"
 #include "nn/generate.h"
 #include "nn/optim.h"
+#include "nn/presets.h"
 #include "nn/safetensors.h"
 #include "peft/registry.h"
 
@@ -442,28 +444,6 @@ struct Args {
     std::string out, python, torch_script, spin;
 };
 
-GPTConfig make_config(int64_t V, int64_t C, int L, int H, int64_t F) {
-    GPTConfig c;
-    c.vocab = V;
-    c.d_model = C;
-    c.n_layers = L;
-    c.n_heads = H;
-    c.d_ff = F;
-    return c;
-}
-
-std::vector<std::string> split(const std::string& s) {
-    std::vector<std::string> out;
-    size_t start = 0;
-    while (start <= s.size()) {
-        size_t end = s.find(',', start);
-        if (end == std::string::npos) end = s.size();
-        if (end > start) out.push_back(s.substr(start, end - start));
-        start = end + 1;
-    }
-    return out;
-}
-
 Args parse_args(int argc, char** argv) {
     cxxopts::Options o("bench", "Training and generation speed per PEFT method, side by side with PyTorch");
     // clang-format off
@@ -504,12 +484,14 @@ Args parse_args(int argc, char** argv) {
         std::exit(0);
     }
     Args a;
-    a.models["small"] = make_config(256, 256, 4, 4, 1024);
+    a.models["small"] = model_preset("small");
+    a.models["small"].vocab = 256;
     a.batch_seq["small"] = {16, 128};
-    a.models["medium"] = make_config(256, 512, 8, 8, 2048);
+    a.models["medium"] = model_preset("medium");
+    a.models["medium"].vocab = 256;
     a.batch_seq["medium"] = {8, 256};
-    a.configs = split(r["configs"].as<std::string>());
-    a.methods = split(r["methods"].as<std::string>());
+    a.configs = flags::split_list(r["configs"].as<std::string>());
+    a.methods = flags::split_list(r["methods"].as<std::string>());
     a.quick = r.count("quick") > 0;
     const bool custom = r.count("vocab") || r.count("d-model") || r.count("layers") || r.count("heads") ||
                         r.count("d-ff") || r.count("seq") || r.count("batch");

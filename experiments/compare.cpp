@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
     }
     try {
         Base base = load_or_pretrain(a);
-        data::TaskData task = load_task(a);
+        data::Task task = load_task(a, base);
         Budget budget = make_budget(a);
         budget.search_steps = search_steps;
 
@@ -46,7 +46,7 @@ int main(int argc, char** argv) {
 
         nlohmann::json extra = {
             {"config", base.config.to_json()},
-            {"task", a.task},
+            {"task", task.name},
             {"seed", a.seed},
             {"steps", a.steps},
             {"search_steps", search_steps},
@@ -57,7 +57,8 @@ int main(int argc, char** argv) {
             {"n_train", a.n_train},
             {"tokenizer", a.tokenizer},
             {"base", {{"path", base.model_path}, {"pretrain_valid_loss", base.pretrain_valid_loss}}},
-            {"eval_examples", std::min<int64_t>(a.eval_examples, int64_t(task.test.size()))}};
+            {"eval_examples", std::min<int64_t>(a.eval_examples, int64_t(task.test.size()))},
+            {"data", data_report_json(task)}};
 
         // results.json is written after every method; a rerun with the same
         // settings (the fields above) keeps the methods it finished and trains the rest.
@@ -81,8 +82,8 @@ int main(int argc, char** argv) {
         for (const MethodResult& m : results)
             if (m.trainable_params > 0) by_params.push_back({m.label, {{double(m.trainable_params), m.metric}}});
         plot_png(a.out + "/metric_vs_params.png",
-                 fmt::format("compare ({}): {} vs trainable parameters", a.task, task.metric_name),
-                 "trainable parameters", task.metric_name, by_params, true);
+                 fmt::format("compare ({}): {} vs trainable parameters", task.name, task.metric_name()),
+                 "trainable parameters", task.metric_name(), by_params, true);
 
         std::string md = fmt::format(
             "# compare: PEFT methods on `{}`\n\n"
@@ -95,9 +96,9 @@ int main(int argc, char** argv) {
             "Metric: `{}` on {} test examples (greedy decoding).\n\n"
             "Plots: `loss_curves.png`, `valid_curves.png`, `metric_vs_params.png`.\n"
             "Adapters: `adapters/<method>/` (inspect with `build/bin/adapter inspect DIR`).\n",
-            a.task, base.model_path, base.config.d_model, base.config.n_layers, base.config.n_heads, base.config.d_ff,
+            task.name, base.model_path, base.config.d_model, base.config.n_layers, base.config.n_heads, base.config.d_ff,
             base.config.vocab, base.config.max_seq, base.pretrain_valid_loss, a.steps, a.batch, a.lr > 0 ? 1 : 3 /* at least; see lr_grid in results.json */,
-            search_steps, a.seed, table, task.metric_name, extra["eval_examples"].get<int64_t>());
+            search_steps, a.seed, table, task.metric_name(), extra["eval_examples"].get<int64_t>());
         write_file_atomic(a.out + "/report.md", md);
         print_results_table(results);
         fmt::print(

@@ -22,6 +22,7 @@
 #include "experiments/lib/flags.h"
 #include "experiments/lib/harness.h"
 #include "nn/hf_gpt2.h"
+#include "nn/presets.h"
 #include "nn/safetensors.h"
 #include "peft/registry.h"
 #include "peft/report.h"
@@ -76,7 +77,7 @@ Args parse_args(int argc, char** argv) {
     a.preset = r["preset"].as<std::string>();
     if (!a.preset.empty()) {
         try {
-            a.cfg = preset_config(a.preset);
+            a.cfg = model_preset(a.preset);
         } catch (const std::invalid_argument& e) {
             throw std::invalid_argument(std::string("--preset: ") + e.what());
         }

@@ -72,7 +72,7 @@ struct Args {
 };
 
 std::vector<std::string> method_list(const cxxopts::ParseResult& r, const std::string& name, bool allow_mix) {
-    std::vector<std::string> out = harness::split_list(r[name].as<std::string>());
+    std::vector<std::string> out = flags::split_list(r[name].as<std::string>());
     if (out.empty()) throw std::invalid_argument(fmt::format("--{}: no methods given", name));
     std::vector<std::string> known = known_methods();
     if (!allow_mix) known.pop_back();
@@ -87,7 +87,7 @@ std::vector<std::string> method_list(const cxxopts::ParseResult& r, const std::s
 
 std::vector<int64_t> count_list(const cxxopts::ParseResult& r, const std::string& name, int64_t min) {
     std::vector<int64_t> out;
-    for (const std::string& item : harness::split_list(r[name].as<std::string>()))
+    for (const std::string& item : flags::split_list(r[name].as<std::string>()))
         out.push_back(flags::whole_number("--" + name, item, min));
     if (out.empty()) throw std::invalid_argument(fmt::format("--{}: no values given", name));
     return out;

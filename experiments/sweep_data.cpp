@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "experiments/lib/flags.h"
 #include "experiments/lib/harness.h"
 #include "nn/safetensors.h"
 
@@ -34,8 +35,8 @@ int main(int argc, char** argv) {
     CommonArgs a = parse_or_exit(opts, argc, argv, d, &r);
     try {
         std::vector<int64_t> sizes;
-        for (const std::string& s : split_list(r["sizes"].as<std::string>()))
-            sizes.push_back(parse_count("--sizes", s));
+        for (const std::string& s : flags::split_list(r["sizes"].as<std::string>()))
+            sizes.push_back(flags::whole_number("--sizes", s, 0));
         Base base = load_or_pretrain(a);
         const size_t default_size = load_task(a).train.size();
         for (int64_t& size : sizes)
@@ -43,11 +44,11 @@ int main(int argc, char** argv) {
         // One training set as large as the largest size; smaller sizes are its prefixes.
         CommonArgs largest = a;
         for (int64_t size : sizes) largest.n_train = std::max<size_t>(largest.n_train, size_t(size));
-        const data::TaskData full_task = load_task(largest);
+        const data::Task full_task = load_task(largest, base);
         std::vector<MethodResult> results;
         std::vector<int64_t> result_size;
         for (int64_t size : sizes) {
-            data::TaskData task = full_task;
+            data::Task task = full_task;
             task.train.resize(size_t(size));
             for (const std::string& m : a.methods) {
                 MethodSpec spec = make_spec(a, m);
@@ -97,7 +98,7 @@ int main(int argc, char** argv) {
         }
         write_results(
             a.out, "sweep-data", results,
-            {{"config", base.config.to_json()}, {"task", a.task}, {"target_valid_loss", target}, {"rows", rows}});
+            {{"config", base.config.to_json()}, {"task", full_task.name}, {"target_valid_loss", target}, {"rows", rows}});
         std::vector<Series> series;
         for (auto& [k, s] : by_method) series.push_back(s);
         plot_png(a.out + "/flops_to_target.png", fmt::format("GFLOP to reach valid loss {:.3f}", target),
@@ -107,7 +108,7 @@ int main(int argc, char** argv) {
                                       "validation every {} updates.\nThe FLOPs of one update do not depend on the "
                                       "number of training examples: PEFT saves compute per update.\n\n{}\n"
                                       "Plots: `flops_to_target.png`, `loss_curves.png`.\n",
-                                      a.task, target, a.steps, std::max<int64_t>(1, a.steps / 10), table));
+                                      full_task.name, target, a.steps, std::max<int64_t>(1, a.steps / 10), table));
         fmt::print("\n{}\nreport: {}/report.md\n", table, a.out);
     } catch (const std::exception& e) {
         fmt::print(stderr, "sweep-data: {}\n", e.what());

@@ -21,7 +21,7 @@ int main(int argc, char** argv) {
     CommonArgs a = parse_or_exit(opts, argc, argv, d);
     try {
         Base base = load_or_pretrain(a);
-        data::TaskData task = load_task(a);
+        data::Task task = load_task(a, base);
         Budget budget = make_budget(a);
         const int L = base.config.n_layers;
         std::vector<MethodResult> results;
@@ -44,9 +44,9 @@ int main(int argc, char** argv) {
                 series.push_back(s);
             }
         std::string table =
-            write_results(a.out, "sweep-depth", results, {{"config", base.config.to_json()}, {"task", a.task}});
-        plot_png(a.out + "/metric_vs_depth.png", fmt::format("{} against prefix depth", task.metric_name),
-                 "k (layers with a prefix)", task.metric_name, series);
+            write_results(a.out, "sweep-depth", results, {{"config", base.config.to_json()}, {"task", task.name}});
+        plot_png(a.out + "/metric_vs_depth.png", fmt::format("{} against prefix depth", task.metric_name()),
+                 "k (layers with a prefix)", task.metric_name(), series);
         write_file_atomic(
             a.out + "/report.md",
             fmt::format(
@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
                 "`top:k` = the k layers nearest the output, `bottom:k` = nearest the input. "
                 "Compare step GFLOP: top-k prefixes skip the backward below them.\n\n{}\n"
                 "Plots: `metric_vs_depth.png`, `loss_curves.png`.\n",
-                a.task, a.steps, a.lr, a.seed, table));
+                task.name, a.steps, a.lr, a.seed, table));
         print_results_table(results);
         fmt::print("\nreport: {0}/report.md  plots: {0}/metric_vs_depth.png\n", a.out);
     } catch (const std::exception& e) {

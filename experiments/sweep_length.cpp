@@ -4,6 +4,7 @@
 // extra vectors cost (prefix: L*n*d, prompt: n*d).
 #include <fmt/format.h>
 
+#include "experiments/lib/flags.h"
 #include "experiments/lib/harness.h"
 #include "nn/safetensors.h"
 
@@ -24,10 +25,10 @@ int main(int argc, char** argv) {
     CommonArgs a = parse_or_exit(opts, argc, argv, d, &r);
     try {
         std::vector<int64_t> lengths;
-        for (const std::string& s : split_list(r["lengths"].as<std::string>()))
-            lengths.push_back(parse_count("--lengths", s));
+        for (const std::string& s : flags::split_list(r["lengths"].as<std::string>()))
+            lengths.push_back(flags::whole_number("--lengths", s, 0));
         Base base = load_or_pretrain(a);
-        data::TaskData task = load_task(a);
+        data::Task task = load_task(a, base);
         Budget budget = make_budget(a);
         std::vector<MethodResult> results;
         std::vector<Series> series;
@@ -45,13 +46,13 @@ int main(int argc, char** argv) {
             series.push_back(s);
         }
         std::string table = write_results(a.out, "sweep-length", results,
-                                          {{"config", base.config.to_json()}, {"task", a.task}, {"lengths", lengths}});
-        plot_png(a.out + "/metric_vs_length.png", fmt::format("{} against prefix length n", task.metric_name),
-                 "n (vectors per layer / soft tokens)", task.metric_name, series, true);
+                                          {{"config", base.config.to_json()}, {"task", task.name}, {"lengths", lengths}});
+        plot_png(a.out + "/metric_vs_length.png", fmt::format("{} against prefix length n", task.metric_name()),
+                 "n (vectors per layer / soft tokens)", task.metric_name(), series, true);
         write_file_atomic(a.out + "/report.md", fmt::format("# sweep-length on `{}`\n\nBudget: {} updates per run (lr "
                                                             "{}: 0 = each method's default), seed {}.\n\n{}\n"
                                                             "Plots: `metric_vs_length.png`, `loss_curves.png`.\n",
-                                                            a.task, a.steps, a.lr, a.seed, table));
+                                                            task.name, a.steps, a.lr, a.seed, table));
         print_results_table(results);
         fmt::print("\nreport: {0}/report.md  plots: {0}/metric_vs_length.png\n", a.out);
     } catch (const std::exception& e) {

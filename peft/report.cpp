@@ -20,40 +20,6 @@ void ReportSettings::validate() const {
             fmt::format("report: seq = {} must be >= 2 (a decoded token needs at least one cached token)", seq));
 }
 
-namespace {
-struct Preset {
-    const char* name;
-    int64_t d;
-    int L, H;
-};
-constexpr Preset kPresets[] = {
-    {"gpt2", 768, 12, 12}, {"gpt2-medium", 1024, 24, 16}, {"gpt2-large", 1280, 36, 20}, {"gpt2-xl", 1600, 48, 25}};
-}  // namespace
-
-std::vector<std::string> preset_names() {
-    std::vector<std::string> out;
-    for (const Preset& p : kPresets) out.push_back(p.name);
-    return out;
-}
-
-GPTConfig preset_config(const std::string& name) {
-    for (const Preset& p : kPresets)
-        if (name == p.name) {
-            GPTConfig c;
-            c.vocab = 50257;
-            c.max_seq = 1024;
-            c.d_model = p.d;
-            c.n_layers = p.L;
-            c.n_heads = p.H;
-            c.d_ff = 4 * p.d;
-            c.tie_embeddings = true;  // as released: 124,439,808 parameters for gpt2
-            return c;
-        }
-    std::string known;
-    for (const std::string& n : preset_names()) known += (known.empty() ? "" : ", ") + n;
-    throw std::invalid_argument(fmt::format("unknown preset '{}' (known: {})", name, known));
-}
-
 std::vector<std::string> reported_methods() { return method_names(); }
 
 std::string group_of(const std::string& name) {

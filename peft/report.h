@@ -34,12 +34,6 @@ struct ReportSettings {
     void validate() const;
 };
 
-// GPT-2 dimensions by name: gpt2, gpt2-medium, gpt2-large, gpt2-xl (vocab
-// 50257, max_seq 1024, d_ff 4d, tied embeddings as released). Throws naming
-// the preset and listing the known ones.
-GPTConfig preset_config(const std::string& name);
-std::vector<std::string> preset_names();
-
 // One parameter group of the per-layer map: "embed" (wte, wpe,
 // prompt_embeddings), "blocks.<l>", "head" (ln_f, head) or "reparam"
 // (training-time encoders: <x>_mlp.*, <x>_encoder.*). grad_norm is the L2 norm of the group's gradients after one

@@ -159,7 +159,7 @@ TEST_CASE("check_run refuses what would fail later, naming the flag and value", 
 
     harness::CommonArgs ok = parse({"--config", "tiny", "--out", tmp.path("out")});
     harness::Base base = harness::prepare_base(ok);
-    data::TaskData task = harness::load_task(ok);
+    data::Task task = harness::load_task(ok);
     REQUIRE(!base.cached);
     CHECK_NOTHROW(harness::check_run(ok, base, task));
 

@@ -60,7 +60,7 @@ TEST_CASE("make_lm_batch cuts shifted windows", "[datasets]") {
 
 TEST_CASE("make_conditional_batch counts only target tokens and EOS", "[datasets]") {
     ByteTokenizer tok;
-    const std::vector<Example> examples = {{"ab", "c", {"c"}, {}}, {"wxyz", "uv", {"uv"}, {}}};
+    const std::vector<Example> examples = {{"ab", "c", {"c"}, {}, {}}, {"wxyz", "uv", {"uv"}, {}, {}}};
     // Framed: BOS a b " => " c EOS (9 tokens, 8 inputs); BOS w x y z " => " u v EOS (12 tokens, 11 inputs).
     const auto seq0 = concat({{1}, ids("ab => c"), {2}});
     const auto seq1 = concat({{1}, ids("wxyz => uv"), {2}});
@@ -101,7 +101,7 @@ TEST_CASE("make_conditional_batch counts only target tokens and EOS", "[datasets
 }
 
 TEST_CASE("make_conditional_batch works with a word tokenizer", "[datasets]") {
-    const std::vector<Example> examples = {{"a b c", "c b a", {"c b a"}, {}}};
+    const std::vector<Example> examples = {{"a b c", "c b a", {"c b a"}, {}, {}}};
     auto tok = WordTokenizer::build(format_example(examples[0]), 100);
     auto b = make_conditional_batch(examples, {0}, tok, 32, PadSide::Right);
     // BOS a b c = > c b a EOS: 10 tokens, 9 inputs, the last 4 targets count.
@@ -116,7 +116,7 @@ TEST_CASE("make_conditional_batch works with a word tokenizer", "[datasets]") {
 
 TEST_CASE("make_prompt_batch left-pads source and separator for generation", "[datasets]") {
     ByteTokenizer tok;
-    const std::vector<Example> examples = {{"ab", "c", {"c"}, {}}, {"wxyz", "uv", {"uv"}, {}}};
+    const std::vector<Example> examples = {{"ab", "c", {"c"}, {}, {}}, {"wxyz", "uv", {"uv"}, {}, {}}};
     auto b = make_prompt_batch(examples, {0, 1}, tok, 64);
     REQUIRE(b.T == 9);  // BOS wxyz " => "
     CHECK(row(b.tokens, 9, 0) == concat({{0, 0}, {1}, ids("ab => ")}));

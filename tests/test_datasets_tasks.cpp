@@ -86,7 +86,7 @@ TEST_CASE("make_task rejects unknown names and lists the valid ones", "[datasets
 
 TEST_CASE("e2e references realize exactly their MR and test venues are unseen", "[datasets]") {
     auto task = make_task("e2e", 400, 100, 100, 3);
-    CHECK(task.metric_name == "bleu");
+    CHECK(task.metric_name() == "bleu");
 
     std::set<std::string> train_names;
     for (const auto& ex : task.train)
@@ -141,7 +141,7 @@ TEST_CASE("restaurant_corpus is deterministic and never names held-out venues", 
 
 TEST_CASE("classify labels are the majority polarity of the review's clauses", "[datasets]") {
     auto task = make_task("classify", 300, 50, 50, 9);
-    CHECK(task.metric_name == "accuracy");
+    CHECK(task.metric_name() == "accuracy");
     CHECK(task.labels == std::vector<std::string>{"negative", "positive"});
 
     // An independent oracle: each clause has one polarity adjective, flipped by a preceding "not".
@@ -169,7 +169,7 @@ TEST_CASE("classify labels are the majority polarity of the review's clauses", "
 
 TEST_CASE("algorithmic targets are correct", "[datasets]") {
     auto reverse = make_task("reverse", 100, 10, 10, 1);
-    CHECK(reverse.metric_name == "exact_match");
+    CHECK(reverse.metric_name() == "exact_match");
     for (const auto& ex : reverse.train) {
         auto s = unspace(ex.source);
         CHECK(unspace(ex.target) == std::string(s.rbegin(), s.rend()));
@@ -190,6 +190,6 @@ TEST_CASE("algorithmic targets are correct", "[datasets]") {
 }
 
 TEST_CASE("format_example joins source, separator and target", "[datasets]") {
-    Example ex{"a b c", "c b a", {"c b a"}, {}};
+    Example ex{"a b c", "c b a", {"c b a"}, {}, {}};
     CHECK(format_example(ex) == "a b c => c b a");
 }

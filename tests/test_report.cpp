@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 
 #include "peft/registry.h"
+#include "nn/presets.h"
 #include "peft/report.h"
 
 using namespace peftlab;
@@ -218,7 +219,7 @@ TEST_CASE("report: memory shrinks with the trainable set", "[report]") {
 }
 
 TEST_CASE("report: GPT-2 presets are priced without allocating", "[report]") {
-    const GPTConfig xl = preset_config("gpt2-xl");
+    const GPTConfig xl = model_preset("gpt2-xl");
     CHECK(xl.d_model == 1600);
     CHECK(xl.n_layers == 48);
     CHECK(xl.d_ff == 6400);
@@ -227,7 +228,7 @@ TEST_CASE("report: GPT-2 presets are priced without allocating", "[report]") {
     const int64_t L = 48, n = 16, d = 1600;
     MethodReport full = report_method(xl, s, "full", o, false);
     CHECK(full.trainable_params == 1557611200);  // GPT-2 XL as released (tied head)
-    CHECK(report_method(preset_config("gpt2"), s, "full", o, false).trainable_params == 124439808);
+    CHECK(report_method(model_preset("gpt2"), s, "full", o, false).trainable_params == 124439808);
 
     MethodReport prefix = report_method(xl, s, "prefix", o, false);
     CHECK(prefix.trainable_params == L * n * d);
@@ -249,7 +250,7 @@ TEST_CASE("report: GPT-2 presets are priced without allocating", "[report]") {
     CHECK(prefix.analytic[1] > full.analytic[1] / 2);
     CHECK(prefix.inference_flops_per_token > full.inference_flops_per_token);
 
-    CHECK_THROWS_WITH(preset_config("gpt3"), Contains("gpt3") && Contains("gpt2-xl"));
+    CHECK_THROWS_WITH(model_preset("gpt3"), Contains("gpt3") && Contains("gpt2-xl"));
 }
 
 TEST_CASE("report: JSON fields and errors", "[report]") {

@@ -178,6 +178,15 @@ int main(int argc, char** argv) try {
             fuzz::pack({vocab.dump(), merges_txt, "hello the world<|endoftext|> caf\xc3\xa9 \xff\x01 tell"}));
     }
 
+    // Data files (datasets/files.h): CSV with quoting, BOM and CRLF; TSV; JSONL.
+    put(out, "data_csv", "e2e", std::string(1, '\0') + read_all("tests/fixtures/data/restaurants.csv"));
+    put(out, "data_csv", "quoting",
+        std::string(1, '\0') + "\xEF\xBB\xBFmr,ref\r\n\"a, b\",\"say \"\"hi\"\"\"\r\nplain,\"two\nlines\"\r\n\r\nx,\n");
+    put(out, "data_csv", "tsv", std::string(1, '\1') + "input\toutput\na b\t\"c\td\"\ne\tf\n");
+    put(out, "data_jsonl", "reviews", read_all("tests/fixtures/data/reviews.jsonl"));
+    put(out, "data_jsonl", "types",
+        "{\"text\": \"caf\\u00e9\", \"label\": 1.5, \"ok\": true}\r\n\n{\"text\": [1], \"label\": null}\n");
+
     // Command lines (NUL-separated arguments).
     const std::vector<std::vector<std::string>> lines = {
         {"--config", "tiny", "--steps", "5", "--methods", "lora,prompt"},
@@ -185,6 +194,9 @@ int main(int argc, char** argv) try {
         {"--seq", "32", "--d-model", "64", "--heads", "4", "--layers", "2", "--d-ff", "128", "--vocab", "300"},
         {"--task", "classify", "--batch", "8", "--n-train", "100", "--eval-examples", "20", "--threads", "1"},
         {"--out=runs/x", "--pretrain-steps", "10", "--lora-rank", "4", "--corpus", "c.txt", "17"},
+        {"--train", "d.csv", "--valid", "v.csv", "--input-field", "mr", "--output-field", "ref", "--truncate", "right"},
+        {"--train", "d.jsonl", "--label-field", "label", "--label-words", "0=negative,1=positive", "--task-type",
+         "classification"},
     };
     for (size_t i = 0; i < lines.size(); ++i) {
         std::string s;

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <iostream>
 #include <stdexcept>
@@ -47,6 +48,16 @@ cxxopts::ParseResult parse(cxxopts::Options& o, int argc, char** argv, const std
     }
     if (!r.unmatched().empty()) throw std::invalid_argument(fmt::format("unexpected argument '{}'", r.unmatched()[0]));
     return r;
+}
+
+std::vector<std::string> split_list(const std::string& s) {
+    std::vector<std::string> out;
+    for (size_t start = 0; start <= s.size();) {
+        size_t end = std::min(s.find(',', start), s.size());
+        if (end > start) out.push_back(s.substr(start, end - start));
+        start = end + 1;
+    }
+    return out;
 }
 
 int64_t whole_number(const std::string& flag, const std::string& text, int64_t min) {

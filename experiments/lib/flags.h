@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <cxxopts.hpp>
 
@@ -14,6 +15,10 @@ namespace peftlab::flags {
 // Parses argv: --help prints the options (then `epilog`, when given) and
 // exits 0; a positional argument throws std::invalid_argument naming it.
 cxxopts::ParseResult parse(cxxopts::Options& o, int argc, char** argv, const std::string& epilog = "");
+
+// The items of a comma-separated list ("a,b,,c" -> a, b, c: empty items are
+// skipped). The one list parser of the experiment binaries.
+std::vector<std::string> split_list(const std::string& s);
 
 // The whole number `text` given to `flag` ("--seq"), at least `min`; throws
 // std::invalid_argument naming the flag and the value.

@@ -21,9 +21,11 @@
 #include "datasets/corpus.h"
 #include "datasets/gpt2_tokenizer.h"
 #include "datasets/metrics.h"
+#include "datasets/tasks.h"
 #include "nn/checkpoint.h"
 #include "nn/generate.h"
 #include "nn/hf_gpt2.h"
+#include "nn/presets.h"
 #include "nn/safetensors.h"
 #include "nn/trainer.h"
 #include "peft/adapter_io.h"
@@ -39,24 +41,6 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Dimension presets; vocab is set from the tokenizer.
-GPTConfig preset(const std::string& name) {
-    GPTConfig c;
-    if (name == "tiny") {
-        c.d_model = 64, c.n_layers = 2, c.n_heads = 4, c.d_ff = 256, c.max_seq = 48;
-    } else if (name == "demo") {
-        c.d_model = 128, c.n_layers = 4, c.n_heads = 4, c.d_ff = 512, c.max_seq = 48;
-    } else if (name == "small") {
-        c.d_model = 256, c.n_layers = 4, c.n_heads = 4, c.d_ff = 1024, c.max_seq = 128;
-    } else if (name == "medium") {
-        c.d_model = 512, c.n_layers = 8, c.n_heads = 8, c.d_ff = 2048, c.max_seq = 256;
-    } else {
-        throw std::invalid_argument(
-            fmt::format("--config: unknown preset '{}' (known: tiny, demo, small, medium)", name));
-    }
-    return c;
-}
-
 // Stable 64-bit FNV-1a of a string (cache keys).
 uint64_t fnv1a(const std::string& s) {
     uint64_t h = 1469598103934665603ull;
@@ -64,41 +48,7 @@ uint64_t fnv1a(const std::string& s) {
     return h;
 }
 
-// Default split sizes and generation lengths per task.
-struct TaskDefaults {
-    size_t n_train, n_valid, n_test;
-    int max_new_tokens;
-};
-TaskDefaults task_defaults(const std::string& task) {
-    // e2e: a low-data regime (as Li & Liang's 50-500 example E2E subsets),
-    // where what the base learned in pretraining shows; sweep-data goes larger.
-    if (task == "e2e") return {300, 200, 200, 40};
-    if (task == "classify") return {2000, 200, 200, 2};
-    return {2000, 200, 200, 16};  // algorithmic
-}
-
 }  // namespace
-
-std::vector<std::string> split_list(const std::string& s) {
-    std::vector<std::string> out;
-    std::stringstream ss(s);
-    std::string item;
-    while (std::getline(ss, item, ','))
-        if (!item.empty()) out.push_back(item);
-    return out;
-}
-
-int64_t parse_count(const std::string& flag, const std::string& item) {
-    size_t used = 0;
-    long long v = -1;
-    try {
-        v = std::stoll(item, &used);
-    } catch (const std::exception&) {
-    }
-    if (used != item.size() || v < 0)
-        throw std::invalid_argument(fmt::format("{}: '{}' is not a whole number >= 0", flag, item));
-    return int64_t(v);
-}
 
 MethodSpec make_spec(const CommonArgs& a, const std::string& entry) {
     MethodSpec s{entry == "prefix-reparam" ? "prefix" : entry, entry, {}, false};
@@ -130,7 +80,7 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
     // clang-format off
     o.add_options()
         ("h,help", "print this help")
-        ("config", "dimension preset: tiny, demo, small, medium", cxxopts::value<std::string>()->default_value(d.config))
+        ("config", "dimension preset: tiny, demo, small, medium (nn/presets.h)", cxxopts::value<std::string>()->default_value(d.config))
         ("vocab", "vocabulary size (byte tokenizer only; word vocabularies are built from the data)", cxxopts::value<int64_t>())
         ("d-model", "model width d", cxxopts::value<int64_t>())
         ("layers", "number of layers L", cxxopts::value<int>())
@@ -138,8 +88,18 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
         ("d-ff", "MLP hidden width", cxxopts::value<int64_t>())
         ("seq", "context length T (max_seq)", cxxopts::value<int64_t>())
         ("batch", "batch rows", cxxopts::value<int64_t>()->default_value(std::to_string(d.batch)))
-        ("task", "task (its data also builds the word vocabulary): " + [] { std::string s; for (auto& t : data::task_names()) s += (s.empty() ? "" : ", ") + t; return s; }(),
+        ("task", "built-in or registered task (its data also builds the word vocabulary): " + [] { std::string s; for (auto& t : data::task_names()) s += (s.empty() ? "" : ", ") + t; return s; }(),
             cxxopts::value<std::string>()->default_value(d.task))
+        ("train", "training data file (.jsonl, .csv, .tsv) instead of --task; alone, it is split 80/10/10 by a seeded shuffle", cxxopts::value<std::string>()->default_value(d.files.train))
+        ("valid", "validation data file (with --train)", cxxopts::value<std::string>()->default_value(d.files.valid))
+        ("test", "test data file (with --train)", cxxopts::value<std::string>()->default_value(d.files.test))
+        ("task-type", "generation or classification (default: classification when --text-field, --label-field or --label-words is given)", cxxopts::value<std::string>()->default_value(""))
+        ("input-field", "generation: the field of the input", cxxopts::value<std::string>()->default_value(d.files.input_field))
+        ("output-field", "generation: the field of the output (rows sharing an input are its references)", cxxopts::value<std::string>()->default_value(d.files.output_field))
+        ("text-field", "classification: the field of the text", cxxopts::value<std::string>()->default_value(d.files.text_field))
+        ("label-field", "classification: the field of the label", cxxopts::value<std::string>()->default_value(d.files.label_field))
+        ("label-words", "classification: words the model answers for labels, as label=word,label=word (default: the labels)", cxxopts::value<std::string>()->default_value(""))
+        ("truncate", "an example longer than --seq: left (cut the source's start), right (its end) or error", cxxopts::value<std::string>()->default_value(d.truncate))
         ("seed", "random seed", cxxopts::value<uint64_t>()->default_value(std::to_string(d.seed)))
         ("threads", "threads for OpenBLAS and OpenMP (0 = all cores; default: PEFTLAB_THREADS, else all cores; "
                     "capped at the cores)", cxxopts::value<int64_t>())
@@ -183,7 +143,11 @@ int64_t max_useful_train_examples(const CommonArgs& a) {
 CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
     CommonArgs a = d;
     a.config = r["config"].as<std::string>();
-    a.model = preset(a.config);
+    try {
+        a.model = model_preset(a.config);  // vocab is set from the tokenizer
+    } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument(std::string("--config: ") + e.what());
+    }
     auto positive = [&](const char* flag, int64_t v) {
         if (v < 1) throw std::invalid_argument(fmt::format("--{}: {} must be >= 1", flag, v));
         return v;
@@ -196,10 +160,40 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
     if (r.count("seq")) a.model.max_seq = positive("seq", r["seq"].as<int64_t>());
     a.batch = positive("batch", r["batch"].as<int64_t>());
     a.task = r["task"].as<std::string>();
-    const auto& names = data::task_names();
-    if (std::find(names.begin(), names.end(), a.task) == names.end())
-        throw std::invalid_argument(fmt::format("--task: unknown task '{}'", a.task));
+    try {
+        data::task_info(a.task);
+    } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument(std::string("--task: ") + e.what());
+    }
     a.seed = r["seed"].as<uint64_t>();
+    a.files.train = r["train"].as<std::string>();
+    a.files.valid = r["valid"].as<std::string>();
+    a.files.test = r["test"].as<std::string>();
+    if (a.files.train.empty() && (!a.files.valid.empty() || !a.files.test.empty()))
+        throw std::invalid_argument(fmt::format("--{}: needs --train", a.files.valid.empty() ? "test" : "valid"));
+    if (!a.files.train.empty() && r.count("task"))
+        throw std::invalid_argument(fmt::format("--task {} and --train {}: give one (a task, or data files)", a.task,
+                                                a.files.train));
+    const std::string type = r["task-type"].as<std::string>();
+    if (type != "" && type != "generation" && type != "classification")
+        throw std::invalid_argument(fmt::format("--task-type: '{}' is not generation or classification", type));
+    a.files.classification = type.empty() ? r.count("text-field") || r.count("label-field") || r.count("label-words")
+                                          : type == "classification";
+    a.files.input_field = r["input-field"].as<std::string>();
+    a.files.output_field = r["output-field"].as<std::string>();
+    a.files.text_field = r["text-field"].as<std::string>();
+    a.files.label_field = r["label-field"].as<std::string>();
+    a.files.label_words.clear();
+    for (const std::string& item : flags::split_list(r["label-words"].as<std::string>())) {
+        const size_t eq = item.find('=');
+        if (eq == std::string::npos || eq == 0 || eq + 1 == item.size())
+            throw std::invalid_argument(fmt::format("--label-words: '{}' is not label=word", item));
+        if (!a.files.label_words.emplace(item.substr(0, eq), item.substr(eq + 1)).second)
+            throw std::invalid_argument(fmt::format("--label-words: label '{}' is given twice", item.substr(0, eq)));
+    }
+    a.files.seed = a.seed + 100;
+    a.truncate = r["truncate"].as<std::string>();
+    data::parse_truncate(a.truncate);
     a.threads = 0;
     if (r.count("threads")) {
         const int64_t t = r["threads"].as<int64_t>();
@@ -229,7 +223,7 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
     if (!a.fine_tunes) return a;
 
     const std::string list = r["methods"].as<std::string>();
-    a.methods = split_list(list);
+    a.methods = flags::split_list(list);
     if (a.methods.empty())
         throw std::invalid_argument(fmt::format("--methods: '{}' names no method (known: {})", list, [] {
             std::string s;
@@ -291,9 +285,17 @@ Base prepare_base(const CommonArgs& args) {
         return base;
     }
     // The tokenizer and corpus are cheap to rebuild; the model is what we cache.
+    // The task at its default size, so that every --n-train shares one
+    // vocabulary and therefore one cached base.
+    CommonArgs default_size = args;
+    default_size.n_train = 0;
+    const data::Task task = load_task(default_size);
     std::string corpus_text;
     if (args.corpus.empty()) {
-        corpus_text = data::restaurant_corpus(20000, args.seed);
+        corpus_text = task.corpus ? task.corpus(args.seed) : data::restaurant_corpus(data::kDefaultCorpusLines, args.seed);
+        if (!task.corpus)
+            fmt::print(stderr, "[pretrain] task {} brings no pretraining text: the built-in restaurant corpus is used "
+                               "(--corpus FILE for text of your own)\n", task.name);
     } else {
         data::TextSplit split = data::load_text_corpus(args.corpus, 0.05, args.seed);
         corpus_text = split.train + split.valid;
@@ -307,12 +309,7 @@ Base prepare_base(const CommonArgs& args) {
         // The vocabulary covers the domain: the corpus and every split of the
         // task, so that unseen venue names are distinct words (with untrained
         // embeddings) rather than <unk>.
-        // The task at its default size, so that every --n-train shares one
-        // vocabulary and therefore one cached base.
         std::string vocab_text = corpus_text;
-        CommonArgs default_size = args;
-        default_size.n_train = 0;
-        data::TaskData task = load_task(default_size);
         for (const auto* split : {&task.train, &task.valid, &task.test})
             for (const data::Example& ex : *split) (vocab_text += '\n') += data::format_example(ex);
         base.tokenizer = std::make_unique<data::WordTokenizer>(data::WordTokenizer::build(vocab_text, 4000));
@@ -321,7 +318,7 @@ Base prepare_base(const CommonArgs& args) {
     base.config.vocab = base.tokenizer->vocab_size();
     base.key = {{"config", base.config.to_json()},
                 {"tokenizer", base.tokenizer->to_json()},
-                {"corpus", args.corpus},
+                {"corpus", args.corpus.empty() ? task.corpus_id : args.corpus},
                 {"steps", args.pretrain_steps},
                 {"seed", args.seed},
                 {"batch", args.batch},
@@ -432,7 +429,7 @@ long double available_memory_bytes() {
     return avail;
 }
 
-void check_run(const CommonArgs& a, const Base& base, const data::TaskData& task) {
+void check_run(const CommonArgs& a, const Base& base, const data::Task& task) {
     // --out: created and written to now, not after the first method has trained.
     if (!a.out.empty()) {
         std::error_code ec;
@@ -485,16 +482,13 @@ void check_run(const CommonArgs& a, const Base& base, const data::TaskData& task
             longest_target = std::max(longest_target, t);
             longest_example = std::max(longest_example, int64_t(tok.encode(ex.source).size()) + sep + t + 2);
         }
-    const int64_t max_new = task_defaults(task.name).max_new_tokens;
+    const int64_t max_new = task.defaults.max_new_tokens;
     const int64_t need = std::max(longest_target + sep + 1, max_new + 2);
     if (cfg.max_seq < need)
         throw std::invalid_argument(fmt::format(
             "--seq {} is too short for task {}: its longest target takes {} tokens with separator and EOS, and "
             "generation needs {} new tokens after a prompt; use --seq >= {}",
             cfg.max_seq, task.name, longest_target + sep + 1, max_new, need));
-    if (longest_example - 1 > cfg.max_seq)
-        fmt::print(stderr, "note: some {} examples take up to {} tokens; with --seq {} their sources are cut\n",
-                   task.name, longest_example - 1, cfg.max_seq);
 
     if (a.eval_examples > int64_t(task.test.size()))
         fmt::print(stderr, "note: --eval-examples {}: the {} test split has {} examples; scoring all {}\n",
@@ -520,9 +514,14 @@ void check_run(const CommonArgs& a, const Base& base, const data::TaskData& task
     }
 }
 
+namespace {
+// The task fitted to the base's tokenizer and context, quietly (load_task(args, base) prints its report).
+data::Task fitted_task(const CommonArgs& args, const Base& base);
+}  // namespace
+
 Base load_or_pretrain(const CommonArgs& args) {
     Base base = prepare_base(args);
-    check_run(args, base, load_task(args));
+    check_run(args, base, fitted_task(args, base));
     if (!base.cached) fmt::print(stderr, "[pretrain] a new base in {}: {}\n", base.dir, why_new_base(base.key));
     fs::create_directories(base.dir);
     if (base.hf) {
@@ -603,9 +602,47 @@ Base load_or_pretrain(const CommonArgs& args) {
     return base;
 }
 
-data::TaskData load_task(const CommonArgs& args) {
-    TaskDefaults d = task_defaults(args.task);
+data::Task load_task(const CommonArgs& args) {
+    if (!args.files.train.empty()) {
+        data::FileTaskOptions o = args.files;
+        o.n_train = args.n_train;
+        return data::load_file_task(o);
+    }
+    const data::TaskDefaults& d = data::task_info(args.task).defaults;
     return data::make_task(args.task, args.n_train ? args.n_train : d.n_train, d.n_valid, d.n_test, args.seed + 100);
+}
+
+namespace {
+data::Task fitted_task(const CommonArgs& args, const Base& base) {
+    data::Task task = load_task(args);
+    data::fit_to_context(task, *base.tokenizer, int(base.config.max_seq), data::parse_truncate(args.truncate));
+    return task;
+}
+}  // namespace
+
+data::Task load_task(const CommonArgs& args, const Base& base) {
+    data::Task task = fitted_task(args, base);
+    for (const std::string& note : task.report.notes) fmt::print(stderr, "[data] {}\n", note);
+    for (const auto& [split, r] : task.report.splits) {
+        std::string left_out;
+        if (r.blank_rows) left_out += fmt::format(", {} blank rows left out", r.blank_rows);
+        if (r.duplicate_rows) left_out += fmt::format(", {} duplicate rows left out", r.duplicate_rows);
+        if (r.dropped_too_long) left_out += fmt::format(", {} left out as too long for --seq {}", r.dropped_too_long, base.config.max_seq);
+        if (r.truncated) left_out += fmt::format(", {} sources cut to fit --seq {} (--truncate {})", r.truncated, base.config.max_seq, args.truncate);
+        fmt::print(stderr, "[data] {} {}: {} examples ({} pairs{}){}\n", task.name, split, r.examples, r.pairs,
+                   r.path.empty() ? "" : " from " + r.path, left_out);
+    }
+    return task;
+}
+
+nlohmann::json data_report_json(const data::Task& task) {
+    nlohmann::json j = {{"task", task.name}, {"notes", task.report.notes}, {"left_out", task.report.left_out()}};
+    for (const auto& [split, r] : task.report.splits)
+        j["splits"][split] = {{"path", r.path},           {"rows", r.rows},
+                              {"examples", r.examples},   {"pairs", r.pairs},
+                              {"blank_rows", r.blank_rows}, {"duplicate_rows", r.duplicate_rows},
+                              {"truncated", r.truncated}, {"dropped_too_long", r.dropped_too_long}};
+    return j;
 }
 
 // ---- fine-tuning one method -------------------------------------------------------------------
@@ -663,16 +700,16 @@ double split_loss(Run& r, const std::vector<data::Example>& split, const data::T
     r.model->train();
     return total / double(count);
 }
-double valid_loss(Run& r, const data::TaskData& task, const data::Tokenizer& tok, int64_t batch) {
+double valid_loss(Run& r, const data::Task& task, const data::Tokenizer& tok, int64_t batch) {
     return split_loss(r, task.valid, tok, batch);
 }
 
 // Generation-based metric on the first n test examples.
-void score(Run& r, const data::TaskData& task, const data::Tokenizer& tok, int64_t n, int64_t batch,
+void score(Run& r, const data::Task& task, const data::Tokenizer& tok, int64_t n, int64_t batch,
            MethodResult& res) {
     NoGradGuard no_grad;
     r.model->eval();
-    const int max_new = task_defaults(task.name).max_new_tokens;
+    const int max_new = task.defaults.max_new_tokens;
     const int64_t prompt_budget = r.model->config().max_seq - max_new;
     std::vector<std::string> hyps;
     n = std::min<int64_t>(n, int64_t(task.test.size()));
@@ -692,7 +729,6 @@ void score(Run& r, const data::TaskData& task, const data::Tokenizer& tok, int64
         for (auto& out : generate(*r.model, prompts, go)) hyps.push_back(tok.decode(out));
     }
     r.model->train();
-    res.metric_name = task.metric_name;
     std::vector<data::Example> ex(task.test.begin(), task.test.begin() + n);
     for (size_t i = 0; i < std::min<size_t>(3, ex.size()); ++i) {
         res.samples.emplace_back(ex[i].source, hyps[i]);
@@ -705,43 +741,19 @@ void score(Run& r, const data::TaskData& task, const data::Tokenizer& tok, int64
         res.flags.push_back(fmt::format("empty generations: all {} outputs are empty", hyps.size()));
     else if (hyps.size() > 1 && std::all_of(hyps.begin(), hyps.end(), [&](const std::string& h) { return h == hyps[0]; }))
         res.flags.push_back(fmt::format("constant output: all {} generations are \"{}\"", hyps.size(), hyps[0]));
-    if (task.metric_name == "bleu") {
-        std::vector<std::vector<std::string>> refs;
-        std::vector<std::map<std::string, std::string>> mrs;
-        for (auto& e : ex) {
-            refs.push_back(e.references);
-            mrs.push_back(e.slots);
-        }
-        res.metric = data::corpus_bleu(hyps, refs).bleu;
-        res.extra_metrics["slot_error_rate"] = data::slot_error_rate(hyps, mrs, data::e2e_lexicon()).rate;
-    } else if (task.metric_name == "accuracy") {
-        std::vector<int> pred, gold;
-        for (size_t i = 0; i < ex.size(); ++i) {
-            auto words = data::split_words(hyps[i]);
-            auto it = std::find(task.labels.begin(), task.labels.end(), words.empty() ? "" : words[0]);
-            pred.push_back(it == task.labels.end() ? -1 : int(it - task.labels.begin()));
-            gold.push_back(int(std::find(task.labels.begin(), task.labels.end(), ex[i].target) - task.labels.begin()));
-        }
-        res.metric = data::accuracy(pred, gold);
-        // A classifier that answers one class for every example: said as such
-        // (rather than as a constant generation).
-        if (pred.size() > 1 && std::all_of(pred.begin(), pred.end(), [&](int p) { return p == pred[0]; })) {
-            std::erase_if(res.flags, [](const std::string& f) { return f.rfind("constant output", 0) == 0; });
-            res.flags.push_back(pred[0] >= 0 ? fmt::format("single class: predicts \"{}\" for all {} examples",
-                                                           task.labels[size_t(pred[0])], pred.size())
-                                             : fmt::format("single class: answers no label word for all {} "
-                                                           "examples (\"{}\")",
-                                                           pred.size(), hyps[0]));
-        }
-    } else {
-        std::vector<std::string> refs;
-        for (auto& e : ex) refs.push_back(e.target);
-        res.metric = data::exact_match(hyps, refs);
-    }
+    res.metric_name = task.metric_name();
+    if (ex.empty()) return;
+    data::Score sc = task.score(ex, hyps);
+    res.metric = sc.value;
+    res.extra_metrics = sc.extra;
+    // The task's own flag (e.g. a classifier answering one class) says more than "constant output".
+    if (!sc.flags.empty())
+        std::erase_if(res.flags, [](const std::string& f) { return f.rfind("constant output", 0) == 0; });
+    res.flags.insert(res.flags.end(), sc.flags.begin(), sc.flags.end());
 }
 
 // Trains run `r` for `steps` at `lr`; fills the curves when `res` is given.
-TrainSummary train(Run& r, const data::TaskData& task, const data::Tokenizer& tok, int64_t steps, double lr,
+TrainSummary train(Run& r, const data::Task& task, const data::Tokenizer& tok, int64_t steps, double lr,
                    int64_t batch, int64_t eval_every, uint64_t seed, MethodResult* res, const std::string& prefix) {
     NamedTensors params = trained_tensors(r);
     AdamWOptions ao;
@@ -776,7 +788,7 @@ TrainSummary train(Run& r, const data::TaskData& task, const data::Tokenizer& to
 }
 
 // One measured training step: FLOPs from the counters, peak tracked bytes.
-void measure_step(Run& r, const data::TaskData& task, const data::Tokenizer& tok, int64_t batch, MethodResult& res) {
+void measure_step(Run& r, const data::Task& task, const data::Tokenizer& tok, int64_t batch, MethodResult& res) {
     NamedTensors params = trained_tensors(r);
     AdamW opt(params, AdamWOptions{});
     std::vector<size_t> idx;
@@ -858,7 +870,7 @@ std::string trainable_params_line(const peft::Adapter& adapter, const GPT& model
                        vals.empty() ? "" : "; ", vals);
 }
 
-MethodResult run_method(const Base& base, const data::TaskData& task, const MethodSpec& spec, const Budget& budget,
+MethodResult run_method(const Base& base, const data::Task& task, const MethodSpec& spec, const Budget& budget,
                         const std::string& out_dir, uint64_t seed) {
     const data::Tokenizer& tok = *base.tokenizer;
     MethodResult res;
@@ -944,7 +956,7 @@ MethodResult run_method(const Base& base, const data::TaskData& task, const Meth
 }
 
 MethodResult evaluate(std::unique_ptr<GPT> model, std::unique_ptr<peft::Adapter> adapter, const data::Tokenizer& tok,
-                      const data::TaskData& task, int64_t eval_examples, int64_t batch, const std::string& label) {
+                      const data::Task& task, int64_t eval_examples, int64_t batch, const std::string& label) {
     MethodResult res;
     res.method = adapter ? adapter->method() : "none";
     res.label = label;

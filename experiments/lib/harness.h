@@ -10,7 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "datasets/tasks.h"
+#include "datasets/files.h"
+#include "datasets/task.h"
 #include "datasets/tokenizer.h"
 #include "nn/gpt.h"
 #include "peft/adapter.h"
@@ -23,6 +24,12 @@ struct CommonArgs {
     GPTConfig model;
     int64_t batch = 16;
     std::string task = "e2e";
+    // A task from files instead (datasets/files.h): --train [--valid --test],
+    // generation (--input-field/--output-field) or classification
+    // (--text-field/--label-field/--label-words); --truncate for examples
+    // longer than --seq.
+    data::FileTaskOptions files;  // files.train "" = the registered task --task
+    std::string truncate = "left";
     std::vector<std::string> methods;
     uint64_t seed = 0;
     int threads = 0;
@@ -94,7 +101,7 @@ Base prepare_base(const CommonArgs& args);
 // corpus too small for pretraining windows of --seq tokens; an estimated peak
 // memory above what the run may use (estimate_peak_bytes; --max-memory
 // overrides). Prints notes (to stderr) for what it adjusts or warns about.
-void check_run(const CommonArgs& args, const Base& base, const data::TaskData& task);
+void check_run(const CommonArgs& args, const Base& base, const data::Task& task);
 
 // Estimated peak bytes of one training step (weights, the trained tensors'
 // gradients and AdamW moments, saved activations, logits, attention
@@ -114,8 +121,15 @@ long double base_param_count(const GPTConfig& cfg);
 // Bytes this process may still allocate: min(MemAvailable, RLIMIT_AS - VmSize); -1 if unknown.
 long double available_memory_bytes();
 
-// The task's data, sized by args (or the task's defaults).
-data::TaskData load_task(const CommonArgs& args);
+// The task's data as read or generated: the files of --train/--valid/--test,
+// else the registered task --task sized by --n-train (or its defaults).
+data::Task load_task(const CommonArgs& args);
+// The same fitted to the base's tokenizer and context (data::fit_to_context
+// with --truncate), its data report printed to stderr: what a run trains on.
+data::Task load_task(const CommonArgs& args, const Base& base);
+// The task's data report as results.json holds it: the name, and per split
+// the file, rows, examples, pairs and the rows left out or truncated, with notes.
+nlohmann::json data_report_json(const data::Task& task);
 
 // One fine-tuning run's outcome (the fields of results.json).
 struct MethodResult {
@@ -181,23 +195,20 @@ Budget make_budget(const CommonArgs& args);
 // Default lr when a sweep does not search: the middle of the method's grid.
 double default_lr(const std::string& method);
 
-std::vector<std::string> split_list(const std::string& s);
-// A whole number >= 0 from a flag's list item; throws naming the flag and item.
-int64_t parse_count(const std::string& flag, const std::string& item);
 
 // Default learning-rate grid per method (3 candidates, the same count for all).
 std::vector<double> default_lr_grid(const std::string& method);
 
 // Fine-tunes `spec` from the base on the task (lr search, then the full
 // budget at the best lr) and evaluates on the test split.
-MethodResult run_method(const Base& base, const data::TaskData& task, const MethodSpec& spec, const Budget& budget,
+MethodResult run_method(const Base& base, const data::Task& task, const MethodSpec& spec, const Budget& budget,
                         const std::string& out_dir, uint64_t seed);
 
 // Evaluates `model` (with `adapter` activated on it, or none) on the task:
 // loss on the validation and test splits, and the task's metric on the first
 // eval_examples test examples (greedy decoding), flags included.
 MethodResult evaluate(std::unique_ptr<GPT> model, std::unique_ptr<peft::Adapter> adapter, const data::Tokenizer& tok,
-                      const data::TaskData& task, int64_t eval_examples, int64_t batch, const std::string& label);
+                      const data::Task& task, int64_t eval_examples, int64_t batch, const std::string& label);
 
 // Writes results.json (with `extra` merged at the top level), metrics.csv (one
 // row per method and update: method, step, train_loss, valid_loss) and the

@@ -1,0 +1,322 @@
+// Tasks from files (datasets/files.h): the JSONL and CSV/TSV readers against
+// RFC 4180 / JSON Lines semantics written out by hand, every error naming the
+// file and line, multi-reference grouping, classification labels, the seeded
+// split of a single file, the truncation modes (datasets/batch.h) and the
+// scorers of datasets/task.h.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <set>
+
+#include "datasets/batch.h"
+#include "datasets/files.h"
+#include "datasets/tokenizer.h"
+#include "tests/testing.h"
+
+using namespace peftlab;
+using namespace peftlab::data;
+using Catch::Matchers::Contains;
+
+namespace {
+
+std::vector<std::string> column(const Table& t, const std::string& name) {
+    std::vector<std::string> out;
+    for (const Row& r : t.rows) out.push_back(r.fields.at(name));
+    return out;
+}
+
+std::string error_of(const std::function<void()>& f) {
+    try {
+        f();
+    } catch (const std::exception& e) {
+        return e.what();
+    }
+    return "(no error)";
+}
+
+}  // namespace
+
+TEST_CASE("CSV: quoted commas, doubled quotes, embedded newlines, BOM and CRLF as RFC 4180 says", "[datasets_files]") {
+    // RFC 4180 sec. 2: a quoted field may hold the delimiter, CRLF and "" for one quote.
+    const std::string text =
+        "\xEF\xBB\xBFmr,ref\r\n"
+        "\"name[A], food[B]\",\"He said \"\"hi\"\", twice\"\r\n"
+        "plain,\"two\nlines\"\r\n"
+        "\r\n"
+        " spaced ,\"\"\r\n"
+        "last,row";  // no final line end
+    Table t = parse_delimited(text, "x.csv", ',');
+    CHECK(t.columns == std::vector<std::string>{"mr", "ref"});  // the BOM is not part of the first name
+    CHECK(column(t, "mr") == std::vector<std::string>{"name[A], food[B]", "plain", " spaced ", "last"});
+    CHECK(column(t, "ref") == std::vector<std::string>{"He said \"hi\", twice", "two\nlines", "", "row"});
+    // Lines where the records start: the quoted newline moves the later ones down.
+    std::vector<size_t> lines;
+    for (const Row& r : t.rows) lines.push_back(r.line);
+    CHECK(lines == std::vector<size_t>{2, 3, 6, 7});
+    CHECK(t.blank_rows == 1);
+    // An empty field is refused when it is used, naming file, line and field.
+    CHECK_THROWS_WITH(t.field(t.rows[2], "ref"), "x.csv:6: field 'ref' is empty");
+    CHECK_THROWS_WITH(t.field(t.rows[0], "output"), Contains("x.csv:2: no field 'output' (fields: mr, ref)"));
+}
+
+TEST_CASE("TSV: tab-delimited with the same quoting", "[datasets_files]") {
+    Table t = parse_delimited("input\toutput\na, b\t\"x\ty\"\n", "x.tsv", '\t');
+    CHECK(column(t, "input") == std::vector<std::string>{"a, b"});
+    CHECK(column(t, "output") == std::vector<std::string>{"x\ty"});
+}
+
+TEST_CASE("CSV errors name the file and the line", "[datasets_files]") {
+    auto err = [](const std::string& text) { return error_of([&] { parse_delimited(text, "d.csv", ','); }); };
+    CHECK_THAT(err("a,b\n1,2\n\"open,3\n4,5\n"), Contains("d.csv:3:") && Contains("never closed"));
+    CHECK_THAT(err("a,b\n1,2\nx\"y,3\n"), Contains("d.csv:3: malformed CSV"));
+    CHECK_THAT(err("a,b\n1,2\n\"q\"z,3\n"), Contains("d.csv:3: malformed CSV"));
+    CHECK_THAT(err("a,b\n1,2\n1,2,3\n"), Contains("d.csv:3: 3 fields, the header has 2 (a, b)"));
+    CHECK_THAT(err("a,a\n1,2\n"), Contains("d.csv:1: header names column 'a' twice"));
+    CHECK_THAT(err(""), Contains("d.csv: empty file"));
+    CHECK_THAT(err("\n\r\n"), Contains("d.csv: empty file"));
+    CHECK_THAT(err("a,b\n1,2\ncaf\xE9,3\n"), Contains("d.csv:3: invalid UTF-8 at byte"));
+    CHECK_THAT(err(std::string("a,b\n1,\0\n", 8)), Contains("d.csv:2: NUL byte"));
+    CHECK_THAT(err("a,b\n" + std::string(kMaxRowBytes + 10, 'x') + ",1\n"), Contains("d.csv:2: a record longer than"));
+}
+
+TEST_CASE("JSONL: one object per line; numbers and booleans are text as written", "[datasets_files]") {
+    Table t = parse_jsonl("{\"text\": \"ok\", \"label\": 1}\r\n\n  \n{\"text\": \"caf\\u00e9\", \"label\": true, "
+                          "\"meta\": [1]}\n",
+                          "r.jsonl");
+    CHECK(column(t, "text") == std::vector<std::string>{"ok", "caf\xC3\xA9"});
+    CHECK(column(t, "label") == std::vector<std::string>{"1", "true"});
+    CHECK(t.rows[1].line == 4);
+    CHECK(t.blank_rows == 2);
+    CHECK_THROWS_WITH(t.field(t.rows[1], "meta"), "r.jsonl:4: field 'meta' is an array, expected text");
+    CHECK_THROWS_WITH(t.field(t.rows[0], "input"), "r.jsonl:1: no field 'input' (fields: label, text)");
+}
+
+TEST_CASE("JSONL errors name the file and the line", "[datasets_files]") {
+    auto err = [](const std::string& text) { return error_of([&] { parse_jsonl(text, "r.jsonl"); }); };
+    CHECK_THAT(err("{\"a\": 1}\n{\"a\": }\n"), Contains("r.jsonl:2: malformed JSON"));
+    CHECK_THAT(err("{\"a\": 1}\n[1, 2]\n"), Contains("r.jsonl:2: a JSON array, expected an object"));
+    CHECK_THAT(err("{\"a\": 1}\n{\"a\": 1}{\"b\": 2}\n"), Contains("r.jsonl:2: malformed JSON"));
+    CHECK_THAT(err("\n\n"), Contains("r.jsonl: empty file"));
+    CHECK_THAT(err("{\"a\": \"\xFF\"}\n"), Contains("r.jsonl:1: invalid UTF-8"));
+}
+
+TEST_CASE("read_table picks the format by extension and refuses others", "[datasets_files]") {
+    testing::TempDir tmp;
+    CHECK(read_table(tmp.file("a.CSV", "x\n1\n")).rows.size() == 1);
+    CHECK(read_table(tmp.file("a.tsv", "x\ty\n1\t2\n")).columns.size() == 2);
+    CHECK_THROWS_WITH(read_table(tmp.file("a.txt", "x\n")), Contains("unknown data format '.txt'"));
+    CHECK_THROWS_WITH(read_table(tmp.path("missing.csv")), Contains("missing.csv: no such file"));
+}
+
+TEST_CASE("generation files: rows sharing an input are one example with every reference", "[datasets_files]") {
+    testing::TempDir tmp;
+    FileTaskOptions o;
+    o.train = tmp.file("train.csv", "mr,ref\nA,a one\nB,b one\nA,a two\nA,a one\nC,c one\n");
+    o.valid = tmp.file("valid.csv", "mr,ref\nD,d one\n");
+    o.test = tmp.file("test.csv", "mr,ref\nE,e one\nF,f one\nE,e two\nE,e three\n");
+    o.input_field = "mr", o.output_field = "ref";
+    Task t = load_file_task(o);
+    // Training: every distinct (input, output) pair, each knowing all its input's references.
+    REQUIRE(t.train.size() == 4);
+    CHECK(t.train[0].source == "A");
+    CHECK(t.train[0].target == "a one");
+    CHECK(t.train[2].target == "a two");
+    CHECK(t.train[2].references == std::vector<std::string>{"a one", "a two"});
+    CHECK(t.train[2].origin == o.train + ":4");
+    CHECK(t.report.splits.at("train").duplicate_rows == 1);  // "A,a one" again
+    CHECK(t.report.left_out() == 1);
+    // Test: each input once, first reference as the target, all as references.
+    REQUIRE(t.test.size() == 2);
+    CHECK(t.test[0].source == "E");
+    CHECK(t.test[0].target == "e one");
+    CHECK(t.test[0].references == std::vector<std::string>{"e one", "e two", "e three"});
+    CHECK(t.report.splits.at("test").pairs == 4);
+    CHECK(t.report.splits.at("test").examples == 2);
+    // The scorer reads every reference: output "e three" is a perfect BLEU for E.
+    Score s = t.score(t.test, {"e three", "f one"});
+    CHECK(s.name == "bleu");
+    CHECK(s.value == Approx(0.0));  // 2 tokens each: no 4-gram, BLEU-4 is 0 (Papineni)
+    Task long_refs = t;
+    long_refs.test = {Example{"E", "x", {"the cat sat on the mat", "a dog lay on a rug"}, {}, ""}};
+    CHECK(long_refs.score(long_refs.test, {"a dog lay on a rug"}).value == Approx(1.0));
+    CHECK(long_refs.score(long_refs.test, {"a dog lay on a rug"}).extra.at("rouge_l") == Approx(1.0));
+    CHECK(t.metric_name() == "bleu");
+    CHECK(t.defaults.max_new_tokens == 0);  // found from the data once tokenized
+}
+
+TEST_CASE("generation files: missing fields and empty values name file, line and field", "[datasets_files]") {
+    testing::TempDir tmp;
+    FileTaskOptions o;
+    o.train = tmp.file("t.jsonl", "{\"input\": \"a\", \"output\": \"b\"}\n{\"input\": \"c\"}\n");
+    CHECK_THROWS_WITH(load_file_task(o), Contains("t.jsonl:2: no field 'output'"));
+    o.train = tmp.file("t.csv", "input,output\na,b\nc,\n");
+    CHECK_THROWS_WITH(load_file_task(o), Contains("t.csv:3: field 'output' is empty"));
+    o.train = tmp.file("t2.csv", "mr,ref\na,b\n");
+    CHECK_THROWS_WITH(load_file_task(o), Contains("t2.csv:2: no field 'input' (fields: mr, ref)"));
+    o.train = tmp.file("h.csv", "input,output\n");
+    CHECK_THROWS_WITH(load_file_task(o), Contains("h.csv: no data rows"));
+    o.train = tmp.file("two.csv", "input,output\na,b\nc,d\n");
+    CHECK_THROWS_WITH(load_file_task(o), Contains("2 distinct input(s)"));
+}
+
+TEST_CASE("one file splits by distinct input, deterministically in the seed", "[datasets_files]") {
+    testing::TempDir tmp;
+    std::string csv = "input,output\n";
+    for (int i = 0; i < 40; ++i)
+        for (int r = 0; r < 1 + i % 3; ++r) csv += "in" + std::to_string(i) + ",out" + std::to_string(r) + "\n";
+    FileTaskOptions o;
+    o.train = tmp.file("all.csv", csv);
+    o.seed = 5;
+    Task a = load_file_task(o), b = load_file_task(o);
+    o.seed = 6;
+    Task c = load_file_task(o);
+    auto sources = [](const std::vector<Example>& v) {
+        std::vector<std::string> s;
+        for (const Example& e : v) s.push_back(e.source);
+        return s;
+    };
+    CHECK(sources(a.test) == sources(b.test));
+    CHECK(sources(a.train) == sources(b.train));
+    CHECK(sources(a.test) != sources(c.test));
+    // 10% of 40 inputs each for valid and test; no input in two splits; every row used.
+    CHECK(a.valid.size() == 4);
+    CHECK(a.test.size() == 4);
+    std::set<std::string> train_in(sources(a.train).begin(), sources(a.train).end());
+    CHECK(train_in.size() == 32);
+    for (const auto* split : {&a.valid, &a.test})
+        for (const Example& e : *split) CHECK_FALSE(train_in.count(e.source));
+    size_t pairs = a.train.size();
+    for (const auto* split : {&a.valid, &a.test})
+        for (const Example& e : *split) pairs += e.references.size();
+    CHECK(pairs == 79);  // the sum over i < 40 of 1 + i % 3
+    REQUIRE_FALSE(a.report.notes.empty());
+    CHECK_THAT(a.report.notes[0], Contains("40 distinct inputs: 4 valid, 4 test, 32 train (seed 5)"));
+}
+
+TEST_CASE("classification files: labels from the data, label words, unseen labels refused", "[datasets_files]") {
+    testing::TempDir tmp;
+    FileTaskOptions o;
+    o.classification = true;
+    o.train = tmp.file("tr.jsonl", "{\"text\": \"good\", \"label\": 1}\n{\"text\": \"bad\", \"label\": 0}\n"
+                                   "{\"text\": \"fine\", \"label\": 1}\n");
+    o.valid = tmp.file("va.jsonl", "{\"text\": \"meh\", \"label\": 0}\n");
+    o.test = tmp.file("te.jsonl", "{\"text\": \"great\", \"label\": 1}\n{\"text\": \"awful\", \"label\": 0}\n");
+    Task t = load_file_task(o);
+    CHECK(t.labels == std::vector<std::string>{"0", "1"});  // sorted
+    CHECK(t.train[0].target == "1");
+    o.label_words = {{"0", "negative"}, {"1", "positive"}};
+    t = load_file_task(o);
+    CHECK(t.labels == std::vector<std::string>{"negative", "positive"});
+    CHECK(t.test[1].target == "negative");
+    CHECK(t.metric_name() == "accuracy");
+    // Accuracy and macro-F1 (sklearn's definition) of label-word predictions.
+    Score s = t.score(t.test, {" positive.", "positively"});
+    CHECK(s.value == Approx(0.5));
+    // gold {1, 0}, predicted {1, none}: classes none/0/1 with F1 0, 0, 1 -> 1/3.
+    CHECK(s.extra.at("macro_f1") == Approx(1.0 / 3.0));
+    CHECK(t.score(t.test, {"negative", "negative"}).flags ==
+          std::vector<std::string>{"single class: predicts \"negative\" for all 2 examples"});
+
+    o.test = tmp.file("te2.jsonl", "{\"text\": \"great\", \"label\": 1}\n{\"text\": \"odd\", \"label\": 2}\n");
+    CHECK_THROWS_WITH(load_file_task(o), Contains("te2.jsonl:2: field 'label': label '2' never occurs in the training data"));
+    o.test = tmp.file("te3.jsonl", "{\"text\": \"great\", \"label\": [1]}\n");
+    CHECK_THROWS_WITH(load_file_task(o), Contains("te3.jsonl:1: field 'label' is an array"));
+    o.test = tmp.path("te.jsonl");
+    o.label_words = {{"7", "seven"}};
+    CHECK_THROWS_WITH(load_file_task(o), Contains("--label-words: label '7' does not occur"));
+    o.label_words = {{"0", "same"}, {"1", "same"}};
+    CHECK_THROWS_WITH(load_file_task(o), Contains("the same word 'same'"));
+}
+
+TEST_CASE("classification: one file splits per label, so every label stays in training", "[datasets_files]") {
+    testing::TempDir tmp;
+    std::string jsonl;
+    for (int i = 0; i < 30; ++i) jsonl += "{\"text\": \"common " + std::to_string(i) + "\", \"label\": \"a\"}\n";
+    for (int i = 0; i < 2; ++i) jsonl += "{\"text\": \"rare " + std::to_string(i) + "\", \"label\": \"b\"}\n";
+    FileTaskOptions o;
+    o.classification = true;
+    o.train = tmp.file("c.jsonl", jsonl);
+    Task t = load_file_task(o);
+    CHECK(t.valid.size() == 3);
+    CHECK(t.test.size() == 3);
+    CHECK(t.train.size() == 26);
+    CHECK(std::count_if(t.train.begin(), t.train.end(), [](const Example& e) { return e.target == "b"; }) == 2);
+    // The training split keeps file order (so --n-train takes a prefix).
+    CHECK(std::is_sorted(t.train.begin(), t.train.end(), [](const Example& x, const Example& y) {
+        auto line = [](const Example& e) { return std::stoi(e.origin.substr(e.origin.rfind(':') + 1)); };
+        return line(x) < line(y);
+    }));
+    o.n_train = 10;
+    CHECK(load_file_task(o).train.size() == 10);
+    o.n_train = 27;
+    CHECK_THROWS_WITH(load_file_task(o), Contains("--n-train 27") && Contains("26 training examples"));
+}
+
+TEST_CASE("truncation: left counts, right cuts the source, error names the example", "[datasets_files]") {
+    // Byte tokens: the framed example takes 1 + |source| + 4 (" => ") + |target| inputs.
+    ByteTokenizer tok;
+    auto task_of = [](std::vector<Example> train) {
+        Task t;
+        t.name = "t";
+        t.train = std::move(train);
+        t.valid = t.test = {Example{"s", "t", {"t"}, {}, "v.csv:2"}};
+        t.defaults.max_new_tokens = 0;
+        return t;
+    };
+    const Example long_ex{"abcdefghij", "xyz", {"xyz"}, {}, "f.csv:7"};  // 1 + 10 + 4 + 3 = 18 inputs
+    const Example short_ex{"ab", "xyz", {"xyz", "uvwxyz"}, {}, "f.csv:8"};
+    const Example huge_target{"a", std::string(20, 'q'), {}, {}, "f.csv:9"};
+
+    Task left = task_of({long_ex, short_ex});
+    fit_to_context(left, tok, 12, Truncate::Left);
+    CHECK(left.train[0].source == "abcdefghij");  // cut later, from the left, by encode_example
+    CHECK(left.report.splits["train"].truncated == 1);
+    CHECK(encode_example(left.train[0], tok, 12).tokens.size() == 13);
+    CHECK(left.defaults.max_new_tokens == 7);  // longest reference "uvwxyz" + EOS
+
+    Task right = task_of({long_ex, short_ex});
+    fit_to_context(right, tok, 12, Truncate::Right);
+    CHECK(right.train[0].source == "abcd");  // 1 + 4 + 4 + 3 = 12
+    CHECK(right.report.splits["train"].truncated == 1);
+
+    Task utf8 = task_of({Example{"\xC3\xA9\xC3\xA9\xC3\xA9", "x", {"x"}, {}, "u.csv:2"}});
+    fit_to_context(utf8, tok, 8, Truncate::Right);  // room 8 - 1 - 4 - 1 = 2 bytes: one character
+    CHECK(utf8.train[0].source == "\xC3\xA9");
+
+    Task error = task_of({short_ex, long_ex});
+    CHECK_THROWS_WITH(fit_to_context(error, tok, 12, Truncate::Error),
+                      Contains("f.csv:7: the example takes 18 tokens framed, more than --seq 12"));
+
+    Task dropped = task_of({huge_target, short_ex});
+    fit_to_context(dropped, tok, 12, Truncate::Right);
+    CHECK(dropped.train.size() == 1);
+    CHECK(dropped.report.splits["train"].dropped_too_long == 1);
+    CHECK(dropped.report.left_out() == 1);
+    Task only_huge = task_of({huge_target});
+    CHECK_THROWS_WITH(fit_to_context(only_huge, tok, 12, Truncate::Left), Contains("no train example fits --seq 12"));
+
+    CHECK(parse_truncate("right") == Truncate::Right);
+    CHECK_THROWS_WITH(parse_truncate("middle"), Contains("--truncate: 'middle'"));
+}
+
+TEST_CASE("the task registry: built-in tasks by name, registered ones alike", "[datasets_files]") {
+    const std::vector<std::string> names = task_names();
+    for (const char* n : {"e2e", "classify", "reverse", "sort", "add"})
+        CHECK(std::find(names.begin(), names.end(), n) != names.end());
+    CHECK(task_info("e2e").defaults.max_new_tokens == 40);
+    CHECK_THROWS_WITH(task_info("nope"), Contains("unknown task \"nope\""));
+    TaskInfo info{"test-echo", "echo the input", TaskDefaults{3, 1, 1, 4, {1e-3}}, [](const TaskRequest& r) {
+                      Task t;
+                      for (size_t i = 0; i < r.n_train; ++i) t.train.push_back({"w", "w", {"w"}, {}, ""});
+                      t.valid = t.test = {{"v", "v", {"v"}, {}, ""}};
+                      t.scorer = exact_match_scorer();
+                      return t;
+                  }};
+    if (std::find(names.begin(), names.end(), "test-echo") == names.end()) register_task(info);
+    CHECK_THROWS_WITH(register_task(info), Contains("already registered"));
+    Task t = make_task("test-echo", 2, 1, 1, 0);
+    CHECK(t.name == "test-echo");
+    CHECK(t.train.size() == 2);
+    CHECK(t.defaults.lr_grid == std::vector<double>{1e-3});
+    CHECK(t.score(t.test, {" v "}).value == 1.0);
+}
