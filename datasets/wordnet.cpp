@@ -359,9 +359,29 @@ void check_pool(const char* task, const char* split, size_t want, size_t have, c
                                                 want, split, what, have));
 }
 
+// Notes and corpus shared by both tasks. The corpus function holds its own
+// copy of the database's directory: cached() keeps the database alive for the
+// process, while `db` may be a caller's temporary.
+std::string corpus_id(const Database& db, const TaskOptions& opt);
+void attach_corpus(Task& t, const Database& db, const TaskOptions& opt, const TaskReport& rep) {
+    t.report.notes.push_back(fmt::format("{}: WordNet at {}: {}", t.name, db.dir, rep.summary()));
+    t.corpus_id = corpus_id(db, opt);
+    if (db.dir.empty()) {  // an in-memory database (tests): the corpus is built now
+        const std::string text = pretraining_corpus(db, 0, 0, opt);
+        t.corpus = [text](uint64_t) { return text; };
+        return;
+    }
+    t.corpus = [dir = db.dir, opt, name = t.name](uint64_t seed) {
+        TaskReport r;
+        std::string text = pretraining_corpus(cached(dir), 0, seed, opt, &r);
+        fmt::print(stderr, "[{}] pretraining corpus: {}\n", name, r.summary());
+        return text;
+    };
+}
+
 }  // namespace
 
-TaskData make_gloss_task(const Database& db, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed,
+Task make_gloss_task(const Database& db, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed,
                          const TaskOptions& opt, TaskReport* report) {
     const std::set<std::string> common = common_tokens(db, opt.common_words);
     TaskReport rep;
@@ -389,9 +409,10 @@ TaskData make_gloss_task(const Database& db, size_t n_train, size_t n_valid, siz
     check_pool("wordnet-gloss", "train", n_train, rep.pool_train);
     check_pool("wordnet-gloss", "valid", n_valid, rep.pool_valid);
     check_pool("wordnet-gloss", "test", n_test, rep.pool_test);
-    TaskData t;
+    Task t;
     t.name = "wordnet-gloss";
-    t.metric_name = "bleu";
+    t.scorer = generation_scorer();
+    attach_corpus(t, db, opt, rep);
     // valid / test: one example per key, the first n in FNV-1a order of the key.
     auto held_out = [&](Split sp, size_t n, std::vector<Example>& out) {
         std::vector<std::pair<uint64_t, std::string>> keys;
@@ -410,7 +431,7 @@ TaskData make_gloss_task(const Database& db, size_t n_train, size_t n_valid, siz
     return t;
 }
 
-TaskData make_pos_task(const Database& db, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed,
+Task make_pos_task(const Database& db, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed,
                        const TaskOptions& opt, TaskReport* report) {
     static const std::vector<std::string> kLabels = {"noun", "verb", "adjective", "adverb"};
     const std::set<std::string> common = common_tokens(db, opt.common_words);
@@ -445,10 +466,11 @@ TaskData make_pos_task(const Database& db, size_t n_train, size_t n_valid, size_
         rep.pool_test += pool[int(Split::Test)][c].size();
     }
     if (report) *report = rep;
-    TaskData t;
+    Task t;
     t.name = "wordnet-pos";
-    t.metric_name = "accuracy";
+    t.scorer = label_scorer(kLabels);
     t.labels = kLabels;
+    attach_corpus(t, db, opt, rep);
     auto take = [&](Split sp, size_t n, const char* name, bool shuffle, std::vector<Example>& out) {
         for (size_t c = 0; c < 4; ++c) {
             auto v = pool[int(sp)][c];
@@ -518,4 +540,26 @@ std::string pretraining_corpus(const Database& db, size_t max_lines, uint64_t se
     return out;
 }
 
+namespace {
+
+// Names the corpus text in the base's cache key: the database (directory and
+// data file sizes), the options and this code's version of the line format.
+std::string corpus_id(const Database& db, const TaskOptions& opt) {
+    return fmt::format("wordnet-corpus v1 {} synsets {}/{}/{}/{} common {} max_def {}", db.dir, db.noun.size(),
+                       db.verb.size(), db.adj.size(), db.adv.size(), opt.common_words, opt.max_definition_bytes);
+}
+
+}  // namespace
+
 }  // namespace peftlab::data::wordnet
+
+namespace peftlab::data {
+
+Task make_wordnet_gloss_task(const TaskRequest& req) {
+    return wordnet::make_gloss_task(wordnet::cached(), req.n_train, req.n_valid, req.n_test, req.seed);
+}
+Task make_wordnet_pos_task(const TaskRequest& req) {
+    return wordnet::make_pos_task(wordnet::cached(), req.n_train, req.n_valid, req.n_test, req.seed);
+}
+
+}  // namespace peftlab::data

@@ -20,7 +20,7 @@
 #include <string_view>
 #include <vector>
 
-#include "datasets/tasks.h"
+#include "datasets/task.h"
 
 namespace peftlab::data::wordnet {
 
@@ -154,19 +154,22 @@ struct TaskReport {
 // train every (key, definition) pair is an example. Valid and test are the
 // first n keys of their split ordered by FNV-1a-64 of the key (independent of
 // the seed); train is a seeded shuffle of the train pairs, first n_train.
-// Metric "bleu" (corpus BLEU-4, datasets/metrics.h), ROUGE-L reported too.
-// Throws std::invalid_argument naming the split if a pool is smaller than asked.
-TaskData make_gloss_task(const Database& db, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed,
+// Scored by generation_scorer(): corpus BLEU-4 against all references, and
+// ROUGE-L. The task pretrains on pretraining_corpus(); report.notes carries
+// TaskReport::summary(). Throws std::invalid_argument naming the split if a
+// pool is smaller than asked.
+Task make_gloss_task(const Database& db, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed,
                          const TaskOptions& opt = {}, TaskReport* report = nullptr);
 
 // Part of speech of a gloss. source: the definition (the same filter as above,
 // except for the head word); target: one of the label words "noun", "verb",
 // "adjective", "adverb" (satellites are adjectives). Each split is stratified:
 // n/4 examples per class (the first n % 4 classes one more), valid/test in
-// FNV-1a-64 order of "key offset", train a seeded shuffle. Metric "accuracy".
-// Throws std::invalid_argument naming the split and class if a class's pool is
-// too small.
-TaskData make_pos_task(const Database& db, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed,
+// FNV-1a-64 order of "key offset", train a seeded shuffle. Scored by
+// label_scorer() (accuracy, macro-F1); pretrains on pretraining_corpus().
+// Throws std::invalid_argument naming the split and class if a class's pool
+// is too small.
+Task make_pos_task(const Database& db, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed,
                        const TaskOptions& opt = {}, TaskReport* report = nullptr);
 
 // Pretraining text, one line per Train-split synset with a balanced gloss
@@ -183,3 +186,13 @@ std::string pretraining_corpus(const Database& db, size_t max_lines, uint64_t se
                                TaskReport* report = nullptr);
 
 }  // namespace peftlab::data::wordnet
+
+namespace peftlab::data {
+
+// The registered tasks "wordnet-gloss" and "wordnet-pos" (datasets/task.cpp):
+// wordnet::make_gloss_task / make_pos_task on wordnet::cached() (the
+// directory of wordnet::default_dir()) with the default TaskOptions.
+Task make_wordnet_gloss_task(const TaskRequest& req);
+Task make_wordnet_pos_task(const TaskRequest& req);
+
+}  // namespace peftlab::data

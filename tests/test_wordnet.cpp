@@ -253,8 +253,13 @@ wn::Database synthetic_db() {
 TEST_CASE("wordnet: definition task split, references and corpus hygiene", "[wordnet]") {
     const wn::Database db = synthetic_db();
     wn::TaskReport rep;
-    const TaskData t = wn::make_gloss_task(db, 300, 30, 30, 7, {}, &rep);
-    CHECK(t.metric_name == "bleu");
+    const Task t = wn::make_gloss_task(db, 300, 30, 30, 7, {}, &rep);
+    CHECK(t.metric_name() == "bleu");
+    CHECK_FALSE(t.corpus_id.empty());
+    REQUIRE(t.corpus);
+    CHECK(t.corpus(0) == wn::pretraining_corpus(db, 0, 0));  // the task pretrains on its own text
+    REQUIRE(t.report.notes.size() == 1);
+    CHECK_THAT(t.report.notes[0], Catch::Contains(rep.summary()));
     REQUIRE(t.train.size() == 300);
     REQUIRE(t.valid.size() == 30);
     REQUIRE(t.test.size() == 30);
@@ -322,13 +327,13 @@ TEST_CASE("wordnet: definition task split, references and corpus hygiene", "[wor
     CHECK(wn::pretraining_corpus(db, 10, 3).size() < corpus.size());
 
     // Valid and test depend on nothing but the database; the seed draws train.
-    const TaskData t2 = wn::make_gloss_task(db, 300, 30, 30, 8);
+    const Task t2 = wn::make_gloss_task(db, 300, 30, 30, 8);
     CHECK(t2.test.size() == t.test.size());
     for (size_t i = 0; i < t.test.size(); ++i) CHECK(t2.test[i].source == t.test[i].source);
     bool train_differs = false;
     for (size_t i = 0; i < t.train.size(); ++i) train_differs |= t2.train[i].source != t.train[i].source;
     CHECK(train_differs);
-    const TaskData t3 = wn::make_gloss_task(db, 300, 30, 30, 7);
+    const Task t3 = wn::make_gloss_task(db, 300, 30, 30, 7);
     for (size_t i = 0; i < t.train.size(); ++i) CHECK(t3.train[i].target == t.train[i].target);
 
     CHECK_THROWS_WITH(wn::make_gloss_task(db, 300, 30, 100000, 7), Catch::Contains("test split") && Catch::Contains("qualify"));
@@ -336,8 +341,11 @@ TEST_CASE("wordnet: definition task split, references and corpus hygiene", "[wor
 
 TEST_CASE("wordnet: part-of-speech task is stratified and labelled by the synset's file", "[wordnet]") {
     const wn::Database db = synthetic_db();
-    const TaskData t = wn::make_pos_task(db, 202, 40, 40, 1);
-    CHECK(t.metric_name == "accuracy");
+    const Task t = wn::make_pos_task(db, 202, 40, 40, 1);
+    CHECK(t.metric_name() == "accuracy");
+    std::vector<std::string> gold;
+    for (auto& e : t.test) gold.push_back(e.target);
+    CHECK(t.score(t.test, gold).value == 1.0);
     CHECK(t.labels == std::vector<std::string>{"noun", "verb", "adjective", "adverb"});
     std::map<std::string, std::string> truth;  // definition -> part of speech
     for (const auto* file : {&db.noun, &db.verb, &db.adj, &db.adv})
@@ -352,6 +360,13 @@ TEST_CASE("wordnet: part-of-speech task is stratified and labelled by the synset
             CHECK(seen.insert(e.source).second);  // no definition twice, within or across splits
         }
     CHECK_THROWS_WITH(wn::make_pos_task(db, 202, 40, 4000, 1), Catch::Contains("test split of class"));
+}
+
+TEST_CASE("wordnet: tasks are registered by name", "[wordnet]") {
+    const auto names = task_names();
+    CHECK(std::count(names.begin(), names.end(), "wordnet-gloss") == 1);
+    CHECK(std::count(names.begin(), names.end(), "wordnet-pos") == 1);
+    CHECK(task_info("wordnet-gloss").defaults.n_train == 2000);
 }
 
 TEST_CASE("wordnet: Debian's WordNet 3.0 matches Princeton's published counts", "[wordnet]") {
