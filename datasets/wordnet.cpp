@@ -359,6 +359,16 @@ void check_pool(const char* task, const char* split, size_t want, size_t have, c
                                                 want, split, what, have));
 }
 
+// Examples and (input, reference) pairs per split, for the run's data report.
+void count_splits(Task& t) {
+    for (auto [name, split] : {std::pair{"train", &t.train}, {"valid", &t.valid}, {"test", &t.test}}) {
+        DataReport::Split& r = t.report.splits[name];
+        r.examples = split->size();
+        r.pairs = 0;
+        for (const Example& e : *split) r.pairs += e.references.size();
+    }
+}
+
 // Notes and corpus shared by both tasks. The corpus function holds its own
 // copy of the database's directory: cached() keeps the database alive for the
 // process, while `db` may be a caller's temporary.
@@ -428,6 +438,7 @@ Task make_gloss_task(const Database& db, size_t n_train, size_t n_valid, size_t 
     seeded_shuffle(pairs, seed);
     pairs.resize(n_train);
     t.train = std::move(pairs);
+    count_splits(t);
     return t;
 }
 
@@ -492,6 +503,7 @@ Task make_pos_task(const Database& db, size_t n_train, size_t n_valid, size_t n_
     take(Split::Test, n_test, "test", false, t.test);
     take(Split::Valid, n_valid, "valid", false, t.valid);
     take(Split::Train, n_train, "train", true, t.train);
+    count_splits(t);
     return t;
 }
 

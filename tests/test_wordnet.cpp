@@ -260,6 +260,9 @@ TEST_CASE("wordnet: definition task split, references and corpus hygiene", "[wor
     CHECK(t.corpus(0) == wn::pretraining_corpus(db, 0, 0));  // the task pretrains on its own text
     REQUIRE(t.report.notes.size() == 1);
     CHECK_THAT(t.report.notes[0], Catch::Contains(rep.summary()));
+    CHECK(t.report.splits.at("test").examples == 30);
+    CHECK(t.report.splits.at("test").pairs > 30);  // some keys have two senses
+    CHECK(t.report.splits.at("train").pairs == 300);
     REQUIRE(t.train.size() == 300);
     REQUIRE(t.valid.size() == 30);
     REQUIRE(t.test.size() == 30);
