@@ -44,6 +44,9 @@ std::vector<std::string> words_of(const std::string& text) {
 
 TEST_CASE("make_task is deterministic in the seed for every task", "[datasets]") {
     for (const auto& name : task_names()) {
+        // The WordNet tasks' valid/test split is fixed (not seeded) and a training
+        // key may have several senses: tests/test_wordnet.cpp checks their contract.
+        if (name.rfind("wordnet-", 0) == 0) continue;
         INFO("task " << name);
         auto a = make_task(name, 60, 20, 20, 7);
         auto b = make_task(name, 60, 20, 20, 7);
