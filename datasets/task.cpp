@@ -21,7 +21,11 @@ namespace peftlab::data {
       "restaurant review sentiment, label words negative/positive; accuracy, macro-F1")                         \
     X("reverse", make_reverse_task, (TaskDefaults{2000, 200, 200, 16, {}}), "reverse 3..10 symbols; exact match") \
     X("sort", make_sort_task, (TaskDefaults{2000, 200, 200, 16, {}}), "sort 3..10 digits; exact match")          \
-    X("add", make_add_task, (TaskDefaults{2000, 200, 200, 16, {}}), "add two numbers 0..9999; exact match")
+    X("add", make_add_task, (TaskDefaults{2000, 200, 200, 16, {}}), "add two numbers 0..9999; exact match")       \
+    X("wordnet-gloss", make_wordnet_gloss_task, (TaskDefaults{2000, 200, 200, 0, {}}),                           \
+      "WordNet 3.0 (Debian wordnet-base): \"lemma (pos)\" -> its definition; BLEU, ROUGE-L")                     \
+    X("wordnet-pos", make_wordnet_pos_task, (TaskDefaults{2000, 200, 200, 0, {}}),                               \
+      "WordNet 3.0 (Debian wordnet-base): definition -> noun/verb/adjective/adverb; accuracy, macro-F1")
 
 #define PEFTLAB_DECLARE(name, factory, defaults, description) Task factory(const TaskRequest&);
 PEFTLAB_TASKS(PEFTLAB_DECLARE)
