@@ -32,7 +32,7 @@ int main(int argc, char** argv) {
         // clang-format off
         o.add_options()
             ("h,help", "print this help")
-            ("method", "PEFT method", cxxopts::value<std::string>()->default_value("prefix"))
+            ("method", "PEFT method", cxxopts::value<std::string>()->default_value("prefix"))  // method-names: a default --method overrides
             ("d-model", "d (the harness's medium config: 512)", cxxopts::value<std::string>()->default_value("512"))
             ("layers", "L", cxxopts::value<std::string>()->default_value("8"))
             ("heads", "H", cxxopts::value<std::string>()->default_value("8"))

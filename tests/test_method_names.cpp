@@ -34,6 +34,7 @@ namespace {
 // File -> why it may name methods.
 const std::map<std::string, std::string> kAllowedFiles = {
     {"tools/torch_bench.py", "an independent PyTorch implementation of the methods it names (bench's reference)"},
+    {"tools/hf_gpt2_reference.py", "an independent implementation of HF PEFT's methods (the parity fixtures' reference)"},
     {"tools/write_fuzz_seeds.cpp", "writes the fuzzers' seed inputs, one per method's file format (test data)"},
     {"experiments/bench.cpp", "NOT YET PORTED (issue 15): its workload lists and conclusions name the methods "
                               "tools/torch_bench.py twins"},
