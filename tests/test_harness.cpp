@@ -178,3 +178,33 @@ TEST_CASE("run_method on a file-backed task: results, and a saved adapter that r
     CHECK(harness::finished_results(tmp.path("out/results.json"), extra).count(res.label) == 1);
     CHECK(harness::finished_results(tmp.path("out/results.json"), {{"task", "other"}}).empty());
 }
+
+TEST_CASE("degenerate generations are flagged: all empty, or all the same", "[harness]") {
+    // A task of three distinct prompts; a model whose every step predicts one
+    // token whatever the input: zero weights (so the final hidden state is
+    // ln_f's bias u) and the head row of word w (or EOS) equal to 5u.
+    data::Task task = data::make_task("reverse", 20, 4, 4, 1);
+    std::string text;
+    for (const data::Example& ex : task.train) text += data::format_example(ex) + "\n";
+    const data::WordTokenizer tok = data::WordTokenizer::build(text, 100);
+    GPTConfig c;
+    c.vocab = tok.vocab_size(), c.d_model = 8, c.n_layers = 1, c.n_heads = 2, c.d_ff = 16, c.max_seq = 48;
+    auto constant_model = [&](int32_t token) {
+        auto m = std::make_unique<GPT>(c, 0);
+        for (auto& [name, t] : m->named_parameters()) std::fill(t.data(), t.data() + t.numel(), 0.f);
+        m->parameter("ln_f.bias").data()[0] = 1.f;
+        m->parameter("head.weight").data()[int64_t(token) * c.d_model] = 5.f;
+        return m;
+    };
+    const int32_t word = tok.encode("3")[0];
+    harness::MethodResult same = harness::evaluate(constant_model(word), nullptr, tok, task, 3, 3, "constant");
+    REQUIRE(same.samples.size() == 3);
+    CHECK(same.samples[0].second == same.samples[2].second);
+    CHECK_FALSE(same.samples[0].second.empty());
+    REQUIRE(same.flags.size() == 1);
+    CHECK_THAT(same.flags[0], Contains("constant output: all 3 generations are \"" + same.samples[0].second + "\""));
+
+    harness::MethodResult empty = harness::evaluate(constant_model(tok.eos_id()), nullptr, tok, task, 3, 3, "empty");
+    CHECK(empty.samples[0].second.empty());
+    CHECK(empty.flags == std::vector<std::string>{"empty generations: all 3 outputs are empty"});
+}
