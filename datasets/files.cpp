@@ -14,6 +14,7 @@
 
 #include "autograd/rng.h"
 #include "datasets/corpus.h"
+#include "nn/json_limits.h"
 
 namespace peftlab::data {
 
@@ -173,13 +174,17 @@ Table parse_jsonl(std::string_view raw, const std::string& path) {
         }
         nlohmann::json j;
         try {
-            j = nlohmann::json::parse(l);
-        } catch (const nlohmann::json::parse_error& e) {
-            // nlohmann's message starts "[json.exception.parse_error.101] parse error at line 1, column 5: ..."
+            // Depth-bounded, and every nlohmann error (syntax, and a number too
+            // large for a double: out_of_range.406) comes back as runtime_error.
+            j = parse_json_limited(l, "row");
+        } catch (const std::runtime_error& e) {
+            // "row: not valid JSON ([json.exception.parse_error.101] parse error at line 1, column 5: ...)",
+            // or "row: JSON nested deeper than 64 levels"; cut, as it may quote a long number.
             std::string what = e.what();
             const size_t colon = what.find("column");
-            throw std::runtime_error(fmt::format("{}:{}: malformed JSON ({})", path, line,
-                                                 colon == std::string::npos ? what : what.substr(colon)));
+            what = colon == std::string::npos ? what.substr(5) : what.substr(colon);
+            if (what.size() > 160) what = what.substr(0, 160) + "...";
+            throw std::runtime_error(fmt::format("{}:{}: malformed JSON ({})", path, line, what));
         }
         if (!j.is_object())
             throw std::runtime_error(fmt::format("{}:{}: a JSON {}, expected an object", path, line, j.type_name()));

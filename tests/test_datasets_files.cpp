@@ -96,6 +96,11 @@ TEST_CASE("JSONL errors name the file and the line", "[datasets_files]") {
     CHECK_THAT(err("{\"a\": 1}\n{\"a\": }\n"), Contains("r.jsonl:2: malformed JSON"));
     CHECK_THAT(err("{\"a\": 1}\n[1, 2]\n"), Contains("r.jsonl:2: a JSON array, expected an object"));
     CHECK_THAT(err("{\"a\": 1}\n{\"a\": 1}{\"b\": 2}\n"), Contains("r.jsonl:2: malformed JSON"));
+    // Found by fuzz/data_jsonl.cpp: a number beyond double (nlohmann's out_of_range, not a
+    // parse_error) escaped as another exception type, without file and line.
+    CHECK_THAT(err("{\"a\": 1}\n{\"a\": 8e98888088888888888888888}\n"),
+               Contains("r.jsonl:2: malformed JSON") && Contains("number overflow"));
+    CHECK_THAT(err(std::string(100, '[') + "\n"), Contains("r.jsonl:1: malformed JSON (JSON nested deeper than 64 levels)"));
     CHECK_THAT(err("\n\n"), Contains("r.jsonl: empty file"));
     CHECK_THAT(err("{\"a\": \"\xFF\"}\n"), Contains("r.jsonl:1: invalid UTF-8"));
 }
