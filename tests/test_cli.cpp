@@ -24,6 +24,7 @@
 #include "experiments/lib/flags.h"
 #include "experiments/lib/harness.h"
 #include "peft/registry.h"
+#include "tests/harness_testing.h"
 #include "tests/testing.h"
 
 using namespace peftlab;
@@ -58,18 +59,7 @@ Result run(const std::string& cmd, const std::string& dir = ".") {
 // A run small enough to start in well under a second once the corpus is built.
 const std::string kTiny = "--config tiny --pretrain-steps 20 --steps 2 --search-steps 1 --eval-examples 2 --threads 1";
 
-harness::CommonArgs parse(std::vector<std::string> args) {
-    harness::CommonArgs d;
-    d.methods = {"lora"};
-    d.steps = 2;
-    d.eval_examples = 2;
-    cxxopts::Options o("test", "");
-    harness::add_common_flags(o, d);
-    args.insert(args.begin(), "test");
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    return harness::parse_common(flags::parse(o, int(argv.size()), argv.data()), d);
-}
+harness::CommonArgs parse(std::vector<std::string> args) { return testing::parse_common_args(std::move(args)); }
 
 }  // namespace
 

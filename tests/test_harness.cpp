@@ -11,6 +11,7 @@
 #include "experiments/lib/harness.h"
 #include "nn/checkpoint.h"
 #include "peft/adapter_io.h"
+#include "tests/harness_testing.h"
 #include "tests/testing.h"
 
 using namespace peftlab;
@@ -19,18 +20,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-harness::CommonArgs parse(std::vector<std::string> args) {
-    harness::CommonArgs d;
-    d.methods = {"lora"};
-    d.steps = 2;
-    d.eval_examples = 2;
-    cxxopts::Options o("test", "");
-    harness::add_common_flags(o, d);
-    args.insert(args.begin(), "test");
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    return harness::parse_common(flags::parse(o, int(argv.size()), argv.data()), d);
-}
+harness::CommonArgs parse(std::vector<std::string> args) { return testing::parse_common_args(std::move(args)); }
 
 std::string parse_error(std::vector<std::string> args) {
     try {
