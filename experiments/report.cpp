@@ -164,23 +164,9 @@ Args parse_args(int argc, char** argv) {
         throw std::invalid_argument(fmt::format("--scale-batch {} is smaller than --max-ranks {}: a rank needs a row",
                                                 a.scale_batch, a.max_ranks));
 
-    const std::vector<std::string> known = reported_methods();
-    std::string list = r["methods"].as<std::string>();
-    if (list.empty())
-        for (const std::string& k : known) list += (list.empty() ? "" : ",") + k;
-    for (size_t start = 0; start <= list.size();) {
-        const size_t comma = std::min(list.find(',', start), list.size());
-        const flags::MethodEntry e = flags::method_entry("--methods", list.substr(start, comma - start));
-        if (std::find(known.begin(), known.end(), e.method) == known.end()) {
-            std::string names;
-            for (const std::string& k : known) names += (names.empty() ? "" : ", ") + k;
-            throw std::invalid_argument(fmt::format("--methods: unknown method '{}' (known: {})", e.method, names));
-        }
-        if (std::find(a.methods.begin(), a.methods.end(), e.method) != a.methods.end())
-            throw std::invalid_argument(fmt::format("--methods: '{}' is listed twice", e.method));
+    for (const flags::MethodEntry& e : flags::method_entries("--methods", r["methods"].as<std::string>(), reported_methods())) {
         if (!e.settings.empty()) a.options.section(e.method) = e.settings;  // checked by the method when made
         a.methods.push_back(e.method);
-        start = comma + 1;
     }
     return a;
 }

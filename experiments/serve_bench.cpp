@@ -8,7 +8,8 @@
 //      together, the tenants in turn).
 //   2. Cost against prefix length n, with and without the prefix cache (prompt
 //      tuning against prefix tuning at inference).
-//   3. LoRA unmerged (mixable) against merged into the base (one tenant at a time).
+//   3. Each mergeable method (Adapter::mergeable, e.g. LoRA) unmerged (mixable)
+//      against merged into the base (one tenant at a time).
 //
 // Adapters are randomly initialised with every tensor non-zero (throughput
 // does not depend on what they learned), saved as adapter files and loaded by
@@ -382,7 +383,11 @@ void run_bench(const Args& a) {
         servers.push_back(std::move(s));
         return servers.back().get();
     };
-    std::vector<std::unique_ptr<Adapter>> merged_loras;  // tenant i's LoRA, for merging into the base
+    // The mergeable methods of --methods, each with tenant i's adapter for merging into the base.
+    std::vector<std::string> mergeable;
+    for (const std::string& m : a.methods)
+        if (m != "mix" && make_adapter(m)->mergeable()) mergeable.push_back(m);
+    std::map<std::string, std::vector<std::unique_ptr<Adapter>>> merged_adapters;
     // Per method: a batch of one tenant only (the same requests, all for tenant 0; it does not depend on K),
     // then per K the mixed and the sequential workloads, next to each other so that ratios can be taken
     // between runs made close in time.
@@ -399,26 +404,26 @@ void run_bench(const Args& a) {
             ms.push_back({fmt::format("k/{}/{}/sequential", method, K), [=, &bench] { return bench.serve(*mixed, per_tenant); }});
         }
     }
-    // LoRA merged: the base alone, with tenant i's LoRA merged in while its requests are served.
+    // Merged: the base alone, with tenant i's adapter merged in while its requests are served.
     const int64_t K_max = *std::max_element(a.tenants.begin(), a.tenants.end());
-    for (int64_t i = 0; i < K_max; ++i)
-        merged_loras.push_back(load_adapter(bench.adapter_dir("lora", a.prefix_len, i), bench.base()));
     Server* plain = hold(std::make_unique<Server>(bench.base(), bench.options()));
     const std::vector<Request> base_reqs = bench.requests([](int64_t) { return std::string(); });
-    for (int64_t K : a.tenants) {
-        std::vector<std::vector<Request>> per_tenant(static_cast<size_t>(K));
-        for (int64_t r = 0; r < R; ++r) per_tenant[size_t(r % K)].push_back(base_reqs[size_t(r)]);
-        ms.push_back({fmt::format("lora-merged/{}/sequential", K), [=, &bench, &merged_loras] {
+    for (const std::string& m : mergeable) {
+        std::vector<std::unique_ptr<Adapter>>& tenants = merged_adapters[m];
+        for (int64_t i = 0; i < K_max; ++i) tenants.push_back(load_adapter(bench.adapter_dir(m, a.prefix_len, i), bench.base()));
+        for (int64_t K : a.tenants) {
+            std::vector<std::vector<Request>> per_tenant(static_cast<size_t>(K));
+            for (int64_t r = 0; r < R; ++r) per_tenant[size_t(r % K)].push_back(base_reqs[size_t(r)]);
+            ms.push_back({fmt::format("merged/{}/{}/sequential", m, K), [=, &bench, &tenants] {
+                              return bench.serve(
+                                  *plain, per_tenant, [&](size_t t) { tenants[t]->merge(); },
+                                  [&](size_t t) { tenants[t]->unmerge(); });
+                          }});
+        }
+        ms.push_back({fmt::format("merged/{}/single", m), [=, &bench, &tenants] {
                           return bench.serve(
-                              *plain, per_tenant, [&](size_t t) { merged_loras[t]->merge(); },
-                              [&](size_t t) { merged_loras[t]->unmerge(); });
-                      }});
-    }
-    {
-        ms.push_back({"lora-merged/single", [=, &bench, &merged_loras] {
-                          return bench.serve(
-                              *plain, {base_reqs}, [&](size_t) { merged_loras[0]->merge(); },
-                              [&](size_t) { merged_loras[0]->unmerge(); });
+                              *plain, {base_reqs}, [&](size_t) { tenants[0]->merge(); },
+                              [&](size_t) { tenants[0]->unmerge(); });
                       }});
     }
     // How much batching itself buys on this machine: one tenant, batch sizes up to --batch.
@@ -534,30 +539,33 @@ void run_bench(const Args& a) {
         n_series.push_back(off);
     }
 
-    json lora = json::array();
-    std::string lora_table = "| K | unmerged mixed tok/s | unmerged sequential tok/s | merged sequential tok/s "
-                             "(merge, serve, unmerge per tenant) |\n|---:|---:|---:|---:|\n";
-    const bool have_lora = std::find(a.methods.begin(), a.methods.end(), "lora") != a.methods.end();
-    for (int64_t K : a.tenants) {
-        const Summary& mg = sum[fmt::format("lora-merged/{}/sequential", K)];
-        json e = {{"k", K}, {"merged_sequential_tokens_per_s", mg.tokens_per_s}};
-        std::string mixed = "-", seq = "-";
-        if (have_lora) {
-            e["unmerged_mixed_tokens_per_s"] = sum[fmt::format("k/lora/{}/mixed", K)].tokens_per_s;
-            e["unmerged_sequential_tokens_per_s"] = sum[fmt::format("k/lora/{}/sequential", K)].tokens_per_s;
-            mixed = fmt_rate(e["unmerged_mixed_tokens_per_s"].get<double>());
-            seq = fmt_rate(e["unmerged_sequential_tokens_per_s"].get<double>());
+    // Per mergeable method: unmerged (mixed and sequential) against merged, one tenant at a time.
+    json merged = json::array();
+    std::string merged_tables;
+    for (const std::string& m : mergeable) {
+        json per_k = json::array();
+        std::string table = fmt::format("| K | {0} unmerged mixed tok/s | {0} unmerged sequential tok/s | {0} merged "
+                                        "sequential tok/s (merge, serve, unmerge per tenant) |\n|---:|---:|---:|---:|\n",
+                                        m);
+        for (int64_t K : a.tenants) {
+            const Summary& mg = sum[fmt::format("merged/{}/{}/sequential", m, K)];
+            const double mixed = sum[fmt::format("k/{}/{}/mixed", m, K)].tokens_per_s,
+                         seq = sum[fmt::format("k/{}/{}/sequential", m, K)].tokens_per_s;
+            per_k.push_back({{"k", K},
+                             {"merged_sequential_tokens_per_s", mg.tokens_per_s},
+                             {"unmerged_mixed_tokens_per_s", mixed},
+                             {"unmerged_sequential_tokens_per_s", seq}});
+            table += fmt::format("| {} | {} | {} | {} |\n", K, fmt_rate(mixed), fmt_rate(seq), fmt_rate(mg.tokens_per_s));
         }
-        lora.push_back(e);
-        lora_table += fmt::format("| {} | {} | {} | {} |\n", K, mixed, seq, fmt_rate(mg.tokens_per_s));
+        const Summary &ms1 = sum[fmt::format("merged/{}/single", m)], &us1 = sum[fmt::format("k/{}/single", m)];
+        merged.push_back({{"method", m}, {"per_k", per_k}, {"merged_single_tokens_per_s", ms1.tokens_per_s},
+                          {"unmerged_single_tokens_per_s", us1.tokens_per_s}});
+        merged_tables += fmt::format("### {}\n\n{}\nOne tenant, all {} requests: merged {} tok/s (p50 {} ms), unmerged "
+                                     "{} tok/s (p50 {} ms).\n\n",
+                                     m, table, R, fmt_rate(ms1.tokens_per_s), fmt_ms(ms1.p50_ms),
+                                     fmt_rate(us1.tokens_per_s), fmt_ms(us1.p50_ms));
     }
-    const Summary& merged_single = sum["lora-merged/single"];
-    std::string lora_single = fmt::format(
-        "One tenant, all {} requests: merged {} tok/s (p50 {} ms){}.", R, fmt_rate(merged_single.tokens_per_s),
-        fmt_ms(merged_single.p50_ms),
-        have_lora ? fmt::format(", unmerged {} tok/s (p50 {} ms)",
-                                fmt_rate(sum["k/lora/single"].tokens_per_s), fmt_ms(sum["k/lora/single"].p50_ms))
-                  : std::string());
+    if (mergeable.empty()) merged_tables = "No method of --methods can be merged into the base.\n\n";
 
     // ---- targets and conclusion ----
     json targets = json::array();
@@ -615,33 +623,42 @@ void run_bench(const Args& a) {
     };
     const int64_t n_max = *std::max_element(a.prefix_lens.begin(), a.prefix_lens.end());
     const int64_t n_min = *std::min_element(a.prefix_lens.begin(), a.prefix_lens.end());
-    if (has(a.sweep_methods, "prompt") && has(a.sweep_methods, "prefix-kv")) {
-        const Summary &pc = n_cost("prompt", n_max, true), &pu = n_cost("prompt", n_max, false),
-                      &kc = n_cost("prefix-kv", n_max, true), &p0 = n_cost("prompt", n_min, true);
+    {
+        // Cached, every method of the sweep is n keys and values per layer; uncached, a method whose virtual
+        // tokens enter at the input runs them through every layer in every prefill.
+        std::string cached, uncached;
+        for (const std::string& m : a.sweep_methods) {
+            const Summary &c = n_cost(m, n_max, true), &u = n_cost(m, n_max, false);
+            cached += fmt::format("{}{} {} ms/token, {:.3f} GFLOP/request", cached.empty() ? "" : "; ", m,
+                                  fmt_ms(c.ms_per_token), c.gflops_per_request);
+            uncached += fmt::format("{}{} {:.3f} GFLOP and {} ms of prefill per request against {} ms cached",
+                                    uncached.empty() ? "" : "; ", m, u.gflops_per_request,
+                                    fmt_ms(u.prefill_ms_per_request), fmt_ms(c.prefill_ms_per_request));
+        }
         conclusion += fmt::format(
-            "- Prompt against prefix tuning at inference: with the prefix cache a soft prompt is a key/value prefix "
-            "(n = {}: prompt {} ms/token, {:.3f} GFLOP/request; prefix-kv {} ms/token, {:.3f} GFLOP/request). "
-            "Without it, prompt tuning runs its n tokens through every layer in every prefill: {:.3f} GFLOP and "
-            "{} ms of prefill per request against {} ms cached, so prompt tuning is only competitive when served "
-            "with the cache.\n",
-            n_max, fmt_ms(pc.ms_per_token), pc.gflops_per_request, fmt_ms(kc.ms_per_token), kc.gflops_per_request,
-            pu.gflops_per_request, fmt_ms(pu.prefill_ms_per_request), fmt_ms(pc.prefill_ms_per_request));
+            "- At inference with the prefix cache (n = {}): {}. Without it: {}. A method whose uncached prefill "
+            "costs more recomputes its virtual tokens per request and is only competitive when served with the "
+            "cache.\n",
+            n_max, cached, uncached);
+        const std::string& m = a.sweep_methods.front();
+        const Summary &c0 = n_cost(m, n_min, true), &c1 = n_cost(m, n_max, true);
         conclusion += fmt::format(
-            "- Even cached, a prefix is paid by every decoded token: from n = {} to n = {} prompt tuning goes from {} "
-            "to {} ms/token ({:.2f}x) while its FLOPs per request grow only {:.0f}%: the keys and values are read "
-            "(and the KV cache copied) at every step. For a latency-critical service keep n small.\n",
-            n_min, n_max, fmt_ms(p0.ms_per_token), fmt_ms(pc.ms_per_token), pc.ms_per_token / p0.ms_per_token,
-            100.0 * (pc.gflops_per_request / p0.gflops_per_request - 1.0));
+            "- Even cached, a prefix is paid by every decoded token: from n = {} to n = {} {} goes from {} to {} "
+            "ms/token ({:.2f}x) while its FLOPs per request grow only {:.0f}%: the keys and values are read (and the "
+            "KV cache copied) at every step. For a latency-critical service keep n small.\n",
+            n_min, n_max, m, fmt_ms(c0.ms_per_token), fmt_ms(c1.ms_per_token), c1.ms_per_token / c0.ms_per_token,
+            100.0 * (c1.gflops_per_request / c0.gflops_per_request - 1.0));
     }
-    if (has(a.methods, "lora")) {
-        const double unmerged = sum["k/lora/single"].tokens_per_s, merged = merged_single.tokens_per_s;
+    for (const std::string& m : mergeable) {
+        const double unmerged = sum[fmt::format("k/{}/single", m)].tokens_per_s,
+                     merged_rate = sum[fmt::format("merged/{}/single", m)].tokens_per_s;
         conclusion += fmt::format(
-            "- LoRA merged serves one tenant at {} tok/s against {} unmerged ({:+.0f}%: no extra path), but cannot "
-            "mix tenants: {} tenants served by merging each in turn give {} tok/s against {} for unmerged LoRA in one "
-            "mixed batch.\n",
-            fmt_rate(merged), fmt_rate(unmerged), 100.0 * (merged / unmerged - 1.0), K_max,
-            fmt_rate(sum[fmt::format("lora-merged/{}/sequential", K_max)].tokens_per_s),
-            fmt_rate(sum[fmt::format("k/lora/{}/mixed", K_max)].tokens_per_s));
+            "- {0} merged serves one tenant at {1} tok/s against {2} unmerged ({3:+.0f}%: no extra path), but cannot "
+            "mix tenants: {4} tenants served by merging each in turn give {5} tok/s against {6} for unmerged {0} in "
+            "one mixed batch.\n",
+            m, fmt_rate(merged_rate), fmt_rate(unmerged), 100.0 * (merged_rate / unmerged - 1.0), K_max,
+            fmt_rate(sum[fmt::format("merged/{}/{}/sequential", m, K_max)].tokens_per_s),
+            fmt_rate(sum[fmt::format("k/{}/{}/mixed", m, K_max)].tokens_per_s));
     }
     {
         const std::string& m = a.methods.front();
@@ -657,9 +674,16 @@ void run_bench(const Args& a) {
             sq.request_p50_ms, sq.request_p95_ms, a.batch, fmt_x(batching_gain));
     }
     if (!best.empty()) {
-        // Once cached, the three prefix methods are one computation (n keys and values per layer):
-        // their differences here are noise, so they are named together.
-        const std::vector<std::string> prefix_family = {"prefix-kv", "prefix", "prompt"};
+        // Once cached, the methods that add keys to the attention (virtual tokens, prefixes) are one
+        // computation (n keys and values per layer): their differences here are noise, so they are named together.
+        std::vector<std::string> prefix_family;
+        for (const std::string& m : a.methods) {
+            if (m == "mix") continue;
+            const std::unique_ptr<Adapter> ad = make_adapter(m);
+            int64_t keys = 0;
+            for (int l = 0; l < a.cfg.n_layers; ++l) keys += ad->cost_decode_keys(l, a.cfg);
+            if (keys > 0) prefix_family.push_back(m);
+        }
         std::string name = fmt::format("**{}**", best), family_p95;
         if (has(prefix_family, best)) {
             std::vector<std::string> members;
@@ -679,13 +703,14 @@ void run_bench(const Args& a) {
             "tenants share every decoding step at {} of single-tenant throughput, a request pays for its adapter only "
             "in attention over n cached keys, and nothing adapter-specific is recomputed per request or per step.",
             name, fmt_x(paired_ratio(fmt::format("k/{}/{}/mixed", best, K_max), fmt::format("k/{}/single", best))));
-        if (best != "lora" && has(a.methods, "lora"))
-            conclusion += fmt::format(
-                " LoRA mixes as well but runs its extra path per tenant group on every token ({} of single-tenant "
-                "throughput, p95 {} ms at K = {}); merged it is the fastest single tenant but serves tenants one at a "
-                "time.",
-                fmt_x(paired_ratio(fmt::format("k/lora/{}/mixed", K_max), "k/lora/single")),
-                fmt_ms(sum[fmt::format("k/lora/{}/mixed", K_max)].p95_ms), K_max);
+        for (const std::string& m : mergeable)
+            if (m != best)
+                conclusion += fmt::format(
+                    " {} mixes as well but runs its extra path per tenant group on every token ({} of single-tenant "
+                    "throughput, p95 {} ms at K = {}); merged it is the fastest single tenant but serves tenants one "
+                    "at a time.",
+                    m, fmt_x(paired_ratio(fmt::format("k/{}/{}/mixed", m, K_max), fmt::format("k/{}/single", m))),
+                    fmt_ms(sum[fmt::format("k/{}/{}/mixed", m, K_max)].p95_ms), K_max);
         conclusion += " Long prefixes erode the advantage: every decoded token attends to all n.\n";
     }
 
@@ -713,7 +738,7 @@ void run_bench(const Args& a) {
         {"per_k_method", a.methods.front()},
         {"k_sweep", k_sweep},
         {"prefix_sweep", prefix_sweep},
-        {"lora_merge", {{"per_k", lora}, {"merged_single_tokens_per_s", merged_single.tokens_per_s}}},
+        {"merged", merged},
         {"batch_curve", batch_curve},
         {"repeats_tokens_per_s", repeats_tps},
         {"targets", targets},
@@ -750,7 +775,7 @@ void run_bench(const Args& a) {
         "latency: time from a request's previous token (first token: from admission, its prefill).\n\n{}"
         "## Throughput and latency against K\n\n{}\n![throughput](throughput.png)\n\n## Targets (K = {})\n\n{}\n"
         "## Cost against prefix length ({} tenants mixed)\n\n{}\n![prefix cost](prefix_cost.png)\n\n"
-        "## LoRA unmerged against merged\n\n{}\n{}\n\n## Batching on this machine (one tenant)\n\n{}\n"
+        "## Mergeable methods: unmerged against merged\n\n{}## Batching on this machine (one tenant)\n\n{}\n"
         "## Conclusion\n\n{}",
         a.cfg.d_model, a.cfg.n_layers, a.cfg.n_heads, a.cfg.d_ff, a.cfg.vocab, a.cfg.max_seq, R, a.prompt_min,
         a.prompt_max, a.new_tokens, a.batch, a.prefix_len, fmt::join(a.mix, ", "), threads(),
@@ -758,7 +783,7 @@ void run_bench(const Args& a) {
                       "machine do not inflate (their cache and memory traffic still can)"
                     : "Times are wall-clock (--clock wall)",
         a.repeats, minutes, regime, k_table, K_max,
-        target_lines, sweep_K, n_table, lora_table, lora_single, batch_table, conclusion);
+        target_lines, sweep_K, n_table, merged_tables, batch_table, conclusion);
     write_file_atomic(a.out + "/report.md", md);
     fmt::print("\n{}\n{}\n{}\nwrote {}/report.md, results.json, throughput.png, prefix_cost.png ({:.1f} min)\n", k_table,
                target_lines, n_table, a.out, minutes);

@@ -36,10 +36,6 @@ const std::map<std::string, std::string> kAllowedFiles = {
     {"tools/torch_bench.py", "an independent PyTorch implementation of the methods it names (bench's reference)"},
     {"tools/hf_gpt2_reference.py", "an independent implementation of HF PEFT's methods (the parity fixtures' reference)"},
     {"tools/write_fuzz_seeds.cpp", "writes the fuzzers' seed inputs, one per method's file format (test data)"},
-    {"experiments/bench.cpp", "NOT YET PORTED (issue 15): its workload lists and conclusions name the methods "
-                              "tools/torch_bench.py twins"},
-    {"experiments/serve_bench.cpp", "NOT YET PORTED (issue 15): its merged-LoRA comparison and conclusions name the "
-                                    "methods they measure"},
 };
 
 std::string read_file(const fs::path& p) {
@@ -156,6 +152,19 @@ TEST_CASE("method entries: METHOD:KEY=VALUE sets the method's own options, check
     CHECK_THROWS_WITH(peftlab::flags::method_entry("--methods", ":r=4"), Contains("--methods") && Contains("names no method"));
     CHECK_THROWS_WITH(peftlab::flags::method_entry("--methods", "lora:r"), Contains("'r' in 'lora:r' is not KEY=VALUE"));
     CHECK_THROWS_WITH(peftlab::flags::method_entry("--methods", "lora:=4"), Contains("is not KEY=VALUE"));
+
+    // A list of entries (bench, report): empty means every known method; unknown and repeated methods are refused.
+    using peftlab::flags::method_entries;
+    const std::vector<std::string> known = {"a", "b", "c"};
+    const auto all = method_entries("--methods", "", known);
+    REQUIRE(all.size() == 3);
+    CHECK((all[0].method == "a" && all[2].method == "c" && all[1].settings.empty()));
+    const auto two = method_entries("--methods", "c:k=2,a", known);
+    REQUIRE(two.size() == 2);
+    CHECK((two[0].method == "c" && two[0].settings == nlohmann::json{{"k", 2}} && two[1].method == "a"));
+    CHECK_THROWS_WITH(method_entries("--methods", "a,d", known), Contains("unknown method 'd' (known: a, b, c)"));
+    CHECK_THROWS_WITH(method_entries("--methods", "a,a:k=1", known), Contains("'a' is listed twice"));
+    CHECK_THROWS_WITH(method_entries("--bench", ",", known), Contains("--bench: ',' names no method"));
 
     // Through the harness: the entry's settings reach the method, and its label is the entry.
     peftlab::harness::CommonArgs a;

@@ -5,7 +5,7 @@ Model (as nn/gpt.h): token + learned position embeddings, L pre-LN blocks with s
 q/k/v/o projections (bias), GELU (tanh form), final LayerNorm, untied head without bias.
 Methods (as peft/): full; prompt (n vectors prepended to the input embeddings); prefix
 (hidden-state form: LN1 and the K/V projections of n vectors per layer, once per batch);
-prefix-kv (n keys and values per layer); lora (rank r on q and v, alpha 2r). A training
+prefix-kv (n keys and values per layer); lora (rank r on q and v: r 8, lora_alpha 16 unless set). A training
 step is forward + cross-entropy + backward + AdamW (lr 1e-3, weight decay 0.01).
 Generation: greedy with a preallocated KV cache (prefix keys/values enter it once).
 
@@ -15,7 +15,9 @@ Two ways to run it:
 The worker reads one JSON command per line on stdin and answers one JSON line on stdout;
 it holds several sessions (models) at once, each named by "id":
   {"cmd": "setup", "id", "kind": "train"|"generate", "vocab", "d_model", "layers", "heads",
-   "d_ff", "seq", "batch", "method", "n", "lora_rank", "warmup", ...}  -> {"ok": true}
+   "d_ff", "seq", "batch", "method", "n", "options", "warmup", ...}  -> {"ok": true}
+  ("options": the method's own settings as peftlab's --methods METHOD:KEY=VALUE gives them; a
+   setting this side does not implement is an error, so the bench shows no comparison for it)
   {"cmd": "step", "id"}  -> {"ms": ...}   one training step, or one whole generate() call
   {"cmd": "end", "id"}   -> {"ok": true}  drops the session
 Errors answer {"error": "..."} and the worker carries on.
@@ -67,13 +69,13 @@ def blas_info():
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / r) * B(A(x)); base frozen."""
 
-    def __init__(self, base, r):
+    def __init__(self, base, r, alpha):
         super().__init__()
         self.base = base
         self.A = nn.Parameter(torch.empty(r, base.in_features).uniform_(-1 / math.sqrt(base.in_features),
                                                                          1 / math.sqrt(base.in_features)))
         self.B = nn.Parameter(torch.zeros(base.out_features, r))
-        self.scale = 2.0  # alpha = 2r
+        self.scale = alpha / r
 
     def forward(self, x):
         return self.base(x) + self.scale * F.linear(F.linear(x, self.A), self.B)
@@ -135,8 +137,15 @@ class GPT(nn.Module):
 class Method:
     """A PEFT method on a GPT: its trainable tensors and its forward."""
 
-    def __init__(self, model, name, n, lora_rank):
+    # Settings of each method's own options this side implements (peftlab's names and defaults).
+    OPTIONS = {"lora": {"r": 8, "lora_alpha": 16.0}}
+
+    def __init__(self, model, name, n, options):
         self.model, self.name, self.n = model, name, n
+        unknown = sorted(set(options) - set(self.OPTIONS.get(name, {})))
+        if unknown:
+            raise ValueError(f"torch_bench: {name}'s settings {unknown} are not implemented here")
+        opts = dict(self.OPTIONS.get(name, {}), **options)
         C, L = model.wte.weight.shape[1], len(model.blocks)
         if name != "full":
             for p in model.parameters():
@@ -158,7 +167,8 @@ class Method:
             self.params = self.keys + self.values
         elif name == "lora":
             for b in model.blocks:
-                b.q, b.v = LoRALinear(b.q, lora_rank), LoRALinear(b.v, lora_rank)
+                b.q = LoRALinear(b.q, opts["r"], opts["lora_alpha"])
+                b.v = LoRALinear(b.v, opts["r"], opts["lora_alpha"])
             self.params = [p for b in model.blocks for m in (b.q, b.v) for p in (m.A, m.B)]
         else:
             raise ValueError(f"torch_bench: unknown method '{name}'")
@@ -203,7 +213,7 @@ def make(spec):
     torch.manual_seed(spec.get("seed", 0))
     max_seq = max(spec["seq"], spec.get("prompt_len", 0) + spec.get("new_tokens", 0))
     model = GPT(spec["vocab"], spec["d_model"], spec["layers"], spec["heads"], spec["d_ff"], max_seq)
-    method = Method(model, spec["method"], spec.get("n", 16), spec.get("lora_rank", 8))
+    method = Method(model, spec["method"], spec.get("n", 16), spec.get("options", {}))
     return model, method
 
 
@@ -306,7 +316,7 @@ def main():
     if args.serve:
         serve()
         return
-    spec = dict(CONFIGS[args.config], method=args.method, n=args.n, lora_rank=8, foreach=not args.no_foreach)
+    spec = dict(CONFIGS[args.config], method=args.method, n=args.n, foreach=not args.no_foreach)
     if args.seq:
         spec["seq"] = args.seq
     if args.generate:

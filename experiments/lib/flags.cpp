@@ -101,6 +101,30 @@ MethodEntry method_entry(const std::string& flag, const std::string& entry) {
     return e;
 }
 
+std::vector<MethodEntry> method_entries(const std::string& flag, const std::string& list,
+                                        const std::vector<std::string>& known) {
+    std::vector<MethodEntry> out;
+    if (list.empty()) {
+        for (const std::string& k : known) out.push_back({k, nlohmann::json::object()});
+        return out;
+    }
+    const std::vector<std::string> items = split_list(list);
+    if (items.empty()) throw std::invalid_argument(fmt::format("{}: '{}' names no method", flag, list));
+    for (const std::string& item : items) {
+        MethodEntry e = method_entry(flag, item);
+        if (std::find(known.begin(), known.end(), e.method) == known.end()) {
+            std::string names;
+            for (const std::string& k : known) names += (names.empty() ? "" : ", ") + k;
+            throw std::invalid_argument(fmt::format("{}: unknown method '{}' (known: {})", flag, e.method, names));
+        }
+        for (const MethodEntry& seen : out)
+            if (seen.method == e.method)
+                throw std::invalid_argument(fmt::format("{}: '{}' is listed twice in '{}'", flag, e.method, list));
+        out.push_back(std::move(e));
+    }
+    return out;
+}
+
 int64_t int_flag(const cxxopts::ParseResult& r, const std::string& name, int64_t min) {
     return whole_number("--" + name, r[name].as<std::string>(), min);
 }

@@ -41,6 +41,14 @@ struct MethodEntry {
 };
 MethodEntry method_entry(const std::string& flag, const std::string& entry);
 
+// The entries of a comma-separated --methods list, each a method_entry whose
+// method is one of `known` (in the list's order); an empty list means every
+// known method, without settings. Throws std::invalid_argument naming `flag`
+// for an unknown method (listing the known ones) or a method listed twice
+// (for binaries that key their rows by method).
+std::vector<MethodEntry> method_entries(const std::string& flag, const std::string& list,
+                                        const std::vector<std::string>& known);
+
 // The thread count a run uses: `requested` (--threads; 0 = all cores) when
 // given, else PEFTLAB_THREADS when set, else all cores. More threads than
 // cores (omp_get_num_procs: the CPUs this process may run on) are capped to
