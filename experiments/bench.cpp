@@ -44,6 +44,7 @@
 #include "autograd/threads.h"
 #include "experiments/lib/flags.h"
 #include "nn/generate.h"
+#include "nn/hf_gpt2.h"
 #include "nn/optim.h"
 #include "nn/presets.h"
 #include "nn/safetensors.h"
@@ -91,6 +92,7 @@ constexpr const char* kBase = "base";
 
 struct Spec {
     std::string kind = "train", config, method;
+    std::string base_dir;  // a Hugging Face GPT-2 directory whose weights the row loads; empty: random weights
     nlohmann::json options = nlohmann::json::object();
     GPTConfig model;
     int64_t batch = 16, seq = 128, n = 16;
@@ -101,6 +103,7 @@ struct Spec {
         return {{"kind", kind},           {"config", config},       {"method", method},         {"vocab", model.vocab},
                 {"d_model", model.d_model}, {"layers", model.n_layers}, {"heads", model.n_heads}, {"d_ff", model.d_ff},
                 {"seq", seq},             {"batch", batch},         {"n", n},                   {"options", options},
+                {"base_dir", base_dir},
                 {"prompt_len", prompt_len}, {"new_tokens", new_tokens}, {"warmup", warmup},      {"threads", threads}};
     }
     static Spec from_json(const json& j) {
@@ -117,6 +120,7 @@ struct Spec {
         s.batch = j.at("batch");
         s.n = j.at("n");
         s.options = j.at("options");
+        s.base_dir = j.at("base_dir");
         s.prompt_len = j.at("prompt_len");
         s.new_tokens = j.at("new_tokens");
         s.warmup = j.at("warmup");
@@ -144,19 +148,28 @@ public:
     virtual int64_t trainable_params() const { return 0; }
 };
 
+// The row's model: the Hugging Face checkpoint of --base, or random weights of the row's shape.
+std::unique_ptr<GPT> make_row_model(const Spec& s) {
+    if (s.base_dir.empty()) return std::make_unique<GPT>(s.model, 1);
+    return load_hf_gpt2(s.base_dir);  // its n_positions holds the row (checked by parse_args)
+}
+
 // The adapter of a row's method: its n and its own settings, every other option the method's default.
-std::unique_ptr<peft::Adapter> make_row_adapter(const std::string& method, int64_t n, const json& settings) {
+// On a Hugging Face base virtual tokens take positions, as in HF PEFT (AdapterOptions::positions).
+std::unique_ptr<peft::Adapter> make_row_adapter(const std::string& method, int64_t n, const json& settings,
+                                                bool hf_base = false) {
     peft::AdapterOptions o;
     o.n = n;
+    if (hf_base) o.positions = "hf";
     if (!settings.empty()) o.section(method) = settings;  // checked by the method
     return peft::make_adapter(method, o);
 }
 
 class TrainSession : public Session {
 public:
-    explicit TrainSession(const Spec& s) : model_(s.model, 1) {
-        adapter_ = make_row_adapter(s.method, s.n, s.options);
-        adapter_->activate(model_);
+    explicit TrainSession(const Spec& s) : model_(make_row_model(s)) {
+        adapter_ = make_row_adapter(s.method, s.n, s.options, !s.base_dir.empty());
+        adapter_->activate(*model_);
         opt_ = std::make_unique<AdamW>(adapter_->parameters());
         Rng rng(7);
         in_.B = s.batch;
@@ -165,13 +178,13 @@ public:
             in_.tokens.push_back(int32_t(rng.below(uint32_t(s.model.vocab))));
             targets_.push_back(int32_t(rng.below(uint32_t(s.model.vocab))));
         }
-        model_.train();
+        model_->train();
     }
     // With n = 0 a prefix method has nothing to train: the step is then the
     // forward and the loss alone (so does the PyTorch side).
     void step() override {
         opt_->zero_grad();
-        Tensor loss = model_.loss(in_, targets_);
+        Tensor loss = model_->loss(in_, targets_);
         if (!loss.requires_grad()) return;
         backward(loss);
         opt_->step();
@@ -183,7 +196,7 @@ public:
     }
 
 private:
-    GPT model_;
+    std::unique_ptr<GPT> model_;
     std::unique_ptr<peft::Adapter> adapter_;
     std::unique_ptr<AdamW> opt_;
     ModelInput in_;
@@ -192,10 +205,10 @@ private:
 
 class GenerateSession : public Session {
 public:
-    explicit GenerateSession(const Spec& s) : model_(s.model, 1) {
+    explicit GenerateSession(const Spec& s) : model_(make_row_model(s)) {
         if (s.method != kBase) {  // the bare model, or any registered method (unknown: an error naming the known ones)
-            adapter_ = make_row_adapter(s.method, s.n, s.options);
-            adapter_->activate(model_);
+            adapter_ = make_row_adapter(s.method, s.n, s.options, !s.base_dir.empty());
+            adapter_->activate(*model_);
         }
         Rng rng(9);
         prompts_.assign(size_t(s.batch), {});
@@ -203,10 +216,10 @@ public:
             for (int64_t i = 0; i < s.prompt_len; ++i) p.push_back(int32_t(rng.below(uint32_t(s.model.vocab))));
         opts_.max_new_tokens = int(s.new_tokens);
     }
-    void step() override { generate(model_, prompts_, opts_); }
+    void step() override { generate(*model_, prompts_, opts_); }
 
 private:
-    GPT model_;
+    std::unique_ptr<GPT> model_;
     std::unique_ptr<peft::Adapter> adapter_;
     std::vector<std::vector<int32_t>> prompts_;
     GenerateOptions opts_;
@@ -467,7 +480,7 @@ struct Args {
     int64_t n = 16;
     int steps = 0, threads = 2;
     bool torch = true, training = true, scaling = true, generation = true, quick = false, launch = true;
-    std::string out, python, torch_script, spin;
+    std::string out, python, torch_script, spin, base_dir;
 };
 
 Args parse_args(int argc, char** argv) {
@@ -501,6 +514,8 @@ Args parse_args(int argc, char** argv) {
                  "core for about a millisecond: on cores shared with other processes a team then waits for "
                  "its slowest thread); 'passive' sets OMP_WAIT_POLICY=passive, 'default' leaves libgomp's",
             cxxopts::value<std::string>()->default_value("3000"))
+        ("base", "a Hugging Face GPT-2 directory (config.json, model.safetensors): config 'hf', its weights in our "
+                 "rows (PyTorch's side: random weights of its shape; B 2, T 128)", cxxopts::value<std::string>())
         ("preset", "gpt2: the GPT-2 small shape (V 50257, d 768, L 12, H 12, F 3072; B 2, T 128; random "
                    "weights) alone, no scaling rows", cxxopts::value<std::string>())
         ("quick", "small config only, 3 step pairs, no scaling rows, base generation only")
@@ -529,6 +544,13 @@ Args parse_args(int argc, char** argv) {
     a.models["gpt2"] = model_preset("gpt2");
     a.batch_seq["gpt2"] = {2, 128};
     a.configs = flags::split_list(r["configs"].as<std::string>());
+    if (r.count("base")) {
+        a.base_dir = r["base"].as<std::string>();
+        a.models["hf"] = load_hf_gpt2_config(a.base_dir);  // errors name the file and key
+        // T 128 (and 64 + 64 generated tokens), or what the checkpoint's n_positions holds.
+        a.batch_seq["hf"] = {2, std::min<int64_t>(128, a.models["hf"].max_seq)};
+        if (!r.count("configs")) a.configs = {"hf"};
+    }
     std::string preset;
     if (r.count("preset")) {
         preset = r["preset"].as<std::string>();
@@ -558,7 +580,10 @@ Args parse_args(int argc, char** argv) {
             throw std::invalid_argument(
                 fmt::format("--configs: unknown config '{}' (small, medium, gpt2, or dimension flags)", c));
         GPTConfig m = a.models[c];
-        m.max_seq = std::max<int64_t>(a.batch_seq[c].second, 128);
+        if (c == "hf" && m.max_seq < 4)
+            throw std::invalid_argument(
+                fmt::format("--base {}: n_positions {} is too short to time (at least 4)", a.base_dir, m.max_seq));
+        if (c != "hf") m.max_seq = std::max<int64_t>(a.batch_seq[c].second, 128);
         m.validate();
         auto [B, T] = a.batch_seq[c];
         if (B < 1 || T < 2) throw std::invalid_argument(fmt::format("--batch {} / --seq {}: need B >= 1, T >= 2", B, T));
@@ -760,9 +785,15 @@ struct Bench {
         s.model = args.models.at(config);
         std::tie(s.batch, s.seq) = args.batch_seq.at(config);
         s.n = args.n;
+        if (config == "hf") s.base_dir = args.base_dir;
         s.threads = args.threads;
         s.warmup = config == "small" ? 2 : 1;  // the first step allocates every buffer
         if (kind == "generate") s.batch = gen_batch;
+        if (config == "hf") {  // what the checkpoint's n_positions holds, n virtual tokens included (positions hf)
+            const int64_t room = std::max<int64_t>(4, s.model.max_seq - s.n);
+            s.seq = std::min(s.seq, room);
+            s.prompt_len = s.new_tokens = std::min<int64_t>(64, room / 2);
+        }
         s.model.max_seq = std::max(s.seq, s.prompt_len + s.new_tokens);
         return s;
     }
@@ -1104,7 +1135,8 @@ int run_parent(const Args& args) {
                           b.torch_hello["blas"].value("core", std::string("?"))),
         b.peak, peak_end, ours_mm, raw_mm, b.bandwidth, train_table(train));
     if (!gen.empty())
-        md += "\n## Generation (KV cache, prompt 64, 64 new tokens, greedy; tokens/s of new tokens over the batch)\n\n" +
+        md += "\n## Generation (KV cache, prompt 64, 64 new tokens (--base: as many as its n_positions holds), greedy; "
+              "tokens/s of new tokens over the batch)\n\n" +
               gen_table(gen) +
               "\nbound: every weight and the KV cache read once per decoding step at the measured read bandwidth, "
               "the prefill at sgemm peak.\n";
