@@ -72,7 +72,7 @@ GPT2_REF_DIR := .npm-ref
 # cores --oversubscribe; idle ranks yield their core instead of spinning.
 MPI_CXXFLAGS := $(shell mpicxx --showme:compile 2>/dev/null) -DOMPI_SKIP_MPICXX
 MPI_LIBS     := $(filter-out -lmpi_cxx,$(shell mpicxx --showme:link 2>/dev/null))
-MPI_BINS     := pretrain compare sweep_length sweep_depth sweep_data dp_step
+MPI_BINS     := pretrain compare sweep_length sweep_depth sweep_data sweep_scale dp_step
 MPI_BIN      := $(MPI_BINS:%=$(BUILD)/bin/%)
 MPI_OBJ      := $(BUILD)/mpi/world.o
 MPI_TEST_SRC := $(wildcard tests/mpi/*.cpp)
@@ -81,7 +81,7 @@ MPI_NP       ?= 2
 MPIRUN       := mpirun --allow-run-as-root --oversubscribe --bind-to none --mca mpi_yield_when_idle 1
 
 .PHONY: all deps build test test-asan test-mpi scale-model demo bench report fixtures clean experiments \
-        pretrain compare sweep-length sweep-depth sweep-data serve-bench generate serve-load fuzz fuzz-build fuzz-seeds
+        pretrain compare sweep-length sweep-depth sweep-data sweep-scale serve-bench generate serve-load fuzz fuzz-build fuzz-seeds
 
 all: build
 build: $(LIB) $(BUILD)/peftlab-tests $(EXP_BIN) $(TOOL_BIN) $(BUILD)/peftlab-mpi-tests
@@ -173,11 +173,11 @@ pretrain compare generate: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/$@
 	./$(BUILD)/bin/$@ $(ARGS)
 
-sweep-length sweep-depth sweep-data: deps
+sweep-length sweep-depth sweep-data sweep-scale: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/$(subst -,_,$@)
 	./$(BUILD)/bin/$(subst -,_,$@) $(ARGS)
 
-experiments: pretrain compare sweep-length sweep-depth sweep-data
+experiments: pretrain compare sweep-length sweep-depth sweep-data sweep-scale
 
 # Per-method parameter, memory and FLOP report (analytic and measured);
 # ARGS="--preset gpt2-xl" prices GPT-2 XL analytically.
