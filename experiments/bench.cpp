@@ -506,7 +506,7 @@ Args parse_args(int argc, char** argv) {
         ("seq", "custom config: tokens per row T", cxxopts::value<int64_t>())
         ("batch", "custom config: rows per step B", cxxopts::value<int64_t>())
         ("prefix-len", "n: prompt tokens / prefix vectors per layer", cxxopts::value<int64_t>()->default_value("16"))
-        ("repeats", "measured step pairs (ours, torch) per row; 0: 6 for small, 3 for larger configs",
+        ("repeats", "measured step pairs (ours, torch) per row; 0: 6 for small, 3 for larger configs (generation: 5)",
             cxxopts::value<int>()->default_value("0"))
         ("threads", "threads for peftlab and for PyTorch", cxxopts::value<int>()->default_value("2"))
         ("spin", "GOMP_SPINCOUNT for both sides, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set: how long an "
@@ -1085,7 +1085,7 @@ int run_parent(const Args& args) {
             for (const int64_t batch : args.gen_batches) {
                 std::vector<Spec> group;
                 for (const flags::MethodEntry& e : args.gen_methods) group.push_back(b.spec(config, "generate", e, batch));
-                measure(group, b.args.quick ? 3 : 5, gen);
+                measure(group, b.args.steps ? b.args.steps : b.args.quick ? 3 : 5, gen);
             }
 
     json launch;
