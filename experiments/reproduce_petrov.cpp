@@ -51,8 +51,9 @@ int main(int argc, char** argv) {
     CommonArgs d;
     d.config = "small";
     d.task = "petrov-sort-asc";  // the base's pretraining corpus comes from the petrov tasks (all share it)
-    // method-names: the paper's comparison (prefix n=10 hidden form, its key/value form, prompt tuning, rank-1 LoRA on the MLP with about the prefix's parameter count, full fine-tuning); --methods overrides
-    d.methods = {"prefix", "prefix-kv", "prompt", R"(lora:r=1:target_modules=["fc","proj"])", "full"};
+    // The paper's comparison: the prefix (n = 10, hidden form), its key/value form, prompt tuning, rank-1
+    // LoRA on the MLP (fc and proj: L*(d+F) = 10,240 parameters, the prefix's L*n*d) and full fine-tuning.
+    d.methods = {"prefix", "prefix-kv", "prompt", R"(lora:r=1:target_modules=["fc","proj"])", "full"};  // method-names: the paper's comparison, --methods overrides
     d.prefix_len = 10;
     d.steps = 2000;
     d.pretrain_steps = 20000;
