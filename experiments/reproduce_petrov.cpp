@@ -9,7 +9,7 @@
 // --attention-diagnostic, how far each adapter moves the content-to-content
 // attention per layer and head (peft/attention_shift.h).
 // Writes runs/reproduce-petrov/{results.json, metrics.csv, report.md,
-// attention.md, accuracy_own_task.png, loss_curves.png}.
+// attention.md, accuracy_own_task*.png, loss_curves.png}.
 #include <fmt/format.h>
 
 #include <chrono>
@@ -230,8 +230,25 @@ int main(int argc, char** argv) {
         std::string task_axis;
         for (size_t i = 0; i < train_tasks.size(); ++i)
             task_axis += fmt::format("{}{}={}", i ? ", " : "", i + 1, train_tasks[i]);
-        plot_png(a.out + "/accuracy_own_task.png", "reproduce-petrov: exact-match accuracy on the task trained for",
-                 "task (" + task_axis + ")", "accuracy (%)", series);
+        const std::string metric_name = tests.front().metric_name();
+        plot_png(a.out + "/accuracy_own_task.png", "reproduce-petrov: " + metric_name + " on the task trained for",
+                 "task (" + task_axis + ")", metric_name + " (%)", series);
+        // The tasks' further metrics (digit accuracy) the same way: they move before exact match does.
+        for (const auto& [metric, m] : extra_matrix.items()) {
+            std::vector<Series> more;
+            for (const std::string& entry : a.methods) {
+                Series s{entry, {}, ""};
+                for (size_t i = 0; i < train_tasks.size(); ++i) {
+                    const std::string row = fmt::format("{} @ {}", entry, train_tasks[i]);
+                    if (m.contains(row) && m[row].contains(train_tasks[i]))
+                        s.points.emplace_back(double(i + 1), 100.0 * m[row][train_tasks[i]].get<double>());
+                }
+                more.push_back(s);
+            }
+            plot_png(a.out + "/accuracy_own_task_" + file_safe(metric) + ".png",
+                     "reproduce-petrov: " + metric + " on the task trained for", "task (" + task_axis + ")",
+                     metric + " (%)", more);
+        }
         const std::string md = fmt::format(
             "# reproduce-petrov: Petrov et al. (ICLR 2024), Sections 5-6\n\n"
             "Base: {} (d={}, L={}, H={}, d_ff={}, vocab={}, T={}), pretrained {} steps of batch {} on the "
@@ -241,7 +258,8 @@ int main(int argc, char** argv) {
             "## Accuracy on the task each adapter was trained for\n\n{}\n"
             "## The matrix (rows: trained; columns: tested; bold: the trained task)\n\n{}\n"
             "## Training runs\n\n{}\n{}"
-            "Plots: `accuracy_own_task.png` (x: {}), `loss_curves.png`.\nWall time: {:.0f} s.\n",
+            "Plots: `accuracy_own_task.png` and `accuracy_own_task_<metric>.png` (x: {}), `loss_curves.png`.\n"
+            "Wall time: {:.0f} s.\n",
             base.model_path, base.config.d_model, base.config.n_layers, base.config.n_heads, base.config.d_ff,
             base.config.vocab, base.config.max_seq, a.pretrain_steps, a.batch,
             a.pretrain_steps * a.batch * base.config.max_seq, base.pretrain_valid_loss, a.steps, a.batch,
