@@ -81,7 +81,8 @@ MPI_NP       ?= 2
 MPIRUN       := mpirun --allow-run-as-root --oversubscribe --bind-to none --mca mpi_yield_when_idle 1
 
 .PHONY: all deps build test test-asan test-mpi scale-model demo bench report fixtures clean experiments \
-        pretrain compare sweep-length sweep-depth sweep-data sweep-scale serve-bench generate serve-load fuzz fuzz-build fuzz-seeds
+        pretrain compare sweep-length sweep-depth sweep-data sweep-scale serve-bench generate serve-load fuzz fuzz-build \
+        fuzz-seeds reproduce-petrov
 
 all: build
 build: $(LIB) $(BUILD)/peftlab-tests $(EXP_BIN) $(TOOL_BIN) $(BUILD)/peftlab-mpi-tests
@@ -177,7 +178,16 @@ sweep-length sweep-depth sweep-data sweep-scale: deps
 	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/$(subst -,_,$@)
 	./$(BUILD)/bin/$(subst -,_,$@) $(ARGS)
 
-experiments: pretrain compare sweep-length sweep-depth sweep-data sweep-scale
+# Petrov et al. (ICLR 2024), Sections 5-6: the sort/add mixture base, then
+# prefix, prefix-kv, prompt, rank-1 MLP LoRA and full fine-tuning per task,
+# the accuracy matrix and the attention diagnostic (runs/reproduce-petrov/).
+# The full budget takes hours on 2 cores; README "Reproductions" gives the
+# reduced ARGS it was run with.
+reproduce-petrov: deps
+	@$(MAKE) --no-print-directory -j$$(nproc) $(BUILD)/bin/reproduce_petrov
+	./$(BUILD)/bin/reproduce_petrov --attention-diagnostic $(ARGS)
+
+experiments: pretrain compare sweep-length sweep-depth sweep-data sweep-scale reproduce-petrov
 
 # Per-method parameter, memory and FLOP report (analytic and measured);
 # ARGS="--preset gpt2-xl" prices GPT-2 XL analytically.

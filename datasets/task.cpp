@@ -25,7 +25,19 @@ namespace peftlab::data {
     X("wordnet-gloss", make_wordnet_gloss_task, (TaskDefaults{2000, 200, 200, 0, {}}),                           \
       "WordNet 3.0 (Debian wordnet-base): \"lemma (pos)\" -> its definition; BLEU, ROUGE-L")                     \
     X("wordnet-pos", make_wordnet_pos_task, (TaskDefaults{2000, 200, 200, 0, {}}),                               \
-      "WordNet 3.0 (Debian wordnet-base): definition -> noun/verb/adjective/adverb; accuracy, macro-F1")
+      "WordNet 3.0 (Debian wordnet-base): definition -> noun/verb/adjective/adverb; accuracy, macro-F1")        \
+    X("petrov-sort-asc", make_petrov_sort_asc_task, (TaskDefaults{5000, 100, 200, 11, {}}),                    \
+      "Petrov et al. 2024: 10 digits 1..8 sorted ascending; exact match (petrov.h)")                           \
+    X("petrov-sort-desc", make_petrov_sort_desc_task, (TaskDefaults{5000, 100, 200, 11, {}}),                  \
+      "Petrov et al. 2024: 10 digits 1..8 sorted descending; exact match")                                     \
+    X("petrov-add1", make_petrov_add1_task, (TaskDefaults{5000, 100, 200, 11, {}}),                            \
+      "Petrov et al. 2024: each of 10 digits 1..8 plus 1; exact match")                                        \
+    X("petrov-add2", make_petrov_add2_task, (TaskDefaults{5000, 100, 200, 11, {}}),                            \
+      "Petrov et al. 2024: each of 10 digits 1..8 plus 2; exact match")                                        \
+    X("petrov-sort-asc-add1", make_petrov_sort_asc_add1_task, (TaskDefaults{5000, 100, 200, 11, {}}),          \
+      "Petrov et al. 2024: sorted ascending, then plus 1 (a composition of pretrained tasks); exact match")    \
+    X("petrov-hist", make_petrov_hist_task, (TaskDefaults{5000, 100, 200, 11, {}}),                            \
+      "Petrov et al. 2024: double histogram, each digit's count in the input (not pretrained); exact match")
 
 #define PEFTLAB_DECLARE(name, factory, defaults, description) Task factory(const TaskRequest&);
 PEFTLAB_TASKS(PEFTLAB_DECLARE)

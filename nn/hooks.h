@@ -107,6 +107,16 @@ public:
     // x is: a caller that must prepare x first (MultiAdapter gathers each
     // adapter's rows) then skips the call. true, the default, is always safe.
     virtual bool adapts_linear(const std::string& path) const { return true; }
+    // Observes layer `layer`'s attention on an uncached forward (diagnostics
+    // only): h [B, Tq, C] is what its projections read (the LN1 output of the
+    // row's own positions, virtual tokens included), q [B, Tq, C] and k
+    // [B, Tk, C] the queries and keys, any layer prefix's keys first (the last
+    // Tq keys are the row's own positions), key_valid [B, Tk] or undefined.
+    // The probabilities are softmax(q_h k_h^T / sqrt(C / n_heads)) per head h
+    // under ops.h's causal rule and key_valid. The default does nothing, so a
+    // forward pays one virtual call per layer.
+    virtual void observe_attention(int layer, const Tensor& h, const Tensor& q, const Tensor& k,
+                                   const Tensor& key_valid, int n_heads, const ForwardInfo&) {}
 };
 
 // Passes every hook to `inner` (which may be changed, or null: no change). A
@@ -139,6 +149,10 @@ public:
         return inner_ ? inner_->layer_norm_params(path, info) : NormParams{};
     }
     bool adapts_linear(const std::string& path) const override { return inner_ && inner_->adapts_linear(path); }
+    void observe_attention(int layer, const Tensor& h, const Tensor& q, const Tensor& k, const Tensor& key_valid,
+                           int n_heads, const ForwardInfo& info) override {
+        if (inner_) inner_->observe_attention(layer, h, q, k, key_valid, n_heads, info);
+    }
 
 protected:
     ModelHooks* inner_;

@@ -230,6 +230,7 @@ Tensor CausalSelfAttention::forward(const Tensor& h, const Tensor& valid, const 
         Tensor a = attention(q, cache->k, cache->v, n_heads, /*causal=*/true, cache->valid, cache->length);
         return o_proj.forward(a, ctx);
     }
+    if (ctx.hooks) ctx.hooks->observe_attention(layer, h, q, k, kv_valid, n_heads, ctx.info);
     Tensor a = attention(q, k, v, n_heads, /*causal=*/true, kv_valid);
     return o_proj.forward(a, ctx);
 }

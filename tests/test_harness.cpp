@@ -65,6 +65,11 @@ TEST_CASE("harness flags: data-file flags parse and bad ones name the flag and v
 TEST_CASE("flags::split_list and whole_number: the one list and number parser", "[harness]") {
     CHECK(flags::split_list("a,,b,") == std::vector<std::string>{"a", "b"});
     CHECK(flags::split_list("").empty());
+    // A JSON value's commas stay in its item (a --methods entry with a list option).
+    CHECK(flags::split_list(R"(lora:target_modules=["fc","proj"],full,p:x="a,b")") ==
+          std::vector<std::string>{R"(lora:target_modules=["fc","proj"])", "full", R"(p:x="a,b")"});
+    CHECK(flags::method_entry("--methods", R"(lora:r=1:target_modules=["fc","proj"])").settings ==
+          nlohmann::json{{"r", 1}, {"target_modules", {"fc", "proj"}}});
     CHECK(flags::whole_number("--sizes", "12", 0) == 12);
     CHECK_THROWS_WITH(flags::whole_number("--sizes", "1x", 0), "--sizes: '1x' is not a whole number");
     CHECK_THROWS_WITH(flags::whole_number("--sizes", "-1", 0), "--sizes: -1 must be >= 0");

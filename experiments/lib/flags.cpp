@@ -54,11 +54,28 @@ cxxopts::ParseResult parse(cxxopts::Options& o, int argc, char** argv, const std
 
 std::vector<std::string> split_list(const std::string& s) {
     std::vector<std::string> out;
-    for (size_t start = 0; start <= s.size();) {
-        size_t end = std::min(s.find(',', start), s.size());
-        if (end > start) out.push_back(s.substr(start, end - start));
-        start = end + 1;
+    std::string item;
+    int depth = 0;  // inside [...] or {...}: a JSON value's commas are its own
+    bool quoted = false;
+    for (size_t i = 0; i < s.size(); ++i) {
+        const char c = s[i];
+        if (quoted) {
+            if (c == '\\' && i + 1 < s.size()) item += s[i++];
+            else if (c == '"') quoted = false;
+        } else if (c == '"') {
+            quoted = true;
+        } else if (c == '[' || c == '{') {
+            ++depth;
+        } else if ((c == ']' || c == '}') && depth > 0) {
+            --depth;
+        } else if (c == ',' && depth == 0) {
+            if (!item.empty()) out.push_back(item);
+            item.clear();
+            continue;
+        }
+        item += c;
     }
+    if (!item.empty()) out.push_back(item);
     return out;
 }
 

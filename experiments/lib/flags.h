@@ -18,7 +18,9 @@ namespace peftlab::flags {
 cxxopts::ParseResult parse(cxxopts::Options& o, int argc, char** argv, const std::string& epilog = "");
 
 // The items of a comma-separated list ("a,b,,c" -> a, b, c: empty items are
-// skipped). The one list parser of the experiment binaries.
+// skipped). Commas inside a JSON array, object or string are part of the
+// item: "lora:target_modules=[\"fc\",\"proj\"],full" -> 2 items. An unclosed
+// bracket or quote runs to the end. The one list parser of the experiment binaries.
 std::vector<std::string> split_list(const std::string& s);
 
 // The whole number `text` given to `flag` ("--seq"), at least `min`; throws
@@ -31,8 +33,9 @@ int64_t int_flag(const cxxopts::ParseResult& r, const std::string& name, int64_t
 // A --methods entry: a registered method's name, then optionally settings of
 // that method's own options (its section of peft::AdapterOptions) as
 // ":KEY=VALUE" pairs, e.g. "prefix:reparam=true", "lora:r=4:lora_alpha=8".
-// VALUE is read as JSON (true, 4, 0.5) or else taken as a string; it cannot
-// hold ',' (the list separator). The method checks keys and values when the
+// VALUE is read as JSON (true, 4, 0.5, ["fc","proj"]) or else taken as a
+// string; outside a JSON array, object or string it cannot hold ',' (the
+// list separator). The method checks keys and values when the
 // adapter is made. Throws std::invalid_argument naming `flag` and the entry
 // for an empty name or a setting without KEY=.
 struct MethodEntry {
