@@ -10,6 +10,8 @@
 #include "datasets/petrov.h"
 #include "datasets/task.h"
 #include "peft/attention_shift.h"
+#include "autograd/ops.h"
+#include "autograd/tape.h"
 #include "peft/registry.h"
 #include "tests/peft_testing.h"
 
@@ -195,6 +197,48 @@ TEST_CASE("attention shift: a prefix leaves content attention unchanged at every
     CHECK(s.mean_local() > 0.02);
     for (int l = 0; l < s.n_layers; ++l)
         for (int h = 0; h < s.n_heads; ++h) CHECK(s.local_mean[size_t(l)][size_t(h)] > 1e-3);
+    {
+        // Layer 0 against an independent computation: both models read the same
+        // embeddings there, so local and end-to-end TV are both the TV between
+        // softmax(q k^T / sqrt(Dh)) (the library's causal softmax, in float) of
+        // the base's projections and of the LoRA-adapted ones.
+        GPT adapted(cfg, 11);
+        auto adapter = peft::make_adapter("lora", lo);
+        adapter->activate(adapted);
+        perturb(adapter->parameters(), 5, 0.5f);
+        ModelInput one;
+        one.B = 1;
+        one.T = 7;
+        one.tokens.assign(in.tokens.begin(), in.tokens.begin() + 7);
+        const peft::AttentionShift s1 = peft::attention_shift(base, adapted, one);
+        NoGradGuard no_grad;
+        std::vector<int32_t> pos(7);
+        for (int32_t t = 0; t < 7; ++t) pos[size_t(t)] = t;
+        const Tensor x = reshape(add(base.wte.forward(one.tokens), base.wpe.forward(pos)), {1, 7, cfg.d_model});
+        const Tensor h = base.blocks[0]->ln1.forward(x);
+        const int H = cfg.n_heads;
+        const int64_t Dh = cfg.d_model / H;
+        ForwardContext with_hooks;
+        with_hooks.hooks = adapted.hooks();
+        with_hooks.info = ForwardInfo{1, 7, true, false};
+        auto probs = [&](const CausalSelfAttention& attn, const ForwardContext& ctx) {
+            auto heads = [&](const Tensor& t) { return permute(reshape(t, {1, 7, H, Dh}), {0, 2, 1, 3}); };  // [1, H, 7, Dh]
+            const Tensor q = heads(attn.q_proj.forward(h, ctx)), k = heads(attn.k_proj.forward(h, ctx));
+            return softmax(mul_scalar(matmul(q, k, false, true), 1.f / std::sqrt(float(Dh))), true);  // [1, H, 7, 7]
+        };
+        const Tensor pb = probs(base.blocks[0]->attn, ForwardContext{}), pa = probs(adapted.blocks[0]->attn, with_hooks);
+        for (int hd = 0; hd < H; ++hd) {
+            double tv = 0;
+            for (int64_t i = 0; i < 7; ++i)
+                for (int64_t j = 0; j < 7; ++j) {
+                    const int64_t at = (hd * 7 + i) * 7 + j;
+                    tv += 0.5 * std::abs(double(pb.data()[at]) - double(pa.data()[at])) / 7.0;
+                }
+            CHECK(tv > 1e-3);
+            CHECK(s1.local_mean[0][size_t(hd)] == Approx(tv).margin(1e-5));
+            CHECK(s1.end_to_end_mean[0][size_t(hd)] == Approx(tv).margin(1e-5));
+        }
+    }
     // LoRA on the MLP only: attention at layer 0 untouched, locally untouched everywhere.
     peft::AdapterOptions mlp;
     mlp.sections["lora"] = {{"r", 1}, {"target_modules", {"fc", "proj"}}};
