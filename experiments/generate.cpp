@@ -191,8 +191,16 @@ int main(int argc, char** argv) {
                 adapter->merge();
             }
             const std::string out = r["gguf"].as<std::string>();
-            const auto tok = load_tokenizer(r["tokenizer"].as<std::string>(), base_path);
-            const GgufVocab vocab = harness::gguf_vocab(*tok);
+            // A base with no tokenizer of its own (no GPT-2 files beside it, none recorded) is
+            // written without one: llama.cpp then runs token ids only.
+            const std::string spec = r["tokenizer"].as<std::string>();
+            const bool has_tokenizer =
+                !spec.empty() ||
+                (fs::is_directory(base_path) ? fs::exists(fs::path(base_path) / "vocab.json") ||
+                                                   fs::exists(fs::path(base_path) / "encoder.json")
+                                             : StMapped(base_path).metadata().count("tokenizer") > 0);
+            const GgufVocab vocab =
+                has_tokenizer ? harness::gguf_vocab(*load_tokenizer(spec, base_path)) : GgufVocab{};
             GgufGpt2Options g;
             g.type = gguf_type == "f16" ? GgmlType::F16 : GgmlType::F32;
             save_gguf_gpt2(*model, out, vocab, g);

@@ -529,7 +529,7 @@ std::optional<LlamaRun> run_llama(const std::string& model, const std::vector<in
                                   const std::string& lora = "") {
     std::string ids;
     for (int32_t t : prompt) ids += (ids.empty() ? "" : ",") + std::to_string(t);
-    const std::string cmd = fmt::format("node tools/llama_bench.mjs --model '{}' --prompt-ids {} --new {} --threads 2 "
+    const std::string cmd = fmt::format("node tools/llama_bench.mjs --model '{}' --prompt-ids {} --new {} --threads 1 "
                                         "--logits{} 2>&1",
                                         model, ids, n_new, lora.empty() ? "" : " --lora '" + lora + "'");
     FILE* p = ::popen(cmd.c_str(), "r");
