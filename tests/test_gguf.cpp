@@ -524,14 +524,15 @@ struct LlamaRun {
     std::vector<float> logits;
 };
 
-// tools/llama_bench.mjs on `model` (and `lora`); nullopt when node-llama-cpp is not installed.
-std::optional<LlamaRun> run_llama(const std::string& model, const std::vector<int32_t>& prompt, int n_new,
-                                  const std::string& lora = "") {
+// tools/llama_bench.mjs on `model`, and on `model` + `lora` in the same process (one start-up of
+// llama.cpp): runs[0] the base, runs[1] with the adapter. Nullopt when node-llama-cpp is not installed.
+std::optional<std::vector<LlamaRun>> run_llama(const std::string& model, const std::vector<int32_t>& prompt,
+                                               int n_new, const std::string& lora) {
     std::string ids;
     for (int32_t t : prompt) ids += (ids.empty() ? "" : ",") + std::to_string(t);
     const std::string cmd = fmt::format("node tools/llama_bench.mjs --model '{}' --prompt-ids {} --new {} --threads 1 "
-                                        "--logits{} 2>&1",
-                                        model, ids, n_new, lora.empty() ? "" : " --lora '" + lora + "'");
+                                        "--logits --lora '{}' 2>&1",
+                                        model, ids, n_new, lora);
     FILE* p = ::popen(cmd.c_str(), "r");
     REQUIRE(p);
     std::string out;
@@ -541,17 +542,31 @@ std::optional<LlamaRun> run_llama(const std::string& model, const std::vector<in
     if (WIFEXITED(rc) && WEXITSTATUS(rc) == 3) return std::nullopt;
     INFO(cmd << "\n" << out.substr(0, 2000));
     REQUIRE(rc == 0);
-    LlamaRun r;
+    std::vector<LlamaRun> runs(2);
     std::istringstream lines(out);
     for (std::string line; std::getline(lines, line);) {
         if (line.empty() || line[0] != '{') continue;
         const nlohmann::json j = nlohmann::json::parse(line);
+        LlamaRun& r = runs[j["lora"].is_null() ? 0 : 1];
         if (j["kind"] == "greedy") r.greedy = j["tokens"].get<std::vector<int32_t>>();
         if (j["kind"] == "logits")
             for (const auto& x : j["logits"]) r.logits.push_back(x.is_null() ? NAN : x.get<float>());
     }
-    REQUIRE(!r.greedy.empty());
-    return r;
+    REQUIRE(!runs[0].greedy.empty());
+    REQUIRE(!runs[1].greedy.empty());
+    return runs;
+}
+
+// Largest |a - b| and |b| over the V logits at position `row` of b [1, T, V].
+std::pair<float, float> logit_diff(const std::vector<float>& a, const Tensor& b, int64_t row) {
+    const int64_t V = b.dim(2);
+    REQUIRE(a.size() == size_t(V));
+    float diff = 0.f, mag = 0.f;
+    for (int64_t v = 0; v < V; ++v) {
+        diff = std::max(diff, std::fabs(a[size_t(v)] - b.data()[row * V + v]));
+        mag = std::max(mag, std::fabs(b.data()[row * V + v]));
+    }
+    return {diff, mag};
 }
 
 }  // namespace
@@ -575,27 +590,13 @@ TEST_CASE("llama.cpp runs the exported GPT-2 (real tokenizer) and an exported Lo
     save_gguf_gpt2(*model, tmp.path("m.gguf"), harness::gguf_vocab(tok));
     const std::vector<int32_t> prompt = tok.encode("The quick brown fox jumps over the lazy dog.");
     const int n_new = 12;
-    const auto llama = run_llama(tmp.path("m.gguf"), prompt, n_new);
-    if (!llama) {
-        WARN("node-llama-cpp is not installed (make llama-cpp); skipping the llama.cpp comparison");
-        return;
-    }
+    const int64_t last = int64_t(prompt.size()) - 1;
     GenerateOptions g;
     g.max_new_tokens = n_new;
-    const auto ours = generate(*model, {prompt}, g);
-    CHECK(llama->greedy == ours[0]);
     NoGradGuard ng;
     model->eval();
+    const auto ours = generate(*model, {prompt}, g);
     const Tensor logits = model->forward(peftlab::testing::single_row(prompt));
-    const int64_t V = c.vocab, last = int64_t(prompt.size()) - 1;
-    REQUIRE(llama->logits.size() == size_t(V));
-    float diff = 0.f, mag = 0.f;
-    for (int64_t v = 0; v < V; ++v) {
-        diff = std::max(diff, std::fabs(llama->logits[size_t(v)] - logits.data()[last * V + v]));
-        mag = std::max(mag, std::fabs(logits.data()[last * V + v]));
-    }
-    WARN(fmt::format("llama.cpp vs peftlab next-token logits: max |diff| {:.3g} (max |logit| {:.3g})", diff, mag));
-    CHECK(diff <= 1e-3f * std::max(1.f, mag));
 
     // A LoRA on q, v, o_proj and fc with non-zero B: llama.cpp applies it at run time to the base file.
     peft::AdapterOptions o;
@@ -613,23 +614,29 @@ TEST_CASE("llama.cpp runs the exported GPT-2 (real tokenizer) and an exported Lo
     CHECK(gl.s("adapter.type") == "lora");
     CHECK(gl.s("general.architecture") == "gpt2");
     check_layout(gl);
-    // q and v fuse into attn_qkv of rank 2r: A {C, 2r}, B {2r, 3C}; alpha/r is kept per pair.
+    // q and v fuse into attn_qkv of rank 2r: A {C, 2r}, B {2r, 3C}; the other pairs keep rank r, so one
+    // file-wide alpha cannot give every pair alpha/r: alpha is 0 and each B carries its scale.
     CHECK(gl.tensors.at("blk.0.attn_qkv.weight.lora_a").ne == std::vector<uint64_t>{64, 8});
     CHECK(gl.tensors.at("blk.0.attn_qkv.weight.lora_b").ne == std::vector<uint64_t>{8, 192});
     CHECK(gl.tensors.at("blk.1.ffn_up.weight.lora_a").ne == std::vector<uint64_t>{64, 4});
     CHECK(gl.tensors.at("blk.1.ffn_up.weight.lora_b").ne == std::vector<uint64_t>{4, 256});
     CHECK(gl.tensors.size() == 2 * 3 * 2);
-    const auto with = run_llama(tmp.path("m.gguf"), prompt, n_new, tmp.path("lora.gguf"));
-    REQUIRE(with);
+    CHECK(gl.f("adapter.lora.alpha") == 0.0);
     const auto ours_lora = generate(*model, {prompt}, g);
     CHECK(ours_lora[0] != ours[0]);  // the adapter changes the continuation
-    CHECK(with->greedy == ours_lora[0]);
     const Tensor lg = model->forward(peftlab::testing::single_row(prompt));
-    float ldiff = 0.f, lmag = 0.f;
-    for (int64_t v = 0; v < V; ++v) {
-        ldiff = std::max(ldiff, std::fabs(with->logits[size_t(v)] - lg.data()[last * V + v]));
-        lmag = std::max(lmag, std::fabs(lg.data()[last * V + v]));
+
+    const auto llama = run_llama(tmp.path("m.gguf"), prompt, n_new, tmp.path("lora.gguf"));
+    if (!llama) {
+        WARN("node-llama-cpp is not installed (make llama-cpp); skipping the llama.cpp comparison");
+        return;
     }
+    CHECK((*llama)[0].greedy == ours[0]);
+    const auto [diff, mag] = logit_diff((*llama)[0].logits, logits, last);
+    WARN(fmt::format("llama.cpp vs peftlab next-token logits: max |diff| {:.3g} (max |logit| {:.3g})", diff, mag));
+    CHECK(diff <= 1e-3f * std::max(1.f, mag));
+    CHECK((*llama)[1].greedy == ours_lora[0]);
+    const auto [ldiff, lmag] = logit_diff((*llama)[1].logits, lg, last);
     WARN(fmt::format("llama.cpp + LoRA vs peftlab + LoRA next-token logits: max |diff| {:.3g} (max |logit| {:.3g})",
                      ldiff, lmag));
     CHECK(ldiff <= 1e-3f * std::max(1.f, lmag));

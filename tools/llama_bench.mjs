@@ -11,16 +11,20 @@
 // --batch identical sequences decoded together (llama.cpp batches the
 // sequences of one context into one llama_decode per step), and greedily
 // decodes --new tokens (temperature 0: argmax). Prints JSON lines on stdout:
-//   {"kind": "greedy", "tokens": [...]}              sequence 0's new ids
-//   {"kind": "logits", "logits": [...]}              with --logits: the V next-token
+//   {"kind": "greedy", "lora", "tokens": [...]}      sequence 0's new ids
+//   {"kind": "logits", "lora", "logits": [...]}      with --logits: the V next-token
 //                                                    logits after the prompt
-//   {"kind": "timing", "batch", "threads", "prompt_tokens", "new_tokens",
+//   {"kind": "timing", "lora", "batch", "threads", "prompt_tokens", "new_tokens",
 //    "prefill_ms", "decode_ms_per_step", "decode_tokens_per_s"}
 // decode_tokens_per_s counts the tokens of all sequences: batch / step time.
 // The prefill includes sampling the first new token; decode steps feed one
-// token per sequence and sample the next. Exit status 2 on bad flags, 1 when
-// llama.cpp fails (its message on stderr), 3 when node-llama-cpp is not
-// installed (run `make llama-cpp`).
+// token per sequence and sample the next. With --lora the whole run is done
+// twice in the one process, on the base and then with the adapter applied
+// (scale 1); every line carries "lora": null or the adapter's path. Exit
+// status 2 on bad flags, 1 when llama.cpp fails (its message on stderr), 3
+// when node-llama-cpp is not installed (run `make llama-cpp`). A model written
+// "no_vocab" (no tokenizer) makes node-llama-cpp abort: it always initialises
+// the tokenizer.
 import {existsSync} from "node:fs";
 import {dirname, join, resolve} from "node:path";
 import {fileURLToPath, pathToFileURL} from "node:url";
@@ -73,45 +77,49 @@ try {
     const model = await llama.loadModel({modelPath: resolve(args.model), gpuLayers: 0,
                                          defaultContextFlashAttention: false});
     const P = args.promptIds.length;
-    const context = await model.createContext({
-        contextSize: P + args.new + 1,
-        sequences: args.batch,
-        batchSize: Math.max(P * args.batch, 32),
-        threads: {ideal: args.threads, min: args.threads},
-        flashAttention: false,
-        experimentalKvCacheKeyType: "F32",
-        experimentalKvCacheValueType: "F32",
-        ...(args.lora ? {lora: {adapters: [{filePath: resolve(args.lora), scale: 1}]}} : {}),
-    });
-    const seqs = Array.from({length: args.batch}, () => context.getSequence());
-    const greedy = {temperature: 0};
+    // The base alone, then (with --lora) base + adapter: one process loads llama.cpp once.
+    for (const lora of args.lora ? [null, args.lora] : [null]) {
+        const context = await model.createContext({
+            contextSize: P + args.new + 1,
+            sequences: args.batch,
+            batchSize: Math.max(P * args.batch, 32),
+            threads: {ideal: args.threads, min: args.threads},
+            flashAttention: false,
+            experimentalKvCacheKeyType: "F32",
+            experimentalKvCacheValueType: "F32",
+            ...(lora ? {lora: {adapters: [{filePath: resolve(lora), scale: 1}]}} : {}),
+        });
+        const tag = {lora};
+        const seqs = Array.from({length: args.batch}, () => context.getSequence());
+        const greedy = {temperature: 0};
 
-    const t0 = performance.now();
-    const first = await Promise.all(seqs.map((seq, s) => seq.controlledEvaluate(args.promptIds.map((id, i) =>
-        i < P - 1 ? id : [id, {generateNext: {token: true, logits: args.logits && s === 0, options: greedy}}]))));
-    const t1 = performance.now();
-    const out = seqs.map((_, s) => [first[s][P - 1].next.token]);
-    if (args.logits) {
-        const map = first[0][P - 1].next.logits;  // Map token -> logit
-        const logits = new Array(map.size).fill(null);
-        for (const [tok, v] of map) logits[tok] = v;
-        process.stdout.write(JSON.stringify({kind: "logits", logits}) + "\n");
+        const t0 = performance.now();
+        const first = await Promise.all(seqs.map((seq, s) => seq.controlledEvaluate(args.promptIds.map((id, i) =>
+            i < P - 1 ? id : [id, {generateNext: {token: true, logits: args.logits && s === 0, options: greedy}}]))));
+        const t1 = performance.now();
+        const out = seqs.map((_, s) => [first[s][P - 1].next.token]);
+        if (args.logits) {
+            const map = first[0][P - 1].next.logits;  // Map token -> logit
+            const logits = new Array(map.size).fill(null);
+            for (const [tok, v] of map) logits[tok] = v;
+            process.stdout.write(JSON.stringify({kind: "logits", ...tag, logits}) + "\n");
+        }
+        for (let step = 1; step < args.new; ++step) {
+            const res = await Promise.all(seqs.map((seq, s) => seq.controlledEvaluate(
+                [[out[s][step - 1], {generateNext: {token: true, options: greedy}}]])));
+            for (let s = 0; s < args.batch; ++s) out[s].push(res[s][0].next.token);
+        }
+        const t2 = performance.now();
+        const steps = args.new - 1;
+        process.stdout.write(JSON.stringify({kind: "greedy", ...tag, tokens: out[0]}) + "\n");
+        process.stdout.write(JSON.stringify({
+            kind: "timing", ...tag, batch: args.batch, threads: args.threads, prompt_tokens: P, new_tokens: args.new,
+            prefill_ms: t1 - t0,
+            decode_ms_per_step: steps > 0 ? (t2 - t1) / steps : null,
+            decode_tokens_per_s: steps > 0 ? 1000 * steps * args.batch / (t2 - t1) : null,
+        }) + "\n");
+        await context.dispose();
     }
-    for (let step = 1; step < args.new; ++step) {
-        const res = await Promise.all(seqs.map((seq, s) => seq.controlledEvaluate(
-            [[out[s][step - 1], {generateNext: {token: true, options: greedy}}]])));
-        for (let s = 0; s < args.batch; ++s) out[s].push(res[s][0].next.token);
-    }
-    const t2 = performance.now();
-    const steps = args.new - 1;
-    process.stdout.write(JSON.stringify({kind: "greedy", tokens: out[0]}) + "\n");
-    process.stdout.write(JSON.stringify({
-        kind: "timing", batch: args.batch, threads: args.threads, prompt_tokens: P, new_tokens: args.new,
-        prefill_ms: t1 - t0,
-        decode_ms_per_step: steps > 0 ? (t2 - t1) / steps : null,
-        decode_tokens_per_s: steps > 0 ? 1000 * steps * args.batch / (t2 - t1) : null,
-    }) + "\n");
-    await context.dispose();
     await model.dispose();
     await llama.dispose();
 } catch (e) {
