@@ -122,6 +122,8 @@ void GgufWriter::add_tensor(const std::string& name, std::vector<int64_t> shape,
 void GgufWriter::add(const std::string& name, std::vector<int64_t> shape, GgmlType type, const float* data,
                      std::function<void(float*)> fill) {
     if (name.empty()) throw std::invalid_argument("GgufWriter: empty tensor name");
+    if (name.size() > 64)  // GGML_MAX_NAME: the spec caps tensor names at 64 bytes
+        throw std::invalid_argument(fmt::format("GgufWriter: tensor name '{}' is over 64 bytes", name));
     if (shape.empty() || shape.size() > 4)
         throw std::invalid_argument(fmt::format("GgufWriter: tensor '{}': {} dimensions (ggml holds 1 to 4)", name,
                                                 shape.size()));

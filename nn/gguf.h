@@ -68,7 +68,8 @@ public:
     // float_to_f16). `data` is borrowed until write(); with `fill` instead, the writer calls
     // fill(buf) for a scratch buffer of product(shape) floats just before writing the tensor
     // (a transpose or concatenation costs one tensor of memory, not a model copy).
-    // Throws std::invalid_argument naming the tensor for a duplicate or empty name, more
+    // Throws std::invalid_argument naming the tensor for a duplicate, empty or over 64-byte
+    // name (GGML_MAX_NAME), more
     // than 4 dimensions (GGML_MAX_DIMS), a dimension < 1, or no data.
     void add_tensor(const std::string& name, std::vector<int64_t> shape, GgmlType type, const float* data);
     void add_tensor(const std::string& name, std::vector<int64_t> shape, GgmlType type,

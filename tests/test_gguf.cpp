@@ -345,6 +345,8 @@ TEST_CASE("GgufWriter refuses bad keys and tensors; an unwritable path leaves no
     CHECK_THROWS_WITH(w.add_tensor("t", {1, 1, 1, 1, 1}, GgmlType::F32, x), Catch::Contains("5 dimensions"));
     CHECK_THROWS_WITH(w.add_tensor("t", {4}, GgmlType::F32, static_cast<const float*>(nullptr)),
                       Catch::Contains("'t': data is null"));
+    CHECK_THROWS_WITH(w.add_tensor(std::string(65, 'n'), {4}, GgmlType::F32, x), Catch::Contains("over 64 bytes"));
+    w.add_tensor(std::string(64, 'n'), {4}, GgmlType::F32, x);
     w.add_tensor("t", {4}, GgmlType::F32, x);
     CHECK_THROWS_WITH(w.add_tensor("t", {4}, GgmlType::F32, x), Catch::Contains("duplicate tensor name 't'"));
 
