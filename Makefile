@@ -120,7 +120,7 @@ deps:
 	@$(MAKE) --no-print-directory llama-cpp || echo "warning: node-llama-cpp not installed; the [llama] tests will skip"
 
 llama-cpp:
-	@[ -f $(LLAMA_CPP_DIR)/node_modules/@node-llama-cpp/linux-x64/bins/llama-addon.node ] || { \
+	@[ -f $(LLAMA_CPP_DIR)/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/llama-addon.node ] || { \
 	  command -v npm >/dev/null || { echo "llama-cpp: needs npm (make deps installs it)"; exit 1; }; \
 	  [ "$$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ] || { \
 	    echo "llama-cpp: node-llama-cpp needs Node.js >= 20, this is $$(node --version)"; exit 1; }; \
