@@ -325,7 +325,7 @@ void save_gguf_lora(const std::string& path, const GPTConfig& c, const GgufLora&
     w.set_string("general.type", "adapter");
     w.set_string("general.name", name);
     w.set_u32("general.alignment", 32);
-    w.set_string("adapter.type", "lora");
+    w.set_string("adapter.type", "lora");  // method-names: the GGUF format's adapter.type value, not a peftlab method
     w.set_f32("adapter.lora.alpha", one_alpha ? alpha0 : 0.f);
     for (const GgufLoraPair& p : lora.pairs) {
         w.add_tensor(p.base_tensor + ".lora_a", p.A.shape(), GgmlType::F32, p.A.data());
