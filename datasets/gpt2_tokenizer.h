@@ -80,6 +80,12 @@ public:
     const std::string& token_bytes(int32_t id) const;
     // Number of merges (50000 for GPT-2).
     size_t num_merges() const;
+    // Token `id` spelled as its vocab.json key: its bytes as GPT-2's byte symbols
+    // (bytes_to_unicode), UTF-8; " the" is "\u0120the". Throws std::out_of_range as token_bytes.
+    std::string token_symbols(int32_t id) const;
+    // The merge of rank `rank` as its merges.txt line: "left right" in byte symbols.
+    // Throws std::out_of_range outside [0, num_merges()).
+    std::string merge_symbols(size_t rank) const;
 
     // {"type": "gpt2", "dir": absolute directory (empty when built with
     // from_strings), "vocab_file", "merges_file": the names found,

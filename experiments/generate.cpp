@@ -4,6 +4,15 @@
 //   generate --base DIR --prompt "text" [--adapter DIR] [--max-new-tokens N]
 //   generate --base DIR --input-ids 1,2,3 --dump-logits FILE.json   # JSON [T][V] floats
 //   generate --base DIR --encode "text"                             # JSON [ids] on stdout
+//   generate --base DIR --input-ids 1,2,3 [--max-new-tokens N]      # greedy ids as JSON, timing on stderr
+//   generate --base DIR [--adapter DIR] --gguf OUT.gguf [--gguf-type f16]   # llama.cpp model file
+//   generate --base DIR --adapter LORA_DIR --gguf-adapter OUT.gguf          # llama.cpp LoRA adapter file
+//
+// --gguf writes the base as llama.cpp's "gpt2" architecture (nn/gguf.h) with
+// the tokenizer below; an adapter is merged into the weights first, which
+// only an adapter that can be merged (or that trains the base itself) allows.
+// --gguf-adapter writes the adapter alone, when it has a llama.cpp form
+// (peft::Adapter::gguf_lora).
 //
 // --adapter DIR: peftlab's own adapter directory, or Hugging Face PEFT's
 // (adapter_config.json + adapter_model.safetensors), read by peft/adapter_io.
@@ -20,8 +29,10 @@
 #include "autograd/tape.h"
 #include "datasets/gpt2_tokenizer.h"
 #include "experiments/lib/flags.h"
+#include "experiments/lib/gguf_export.h"
 #include "nn/checkpoint.h"
 #include "nn/generate.h"
+#include "nn/gguf.h"
 #include "nn/hf_gpt2.h"
 #include "nn/safetensors.h"
 #include "peft/adapter_io.h"
@@ -64,6 +75,41 @@ std::unique_ptr<data::Tokenizer> load_tokenizer(const std::string& spec, const s
     return data::tokenizer_from_json(nlohmann::json::parse(it->second));
 }
 
+// Greedy continuation of one prompt of token ids: the new ids as a JSON array on
+// stdout, and the prefill and per-token decoding times on stderr as JSON
+// ({"prefill_ms", "decode_ms_per_token", "decode_tokens_per_s"}), the
+// measurement tools/llama_bench.mjs makes on llama.cpp's side.
+int greedy_ids(GPT& model, const std::vector<int32_t>& ids, int max_new) {
+    using clock = std::chrono::steady_clock;
+    if (int64_t(ids.size()) + max_new > model.config().max_seq)
+        throw bad_flag("--max-new-tokens", std::to_string(max_new),
+                       fmt::format("{} prompt ids + {} new exceed max_seq {}", ids.size(), max_new,
+                                   model.config().max_seq));
+    const int64_t V = model.config().vocab;
+    DecodeBatch batch;
+    Rng rng(0);
+    const auto t0 = clock::now();
+    Tensor logits = prefill(model, batch, {ids});
+    std::vector<int32_t> out{sample_token(logits.data(), V, 0.f, 0, rng)};
+    const auto t1 = clock::now();
+    while (int(out.size()) < max_new) {
+        logits = decode_step(model, batch, {out.back()});
+        out.push_back(sample_token(logits.data(), V, 0.f, 0, rng));
+    }
+    const auto t2 = clock::now();
+    const double prefill_ms = std::chrono::duration<double, std::milli>(t1 - t0).count();
+    const double decode_ms = std::chrono::duration<double, std::milli>(t2 - t1).count();
+    const int steps = max_new - 1;
+    fmt::print("{}\n", nlohmann::json(out).dump());
+    nlohmann::json timing = {{"prompt_tokens", ids.size()}, {"new_tokens", max_new}, {"prefill_ms", prefill_ms}};
+    if (steps > 0) {
+        timing["decode_ms_per_token"] = decode_ms / steps;
+        timing["decode_tokens_per_s"] = 1000.0 * steps / decode_ms;
+    }
+    fmt::print(stderr, "{}\n", timing.dump());
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -81,13 +127,24 @@ int main(int argc, char** argv) {
         ("input-ids", "comma-separated token ids (with --dump-logits)", cxxopts::value<std::string>())
         ("dump-logits", "write the logits of --input-ids as JSON [T][V] to this file", cxxopts::value<std::string>())
         ("encode", "print the token ids of this text as a JSON array", cxxopts::value<std::string>())
+        ("gguf", "write the base (adapter merged) as a llama.cpp GGUF model file and exit", cxxopts::value<std::string>())
+        ("gguf-type", "weight type of --gguf: f32 or f16 (norms and biases stay f32)",
+         cxxopts::value<std::string>()->default_value("f32"))
+        ("gguf-adapter", "write --adapter as a llama.cpp GGUF LoRA adapter file and exit", cxxopts::value<std::string>())
         ("help", "show this help");
     try {
         const cxxopts::ParseResult r = flags::parse(opts, argc, argv);
-        const int modes = int(r.count("prompt")) + int(r.count("encode")) + int(r.count("input-ids"));  // method-names: flags
-        if (modes != 1) throw std::invalid_argument("give exactly one of --prompt, --input-ids, --encode");
-        if (r.count("input-ids") != r.count("dump-logits"))
-            throw std::invalid_argument("--input-ids and --dump-logits go together");
+        const bool gguf = r.count("gguf") || r.count("gguf-adapter");
+        const int modes = int(r.count("prompt")) + int(r.count("encode")) + int(r.count("input-ids")) +  // method-names: flags
+                          int(gguf);
+        if (modes != 1)
+            throw std::invalid_argument("give exactly one of --prompt, --input-ids, --encode, --gguf/--gguf-adapter");
+        if (r.count("dump-logits") && !r.count("input-ids"))
+            throw std::invalid_argument("--dump-logits needs --input-ids");
+        const std::string gguf_type = r["gguf-type"].as<std::string>();
+        if (gguf_type != "f32" && gguf_type != "f16") throw bad_flag("--gguf-type", gguf_type, "expected f32 or f16");
+        if (r.count("gguf-adapter") && !r.count("adapter"))
+            throw std::invalid_argument("--gguf-adapter needs --adapter DIR");
         if (!r.count("base")) throw std::invalid_argument("--base DIR is required");
         const std::string base_path = r["base"].as<std::string>();
         if (!fs::exists(base_path)) throw bad_flag("--base", base_path, "does not exist");
@@ -113,6 +170,45 @@ int main(int argc, char** argv) {
         }
         model->eval();
 
+        if (r.count("gguf-adapter")) {
+            const std::string out = r["gguf-adapter"].as<std::string>();
+            const std::optional<GgufLora> lora = adapter->gguf_lora();
+            if (!lora)
+                throw bad_flag("--adapter", r["adapter"].as<std::string>(),
+                               fmt::format("a {} adapter has no llama.cpp adapter form{}", adapter->method(),
+                                           adapter->mergeable() ? " (--gguf writes it merged into the model)" : ""));
+            save_gguf_lora(out, model->config(), *lora, "peftlab-" + adapter->method());
+            fmt::print(stderr, "wrote {} ({}) as a llama.cpp LoRA adapter to {}\n", r["adapter"].as<std::string>(),
+                       adapter->method(), out);
+        }
+        if (r.count("gguf")) {
+            if (adapter && !adapter->holds_base()) {
+                if (!adapter->mergeable())
+                    throw bad_flag("--adapter", r["adapter"].as<std::string>(),
+                                   fmt::format("a {} adapter cannot be merged into the weights, and a GGUF model file "
+                                               "holds only weights",
+                                               adapter->method()));
+                adapter->merge();
+            }
+            const std::string out = r["gguf"].as<std::string>();
+            // A base with no tokenizer of its own (no GPT-2 files beside it, none recorded) is
+            // written without one: llama.cpp then runs token ids only.
+            const std::string spec = r["tokenizer"].as<std::string>();
+            const bool has_tokenizer =
+                !spec.empty() ||
+                (fs::is_directory(base_path) ? fs::exists(fs::path(base_path) / "vocab.json") ||
+                                                   fs::exists(fs::path(base_path) / "encoder.json")
+                                             : StMapped(base_path).metadata().count("tokenizer") > 0);
+            const GgufVocab vocab =
+                has_tokenizer ? harness::gguf_vocab(*load_tokenizer(spec, base_path)) : GgufVocab{};
+            GgufGpt2Options g;
+            g.type = gguf_type == "f16" ? GgmlType::F16 : GgmlType::F32;
+            save_gguf_gpt2(*model, out, vocab, g);
+            fmt::print(stderr, "wrote {} as a llama.cpp gpt2 GGUF ({}, tokenizer: {}) to {}\n", base_path, gguf_type,
+                       vocab.tokens.empty() ? "none, token ids only" : "GPT-2 BPE", out);
+        }
+        if (gguf) return 0;
+
         if (r.count("input-ids")) {
             const std::vector<int32_t> ids = parse_ids(r["input-ids"].as<std::string>());
             for (size_t i = 0; i < ids.size(); ++i)
@@ -120,6 +216,7 @@ int main(int argc, char** argv) {
                     throw bad_flag("--input-ids", r["input-ids"].as<std::string>(),
                                    fmt::format("id {} at index {} is outside the vocabulary [0, {})", ids[i], i,
                                                model->config().vocab));
+            if (!r.count("dump-logits")) return greedy_ids(*model, ids, int(flags::int_flag(r, "max-new-tokens", 1)));
             ModelInput in;
             in.B = 1;
             in.T = int64_t(ids.size());

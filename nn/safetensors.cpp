@@ -24,6 +24,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "nn/atomic_file.h"
 #include "nn/json_limits.h"
 
 namespace peftlab {
@@ -36,106 +37,6 @@ static_assert(std::endian::native == std::endian::little, "safetensors I/O assum
 
 // A corrupt length prefix must not make us allocate gigabytes; real headers are kilobytes.
 constexpr uint64_t kMaxHeaderBytes = 100ull << 20;
-
-// Temp file beside the target, so the final rename stays within one filesystem and is atomic.
-// Until commit() succeeds, destruction closes and removes the temp file, leaving the target
-// untouched whatever threw in between.
-class AtomicFile {
-public:
-    AtomicFile(std::string_view caller, const std::string& path) : caller_(caller), path_(path) {
-        namespace fs = std::filesystem;
-        const fs::path target(path);
-        if (!target.has_filename()) throw error("path does not name a file");
-        // pid + per-process counter keeps concurrent writers (threads or processes) apart;
-        // O_EXCL makes a stale leftover with the same name a retry rather than a clobber.
-        // open() with 0666 (not mkstemp's 0600) gives the final file the usual umask mode.
-        static std::atomic<unsigned> counter{0};
-        remove_stale_temps(target);
-        int fd = -1;
-        for (int attempt = 0; attempt < 100 && fd < 0; ++attempt) {
-            const std::string name =
-                fmt::format(".{}.tmp.{}.{}", target.filename().string(), ::getpid(), counter++);
-            tmp_ = (target.parent_path() / name).string();
-            fd = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-            if (fd < 0 && errno != EEXIST) break;
-        }
-        if (fd < 0) throw error(fmt::format("cannot create temp file '{}': {}", tmp_, std::strerror(errno)));
-        file_ = ::fdopen(fd, "wb");
-        if (!file_) {
-            const int err = errno;
-            ::close(fd);
-            ::unlink(tmp_.c_str());
-            throw error(fmt::format("fdopen of temp file '{}' failed: {}", tmp_, std::strerror(err)));
-        }
-    }
-
-    AtomicFile(const AtomicFile&) = delete;
-    AtomicFile& operator=(const AtomicFile&) = delete;
-
-    ~AtomicFile() {
-        if (committed_) return;
-        if (file_) std::fclose(file_);
-        ::unlink(tmp_.c_str());
-    }
-
-    void write(const void* bytes, size_t n) {
-        if (n == 0) return;
-        if (std::fwrite(bytes, 1, n, file_) != n)
-            throw error(fmt::format("writing temp file '{}' failed: {}", tmp_, std::strerror(errno)));
-    }
-
-    void commit() {
-        if (std::fflush(file_) != 0)
-            throw error(fmt::format("flushing temp file '{}' failed: {}", tmp_, std::strerror(errno)));
-        // Without fsync before rename, a crash can leave the new name pointing at an empty file.
-        if (::fsync(::fileno(file_)) != 0)
-            throw error(fmt::format("fsync of temp file '{}' failed: {}", tmp_, std::strerror(errno)));
-        const int rc = std::fclose(file_);
-        file_ = nullptr;
-        if (rc != 0)
-            throw error(fmt::format("closing temp file '{}' failed: {}", tmp_, std::strerror(errno)));
-        if (std::rename(tmp_.c_str(), path_.c_str()) != 0)
-            throw error(fmt::format("renaming temp file '{}' onto it failed: {}", tmp_, std::strerror(errno)));
-        committed_ = true;
-        // Makes the rename itself durable. The new contents are already complete and in place,
-        // so a filesystem that refuses fsync on directories is not worth failing the save for.
-        const std::filesystem::path dir = std::filesystem::path(path_).parent_path();
-        const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd >= 0) {
-            ::fsync(dfd);
-            ::close(dfd);
-        }
-    }
-
-private:
-    // A writer killed (SIGKILL, power loss) between creating its temp file and the
-    // rename cannot remove it; the next writer of the same target removes the temp
-    // files ".<name>.tmp.<pid>.<n>" of processes that no longer exist. Best effort:
-    // a leftover that cannot be removed only costs disk space.
-    static void remove_stale_temps(const std::filesystem::path& target) {
-        namespace fs = std::filesystem;
-        const std::string prefix = "." + target.filename().string() + ".tmp.";
-        const fs::path dir = target.parent_path().empty() ? fs::path(".") : target.parent_path();
-        std::error_code ec;
-        for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
-            const std::string name = it->path().filename().string();
-            if (name.compare(0, prefix.size(), prefix) != 0) continue;
-            const long pid = std::strtol(name.c_str() + prefix.size(), nullptr, 10);
-            if (pid <= 0 || pid == long(::getpid())) continue;
-            if (::kill(pid_t(pid), 0) != 0 && errno == ESRCH) ::unlink(it->path().c_str());
-        }
-    }
-
-    std::runtime_error error(std::string_view what) const {
-        return std::runtime_error(fmt::format("{}: cannot write '{}': {}", caller_, path_, what));
-    }
-
-    std::string_view caller_;
-    std::string path_;
-    std::string tmp_;
-    std::FILE* file_ = nullptr;
-    bool committed_ = false;
-};
 
 // IEEE binary16 -> binary32; every half value is exactly representable as a float.
 float f16_to_float(uint16_t h) {

@@ -20,6 +20,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "nn/gguf.h"
 #include "nn/gpt.h"
 #include "peft/cost.h"
 
@@ -230,6 +231,12 @@ public:
     // Fills the attached adapter from the PEFT file at `path` (keys and shapes
     // checked first, naming the file and key). Default: the keys hf_export writes.
     virtual void hf_import_tensors(const std::string& path, const StFile& file);
+
+    // ---- llama.cpp (nn/gguf.h: save_gguf_lora) ---------------------------------------------
+    // This (attached) adapter as llama.cpp LoRA pairs on the gpt2 GGUF tensors,
+    // for generate --gguf-adapter; nullopt when llama.cpp has no counterpart
+    // (a mergeable adapter can still be exported merged into the model file).
+    virtual std::optional<GgufLora> gguf_lora() const { return std::nullopt; }
 
     const AdapterOptions& options() const { return opts_; }
     GPT* base() const { return base_; }

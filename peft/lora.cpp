@@ -221,29 +221,26 @@ public:
                 cfg["alpha_pattern"][g.module->target] = double(alpha_) * double(m);
             }
         }
-        NoGradGuard no_grad;
         for (int l : layers_)
             for (const Group& g : groups) {
-                const Shape outs = module_rows(l, *g.module);
-                const int64_t R = rank_ * int64_t(g.members.size()), in = pair_of(l, g.module->linears[0]).A.dim(1);
-                int64_t total = 0;
-                for (int64_t o : outs) total += o;
-                Tensor A = Tensor::zeros({R, in}), B = Tensor::zeros({total, R});
-                for (size_t j = 0; j < g.members.size(); ++j) {
-                    const int i = g.members[j];
-                    const Pair& p = pair_of(l, g.module->linears[size_t(i)]);
-                    std::memcpy(A.data() + int64_t(j) * rank_ * in, p.A.data(), size_t(rank_ * in) * sizeof(float));
-                    int64_t row0 = 0;
-                    for (int k = 0; k < i; ++k) row0 += outs[size_t(k)];
-                    for (int64_t o = 0; o < outs[size_t(i)]; ++o)
-                        for (int64_t k = 0; k < rank_; ++k)
-                            B.data()[(row0 + o) * R + int64_t(j) * rank_ + k] = p.B.data()[o * rank_ + k];
-                }
+                auto [A, B] = fused_pair(l, g);
                 const std::string key = kHfKeyPrefix + hf_gpt2_module_key(l, g.module->name);
                 e.tensors.emplace_back(key + ".lora_A.weight", A);
                 e.tensors.emplace_back(key + ".lora_B.weight", B);
             }
         return e;
+    }
+    // llama.cpp's LoRA: the same fused pairs as hf_export (llama.cpp's gpt2 has
+    // GPT-2's fused attn_qkv), each with our scale alpha/r (its rank m*r and
+    // alpha m*alpha give the same ratio), on the gguf tensor names (nn/gguf.h).
+    std::optional<GgufLora> gguf_lora() const override {
+        GgufLora out;
+        for (int l : layers_)
+            for (const Group& g : export_groups()) {
+                auto [A, B] = fused_pair(l, g);
+                out.pairs.push_back({gguf_gpt2_linear_name(l, g.module->linears[0]), A, B, scale()});
+            }
+        return out;
     }
     // A LORA config on GPT-2 module names, mapped back: each module's rank and
     // alpha (r / lora_alpha, or their rank_pattern / alpha_pattern entry); a
@@ -447,6 +444,27 @@ private:
             if (!g.members.empty()) groups.push_back(g);
         }
         return groups;
+    }
+    // One LoRA pair on the GPT-2 module of `g` in layer l (hf_export's comment):
+    // A [m*r, in] stacks the members' A's, B [sum of outs, m*r] is block-diagonal.
+    std::pair<Tensor, Tensor> fused_pair(int l, const Group& g) const {
+        NoGradGuard no_grad;
+        const Shape outs = module_rows(l, *g.module);
+        const int64_t R = rank_ * int64_t(g.members.size()), in = pair_of(l, g.module->linears[0]).A.dim(1);
+        int64_t total = 0;
+        for (int64_t o : outs) total += o;
+        Tensor A = Tensor::zeros({R, in}), B = Tensor::zeros({total, R});
+        for (size_t j = 0; j < g.members.size(); ++j) {
+            const int i = g.members[j];
+            const Pair& p = pair_of(l, g.module->linears[size_t(i)]);
+            std::memcpy(A.data() + int64_t(j) * rank_ * in, p.A.data(), size_t(rank_ * in) * sizeof(float));
+            int64_t row0 = 0;
+            for (int k = 0; k < i; ++k) row0 += outs[size_t(k)];
+            for (int64_t o = 0; o < outs[size_t(i)]; ++o)
+                for (int64_t k = 0; k < rank_; ++k)
+                    B.data()[(row0 + o) * R + int64_t(j) * rank_ + k] = p.B.data()[o * rank_ + k];
+        }
+        return {A, B};
     }
     // Output rows of each of the module's Linears in layer l (c_attn: C, C, C).
     Shape module_rows(int l, const HfGpt2Module& m) const {
