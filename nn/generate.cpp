@@ -13,12 +13,6 @@ namespace peftlab {
 
 namespace {
 
-// logits [B, T, V] -> [B, V] at column T-1.
-Tensor last_column(const Tensor& logits) {
-    const int64_t B = logits.dim(0), T = logits.dim(1), V = logits.dim(2);
-    return reshape(slice(logits, 1, T - 1, T), {B, V});
-}
-
 void check_token(const char* fn, const char* what, int32_t token, const GPTConfig& cfg) {
     if (token < 0 || token >= cfg.vocab)
         throw std::invalid_argument(
@@ -75,7 +69,9 @@ Tensor prefill(GPT& model, DecodeBatch& batch, const std::vector<std::vector<int
     }
     EvalScope eval(model);
     NoGradGuard no_grad;
-    return last_column(model.forward(in, &batch.cache));
+    // Every row's last prompt token sits in column T-1 (left padding): the
+    // head runs there only.
+    return model.forward_at(in, std::vector<int32_t>(B, int32_t(T - 1)), &batch.cache);
 }
 
 Tensor decode_step(GPT& model, DecodeBatch& batch, const std::vector<int32_t>& tokens) {
@@ -100,7 +96,7 @@ Tensor decode_step(GPT& model, DecodeBatch& batch, const std::vector<int32_t>& t
     in.positions = batch.next_position;
     EvalScope eval(model);
     NoGradGuard no_grad;
-    Tensor logits = last_column(model.forward(in, &batch.cache));
+    Tensor logits = model.forward_at(in, std::vector<int32_t>(size_t(B), 0), &batch.cache);  // [B, V], no copy
     for (auto& p : batch.next_position) ++p;
     return logits;
 }

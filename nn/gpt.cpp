@@ -126,11 +126,25 @@ GPT::GPT(const GPTConfig& cfg, uint64_t seed, float init_std)
 
 Tensor GPT::forward(const ModelInput& in, KVCache* cache) { return run(in, cache, nullptr); }
 
+Tensor GPT::forward_at(const ModelInput& in, const std::vector<int32_t>& columns, KVCache* cache) {
+    return run(in, cache, nullptr, &columns);
+}
+
 Tensor GPT::loss(const ModelInput& in, const std::vector<int32_t>& targets) { return run(in, nullptr, &targets); }
 
-Tensor GPT::run(const ModelInput& in, KVCache* cache, const std::vector<int32_t>* targets) {
+Tensor GPT::run(const ModelInput& in, KVCache* cache, const std::vector<int32_t>* targets,
+                const std::vector<int32_t>* columns) {
     in.validate(cfg_);
     const int64_t B = in.B, T = in.T, C = cfg_.d_model;
+    if (columns) {
+        if (int64_t(columns->size()) != B)
+            throw std::invalid_argument(
+                fmt::format("GPT::forward_at: {} columns given for a batch of {} rows", columns->size(), B));
+        for (int64_t b = 0; b < B; ++b)
+            if ((*columns)[size_t(b)] < 0 || (*columns)[size_t(b)] >= T)
+                throw std::invalid_argument(fmt::format("GPT::forward_at: row {} column {} is outside [0, T = {})", b,
+                                                        (*columns)[size_t(b)], T));
+    }
     const bool prefill = !cache || cache->empty();
     if (cache && !prefill && cache->B != B)
         throw std::invalid_argument(fmt::format("GPT::forward: cache holds {} rows, input has {}", cache->B, B));
@@ -218,9 +232,20 @@ Tensor GPT::run(const ModelInput& in, KVCache* cache, const std::vector<int32_t>
         x = blocks[l]->forward(x, valid, ctx, cache ? &cache->layers[l] : nullptr);
     }
     flops::Region r("head");
-    if (n_prompt) x = slice(x, 1, n_prompt, n_prompt + T);
+    if (columns) {
+        // x [B, S, C] -> the selected positions [B, 1, C] (S = n_prompt + T).
+        const int64_t S = x.dim(1);
+        std::vector<int32_t> rows(static_cast<size_t>(B));
+        for (int64_t b = 0; b < B; ++b) rows[size_t(b)] = int32_t(b * S + n_prompt + (*columns)[size_t(b)]);
+        x = reshape(index_rows(reshape(x, {B * S, C}), rows), {B, 1, C});
+    } else if (n_prompt) {
+        x = slice(x, 1, n_prompt, n_prompt + T);
+    }
     x = ln_f.forward(x, ctx);
-    if (!targets) return head ? head->forward(x, ctx) : linear(x, wte.weight);
+    if (!targets) {
+        Tensor logits = head ? head->forward(x, ctx) : linear(x, wte.weight);
+        return columns ? reshape(logits, {B, cfg_.vocab}) : logits;
+    }
     Tensor delta = head && hooks_ && hooks_->adapts_linear(head->path())
                        ? hooks_->linear_delta(head->path(), x, ctx.info) : Tensor();
     if (delta.defined()) return lm_loss(add(linear(x, head->weight), delta), *targets);

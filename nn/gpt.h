@@ -71,6 +71,16 @@ public:
     // gradients throws (run it under NoGradGuard).
     Tensor forward(const ModelInput& in, KVCache* cache = nullptr);
 
+    // Logits [B, V] at one column per row: row b's at column columns[b] of
+    // `in` (0 <= columns[b] < in.T), as forward(in, cache) would give there.
+    // Every position still runs through the blocks (the cache needs their keys
+    // and values), but the final LayerNorm and the LM head run on the B
+    // selected positions only: generation samples one token per row, and at
+    // GPT-2's V = 50257 the head over all T prompt positions is T times the
+    // needed work (and a [B, T, V] buffer). Throws std::invalid_argument
+    // naming the row for a wrong count or a column outside [0, T).
+    Tensor forward_at(const ModelInput& in, const std::vector<int32_t>& columns, KVCache* cache = nullptr);
+
     // The training loss: lm_loss(forward(in), targets) (targets [B*T], -1 not
     // counted) without materializing the logits: the LM head and the
     // cross-entropy run as one chunked op (linear_cross_entropy, ops_fused.h),
@@ -91,8 +101,10 @@ public:
     std::unique_ptr<Linear> head;  // null when tied to wte
 
 private:
-    // forward's body; with targets, returns loss() instead of the logits.
-    Tensor run(const ModelInput& in, KVCache* cache, const std::vector<int32_t>* targets);
+    // forward's body; with targets, returns loss() instead of the logits;
+    // with columns, forward_at's logits.
+    Tensor run(const ModelInput& in, KVCache* cache, const std::vector<int32_t>* targets,
+               const std::vector<int32_t>* columns = nullptr);
     ModelHooks* hooks_ = nullptr;
     Rng dropout_rng_;
 };

@@ -226,7 +226,7 @@ std::vector<std::vector<Server::Row>> Server::prefill_groups(std::vector<Row> ad
 }
 
 Tensor Server::prefill_group(const std::vector<Row>& group, DecodeBatch& joined) {
-    const int64_t G = int64_t(group.size()), V = base_.config().vocab;
+    const int64_t G = int64_t(group.size());
     int64_t T = 0;
     for (const Row& r : group) T = std::max(T, int64_t(r.request.prompt.size()));
     // Real tokens keep positions 0..len-1 wherever their padding puts them.
@@ -237,7 +237,7 @@ Tensor Server::prefill_group(const std::vector<Row>& group, DecodeBatch& joined)
     in.positions.assign(size_t(G * T), 0);
     in.valid.assign(size_t(G * T), 0);
     joined = DecodeBatch{};
-    std::vector<int64_t> last_column(static_cast<size_t>(G));
+    std::vector<int32_t> last_column(static_cast<size_t>(G));
     for (int64_t g = 0; g < G; ++g) {
         const auto& p = group[size_t(g)].request.prompt;
         const int64_t len = int64_t(p.size()), start = opts_.padding == Padding::Left ? T - len : 0;
@@ -247,7 +247,7 @@ Tensor Server::prefill_group(const std::vector<Row>& group, DecodeBatch& joined)
             in.valid[size_t(g * T + start + i)] = 1;
         }
         joined.next_position.push_back(int32_t(len));
-        last_column[size_t(g)] = start + len - 1;
+        last_column[size_t(g)] = int32_t(start + len - 1);
         stats_.prompt_tokens += len;
     }
     stats_.prefill_slots += G * T;
@@ -256,10 +256,7 @@ Tensor Server::prefill_group(const std::vector<Row>& group, DecodeBatch& joined)
     HooksScope hooks(base_, this);
     EvalScope eval(base_);
     NoGradGuard no_grad;
-    Tensor logits = base_.forward(in, &joined.cache);  // [G, T, V]
-    Tensor out = Tensor::empty({G, V});
-    for (int64_t g = 0; g < G; ++g)
-        std::memcpy(out.data() + g * V, logits.data() + (g * T + last_column[size_t(g)]) * V, size_t(V) * sizeof(float));
+    Tensor out = base_.forward_at(in, last_column, &joined.cache);  // [G, V]: the head at each row's last token only
     ++stats_.prefills;
     return out;
 }

@@ -1,14 +1,17 @@
 // KV-cache generation: equal to greedy decoding by full recomputation (with
 // every kind of hook), batch-independent, stop token and length limits,
-// seeded sampling, the prefill/decode_step/keep_rows/append_rows API, errors.
+// seeded sampling, the prefill/decode_step/keep_rows/append_rows API, errors;
+// forward_at (the head at the sampled positions only) against forward's logits.
 #include <algorithm>
 #include <cmath>
 #include <map>
 
 #include <catch2/catch.hpp>
 
+#include "autograd/flops.h"
 #include "autograd/tape.h"
 #include "nn/generate.h"
+#include "peft/registry.h"
 #include "tests/testing.h"
 
 using namespace peftlab;
@@ -409,4 +412,122 @@ TEST_CASE("generate rejects bad prompts and options, naming them", "[generate]")
     CHECK_THROWS_WITH(decode_step(*model, batch, {1, 2}), Contains("2 tokens") && Contains("3 rows"));
     CHECK_THROWS_WITH(decode_step(*model, batch, {1, 2, kVocab}), Contains("row 2"));
     CHECK_THROWS_WITH(prefill(*model, batch, {std::vector<int32_t>(25, 1)}), Contains("max_seq"));
+}
+
+// ---- forward_at: the LM head at the sampled positions only --------------------------------
+
+namespace {
+// Rows of forward(in) [B, T, V] at columns[b] -> [B, V]: the slow path forward_at replaces.
+Tensor logits_at(const Tensor& full, const std::vector<int32_t>& columns) {
+    const int64_t B = full.dim(0), T = full.dim(1), V = full.dim(2);
+    Tensor out = Tensor::zeros({B, V});
+    for (int64_t b = 0; b < B; ++b)
+        std::copy_n(full.data() + (b * T + columns[size_t(b)]) * V, V, out.data() + b * V);
+    return out;
+}
+
+// Right padded: real tokens from column 0, padding after.
+ModelInput right_padded(const std::vector<std::vector<int32_t>>& rows) {
+    ModelInput in = left_padded(rows);
+    const size_t T = size_t(in.T);
+    std::fill(in.tokens.begin(), in.tokens.end(), 0);
+    std::fill(in.positions.begin(), in.positions.end(), 0);
+    std::fill(in.valid.begin(), in.valid.end(), uint8_t(0));
+    for (size_t b = 0; b < rows.size(); ++b)
+        for (size_t i = 0; i < rows[b].size(); ++i) {
+            in.tokens[b * T + i] = rows[b][i];
+            in.positions[b * T + i] = int32_t(i);
+            in.valid[b * T + i] = 1;
+        }
+    return in;
+}
+
+uint64_t head_flops() {
+    for (const auto& [name, c] : flops::by_region())
+        if (name == "head") return c[0];
+    return 0;
+}
+}  // namespace
+
+TEST_CASE("forward_at gives forward's logits at the chosen columns, with every kind of hook", "[generate][forward_at]") {
+    auto model = sharp_model(11);
+    NoGradGuard ng;
+    const int64_t B = int64_t(kPrompts.size());
+    for (int kind = -1; kind <= int(HookKind::All); ++kind) {
+        INFO("hook kind " << kind);
+        auto hooks = kind < 0 ? nullptr : make_hooks(HookKind(kind), *model, B, 300 + uint64_t(kind));
+        model->set_hooks(hooks.get());
+        const ModelInput left = left_padded(kPrompts), right = right_padded(kPrompts);
+        const std::vector<int32_t> last_left(size_t(B), int32_t(left.T - 1)), last_right = {0, 4, 2},
+                                   any = {2, 0, 4};
+        CHECK(max_diff(model->forward_at(left, last_left), logits_at(model->forward(left), last_left)) < 1e-5);
+        CHECK(max_diff(model->forward_at(right, last_right), logits_at(model->forward(right), last_right)) < 1e-5);
+        CHECK(max_diff(model->forward_at(left, any), logits_at(model->forward(left), any)) < 1e-5);
+        // With a cache: the same logits, and the same keys and values cached as forward's.
+        KVCache at, full;
+        Tensor cached = model->forward_at(left, last_left, &at);
+        CHECK(max_diff(cached, logits_at(model->forward(left, &full), last_left)) < 1e-5);
+        REQUIRE(at.layers.size() == full.layers.size());
+        for (size_t l = 0; l < at.layers.size(); ++l) {
+            CHECK(at.layers[l].length == full.layers[l].length);
+            CHECK(bitwise_equal(at.layers[l].k, full.layers[l].k));
+            CHECK(bitwise_equal(at.layers[l].v, full.layers[l].v));
+        }
+        model->set_hooks(nullptr);
+    }
+}
+
+TEST_CASE("forward_at runs the final LayerNorm and the head on B positions, not B*T", "[generate][forward_at]") {
+    auto model = sharp_model(12);
+    NoGradGuard ng;
+    const ModelInput in = left_padded(kPrompts);  // B 3, T 5
+    flops::reset();
+    model->forward(in);
+    const uint64_t all = head_flops();
+    flops::reset();
+    model->forward_at(in, std::vector<int32_t>(3, 4));
+    const uint64_t at = head_flops();
+    REQUIRE(at > 0);
+    CHECK(at * uint64_t(in.T) == all);  // LayerNorm and head cost scale with the rows they see
+
+    // prefill() goes through it: its head region is that of one position per row.
+    DecodeBatch batch;
+    flops::reset();
+    prefill(*model, batch, kPrompts);
+    CHECK(head_flops() == at);
+}
+
+TEST_CASE("forward_at rejects a wrong column count or a column outside the input", "[generate][forward_at]") {
+    auto model = sharp_model(13);
+    NoGradGuard ng;
+    const ModelInput in = left_padded(kPrompts);
+    CHECK_THROWS_WITH(model->forward_at(in, {4, 4}), Contains("2 columns") && Contains("3 rows"));
+    CHECK_THROWS_WITH(model->forward_at(in, {4, 5, 4}), Contains("row 1") && Contains("column 5") && Contains("T = 5"));
+    CHECK_THROWS_WITH(model->forward_at(in, {-1, 4, 4}), Contains("row 0") && Contains("column -1"));
+}
+
+TEST_CASE("every registered method: prefill logits and greedy tokens equal recomputation, batch 1 and padded",
+          "[generate][forward_at]") {
+    for (const std::string& method : peft::method_names()) {
+        DYNAMIC_SECTION(method) {
+            auto model = sharp_model(14);
+            peft::AdapterOptions o;
+            o.n = 2;
+            o.init = "random";
+            o.seed = 5;
+            auto adapter = peft::make_adapter(method, o);
+            adapter->activate(*model);
+            for (const auto& prompts : {std::vector<std::vector<int32_t>>{kPrompts[1]}, kPrompts}) {
+                INFO("rows " << prompts.size());
+                DecodeBatch batch;
+                Tensor logits = prefill(*model, batch, prompts);
+                NoGradGuard ng;
+                const ModelInput in = left_padded(prompts);
+                const Tensor full = model->forward(in);
+                CHECK(max_diff(logits, logits_at(full, std::vector<int32_t>(prompts.size(), int32_t(in.T - 1)))) < 1e-5);
+                CHECK(generate(*model, prompts, greedy(5)) == greedy_by_recompute(*model, prompts, 5));
+            }
+            model->set_hooks(nullptr);
+        }
+    }
 }
