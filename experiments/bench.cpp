@@ -140,7 +140,8 @@ struct Spec {
 // probes, for a profiler, e.g.:
 //   (echo steps 20; echo end) | perf record -g ./build/bin/bench --child
 //     '{"kind":"train","config":"small","method":"prefix","vocab":256,"d_model":256,"layers":4,"heads":4,
-//       "d_ff":1024,"seq":128,"batch":16,"n":16,"options":{},"prompt_len":64,"new_tokens":64,"warmup":2,"threads":2}'
+//       "d_ff":1024,"seq":128,"batch":16,"n":16,"options":{},"base_dir":"","prompt_len":64,"new_tokens":64,"warmup":2,
+//       "threads":2}'
 class Session {
 public:
     virtual ~Session() = default;
