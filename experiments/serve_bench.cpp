@@ -35,6 +35,7 @@
 #include "autograd/threads.h"
 #include "experiments/lib/flags.h"
 #include "experiments/lib/harness.h"
+#include "nn/hf_gpt2.h"
 #include "nn/safetensors.h"
 #include "peft/adapter_io.h"
 #include "peft/registry.h"
@@ -59,6 +60,7 @@ std::vector<std::string> known_methods() {
 
 struct Args {
     GPTConfig cfg;
+    std::string base_dir;  // a Hugging Face GPT-2 directory as the base; empty: random weights of cfg
     int64_t batch = 16, requests = 16, prompt_min = 8, prompt_max = 32, new_tokens = 32;
     std::vector<int64_t> tenants, prefix_lens;
     std::vector<std::string> methods, sweep_methods;
@@ -98,6 +100,9 @@ Args parse_args(int argc, char** argv) {
     // clang-format off
     o.add_options()
         ("h,help", "print this help")
+        ("base", "a Hugging Face GPT-2 directory (config.json, model.safetensors) as the base instead of random "
+                 "weights (the dimension flags then come from its config.json; adapters use positions hf)",
+            cxxopts::value<std::string>())
         ("vocab", "vocabulary size V", cxxopts::value<std::string>()->default_value("256"))
         ("d-model", "model width d", cxxopts::value<std::string>()->default_value("512"))
         ("layers", "number of layers L", cxxopts::value<std::string>()->default_value("8"))
@@ -135,6 +140,13 @@ Args parse_args(int argc, char** argv) {
     a.cfg.n_heads = int(int_flag(r, "heads", 1));
     a.cfg.d_ff = int_flag(r, "d-ff", 1);
     a.cfg.max_seq = int_flag(r, "max-seq", 2);
+    if (r.count("base")) {
+        for (const char* dim : {"vocab", "d-model", "layers", "heads", "d-ff", "max-seq"})
+            if (r.count(dim))
+                throw std::invalid_argument(fmt::format("--{}: the base of --base has its own dimensions", dim));
+        a.base_dir = r["base"].as<std::string>();
+        a.cfg = load_hf_gpt2_config(a.base_dir);  // errors name the file and key
+    }
     try {
         a.cfg.validate();
     } catch (const std::invalid_argument& e) {
@@ -258,7 +270,8 @@ Summary summarise(const std::vector<Run>& runs) {
 
 class Bench {
 public:
-    Bench(const Args& a) : a_(a), base_(a.cfg, a.seed) {
+    Bench(const Args& a)
+        : a_(a), base_(a.base_dir.empty() ? std::make_unique<GPT>(a.cfg, a.seed) : load_hf_gpt2(a.base_dir)) {
         Rng rng(a.seed + 1);
         for (int64_t i = 0; i < a.requests; ++i) {
             const int64_t len = a.prompt_min + int64_t(rng.below(uint32_t(a.prompt_max - a.prompt_min + 1)));
@@ -266,10 +279,10 @@ public:
             for (int64_t j = 0; j < len; ++j) p.push_back(int32_t(rng.below(uint32_t(a.cfg.vocab))));
             prompts_.push_back(p);
         }
-        base_.freeze();
+        base_->freeze();
     }
 
-    GPT& base() { return base_; }
+    GPT& base() { return *base_; }
     ServerOptions options() const {
         ServerOptions o;
         o.max_batch = a_.batch;
@@ -292,8 +305,9 @@ public:
         o.n = n;
         o.init = "random";
         o.seed = a_.seed * 1000 + uint64_t(i) + 7;
+        if (!a_.base_dir.empty()) o.positions = "hf";  // HF PEFT's convention on a Hugging Face base
         auto adapter = make_adapter(method, o);
-        adapter->attach(base_);
+        adapter->attach(*base_);
         Rng rng(o.seed + 13);
         for (auto& [name, t] : adapter->parameters()) {
             const std::vector<float> v = t.to_vector();
@@ -317,7 +331,7 @@ public:
     std::unique_ptr<Server> server(const std::string& method, int64_t n, int64_t K, bool cache) {
         ServerOptions o = options();
         o.prefix_cache = cache;
-        auto s = std::make_unique<Server>(base_, o);
+        auto s = std::make_unique<Server>(*base_, o);
         for (int64_t i = 0; i < K; ++i) s->load_adapter(fmt::format("t{}", i), adapter_dir(tenant_method(a_.mix, method, i), n, i));
         return s;
     }
@@ -352,7 +366,7 @@ public:
 
 private:
     const Args& a_;
-    GPT base_;
+    std::unique_ptr<GPT> base_;
     std::vector<std::vector<int32_t>> prompts_;
     std::set<std::string> made_;
 };

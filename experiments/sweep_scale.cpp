@@ -70,6 +70,8 @@ int main(int argc, char** argv) {
         std::vector<Size> sizes;
         for (const std::string& item : flags::split_list(r["sizes"].as<std::string>())) sizes.push_back(parse_size(item));
         if (sizes.empty()) throw std::invalid_argument("--sizes: names no size (e.g. 48x2,96x3)");
+        if (!a.base.empty())
+            throw std::invalid_argument("--base: sweep-scale pretrains its own bases of --sizes; drop --base");
         const int64_t tokens_per_param = flags::int_flag(r, "pretrain-tokens-per-param", 1);
         const int64_t steps_min = a.pretrain_steps;
         // The reference every gap is taken against: the registered method that trains the base weights.
