@@ -120,7 +120,7 @@ Task petrov_task(const std::string& task, const TaskRequest& req) {
 }  // namespace
 
 const std::vector<std::string>& petrov_task_names() {
-    static const std::vector<std::string> names = {"sort-asc", "sort-desc", "add1", "add2", "sort-asc-add1", "hist"};
+    static const std::vector<std::string> names = {"sort-asc", "sort-desc", "add1", "add2", "sort-asc-add1", "hist", "reverse"};
     return names;
 }
 
@@ -141,6 +141,7 @@ std::vector<int> petrov_output(const std::string& task, const std::vector<int>& 
         for (int d : input) out.push_back(int(std::count(input.begin(), input.end(), d)));
         return out;
     }
+    if (task == "reverse") return std::vector<int>(input.rbegin(), input.rend());
     std::string known;
     for (const std::string& n : petrov_task_names()) known += (known.empty() ? "" : ", ") + n;
     throw std::invalid_argument(fmt::format("petrov_output: unknown task \"{}\" (known: {})", task, known));
@@ -178,5 +179,6 @@ Task make_petrov_add1_task(const TaskRequest& req) { return petrov_task("add1", 
 Task make_petrov_add2_task(const TaskRequest& req) { return petrov_task("add2", req); }
 Task make_petrov_sort_asc_add1_task(const TaskRequest& req) { return petrov_task("sort-asc-add1", req); }
 Task make_petrov_hist_task(const TaskRequest& req) { return petrov_task("hist", req); }
+Task make_petrov_reverse_task(const TaskRequest& req) { return petrov_task("reverse", req); }
 
 }  // namespace peftlab::data

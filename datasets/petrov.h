@@ -14,6 +14,12 @@
 //     sort-asc-add1   sort ascending, then + 1 (their composite task)
 //     hist            "double histogram": position i holds how many digits of
 //                     the input equal digit i (1..10)
+//     reverse         ours, not the paper's: the digits in reverse order. Output
+//                     position i reads input position 9 - i, an attention
+//                     pattern none of the mixture's tasks uses (add reads i,
+//                     sort reads by value), so by the paper's Theorem 1 a
+//                     prefix cannot create it; LoRA on attention and full
+//                     fine-tuning can (`make demo`'s unknown task).
 // As text: "3 1 4 1 5 9 2 6 5 3" => "1 1 2 3 3 4 5 5 6 9", digits and counts
 // as space-separated decimal words; loss on the output only (the shared
 // conditioning format, task.h); exact match of the greedy output (the
@@ -40,7 +46,7 @@ inline constexpr int kPetrovDigits = 8;   // digits are 1..8
 // Throws std::invalid_argument for another name, a wrong length or a digit
 // out of range.
 std::vector<int> petrov_output(const std::string& task, const std::vector<int>& input);
-// "sort-asc", "sort-desc", "add1", "add2", "sort-asc-add1", "hist".
+// "sort-asc", "sort-desc", "add1", "add2", "sort-asc-add1", "hist", "reverse".
 const std::vector<std::string>& petrov_task_names();
 // Whether an input belongs to the held-out quarter (FNV-1a of its text % 4 == 0).
 bool petrov_is_test_input(const std::vector<int>& input);
@@ -63,5 +69,6 @@ Task make_petrov_add1_task(const TaskRequest& req);
 Task make_petrov_add2_task(const TaskRequest& req);
 Task make_petrov_sort_asc_add1_task(const TaskRequest& req);
 Task make_petrov_hist_task(const TaskRequest& req);
+Task make_petrov_reverse_task(const TaskRequest& req);
 
 }  // namespace peftlab::data

@@ -37,7 +37,9 @@ namespace peftlab::data {
     X("petrov-sort-asc-add1", make_petrov_sort_asc_add1_task, (TaskDefaults{5000, 100, 200, 11, {}}),          \
       "Petrov et al. 2024: sorted ascending, then plus 1 (a composition of pretrained tasks); exact match")    \
     X("petrov-hist", make_petrov_hist_task, (TaskDefaults{5000, 100, 200, 11, {}}),                            \
-      "Petrov et al. 2024: double histogram, each digit's count in the input (not pretrained); exact match")
+      "Petrov et al. 2024: double histogram, each digit's count in the input (not pretrained); exact match")    \
+    X("petrov-reverse", make_petrov_reverse_task, (TaskDefaults{5000, 100, 200, 11, {}}),                      \
+      "Petrov-style, ours: the 10 digits reversed, an attention pattern the mixture lacks; exact match")
 
 #define PEFTLAB_DECLARE(name, factory, defaults, description) Task factory(const TaskRequest&);
 PEFTLAB_TASKS(PEFTLAB_DECLARE)

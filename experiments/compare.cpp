@@ -53,20 +53,10 @@ int main(int argc, char** argv) {
                     break;
                 }
 
-        nlohmann::json extra = {
-            {"config", base.config.to_json()},
-            {"task", task.name},
-            {"seed", a.seed},
-            {"steps", a.steps},
-            {"search_steps", search_steps},
-            {"batch", a.batch},
-            {"lr", a.lr},
-            {"prefix_len", a.prefix_len},
-            {"n_train", a.n_train},
-            {"tokenizer", a.tokenizer},
-            {"base", {{"path", base.model_path}, {"pretrain_valid_loss", base.pretrain_valid_loss}}},
-            {"eval_examples", std::min<int64_t>(a.eval_examples, int64_t(task.test.size()))},
-            {"data", data_report_json(task)}};
+        nlohmann::json extra = run_settings_json(a, base, search_steps);
+        extra["task"] = task.name;
+        extra["eval_examples"] = std::min<int64_t>(a.eval_examples, int64_t(task.test.size()));
+        extra["data"] = data_report_json(task);
 
         // results.json is written after every method; a rerun with the same
         // settings (the fields above) keeps the methods it finished and trains the rest.

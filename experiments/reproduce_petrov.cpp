@@ -93,22 +93,12 @@ int main(int argc, char** argv) {
 
         Base base = load_or_pretrain(a);
         const data::Tokenizer& tok = *base.tokenizer;
-        nlohmann::json extra = {{"config", base.config.to_json()},
-                                {"tasks", tasks},
-                                {"train_tasks", train_tasks},
-                                {"seed", a.seed},
-                                {"steps", a.steps},
-                                {"search_steps", search_steps},
-                                {"batch", a.batch},
-                                {"lr", a.lr},
-                                {"prefix_len", a.prefix_len},
-                                {"n_train", a.n_train},
-                                {"eval_examples", a.eval_examples},
-                                {"base",
-                                 {{"path", base.model_path},
-                                  {"pretrain_steps", a.pretrain_steps},
-                                  {"pretrain_valid_loss", base.pretrain_valid_loss},
-                                  {"pretrain_tokens", a.pretrain_steps * a.batch * base.config.max_seq}}}};
+        nlohmann::json extra = run_settings_json(a, base, search_steps);
+        extra["tasks"] = tasks;
+        extra["train_tasks"] = train_tasks;
+        extra["eval_examples"] = a.eval_examples;
+        extra["base"]["pretrain_steps"] = a.pretrain_steps;
+        extra["base"]["pretrain_tokens"] = a.pretrain_steps * a.batch * base.config.max_seq;
         std::map<std::string, MethodResult> finished =
             r.count("fresh") ? std::map<std::string, MethodResult>{} : finished_results(a.out + "/results.json", extra);
 
@@ -212,12 +202,17 @@ int main(int argc, char** argv) {
         std::string mat = matrix_md(matrix);
         for (const auto& [metric, m] : extra_matrix.items())
             mat += fmt::format("\n`{}` (%), same layout:\n\n{}", metric, matrix_md(m));
-        std::string own = "| method |", own_rule = "|---|";
-        for (const std::string& t : train_tasks) own += " " + t + " |", own_rule += "---|";
+        // What each method costs beside what it reaches: its trainable parameters and training-step FLOPs
+        // (forward + backward, on the first trained task's batches; the tasks share one length).
+        std::string own = "| method | trainable params | step GFLOP |", own_rule = "|---|---:|---:|";
+        for (const std::string& t : train_tasks) own += " " + t + " |", own_rule += "---:|";
         own += "\n" + own_rule + "\n";
         std::vector<Series> series;
         for (const std::string& entry : a.methods) {
-            own += "| " + entry + " |";
+            const std::string first = fmt::format("{} @ {}", entry, train_tasks.front());
+            const auto cost = std::find_if(results.begin(), results.end(),
+                                           [&](const MethodResult& m) { return m.label == first; });
+            own += fmt::format("| {} | {} | {:.2f} |", entry, cost->trainable_params, double(cost->step_flops) / 1e9);
             Series s{entry, {}, ""};
             for (size_t i = 0; i < train_tasks.size(); ++i) {
                 const double v = matrix[fmt::format("{} @ {}", entry, train_tasks[i])][train_tasks[i]].get<double>();
@@ -269,7 +264,9 @@ int main(int argc, char** argv) {
             attention_md.empty() ? "" : "See `attention.md` for the attention diagnostic.\n\n", task_axis,
             extra["wall_seconds"].get<double>());
         if (dist::is_root()) write_file_atomic(a.out + "/report.md", md);
-        fmt::print("{}\n{}\nreport: {}/report.md  results: {}/results.json\n", own, mat, a.out, a.out);
+        fmt::print("{} (%) on the task trained for, beside each method's cost:\n\n{}\n{}\nreport: {}/report.md  "
+                   "results: {}/results.json\n",
+                   metric_name, own, mat, a.out, a.out);
     } catch (const std::exception& e) {
         fmt::print(stderr, "reproduce_petrov: {}\n", e.what());
         return 1;

@@ -58,6 +58,8 @@ TEST_CASE("petrov tasks: outputs satisfy the paper's definitions, checked as pro
                     for (int& v : minus) v -= 1;
                     CHECK(counts(minus) == counts(in));
                     CHECK(std::is_sorted(out.begin(), out.end()));
+                } else if (name == "reverse") {
+                    for (size_t i = 0; i < in.size(); ++i) CHECK(out[i] == in[in.size() - 1 - i]);
                 } else {  // hist: equal digits carry equal counts, and a digit with count c occurs c times
                     for (size_t i = 0; i < in.size(); ++i) {
                         CHECK(out[i] == counts(in)[in[i]]);

@@ -218,6 +218,11 @@ MethodResult evaluate(std::unique_ptr<GPT> model, std::unique_ptr<peft::Adapter>
 std::string write_results(const std::string& dir, const std::string& experiment, const std::vector<MethodResult>& rs,
                           const nlohmann::json& extra);
 std::string results_table_md(const std::vector<MethodResult>& rs);
+// The settings a training experiment's results.json starts with (and that
+// finished_results compares): the base's config and file, the seed, the
+// budget (steps, search_steps, batch, lr), prefix_len, n_train, tokenizer.
+// Each experiment adds its own fields (task, tasks, eval_examples, ...).
+nlohmann::json run_settings_json(const CommonArgs& a, const Base& base, int64_t search_steps);
 // The methods (by label) of an earlier run's results.json whose top-level
 // settings equal every field of `settings`; empty when the file is missing,
 // unreadable or from other settings.

@@ -87,6 +87,19 @@ void flag_below_base(std::vector<MethodResult>& rs) {
     }
 }
 
+nlohmann::json run_settings_json(const CommonArgs& a, const Base& base, int64_t search_steps) {
+    return {{"config", base.config.to_json()},
+            {"seed", a.seed},
+            {"steps", a.steps},
+            {"search_steps", search_steps},
+            {"batch", a.batch},
+            {"lr", a.lr},
+            {"prefix_len", a.prefix_len},
+            {"n_train", a.n_train},
+            {"tokenizer", a.tokenizer},
+            {"base", {{"path", base.model_path}, {"pretrain_valid_loss", base.pretrain_valid_loss}}}};
+}
+
 std::map<std::string, MethodResult> finished_results(const std::string& path, const nlohmann::json& settings) {
     std::map<std::string, MethodResult> out;
     std::ifstream f(path);
