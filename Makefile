@@ -183,7 +183,7 @@ fixtures: deps
 # tuning, prefix tuning (hidden and key/value forms), LoRA and full fine-tuning
 # on a task the base knows (add 1) and one it does not (reverse: an attention
 # pattern the mixture never uses), with each method's parameters and FLOPs
-# beside its accuracy; pretraining included, ~8 minutes on 2 cores.
+# beside its accuracy; ~8 minutes on 2 cores, pretraining included (plus the build).
 # make demo ARGS="--methods ..." overrides the methods.
 DEMO_METHODS := prompt,prefix,prefix-kv,lora,full# method-names: the demo's fixed list
 DEMO_ARGS := --config demo --seq 48 --batch 32 --pretrain-steps 1500 --steps 300 --eval-examples 100 \
