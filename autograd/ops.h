@@ -62,8 +62,9 @@ Tensor cross_entropy(const Tensor& logits, const std::vector<int32_t>& targets, 
 // ---- attention ----------------------------------------------------------------
 // Fused multi-head attention. q [B, Tq, C], k and v [B, Tk, C], C = H * Dh.
 // Scores Q K^T / sqrt(Dh) per head, softmax with the causal rule above and
-// key_valid [B, Tk] (optional), then P V -> [B, Tq, C]. Heads are strided
-// views into C: no permute copies. k, v [B, S, C] and key_valid [B, S] may
+// key_valid (optional, 0/1) [B, Tk], or [B, Tq, Tk] for a mask per query (an
+// infix: keys that only later queries see), then P V -> [B, Tq, C]. Heads are strided
+// views into C: no permute copies. k, v [B, S, C] and key_valid [B, (Tq,) S] may
 // hold more positions than are keys: only the first kv_len are read (-1: all
 // S), so a KV cache with room to grow is attended without a copy. Gradients
 // for k and v need kv_len = -1.

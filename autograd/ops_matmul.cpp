@@ -515,9 +515,12 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
         throw std::invalid_argument(fmt::format("attention: kv_len = {} exceeds the {} positions of k", kv_len, S));
     if (causal && Tq > Tk)
         throw std::invalid_argument(fmt::format("attention: causal with more queries ({}) than keys ({})", Tq, Tk));
-    if (key_valid.defined() && key_valid.shape() != Shape{B, S})
-        throw std::invalid_argument(fmt::format("attention: key_valid {} must be [B, S] = [{}, {}]",
-                                                shape_str(key_valid.shape()), B, S));
+    if (key_valid.defined() && key_valid.shape() != Shape{B, S} && key_valid.shape() != Shape{B, Tq, S})
+        throw std::invalid_argument(fmt::format("attention: key_valid {} must be [B, S] = [{}, {}] or [B, Tq, S] = [{}, {}, {}]",
+                                                shape_str(key_valid.shape()), B, S, B, Tq, S));
+    // Row i's mask starts at valid + mask_row(b, i): one row per batch row, or per query.
+    const bool per_query = key_valid.defined() && key_valid.ndim() == 3;
+    auto mask_row = [=](int64_t b, int64_t i) { return per_query ? (b * Tq + i) * S : b * S; };
     if (Tk < S && (grad_target(k) || grad_target(v)))
         throw std::invalid_argument("attention: gradients for k and v need kv_len = -1 (all positions)");
     const int64_t Dh = C / H;
@@ -546,7 +549,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
                 gemm(false, true, rows, kend, Dh, scale, Q + i0 * C, C, K, C, 0.f, P + i0 * Tk, Tk);
             for (int64_t i = i0; i < i0 + rows; ++i) {
                 const int64_t limit = causal ? i + (Tk - Tq) + 1 : Tk;
-                masked_softmax_row(P + i * Tk, P + i * Tk, Tk, limit, valid ? valid + b * S : nullptr);
+                masked_softmax_row(P + i * Tk, P + i * Tk, Tk, limit, valid ? valid + mask_row(b, i) : nullptr);
             }
             then(i0, rows, kend);
         }

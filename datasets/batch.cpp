@@ -19,6 +19,7 @@ Batch empty_batch(int B, int T, int32_t pad_id) {
     b.targets.assign(n, -1);
     b.valid.assign(n, 0);
     b.positions.assign(n, 0);
+    b.source_len.assign(size_t(B), 0);
     return b;
 }
 
@@ -121,6 +122,7 @@ Batch make_conditional_batch(const std::vector<Example>& examples, const std::ve
         const auto& seq = rows[r].tokens;
         const size_t n = seq.size() - 1;  // inputs of this row
         const size_t pad = side == PadSide::Left ? T - n : 0;
+        b.source_len[r] = int32_t(pad + rows[r].target_start);
         for (size_t t = 0; t < n; ++t) {
             size_t i = r * T + pad + t;
             b.tokens[i] = seq[t];
@@ -157,6 +159,7 @@ Batch make_prompt_batch(const std::vector<Example>& examples, const std::vector<
     Batch b = empty_batch(int(rows.size()), int(T), tok.pad_id());
     for (size_t r = 0; r < rows.size(); ++r) {
         const size_t pad = T - rows[r].size();
+        b.source_len[r] = int32_t(T);
         for (size_t t = 0; t < rows[r].size(); ++t) {
             size_t i = r * T + pad + t;
             b.tokens[i] = rows[r][t];

@@ -22,6 +22,8 @@ struct Batch {
     std::vector<uint8_t> valid;      // [B*T] 1 = real token, 0 = padding (attention mask)
     std::vector<int32_t> positions;  // [B*T] position id: real tokens count 0.. from their row's
                                      //       first real token; 0 at padding
+    std::vector<int32_t> source_len;  // [B] columns (left padding included) before the row's
+                                      //       target: BOS, source and separator; 0 for LM windows
 };
 
 // The LM token stream of a text: BOS + encode(line) + EOS for every non-blank

@@ -17,9 +17,12 @@
 //     reverse         ours, not the paper's: the digits in reverse order. Output
 //                     position i reads input position 9 - i, an attention
 //                     pattern none of the mixture's tasks uses (add reads i,
-//                     sort reads by value), so by the paper's Theorem 1 a
-//                     prefix cannot create it; LoRA on attention and full
-//                     fine-tuning can (`make demo`'s unknown task).
+//                     sort reads by value). By the paper's Theorem 1 a prefix
+//                     cannot change the relative attention over the content
+//                     at any layer given that layer's input, so it must build
+//                     the pattern from biases alone; LoRA on attention and
+//                     full fine-tuning can change the pattern itself (`make
+//                     demo`'s unknown task).
 // As text: "3 1 4 1 5 9 2 6 5 3" => "1 1 2 3 3 4 5 5 6 9", digits and counts
 // as space-separated decimal words; loss on the output only (the shared
 // conditioning format, task.h); exact match of the greedy output (the

@@ -161,7 +161,7 @@ int main(int argc, char** argv) {
                 std::vector<size_t> idx;
                 for (size_t i = 0; i < std::min<size_t>(size_t(diag_rows), t.test.size()); ++i) idx.push_back(i);
                 data::Batch b = data::make_conditional_batch(t.test, idx, tok, int(base.config.max_seq), data::PadSide::Right);
-                ModelInput in{b.B, b.T, b.tokens, b.positions, b.valid};
+                ModelInput in{b.B, b.T, b.tokens, b.positions, b.valid, b.source_len};
                 std::unique_ptr<peft::Adapter> adapter;
                 auto model = adapted_model(base, row, &adapter);
                 const peft::AttentionShift s = peft::attention_shift(*base_model, *model, in);

@@ -91,6 +91,12 @@ void ModelInput::validate(const GPTConfig& cfg) const {
         throw std::invalid_argument(fmt::format("ModelInput: {} positions for B*T = {}", positions.size(), n));
     if (!valid.empty() && valid.size() != n)
         throw std::invalid_argument(fmt::format("ModelInput: {} valid flags for B*T = {}", valid.size(), n));
+    if (!source_len.empty() && int64_t(source_len.size()) != B)
+        throw std::invalid_argument(fmt::format("ModelInput: {} source lengths for B = {}", source_len.size(), B));
+    for (size_t b = 0; b < source_len.size(); ++b)
+        if (source_len[b] < 0 || source_len[b] > T)
+            throw std::invalid_argument(
+                fmt::format("ModelInput: source_len[{}] = {} is outside [0, T = {}]", b, source_len[b], T));
     for (size_t i = 0; i < n; ++i) {
         if (tokens[i] < 0 || tokens[i] >= cfg.vocab)
             throw std::invalid_argument(
@@ -148,7 +154,7 @@ Tensor GPT::run(const ModelInput& in, KVCache* cache, const std::vector<int32_t>
     const bool prefill = !cache || cache->empty();
     if (cache && !prefill && cache->B != B)
         throw std::invalid_argument(fmt::format("GPT::forward: cache holds {} rows, input has {}", cache->B, B));
-    ForwardContext ctx{hooks_, ForwardInfo{B, T, prefill, false}, &dropout_rng_, cfg_.dropout};
+    ForwardContext ctx{hooks_, ForwardInfo{B, T, prefill, false, in.source_len}, &dropout_rng_, cfg_.dropout};
     if (hooks_) hooks_->begin_forward(ctx.info);
 
     // Position convention per row (ModelHooks::position_offset): -1 keep, n >= 0 hf.

@@ -40,6 +40,11 @@ struct ModelInput {
     std::vector<int32_t> tokens;     // [B*T]
     std::vector<int32_t> positions;  // [B*T]; empty: 0..T-1 in every row
     std::vector<uint8_t> valid;      // [B*T]; empty: all real
+    // [B]: row b's first source_len[b] columns (padding included) are its
+    // source and the rest its target, for hooks that place vectors between
+    // them (LayerPrefix::visible_from); each in [0, T]. Empty: every column is
+    // source, as for a prompt.
+    std::vector<int32_t> source_len;
     // Checks sizes, token ids and positions against the config.
     void validate(const GPTConfig& cfg) const;
 };

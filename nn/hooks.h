@@ -27,7 +27,9 @@
 // tokens keep their position ids whatever is prepended and prepended vectors
 // get no position embedding; under `hf` (Hugging Face PEFT) a row's prefixes
 // take the first n positions. Every real token may attend to all prepended
-// vectors. With a KV cache, prefixes enter the cache once, at the first forward.
+// vectors, except a layer prefix's with `visible_from` (an infix), which a
+// row's tokens before that column do not see. With a KV cache, prefixes enter
+// the cache once, at the first forward.
 #include <string>
 #include <vector>
 
@@ -40,6 +42,10 @@ struct ForwardInfo {
     int64_t T = 0;        // tokens per row in this call
     bool prefill = true;  // false on cached decoding steps (prefixes already cached)
     bool on_prefix = false;  // true while the model projects hidden-state prefix vectors
+    // ModelInput::source_len: [B], row b's first source_len[b] columns are its
+    // source (conditioning) and the rest its target; empty: all T columns are
+    // source (a prompt), on cached decoding steps too.
+    std::vector<int32_t> source_len;
 };
 
 // Shapes below: "[n, C]" is shared by all rows; "[B, n, C]" is per row; with
@@ -57,6 +63,12 @@ struct LayerPrefix {
     Tensor hidden, hidden_valid;    // hidden states prepended to the layer input
     Tensor key, value, kv_valid;    // keys and values prepended in attention
     std::vector<int32_t> rows;
+    // Empty: every query sees these keys (a prefix). Else [B]: row b's queries
+    // in columns >= visible_from[b] (of the model input's T) see them and
+    // earlier ones do not, nor do input-prefix vectors, as if the vectors sat
+    // just before that column (an infix, Li & Liang 2021, "Prefixing vs
+    // Infixing"). Cached decoding steps see them.
+    std::vector<int32_t> visible_from;
 };
 
 // The gain and bias (nn.LayerNorm's weight and bias) a LayerNorm uses
@@ -111,7 +123,8 @@ public:
     // only): h [B, Tq, C] is what its projections read (the LN1 output of the
     // row's own positions, virtual tokens included), q [B, Tq, C] and k
     // [B, Tk, C] the queries and keys, any layer prefix's keys first (the last
-    // Tq keys are the row's own positions), key_valid [B, Tk] or undefined.
+    // Tq keys are the row's own positions), key_valid [B, Tk], [B, Tq, Tk] (a
+    // mask per query: LayerPrefix::visible_from) or undefined.
     // The probabilities are softmax(q_h k_h^T / sqrt(C / n_heads)) per head h
     // under ops.h's causal rule and key_valid. The default does nothing, so a
     // forward pays one virtual call per layer.

@@ -35,6 +35,34 @@ Tensor prefix_valid_per_row(const Tensor& valid, int64_t B, int64_t n, const std
 }
 
 namespace {
+// key_valid [B, S] as a mask per query [B, Tq, S] in which row b's queries in
+// columns < n_input + visible_from[b] do not see keys [0, n_gated): a layer
+// prefix placed as an infix (LayerPrefix::visible_from, which counts the
+// model input's T columns; the n_input = Tq - T input-prefix vectors before
+// them, e.g. another row's soft prompt in a mixed batch, precede every source).
+Tensor gate_prefix_keys(const Tensor& key_valid, int64_t Tq, int64_t T, int64_t n_gated,
+                        const std::vector<int32_t>& visible_from, int layer) {
+    const int64_t B = key_valid.dim(0), S = key_valid.dim(1), n_input = Tq - T;
+    if (int64_t(visible_from.size()) != B)
+        throw std::invalid_argument(fmt::format("layer_prefix (layer {}): visible_from has {} entries for {} batch rows",
+                                                layer, visible_from.size(), B));
+    Tensor mask = Tensor::empty({B, Tq, S});
+    for (int64_t b = 0; b < B; ++b) {
+        const int32_t from = visible_from[size_t(b)];
+        if (from < 0 || from > T)
+            throw std::invalid_argument(fmt::format(
+                "layer_prefix (layer {}): visible_from[{}] = {} is outside [0, T = {}]", layer, b, from, T));
+        for (int64_t i = 0; i < Tq; ++i) {
+            float* m = mask.data() + (b * Tq + i) * S;
+            std::memcpy(m, key_valid.data() + b * S, size_t(S) * sizeof(float));
+            if (i < n_input + from) std::fill_n(m, n_gated, 0.f);
+        }
+    }
+    return mask;
+}
+}  // namespace
+
+namespace {
 // dst[r0 + i, c0 + j] = src[i, s0 + j] for every row i of src and j < n; both
 // [B, S, W] (or [B, S], W = 1) with the same W.
 void copy_positions(Tensor& dst, int64_t r0, int64_t c0, const Tensor& src, int64_t s0, int64_t n) {
@@ -188,8 +216,9 @@ Tensor CausalSelfAttention::forward(const Tensor& h, const Tensor& valid, const 
     const int64_t B = h.dim(0);
     Tensor q = q_proj.forward(h, ctx), k = k_proj.forward(h, ctx), v = v_proj.forward(h, ctx);
     Tensor kv_valid = valid;
+    LayerPrefix p;
     if (ctx.hooks && ctx.info.prefill) {
-        LayerPrefix p = ctx.hooks->layer_prefix(layer, ctx.info);
+        p = ctx.hooks->layer_prefix(layer, ctx.info);
         std::vector<Tensor> ks, vs, valids;
         if (p.hidden.defined()) {
             // Hidden-state prefix: only LN1 and the K/V projections of the
@@ -212,6 +241,9 @@ Tensor CausalSelfAttention::forward(const Tensor& h, const Tensor& valid, const 
             vs.push_back(prefix_per_row(p.value, B, p.rows));
             valids.push_back(prefix_valid_per_row(p.kv_valid, B, ks.back().dim(1), p.rows));
         }
+        if (ks.empty() && !p.visible_from.empty())
+            throw std::invalid_argument(
+                fmt::format("layer_prefix (layer {}): visible_from is given without keys to place", layer));
         if (!ks.empty()) {
             ks.push_back(k);
             vs.push_back(v);
@@ -226,10 +258,18 @@ Tensor CausalSelfAttention::forward(const Tensor& h, const Tensor& valid, const 
         if (grad_enabled() && (k.requires_grad() || v.requires_grad()))
             throw std::invalid_argument(fmt::format(
                 "attention (layer {}): a cached forward keeps no gradient for keys and values; use NoGradGuard", layer));
+        // A prefill writes the prefix at cache columns [0, n): later decoding
+        // steps see it whatever its visible_from.
+        const int64_t n_prefix = k.dim(1) - h.dim(1);
         cache->append(k, v, kv_valid);
-        Tensor a = attention(q, cache->k, cache->v, n_heads, /*causal=*/true, cache->valid, cache->length);
+        const Tensor mask = p.visible_from.empty()
+                                ? cache->valid
+                                : gate_prefix_keys(cache->valid, h.dim(1), ctx.info.T, n_prefix, p.visible_from, layer);
+        Tensor a = attention(q, cache->k, cache->v, n_heads, /*causal=*/true, mask, cache->length);
         return o_proj.forward(a, ctx);
     }
+    if (!p.visible_from.empty())
+        kv_valid = gate_prefix_keys(kv_valid, h.dim(1), ctx.info.T, k.dim(1) - h.dim(1), p.visible_from, layer);
     if (ctx.hooks) ctx.hooks->observe_attention(layer, h, q, k, kv_valid, n_heads, ctx.info);
     Tensor a = attention(q, k, v, n_heads, /*causal=*/true, kv_valid);
     return o_proj.forward(a, ctx);

@@ -15,7 +15,7 @@ namespace {
 
 // One layer's attention as a forward saw it.
 struct Observed {
-    Tensor h, q, k, key_valid;  // h, q [B, Tq, C]; k [B, Tk, C]; key_valid [B, Tk] or undefined
+    Tensor h, q, k, key_valid;  // h, q [B, Tq, C]; k [B, Tk, C]; key_valid [B, (Tq,) Tk] or undefined
 };
 
 // Records every layer's attention inputs, passing every hook on to the model's own.
@@ -59,7 +59,10 @@ std::vector<double> content_distribution(const Tensor& q, const Tensor& k, const
     const int64_t qi = Tq - T + i;        // the query's row in q
     const int64_t last = qi + (Tk - Tq);  // the last key it may see
     const float* qr = q.data() + (b * Tq + qi) * C + head * Dh;
-    const float* valid = key_valid.defined() ? key_valid.data() + b * Tk : nullptr;
+    // key_valid [B, Tk], or [B, Tq, Tk] per query (an infix's keys).
+    const float* valid = !key_valid.defined()     ? nullptr
+                         : key_valid.ndim() == 3 ? key_valid.data() + (b * Tq + qi) * Tk
+                                                 : key_valid.data() + b * Tk;
     std::vector<double> logit(size_t(last + 1), -INFINITY);
     double top = -INFINITY;
     for (int64_t j = 0; j <= last; ++j) {

@@ -105,11 +105,13 @@ SeqPrefix MultiAdapter::input_prefix(const ForwardInfo& info) {
 
 LayerPrefix MultiAdapter::layer_prefix(int layer, const ForwardInfo& info) {
     std::vector<Tensor> hidden, keys, values;
+    std::vector<std::vector<int32_t>> visible_from;
     for (Adapter* a : adapters_) {
         LayerPrefix p = a->layer_prefix(layer, info);
         hidden.push_back(p.hidden);
         keys.push_back(p.key);
         values.push_back(p.value);
+        visible_from.push_back(std::move(p.visible_from));
     }
     const int64_t C = adapters_.empty() ? 0 : adapters_[0]->base()->config().d_model;
     Table h = stack(hidden, C), k = stack(keys, C), v = stack(values, C);
@@ -121,6 +123,17 @@ LayerPrefix MultiAdapter::layer_prefix(int layer, const ForwardInfo& info) {
     out.value = v.values;
     out.kv_valid = k.valid;
     out.rows = table_rows();
+    // Each row sees only its own adapter's vectors: that adapter's visible_from
+    // for the row (0, every column, for a prefix).
+    bool gated = false;
+    for (const auto& v : visible_from) gated = gated || !v.empty();
+    if (gated) {
+        out.visible_from.assign(out.rows.size(), 0);
+        for (size_t b = 0; b < out.rows.size(); ++b) {
+            const size_t a = size_t(out.rows[b]);
+            if (a < visible_from.size() && !visible_from[a].empty()) out.visible_from[b] = visible_from[a].at(b);
+        }
+    }
     return out;
 }
 

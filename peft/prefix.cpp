@@ -13,6 +13,15 @@
 // MLP by its output for inference. Own options ("prefix" / "prefix-kv"
 // section): reparam (false), reparam_hidden (h, 512).
 //
+// Infix ("infix", Li & Liang 2021, "Prefixing vs Infixing": [x; INFIX; y]):
+// the hidden-state form's L*n*d vectors, placed between each row's source and
+// target instead of before the source. A row's source tokens do not see them;
+// its last source token (the separator, which predicts the first target
+// token) and every later one do, so the sequence reads [x; INFIX; sep; y]
+// (LayerPrefix::visible_from = source_len - 1). Source lengths come from
+// ModelInput::source_len; a prompt without them is all source (generation).
+// No position ids under either convention, and no PEFT counterpart.
+//
 // Hugging Face PEFT: PREFIX_TUNING, "prompt_embeddings" [n, 2*L*d] whose
 // columns [2l*d, (2l+1)*d) are layer l's keys and [(2l+1)*d, (2l+2)*d) its
 // values (PrefixEncoder layout). The hidden-state form has no PEFT counterpart
@@ -31,13 +40,13 @@ namespace peftlab::peft {
 
 class PrefixTuning : public Adapter {
 public:
-    PrefixTuning(AdapterOptions o, bool kv) : Adapter(std::move(o)), kv_(kv) {
+    PrefixTuning(AdapterOptions o, bool kv, bool infix = false) : Adapter(std::move(o)), kv_(kv), infix_(infix) {
         MethodOptions own(opts_, method());
         reparam_ = own.boolean("reparam", false);
         reparam_hidden_ = own.integer("reparam_hidden", 512, 1);
         set_own_options(method(), own.finish());
     }
-    std::string method() const override { return kv_ ? "prefix-kv" : "prefix"; }
+    std::string method() const override { return kv_ ? "prefix-kv" : infix_ ? "infix" : "prefix"; }
     std::vector<double> lr_grid() const override { return {3e-3, 1e-2, 3e-2}; }  // vectors move further per step
 
     void begin_forward(const ForwardInfo& info) override {
@@ -46,7 +55,7 @@ public:
     }
 
     bool adapts_linear(const std::string&) const override { return false; }
-    LayerPrefix layer_prefix(int layer, const ForwardInfo&) override {
+    LayerPrefix layer_prefix(int layer, const ForwardInfo& info) override {
         int slot = slot_of(layer);
         if (slot < 0 || opts_.n == 0) return {};
         LayerPrefix p;
@@ -56,10 +65,17 @@ public:
         } else {
             p.hidden = matrix(slot);
         }
+        if (infix_) {
+            // Seen from the last source column on (the whole call is source without source_len).
+            p.visible_from.assign(size_t(info.B), int32_t(std::max<int64_t>(info.T - 1, 0)));
+            for (size_t b = 0; b < info.source_len.size() && b < p.visible_from.size(); ++b)
+                p.visible_from[b] = std::max(info.source_len[b] - 1, 0);
+        }
         return p;
     }
 
-    int64_t virtual_tokens() const override { return layers_.empty() ? 0 : opts_.n; }
+    // An infix takes no positions (nothing precedes the source).
+    int64_t virtual_tokens() const override { return layers_.empty() || infix_ ? 0 : opts_.n; }
 
     NamedTensors inference_parameters() const override {
         if (mlp_.empty()) return params_;
@@ -130,8 +146,9 @@ public:
         return g;
     }
 
-    std::string hf_peft_type() const override { return "PREFIX_TUNING"; }
+    std::string hf_peft_type() const override { return infix_ ? "" : "PREFIX_TUNING"; }
     std::optional<HfExport> hf_export() const override {
+        if (infix_) return std::nullopt;  // PEFT places every prompt-learning vector before the input
         const GPTConfig& c = base_->config();
         if (int64_t(layers_.size()) != c.n_layers)
             throw std::invalid_argument(fmt::format(
@@ -261,6 +278,7 @@ private:
     Tensor matrix(int s) const { return mlp_.empty() ? matrices_[size_t(s)] : slot_slice(reparam_out_, s); }
 
     bool kv_;
+    bool infix_;                  // placed between source and target
     bool reparam_ = false;        // train through the MLP reparameterization
     int64_t reparam_hidden_ = 0;  // its hidden width h
     std::vector<std::string> names_;  // one per slot
@@ -271,5 +289,6 @@ private:
 
 std::unique_ptr<Adapter> make_prefix(const AdapterOptions& o) { return std::make_unique<PrefixTuning>(o, false); }
 std::unique_ptr<Adapter> make_prefix_kv(const AdapterOptions& o) { return std::make_unique<PrefixTuning>(o, true); }
+std::unique_ptr<Adapter> make_infix(const AdapterOptions& o) { return std::make_unique<PrefixTuning>(o, false, true); }
 
 }  // namespace peftlab::peft

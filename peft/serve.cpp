@@ -64,6 +64,16 @@ void ServerOptions::validate(const GPTConfig& cfg) const {
             fmt::format("ServerOptions: pad_token = {} is outside the vocabulary [0, {})", pad_token, cfg.vocab));
 }
 
+bool places_prefix_inside_prompt(Adapter& adapter) {
+    // A two-column prompt whose source is both columns: any visible_from shows.
+    NoGradGuard no_grad;
+    const ForwardInfo probe{1, 2, true, false, {2}};
+    adapter.begin_forward(probe);
+    for (int l = 0; l < adapter.base()->config().n_layers; ++l)
+        if (!adapter.layer_prefix(l, probe).visible_from.empty()) return true;
+    return false;
+}
+
 Server::Server(GPT& base, ServerOptions opts)
     : base_(base), opts_(std::move(opts)), multi_(std::make_unique<MultiAdapter>(std::vector<Adapter*>{})) {
     set_inner(multi_.get());
@@ -92,6 +102,9 @@ void Server::add_tenant(const std::string& name, Adapter& adapter, std::unique_p
         refuse("it is merged into the base, which changes the base for every tenant; unmerge it, or serve the merged "
                "model as the base");
     adapter.attach(base_);
+    if (opts_.prefix_cache && places_prefix_inside_prompt(adapter))
+        refuse("its layer prefixes sit inside the prompt (an infix: LayerPrefix::visible_from), which the prefix "
+               "cache cannot hold; serve it with prefix_cache = false");
 
     auto tenant = std::make_unique<Tenant>();
     tenant->name = name;
@@ -246,6 +259,7 @@ Tensor Server::prefill_group(const std::vector<Row>& group, DecodeBatch& joined)
             in.positions[size_t(g * T + start + i)] = int32_t(i);
             in.valid[size_t(g * T + start + i)] = 1;
         }
+        in.source_len.push_back(int32_t(start + len));  // the prompt is the source (an infix sits before its last token)
         joined.next_position.push_back(int32_t(len));
         last_column[size_t(g)] = int32_t(start + len - 1);
         stats_.prompt_tokens += len;

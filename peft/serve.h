@@ -106,6 +106,12 @@ struct ServerStats {
     double prefill_s = 0.0, decode_s = 0.0;
 };
 
+// True if `adapter` (attached to its base) gives layer prefixes that only a
+// prompt's later columns see (LayerPrefix::visible_from, an infix): the
+// prefix cache, which holds one prefix per tenant for every request, cannot
+// serve it (ServerOptions::prefix_cache must be false).
+bool places_prefix_inside_prompt(Adapter& adapter);
+
 class Server : private ForwardingHooks {
 public:
     // The base is shared, never written to; hooks it carries are restored

@@ -494,6 +494,11 @@ TEST_CASE("gradcheck: fused attention", "[autograd][gradcheck]") {
                 [=](auto& in) { return attention(in[0], in[1], in[2], H, true, kv); });
     check_grads("attention non-causal, key_valid padding", qkv(3, 5, 713),
                 [=](auto& in) { return attention(in[0], in[1], in[2], H, false, kv); });
+    // A mask per query [B, Tq, Tk] (an infix's keys): query rows see different key sets.
+    Tensor per_query = Tensor::from_data({B, 3, 5}, {0, 0, 1, 0, 0,  1, 0, 1, 1, 0,  1, 1, 1, 1, 1,
+                                                     1, 1, 0, 1, 0,  0, 0, 1, 1, 1,  1, 0, 1, 1, 1});
+    check_grads("attention causal Tq=3 < Tk=5, key_valid per query", qkv(3, 5, 725),
+                [=](auto& in) { return attention(in[0], in[1], in[2], H, true, per_query); });
     check_grads("attention 4 heads of Dh=2", qkv(3, 3, 716),
                 [=](auto& in) { return attention(in[0], in[1], in[2], 4, true); });
     // Partly frozen: only the gradients that are needed.
@@ -524,6 +529,28 @@ TEST_CASE("attention equals softmax(QK^T/sqrt(Dh)) V per head", "[autograd][grad
     ref = reshape(permute(ref, {0, 2, 1, 3}), {B, Tq, C});
     auto a = out.to_vector(), r = ref.to_vector();
     for (size_t i = 0; i < a.size(); ++i) CHECK(a[i] == Approx(r[i]).margin(1e-5));
+}
+
+TEST_CASE("attention with a mask per query equals each query alone under its own row of the mask",
+          "[autograd][gradcheck][infix]") {
+    const int64_t B = 2, Tq = 4, Tk = 7, C = 8, H = 2;
+    Tensor q = uniform({B, Tq, C}, 811), k = uniform({B, Tk, C}, 812), v = uniform({B, Tk, C}, 813);
+    Rng rng(814);
+    Tensor mask = Tensor::empty({B, Tq, Tk});
+    for (int64_t i = 0; i < mask.numel(); ++i) mask.data()[i] = rng.below(3) ? 1.f : 0.f;
+    const Tensor out = attention(q, k, v, int(H), true, mask);
+    for (int64_t i = 0; i < Tq; ++i) {
+        // Query i alone is the last of the Tk - Tq + i + 1 keys it may see (the causal rule).
+        const int64_t keys = Tk - Tq + i + 1;
+        const Tensor row_mask = reshape(slice(slice(mask, 1, i, i + 1), 2, 0, keys), {B, keys});
+        const Tensor alone = attention(slice(q, 1, i, i + 1), slice(k, 1, 0, keys), slice(v, 1, 0, keys), int(H),
+                                       true, row_mask);
+        const std::vector<float> a = alone.to_vector(), b = slice(out, 1, i, i + 1).to_vector();
+        INFO("query " << i);
+        for (size_t j = 0; j < a.size(); ++j) CHECK(a[j] == Approx(b[j]).margin(1e-6));
+    }
+    CHECK_THROWS_WITH(attention(q, k, v, int(H), true, Tensor::ones({B, Tq + 1, Tk})),
+                      Catch::Contains("key_valid [2, 5, 7]") && Catch::Contains("[B, Tq, S] = [2, 4, 7]"));
 }
 
 TEST_CASE("attention over the first kv_len positions of larger buffers equals attention over exactly those",

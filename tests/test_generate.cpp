@@ -123,7 +123,8 @@ ModelInput left_padded(const std::vector<std::vector<int32_t>>& rows) {
 }
 
 // The slow oracle: every step re-runs the whole (left padded) batch without a
-// cache and takes the argmax at the last column.
+// cache and takes the argmax at the last column. Each row's prompt is its
+// source (ModelInput::source_len), as in a cached generation.
 std::vector<std::vector<int32_t>> greedy_by_recompute(GPT& model, const std::vector<std::vector<int32_t>>& prompts,
                                                       int max_new, int32_t stop = -1) {
     NoGradGuard ng;
@@ -131,7 +132,10 @@ std::vector<std::vector<int32_t>> greedy_by_recompute(GPT& model, const std::vec
     std::vector<std::vector<int32_t>> out(prompts.size());
     std::vector<bool> done(prompts.size(), false);
     for (int step = 0; step < max_new; ++step) {
-        Tensor logits = model.forward(left_padded(seqs));
+        ModelInput in = left_padded(seqs);
+        for (size_t r = 0; r < seqs.size(); ++r)
+            in.source_len.push_back(int32_t(in.T - int64_t(seqs[r].size()) + int64_t(prompts[r].size())));
+        Tensor logits = model.forward(in);
         const int64_t T = logits.dim(1);
         bool all_done = true;
         for (size_t r = 0; r < seqs.size(); ++r) {

@@ -76,7 +76,10 @@ Diffs check_mixed_batch(GPT& base, const std::vector<Adapter*>& adapters, const 
         tokens.push_back(random_tokens(rng, len, kVocab));
         targets.push_back(random_tokens(rng, len, kVocab));
     }
-    const ModelInput in = padded_batch(tokens, left_padded, /*extra=*/1);
+    ModelInput in = padded_batch(tokens, left_padded, /*extra=*/1);
+    // Each row's source: its first 1 + b % len tokens (only an infix reads it).
+    auto source_of = [&](int64_t b) { return int32_t(1 + b % int64_t(tokens[size_t(b)].size())); };
+    for (int64_t b = 0; b < B; ++b) in.source_len.push_back(int32_t(first_real(in, b)) + source_of(b));
     std::vector<int32_t> batch_targets(size_t(B * in.T), -1);
     for (int64_t b = 0; b < B; ++b) {
         const int64_t start = first_real(in, b);
@@ -106,7 +109,8 @@ Diffs check_mixed_batch(GPT& base, const std::vector<Adapter*>& adapters, const 
             if (rows[size_t(b)] != a) continue;
             used = true;
             INFO("row " << b << " (adapter " << a << ", " << (left_padded ? "left" : "right") << "-padded)");
-            const ModelInput alone_in = single_row(tokens[size_t(b)]);
+            ModelInput alone_in = single_row(tokens[size_t(b)]);
+            alone_in.source_len = {source_of(b)};
             const int64_t len = alone_in.T, start = first_real(in, b);
             Tensor alone;
             if (a < 0) {

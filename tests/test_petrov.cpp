@@ -184,7 +184,8 @@ TEST_CASE("attention shift: a prefix leaves content attention unchanged at every
     peft::AdapterOptions o;
     o.n = 4;
     o.init = "random";
-    for (const std::string& m : {std::string("prefix"), std::string("prefix-kv")}) {
+    in.source_len = {4, 7};  // where an infix sits (row 1's two padding columns included)
+    for (const std::string& m : {std::string("prefix"), std::string("prefix-kv"), std::string("infix")}) {
         const peft::AttentionShift s = shift_of(m, o);
         INFO(m);
         CHECK(s.n_layers == 3);

@@ -347,7 +347,7 @@ Base load_or_pretrain(const CommonArgs& args) {
         const std::vector<size_t> all = window_offsets(stream, rng);
         const std::vector<size_t> mine(all.begin() + shard.begin(B), all.begin() + shard.end(B));
         data::Batch b = data::make_lm_batch(stream, mine, T);
-        ModelInput in{b.B, T, b.tokens, b.positions, b.valid};
+        ModelInput in{b.B, T, b.tokens, b.positions, b.valid, b.source_len};
         return {model.loss(in, b.targets), counted_targets(b.targets)};
     };
     // The 8 validation batches shared out over the ranks, sums all-reduced.

@@ -29,7 +29,7 @@ double detail::split_loss(Run& r, const std::vector<data::Example>& split, const
         for (size_t i = start; i < std::min(split.size(), start + size_t(batch)); ++i) idx.push_back(i);
         data::Batch b =
             data::make_conditional_batch(split, idx, tok, int(r.model->config().max_seq), data::PadSide::Right);
-        ModelInput in{b.B, b.T, b.tokens, b.positions, b.valid};
+        ModelInput in{b.B, b.T, b.tokens, b.positions, b.valid, b.source_len};
         total += r.model->loss(in, b.targets).item() * double(idx.size());
         count += double(idx.size());
     }

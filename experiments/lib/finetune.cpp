@@ -84,7 +84,7 @@ TrainSummary train(Run& r, const data::Task& task, const data::Tokenizer& tok, i
         for (auto& i : idx) i = rng.below(uint32_t(task.train.size()));
         const std::vector<size_t> mine(idx.begin() + shard.begin(batch), idx.begin() + shard.end(batch));
         data::Batch b = data::make_conditional_batch(task.train, mine, tok, max_len, data::PadSide::Right);
-        ModelInput in{b.B, b.T, b.tokens, b.positions, b.valid};
+        ModelInput in{b.B, b.T, b.tokens, b.positions, b.valid, b.source_len};
         return {r.model->loss(in, b.targets), counted_targets(b.targets)};
     };
     Trainer::EvalFn eval_fn;
@@ -109,7 +109,7 @@ void measure_step(Run& r, const data::Task& task, const data::Tokenizer& tok, in
     flops::reset();
     mem::reset_peak();
     {
-        ModelInput in{b.B, b.T, b.tokens, b.positions, b.valid};
+        ModelInput in{b.B, b.T, b.tokens, b.positions, b.valid, b.source_len};
         Tensor loss = r.model->loss(in, b.targets);
         backward(loss);
         opt.step();

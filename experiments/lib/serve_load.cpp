@@ -84,9 +84,15 @@ LoadReport run_serve_load(const LoadSpec& spec) {
 
     // Tenants, each moved away from its initialisation so that they differ,
     // plus "doomed", removed while its requests are queued.
-    std::vector<std::string> methods;  // every registered method a Server can mix (not one that trains the base)
-    for (const std::string& m : peft::method_names())
-        if (!peft::make_adapter(m)->changes_base()) methods.push_back(m);
+    // Every registered method a Server with its default prefix cache can mix:
+    // not one that trains the base, nor one whose prefix sits inside the prompt.
+    std::vector<std::string> methods;
+    for (const std::string& m : peft::method_names()) {
+        auto probe = peft::make_adapter(m);
+        if (probe->changes_base()) continue;
+        probe->attach(base);
+        if (!peft::places_prefix_inside_prompt(*probe)) methods.push_back(m);
+    }
     std::vector<std::unique_ptr<peft::Adapter>> adapters;
     std::vector<std::string> names;
     for (int i = 0; i <= spec.tenants; ++i) {
