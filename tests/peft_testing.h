@@ -67,6 +67,16 @@ inline double mean_cross_entropy_in_double(const Tensor& logits, const std::vect
     return total / double(counted);
 }
 
+// Logits of `base` with `hooks` installed (null: the bare base), no gradient;
+// the hooks are removed again before it returns.
+inline Tensor logits_of(GPT& base, ModelHooks* hooks, const ModelInput& in) {
+    NoGradGuard no_grad;
+    base.set_hooks(hooks);
+    Tensor out = base.forward(in);
+    base.set_hooks(nullptr);
+    return out;
+}
+
 inline float max_abs(const Tensor& a) {
     float m = 0.f;
     for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::fabs(a.data()[i]));

@@ -30,14 +30,6 @@ AdapterOptions infix_options(int64_t n, const std::string& layers) {
     return o;
 }
 
-Tensor logits_with(GPT& base, ModelHooks* hooks, const ModelInput& in) {
-    NoGradGuard no_grad;
-    base.set_hooks(hooks);
-    Tensor out = base.forward(in);
-    base.set_hooks(nullptr);
-    return out;
-}
-
 // Logits of [x; INFIX; sep; y] at the columns of sep and y, where the source
 // is tokens[0, s) (its last token the separator) and INFIX sits before it.
 Tensor literal_infix(GPT& base, const Adapter& infix, const std::vector<int32_t>& tokens, int64_t s) {
@@ -80,8 +72,8 @@ TEST_CASE("infix: the source before its last token sees no infix; later columns 
             INFO("layers " << layers << ", source length " << s);
             ModelInput in = single_row(tokens);
             in.source_len = {int32_t(s)};
-            const Tensor got = logits_with(base, infix.get(), in);
-            const Tensor plain = logits_with(base, nullptr, in);
+            const Tensor got = logits_of(base, infix.get(), in);
+            const Tensor plain = logits_of(base, nullptr, in);
             CHECK(max_diff_rows(got, 0, 0, plain, 0, 0, s - 1) < 1e-5f);
             const Tensor literal = literal_infix(base, *infix, tokens, s);
             const int64_t rest = int64_t(tokens.size()) - (s - 1);
@@ -108,7 +100,7 @@ TEST_CASE("infix: with a source of at most one token it is the hidden-state pref
     for (int32_t s : {0, 1}) {
         ModelInput in = single_row(rows[0]);
         in.source_len = {s};
-        CHECK(max_diff(logits_with(base, infix.get(), in), logits_with(base, prefix.get(), in)) < 1e-6f);
+        CHECK(max_diff(logits_of(base, infix.get(), in), logits_of(base, prefix.get(), in)) < 1e-6f);
     }
     const std::vector<int32_t> source = {3, 1, 5};
     for (bool left : {true, false}) {
@@ -116,11 +108,11 @@ TEST_CASE("infix: with a source of at most one token it is the hidden-state pref
         ModelInput batch = padded_batch(rows, left);
         for (size_t b = 0; b < rows.size(); ++b)
             batch.source_len.push_back(int32_t(first_real(batch, int64_t(b))) + source[b]);
-        const Tensor mixed = logits_with(base, infix.get(), batch);
+        const Tensor mixed = logits_of(base, infix.get(), batch);
         for (size_t b = 0; b < rows.size(); ++b) {
             ModelInput alone = single_row(rows[b]);
             alone.source_len = {source[b]};
-            CHECK(max_diff_rows(mixed, int64_t(b), first_real(batch, int64_t(b)), logits_with(base, infix.get(), alone),
+            CHECK(max_diff_rows(mixed, int64_t(b), first_real(batch, int64_t(b)), logits_of(base, infix.get(), alone),
                                 0, 0, int64_t(rows[b].size())) < 1e-5f);
         }
     }
@@ -143,7 +135,7 @@ TEST_CASE("infix: cached greedy decoding continues the prompt as the uncached fo
         seq.insert(seq.end(), generated[r].begin(), generated[r].end() - 1);
         ModelInput in = single_row(seq);
         in.source_len = {int32_t(prompts[r].size())};
-        const Tensor logits = logits_with(base, infix.get(), in);
+        const Tensor logits = logits_of(base, infix.get(), in);
         for (size_t i = 0; i < generated[r].size(); ++i) {
             const float* row = logits.data() + (prompts[r].size() - 1 + i) * size_t(kVocab);
             INFO("prompt " << r << ", new token " << i);

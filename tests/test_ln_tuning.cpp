@@ -31,14 +31,6 @@ AdapterOptions ln_options(const std::string& layers, std::vector<std::string> ta
     return o;
 }
 
-Tensor logits_with(GPT& base, ModelHooks* hooks, const ModelInput& in) {
-    NoGradGuard no_grad;
-    base.set_hooks(hooks);
-    Tensor y = base.forward(in);
-    base.set_hooks(nullptr);
-    return y;
-}
-
 ModelInput two_rows() { return padded_batch({{1, 5, 9, 2, 7}, {3, 4, 11}}, false); }
 
 }  // namespace
@@ -70,8 +62,8 @@ TEST_CASE("ln_tuning: logits equal the base with its LayerNorm weights replaced;
     a->attach(base);
     perturb(a->parameters(), 8, 0.3f);
     const ModelInput in = two_rows();
-    const Tensor adapted = logits_with(base, a.get(), in);
-    CHECK(max_diff(adapted, logits_with(base, nullptr, in)) > 1e-3f);
+    const Tensor adapted = logits_of(base, a.get(), in);
+    CHECK(max_diff(adapted, logits_of(base, nullptr, in)) > 1e-3f);
 
     // The reference: a second model with the same weights whose LayerNorms hold the trained copies.
     GPT ref(tiny_config(), 4);
@@ -81,12 +73,12 @@ TEST_CASE("ln_tuning: logits equal the base with its LayerNorm weights replaced;
         const std::string field = name.substr(name.rfind('.') + 1);  // weight | bias
         ref.parameter(module + "." + field).copy_from(t);
     }
-    CHECK(bitwise_equal(adapted, logits_with(ref, nullptr, in)));
+    CHECK(bitwise_equal(adapted, logits_of(ref, nullptr, in)));
     CHECK(bitwise_equal(ref.parameter("blocks.1.ln1.weight"), base.parameter("blocks.1.ln1.weight")));  // layer 1 untouched
 
     a->merge();
-    CHECK(bitwise_equal(logits_with(base, nullptr, in), adapted));  // the merged base needs no hook
-    CHECK(bitwise_equal(logits_with(base, a.get(), in), adapted));
+    CHECK(bitwise_equal(logits_of(base, nullptr, in), adapted));  // the merged base needs no hook
+    CHECK(bitwise_equal(logits_of(base, a.get(), in), adapted));
     a->unmerge();
     const NamedTensors now = base.named_parameters();
     for (size_t i = 0; i < now.size(); ++i) {
@@ -119,15 +111,15 @@ TEST_CASE("ln_tuning: rows mixing LN-tuning, hidden-state prefixes and no adapte
     const ModelInput in = padded_batch(tokens, true);
     MultiAdapter multi(adapters);
     multi.set_rows(rows);
-    const Tensor mixed = logits_with(base, &multi, in);
+    const Tensor mixed = logits_of(base, &multi, in);
     for (size_t b = 0; b < rows.size(); ++b) {
         INFO("row " << b << " adapter " << rows[b]);
         const ModelInput alone_in = single_row(tokens[b]);
-        const Tensor alone = logits_with(base, rows[b] < 0 ? nullptr : adapters[size_t(rows[b])], alone_in);
+        const Tensor alone = logits_of(base, rows[b] < 0 ? nullptr : adapters[size_t(rows[b])], alone_in);
         const int64_t len = alone_in.T;
         CHECK(max_diff_rows(mixed, int64_t(b), in.T - len, alone, 0, 0, len) < 1e-5f);
         if (rows[b] >= 0)
-            CHECK(max_diff_rows(mixed, int64_t(b), in.T - len, logits_with(base, nullptr, alone_in), 0, 0, len) > 1e-3f);
+            CHECK(max_diff_rows(mixed, int64_t(b), in.T - len, logits_of(base, nullptr, alone_in), 0, 0, len) > 1e-3f);
     }
 }
 

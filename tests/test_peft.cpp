@@ -42,15 +42,6 @@ Batch make_batch(uint64_t seed, const std::vector<int64_t>& row_lengths = {6, 4}
     return b;
 }
 
-// Logits of `base` with `hooks` installed (null: the bare base), no gradient.
-Tensor logits_of(GPT& base, ModelHooks* hooks, const ModelInput& in) {
-    NoGradGuard no_grad;
-    base.set_hooks(hooks);
-    Tensor out = base.forward(in);
-    base.set_hooks(nullptr);
-    return out;
-}
-
 // AdamW steps on the adapter's tensors over a fixed batch; returns the losses.
 std::vector<float> train(GPT& base, Adapter& adapter, int steps) {
     adapter.activate(base);
@@ -267,7 +258,7 @@ TEST_CASE("peft: prompt tuning's one tensor sits at the input and receives a gra
     const Tensor prompt = a->parameters()[0].second;
     CHECK(a->parameters()[0].first == "prompt_embeddings");
     CHECK(prompt.shape() == Shape{4, 32});
-    ForwardInfo info{2, 6, true, false};
+    ForwardInfo info{2, 6, true, false, {}};
     CHECK(a->input_prefix(info).embeds.impl() == prompt.impl());  // the tensor itself, unprojected
     for (int l = 0; l < 3; ++l) {
         LayerPrefix p = a->layer_prefix(l, info);
@@ -314,7 +305,7 @@ TEST_CASE("peft: prefix gradients reach every chosen layer's prefix and no other
                 for (const auto& [name, t] : a->parameters()) names.insert(name);
                 CHECK(names == expected);
 
-                ForwardInfo info{2, 6, true, false};
+                ForwardInfo info{2, 6, true, false, {}};
                 a->begin_forward(info);
                 for (int l = 0; l < 3; ++l) {
                     INFO("layer " << l);

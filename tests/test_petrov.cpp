@@ -223,7 +223,7 @@ TEST_CASE("attention shift: a prefix leaves content attention unchanged at every
         const int64_t Dh = cfg.d_model / H;
         ForwardContext with_hooks;
         with_hooks.hooks = adapted.hooks();
-        with_hooks.info = ForwardInfo{1, 7, true, false};
+        with_hooks.info = ForwardInfo{1, 7, true, false, {}};
         auto probs = [&](const CausalSelfAttention& attn, const ForwardContext& ctx) {
             auto heads = [&](const Tensor& t) { return permute(reshape(t, {1, 7, H, Dh}), {0, 2, 1, 3}); };  // [1, H, 7, Dh]
             const Tensor q = heads(attn.q_proj.forward(h, ctx)), k = heads(attn.k_proj.forward(h, ctx));
