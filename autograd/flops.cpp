@@ -34,6 +34,7 @@ const char* phase_name(Phase p) {
         case Phase::BackwardDx: return "backward_dx";
         case Phase::BackwardDw: return "backward_dw";
         case Phase::Optimizer: return "optimizer";
+        case Phase::Recompute: return "recompute";
     }
     return "?";
 }
@@ -54,6 +55,12 @@ Counts totals() {
     for (const Counts& c : st().counts)
         for (int i = 0; i < kPhases; ++i) t[size_t(i)] += c[size_t(i)];
     return t;
+}
+
+uint64_t sum(const Counts& c) {
+    uint64_t total = 0;
+    for (uint64_t n : c) total += n;
+    return total;
 }
 
 std::vector<std::pair<std::string, Counts>> by_region() {

@@ -37,9 +37,11 @@
 
 namespace peftlab::flops {
 
-enum class Phase { Forward = 0, BackwardDx = 1, BackwardDw = 2, Optimizer = 3 };
-inline constexpr int kPhases = 4;
-const char* phase_name(Phase p);  // "forward", "backward_dx", "backward_dw", "optimizer"
+// Recompute: forward ops run again during backward by activation
+// recomputation (autograd/tape.h checkpoint), on top of the forward's own.
+enum class Phase { Forward = 0, BackwardDx = 1, BackwardDw = 2, Optimizer = 3, Recompute = 4 };
+inline constexpr int kPhases = 5;
+const char* phase_name(Phase p);  // "forward", "backward_dx", "backward_dw", "optimizer", "recompute"
 
 using Counts = std::array<uint64_t, kPhases>;
 
@@ -49,6 +51,7 @@ void add(uint64_t n);
 void add_grad(bool target_is_leaf, uint64_t n);
 
 Counts totals();
+uint64_t sum(const Counts& c);  // over every phase
 // Per region: full dotted name (e.g. "blocks.3.attn") -> counts. Region "" is
 // everything outside any named region. Only regions with counts appear.
 std::vector<std::pair<std::string, Counts>> by_region();

@@ -46,6 +46,24 @@ void record(Tensor& out, BackwardFn fn);
 // belongs to: for several losses, backward their sum once.
 void backward(const Tensor& loss, const Tensor* seed = nullptr);
 
+// Activation recomputation (gradient checkpointing: Chen et al. 2016,
+// "Training Deep Nets with Sublinear Memory Cost"; torch.utils.checkpoint
+// with use_reentrant=False semantics): y = fn(inputs), but the tape keeps only
+// `inputs` and y, not the activations fn's ops would save. In backward, fn runs
+// again on the same inputs (its ops' FLOPs count under the phase `recompute`)
+// and its own graph is back-propagated at once: the parameters fn reaches get
+// the same gradients, in the same order, as without the checkpoint.
+//
+// fn must compute the same values when called again: pure in its inputs and
+// the leaves it reads (a random draw must replay its generator's state), and
+// it must not let a tensor it creates escape (a cache filled inside fn): that
+// tensor's graph is discarded after the first call, so fn's result is checked
+// and an escaped tensor that requires grad throws std::logic_error.
+// Without grad mode, or when nothing fn reaches requires grad, it is fn(inputs).
+// fn and what it captures must stay valid until backward.
+using CheckpointFn = std::function<Tensor(const std::vector<Tensor>& inputs)>;
+Tensor checkpoint(CheckpointFn fn, const std::vector<Tensor>& inputs);
+
 size_t tape_size();
 void clear_tape();  // discards recorded nodes without running them
 

@@ -28,6 +28,7 @@
 #include <filesystem>
 #include <iostream>
 #include <map>
+#include <numeric>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -87,7 +88,9 @@ int64_t peak_rss_bytes() {  // VmHWM of this process
 // generate() of batch prompts of prompt_len tokens by new_tokens tokens, on
 // the bare base (kBase) or with a registered method's adapter. `options` are
 // the method's own settings (its AdapterOptions section, from a --methods
-// entry METHOD:KEY=VALUE; empty: the method's defaults).
+// entry METHOD:KEY=VALUE; empty: the method's defaults). `recompute`: a
+// training row with activation recomputation in every block
+// (GPT::set_recompute), no PyTorch side.
 constexpr const char* kBase = "base";
 
 struct Spec {
@@ -98,13 +101,15 @@ struct Spec {
     int64_t batch = 16, seq = 128, n = 16;
     int64_t prompt_len = 64, new_tokens = 64;
     int warmup = 1, threads = 2;
+    bool recompute = false;
 
     json to_json() const {
         return {{"kind", kind},           {"config", config},       {"method", method},         {"vocab", model.vocab},
                 {"d_model", model.d_model}, {"layers", model.n_layers}, {"heads", model.n_heads}, {"d_ff", model.d_ff},
                 {"seq", seq},             {"batch", batch},         {"n", n},                   {"options", options},
                 {"base_dir", base_dir},
-                {"prompt_len", prompt_len}, {"new_tokens", new_tokens}, {"warmup", warmup},      {"threads", threads}};
+                {"prompt_len", prompt_len}, {"new_tokens", new_tokens}, {"warmup", warmup},      {"threads", threads},
+                {"recompute", recompute}};
     }
     static Spec from_json(const json& j) {
         Spec s;
@@ -125,6 +130,7 @@ struct Spec {
         s.new_tokens = j.at("new_tokens");
         s.warmup = j.at("warmup");
         s.threads = j.at("threads");
+        s.recompute = j.value("recompute", false);
         s.model.max_seq = std::max(s.seq, s.prompt_len + s.new_tokens);
         return s;
     }
@@ -171,6 +177,11 @@ public:
     explicit TrainSession(const Spec& s) : model_(make_row_model(s)) {
         adapter_ = make_row_adapter(s.method, s.n, s.options, !s.base_dir.empty());
         adapter_->activate(*model_);
+        if (s.recompute) {
+            std::vector<int> every(size_t(s.model.n_layers));
+            std::iota(every.begin(), every.end(), 0);
+            model_->set_recompute(every);
+        }
         opt_ = std::make_unique<AdamW>(adapter_->parameters());
         Rng rng(7);
         in_.B = s.batch;
@@ -247,8 +258,8 @@ int run_child(const std::string& spec_text) {
     }
     const flops::Counts c = flops::totals();
     std::cout << json{{"ready", true},
-                      {"flops", c[0] + c[1] + c[2] + c[3]},
-                      {"flops_by_phase", {c[0], c[1], c[2], c[3]}},
+                      {"flops", flops::sum(c)},
+                      {"flops_by_phase", c},
                       {"trainable_params", session->trainable_params()}}
                      .dump()
               << std::endl;
@@ -481,6 +492,7 @@ struct Args {
     int64_t n = 16;
     int steps = 0, threads = 2;
     bool torch = true, training = true, scaling = true, generation = true, quick = false, launch = true;
+    bool recompute = false;  // also every training row with activation recomputation
     std::string out, python, torch_script, spin, base_dir;
 };
 
@@ -520,6 +532,8 @@ Args parse_args(int argc, char** argv) {
         ("preset", "gpt2: the GPT-2 small shape (V 50257, d 768, L 12, H 12, F 3072; B 2, T 128; random "
                    "weights) alone, no scaling rows", cxxopts::value<std::string>())
         ("quick", "small config only, 3 step pairs, no scaling rows, base generation only")
+        ("recompute", "also time every training row with activation recomputation in every block (peak RSS and "
+                      "ms/step with and without, side by side)")
         ("no-torch", "skip the PyTorch side")
         ("no-train", "skip the training rows (and the scaling rows)")
         ("no-scaling", "skip the T and n scaling rows")
@@ -611,6 +625,7 @@ Args parse_args(int argc, char** argv) {
     if (a.threads < 1) throw std::invalid_argument(fmt::format("--threads: {} must be >= 1", a.threads));
     a.torch = !r.count("no-torch");
     a.training = !r.count("no-train");
+    a.recompute = r.count("recompute") > 0;
     a.scaling = a.training && !r.count("no-scaling") && !a.quick && preset.empty();
     a.generation = !r.count("no-generate");
     a.launch = !r.count("no-launch");
@@ -673,7 +688,7 @@ struct Bench {
                 fail(r, e);
                 continue;
             }
-            if (!torch) continue;
+            if (!torch || specs[k].recompute) continue;
             json setup = specs[k].to_json();
             setup["cmd"] = "setup";
             setup["id"] = k;
@@ -805,6 +820,11 @@ struct Bench {
     }
 };
 
+// The method column: a row with activation recomputation is marked.
+std::string row_label(const json& r) {
+    return r["method"].get<std::string>() + (r.value("recompute", false) ? " +recompute" : "");
+}
+
 std::string fmt_opt(const json& row, const char* key, const char* spec) {
     if (!row.contains(key) || row[key].is_null()) return "-";
     return fmt::format(fmt::runtime(spec), row[key].get<double>());
@@ -817,12 +837,12 @@ std::string train_table(const std::vector<json>& rows) {
     for (const json& r : rows) {
         if (r.contains("error")) {
             md += fmt::format("| {} | {} | {} | {} | error: {} |\n", r["config"].get<std::string>(),
-                              r["method"].get<std::string>(), r["seq"].get<int64_t>(), r["n"].get<int64_t>(),
+                              row_label(r), r["seq"].get<int64_t>(), r["n"].get<int64_t>(),
                               r["error"].get<std::string>());
             continue;
         }
         md += fmt::format("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-                          r["config"].get<std::string>(), r["method"].get<std::string>(), r["seq"].get<int64_t>(),
+                          r["config"].get<std::string>(), row_label(r), r["seq"].get<int64_t>(),
                           r.value("extra_keys", int64_t(0)) > 0 ? std::to_string(r["n"].get<int64_t>())
                           : r.value("trainable_params", int64_t(1)) == 0
                               ? "0 (forward and loss only: nothing to train)"
@@ -859,12 +879,39 @@ std::string gen_table(const std::vector<json>& rows) {
     return md;
 }
 
+// Activation recomputation's trade (issue 17): each +recompute row against the
+// same config and method without, from the same interleaved run.
+std::string recompute_table(const std::vector<json>& rows) {
+    std::string md;
+    for (const json& r : rows) {
+        if (!r.value("recompute", false) || r.contains("error")) continue;
+        for (const json& plain : rows) {
+            if (plain.value("recompute", false) || plain.contains("error") || plain["config"] != r["config"] ||
+                plain["method"] != r["method"] || plain["seq"] != r["seq"] || plain["n"] != r["n"])
+                continue;
+            const double ms = r["ms_per_step"], ms0 = plain["ms_per_step"];
+            const double rss = r["peak_rss_bytes"], rss0 = plain["peak_rss_bytes"];
+            const double tr = r["tracked_peak_bytes"], tr0 = plain["tracked_peak_bytes"];
+            md += fmt::format("| {} | {} | {:.1f} | {:.1f} | {:.2f}x | {:.0f} | {:.0f} | {:.2f}x | {:.0f} | {:.0f} | {:.2f}x |\n",
+                              r["config"].get<std::string>(), r["method"].get<std::string>(), ms0, ms, ms / ms0,
+                              rss0 / 1048576, rss / 1048576, rss / rss0, tr0 / 1048576, tr / 1048576, tr / tr0);
+        }
+    }
+    if (md.empty()) return md;
+    return "| config | method | ms/step | with recompute | time ratio | peak RSS MiB | with recompute | RSS ratio | "
+           "tensor peak MiB | with recompute | tensor peak ratio |\n|---|---|---|---|---|---|---|---|---|---|---|\n" +
+           md;
+}
+
 // Issues 6 and 17's targets, checked on what was measured. The reference of
 // the frozen-base targets is the row whose method trains the base weights
 // (changes_base: full fine-tuning).
 json check_targets(const std::vector<json>& train, const std::vector<json>& gen) {
     json out = json::array();
-    auto measured = [](const json& r) { return !r.contains("error") && r.value("trainable_params", int64_t(1)) > 0; };
+    // Rows with recomputation trade time for memory on purpose: their own table.
+    auto measured = [](const json& r) {
+        return !r.contains("error") && r.value("trainable_params", int64_t(1)) > 0 && !r.value("recompute", false);
+    };
     auto find = [&](const std::string& config, const std::string& method) -> const json* {
         for (const json& r : train)
             if (r["config"] == config && r["method"] == method && measured(r)) return &r;
@@ -1009,7 +1056,7 @@ int run_parent(const Args& args) {
         if (r.contains("error")) return;
         if (r["kind"] == "train")
             fmt::print("  {:<7} {:<9} T={:<4} n={:<3} {:8.1f} ms/step {:8.0f} tok/s {:6.1f} GFLOP/s  torch {} ms  x{}\n",
-                       r["config"].get<std::string>(), r["method"].get<std::string>(), r["seq"].get<int64_t>(),
+                       r["config"].get<std::string>(), row_label(r), r["seq"].get<int64_t>(),
                        r["n"].get<int64_t>(), r["ms_per_step"].get<double>(), r["tokens_per_s"].get<double>(),
                        r["gflops"].get<double>(), fmt_opt(r, "torch_ms_per_step", "{:.1f}"),
                        fmt_opt(r, "speedup_vs_torch", "{:.2f}"));
@@ -1030,6 +1077,11 @@ int run_parent(const Args& args) {
     for (const std::string& config : args.training ? args.configs : std::vector<std::string>{}) {
         std::vector<Spec> group;
         for (const flags::MethodEntry& e : args.methods) group.push_back(b.spec(config, "train", e));
+        if (args.recompute)  // interleaved with the rows without, so the ratios come from one run
+            for (const flags::MethodEntry& e : args.methods) {
+                group.push_back(b.spec(config, "train", e));
+                group.back().recompute = true;
+            }
         measure(group, b.pairs_for(group[0]), train);
     }
     if (args.scaling && std::find(args.configs.begin(), args.configs.end(), "small") != args.configs.end()) {
@@ -1041,7 +1093,7 @@ int run_parent(const Args& args) {
             for (Spec& s : group) {
                 auto same = [&](const json& r) {
                     return r["config"] == "small" && r["method"] == s.method && r["seq"] == s.seq && r["n"] == s.n &&
-                           !r.contains("error");
+                           !r.contains("error") && !r.value("recompute", false);
                 };
                 auto it = std::find_if(train.begin(), train.end(), same);
                 if (it != train.end()) {
@@ -1141,6 +1193,10 @@ int run_parent(const Args& args) {
               gen_table(gen) +
               "\nbound: every weight and the KV cache read once per decoding step at the measured read bandwidth, "
               "the prefill at sgemm peak.\n";
+    if (const std::string trade = recompute_table(train); !trade.empty())
+        md += "\n## Activation recomputation (--recompute: every block; same interleaved run)\n\n" + trade +
+              "\ntensor peak: live tensor bytes (mem::peak_bytes), without the allocator's cache; the FLOPs of the "
+              "recomputed forwards are in flops_by_phase (phase recompute) of bench.json.\n";
     if (!scaling.empty()) md += "\n## Scaling (small config)\n\n" + train_table(scaling);
     if (!launch.is_null() && !launch.contains("error"))
         md += fmt::format("\n## Run directly or under make (issue 18)\n\nThe same tiny `compare` run (wall-clock medians "

@@ -88,6 +88,9 @@ Args parse_args(int argc, char** argv) {
         ("out", "output directory (report.json, report.csv)", cxxopts::value<std::string>()->default_value("runs/report"))
         ("threads", "threads for OpenBLAS and OpenMP (0 = all cores)", cxxopts::value<std::string>()->default_value("0"))
         ("seed", "seed of the base weights, adapter init and batch", cxxopts::value<std::string>()->default_value("0"))
+        ("recompute", "blocks with activation recomputation (all, none, top:k, bottom:k, 0,2): the step's FLOPs gain "
+                      "phase recompute, and a table sets the measured activation peak and FLOPs against the same "
+                      "step without", cxxopts::value<std::string>()->default_value("none"))
         ("scale-model", "also model data-parallel step time on 1..--max-ranks ranks for the GPT-2 small, medium and XL "
                         "shapes (compute from each method's throughput measured here on the measured config, a ring "
                         "all-reduce at 10 and 100 Gbit/s): scale_model.{md,json}")
@@ -150,6 +153,7 @@ Args parse_args(int argc, char** argv) {
     }
     a.threads = int(int_flag(r, "threads", 0));
     a.settings.seed = uint64_t(int_flag(r, "seed", 0));
+    a.settings.recompute = r["recompute"].as<std::string>();
     a.out = r["out"].as<std::string>();
     if (a.out.empty()) throw std::invalid_argument("--out: '' is not a directory name");
     a.scale_model = r.count("scale-model") > 0;
@@ -190,7 +194,6 @@ std::string pct(uint64_t a, uint64_t b) {
     if (v < 0.01) return "<0.01%";
     return v < 1.0 ? fmt::format("{:.2f}%", v) : fmt::format("{:.1f}%", v);
 }
-uint64_t step_total(const flops::Counts& c) { return c[0] + c[1] + c[2] + c[3]; }
 
 // "blocks 0-3" for a contiguous run of blocks, "none" for none.
 std::string block_span(const std::vector<int>& blocks) {
@@ -251,7 +254,7 @@ std::vector<std::string> footer(const Args& a, const std::vector<MethodReport>& 
                                     "whole step {:>6}; {}",
                                     r.method + ":", pct(r.analytic[2], full.analytic[2]),
                                     pct(r.analytic[1], full.analytic[1]), pct(r.analytic[3], full.analytic[3]),
-                                    pct(step_total(r.analytic), step_total(full.analytic)), where));
+                                    pct(flops::sum(r.analytic), flops::sum(full.analytic)), where));
     }
     return lines;
 }
@@ -306,7 +309,7 @@ void print_report(const Args& a, const std::vector<MethodReport>& rs, const Meth
         }
         fmt::print("{:<10} {:>9} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10}  {}\n", r.method, si(double(r.analytic[0])),
                    si(double(r.analytic[1])), si(double(r.analytic[2])), si(double(r.analytic[3])),
-                   si(double(step_total(r.analytic))), pct(r.analytic[1], full.analytic[1]),
+                   si(double(flops::sum(r.analytic))), pct(r.analytic[1], full.analytic[1]),
                    pct(r.analytic[2], full.analytic[2]), check, block_span(r.backward_blocks));
     }
 
@@ -431,7 +434,7 @@ double measure_throughput(const Args& a, const std::string& method) {
         if (i > 0) times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
     std::sort(times.begin(), times.end());
-    return double(step_total(analytic_step_flops(a.cfg, a.settings, method, a.options))) / times[1];
+    return double(flops::sum(analytic_step_flops(a.cfg, a.settings, method, a.options))) / times[1];
 }
 
 // The data-parallel scale model: measured per-rank throughput, modelled
@@ -502,7 +505,7 @@ void print_scale_model(const Args& a) {
                                      {"allreduce_bytes", r.bytes.allreduce},
                                      {"network", net.name},
                                      {a.rank_gflops > 0 ? "flops_per_s_assumed" : "flops_per_s_measured", throughput[m]},
-                                     {"step_flops", step_total(r.analytic)},
+                                     {"step_flops", flops::sum(r.analytic)},
                                      {"modelled", times},
                                      {"fastest_ranks", lim.fastest_ranks},
                                      {"half_efficiency_ranks", lim.half_efficiency_ranks}});
@@ -563,6 +566,36 @@ int main(int argc, char** argv) {
         write_file_atomic(a.out + "/report.csv", to_csv(reports));
 
         print_report(a, reports, full, measure);
+        if (a.settings.recompute != "none") {
+            // The trade, method by method: the same step without recomputation.
+            ReportSettings plain = a.settings;
+            plain.recompute = "none";
+            std::string md = fmt::format(
+                "\n## Activation recomputation (blocks: {})\n\n| method | activations peak MiB | with recompute | "
+                "ratio | step GFLOP | with recompute | ratio |\n|---|---:|---:|---:|---:|---:|---:|\n",
+                a.settings.recompute);
+            nlohmann::json trade = nlohmann::json::array();
+            for (const MethodReport& r : reports) {
+                const MethodReport p = report_method(a.cfg, plain, r.method, a.options, measure);
+                const auto& with = measure ? *r.measured : r.analytic;
+                const auto& without = measure ? *p.measured : p.analytic;
+                const double gf = double(flops::sum(without)) / 1e9, gf_r = double(flops::sum(with)) / 1e9;
+                const double act = p.bytes.activations_peak ? double(*p.bytes.activations_peak) / 1048576 : 0;
+                const double act_r = r.bytes.activations_peak ? double(*r.bytes.activations_peak) / 1048576 : 0;
+                md += fmt::format("| {} | {} | {} | {} | {:.2f} | {:.2f} | {:.2f}x |\n", r.method,
+                                  measure ? fmt::format("{:.1f}", act) : "-", measure ? fmt::format("{:.1f}", act_r) : "-",
+                                  measure && act > 0 ? fmt::format("{:.2f}x", act_r / act) : "-", gf, gf_r,
+                                  gf > 0 ? gf_r / gf : 0.0);
+                trade.push_back({{"method", r.method},
+                                 {"activations_peak_bytes", p.bytes.activations_peak ? nlohmann::json(*p.bytes.activations_peak) : nlohmann::json(nullptr)},
+                                 {"activations_peak_bytes_recompute", r.bytes.activations_peak ? nlohmann::json(*r.bytes.activations_peak) : nlohmann::json(nullptr)},
+                                 {"step_flops", flops::sum(without)},
+                                 {"step_flops_recompute", flops::sum(with)}});
+            }
+            j["recompute"] = {{"blocks", a.settings.recompute}, {"trade", trade}};
+            write_file_atomic(a.out + "/report.json", j.dump(2) + "\n");
+            fmt::print("{}", md);
+        }
         fmt::print("\nwrote {0}/report.json and {0}/report.csv\n", a.out);
         if (a.scale_model) print_scale_model(a);
         for (const MethodReport& r : reports)

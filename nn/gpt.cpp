@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <stdexcept>
 
@@ -11,6 +12,7 @@
 
 #include "autograd/flops.h"
 #include "autograd/ops_fused.h"
+#include "autograd/tape.h"
 
 namespace peftlab {
 
@@ -130,6 +132,42 @@ GPT::GPT(const GPTConfig& cfg, uint64_t seed, float init_std)
     name_parameters();
 }
 
+namespace {
+// block.forward(x) under checkpoint: the recomputation in backward replays the
+// dropout generator from the state the first call started at, and the model's
+// generator moves on as if the block had run once.
+Tensor recomputed_block(const Block& block, const Tensor& x, const Tensor& valid, const ForwardContext& ctx) {
+    const std::optional<Rng> start = ctx.rng ? std::optional<Rng>(*ctx.rng) : std::nullopt;
+    auto end = std::make_shared<std::optional<Rng>>();
+    Tensor y = checkpoint(
+        [&block, valid, ctx, start, end](const std::vector<Tensor>& in) {
+            ForwardContext c = ctx;
+            std::optional<Rng> rng = start;
+            c.rng = rng ? &*rng : nullptr;
+            Tensor out = block.forward(in[0], valid, c, nullptr);
+            *end = rng;
+            return out;
+        },
+        {x});
+    if (ctx.rng && *end) *ctx.rng = **end;
+    return y;
+}
+}  // namespace
+
+void GPT::set_recompute(const std::vector<int>& layers) {
+    std::vector<bool> on(size_t(cfg_.n_layers), false);
+    for (int l : layers) {
+        if (l < 0 || l >= cfg_.n_layers)
+            throw std::invalid_argument(
+                fmt::format("GPT::set_recompute: layer {} is outside [0, n_layers = {})", l, cfg_.n_layers));
+        if (on[size_t(l)])
+            throw std::invalid_argument(fmt::format("GPT::set_recompute: layer {} is given twice", l));
+        on[size_t(l)] = true;
+    }
+    recompute_layers_ = layers;
+    recompute_ = layers.empty() ? std::vector<bool>() : on;
+}
+
 Tensor GPT::forward(const ModelInput& in, KVCache* cache) { return run(in, cache, nullptr); }
 
 Tensor GPT::forward_at(const ModelInput& in, const std::vector<int32_t>& columns, KVCache* cache) {
@@ -235,7 +273,10 @@ Tensor GPT::run(const ModelInput& in, KVCache* cache, const std::vector<int32_t>
     }
     for (size_t l = 0; l < blocks.size(); ++l) {
         flops::Region r("blocks." + std::to_string(l));
-        x = blocks[l]->forward(x, valid, ctx, cache ? &cache->layers[l] : nullptr);
+        if (!recompute_.empty() && recompute_[l] && !cache && grad_enabled())
+            x = recomputed_block(*blocks[l], x, valid, ctx);
+        else
+            x = blocks[l]->forward(x, valid, ctx, cache ? &cache->layers[l] : nullptr);
     }
     flops::Region r("head");
     if (columns) {

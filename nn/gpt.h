@@ -97,6 +97,18 @@ public:
     void set_hooks(ModelHooks* hooks) { hooks_ = hooks; }
     ModelHooks* hooks() const { return hooks_; }
 
+    // Activation recomputation (gradient checkpointing, Chen et al. 2016), per
+    // block: blocks[l] with l in `layers` keeps only its input [B, S, C] for
+    // backward instead of every activation its ops save, and runs its forward
+    // again there (autograd/tape.h checkpoint; the FLOPs count under phase
+    // `recompute`). Same loss and gradients, bit for bit; peak activation
+    // memory falls by about the chosen blocks' saved activations, and a step
+    // costs one more forward of them. Only where the forward records a graph
+    // (grad mode on, no KV cache). Empty: none. Throws std::invalid_argument
+    // naming a layer outside [0, n_layers) or given twice.
+    void set_recompute(const std::vector<int>& layers);
+    const std::vector<int>& recompute() const { return recompute_layers_; }
+
     const GPTConfig& config() const { return cfg_; }
     Rng& dropout_rng() { return dropout_rng_; }
 
@@ -112,6 +124,8 @@ private:
                const std::vector<int32_t>* columns = nullptr);
     ModelHooks* hooks_ = nullptr;
     Rng dropout_rng_;
+    std::vector<int> recompute_layers_;
+    std::vector<bool> recompute_;  // [n_layers]
 };
 
 // Mean cross-entropy over targets != -1 of logits [B, T, V].

@@ -62,6 +62,7 @@ struct StepWalk {
     const Adapter& a;
     int64_t B, T;
     cost::Tally t{};
+    std::vector<bool> recompute{};  // [L]: the block's forward runs again in backward
     std::vector<bool> block_rg{};  // each block's output requires grad
 
     // A base weight: frozen, or a parameter for a method that trains the base.
@@ -123,14 +124,18 @@ struct StepWalk {
             S += n;
         }
         for (int l = 0; l < cfg.n_layers; ++l) {
+            const uint64_t forward_before = t.c[size_t(flops::Phase::Forward)];
             x = block(l, x, S);
             block_rg.push_back(x.rg);
+            // Recomputed only where the block's output needs a gradient (checkpoint records nothing otherwise).
+            if (recompute[size_t(l)] && x.rg)
+                t.c[size_t(flops::Phase::Recompute)] += t.c[size_t(flops::Phase::Forward)] - forward_before;
         }
         // The prompt positions are sliced off; final LN; LM head (tied: wte).
         x = layer_norm_at("ln_f", N, x);
         Sym logits = cost::linear(t, N, C, V, x, base_param(), nullptr);
         Sym loss = cost::cross_entropy(t, N, V, logits);
-        if (!loss.rg) t.c[1] = t.c[2] = 0;  // nothing trainable reached the loss: no backward
+        if (!loss.rg) t.c[1] = t.c[2] = t.c[size_t(flops::Phase::Recompute)] = 0;  // no backward
         return t.c;
     }
 };
@@ -148,6 +153,14 @@ StepWalk walk_step(const GPTConfig& cfg, const ReportSettings& s, const Adapter&
     cfg.validate();
     s.validate();
     StepWalk walk{cfg, a, s.batch, s.seq};
+    walk.recompute.assign(size_t(cfg.n_layers), false);
+    std::vector<int> chosen;
+    try {
+        chosen = parse_layers(s.recompute, cfg.n_layers);
+    } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument(fmt::format("report: recompute: {}", e.what()));
+    }
+    for (int l : chosen) walk.recompute[size_t(l)] = true;
     walk.run();
     return walk;
 }
@@ -255,6 +268,7 @@ void measure_step(GPT& model, Adapter& adapter, const ReportSettings& s, MethodR
     std::vector<int32_t> targets;
     ModelInput in = random_batch(cfg, s.batch, s.seq, rng, targets);
     model.train();
+    model.set_recompute(parse_layers(s.recompute, cfg.n_layers));
     auto forward_backward = [&] {
         Tensor loss = model.loss(in, targets);
         if (loss.requires_grad()) backward(loss);

@@ -30,6 +30,10 @@ struct ReportSettings {
     int64_t batch = 16;  // B rows per training step
     int64_t seq = 128;   // T real tokens per row; also the decoding context length
     uint64_t seed = 0;   // base weights, adapter init and the random batch
+    // Blocks with activation recomputation (GPT::set_recompute), a layer spec
+    // (parse_layers: all, none, top:k, 0,2): their forward counts again under
+    // phase recompute, and the measured activation peak is the step's with it.
+    std::string recompute = "none";
     // Throws std::invalid_argument naming the field and value (batch >= 1, seq >= 2).
     void validate() const;
 };

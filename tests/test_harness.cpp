@@ -3,6 +3,7 @@
 // peft::load_adapter to the same test loss, and the fields of results.json.
 #include <catch2/catch.hpp>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
@@ -202,4 +203,22 @@ TEST_CASE("degenerate generations are flagged: all empty, or all the same", "[ha
     harness::MethodResult empty = harness::evaluate(constant_model(tok.eos_id()), nullptr, tok, task, 3, 3, "empty");
     CHECK(empty.samples[0].second.empty());
     CHECK(empty.flags == std::vector<std::string>{"empty generations: all 3 outputs are empty"});
+}
+
+TEST_CASE("plot_png: labels with quotes (\"full's\") draw, and the PNG lands whole", "[harness]") {
+    if (std::system("command -v gnuplot >/dev/null 2>&1") != 0) {
+        WARN("gnuplot is not installed (make deps installs gnuplot-nox): plot_png not exercised");
+        return;
+    }
+    testing::TempDir tmp;
+    const std::string png = tmp.path("gap's.png");
+    harness::Series s;
+    s.title = "prefix's gap";
+    s.points = {{1e5, 0.4}, {1e6, 0.2}};
+    REQUIRE(harness::plot_png(png, "gap to full's loss", "base parameters", "test loss - full's", {s}, true));
+    std::ifstream f(png, std::ios::binary);
+    char magic[4] = {};
+    f.read(magic, 4);
+    CHECK(std::string(magic + 1, 3) == "PNG");
+    CHECK_FALSE(fs::exists(png + ".tmp"));
 }

@@ -360,7 +360,7 @@ Base load_or_pretrain(const CommonArgs& args) {
             const std::vector<size_t> offsets = window_offsets(valid, rng);
             if (i % comm.size() != comm.rank()) continue;
             data::Batch b = data::make_lm_batch(valid, offsets, T);
-            ModelInput in{B, T, b.tokens, b.positions, b.valid};
+            ModelInput in{B, T, b.tokens, b.positions, b.valid, b.source_len};
             total += model.loss(in, b.targets).item();
         }
         comm.all_reduce_sum(&total, 1);

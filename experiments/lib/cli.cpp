@@ -19,7 +19,7 @@ namespace peftlab::harness {
 
 MethodSpec make_spec(const CommonArgs& a, const std::string& entry) {
     const flags::MethodEntry e = flags::method_entry("--methods", entry);
-    MethodSpec s{e.method, entry, {}, false};
+    MethodSpec s{e.method, entry, {}, false, a.recompute};
     s.options.n = a.prefix_len;
     s.options.seed = a.seed;
     if (!e.settings.empty()) s.options.section(e.method) = e.settings;  // read by the method alone
@@ -88,7 +88,10 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
         ("lr", "learning rate (0 = small per-method search)", cxxopts::value<double>()->default_value(fmt::format("{}", d.lr)))
         ("prefix-len", "n: prompt / prefix vectors", cxxopts::value<int64_t>()->default_value(std::to_string(d.prefix_len)))
         ("n-train", "training examples (0 = task default)", cxxopts::value<size_t>()->default_value(std::to_string(d.n_train)))
-        ("eval-examples", "test examples scored by generation (at most the test split)", cxxopts::value<int64_t>()->default_value(std::to_string(d.eval_examples)));
+        ("eval-examples", "test examples scored by generation (at most the test split)", cxxopts::value<int64_t>()->default_value(std::to_string(d.eval_examples)))
+        ("recompute", "blocks whose activations are recomputed in backward instead of kept (all, none, top:k, bottom:k, "
+                      "0,2): less memory, one more forward of them per step, same results",
+            cxxopts::value<std::string>()->default_value(d.recompute));
     // clang-format on
 }
 
@@ -222,6 +225,7 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
             "examples per method (plus the learning-rate search); use --n-train <= {}",
             a.n_train, a.steps, a.batch, max_useful_train_examples(a)));
     a.eval_examples = positive("eval-examples", r["eval-examples"].as<int64_t>());
+    a.recompute = r["recompute"].as<std::string>();
     return a;
 }
 

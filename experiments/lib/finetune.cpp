@@ -41,6 +41,11 @@ Run detail::make_run(const Base& base, const MethodSpec& spec, uint64_t seed) {
         r.model = std::make_unique<GPT>(base.config, seed + 999);
     else
         r.model = base.hf ? load_hf_gpt2(base.dir) : load_model_new(base.model_path);
+    try {
+        r.model->set_recompute(peft::parse_layers(spec.recompute, r.model->config().n_layers));
+    } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument(fmt::format("--recompute: {}", e.what()));
+    }
     if (spec.method != "none") {
         r.adapter = peft::make_adapter(spec.method, spec.options);
         r.adapter->activate(*r.model);
@@ -116,7 +121,7 @@ void measure_step(Run& r, const data::Task& task, const data::Tokenizer& tok, in
         opt.zero_grad();
     }
     flops::Counts c = flops::totals();
-    res.step_flops = int64_t(c[0] + c[1] + c[2] + c[3]);
+    res.step_flops = int64_t(flops::sum(c));
     res.peak_bytes = mem::peak_bytes();
 }
 

@@ -45,6 +45,10 @@ struct CommonArgs {
     int64_t pretrain_steps = 4000;  // one default for every experiment, so they share the cached base
     size_t n_train = 0, n_valid = 0, n_test = 0;
     int64_t eval_examples = 0;  // test examples scored by generation
+    // Fine-tuning's blocks with activation recomputation (GPT::set_recompute),
+    // a layer spec as the adapters' (all, none, top:k, bottom:k, 0,2): same
+    // results bit for bit, less memory, one more forward of those blocks.
+    std::string recompute = "none";
     // The memory a run may use, in bytes: 0 = what the system has available
     // (MemAvailable, RLIMIT_AS); < 0 = no check (--max-memory GB, 0 there).
     double max_memory = 0;
@@ -175,6 +179,7 @@ struct MethodSpec {
     std::string label;
     peft::AdapterOptions options;
     bool random_base = false;  // start from a freshly initialised model instead of the pretrained one
+    std::string recompute = "none";  // CommonArgs::recompute
 };
 
 struct Budget {

@@ -97,6 +97,7 @@ nlohmann::json run_settings_json(const CommonArgs& a, const Base& base, int64_t 
             {"prefix_len", a.prefix_len},
             {"n_train", a.n_train},
             {"tokenizer", a.tokenizer},
+            {"recompute", a.recompute},
             {"base", {{"path", base.model_path}, {"pretrain_valid_loss", base.pretrain_valid_loss}}}};
 }
 
@@ -212,6 +213,22 @@ std::string write_results(const std::string& dir, const std::string& experiment,
     return results_table_md(rs);
 }
 
+namespace {
+// s inside a single-quoted gnuplot string, where a quote is written twice
+// (a label such as "full's" would otherwise end the string).
+std::string gp_quoted(const std::string& s) {
+    std::string out;
+    for (char c : s) out += c == '\'' ? std::string("''") : std::string(1, c);
+    return out;
+}
+// s as one word for sh: single-quoted, a quote written '\''.
+std::string sh_quoted(const std::string& s) {
+    std::string out = "'";
+    for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    return out + "'";
+}
+}  // namespace
+
 bool plot_png(const std::string& path, const std::string& title, const std::string& xlabel, const std::string& ylabel,
               const std::vector<Series>& series, bool log_x) {
     if (series.empty() || !dist::is_root()) return false;
@@ -225,23 +242,23 @@ bool plot_png(const std::string& path, const std::string& title, const std::stri
         "set terminal pngcairo size 900,560 noenhanced\nset output '{}.tmp'\nset title '{}'\nset xlabel '{}'\n"
         "set ylabel '{}'\nset key outside right\nset grid\nset offsets graph 0.03, graph 0.03, graph 0.08, graph 0.08\n"
         "set colorsequence podo\n{}plot ",
-        path, title, xlabel, ylabel, log_x ? "set logscale x\n" : "");
+        gp_quoted(path), gp_quoted(title), gp_quoted(xlabel), gp_quoted(ylabel), log_x ? "set logscale x\n" : "");
     for (size_t i = 0; i < series.size(); ++i) {
         std::string data_path = fmt::format("{}/{}.dat", tmp_dir, i);
         std::ofstream f(data_path);
         for (auto& [x, y] : series[i].points) f << x << " " << y << "\n";
         const std::string style = series[i].style.empty() ? "linespoints pointsize 1.2" : series[i].style;
-        script += fmt::format("{}'{}' using 1:2 with {} linewidth 2 title '{}'", i ? ", " : "", data_path, style,
-                              series[i].title);
+        script += fmt::format("{}'{}' using 1:2 with {} linewidth 2 title '{}'", i ? ", " : "", gp_quoted(data_path),
+                              style, gp_quoted(series[i].title));
         // A series of one point (one method on a scatter plot) carries its label beside it.
         if (series[i].points.size() == 1)
-            script += fmt::format(", '{}' using 1:2:(\"{}\") with labels offset 1,1 left notitle", data_path,
+            script += fmt::format(", '{}' using 1:2:(\"{}\") with labels offset 1,1 left notitle", gp_quoted(data_path),
                                   series[i].title);
     }
     script += "\n";
     const std::string script_path = tmp_dir + "/plot.gp";
     std::ofstream(script_path) << script;
-    int rc = std::system(fmt::format("gnuplot '{}' 2>/dev/null", script_path).c_str());
+    int rc = std::system(fmt::format("gnuplot {} 2>/dev/null", sh_quoted(script_path)).c_str());
     fs::remove_all(tmp_dir);
     if (rc != 0) {
         fmt::print(stderr, "gnuplot failed to draw {}\n", path);
