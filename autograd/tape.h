@@ -47,12 +47,14 @@ void record(Tensor& out, BackwardFn fn);
 void backward(const Tensor& loss, const Tensor* seed = nullptr);
 
 // Activation recomputation (gradient checkpointing: Chen et al. 2016,
-// "Training Deep Nets with Sublinear Memory Cost"; torch.utils.checkpoint
-// with use_reentrant=False semantics): y = fn(inputs), but the tape keeps only
-// `inputs` and y, not the activations fn's ops would save. In backward, fn runs
-// again on the same inputs (its ops' FLOPs count under the phase `recompute`)
-// and its own graph is back-propagated at once: the parameters fn reaches get
-// the same gradients, in the same order, as without the checkpoint.
+// "Training Deep Nets with Sublinear Memory Cost"; torch.utils.checkpoint in
+// its reentrant form): y = fn(inputs), but the tape keeps only `inputs` and y,
+// not the activations fn's ops would save. In backward, fn runs again on the
+// same inputs (its ops' FLOPs count under the phase `recompute`) and its own
+// graph is back-propagated at once, a backward nested in the node's: the
+// parameters fn reaches get the same gradients, in the same order, as without
+// the checkpoint. An input that is also used outside fn gets the same gradient
+// to rounding (fn's part is summed first, then added).
 //
 // fn must compute the same values when called again: pure in its inputs and
 // the leaves it reads (a random draw must replay its generator's state), and
