@@ -28,7 +28,6 @@
 #include <filesystem>
 #include <iostream>
 #include <map>
-#include <numeric>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -177,11 +176,7 @@ public:
     explicit TrainSession(const Spec& s) : model_(make_row_model(s)) {
         adapter_ = make_row_adapter(s.method, s.n, s.options, !s.base_dir.empty());
         adapter_->activate(*model_);
-        if (s.recompute) {
-            std::vector<int> every(size_t(s.model.n_layers));
-            std::iota(every.begin(), every.end(), 0);
-            model_->set_recompute(every);
-        }
+        if (s.recompute) model_->set_recompute(peft::parse_layers("all", s.model.n_layers));
         opt_ = std::make_unique<AdamW>(adapter_->parameters());
         Rng rng(7);
         in_.B = s.batch;

@@ -561,20 +561,17 @@ int main(int argc, char** argv) {
                             {"methods", nlohmann::json::array()}};
         for (const MethodReport& r : reports) j["methods"].push_back(r.to_json());
         j["summary"] = footer(a, reports, full);
-        std::filesystem::create_directories(a.out);
-        write_file_atomic(a.out + "/report.json", j.dump(2) + "\n");
-        write_file_atomic(a.out + "/report.csv", to_csv(reports));
-
-        print_report(a, reports, full, measure);
+        std::string recompute_md;  // the trade table, printed after the report
         if (a.settings.recompute != "none") {
             // The trade, method by method: the same step without recomputation.
             ReportSettings plain = a.settings;
             plain.recompute = "none";
-            std::string md = fmt::format(
+            recompute_md = fmt::format(
                 "\n## Activation recomputation (blocks: {})\n\n| method | activations peak MiB | with recompute | "
                 "ratio | step GFLOP | with recompute | ratio |\n|---|---:|---:|---:|---:|---:|---:|\n",
                 a.settings.recompute);
             nlohmann::json trade = nlohmann::json::array();
+            auto or_null = [](const std::optional<int64_t>& v) { return v ? nlohmann::json(*v) : nlohmann::json(nullptr); };
             for (const MethodReport& r : reports) {
                 const MethodReport p = report_method(a.cfg, plain, r.method, a.options, measure);
                 const auto& with = measure ? *r.measured : r.analytic;
@@ -582,20 +579,24 @@ int main(int argc, char** argv) {
                 const double gf = double(flops::sum(without)) / 1e9, gf_r = double(flops::sum(with)) / 1e9;
                 const double act = p.bytes.activations_peak ? double(*p.bytes.activations_peak) / 1048576 : 0;
                 const double act_r = r.bytes.activations_peak ? double(*r.bytes.activations_peak) / 1048576 : 0;
-                md += fmt::format("| {} | {} | {} | {} | {:.2f} | {:.2f} | {:.2f}x |\n", r.method,
-                                  measure ? fmt::format("{:.1f}", act) : "-", measure ? fmt::format("{:.1f}", act_r) : "-",
-                                  measure && act > 0 ? fmt::format("{:.2f}x", act_r / act) : "-", gf, gf_r,
-                                  gf > 0 ? gf_r / gf : 0.0);
+                recompute_md += fmt::format(
+                    "| {} | {} | {} | {} | {:.2f} | {:.2f} | {:.2f}x |\n", r.method,
+                    measure ? fmt::format("{:.1f}", act) : "-", measure ? fmt::format("{:.1f}", act_r) : "-",
+                    measure && act > 0 ? fmt::format("{:.2f}x", act_r / act) : "-", gf, gf_r, gf > 0 ? gf_r / gf : 0.0);
                 trade.push_back({{"method", r.method},
-                                 {"activations_peak_bytes", p.bytes.activations_peak ? nlohmann::json(*p.bytes.activations_peak) : nlohmann::json(nullptr)},
-                                 {"activations_peak_bytes_recompute", r.bytes.activations_peak ? nlohmann::json(*r.bytes.activations_peak) : nlohmann::json(nullptr)},
+                                 {"activations_peak_bytes", or_null(p.bytes.activations_peak)},
+                                 {"activations_peak_bytes_recompute", or_null(r.bytes.activations_peak)},
                                  {"step_flops", flops::sum(without)},
                                  {"step_flops_recompute", flops::sum(with)}});
             }
             j["recompute"] = {{"blocks", a.settings.recompute}, {"trade", trade}};
-            write_file_atomic(a.out + "/report.json", j.dump(2) + "\n");
-            fmt::print("{}", md);
         }
+        std::filesystem::create_directories(a.out);
+        write_file_atomic(a.out + "/report.json", j.dump(2) + "\n");
+        write_file_atomic(a.out + "/report.csv", to_csv(reports));
+
+        print_report(a, reports, full, measure);
+        fmt::print("{}", recompute_md);
         fmt::print("\nwrote {0}/report.json and {0}/report.csv\n", a.out);
         if (a.scale_model) print_scale_model(a);
         for (const MethodReport& r : reports)

@@ -164,8 +164,14 @@ void GPT::set_recompute(const std::vector<int>& layers) {
             throw std::invalid_argument(fmt::format("GPT::set_recompute: layer {} is given twice", l));
         on[size_t(l)] = true;
     }
-    recompute_layers_ = layers;
     recompute_ = layers.empty() ? std::vector<bool>() : on;
+}
+
+std::vector<int> GPT::recompute() const {
+    std::vector<int> layers;
+    for (size_t l = 0; l < recompute_.size(); ++l)
+        if (recompute_[l]) layers.push_back(int(l));
+    return layers;
 }
 
 Tensor GPT::forward(const ModelInput& in, KVCache* cache) { return run(in, cache, nullptr); }

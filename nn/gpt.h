@@ -107,7 +107,7 @@ public:
     // (grad mode on, no KV cache). Empty: none. Throws std::invalid_argument
     // naming a layer outside [0, n_layers) or given twice.
     void set_recompute(const std::vector<int>& layers);
-    const std::vector<int>& recompute() const { return recompute_layers_; }
+    std::vector<int> recompute() const;  // the chosen layers, ascending
 
     const GPTConfig& config() const { return cfg_; }
     Rng& dropout_rng() { return dropout_rng_; }
@@ -124,8 +124,7 @@ private:
                const std::vector<int32_t>* columns = nullptr);
     ModelHooks* hooks_ = nullptr;
     Rng dropout_rng_;
-    std::vector<int> recompute_layers_;
-    std::vector<bool> recompute_;  // [n_layers]
+    std::vector<bool> recompute_;  // [n_layers], or empty: none
 };
 
 // Mean cross-entropy over targets != -1 of logits [B, T, V].
