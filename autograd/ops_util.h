@@ -145,5 +145,9 @@ inline void softmax_backward_row(float* ds, const float* dp, const float* p, int
 // Row-major GEMM: C[M,N] = alpha * op(A) op(B) + beta * C with leading dims.
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+// gemm(false, true, ...) with B [N, K] in binary16 (half.h; ldb in halves):
+// bit for bit the same as gemm on B converted to float.
+void gemm_half_b(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const uint16_t* B,
+                 int64_t ldb, float beta, float* C, int64_t ldc);
 
 }  // namespace peftlab::detail

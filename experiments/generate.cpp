@@ -131,6 +131,8 @@ int main(int argc, char** argv) {
         ("gguf-type", "weight type of --gguf: f32 or f16 (norms and biases stay f32)",
          cxxopts::value<std::string>()->default_value("f32"))
         ("gguf-adapter", "write --adapter as a llama.cpp GGUF LoRA adapter file and exit", cxxopts::value<std::string>())
+        ("dtype", "weights the forward multiplies with: f32, or f16 (rounded once, F32 accumulation; "
+                  "GPT::set_weights_f16)", cxxopts::value<std::string>()->default_value("f32"))
         ("help", "show this help");
     try {
         const cxxopts::ParseResult r = flags::parse(opts, argc, argv);
@@ -143,6 +145,8 @@ int main(int argc, char** argv) {
             throw std::invalid_argument("--dump-logits needs --input-ids");
         const std::string gguf_type = r["gguf-type"].as<std::string>();
         if (gguf_type != "f32" && gguf_type != "f16") throw bad_flag("--gguf-type", gguf_type, "expected f32 or f16");
+        const std::string dtype = r["dtype"].as<std::string>();
+        if (dtype != "f32" && dtype != "f16") throw bad_flag("--dtype", dtype, "expected f32 or f16");
         if (r.count("gguf-adapter") && !r.count("adapter"))
             throw std::invalid_argument("--gguf-adapter needs --adapter DIR");
         if (!r.count("base")) throw std::invalid_argument("--base DIR is required");
@@ -208,6 +212,7 @@ int main(int argc, char** argv) {
                        vocab.tokens.empty() ? "none, token ids only" : "GPT-2 BPE", out);
         }
         if (gguf) return 0;
+        if (dtype == "f16") model->set_weights_f16(true);  // after any merge: the copies do not follow the weights
 
         if (r.count("input-ids")) {
             const std::vector<int32_t> ids = parse_ids(r["input-ids"].as<std::string>());

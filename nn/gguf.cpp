@@ -1,5 +1,6 @@
 #include "nn/gguf.h"
 
+
 #include <bit>
 #include <cstdio>
 #include <cstring>
@@ -7,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include "autograd/half.h"
 #include "nn/atomic_file.h"
 
 namespace peftlab {
@@ -37,27 +39,6 @@ void put_string(std::string& out, const std::string& s) {
 uint64_t pad_to(uint64_t n, uint64_t align) { return (n + align - 1) / align * align; }
 
 }  // namespace
-
-uint16_t float_to_f16(float f) {
-    const uint32_t x = std::bit_cast<uint32_t>(f);
-    const uint32_t sign = (x >> 16) & 0x8000u;
-    const uint32_t abs = x & 0x7fffffffu;
-    if (abs > 0x7f800000u) return uint16_t(sign | 0x7e00u);        // NaN (quiet)
-    if (abs >= 0x477ff000u) return uint16_t(sign | 0x7c00u);       // >= 65520 rounds to inf
-    if (abs < 0x38800000u) {                                       // below 2^-14: subnormal half
-        // The value in units of 2^-24, rounded to nearest even.
-        const float scaled = std::bit_cast<float>(abs) * 16777216.0f;  // exact: power of two
-        const uint32_t q = uint32_t(scaled);
-        const float rem = scaled - float(q);
-        const uint32_t r = q + ((rem > 0.5f || (rem == 0.5f && (q & 1u))) ? 1u : 0u);
-        return uint16_t(sign | r);  // r == 0x400 is the smallest normal, as it should be
-    }
-    // Normal: rebias the exponent (127 -> 15) and round the 13 dropped mantissa bits.
-    const uint32_t mant = abs & 0x1fffu;
-    uint32_t h = ((abs - 0x38000000u) >> 13);
-    if (mant > 0x1000u || (mant == 0x1000u && (h & 1u))) ++h;  // a carry into the exponent is right
-    return uint16_t(sign | h);
-}
 
 void GgufWriter::begin_key(const std::string& key, uint32_t type) {
     if (key.empty()) throw std::invalid_argument("GgufWriter: empty metadata key");
@@ -176,7 +157,7 @@ void GgufWriter::write(const std::string& path) const {
             f.write(src, n_bytes);
         } else {
             half.resize(bytes[i]);
-            for (uint64_t j = 0; j < bytes[i]; ++j) half[j] = float_to_f16(src[j]);
+            for (uint64_t j = 0; j < bytes[i]; ++j) half[j] = float_to_half(src[j]);
             n_bytes = bytes[i] * sizeof(uint16_t);
             f.write(half.data(), n_bytes);
         }

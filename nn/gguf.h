@@ -46,9 +46,6 @@ namespace peftlab {
 // ggml tensor types this writer produces (ggml.h enum ggml_type).
 enum class GgmlType : uint32_t { F32 = 0, F16 = 1 };
 
-// IEEE binary32 -> binary16, round to nearest even; overflow gives +-inf, NaN stays NaN.
-uint16_t float_to_f16(float f);
-
 // Builds a GGUF v3 file in memory (metadata) and writes it with the tensors' data streamed
 // from the caller's buffers.
 class GgufWriter {
@@ -65,7 +62,7 @@ public:
 
     // A tensor of `shape` in PyTorch order (outermost first; row-major `data`, product(shape)
     // floats), written as ggml's ne = reversed shape, in `type` (F16: converted with
-    // float_to_f16). `data` is borrowed until write(); with `fill` instead, the writer calls
+    // float_to_half, autograd/half.h). `data` is borrowed until write(); with `fill` instead, the writer calls
     // fill(buf) for a scratch buffer of product(shape) floats just before writing the tensor
     // (a transpose or concatenation costs one tensor of memory, not a model copy).
     // Throws std::invalid_argument naming the tensor for a duplicate, empty or over 64-byte

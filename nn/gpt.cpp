@@ -182,9 +182,25 @@ Tensor GPT::forward_at(const ModelInput& in, const std::vector<int32_t>& columns
 
 Tensor GPT::loss(const ModelInput& in, const std::vector<int32_t>& targets) { return run(in, nullptr, &targets); }
 
+void GPT::set_weights_f16(bool on) {
+    auto convert = [on](Linear& l) {
+        l.weight_f16 = on ? std::make_shared<const HalfMatrix>(HalfMatrix::from(l.weight)) : nullptr;
+    };
+    for (auto& b : blocks)
+        for (Linear* l : {&b->attn.q_proj, &b->attn.k_proj, &b->attn.v_proj, &b->attn.o_proj, &b->mlp.fc, &b->mlp.proj})
+            convert(*l);
+    if (head) convert(*head);
+    wte_f16_ = on && !head ? std::make_shared<const HalfMatrix>(HalfMatrix::from(wte.weight)) : nullptr;
+    weights_f16_ = on;
+}
+
 Tensor GPT::run(const ModelInput& in, KVCache* cache, const std::vector<int32_t>* targets,
                 const std::vector<int32_t>* columns) {
     in.validate(cfg_);
+    if (weights_f16_ && grad_enabled())
+        throw std::logic_error(
+            "GPT::forward: F16 weights are on (set_weights_f16) and grad mode is on; the F16 copies have no "
+            "backward and would not follow trained weights: run under NoGradGuard, or call set_weights_f16(false)");
     const int64_t B = in.B, T = in.T, C = cfg_.d_model;
     if (columns) {
         if (int64_t(columns->size()) != B)
@@ -295,10 +311,15 @@ Tensor GPT::run(const ModelInput& in, KVCache* cache, const std::vector<int32_t>
         x = slice(x, 1, n_prompt, n_prompt + T);
     }
     x = ln_f.forward(x, ctx);
+    auto logits_of = [&](const Tensor& h) {
+        return head ? head->forward(h, ctx) : wte_f16_ ? linear_half(h, *wte_f16_) : linear(h, wte.weight);
+    };
     if (!targets) {
-        Tensor logits = head ? head->forward(x, ctx) : linear(x, wte.weight);
+        Tensor logits = logits_of(x);
         return columns ? reshape(logits, {B, cfg_.vocab}) : logits;
     }
+    // F16 (no graph here): the logits, then the loss; linear_cross_entropy reads F32 weights.
+    if (weights_f16_) return lm_loss(logits_of(x), *targets);
     Tensor delta = head && hooks_ && hooks_->adapts_linear(head->path())
                        ? hooks_->linear_delta(head->path(), x, ctx.info) : Tensor();
     if (delta.defined()) return lm_loss(add(linear(x, head->weight), delta), *targets);

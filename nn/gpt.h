@@ -109,6 +109,20 @@ public:
     void set_recompute(const std::vector<int>& layers);
     std::vector<int> recompute() const;  // the chosen layers, ascending
 
+    // F16 weights for inference (autograd/half.h): on, every Linear's weight
+    // (the blocks' projections and MLP, and the LM head, tied or not) is
+    // rounded to IEEE binary16 now, and forwards that record no graph multiply
+    // with those copies (F32 accumulation; embeddings, LayerNorms and biases
+    // stay F32): a batch-1 decoding step reads half the weight bytes. Logits
+    // are those of the F32 model with its weights so rounded, bit for bit.
+    // The copies add 2 bytes per weight and do not follow later changes to
+    // the F32 weights (call again after loading or merging). While on, a
+    // forward with grad mode on throws std::logic_error (it would train
+    // weights the copies no longer match): generate and evaluate under
+    // NoGradGuard. Off frees the copies.
+    void set_weights_f16(bool on);
+    bool weights_f16() const { return weights_f16_; }
+
     const GPTConfig& config() const { return cfg_; }
     Rng& dropout_rng() { return dropout_rng_; }
 
@@ -125,6 +139,8 @@ private:
     ModelHooks* hooks_ = nullptr;
     Rng dropout_rng_;
     std::vector<bool> recompute_;  // [n_layers], or empty: none
+    bool weights_f16_ = false;
+    std::shared_ptr<const HalfMatrix> wte_f16_;  // the tied head's weight in F16, or null
 };
 
 // Mean cross-entropy over targets != -1 of logits [B, T, V].

@@ -130,10 +130,13 @@ Linear::Linear(int64_t in, int64_t out, bool with_bias, Rng& rng, float init_std
 }
 
 Tensor Linear::forward(const Tensor& x_in, const ForwardContext& ctx) const {
-    if (!ctx.hooks) return linear(x_in, weight, bias);
+    auto base = [&](const Tensor& x) {
+        return weight_f16 && !grad_enabled() ? linear_half(x, *weight_f16, bias) : linear(x, weight, bias);
+    };
+    if (!ctx.hooks) return base(x_in);
     Tensor x = ctx.hooks->linear_input(path(), x_in, ctx.info);
     if (!x.defined()) x = x_in;
-    Tensor y = linear(x, weight, bias);
+    Tensor y = base(x);
     Tensor delta = ctx.hooks->linear_delta(path(), x, ctx.info);
     if (delta.defined()) y = add(y, delta);
     Tensor out = ctx.hooks->linear_output(path(), x, y, ctx.info);

@@ -1,8 +1,10 @@
 #pragma once
 // Layers of the GPT-style LM. Shapes: B batch rows, T tokens, C = d_model,
 // H heads, F = d_ff, V vocabulary.
+#include <memory>
 #include <string>
 
+#include "autograd/half.h"
 #include "autograd/ops.h"
 #include "nn/hooks.h"
 #include "nn/module.h"
@@ -31,10 +33,14 @@ class Linear : public Module {
 public:
     Linear(int64_t in, int64_t out, bool bias, Rng& rng, float init_std = 0.02f);
     // x [..., in] -> [..., out], through the hooks for this path (input,
-    // delta, output: nn/hooks.h).
+    // delta, output: nn/hooks.h). With weight_f16 set and grad mode off, the
+    // base GEMM reads it instead of `weight` (linear_half); hooks unchanged.
     Tensor forward(const Tensor& x, const ForwardContext& ctx) const;
     Tensor weight;  // [out, in]
     Tensor bias;    // [out] or undefined
+    // `weight` rounded to binary16 (GPT::set_weights_f16), or null. A copy:
+    // it does not follow later changes to `weight`.
+    std::shared_ptr<const HalfMatrix> weight_f16;
 };
 
 class Embedding : public Module {

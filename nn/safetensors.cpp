@@ -1,5 +1,6 @@
 #include "nn/safetensors.h"
 
+
 #include <algorithm>
 #include <atomic>
 #include <bit>
@@ -24,6 +25,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "autograd/half.h"
 #include "nn/atomic_file.h"
 #include "nn/json_limits.h"
 
@@ -38,17 +40,6 @@ static_assert(std::endian::native == std::endian::little, "safetensors I/O assum
 // A corrupt length prefix must not make us allocate gigabytes; real headers are kilobytes.
 constexpr uint64_t kMaxHeaderBytes = 100ull << 20;
 
-// IEEE binary16 -> binary32; every half value is exactly representable as a float.
-float f16_to_float(uint16_t h) {
-    const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-    const uint32_t exp = (h >> 10) & 0x1fu;
-    const uint32_t mant = h & 0x3ffu;
-    if (exp == 0x1f) return std::bit_cast<float>(sign | 0x7f800000u | (mant << 13));  // inf, nan
-    if (exp != 0) return std::bit_cast<float>(sign | ((exp + 127 - 15) << 23) | (mant << 13));
-    const float v = std::ldexp(float(mant), -24);  // zero or subnormal: mant * 2^-24
-    return sign ? -v : v;
-}
-
 // bfloat16 is the top half of a float32.
 float bf16_to_float(uint16_t h) { return std::bit_cast<float>(uint32_t(h) << 16); }
 
@@ -59,14 +50,7 @@ struct Dtype {
     size_t size;
     float (*widen)(uint16_t);
 };
-constexpr Dtype kDtypes[] = {{"F32", 4, nullptr}, {"F16", 2, f16_to_float}, {"BF16", 2, bf16_to_float}};
-
-// "[2, 3]". By hand because fmt 9's range formatting trips GCC 12's -Wstringop-overflow at -O3.
-std::string shape_str(const std::vector<int64_t>& shape) {
-    std::string s = "[";
-    for (size_t i = 0; i < shape.size(); ++i) s += fmt::format("{}{}", i ? ", " : "", shape[i]);
-    return s + "]";
-}
+constexpr Dtype kDtypes[] = {{"F32", 4, nullptr}, {"F16", 2, half_to_float}, {"BF16", 2, bf16_to_float}};
 
 // Element count of `shape`, or nullopt when it does not fit in 64 bits.
 std::optional<uint64_t> element_count(const std::vector<int64_t>& shape) {

@@ -14,8 +14,15 @@
 // token excluded: it comes with the prefill) for both, and whether their greedy
 // tokens agree; the last line is the same as JSON. Exit status 1 when the greedy
 // tokens differ, 3 when node-llama-cpp is not installed (`make llama-cpp`).
+//
+// --f16 also times peftlab with F16 weights (GPT::set_weights_f16) and
+// llama.cpp on the same model written with F16 weights (model-f16.gguf), in
+// the same interleaved runs, and states F16's accuracy against F32: the
+// largest |logit difference| over the prompt's next-token logits, and whether
+// the greedy tokens are the F32 model's (the first differing step if not).
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <sstream>
@@ -25,6 +32,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "autograd/tape.h"
 #include "datasets/gpt2_tokenizer.h"
 #include "experiments/lib/flags.h"
 #include "experiments/lib/gguf_export.h"
@@ -115,6 +123,7 @@ int main(int argc, char** argv) {
         ("repeats", "timed runs per side and batch size (median)", cxxopts::value<std::string>()->default_value("3"))
         ("seed", "weights and prompt seed", cxxopts::value<std::string>()->default_value("0"))
         ("out", "directory for model.gguf", cxxopts::value<std::string>()->default_value("runs/decode_anchor"))
+        ("f16", "also time peftlab with F16 weights (F32 accumulation) and state their accuracy against F32")
         ("h,help", "print this help");
     // clang-format on
     try {
@@ -144,20 +153,51 @@ int main(int argc, char** argv) {
         std::filesystem::create_directories(dir);
         const std::string gguf = dir + "/model.gguf";
         save_gguf_gpt2(model, gguf, harness::gguf_vocab(tok));
+        const bool f16 = r.count("f16") > 0;
+        const std::string gguf16 = dir + "/model-f16.gguf";
+        if (f16) {
+            GgufGpt2Options o16;
+            o16.type = GgmlType::F16;
+            save_gguf_gpt2(model, gguf16, harness::gguf_vocab(tok), o16);
+        }
         fmt::print("{} (random weights, {} parameters) -> {}; prompt {} + {} new tokens, {} threads\n",
                    r["config"].as<std::string>(), model.num_params(), gguf, P, N, threads);
 
+        nlohmann::json accuracy;
+        if (f16) {
+            NoGradGuard no_grad;
+            DecodeBatch b32, b16;
+            const Tensor l32 = prefill(model, b32, {prompt});
+            model.set_weights_f16(true);
+            const Tensor l16 = prefill(model, b16, {prompt});
+            model.set_weights_f16(false);
+            double max_diff = 0, max_abs = 0;
+            for (int64_t v = 0; v < l32.numel(); ++v) {
+                max_diff = std::max(max_diff, double(std::fabs(l32.data()[v] - l16.data()[v])));
+                max_abs = std::max(max_abs, double(std::fabs(l32.data()[v])));
+            }
+            accuracy = {{"max_abs_logit_diff", max_diff}, {"max_abs_logit", max_abs}};
+            fmt::print("F16 weights: next-token logits after the prompt differ from F32 by at most {:.3g} "
+                       "(largest |logit| {:.3g})\n", max_diff, max_abs);
+        }
         nlohmann::json rows = nlohmann::json::array();
         bool agree = true;
         for (const int b : batches) {
             peftlab_decode(model, prompt, std::min(N, 4), b);  // warm-up: allocations, thread pool
-            std::vector<double> pp, pd, lp, ld;
-            Timing ours, theirs;
+            std::vector<double> pp, pd, hp, hd, lp, ld, lhp, lhd;
+            Timing ours, ours16, theirs, theirs16;
             bool have_llama = true;
             for (int i = 0; i < repeats; ++i) {
                 ours = peftlab_decode(model, prompt, N, b);
                 pp.push_back(ours.prefill_ms);
                 pd.push_back(ours.decode_tokens_per_s);
+                if (f16) {
+                    model.set_weights_f16(true);
+                    ours16 = peftlab_decode(model, prompt, N, b);
+                    model.set_weights_f16(false);
+                    hp.push_back(ours16.prefill_ms);
+                    hd.push_back(ours16.decode_tokens_per_s);
+                }
                 if (!have_llama) continue;
                 const auto l = llama_decode(gguf, prompt, N, b, threads);
                 if (!l) {
@@ -167,20 +207,47 @@ int main(int argc, char** argv) {
                 theirs = *l;
                 lp.push_back(l->prefill_ms);
                 ld.push_back(l->decode_tokens_per_s);
+                if (f16) {
+                    theirs16 = *llama_decode(gguf16, prompt, N, b, threads);
+                    lhp.push_back(theirs16.prefill_ms);
+                    lhd.push_back(theirs16.decode_tokens_per_s);
+                }
             }
             nlohmann::json row = {{"batch", b},
                                   {"peftlab_prefill_ms", median(pp)},
                                   {"peftlab_decode_tokens_per_s", median(pd)}};
             fmt::print("batch {}: peftlab prefill {:.1f} ms, decode {:.1f} tokens/s", b, median(pp), median(pd));
+            if (f16) {
+                const auto diff = std::mismatch(ours.greedy.begin(), ours.greedy.end(), ours16.greedy.begin());
+                const bool same = diff.first == ours.greedy.end();
+                row["peftlab_f16_prefill_ms"] = median(hp);
+                row["peftlab_f16_decode_tokens_per_s"] = median(hd);
+                row["f16_greedy_equal_to_f32"] = same;
+                if (!same) row["f16_first_differing_step"] = diff.first - ours.greedy.begin();
+                fmt::print(" | F16 prefill {:.1f} ms, decode {:.1f} tokens/s, greedy tokens {}", median(hp), median(hd),
+                           same ? "as F32" : fmt::format("differ from F32 at step {}", diff.first - ours.greedy.begin()));
+            }
             if (have_llama) {
                 const bool same = theirs.greedy == ours.greedy;
                 agree = agree && same;
                 row["llama_prefill_ms"] = median(lp);
                 row["llama_decode_tokens_per_s"] = median(ld);
                 row["decode_ratio"] = median(pd) / median(ld);
+                if (f16) {
+                    row["llama_f16_prefill_ms"] = median(lhp);
+                    row["llama_f16_decode_tokens_per_s"] = median(lhd);
+                    row["f16_decode_ratio_vs_llama_f32"] = median(hd) / median(ld);
+                    row["f16_decode_ratio_vs_llama_f16"] = median(hd) / median(lhd);
+                    row["f16_greedy_equal_to_llama_f16"] = theirs16.greedy == ours16.greedy;
+                }
                 row["greedy_tokens_equal"] = same;
                 fmt::print(" | llama.cpp prefill {:.1f} ms, decode {:.1f} tokens/s | ratio {:.2f} | greedy tokens {}",
                            median(lp), median(ld), median(pd) / median(ld), same ? "equal" : "DIFFER");
+                if (f16)
+                    fmt::print(" | llama.cpp F16 prefill {:.1f} ms, decode {:.1f} tokens/s | F16 ratio {:.2f} "
+                               "(against llama.cpp F32 {:.2f}) | F16 greedy tokens {}",
+                               median(lhp), median(lhd), median(hd) / median(lhd), median(hd) / median(ld),
+                               theirs16.greedy == ours16.greedy ? "equal" : "differ");
             } else {
                 fmt::print(" | llama.cpp not installed (make llama-cpp)");
             }
@@ -188,7 +255,8 @@ int main(int argc, char** argv) {
             rows.push_back(row);
         }
         fmt::print("{}\n", nlohmann::json{{"config", r["config"].as<std::string>()}, {"threads", threads},
-                                          {"prompt_tokens", P}, {"new_tokens", N}, {"rows", rows}}
+                                          {"prompt_tokens", P}, {"new_tokens", N}, {"rows", rows},
+                                          {"f16_accuracy", accuracy}}
                                .dump());
         return agree ? 0 : 1;
     } catch (const std::exception& e) {

@@ -1,0 +1,63 @@
+// F16 weights: conversion and linear_half (half.h).
+#include "autograd/half.h"
+
+#include <stdexcept>
+
+#include "autograd/flops.h"
+#include "autograd/ops_util.h"
+#include "autograd/tape.h"
+
+namespace peftlab {
+using namespace detail;
+
+HalfMatrix HalfMatrix::from(const Tensor& w) {
+    require_defined("HalfMatrix::from", w, "weight");
+    if (w.ndim() != 2)
+        throw std::invalid_argument(
+            fmt::format("HalfMatrix::from: weight {} must be 2-D [out, in]", shape_str(w.shape())));
+    HalfMatrix h{w.dim(0), w.dim(1), std::vector<uint16_t>(size_t(w.numel()))};
+    const float* src = w.data();
+#pragma omp parallel for if (w.numel() > kParallelMin) schedule(static)
+    for (int64_t i = 0; i < w.numel(); ++i) h.data[size_t(i)] = float_to_half(src[i]);
+    return h;
+}
+
+Tensor HalfMatrix::to_float() const {
+    Tensor t = Tensor::empty({rows, cols});
+    float* dst = t.data();
+#pragma omp parallel for if (rows * cols > kParallelMin) schedule(static)
+    for (int64_t i = 0; i < rows * cols; ++i) dst[i] = half_to_float(data[size_t(i)]);
+    return t;
+}
+
+Tensor linear_half(const Tensor& x, const HalfMatrix& w, const Tensor& bias) {
+    require_defined("linear_half", x, "input");
+    if (x.ndim() < 1 || x.dim(-1) != w.cols)
+        throw std::invalid_argument(fmt::format("linear_half: input {} and F16 weight [{}, {}] do not match",
+                                                shape_str(x.shape()), w.rows, w.cols));
+    if (bias.defined() && (bias.ndim() != 1 || bias.dim(0) != w.rows))
+        throw std::invalid_argument(fmt::format("linear_half: bias {} does not match F16 weight [{}, {}]",
+                                                shape_str(bias.shape()), w.rows, w.cols));
+    if (grad_target(x) || (bias.defined() && grad_target(bias)))
+        throw std::invalid_argument(fmt::format(
+            "linear_half: input {} {} a gradient, and F16 weights have no backward (run under NoGradGuard)",
+            shape_str(x.shape()), grad_target(x) ? "needs" : "has a bias that needs"));
+    const int64_t in = w.cols, outf = w.rows, R = x.numel() / std::max<int64_t>(in, 1);
+    Shape os = x.shape();
+    os.back() = outf;
+    Tensor out = make_result(os);
+    float* y = out.data();
+    // As linear(): y starts as the bias rows, then the GEMM adds x W^T.
+    if (bias.defined()) {
+        const float* b = bias.data();
+#pragma omp parallel for if (R * outf > kParallelMin) schedule(static)
+        for (int64_t r = 0; r < R; ++r)
+            for (int64_t j = 0; j < outf; ++j) y[r * outf + j] = b[j];
+        flops::add(uint64_t(R * outf));
+    }
+    gemm_half_b(R, outf, in, 1.f, x.data(), in, w.data.data(), in, bias.defined() ? 1.f : 0.f, y, outf);
+    flops::add(uint64_t(2 * R * outf * in));
+    return out;
+}
+
+}  // namespace peftlab
