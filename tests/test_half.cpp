@@ -91,7 +91,7 @@ TEST_CASE("linear_half equals linear on the weight rounded to F16, bit for bit",
     // (out, in): a weight the few-row kernel takes (out * in >= 2^16; tails
     // past the vector width and a last partial block of 4 rows), and a small
     // one that goes to BLAS. Row counts on both sides of the few-row limit.
-    for (const auto [outf, in] : {std::pair<int64_t, int64_t>{303, 259}, {2050, 64}, {40, 24}}) {
+    for (const auto& [outf, in] : {std::pair<int64_t, int64_t>{303, 259}, {2050, 64}, {40, 24}}) {
         const Tensor w = Tensor::normal({outf, in}, rng, 0.f, 0.5f);
         const Tensor bias = Tensor::normal({outf}, rng, 0.f, 0.5f);
         const HalfMatrix h = HalfMatrix::from(w);
