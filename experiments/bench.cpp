@@ -89,7 +89,8 @@ int64_t peak_rss_bytes() {  // VmHWM of this process
 // the method's own settings (its AdapterOptions section, from a --methods
 // entry METHOD:KEY=VALUE; empty: the method's defaults). `recompute`: a
 // training row with activation recomputation in every block
-// (GPT::set_recompute), no PyTorch side.
+// (GPT::set_recompute), no PyTorch side. `f16`: a generation row with F16
+// weights (GPT::set_weights_f16), no PyTorch side.
 constexpr const char* kBase = "base";
 
 struct Spec {
@@ -100,7 +101,7 @@ struct Spec {
     int64_t batch = 16, seq = 128, n = 16;
     int64_t prompt_len = 64, new_tokens = 64;
     int warmup = 1, threads = 2;
-    bool recompute = false;
+    bool recompute = false, f16 = false;
 
     json to_json() const {
         return {{"kind", kind},           {"config", config},       {"method", method},         {"vocab", model.vocab},
@@ -108,7 +109,7 @@ struct Spec {
                 {"seq", seq},             {"batch", batch},         {"n", n},                   {"options", options},
                 {"base_dir", base_dir},
                 {"prompt_len", prompt_len}, {"new_tokens", new_tokens}, {"warmup", warmup},      {"threads", threads},
-                {"recompute", recompute}};
+                {"recompute", recompute}, {"f16", f16}};
     }
     static Spec from_json(const json& j) {
         Spec s;
@@ -130,6 +131,7 @@ struct Spec {
         s.warmup = j.at("warmup");
         s.threads = j.at("threads");
         s.recompute = j.value("recompute", false);
+        s.f16 = j.value("f16", false);
         s.model.max_seq = std::max(s.seq, s.prompt_len + s.new_tokens);
         return s;
     }
@@ -217,6 +219,7 @@ public:
             adapter_ = make_row_adapter(s.method, s.n, s.options, !s.base_dir.empty());
             adapter_->activate(*model_);
         }
+        if (s.f16) model_->set_weights_f16(true);
         Rng rng(9);
         prompts_.assign(size_t(s.batch), {});
         for (auto& p : prompts_)
@@ -462,19 +465,27 @@ MethodFacts method_facts(const std::string& method, int64_t n, const json& setti
 // once), summed over the new tokens, plus the prefill's FLOPs at sgemm peak:
 // the fastest generate() this machine allows, as tokens/s. extra_keys: the
 // adapter's cached keys summed over the layers (MethodFacts).
-double generation_bound(const Spec& s, int64_t extra_keys, int64_t n_params, double bw_gbs, double peak_gflops) {
-    const int64_t C = s.model.d_model, L = s.model.n_layers, B = s.batch;
-    double seconds = 2.0 * double(n_params) * double(B * s.prompt_len) / (peak_gflops * 1e9);
-    for (int64_t t = 1; t < s.new_tokens; ++t) {
-        const double kv = 2.0 * double(B * (extra_keys + L * (s.prompt_len + t)) * C) * 4;
-        seconds += (double(n_params) * 4 + kv) / (bw_gbs * 1e9);
-    }
-    return double(s.tokens()) / seconds;
-}
-
 int64_t count_params(const GPTConfig& c) {  // what one decoding step reads (all but wte/wpe rows)
     return c.n_layers * (4 * c.d_model * c.d_model + 2 * c.d_model * c.d_ff + 9 * c.d_model + c.d_ff) +
            2 * c.d_model + c.vocab * c.d_model;
+}
+
+// Bytes of weights one decoding step reads: count_params' floats, of which the
+// Linear weights (the blocks' projections and MLP, and the head) take 2 bytes
+// each with F16 weights.
+double step_weight_bytes(const GPTConfig& c, bool f16) {
+    const int64_t linear = c.n_layers * (4 * c.d_model * c.d_model + 2 * c.d_model * c.d_ff) + c.vocab * c.d_model;
+    return 4.0 * double(count_params(c)) - (f16 ? 2.0 * double(linear) : 0.0);
+}
+
+double generation_bound(const Spec& s, int64_t extra_keys, double bw_gbs, double peak_gflops) {
+    const int64_t C = s.model.d_model, L = s.model.n_layers, B = s.batch;
+    double seconds = 2.0 * double(count_params(s.model)) * double(B * s.prompt_len) / (peak_gflops * 1e9);
+    for (int64_t t = 1; t < s.new_tokens; ++t) {
+        const double kv = 2.0 * double(B * (extra_keys + L * (s.prompt_len + t)) * C) * 4;
+        seconds += (step_weight_bytes(s.model, s.f16) + kv) / (bw_gbs * 1e9);
+    }
+    return double(s.tokens()) / seconds;
 }
 
 // ---- flags ------------------------------------------------------------------------------
@@ -488,6 +499,7 @@ struct Args {
     int steps = 0, threads = 2;
     bool torch = true, training = true, scaling = true, generation = true, quick = false, launch = true;
     bool recompute = false;  // also every training row with activation recomputation
+    bool f16 = false;        // also every generation row with F16 weights
     std::string out, python, torch_script, spin, base_dir;
 };
 
@@ -529,6 +541,8 @@ Args parse_args(int argc, char** argv) {
         ("quick", "small config only, 3 step pairs, no scaling rows, base generation only")
         ("recompute", "also time every training row with activation recomputation in every block (peak RSS and "
                       "ms/step with and without, side by side)")
+        ("f16", "also time every generation row with F16 weights (GPT::set_weights_f16; F32 accumulation), "
+                "interleaved with the F32 rows; its bound reads 2 bytes per Linear weight")
         ("no-torch", "skip the PyTorch side")
         ("no-train", "skip the training rows (and the scaling rows)")
         ("no-scaling", "skip the T and n scaling rows")
@@ -621,6 +635,7 @@ Args parse_args(int argc, char** argv) {
     a.torch = !r.count("no-torch");
     a.training = !r.count("no-train");
     a.recompute = r.count("recompute") > 0;
+    a.f16 = r.count("f16") > 0;
     a.scaling = a.training && !r.count("no-scaling") && !a.quick && preset.empty();
     a.generation = !r.count("no-generate");
     a.launch = !r.count("no-launch");
@@ -683,7 +698,7 @@ struct Bench {
                 fail(r, e);
                 continue;
             }
-            if (!torch || specs[k].recompute) continue;
+            if (!torch || specs[k].recompute || specs[k].f16) continue;
             json setup = specs[k].to_json();
             setup["cmd"] = "setup";
             setup["id"] = k;
@@ -761,8 +776,8 @@ struct Bench {
         } else {
             row["ms_per_generate"] = ms;
             row["gen_tokens_per_s"] = tokens / ms * 1e3;
-            row["gen_bound_tokens_per_s"] = generation_bound(s, row["extra_keys"].get<int64_t>(), count_params(s.model),
-                                                             bandwidth, row["sgemm_peak_gflops"]);
+            row["gen_bound_tokens_per_s"] =
+                generation_bound(s, row["extra_keys"].get<int64_t>(), bandwidth, row["sgemm_peak_gflops"]);
         }
         if (theirs.empty()) return;
         const double tms = median(theirs);
@@ -815,9 +830,10 @@ struct Bench {
     }
 };
 
-// The method column: a row with activation recomputation is marked.
+// The method column: a row with activation recomputation or F16 weights is marked.
 std::string row_label(const json& r) {
-    return r["method"].get<std::string>() + (r.value("recompute", false) ? " +recompute" : "");
+    return r["method"].get<std::string>() + (r.value("recompute", false) ? " +recompute" : "") +
+           (r.value("f16", false) ? " +f16" : "");
 }
 
 std::string fmt_opt(const json& row, const char* key, const char* spec) {
@@ -859,12 +875,12 @@ std::string gen_table(const std::vector<json>& rows) {
         "tokens/s | speedup vs torch |\n|---|---|---|---|---|---|---|---|---|---|\n";
     for (const json& r : rows) {
         if (r.contains("error")) {
-            md += fmt::format("| {} | {} | {} | error: {} |\n", r["config"].get<std::string>(),
-                              r["method"].get<std::string>(), r["batch"].get<int64_t>(), r["error"].get<std::string>());
+            md += fmt::format("| {} | {} | {} | error: {} |\n", r["config"].get<std::string>(), row_label(r),
+                              r["batch"].get<int64_t>(), r["error"].get<std::string>());
             continue;
         }
         md += fmt::format("| {} | {} | {} | {} | {} | {} | {:.0f}% | {:.0f} | {} | {} |\n", r["config"].get<std::string>(),
-                          r["method"].get<std::string>(), r["batch"].get<int64_t>(),
+                          row_label(r), r["batch"].get<int64_t>(),
                           fmt_opt(r, "gen_tokens_per_s", "{:.0f}"), fmt_opt(r, "ms_per_generate", "{:.1f}"),
                           fmt_opt(r, "gen_bound_tokens_per_s", "{:.0f}"),
                           100 * r["gen_tokens_per_s"].get<double>() / r["gen_bound_tokens_per_s"].get<double>(),
@@ -954,7 +970,7 @@ json check_targets(const std::vector<json>& train, const std::vector<json>& gen)
     for (const json& r : gen) {
         if (r.contains("error")) continue;
         const std::string row = fmt::format("{} generation ({}, batch {})", r["config"].get<std::string>(),
-                                            r["method"].get<std::string>(), r["batch"].get<int64_t>());
+                                            row_label(r), r["batch"].get<int64_t>());
         if (r.contains("speedup_vs_torch")) add(row + ": tokens/s vs torch", r["speedup_vs_torch"].get<double>(), 3.0, true);
         if (r["batch"] == 1 && r["method"] == kBase)
             add(row + ": tokens/s / bandwidth bound",
@@ -1057,7 +1073,7 @@ int run_parent(const Args& args) {
                        fmt_opt(r, "speedup_vs_torch", "{:.2f}"));
         else
             fmt::print("  {:<7} generate {:<9} B={:<2} {:8.0f} tok/s ({:.1f} ms)  torch {} tok/s  x{}\n",
-                       r["config"].get<std::string>(), r["method"].get<std::string>(), r["batch"].get<int64_t>(),
+                       r["config"].get<std::string>(), row_label(r), r["batch"].get<int64_t>(),
                        r["gen_tokens_per_s"].get<double>(),
                        r["ms_per_generate"].get<double>(), fmt_opt(r, "torch_gen_tokens_per_s", "{:.0f}"),
                        fmt_opt(r, "speedup_vs_torch", "{:.2f}"));
@@ -1133,6 +1149,11 @@ int run_parent(const Args& args) {
             for (const int64_t batch : args.gen_batches) {
                 std::vector<Spec> group;
                 for (const flags::MethodEntry& e : args.gen_methods) group.push_back(b.spec(config, "generate", e, batch));
+                if (args.f16)  // interleaved with the F32 rows
+                    for (const flags::MethodEntry& e : args.gen_methods) {
+                        group.push_back(b.spec(config, "generate", e, batch));
+                        group.back().f16 = true;
+                    }
                 measure(group, b.args.steps ? b.args.steps : b.args.quick ? 3 : 5, gen);
             }
 
