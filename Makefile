@@ -30,7 +30,15 @@ else ifeq ($(DEBUG),1)
   OPT      = -O0 -g
 else
   BUILD   ?= build
-  OPT      = -O3 -march=native
+  # -fno-trapping-math: without it GCC will not if-convert a float compare or
+  # min/max inside a loop (it might raise an FP exception the scalar code
+  # would not), so the `omp simd` loops of exp_approx (GELU, softmax,
+  # attention) stayed scalar. GELU's values are unchanged bit for bit; a
+  # softmax row's sum (an `omp simd` reduction) now adds in vector lanes,
+  # which moves probabilities by rounding (<= 4e-6 relative). Nothing is
+  # reassociated beyond what the pragmas allow, and peftlab never unmasks
+  # FP exceptions.
+  OPT      = -O3 -march=native -fno-trapping-math
 endif
 
 # Debian's OpenMP build of OpenBLAS, linked by path so that the libblas
