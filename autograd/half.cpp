@@ -47,15 +47,8 @@ Tensor linear_half(const Tensor& x, const HalfMatrix& w, const Tensor& bias) {
     os.back() = outf;
     Tensor out = make_result(os);
     float* y = out.data();
-    // As linear(): y starts as the bias rows, then the GEMM adds x W^T.
-    if (bias.defined()) {
-        const float* b = bias.data();
-#pragma omp parallel for if (R * outf > kParallelMin) schedule(static)
-        for (int64_t r = 0; r < R; ++r)
-            for (int64_t j = 0; j < outf; ++j) y[r * outf + j] = b[j];
-        flops::add(uint64_t(R * outf));
-    }
-    gemm_half_b(R, outf, in, 1.f, x.data(), in, w.data.data(), in, bias.defined() ? 1.f : 0.f, y, outf);
+    const float beta = fill_bias_rows(y, bias, R, outf);  // as linear(): the bias rows, then x W^T added
+    gemm_half_b(R, outf, in, 1.f, x.data(), in, w.data.data(), in, beta, y, outf);
     flops::add(uint64_t(2 * R * outf * in));
     return out;
 }

@@ -517,15 +517,8 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
     os.back() = outf;
     Tensor out = make_result(os);
     float* y = out.data();
-    if (bias.defined()) {
-        // y starts as the bias rows, then the GEMM adds x W^T (beta = 1).
-        const float* b = bias.data();
-#pragma omp parallel for if (R * outf > kParallelMin) schedule(static)
-        for (int64_t r = 0; r < R; ++r)
-            for (int64_t j = 0; j < outf; ++j) y[r * outf + j] = b[j];
-        flops::add(uint64_t(R * outf));
-    }
-    gemm(false, true, R, outf, in, 1.f, x.data(), in, weight.data(), in, bias.defined() ? 1.f : 0.f, y, outf);
+    const float beta = fill_bias_rows(y, bias, R, outf);
+    gemm(false, true, R, outf, in, 1.f, x.data(), in, weight.data(), in, beta, y, outf);
     flops::add(uint64_t(2 * R * outf * in));
 
     auto gx = grad_target(x), gw = grad_target(weight);

@@ -142,6 +142,19 @@ inline void softmax_backward_row(float* ds, const float* dp, const float* p, int
     for (int64_t j = 0; j < Tk; ++j) ds[j] = p[j] * (dp[j] - dot) * scale;
 }
 
+// A Linear's output y [R, out] before its GEMM: the bias rows (counted as
+// R * out FLOPs) if bias is defined. Returns the GEMM's beta: 1 to add x W^T
+// onto them, 0 to overwrite y.
+inline float fill_bias_rows(float* y, const Tensor& bias, int64_t R, int64_t outf) {
+    if (!bias.defined()) return 0.f;
+    const float* b = bias.data();
+#pragma omp parallel for if (R * outf > kParallelMin) schedule(static)
+    for (int64_t r = 0; r < R; ++r)
+        for (int64_t j = 0; j < outf; ++j) y[r * outf + j] = b[j];
+    flops::add(uint64_t(R * outf));
+    return 1.f;
+}
+
 // Row-major GEMM: C[M,N] = alpha * op(A) op(B) + beta * C with leading dims.
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc);

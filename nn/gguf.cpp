@@ -1,6 +1,5 @@
 #include "nn/gguf.h"
 
-
 #include <bit>
 #include <cstdio>
 #include <cstring>

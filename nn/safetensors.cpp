@@ -1,6 +1,5 @@
 #include "nn/safetensors.h"
 
-
 #include <algorithm>
 #include <atomic>
 #include <bit>

@@ -125,13 +125,9 @@ TEST_CASE("linear_half refuses mismatched shapes and inputs that need a gradient
 namespace {
 // Weights the few-row kernel takes: C * F = 128 * 512 and V * C >= 2^16.
 GPTConfig f16_config(bool tied) {
-    GPTConfig c;
-    c.vocab = 600;
+    GPTConfig c = small_gpt(600, 48);  // 2 layers, 4 heads
     c.d_model = 128;
-    c.n_layers = 2;
-    c.n_heads = 4;
     c.d_ff = 512;
-    c.max_seq = 48;
     c.tie_embeddings = tied;
     return c;
 }
