@@ -25,15 +25,13 @@ Tensor layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, floa
 #pragma omp parallel for if (R * D > kParallelMin) schedule(static)
     for (int64_t r = 0; r < R; ++r) {
         const float* xr = px + r * D;
-        float m = 0.f;
-        for (int64_t j = 0; j < D; ++j) m += xr[j];
-        m /= float(D);
-        float var = 0.f;
-        for (int64_t j = 0; j < D; ++j) var += (xr[j] - m) * (xr[j] - m);
+        const float m = lane_sum(D, [=](int64_t j) { return xr[j]; }) / float(D);
+        const float var = lane_sum(D, [=](int64_t j) { return (xr[j] - m) * (xr[j] - m); });
         float rs = 1.f / std::sqrt(var / float(D) + eps);
         mean[r] = m;
         rstd[r] = rs;
         float* yr = py + r * D;
+#pragma omp simd
         for (int64_t j = 0; j < D; ++j) yr[j] = (xr[j] - m) * rs * g[j] + bt[j];
     }
     flops::add(uint64_t(8 * R * D));
@@ -52,20 +50,18 @@ Tensor layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, floa
             for (int64_t r = 0; r < R; ++r) {
                 const float *xr = xs + r * D, *dyr = dy + r * D;
                 // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * gamma
-                float sum_d = 0.f, sum_dx = 0.f;
-                for (int64_t j = 0; j < D; ++j) {
-                    float xhat = (xr[j] - mu[r]) * rs[r];
-                    float d = dyr[j] * gm[j];
-                    sum_d += d;
-                    sum_dx += d * xhat;
-                }
-                sum_d /= float(D);
-                sum_dx /= float(D);
+                const float m = mu[r], s = rs[r];
+                const float sum_d = lane_sum(D, [=](int64_t j) { return dyr[j] * gm[j]; }) / float(D);
+                const float sum_dx =
+                    lane_sum(D, [=](int64_t j) { return dyr[j] * gm[j] * ((xr[j] - m) * s); }) / float(D);
                 float* dxr = dx + r * D;
-                for (int64_t j = 0; j < D; ++j) {
-                    float xhat = (xr[j] - mu[r]) * rs[r];
-                    float v = rs[r] * (dyr[j] * gm[j] - sum_d - xhat * sum_dx);
-                    dxr[j] = add ? dxr[j] + v : v;
+                auto v = [=](int64_t j) { return s * (dyr[j] * gm[j] - sum_d - (xr[j] - m) * s * sum_dx); };
+                if (add) {
+#pragma omp simd
+                    for (int64_t j = 0; j < D; ++j) dxr[j] += v(j);
+                } else {
+#pragma omp simd
+                    for (int64_t j = 0; j < D; ++j) dxr[j] = v(j);
                 }
             }
             flops::add_grad(gx->is_leaf, uint64_t(12 * R * D));

@@ -108,36 +108,64 @@ inline float exp_approx(float x_in) {
     return x_in < -87.33f ? 0.f : e;
 }
 
-// Softmax of one row of scores s[0..Tk) into p, where only keys j < limit with
-// valid[j] != 0 (valid may be null) take part; others get p = 0. A row with no
-// allowed key is all zeros. Used by softmax and attention.
-inline void masked_softmax_row(float* p, const float* s, int64_t Tk, int64_t limit, const float* valid) {
-    auto allowed = [valid](int64_t j) { return !valid || valid[j] != 0.f; };
+// Sum of f(j) for j < n in kSumLanes interleaved partial sums (lane j mod
+// kSumLanes), then those added pairwise in a fixed order. A plain float loop
+// may not be reordered without -ffast-math, so it stays scalar; this one is a
+// vector of partial sums, and its result depends only on n and the values (not
+// on alignment, the caller or the thread count). f may also store element j.
+inline constexpr int kSumLanes = 8;
+template <class F>
+inline float lane_sum(int64_t n, const F& f) {
+    float acc[kSumLanes] = {};
+    int64_t j = 0;
+    for (; j + kSumLanes <= n; j += kSumLanes) {
+#pragma omp simd
+        for (int l = 0; l < kSumLanes; ++l) acc[l] += f(j + l);
+    }
+    for (int l = 0; j + l < n; ++l) acc[l] += f(j + l);
+    for (int w = kSumLanes / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+    return acc[0];
+}
+
+namespace softmax_impl {
+// masked_softmax_row with the mask test resolved at compile time: a load of
+// valid[j] under `valid != nullptr` inside the loop cannot be if-converted,
+// which left the whole row scalar.
+template <bool kMasked>
+inline void row(float* p, const float* s, int64_t Tk, int64_t limit, const float* valid) {
+    auto allowed = [valid](int64_t j) { return !kMasked || valid[j] != 0.f; };
     float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < limit; ++j) mx = allowed(j) ? std::max(mx, s[j]) : mx;
+    for (int64_t j = 0; j < limit; ++j) mx = std::max(mx, allowed(j) ? s[j] : -INFINITY);
     if (mx == -INFINITY) {
         for (int64_t j = 0; j < Tk; ++j) p[j] = 0.f;
         return;
     }
-    float total = 0.f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < limit; ++j) {
+    // p may be s (in place): element j is read before it is written.
+    const float total = lane_sum(limit, [=](int64_t j) {
         const float e = allowed(j) ? exp_approx(s[j] - mx) : 0.f;
         p[j] = e;
-        total += e;
-    }
+        return e;
+    });
     const float inv = 1.f / total;
 #pragma omp simd
     for (int64_t j = 0; j < limit; ++j) p[j] *= inv;
     for (int64_t j = limit; j < Tk; ++j) p[j] = 0.f;
 }
+}  // namespace softmax_impl
 
-// Softmax backward for one row: ds = p * (dp - sum(dp * p)) * scale.
+// Softmax of one row of scores s[0..Tk) into p, where only keys j < limit with
+// valid[j] != 0 (valid may be null) take part; others get p = 0. A row with no
+// allowed key is all zeros. p may equal s. Used by softmax and attention.
+inline void masked_softmax_row(float* p, const float* s, int64_t Tk, int64_t limit, const float* valid) {
+    if (valid) softmax_impl::row<true>(p, s, Tk, limit, valid);
+    else softmax_impl::row<false>(p, s, Tk, limit, nullptr);
+}
+
+// Softmax backward for one row: ds = p * (dp - sum(dp * p)) * scale. ds may be dp.
 inline void softmax_backward_row(float* ds, const float* dp, const float* p, int64_t Tk, float scale) {
-    float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-    for (int64_t j = 0; j < Tk; ++j) dot += dp[j] * p[j];
+    const float dot = lane_sum(Tk, [=](int64_t j) { return dp[j] * p[j]; });
 #pragma omp simd
     for (int64_t j = 0; j < Tk; ++j) ds[j] = p[j] * (dp[j] - dot) * scale;
 }

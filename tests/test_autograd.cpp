@@ -932,6 +932,53 @@ TEST_CASE("same seed and thread count give bitwise identical loss and gradients"
     CHECK(r3.loss != r1.loss);
 }
 
+// Softmax and LayerNorm sum their rows in vector lanes (detail::lane_sum). A
+// row's bits must not depend on where it sits: rows of odd width start at
+// every alignment, so a vectorizer that peeled to align would fail here.
+TEST_CASE("softmax and layer_norm rows: the same bits alone as in a batch, close to a double reference",
+          "[autograd][determinism]") {
+    for (const int64_t D : {1, 7, 37, 129}) {
+        INFO("row width " << D);
+        const int64_t R = 9;
+        const Tensor x = uniform({R, D}, 40 + uint64_t(D), -6.f, 6.f);
+        Tensor valid = Tensor::ones({R, D});
+        for (int64_t r = 0; r < R; ++r)
+            for (int64_t j = 0; j < D; ++j)
+                if ((r + 2 * j) % 5 == 0 && j > 0) valid.data()[r * D + j] = 0.f;  // key 0 always allowed
+        const Tensor gamma = uniform({D}, 3), beta = uniform({D}, 4);
+        const Tensor sm = softmax(x), ln = layer_norm(x, gamma, beta, 1e-5f);
+        // softmax's key_valid is [B, Tk] per leading row: rows of x as batch rows [R, 1, D].
+        const Tensor msm = softmax(reshape(x, {R, 1, D}), false, valid);
+        for (int64_t r = 0; r < R; ++r) {
+            INFO("row " << r);
+            const float* xr = x.data() + r * D;
+            const Tensor row = Tensor::from_data({1, D}, std::vector<float>(xr, xr + D));
+            const Tensor vrow = Tensor::from_data({1, D}, std::vector<float>(valid.data() + r * D, valid.data() + (r + 1) * D));
+            const Tensor sm1 = softmax(row), ln1 = layer_norm(row, gamma, beta, 1e-5f);
+            const Tensor msm1 = softmax(reshape(row, {1, 1, D}), false, vrow);
+            CHECK(std::memcmp(sm1.data(), sm.data() + r * D, size_t(D) * sizeof(float)) == 0);
+            CHECK(std::memcmp(ln1.data(), ln.data() + r * D, size_t(D) * sizeof(float)) == 0);
+            CHECK(std::memcmp(msm1.data(), msm.data() + r * D, size_t(D) * sizeof(float)) == 0);
+            // Against double precision: softmax over the allowed keys, LayerNorm with the biased variance.
+            double mx = -1e300, mean = 0, var = 0, total = 0, mtotal = 0;
+            for (int64_t j = 0; j < D; ++j) mx = std::max(mx, double(xr[j]));
+            for (int64_t j = 0; j < D; ++j) {
+                total += std::exp(double(xr[j]) - mx);
+                mtotal += valid.data()[r * D + j] != 0.f ? std::exp(double(xr[j]) - mx) : 0.0;
+                mean += double(xr[j]) / double(D);
+            }
+            for (int64_t j = 0; j < D; ++j) var += (double(xr[j]) - mean) * (double(xr[j]) - mean) / double(D);
+            for (int64_t j = 0; j < D; ++j) {
+                const double e = std::exp(double(xr[j]) - mx);
+                CHECK(std::abs(sm.data()[r * D + j] - e / total) < 1e-6);
+                CHECK(std::abs(msm.data()[r * D + j] - (valid.data()[r * D + j] != 0.f ? e / mtotal : 0.0)) < 1e-6);
+                const double y = (double(xr[j]) - mean) / std::sqrt(var + 1e-5) * gamma.data()[j] + beta.data()[j];
+                CHECK(std::abs(ln.data()[r * D + j] - y) < 1e-5);
+            }
+        }
+    }
+}
+
 TEST_CASE("Rng sequences are pinned", "[autograd][determinism]") {
     // splitmix64; a change of the generator changes every seeded experiment.
     Rng r(42);
