@@ -1,0 +1,82 @@
+#!/usr/bin/python3
+"""Interleaved A/B of training steps through `bench --child` (experiments/bench.cpp).
+
+On a shared machine a few-percent change drowns in the drift between whole
+`make bench` runs. This runs the rows step by step instead: every round, each
+(method, build) pair gets a fresh child process for a few steps, with the
+order of the builds alternating from round to round. It reports the minimum
+and the median ms/step per row, and each method's ratio to the same build's
+full step. The minimum is the estimate least disturbed by other load.
+
+  tools/ab_steps.py --builds old=/tmp/oldbuild/bin/bench,new=build/bin/bench \\
+      --config small --threads 1 --rounds 4
+
+--config takes small or medium: bench's shapes (vocabulary 256, n 16).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+
+# bench's configs (experiments/bench.cpp: model_preset dims, batch_seq).
+CONFIGS = {
+    "small": dict(d_model=256, layers=4, heads=4, d_ff=1024, seq=128, batch=16),
+    "medium": dict(d_model=512, layers=8, heads=8, d_ff=2048, seq=256, batch=8),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--builds", required=True, help="name=path of a bench binary, comma-separated")
+    ap.add_argument("--config", default="small", choices=sorted(CONFIGS))
+    ap.add_argument("--methods", default="full,prefix,lora,prompt", help="full first: ratios are to it")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per child")
+    args = ap.parse_args()
+
+    builds = []
+    for item in args.builds.split(","):
+        name, sep, path = item.partition("=")
+        if not sep or not os.access(path, os.X_OK):
+            ap.error(f"--builds: '{item}' is not name=path of an executable bench")
+        builds.append((name, path))
+    methods = args.methods.split(",")
+    if methods[0] != "full":
+        ap.error(f"--methods: '{args.methods}' must start with full (the ratios' denominator)")
+    env = dict(os.environ, GOMP_SPINCOUNT=os.environ.get("GOMP_SPINCOUNT", "3000"))
+
+    ms = {}
+    for r in range(args.rounds):
+        order = builds if r % 2 == 0 else builds[::-1]
+        for m in methods:
+            for name, path in order:
+                spec = dict(kind="train", config=args.config, method=m, vocab=256, n=16, options={}, base_dir="",
+                            prompt_len=64, new_tokens=64, warmup=1, threads=args.threads, **CONFIGS[args.config])
+                child = subprocess.Popen([path, "--child", json.dumps(spec)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True, env=env)
+                json.loads(child.stdout.readline())  # {"ready": ...} after the warm-up step
+                for _ in range(args.steps):
+                    child.stdin.write("step\n")
+                    child.stdin.flush()
+                    ms.setdefault((m, name), []).append(json.loads(child.stdout.readline())["ms"])
+                child.stdin.write("end\n")
+                child.stdin.flush()
+                child.stdout.readline()
+                if child.wait() != 0:
+                    raise SystemExit(f"{path} --child ({m}) exited with {child.returncode}")
+        print(f"round {r + 1} of {args.rounds} done", flush=True)
+
+    print(f"| build | method | min ms | median ms | min / full min | median / full median |")
+    print(f"|---|---|---:|---:|---:|---:|")
+    for name, _ in builds:
+        full = ms[("full", name)]
+        for m in methods:
+            xs = ms[(m, name)]
+            print(f"| {name} | {m} | {min(xs):.1f} | {statistics.median(xs):.1f} | {min(xs) / min(full):.3f} | "
+                  f"{statistics.median(xs) / statistics.median(full):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
