@@ -523,8 +523,8 @@ Args parse_args(int argc, char** argv) {
         ("layers", "custom config: layers", cxxopts::value<int>())
         ("heads", "custom config: heads", cxxopts::value<int>())
         ("d-ff", "custom config: MLP width", cxxopts::value<int64_t>())
-        ("seq", "custom config: tokens per row T", cxxopts::value<int64_t>())
-        ("batch", "custom config: rows per step B", cxxopts::value<int64_t>())
+        ("seq", "custom config (or --preset's step): tokens per row T", cxxopts::value<int64_t>())
+        ("batch", "custom config (or --preset's step): rows per step B", cxxopts::value<int64_t>())
         ("prefix-len", "n: prompt tokens / prefix vectors per layer", cxxopts::value<int64_t>()->default_value("16"))
         ("repeats", "measured step pairs (ours, torch) per row; 0: 6 for small, 3 for larger configs (generation: 5)",
             cxxopts::value<int>()->default_value("0"))
@@ -583,8 +583,16 @@ Args parse_args(int argc, char** argv) {
     }
     a.methods = flags::method_entries("--methods", r["methods"].as<std::string>(), peft::method_names());
     a.quick = r.count("quick") > 0;
-    const bool custom = r.count("vocab") || r.count("d-model") || r.count("layers") || r.count("heads") ||
-                        r.count("d-ff") || r.count("seq") || r.count("batch");
+    const bool dims = r.count("vocab") || r.count("d-model") || r.count("layers") || r.count("heads") || r.count("d-ff");
+    if (!preset.empty() && dims)
+        throw std::invalid_argument(fmt::format(
+            "--preset {} fixes the model's dimensions: drop --vocab, --d-model, --layers, --heads and --d-ff "
+            "(--batch and --seq set its step), or drop --preset for a custom config", preset));
+    if (!preset.empty()) {  // the preset's shape at the given step size
+        if (r.count("batch")) a.batch_seq[preset].first = r["batch"].as<int64_t>();
+        if (r.count("seq")) a.batch_seq[preset].second = r["seq"].as<int64_t>();
+    }
+    const bool custom = preset.empty() && (dims || r.count("seq") || r.count("batch"));
     if (custom) {  // the small config with the given dimensions replaced
         GPTConfig c = a.models["small"];
         if (r.count("vocab")) c.vocab = r["vocab"].as<int64_t>();

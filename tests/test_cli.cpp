@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -81,6 +82,29 @@ TEST_CASE("compare refuses empty, duplicated and oversized requests before any w
         CHECK_THAT(r.out, Contains(c.message));
         CHECK(!fs::exists(tmp.dir / "runs" / "pretrain"));  // nothing pretrained, nothing cached
     }
+}
+
+TEST_CASE("bench --preset gpt2 with --batch and --seq times the GPT-2 shape at that step; dimension flags are refused",
+          "[cli]") {
+    const std::string bench = bin("bench");
+    REQUIRE(fs::exists(bench));
+    testing::TempDir tmp;
+    // Once, --batch/--seq silently replaced the preset by the small config at that step.
+    Result bad = run(bench + " --preset gpt2 --d-model 64 --no-torch", tmp.dir.string());
+    CHECK(bad.rc != 0);
+    CHECK_THAT(bad.out, Contains("--preset gpt2 fixes the model's dimensions"));
+    Result ok = run(bench + " --preset gpt2 --batch 1 --seq 8 --methods lora --no-torch --no-generate --repeats 1 "
+                            "--no-launch --threads 1 --out out",
+                    tmp.dir.string());
+    REQUIRE(ok.rc == 0);
+    std::ifstream f(tmp.dir / "out" / "bench.json");
+    const nlohmann::json rows = nlohmann::json::parse(f).at("rows");
+    REQUIRE(rows.size() == 1);
+    CHECK(rows[0].at("config") == "gpt2");
+    CHECK(rows[0].at("d_model") == 768);
+    CHECK(rows[0].at("heads") == 12);
+    CHECK(rows[0].at("batch") == 1);
+    CHECK(rows[0].at("seq") == 8);
 }
 
 TEST_CASE("PEFTLAB_THREADS is honoured and validated; --threads above the cores is capped", "[cli]") {

@@ -6,7 +6,8 @@ On a shared machine a few-percent change drowns in the drift between whole
 (method, build) pair gets a fresh child process for a few steps, with the
 order of the builds alternating from round to round. It reports the minimum
 and the median ms/step per row, and each method's ratio to the same build's
-full step. The minimum is the estimate least disturbed by other load.
+step of the first method (full fine-tuning by default). The minimum is the
+estimate least disturbed by other load.
 
   tools/ab_steps.py --builds old=/tmp/oldbuild/bin/bench,new=build/bin/bench \\
       --config small --threads 1 --rounds 4
@@ -30,7 +31,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--builds", required=True, help="name=path of a bench binary, comma-separated")
     ap.add_argument("--config", default="small", choices=sorted(CONFIGS))
-    ap.add_argument("--methods", default="full,prefix,lora,prompt", help="full first: ratios are to it")
+    ap.add_argument("--methods", default="full,prefix,lora,prompt",  # method-names: a user-overridable default
+                    help="comma-separated; ratios are to the first one's step")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per child")
@@ -43,8 +45,8 @@ def main():
             ap.error(f"--builds: '{item}' is not name=path of an executable bench")
         builds.append((name, path))
     methods = args.methods.split(",")
-    if methods[0] != "full":
-        ap.error(f"--methods: '{args.methods}' must start with full (the ratios' denominator)")
+    if not all(methods) or len(set(methods)) != len(methods):
+        ap.error(f"--methods: '{args.methods}' must name each method once")
     env = dict(os.environ, GOMP_SPINCOUNT=os.environ.get("GOMP_SPINCOUNT", "3000"))
 
     ms = {}
@@ -68,14 +70,15 @@ def main():
                     raise SystemExit(f"{path} --child ({m}) exited with {child.returncode}")
         print(f"round {r + 1} of {args.rounds} done", flush=True)
 
-    print(f"| build | method | min ms | median ms | min / full min | median / full median |")
+    first = methods[0]  # the ratios' denominator
+    print(f"| build | method | min ms | median ms | min / {first} min | median / {first} median |")
     print(f"|---|---|---:|---:|---:|---:|")
     for name, _ in builds:
-        full = ms[("full", name)]
+        base = ms[(first, name)]
         for m in methods:
             xs = ms[(m, name)]
-            print(f"| {name} | {m} | {min(xs):.1f} | {statistics.median(xs):.1f} | {min(xs) / min(full):.3f} | "
-                  f"{statistics.median(xs) / statistics.median(full):.3f} |")
+            print(f"| {name} | {m} | {min(xs):.1f} | {statistics.median(xs):.1f} | {min(xs) / min(base):.3f} | "
+                  f"{statistics.median(xs) / statistics.median(base):.3f} |")
 
 
 if __name__ == "__main__":
