@@ -30,6 +30,7 @@ import ctypes
 import json
 import math
 import os
+import resource
 import sys
 import time
 
@@ -40,6 +41,8 @@ import torch.nn.functional as F
 CONFIGS = {
     "small": dict(vocab=256, d_model=256, layers=4, heads=4, d_ff=1024, seq=128, batch=16),
     "medium": dict(vocab=256, d_model=512, layers=8, heads=8, d_ff=2048, seq=256, batch=8),
+    # GPT-2 small's shape at issue 17's training step: bench --preset gpt2 --batch 8 --seq 512.
+    "gpt2": dict(vocab=50257, d_model=768, layers=12, heads=12, d_ff=3072, seq=512, batch=8),
 }
 
 
@@ -333,7 +336,9 @@ def main():
     times.sort()
     med = times[len(times) // 2]
     tokens = spec["batch"] * (spec["new_tokens"] if args.generate else spec["seq"])
-    print(f"{args.config} {args.method}: median {med:.1f} ms, {tokens / med * 1e3:.0f} tokens/s")
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(f"{args.config} {args.method}: median {med:.1f} ms, {tokens / med * 1e3:.0f} tokens/s, "
+          f"peak RSS {peak_mib:.0f} MiB")
 
 
 if __name__ == "__main__":
