@@ -12,7 +12,7 @@ estimate least disturbed by other load.
   tools/ab_steps.py --builds old=/tmp/oldbuild/bin/bench,new=build/bin/bench \\
       --config small --threads 1 --rounds 4
 
---config takes small or medium: bench's shapes (vocabulary 256, n 16).
+--config takes one of bench's shapes (tools/bench_shapes.py); n is 16.
 """
 import argparse
 import json
@@ -20,11 +20,7 @@ import os
 import statistics
 import subprocess
 
-# bench's configs (experiments/bench.cpp: model_preset dims, batch_seq).
-CONFIGS = {
-    "small": dict(d_model=256, layers=4, heads=4, d_ff=1024, seq=128, batch=16),
-    "medium": dict(d_model=512, layers=8, heads=8, d_ff=2048, seq=256, batch=8),
-}
+from bench_shapes import CONFIGS
 
 
 def main():
@@ -54,7 +50,7 @@ def main():
         order = builds if r % 2 == 0 else builds[::-1]
         for m in methods:
             for name, path in order:
-                spec = dict(kind="train", config=args.config, method=m, vocab=256, n=16, options={}, base_dir="",
+                spec = dict(kind="train", config=args.config, method=m, n=16, options={}, base_dir="",
                             prompt_len=64, new_tokens=64, warmup=1, threads=args.threads, **CONFIGS[args.config])
                 child = subprocess.Popen([path, "--child", json.dumps(spec)], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, text=True, env=env)
@@ -72,7 +68,7 @@ def main():
 
     first = methods[0]  # the ratios' denominator
     print(f"| build | method | min ms | median ms | min / {first} min | median / {first} median |")
-    print(f"|---|---|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|")
     for name, _ in builds:
         base = ms[(first, name)]
         for m in methods:
