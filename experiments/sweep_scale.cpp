@@ -125,14 +125,19 @@ int main(int argc, char** argv) {
                 }
                 rows.push_back({{"method", entry}, {"trainable_params", m.trainable_params}, {"test_loss", m.test_loss},
                                 {"loss_gap", gl}, {"metric", m.metric}, {"metric_gap", gm}, {"lr", m.lr}});
+                // With --pretrain-patience: the step the base's weights are from, of the budget.
+                const std::string steps = base.pretrain_best_step > 0
+                                              ? fmt::format("{} of {}", base.pretrain_best_step, s.pretrain_steps)
+                                              : std::to_string(s.pretrain_steps);
                 table += fmt::format("| {} | {:.2f}M | {} | {:.4f} | {} | {} | {:.4f} | {:+.4f} | {:.4f} | {:+.4f} |\n",
-                                     size.name(), n_params / 1e6, s.pretrain_steps, base.pretrain_valid_loss, entry,
+                                     size.name(), n_params / 1e6, steps, base.pretrain_valid_loss, entry,
                                      m.trainable_params, m.test_loss, gl, m.metric, gm);
             }
             per_size.push_back({{"size", size.name()},
                                 {"config", base.config.to_json()},
                                 {"base_params", n_params},
                                 {"pretrain_steps", s.pretrain_steps},
+                                {"pretrain_best_step", base.pretrain_best_step},
                                 {"pretrain_tokens", s.pretrain_steps * s.batch * T},
                                 {"pretrain_valid_loss", base.pretrain_valid_loss},
                                 {"methods", rows}});
@@ -151,11 +156,17 @@ int main(int argc, char** argv) {
             write_file_atomic(
                 a.out + "/report.md",
                 fmt::format("# sweep-scale on `{}`\n\nBases d x L (heads of 32 dimensions, d_ff 4d), each pretrained "
-                            "for max({}, {} tokens per parameter / (batch {} x seq)) steps; then every method for {} "
+                            "for max({}, {} tokens per parameter / (batch {} x seq)) steps{}; then every method for {} "
                             "updates (lr {}: 0 = each method's grid search), seed {}. Gap: the method's test loss "
                             "(and {}) minus {}'s on the same base.\n\n{}\nPlots: `gap_vs_params.png`, "
                             "`metric_gap_vs_params.png`.\n",
-                            a.task, steps_min, tokens_per_param, a.batch, a.steps, a.lr, a.seed, metric_name,
+                            a.task, steps_min, tokens_per_param, a.batch,
+                            a.pretrain_patience > 0
+                                ? fmt::format(", stopped after {} evaluations (every 1/20 of the steps) without a "
+                                              "lower valid loss and kept at the best one",
+                                              a.pretrain_patience)
+                                : "",
+                            a.steps, a.lr, a.seed, metric_name,
                             reference, table));
         fmt::print("\n{}\nreport: {}/report.md  plots: {}/gap_vs_params.png\n", table, a.out, a.out);
     } catch (const std::exception& e) {

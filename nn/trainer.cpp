@@ -88,6 +88,11 @@ Trainer::Trainer(NamedTensors tensors, Optimizer& opt, LossFn loss_fn, TrainOpti
     if (opts_.log_every < 0) bad("log_every", opts_.log_every, "must be >= 0");
     if (opts_.tokens_per_step < 0) bad("tokens_per_step", opts_.tokens_per_step, "must be >= 0");
     if (opts_.resume && opts_.out_dir.empty()) bad("resume", "true", "needs out_dir (where the checkpoint is)");
+    if (opts_.patience < 0) bad("patience", opts_.patience, "must be >= 0");
+    if (opts_.patience > 0 && opts_.early_stop_metric.empty())
+        bad("patience", opts_.patience, "needs early_stop_metric (the eval metric to watch)");
+    if (opts_.patience > 0 && !eval_fn_)
+        bad("patience", opts_.patience, "needs an eval function (early stopping watches its metric)");
     if (opts_.schedule) opts_.schedule->validate();
     if (!loss_fn_) throw std::invalid_argument("Trainer: the loss function is empty");
 
@@ -105,6 +110,14 @@ Trainer::Trainer(NamedTensors tensors, Optimizer& opt, LossFn loss_fn, TrainOpti
             throw std::invalid_argument(fmt::format(
                 "Trainer: optimizer parameter '{}' is not among the trainer's tensors, so checkpoints would miss it",
                 name));
+    if (opts_.patience > 0)
+        for (auto& [name, t] : tensors_) best_.emplace_back("best/" + name, Tensor::from_data(t.shape(), t.to_vector()));
+}
+
+NamedTensors Trainer::checkpoint_tensors() const {
+    NamedTensors all = tensors_;
+    all.insert(all.end(), best_.begin(), best_.end());
+    return all;
 }
 
 std::string Trainer::checkpoint_path() const {
@@ -125,7 +138,7 @@ int64_t Trainer::restore() {
         if (root && opts_.log_every > 0) fmt::print(stderr, "{}resume: no checkpoint at '{}', starting from step 0\n", opts_.log_prefix, path);
         return 0;
     }
-    const TrainingState state = load_training_state(path, tensors_, opt_, all_rngs());
+    const TrainingState state = load_training_state(path, checkpoint_tensors(), opt_, all_rngs());
     last_ckpt_step_ = state.step;
     if (root && opts_.log_every > 0) fmt::print(stderr, "{}resumed from '{}' at step {}\n", opts_.log_prefix, path, state.step);
     return state.step;
@@ -194,7 +207,7 @@ void Trainer::save_checkpoint(int64_t completed_steps) {
     if (opts_.out_dir.empty()) return;
     last_ckpt_step_ = completed_steps;
     if (!writes_files()) return;  // rank 0 writes; the others hold the same state
-    save_training_state(checkpoint_path(), tensors_, opt_, all_rngs(),
+    save_training_state(checkpoint_path(), checkpoint_tensors(), opt_, all_rngs(),
                         TrainingState{completed_steps, opts_.ckpt_metadata});
     write_csv();  // so a long run's CSV is current at every checkpoint
 }
@@ -220,6 +233,34 @@ TrainSummary Trainer::run() {
         for (auto& [name, t] : tensors_) comm.broadcast(Tensor(t).data(), size_t(t.numel()) * sizeof(float), 0);
     }
     reset_metrics(summary.start_step);
+
+    // Early stopping's state, read back from the metrics rows kept (a resumed
+    // run continues the count; the best tensors came with the checkpoint).
+    const std::string watched = "eval_" + opts_.early_stop_metric;
+    double best_value = std::numeric_limits<double>::infinity();
+    int64_t evals_since_best = 0;
+    auto copy_tensors = [](const NamedTensors& from, const NamedTensors& to) {
+        for (size_t i = 0; i < from.size(); ++i) {
+            const float* src = Tensor(from[i].second).data();
+            std::copy(src, src + from[i].second.numel(), Tensor(to[i].second).data());
+        }
+    };
+    // One evaluation's verdict; true when patience has run out.
+    auto observe = [&](int64_t completed, double value) {
+        if (value < best_value) {
+            best_value = value;
+            summary.best_step = completed;
+            evals_since_best = 0;
+            return false;
+        }
+        return ++evals_since_best >= opts_.patience;
+    };
+    if (opts_.patience > 0)
+        for (const MetricsRow& row : rows_)
+            if (const double* v = find_metric(row, watched)) {
+                const int64_t completed = int64_t(*find_metric(row, "step"));
+                summary.stopped_early = observe(completed, *v) && completed < opts_.steps;
+            }
 
     const int64_t total = opts_.steps;
     const int A = opts_.grad_accum;
@@ -256,7 +297,7 @@ TrainSummary Trainer::run() {
     };
 
     int64_t step = summary.start_step;
-    for (; step < total; ++step) {
+    for (; step < total && !summary.stopped_early; ++step) {
         const auto t0 = Clock::now();
         const double comm_before = comm.comm_seconds();
         const double lr = opts_.schedule ? opts_.schedule->at(step) : opt_.lr();
@@ -404,6 +445,18 @@ TrainSummary Trainer::run() {
             evals = eval_fn_(step + 1);
             for (auto& [key, value] : evals) row.emplace_back("eval_" + key, value);
             summary.final_eval = evals;
+            if (opts_.patience > 0) {
+                const auto it = evals.find(opts_.early_stop_metric);
+                if (it == evals.end()) {
+                    std::string names;
+                    for (auto& [key, value] : evals) names += (names.empty() ? "" : ", ") + key;
+                    throw std::invalid_argument(fmt::format(
+                        "Trainer: early_stop_metric '{}' is not among the eval function's metrics ({})",
+                        opts_.early_stop_metric, names));
+                }
+                summary.stopped_early = observe(step + 1, it->second) && !last;  // at the last update: no early stop
+                if (summary.best_step == step + 1) copy_tensors(tensors_, best_);
+            }
         }
         append_metrics(row);
 
@@ -444,7 +497,23 @@ TrainSummary Trainer::run() {
             if (tty && last && evals.empty()) fmt::print(stderr, "\n");
         }
 
-        if (last || (opts_.ckpt_every > 0 && (step + 1) % opts_.ckpt_every == 0)) save_checkpoint(step + 1);
+        if (summary.stopped_early && root && opts_.log_every > 0)
+            fmt::print(stderr, "{}early stop at step {} of {}: {} has not improved on {:.6g} (step {}) in {} evaluations\n",
+                       opts_.log_prefix, step + 1, total, opts_.early_stop_metric, best_value, summary.best_step,
+                       evals_since_best);
+        if (last || summary.stopped_early || (opts_.ckpt_every > 0 && (step + 1) % opts_.ckpt_every == 0))
+            save_checkpoint(step + 1);
+    }
+    if (opts_.patience > 0 && summary.best_step > 0 && summary.stop_reason.empty()) {
+        copy_tensors(best_, tensors_);
+        summary.final_eval.clear();
+        for (const MetricsRow& row : rows_)
+            if (*find_metric(row, "step") == double(summary.best_step))
+                for (auto& [key, value] : row)
+                    if (key.rfind("eval_", 0) == 0) summary.final_eval[key.substr(5)] = value;
+        if (root && opts_.log_every > 0)
+            fmt::print(stderr, "{}the trained tensors are those of step {} ({} {:.6g})\n", opts_.log_prefix,
+                       summary.best_step, opts_.early_stop_metric, best_value);
     }
 
     summary.completed = summary.stop_reason.empty();

@@ -47,6 +47,17 @@
 // loss function that draws its batches from (step, data_rng) alone, and a model
 // whose only randomness is in those generators, then continue bitwise as if
 // never interrupted. Metrics rows past the checkpoint are dropped on resume.
+//
+// Early stopping (patience > 0): after each evaluation, early_stop_metric
+// (lower is better, e.g. "valid_loss") either improves on the best so far (a
+// strict <; the trained tensors are copied aside) or counts one evaluation
+// without improvement; after `patience` of those in a row the run stops
+// (completed = true, stopped_early = true). Either way (not after a NaN stop)
+// the tensors end as at the best evaluation and final_eval holds that
+// evaluation's metrics; the optimizer state stays the last update's. The
+// copy travels in every checkpoint (as "best/<name>"), and the best value and
+// the count are read back from the metrics rows, so a resumed run stops where
+// the uninterrupted one does.
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -77,6 +88,8 @@ struct TrainOptions {
     NamedRngs rngs;                       // more generators to checkpoint, e.g. {"dropout", &model.dropout_rng()}
     Metadata ckpt_metadata;               // extra strings stored in every checkpoint
     dist::Communicator* comm = nullptr;   // the ranks to train with; nullptr: dist::world()
+    int64_t patience = 0;                 // > 0: early stopping after this many evaluations without a new best
+    std::string early_stop_metric;        // an eval_fn metric, lower is better; needed when patience > 0
 };
 
 struct TrainSummary {
@@ -86,7 +99,9 @@ struct TrainSummary {
     int64_t steps = 0;            // updates done in all, including start_step
     std::vector<double> losses;   // losses[i]: loss of update start_step + i + 1 (mean over micro-batches)
     double final_loss = 0.0;      // loss of the last update done (NaN if there was none)
-    std::map<std::string, double> final_eval;  // the last evaluation's metrics
+    std::map<std::string, double> final_eval;  // the last evaluation's metrics (early stopping: the best one's)
+    bool stopped_early = false;   // patience ran out before `steps` updates
+    int64_t best_step = 0;        // early stopping: the update whose tensors the run ends with (0: none evaluated)
     double wall_s = 0.0;          // this run, evaluation and checkpoints included
     double ms_per_step = 0.0;     // mean over this run's updates (forward, backward, optimizer)
     double tokens_per_s = 0.0;    // tokens_per_step / that time; 0 if tokens_per_step is 0
@@ -142,6 +157,8 @@ private:
     void append_metrics(const MetricsRow& row);
     void write_csv() const;
     void save_checkpoint(int64_t completed_steps);
+    // What a checkpoint holds: the trained tensors, then the best copies.
+    NamedTensors checkpoint_tensors() const;
 
     NamedTensors tensors_;
     Optimizer& opt_;
@@ -151,6 +168,7 @@ private:
     Rng data_rng_;
     std::vector<MetricsRow> rows_;  // one per update, eval metrics merged in
     int64_t last_ckpt_step_ = -1;       // -1: none written or loaded in this run
+    NamedTensors best_;  // patience > 0: the trained tensors at the best evaluation, "best/<name>"
 };
 
 }  // namespace peftlab

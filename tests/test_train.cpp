@@ -643,6 +643,109 @@ TEST_CASE("Trainer: a NaN loss stops before the optimizer steps; the last checkp
     CHECK(read_jsonl(tmp.path("run/metrics.jsonl")).size() == 7);
 }
 
+TEST_CASE("Trainer: early stopping ends at the best evaluation's tensors; a resumed run stops alike", "[train]") {
+    TempDir tmp;
+    // valid_loss after update k: the best is step 3; steps 4 and 5 do not
+    // improve on it (3.0 is not < 3.0), so patience 2 stops after step 5 of 12.
+    const std::map<int64_t, double> script{{1, 5.0}, {2, 4.0}, {3, 3.0}, {4, 3.0}, {5, 3.5}};
+    struct Run {
+        GPT model{tiny_config(), 5};
+        AdamW opt{trainable_named_parameters(model)};
+        std::map<int64_t, Snapshot> seen;  // the weights at each evaluation
+        std::optional<int64_t> crash_at;
+        TrainSummary train(const std::string& dir, bool resume, const std::map<int64_t, double>& script) {
+            TrainOptions o = quiet_options(12);
+            o.eval_every = 1;
+            o.ckpt_every = 2;
+            o.out_dir = dir;
+            o.resume = resume;
+            o.data_seed = 3;
+            o.patience = 2;
+            o.early_stop_metric = "valid_loss";
+            Trainer t(trainable_named_parameters(model), opt,
+                      [&](int64_t step, Rng& data, const dist::Shard&) -> MicroBatchLoss {
+                          if (crash_at && step == *crash_at) throw std::runtime_error("simulated crash");
+                          return batch_loss(model, random_batch(data, 2));
+                      },
+                      o,
+                      [&](int64_t completed) {
+                          seen[completed] = snapshot(model.named_parameters());
+                          return std::map<std::string, double>{{"valid_loss", script.at(completed)},
+                                                               {"other", double(completed)}};
+                      });
+            return t.run();
+        }
+    };
+    Run straight;
+    const TrainSummary s = straight.train(tmp.path("straight"), false, script);
+    CHECK(s.completed);
+    CHECK(s.stopped_early);
+    CHECK(s.steps == 5);
+    CHECK(s.losses.size() == 5);
+    CHECK(s.best_step == 3);
+    CHECK(s.final_eval == std::map<std::string, double>{{"valid_loss", 3.0}, {"other", 3.0}});
+    CHECK(bitwise_equal(snapshot(straight.model.named_parameters()), straight.seen.at(3)));
+    CHECK(!bitwise_equal(straight.seen.at(3), straight.seen.at(5)));
+
+    // Killed during update 5: resumes from the checkpoint of step 4 (best copy
+    // and count included) and stops after the same update, with the same tensors.
+    Run crashed;
+    crashed.crash_at = 4;
+    CHECK_THROWS_WITH(crashed.train(tmp.path("resumed"), false, script), Contains("simulated crash"));
+    clear_tape();
+    Run resumed;
+    const TrainSummary r = resumed.train(tmp.path("resumed"), true, script);
+    CHECK(r.start_step == 4);
+    CHECK(r.stopped_early);
+    CHECK(r.steps == 5);
+    CHECK(r.best_step == 3);
+    CHECK(bitwise_equal(snapshot(resumed.model.named_parameters()), straight.seen.at(3)));
+    CHECK(bitwise_equal(resumed.seen.at(5), straight.seen.at(5)));
+
+    // Started again after the stop: nothing left to train, the same best tensors.
+    Run again;
+    const TrainSummary a = again.train(tmp.path("resumed"), true, script);
+    CHECK(a.start_step == 5);
+    CHECK(a.losses.empty());
+    CHECK(a.stopped_early);
+    CHECK(bitwise_equal(snapshot(again.model.named_parameters()), straight.seen.at(3)));
+
+    // Patience that runs out only at the last update is no early stop; the run
+    // still ends at its best evaluation (step 10).
+    Run patient;
+    const std::map<int64_t, double> late{{1, 5.0}, {2, 4.0}, {3, 3.0}, {4, 3.0}, {5, 2.5},  {6, 9.0},
+                                         {7, 2.0}, {8, 1.0}, {9, 5.0}, {10, 0.5}, {11, 7.0}, {12, 8.0}};
+    const TrainSummary p = patient.train(tmp.path("patient"), false, late);
+    CHECK(!p.stopped_early);
+    CHECK(p.steps == 12);
+    CHECK(p.best_step == 10);
+    CHECK(bitwise_equal(snapshot(patient.model.named_parameters()), patient.seen.at(10)));
+}
+
+TEST_CASE("Trainer: early stopping's options are checked and a missing metric is named", "[train]") {
+    GPT model(tiny_config(), 5);
+    AdamW opt(trainable_named_parameters(model));
+    auto loss_fn = [&](int64_t, Rng& data, const dist::Shard&) -> MicroBatchLoss {
+        return batch_loss(model, random_batch(data, 2));
+    };
+    auto eval_fn = [](int64_t) { return std::map<std::string, double>{{"valid_loss", 1.0}, {"accuracy", 0.5}}; };
+    TrainOptions o = quiet_options(3);
+    o.patience = 2;
+    CHECK_THROWS_WITH(Trainer(trainable_named_parameters(model), opt, loss_fn, o, eval_fn),
+                      Contains("patience = 2 needs early_stop_metric"));
+    o.early_stop_metric = "valid_loss";
+    CHECK_THROWS_WITH(Trainer(trainable_named_parameters(model), opt, loss_fn, o),
+                      Contains("patience = 2 needs an eval function"));
+    o.patience = -1;
+    CHECK_THROWS_WITH(Trainer(trainable_named_parameters(model), opt, loss_fn, o, eval_fn),
+                      Contains("patience = -1 must be >= 0"));
+    o.patience = 2;
+    o.early_stop_metric = "bleu";
+    Trainer t(trainable_named_parameters(model), opt, loss_fn, o, eval_fn);
+    CHECK_THROWS_WITH(t.run(), Contains("early_stop_metric 'bleu'") && Contains("(accuracy, valid_loss)"));
+    clear_tape();
+}
+
 TEST_CASE("training-state files are all or nothing and name what is wrong", "[train]") {
     TempDir tmp;
     GPT model(tiny_config(), 1);

@@ -93,6 +93,7 @@ Base prepare_base(const CommonArgs& args) {
                 {"seed", args.seed},
                 {"batch", args.batch},
                 {"format", 3}};  // bumped whenever the built-in corpus or the vocabulary's source changes
+    if (args.pretrain_patience > 0) base.key["patience"] = args.pretrain_patience;
     // Split batches sum their gradients in another order: another base, bitwise.
     if (const int m = dist::world().size() * args.grad_accum; m > 1) base.key["micro_batches"] = m;
     base.dir = fmt::format("runs/pretrain/{:016x}", fnv1a(base.key.dump()));
@@ -304,6 +305,7 @@ Base load_or_pretrain(const CommonArgs& args) {
         std::ifstream info(base.dir + "/pretrain.json");
         nlohmann::json j = nlohmann::json::parse(info, nullptr, false);
         base.pretrain_valid_loss = j.is_object() ? j.value("valid_loss", 0.0) : 0.0;
+        base.pretrain_best_step = j.is_object() ? j.value("best_step", int64_t(0)) : 0;
         fmt::print(stderr, "[pretrain] cached base {} (valid loss {:.3f})\n", base.model_path, base.pretrain_valid_loss);
         return base;
     }
@@ -326,10 +328,13 @@ Base load_or_pretrain(const CommonArgs& args) {
     to.schedule = LRSchedule{ao.lr, std::max<int64_t>(1, args.pretrain_steps / 20), args.pretrain_steps,
                              LRSchedule::Decay::Cosine, 0.1};
     to.log_every = std::max<int64_t>(1, args.pretrain_steps / 10);
-    // Valid loss every ~10% of the run, and a checkpoint every ~5%: a killed
-    // run started again resumes from the last one (same data order, same curve).
-    to.eval_every = std::max<int64_t>(1, args.pretrain_steps / 10);
+    // Valid loss every ~10% of the run (~5% when stopping early), and a
+    // checkpoint every ~5%: a killed run started again resumes from the last
+    // one (same data order, same curve).
+    to.eval_every = std::max<int64_t>(1, args.pretrain_steps / (args.pretrain_patience > 0 ? 20 : 10));
     to.ckpt_every = std::max<int64_t>(1, args.pretrain_steps / 20);
+    to.patience = args.pretrain_patience;
+    if (to.patience > 0) to.early_stop_metric = "valid_loss";
     to.resume = true;
     to.log_prefix = "[pretrain] ";
     to.data_seed = args.seed + 1;
@@ -372,20 +377,24 @@ Base load_or_pretrain(const CommonArgs& args) {
     TrainSummary s = trainer.run();
     if (!s.completed) throw std::runtime_error("pretraining stopped: " + s.stop_reason);
     base.pretrain_valid_loss = s.final_eval.count("valid_loss") ? s.final_eval.at("valid_loss") : s.final_loss;
+    base.pretrain_best_step = s.best_step;
     base.pretrain_seconds = seconds_since(t0);
     if (dist::is_root()) {
         save_model(base.model_path, model, {{"tokenizer", base.tokenizer->to_json().dump()}});
         nlohmann::json info = {{"valid_loss", base.pretrain_valid_loss},
                                {"train_loss", s.final_loss},
                                {"seconds", base.pretrain_seconds},
+                               {"steps_done", s.steps},
+                               {"best_step", s.best_step},
                                {"key", base.key}};
         write_file_atomic(base.dir + "/pretrain.json", info.dump(2));
         fs::remove(trainer.checkpoint_path());  // the model file is what later runs need
     }
     // The other ranks load the base from rank 0's file (runs/ on a shared file system).
     dist::world().barrier();
-    fmt::print(stderr, "[pretrain] done in {:.0f} s, valid loss {:.3f}\n", base.pretrain_seconds,
-               base.pretrain_valid_loss);
+    fmt::print(stderr, "[pretrain] done in {:.0f} s, valid loss {:.3f}{}\n", base.pretrain_seconds,
+               base.pretrain_valid_loss,
+               s.best_step > 0 ? fmt::format(" (the weights of step {} of {} run)", s.best_step, s.steps) : "");
     return base;
 }
 

@@ -77,6 +77,9 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
         ("positions", "adapters' position convention: hf (HF PEFT: real tokens after the n virtual ones) or keep; default hf with --base, else keep", cxxopts::value<std::string>()->default_value(d.positions))
         ("corpus", "UTF-8 text file to pretrain on (default: the built-in restaurant corpus)", cxxopts::value<std::string>()->default_value(d.corpus))
         ("pretrain-steps", "base pretraining updates", cxxopts::value<int64_t>()->default_value(std::to_string(d.pretrain_steps)))
+        ("pretrain-patience", "early stopping: evaluate every 1/20 of --pretrain-steps and stop after this many "
+                              "evaluations without a lower valid loss, keeping the best weights (0: off)",
+            cxxopts::value<int64_t>()->default_value(std::to_string(d.pretrain_patience)))
         ("max-memory", "GB a run may use (its estimated peak is checked up front; default: what the system has "
                        "available; 0: no check)", cxxopts::value<double>());
     if (d.fine_tunes)
@@ -187,6 +190,9 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
     if (a.positions != "hf" && a.positions != "keep")
         throw std::invalid_argument(fmt::format("--positions: '{}' is not hf or keep", a.positions));
     a.pretrain_steps = positive("pretrain-steps", r["pretrain-steps"].as<int64_t>());
+    a.pretrain_patience = r["pretrain-patience"].as<int64_t>();
+    if (a.pretrain_patience < 0)
+        throw std::invalid_argument(fmt::format("--pretrain-patience: {} must be >= 0 (0: off)", a.pretrain_patience));
     if (r.count("max-memory")) {
         const double gb = r["max-memory"].as<double>();
         if (!(gb >= 0) || !std::isfinite(gb))

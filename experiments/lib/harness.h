@@ -43,6 +43,10 @@ struct CommonArgs {
     std::string base;       // a Hugging Face GPT-2 directory: its config, weights and tokenizer; no pretraining
     std::string positions;  // adapters' position convention: hf | keep; "" = hf with --base, else keep
     int64_t pretrain_steps = 4000;  // one default for every experiment, so they share the cached base
+    // > 0: pretraining evaluates every pretrain_steps / 20 updates and stops
+    // after this many evaluations without a lower valid loss; the base is the
+    // best evaluation's weights (Trainer's early stopping). 0: every step runs.
+    int64_t pretrain_patience = 0;
     size_t n_train = 0, n_valid = 0, n_test = 0;
     int64_t eval_examples = 0;  // test examples scored by generation
     // Fine-tuning's blocks with activation recomputation (GPT::set_recompute),
@@ -83,6 +87,7 @@ struct Base {
     GPTConfig config;
     double pretrain_valid_loss = 0.0;
     double pretrain_seconds = 0.0;  // 0 when loaded from the cache
+    int64_t pretrain_best_step = 0;  // --pretrain-patience: the update the base's weights are from (0: the last)
     bool cached = false;
     nlohmann::json key;                 // what the cache directory's name hashes
     std::vector<int32_t> corpus_tokens;  // the pretraining stream (only while not cached)
