@@ -91,6 +91,8 @@ TEST_CASE("pretrain cache key: what changes the base changes the directory, noth
     CHECK(dir_of({"--steps", "7"}) == d0);         // fine-tuning flags are not part of the base
     CHECK(dir_of({"--n-train", "50"}) == d0);      // nor the training-set size
     CHECK(dir_of({"--pretrain-steps", "6"}) != d0);
+    CHECK(dir_of({"--pretrain-patience", "0"}) == d0);  // off: the bases cached before early stopping existed
+    CHECK(dir_of({"--pretrain-patience", "3"}) != d0);  // another base: it may stop early
     CHECK(dir_of({"--seed", "1"}) != d0);
     CHECK(dir_of({"--seq", "40"}) != d0);
     // The word vocabulary comes from the task's data, so a data file changes it.
