@@ -113,6 +113,10 @@ int main(int argc, char** argv) {
                 all.push_back(by_method[entry]);
             }
             const MethodResult& ref = by_method.at(reference);
+            // With --pretrain-patience: the step the base's weights are from, of the budget.
+            const std::string steps = base.pretrain_best_step > 0
+                                          ? fmt::format("{} of {}", base.pretrain_best_step, s.pretrain_steps)
+                                          : std::to_string(s.pretrain_steps);
             nlohmann::json rows = nlohmann::json::array();
             for (const std::string& entry : s.methods) {
                 const MethodResult& m = by_method[entry];
@@ -125,10 +129,6 @@ int main(int argc, char** argv) {
                 }
                 rows.push_back({{"method", entry}, {"trainable_params", m.trainable_params}, {"test_loss", m.test_loss},
                                 {"loss_gap", gl}, {"metric", m.metric}, {"metric_gap", gm}, {"lr", m.lr}});
-                // With --pretrain-patience: the step the base's weights are from, of the budget.
-                const std::string steps = base.pretrain_best_step > 0
-                                              ? fmt::format("{} of {}", base.pretrain_best_step, s.pretrain_steps)
-                                              : std::to_string(s.pretrain_steps);
                 table += fmt::format("| {} | {:.2f}M | {} | {:.4f} | {} | {} | {:.4f} | {:+.4f} | {:.4f} | {:+.4f} |\n",
                                      size.name(), n_params / 1e6, steps, base.pretrain_valid_loss, entry,
                                      m.trainable_params, m.test_loss, gl, m.metric, gm);

@@ -111,7 +111,7 @@ Trainer::Trainer(NamedTensors tensors, Optimizer& opt, LossFn loss_fn, TrainOpti
                 "Trainer: optimizer parameter '{}' is not among the trainer's tensors, so checkpoints would miss it",
                 name));
     if (opts_.patience > 0)
-        for (auto& [name, t] : tensors_) best_.emplace_back("best/" + name, Tensor::from_data(t.shape(), t.to_vector()));
+        for (auto& [name, t] : tensors_) best_.emplace_back("best/" + name, t.clone());
 }
 
 NamedTensors Trainer::checkpoint_tensors() const {
@@ -240,10 +240,7 @@ TrainSummary Trainer::run() {
     double best_value = std::numeric_limits<double>::infinity();
     int64_t evals_since_best = 0;
     auto copy_tensors = [](const NamedTensors& from, const NamedTensors& to) {
-        for (size_t i = 0; i < from.size(); ++i) {
-            const float* src = Tensor(from[i].second).data();
-            std::copy(src, src + from[i].second.numel(), Tensor(to[i].second).data());
-        }
+        for (size_t i = 0; i < from.size(); ++i) Tensor(to[i].second).copy_from(from[i].second);
     };
     // One evaluation's verdict; true when patience has run out.
     auto observe = [&](int64_t completed, double value) {

@@ -334,7 +334,7 @@ Base load_or_pretrain(const CommonArgs& args) {
     to.eval_every = std::max<int64_t>(1, args.pretrain_steps / (args.pretrain_patience > 0 ? 20 : 10));
     to.ckpt_every = std::max<int64_t>(1, args.pretrain_steps / 20);
     to.patience = args.pretrain_patience;
-    if (to.patience > 0) to.early_stop_metric = "valid_loss";
+    to.early_stop_metric = "valid_loss";  // watched only when patience > 0
     to.resume = true;
     to.log_prefix = "[pretrain] ";
     to.data_seed = args.seed + 1;
