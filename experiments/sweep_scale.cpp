@@ -10,7 +10,6 @@
 // same for the task's metric). Output: runs/sweep-scale/{report.md,
 // results.json, gap_vs_params.png}.
 #include <algorithm>
-#include <cmath>
 
 #include <fmt/format.h>
 
@@ -63,7 +62,10 @@ int main(int argc, char** argv) {
             cxxopts::value<std::string>()->default_value("48x2,96x3,160x4,256x6"))
         ("pretrain-tokens-per-param", "pretraining budget: tokens per base parameter (steps = this x params / "
                                       "(batch x seq), at least --pretrain-steps)",
-            cxxopts::value<std::string>()->default_value("4"));
+            cxxopts::value<std::string>()->default_value("4"))
+        ("pretrain-max-steps", "ceiling on any base's pretraining steps (0: none); a capped base is marked in the "
+                               "report with its uncapped budget",
+            cxxopts::value<std::string>()->default_value("0"));
     cxxopts::ParseResult r;
     CommonArgs a = parse_or_exit(opts, argc, argv, d, &r);
     try {
@@ -74,6 +76,8 @@ int main(int argc, char** argv) {
             throw std::invalid_argument("--base: sweep-scale pretrains its own bases of --sizes; drop --base");
         const int64_t tokens_per_param = flags::int_flag(r, "pretrain-tokens-per-param", 1);
         const int64_t steps_min = a.pretrain_steps;
+        const int64_t steps_max = flags::int_flag(r, "pretrain-max-steps", 0);
+        scaled_pretrain_steps(0, tokens_per_param, 1, steps_min, steps_max);  // the flags' errors before any work
         // The reference every gap is taken against: the registered method that trains the base weights.
         std::string reference;
         for (const std::string& entry : a.methods) {
@@ -99,8 +103,9 @@ int main(int argc, char** argv) {
             const GPTConfig cfg = prepare_base(s).config;
             const double n_params = double(base_param_count(cfg));
             const int64_t T = cfg.max_seq;
-            s.pretrain_steps = std::max<int64_t>(
-                steps_min, int64_t(std::ceil(double(tokens_per_param) * n_params / double(s.batch * T))));
+            const int64_t budget_steps = scaled_pretrain_steps(n_params, tokens_per_param, s.batch * T, steps_min, 0);
+            s.pretrain_steps = scaled_pretrain_steps(n_params, tokens_per_param, s.batch * T, steps_min, steps_max);
+            const bool capped = s.pretrain_steps < budget_steps;
             Base base = load_or_pretrain(s);
             data::Task task = load_task(s, base);
             metric_name = task.metric_name();
@@ -114,9 +119,10 @@ int main(int argc, char** argv) {
             }
             const MethodResult& ref = by_method.at(reference);
             // With --pretrain-patience: the step the base's weights are from, of the budget.
-            const std::string steps = base.pretrain_best_step > 0
-                                          ? fmt::format("{} of {}", base.pretrain_best_step, s.pretrain_steps)
-                                          : std::to_string(s.pretrain_steps);
+            std::string steps = base.pretrain_best_step > 0
+                                    ? fmt::format("{} of {}", base.pretrain_best_step, s.pretrain_steps)
+                                    : std::to_string(s.pretrain_steps);
+            if (capped) steps += fmt::format(" (capped; budget {})", budget_steps);
             nlohmann::json rows = nlohmann::json::array();
             for (const std::string& entry : s.methods) {
                 const MethodResult& m = by_method[entry];
@@ -138,6 +144,7 @@ int main(int argc, char** argv) {
                                 {"base_params", n_params},
                                 {"pretrain_steps", s.pretrain_steps},
                                 {"pretrain_best_step", base.pretrain_best_step},
+                                {"pretrain_budget_steps", budget_steps},
                                 {"pretrain_tokens", s.pretrain_steps * s.batch * T},
                                 {"pretrain_valid_loss", base.pretrain_valid_loss},
                                 {"methods", rows}});
@@ -147,7 +154,8 @@ int main(int argc, char** argv) {
         for (auto& [m, sr] : metric_gap) metric_series.push_back(sr);
         write_results(a.out, "sweep-scale", all,
                       {{"task", a.task}, {"reference", reference}, {"sizes", per_size},
-                       {"pretrain_tokens_per_param", tokens_per_param}, {"pretrain_steps_min", steps_min}});
+                       {"pretrain_tokens_per_param", tokens_per_param}, {"pretrain_steps_min", steps_min},
+                       {"pretrain_steps_max", steps_max}});
         plot_png(a.out + "/gap_vs_params.png", "test loss gap to " + reference + " against base size",
                  "base parameters", "test loss - " + reference + "'s", loss_series, true);
         plot_png(a.out + "/metric_gap_vs_params.png", metric_name + " gap to " + reference + " against base size",
@@ -156,11 +164,12 @@ int main(int argc, char** argv) {
             write_file_atomic(
                 a.out + "/report.md",
                 fmt::format("# sweep-scale on `{}`\n\nBases d x L (heads of 32 dimensions, d_ff 4d), each pretrained "
-                            "for max({}, {} tokens per parameter / (batch {} x seq)) steps{}; then every method for {} "
+                            "for max({}, {} tokens per parameter / (batch {} x seq)) steps{}{}; then every method for {} "
                             "updates (lr {}: 0 = each method's grid search), seed {}. Gap: the method's test loss "
                             "(and {}) minus {}'s on the same base.\n\n{}\nPlots: `gap_vs_params.png`, "
                             "`metric_gap_vs_params.png`.\n",
                             a.task, steps_min, tokens_per_param, a.batch,
+                            steps_max > 0 ? fmt::format(" (at most {})", steps_max) : "",
                             a.pretrain_patience > 0
                                 ? fmt::format(", stopped after {} evaluations (every 1/20 of the steps) without a "
                                               "lower valid loss and kept at the best one",

@@ -104,6 +104,20 @@ TEST_CASE("pretrain cache key: what changes the base changes the directory, noth
     CHECK(word_dir({"--train", csv}) != word_dir({}));
 }
 
+TEST_CASE("scaled_pretrain_steps: tokens per parameter, a floor and a ceiling", "[harness]") {
+    // 1 token per parameter of 10,000 parameters at 768 tokens per update: ceil(13.02) = 14 updates.
+    CHECK(harness::scaled_pretrain_steps(10000, 1, 768, 5, 0) == 14);
+    CHECK(harness::scaled_pretrain_steps(10000, 4, 768, 5, 0) == 53);    // ceil(52.08)
+    CHECK(harness::scaled_pretrain_steps(10000, 1, 768, 300, 0) == 300);  // the floor, --pretrain-steps
+    CHECK(harness::scaled_pretrain_steps(10000, 1, 768, 5, 10) == 10);    // the ceiling
+    CHECK(harness::scaled_pretrain_steps(10000, 1, 768, 5, 20) == 14);    // a ceiling above the budget
+    CHECK_THROWS_WITH(harness::scaled_pretrain_steps(10000, 1, 768, 300, 10),
+                      "--pretrain-max-steps: 10 is below --pretrain-steps 300, the fewest steps of any base");
+    CHECK_THROWS_WITH(harness::scaled_pretrain_steps(1e30L, 100, 1, 5, 0),
+                      Contains("--pretrain-tokens-per-param") && Contains("set --pretrain-max-steps"));
+    CHECK(harness::scaled_pretrain_steps(1e30L, 100, 1, 5, 1000) == 1000);
+}
+
 TEST_CASE("run_method on a file-backed task: results, and a saved adapter that reloads", "[harness]") {
     testing::TempDir tmp;
     // A generation task from the E2E-format fixture, split from one file.

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
 #include <fmt/format.h>
 #include <sys/resource.h>
@@ -156,6 +157,24 @@ long double base_param_count(const GPTConfig& c) {
     // wte + wpe + per block (2 LayerNorms, q k v o with biases, the MLP) + ln_f (+ an untied head)
     return c.vocab * d + c.max_seq * d + L * (4 * d * d + 2 * d * F + F + 9 * d) + 2 * d +
            (c.tie_embeddings ? 0 : c.vocab * d);
+}
+
+int64_t scaled_pretrain_steps(long double n_params, int64_t tokens_per_param, int64_t tokens_per_step,
+                              int64_t min_steps, int64_t max_steps) {
+    if (max_steps > 0 && max_steps < min_steps)
+        throw std::invalid_argument(
+            fmt::format("--pretrain-max-steps: {} is below --pretrain-steps {}, the fewest steps of any base",
+                        max_steps, min_steps));
+    const long double scaled = std::ceil(tokens_per_param * n_params / (long double)tokens_per_step);
+    // Compared as long double: a user's sizes can put the scaled count past int64.
+    long double steps = std::max<long double>(min_steps, scaled);
+    if (max_steps > 0) steps = std::min<long double>(steps, max_steps);
+    if (steps > (long double)std::numeric_limits<int64_t>::max())
+        throw std::invalid_argument(fmt::format(
+            "--pretrain-tokens-per-param: {} tokens per parameter of {:.3g} parameters is {:.3g} updates, past "
+            "any count of steps; set --pretrain-max-steps",
+            tokens_per_param, (double)n_params, (double)steps));
+    return int64_t(steps);
 }
 
 MemoryEstimate estimate_peak_bytes(const GPTConfig& c, int64_t batch, int64_t seq, long double trainable,

@@ -127,6 +127,14 @@ MemoryEstimate estimate_peak_bytes(const GPTConfig& cfg, int64_t batch, int64_t 
                                    bool trains_base, int64_t extra_tokens, int threads);
 // Base parameters of cfg (tied embeddings: wte, wpe, L blocks, final LayerNorm).
 long double base_param_count(const GPTConfig& cfg);
+// A pretraining budget that grows with the base: ceil(tokens_per_param x
+// n_params / tokens_per_step) updates, at least min_steps and, when
+// max_steps > 0, at most max_steps (the ceiling that lets a large base into a
+// sweep whose smaller bases keep their full budget; report it as capped).
+// Throws std::invalid_argument naming --pretrain-max-steps when it is below
+// min_steps (--pretrain-steps).
+int64_t scaled_pretrain_steps(long double n_params, int64_t tokens_per_param, int64_t tokens_per_step,
+                              int64_t min_steps, int64_t max_steps);
 // Bytes this process may still allocate: min(MemAvailable, RLIMIT_AS - VmSize); -1 if unknown.
 long double available_memory_bytes();
 
