@@ -90,8 +90,9 @@ int main(int argc, char** argv) {
         std::vector<MethodResult> all;
         nlohmann::json per_size = nlohmann::json::array();
         std::map<std::string, Series> loss_gap, metric_gap;
-        std::string table = "| base | params | pretrain steps | pretrain valid loss | method | trainable | test loss | "
-                            "gap (loss) | metric | gap (metric) |\n|---|---:|---:|---:|---|---:|---:|---:|---:|---:|\n";
+        std::string table = "| base | params | pretrain steps | pretrain valid loss | method | trainable | updates kept | "
+                            "test loss | gap (loss) | metric | gap (metric) |\n"
+                            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|\n";
         std::string metric_name;
         for (const Size& size : sizes) {
             CommonArgs s = a;
@@ -134,10 +135,14 @@ int main(int argc, char** argv) {
                     metric_gap[entry].points.emplace_back(n_params, gm);
                 }
                 rows.push_back({{"method", entry}, {"trainable_params", m.trainable_params}, {"test_loss", m.test_loss},
-                                {"loss_gap", gl}, {"metric", m.metric}, {"metric_gap", gm}, {"lr", m.lr}});
-                table += fmt::format("| {} | {:.2f}M | {} | {:.4f} | {} | {} | {:.4f} | {:+.4f} | {:.4f} | {:+.4f} |\n",
+                                {"loss_gap", gl}, {"metric", m.metric}, {"metric_gap", gm}, {"lr", m.lr},
+                                {"steps", m.steps}, {"best_step", m.best_step}});
+                // With --patience: the update whose weights were kept, of the budget.
+                const std::string kept =
+                    m.best_step > 0 ? fmt::format("{} of {}", m.best_step, s.steps) : std::to_string(m.steps);
+                table += fmt::format("| {} | {:.2f}M | {} | {:.4f} | {} | {} | {} | {:.4f} | {:+.4f} | {:.4f} | {:+.4f} |\n",
                                      size.name(), n_params / 1e6, steps, base.pretrain_valid_loss, entry,
-                                     m.trainable_params, m.test_loss, gl, m.metric, gm);
+                                     m.trainable_params, kept, m.test_loss, gl, m.metric, gm);
             }
             per_size.push_back({{"size", size.name()},
                                 {"config", base.config.to_json()},
@@ -160,22 +165,25 @@ int main(int argc, char** argv) {
                  "base parameters", "test loss - " + reference + "'s", loss_series, true);
         plot_png(a.out + "/metric_gap_vs_params.png", metric_name + " gap to " + reference + " against base size",
                  "base parameters", metric_name + " - " + reference + "'s", metric_series, true);
+        // Trainer's early stopping in words (patience 0: none).
+        auto early_stopping = [](int64_t patience) {
+            return patience > 0 ? fmt::format(", stopped after {} evaluations (every 1/20 of the updates) without a "
+                                              "lower valid loss and kept at the best one",
+                                              patience)
+                                : std::string();
+        };
         if (peftlab::dist::is_root())
             write_file_atomic(
                 a.out + "/report.md",
                 fmt::format("# sweep-scale on `{}`\n\nBases d x L (heads of 32 dimensions, d_ff 4d), each pretrained "
                             "for max({}, {} tokens per parameter / (batch {} x seq)) steps{}{}; then every method for {} "
-                            "updates (lr {}: 0 = each method's grid search), seed {}. Gap: the method's test loss "
+                            "updates{} (lr {}: 0 = each method's grid search), seed {}. Gap: the method's test loss "
                             "(and {}) minus {}'s on the same base.\n\n{}\nPlots: `gap_vs_params.png`, "
                             "`metric_gap_vs_params.png`.\n",
                             a.task, steps_min, tokens_per_param, a.batch,
                             steps_max > 0 ? fmt::format(" (at most {})", steps_max) : "",
-                            a.pretrain_patience > 0
-                                ? fmt::format(", stopped after {} evaluations (every 1/20 of the steps) without a "
-                                              "lower valid loss and kept at the best one",
-                                              a.pretrain_patience)
-                                : "",
-                            a.steps, a.lr, a.seed, metric_name,
+                            early_stopping(a.pretrain_patience), a.steps, early_stopping(a.patience),
+                            a.lr, a.seed, metric_name,
                             reference, table));
         fmt::print("\n{}\nreport: {}/report.md  plots: {}/gap_vs_params.png\n", table, a.out, a.out);
     } catch (const std::exception& e) {

@@ -118,12 +118,10 @@ TEST_CASE("scaled_pretrain_steps: tokens per parameter, a floor and a ceiling", 
     CHECK(harness::scaled_pretrain_steps(1e30L, 100, 1, 5, 1000) == 1000);
 }
 
-TEST_CASE("run_method on a file-backed task: results, and a saved adapter that reloads", "[harness]") {
-    testing::TempDir tmp;
-    // A generation task from the E2E-format fixture, split from one file.
-    harness::CommonArgs a = parse({"--train", "tests/fixtures/data/restaurants.csv", "--input-field", "mr",
-                                   "--output-field", "ref", "--out", tmp.path("out")});
-    // A small base of our own (no pretraining: the harness only needs a saved model and its tokenizer).
+namespace {
+// A small base of our own for the task of `a` (no pretraining: the harness
+// only needs a saved model and its tokenizer), saved under `dir`.
+harness::Base untrained_base(const harness::CommonArgs& a, const std::string& dir) {
     data::Task raw = harness::load_task(a);
     std::string text;
     for (const auto* split : {&raw.train, &raw.valid, &raw.test})
@@ -134,12 +132,21 @@ TEST_CASE("run_method on a file-backed task: results, and a saved adapter that r
     base.config.vocab = base.tokenizer->vocab_size();
     base.config.d_model = 16, base.config.n_layers = 1, base.config.n_heads = 2, base.config.d_ff = 32;
     base.config.max_seq = 40;
-    base.dir = tmp.path("base");
-    base.model_path = tmp.path("base/model.safetensors");
+    base.dir = dir;
+    base.model_path = dir + "/model.safetensors";
     fs::create_directories(base.dir);
     save_model(base.model_path, GPT(base.config, 3));
     base.cached = true;
+    return base;
+}
+}  // namespace
 
+TEST_CASE("run_method on a file-backed task: results, and a saved adapter that reloads", "[harness]") {
+    testing::TempDir tmp;
+    // A generation task from the E2E-format fixture, split from one file.
+    harness::CommonArgs a = parse({"--train", "tests/fixtures/data/restaurants.csv", "--input-field", "mr",
+                                   "--output-field", "ref", "--out", tmp.path("out")});
+    const harness::Base base = untrained_base(a, tmp.path("base"));
     data::Task task = harness::load_task(a, base);
     CHECK(task.defaults.max_new_tokens > 1);  // from the data: the longest reference + EOS
     harness::MethodSpec spec = harness::make_spec(a, "lora");
@@ -189,6 +196,37 @@ TEST_CASE("run_method on a file-backed task: results, and a saved adapter that r
     // A rerun with the same settings finds the method finished; other settings do not.
     CHECK(harness::finished_results(tmp.path("out/results.json"), extra).count(res.label) == 1);
     CHECK(harness::finished_results(tmp.path("out/results.json"), {{"task", "other"}}).empty());
+}
+
+TEST_CASE("run_method with --patience keeps the weights of the lowest valid loss", "[harness]") {
+    testing::TempDir tmp;
+    harness::CommonArgs a = parse({"--train", "tests/fixtures/data/restaurants.csv", "--input-field", "mr",
+                                   "--output-field", "ref", "--patience", "2"});
+    CHECK(a.patience == 2);
+    CHECK(parse_error({"--patience", "-1"}) == "--patience: -1 must be >= 0 (0: off)");
+    const harness::Base base = untrained_base(a, tmp.path("base"));
+    data::Task task = harness::load_task(a, base);
+    harness::Budget budget = harness::make_budget(a);
+    CHECK(budget.patience == 2);
+    budget.steps = 60;
+    budget.lr = 3.0;  // far too high: the valid loss soon stops improving
+    budget.batch = 4;
+    budget.eval_examples = 1;
+    harness::MethodResult res = harness::run_method(base, task, harness::make_spec(a, "lora"), budget, "", 0);
+    // Evaluated every 60 / 20 = 3 updates; stopped 2 evaluations after the best one.
+    REQUIRE(res.valid_curve.size() >= 3);
+    auto best = res.valid_curve.begin();
+    for (auto it = res.valid_curve.begin(); it != res.valid_curve.end(); ++it) {
+        CHECK(it->first % 3 == 0);
+        if (it->second < best->second) best = it;  // strict: the first of equal values
+    }
+    CHECK(res.best_step == best->first);
+    CHECK(res.steps < budget.steps);
+    CHECK(res.steps == res.valid_curve.back().first);
+    CHECK(res.steps - res.best_step == 2 * 3);
+    // The kept weights are the best evaluation's: the valid loss measured again equals it.
+    CHECK(res.final_valid_loss == best->second);
+    CHECK(harness::MethodResult::from_json(res.to_json()).best_step == res.best_step);
 }
 
 TEST_CASE("degenerate generations are flagged: all empty, or all the same", "[harness]") {

@@ -34,6 +34,7 @@ Budget make_budget(const CommonArgs& a) {
     b.batch = a.batch;
     b.grad_accum = a.grad_accum;
     b.eval_examples = a.eval_examples;
+    b.patience = a.patience;
     return b;
 }
 
@@ -88,6 +89,10 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
                     "options, METHOD:KEY=VALUE[:KEY=VALUE] (e.g. lora:r=4)", cxxopts::value<std::string>()->default_value(
             [&] { std::string s; for (auto& m : d.methods) s += (s.empty() ? "" : ",") + m; return s; }()))
         ("steps", "fine-tuning updates per method", cxxopts::value<int64_t>()->default_value(std::to_string(d.steps)))
+        ("patience", "fine-tuning early stopping: evaluate every 1/20 of --steps and stop after this many evaluations "
+                     "without a lower valid loss, keeping the best weights (0: off, the last weights; 20 or more: never "
+                     "stops, keeps the best of the 20 evaluations)",
+            cxxopts::value<int64_t>()->default_value(std::to_string(d.patience)))
         ("lr", "learning rate (0 = small per-method search)", cxxopts::value<double>()->default_value(fmt::format("{}", d.lr)))
         ("prefix-len", "n: prompt / prefix vectors", cxxopts::value<int64_t>()->default_value(std::to_string(d.prefix_len)))
         ("n-train", "training examples (0 = task default)", cxxopts::value<size_t>()->default_value(std::to_string(d.n_train)))
@@ -220,6 +225,8 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
             throw std::invalid_argument(fmt::format("--methods: '{}' is listed twice in '{}'", m, list));
     }
     a.steps = positive("steps", r["steps"].as<int64_t>());
+    a.patience = r["patience"].as<int64_t>();
+    if (a.patience < 0) throw std::invalid_argument(fmt::format("--patience: {} must be >= 0 (0: off)", a.patience));
     a.lr = r["lr"].as<double>();
     if (!(a.lr >= 0.0)) throw std::invalid_argument(fmt::format("--lr: {} must be >= 0", a.lr));
     a.prefix_len = r["prefix-len"].as<int64_t>();

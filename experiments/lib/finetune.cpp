@@ -65,9 +65,10 @@ NamedTensors detail::trained_tensors(const Run& r) {
 namespace {
 
 // Trains run `r` for `steps` at `lr`; fills the curves when `res` is given.
+// patience > 0 (needs `res`): early stopping on the valid loss, the best weights kept.
 TrainSummary train(Run& r, const data::Task& task, const data::Tokenizer& tok, int64_t steps, double lr,
-                   int64_t batch, int grad_accum, int64_t eval_every, uint64_t seed, MethodResult* res,
-                   const std::string& prefix) {
+                   int64_t batch, int grad_accum, int64_t eval_every, int64_t patience, uint64_t seed,
+                   MethodResult* res, const std::string& prefix) {
     NamedTensors params = trained_tensors(r);
     AdamWOptions ao;
     ao.lr = lr;
@@ -79,6 +80,8 @@ TrainSummary train(Run& r, const data::Task& task, const data::Tokenizer& tok, i
     to.schedule = LRSchedule{lr, std::max<int64_t>(1, steps / 10), steps, LRSchedule::Decay::Cosine, 0.1};
     to.log_every = res ? std::max<int64_t>(1, steps / 5) : 0;
     to.eval_every = res ? eval_every : 0;
+    to.patience = res ? patience : 0;
+    to.early_stop_metric = "valid_loss";  // watched only when patience > 0
     to.log_prefix = prefix;
     to.data_seed = seed;
     to.grad_accum = grad_accum;
@@ -203,7 +206,7 @@ MethodResult run_method(const Base& base, const data::Task& task, const MethodSp
         double best_lr = grid[0], best = INFINITY;
         auto try_lr = [&](double lr) {
             Run r = make_run(base, spec, seed);
-            TrainSummary s = train(r, task, tok, budget.search_steps, lr, budget.batch, budget.grad_accum, 0, seed, nullptr,
+            TrainSummary s = train(r, task, tok, budget.search_steps, lr, budget.batch, budget.grad_accum, 0, 0, seed, nullptr,
                                    fmt::format("{} | lr search {:.0e}] ", tag, lr));
             double v = s.completed ? valid_loss(r, task, tok, budget.batch) : INFINITY;
             res.lr_search.emplace_back(lr, v);
@@ -240,11 +243,14 @@ MethodResult run_method(const Base& base, const data::Task& task, const MethodSp
         const std::string base_hash = out_dir.empty() ? "" : peft::base_hash(*r.model);
         fmt::print("{}] {}\n", tag, trainable_params_line(*r.adapter, *r.model));
         measure_step(r, task, tok, budget.batch, res);
-        int64_t eval_every = budget.eval_every ? budget.eval_every : std::max<int64_t>(1, budget.steps / 5);
-        TrainSummary s = train(r, task, tok, budget.steps, best_lr, budget.batch, budget.grad_accum, eval_every, seed, &res,
-                               fmt::format("{} | train lr {:.0e}] ", tag, best_lr));
+        // Early stopping looks more often, so it can stop near the best length.
+        const int64_t eval_every =
+            budget.eval_every ? budget.eval_every : std::max<int64_t>(1, budget.steps / (budget.patience > 0 ? 20 : 5));
+        TrainSummary s = train(r, task, tok, budget.steps, best_lr, budget.batch, budget.grad_accum, eval_every,
+                               budget.patience, seed, &res, fmt::format("{} | train lr {:.0e}] ", tag, best_lr));
         if (!s.completed) fmt::print(stderr, "{}] stopped early: {}\n", tag, s.stop_reason);
         res.steps = s.steps;
+        res.best_step = budget.patience > 0 && s.completed ? s.best_step : 0;
         res.ms_per_step = s.ms_per_step;
         res.loss_curve = s.losses;
         for (auto& [n, t] : r.adapter->parameters()) res.trainable_params += t.numel();
@@ -268,8 +274,9 @@ MethodResult run_method(const Base& base, const data::Task& task, const MethodSp
         score(r, task, tok, budget.eval_examples, budget.batch, res);
     }
     for (const std::string& f : res.flags) fmt::print(stderr, "{}] flag: {}\n", tag, f);
-    fmt::print(stderr, "{}] done: valid loss {:.4f} (LR-selection split), test loss {:.4f}, {} {:.4f} ({:.0f} s)\n",
-               tag, res.final_valid_loss, res.test_loss, res.metric_name, res.metric, seconds_since(t_method));
+    const std::string kept = res.best_step > 0 ? fmt::format(", weights of update {}", res.best_step) : "";
+    fmt::print(stderr, "{}] done: valid loss {:.4f} (LR-selection split{}), test loss {:.4f}, {} {:.4f} ({:.0f} s)\n",
+               tag, res.final_valid_loss, kept, res.test_loss, res.metric_name, res.metric, seconds_since(t_method));
     return res;
 }
 

@@ -35,6 +35,12 @@ struct CommonArgs {
     uint64_t seed = 0;
     int threads = 0;
     int64_t steps = 0;  // fine-tuning updates per method
+    // > 0: fine-tuning evaluates every steps / 20 updates and stops after this
+    // many evaluations without a lower valid loss, keeping the best
+    // evaluation's weights: the training length is chosen on the validation
+    // split (Hugging Face's EarlyStoppingCallback with load_best_model_at_end).
+    // 0: every step runs and the last weights are kept.
+    int64_t patience = 0;
     double lr = 0.0;    // 0: per-method search over lr_grid
     std::string out;    // run directory, default runs/<experiment>
     int64_t prefix_len = 16;
@@ -162,7 +168,8 @@ struct MethodResult {
     double metric = 0.0;
     std::map<std::string, double> extra_metrics;  // e.g. slot_error_rate
     std::vector<std::pair<std::string, std::string>> samples;  // (source, generated) of the first test examples
-    int64_t steps = 0;
+    int64_t steps = 0;      // updates run (fewer than the budget when early stopping ended the run)
+    int64_t best_step = 0;  // with patience: the update the kept weights are from; 0: the last
     double lr = 0.0;
     std::vector<std::pair<double, double>> lr_search;     // (lr, valid loss) tried
     std::vector<double> loss_curve;                       // training loss per update
@@ -202,7 +209,8 @@ struct Budget {
     double lr = 0.0;              // > 0: no search
     int64_t batch = 16;      // global batch
     int grad_accum = 1;      // micro-batches per update on each rank
-    int64_t eval_every = 0;  // 0: steps / 5
+    int64_t eval_every = 0;  // 0: steps / 5 (steps / 20 with patience)
+    int64_t patience = 0;    // CommonArgs::patience
     int64_t eval_examples = 100;
 };
 

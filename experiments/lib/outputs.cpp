@@ -26,6 +26,7 @@ nlohmann::json MethodResult::to_json() const {
                         {"final_valid_loss", final_valid_loss},
                         {"metric", {{"name", metric_name}, {"value", metric}}},
                         {"steps", steps},
+                        {"best_step", best_step},
                         {"lr", lr},
                         {"lr_grid", lr_grid},
                         {"selection_split", "valid"},
@@ -63,6 +64,7 @@ MethodResult MethodResult::from_json(const nlohmann::json& j) {
         if (k != "name" && k != "value") r.extra_metrics[k] = v.get<double>();
     for (auto& smp : j.value("samples", nlohmann::json::array())) r.samples.emplace_back(smp.at("source"), smp.at("generated"));
     r.steps = j.value("steps", int64_t(0));
+    r.best_step = j.value("best_step", int64_t(0));
     r.lr = j.value("lr", 0.0);
     r.lr_grid = j.value("lr_grid", std::vector<double>{});
     for (auto& e : j.value("lr_search", nlohmann::json::array())) r.lr_search.emplace_back(e.at("lr"), e.at("valid_loss"));
@@ -88,7 +90,7 @@ void flag_below_base(std::vector<MethodResult>& rs) {
 }
 
 nlohmann::json run_settings_json(const CommonArgs& a, const Base& base, int64_t search_steps) {
-    return {{"config", base.config.to_json()},
+    nlohmann::json j = {{"config", base.config.to_json()},
             {"seed", a.seed},
             {"steps", a.steps},
             {"search_steps", search_steps},
@@ -99,6 +101,8 @@ nlohmann::json run_settings_json(const CommonArgs& a, const Base& base, int64_t 
             {"tokenizer", a.tokenizer},
             {"recompute", a.recompute},
             {"base", {{"path", base.model_path}, {"pretrain_valid_loss", base.pretrain_valid_loss}}}};
+    if (a.patience > 0) j["patience"] = a.patience;  // absent when off: earlier runs' results stay reusable
+    return j;
 }
 
 std::map<std::string, MethodResult> finished_results(const std::string& path, const nlohmann::json& settings) {
