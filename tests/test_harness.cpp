@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include <fmt/format.h>
+
 #include "datasets/tasks.h"
 #include "experiments/lib/flags.h"
 #include "experiments/lib/harness.h"
@@ -227,6 +229,11 @@ TEST_CASE("run_method with --patience keeps the weights of the lowest valid loss
     // The kept weights are the best evaluation's: the valid loss measured again equals it.
     CHECK(res.final_valid_loss == best->second);
     CHECK(harness::MethodResult::from_json(res.to_json()).best_step == res.best_step);
+    CHECK_THAT(harness::results_table_md({res}),
+               Contains(fmt::format("(update {} of {})", res.best_step, res.steps)));
+    // The patience is a setting of the run: results of another patience are not reused.
+    CHECK(harness::run_settings_json(a, base, 1).at("patience") == 2);
+    CHECK(harness::run_settings_json(parse({}), base, 1).at("patience") == 0);
 }
 
 TEST_CASE("degenerate generations are flagged: all empty, or all the same", "[harness]") {

@@ -275,7 +275,7 @@ MethodResult run_method(const Base& base, const data::Task& task, const MethodSp
     }
     for (const std::string& f : res.flags) fmt::print(stderr, "{}] flag: {}\n", tag, f);
     const std::string kept = res.best_step > 0 ? fmt::format(", weights of update {}", res.best_step) : "";
-    fmt::print(stderr, "{}] done: valid loss {:.4f} (LR-selection split{}), test loss {:.4f}, {} {:.4f} ({:.0f} s)\n",
+    fmt::print(stderr, "{}] done: valid loss {:.4f} (selection split{}), test loss {:.4f}, {} {:.4f} ({:.0f} s)\n",
                tag, res.final_valid_loss, kept, res.test_loss, res.metric_name, res.metric, seconds_since(t_method));
     return res;
 }

@@ -90,7 +90,7 @@ void flag_below_base(std::vector<MethodResult>& rs) {
 }
 
 nlohmann::json run_settings_json(const CommonArgs& a, const Base& base, int64_t search_steps) {
-    nlohmann::json j = {{"config", base.config.to_json()},
+    return {{"config", base.config.to_json()},
             {"seed", a.seed},
             {"steps", a.steps},
             {"search_steps", search_steps},
@@ -100,9 +100,8 @@ nlohmann::json run_settings_json(const CommonArgs& a, const Base& base, int64_t 
             {"n_train", a.n_train},
             {"tokenizer", a.tokenizer},
             {"recompute", a.recompute},
+            {"patience", a.patience},
             {"base", {{"path", base.model_path}, {"pretrain_valid_loss", base.pretrain_valid_loss}}}};
-    if (a.patience > 0) j["patience"] = a.patience;  // absent when off: earlier runs' results stay reusable
-    return j;
 }
 
 std::map<std::string, MethodResult> finished_results(const std::string& path, const nlohmann::json& settings) {
@@ -128,9 +127,16 @@ std::map<std::string, MethodResult> finished_results(const std::string& path, co
     return out;
 }
 
+namespace {
+// With --patience: which update's weights the row's losses are of.
+std::string kept_update(const MethodResult& r) {
+    return r.best_step > 0 ? fmt::format(" (update {} of {})", r.best_step, r.steps) : "";
+}
+}  // namespace
+
 std::string results_table_md(const std::vector<MethodResult>& rs) {
     std::string s =
-        "| method | trainable params | % | step GFLOP | ms/step | peak MB | valid loss (LR-selection split) | "
+        "| method | trainable params | % | step GFLOP | ms/step | peak MB | valid loss (selection split) | "
         "test loss (held out) | metric (test) | flags |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
     for (const MethodResult& r : rs) {
@@ -138,9 +144,9 @@ std::string results_table_md(const std::vector<MethodResult>& rs) {
         for (auto& [k, v] : r.extra_metrics) metric += fmt::format(", {} {:.3f}", k, v);
         std::string flags;
         for (const std::string& f : r.flags) flags += (flags.empty() ? "" : "; ") + f;
-        s += fmt::format("| {} | {} | {:.3f} | {:.2f} | {:.0f} | {:.1f} | {:.4f} | {:.4f} | {} | {} |\n", r.label,
+        s += fmt::format("| {} | {} | {:.3f} | {:.2f} | {:.0f} | {:.1f} | {:.4f}{} | {:.4f} | {} | {} |\n", r.label,
                          r.trainable_params, r.trainable_pct, double(r.step_flops) / 1e9, r.ms_per_step,
-                         double(r.peak_bytes) / 1e6, r.final_valid_loss, r.test_loss, metric, flags);
+                         double(r.peak_bytes) / 1e6, r.final_valid_loss, kept_update(r), r.test_loss, metric, flags);
     }
     return s;
 }
@@ -149,12 +155,14 @@ void print_results_table(const std::vector<MethodResult>& rs) {
     fmt::print("\n{:<22} {:>12} {:>8} {:>10} {:>9} {:>9} {:>10} {:>10} {:>10}\n", "method", "trainable", "%",
                "GFLOP/step", "ms/step", "peak MB", "valid*", "test loss", "metric");
     for (const MethodResult& r : rs) {
-        fmt::print("{:<22} {:>12} {:>8.3f} {:>10.2f} {:>9.0f} {:>9.1f} {:>10.4f} {:>10.4f} {:>10.4f}\n", r.label,
+        fmt::print("{:<22} {:>12} {:>8.3f} {:>10.2f} {:>9.0f} {:>9.1f} {:>10.4f} {:>10.4f} {:>10.4f}{}\n", r.label,
                    r.trainable_params, r.trainable_pct, double(r.step_flops) / 1e9, r.ms_per_step,
-                   double(r.peak_bytes) / 1e6, r.final_valid_loss, r.test_loss, r.metric);
+                   double(r.peak_bytes) / 1e6, r.final_valid_loss, r.test_loss, r.metric,
+                   r.best_step > 0 ? fmt::format("  weights of update {} of {}", r.best_step, r.steps) : "");
         for (const std::string& f : r.flags) fmt::print("{:<22}   flag: {}\n", "", f);
     }
-    fmt::print("valid*: loss on the validation split, the one the learning rate was chosen on; "
+    fmt::print("valid*: loss on the validation split, the one the learning rate (and with --patience, the update "
+               "kept) was chosen on; "
                "test loss and metric: the held-out test split\n");
 }
 
