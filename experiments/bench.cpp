@@ -552,11 +552,7 @@ Args parse_args(int argc, char** argv) {
         ("torch-script", "the PyTorch side", cxxopts::value<std::string>()->default_value("tools/torch_bench.py"))
         ("out", "output directory", cxxopts::value<std::string>()->default_value("runs/bench"));
     // clang-format on
-    auto r = o.parse(argc, argv);
-    if (r.count("help")) {
-        std::cout << o.help() << std::endl;
-        std::exit(0);
-    }
+    auto r = flags::parse(o, argc, argv);  // --help prints and exits
     Args a;
     a.models["small"] = model_preset("small");
     a.models["small"].vocab = 256;

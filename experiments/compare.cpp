@@ -86,16 +86,17 @@ int main(int argc, char** argv) {
         std::string md = fmt::format(
             "# compare: PEFT methods on `{}`\n\n"
             "Base: {} (d={}, L={}, H={}, d_ff={}, vocab={}, T={}), pretrained valid loss {:.3f}.\n"
-            "Budget per method: {} updates of batch {} at the best of {} learning rates "
+            "Budget per method: {} updates{} of batch {} at the best of {} learning rates "
             "(each tried for {} updates); seed {}.\n\n{}\n"
-            "valid loss: the validation split, on which the learning rate was chosen; test loss and the metric: the "
+            "valid loss: the validation split, on which the learning rate (and with --patience, the update kept) was "
+            "chosen; test loss and the metric: the "
             "held-out test split. Flags name degenerate outcomes (one class, constant or empty outputs, below the "
             "unadapted base, a learning rate at the edge of its grid).\n\n"
             "Metric: `{}` on {} test examples (greedy decoding).\n\n"
             "Plots: `loss_curves.png`, `valid_curves.png`, `metric_vs_params.png`.\n"
             "Adapters: `adapters/<method>/` (inspect with `build/bin/adapter inspect DIR`).\n",
             task.name, base.model_path, base.config.d_model, base.config.n_layers, base.config.n_heads, base.config.d_ff,
-            base.config.vocab, base.config.max_seq, base.pretrain_valid_loss, a.steps, a.batch, a.lr > 0 ? 1 : 3 /* at least; see lr_grid in results.json */,
+            base.config.vocab, base.config.max_seq, base.pretrain_valid_loss, a.steps, early_stopping_words(a.patience), a.batch, a.lr > 0 ? 1 : 3 /* at least; see lr_grid in results.json */,
             search_steps, a.seed, table, task.metric_name(), extra["eval_examples"].get<int64_t>());
         if (peftlab::dist::is_root()) write_file_atomic(a.out + "/report.md", md);
         print_results_table(results);

@@ -165,13 +165,6 @@ int main(int argc, char** argv) {
                  "base parameters", "test loss - " + reference + "'s", loss_series, true);
         plot_png(a.out + "/metric_gap_vs_params.png", metric_name + " gap to " + reference + " against base size",
                  "base parameters", metric_name + " - " + reference + "'s", metric_series, true);
-        // Trainer's early stopping in words (patience 0: none).
-        auto early_stopping = [](int64_t patience) {
-            return patience > 0 ? fmt::format(", stopped after {} evaluations (every 1/20 of the updates) without a "
-                                              "lower valid loss and kept at the best one",
-                                              patience)
-                                : std::string();
-        };
         if (peftlab::dist::is_root())
             write_file_atomic(
                 a.out + "/report.md",
@@ -182,7 +175,7 @@ int main(int argc, char** argv) {
                             "`metric_gap_vs_params.png`.\n",
                             a.task, steps_min, tokens_per_param, a.batch,
                             steps_max > 0 ? fmt::format(" (at most {})", steps_max) : "",
-                            early_stopping(a.pretrain_patience), a.steps, early_stopping(a.patience),
+                            early_stopping_words(a.pretrain_patience), a.steps, early_stopping_words(a.patience),
                             a.lr, a.seed, metric_name,
                             reference, table));
         fmt::print("\n{}\nreport: {}/report.md  plots: {}/gap_vs_params.png\n", table, a.out, a.out);

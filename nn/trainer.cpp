@@ -495,9 +495,9 @@ TrainSummary Trainer::run() {
         }
 
         if (summary.stopped_early && root && opts_.log_every > 0)
-            fmt::print(stderr, "{}early stop at step {} of {}: {} has not improved on {:.6g} (step {}) in {} evaluations\n",
+            fmt::print(stderr, "{}early stop at step {} of {}: {} has not improved on {:.6g} (step {}) in {} evaluation{}\n",
                        opts_.log_prefix, step + 1, total, opts_.early_stop_metric, best_value, summary.best_step,
-                       evals_since_best);
+                       evals_since_best, evals_since_best == 1 ? "" : "s");
         if (last || summary.stopped_early || (opts_.ckpt_every > 0 && (step + 1) % opts_.ckpt_every == 0))
             save_checkpoint(step + 1);
     }

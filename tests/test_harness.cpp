@@ -206,6 +206,9 @@ TEST_CASE("run_method with --patience keeps the weights of the lowest valid loss
                                    "--output-field", "ref", "--patience", "2"});
     CHECK(a.patience == 2);
     CHECK(parse_error({"--patience", "-1"}) == "--patience: -1 must be >= 0 (0: off)");
+    // A value that is not a number names its flag (cxxopts names only the value).
+    CHECK(parse_error({"--patience", "abc"}) == "--patience: 'abc' is not a valid value (see --help)");
+    CHECK(parse_error({"--patience=2.5"}) == "--patience: '2.5' is not a valid value (see --help)");
     const harness::Base base = untrained_base(a, tmp.path("base"));
     data::Task task = harness::load_task(a, base);
     harness::Budget budget = harness::make_budget(a);
@@ -230,7 +233,7 @@ TEST_CASE("run_method with --patience keeps the weights of the lowest valid loss
     CHECK(res.final_valid_loss == best->second);
     CHECK(harness::MethodResult::from_json(res.to_json()).best_step == res.best_step);
     CHECK_THAT(harness::results_table_md({res}),
-               Contains(fmt::format("(update {} of {})", res.best_step, res.steps)));
+               Contains(fmt::format("(update {} of {} run)", res.best_step, res.steps)));
     // The patience is a setting of the run: results of another patience are not reused.
     CHECK(harness::run_settings_json(a, base, 1).at("patience") == 2);
     CHECK(harness::run_settings_json(parse({}), base, 1).at("patience") == 0);

@@ -25,6 +25,7 @@
 
 #include "autograd/flops.h"
 #include "autograd/tape.h"
+#include "experiments/lib/flags.h"
 #include "nn/gpt.h"
 #include "nn/optim.h"
 #include "peft/registry.h"
@@ -44,7 +45,7 @@ int main(int argc, char** argv) {
             "prefix-len", "prefix vectors per layer", cxxopts::value<int64_t>()->default_value("16"))(
             "method", "the PEFT method trained", cxxopts::value<std::string>()->default_value("prefix"))(  // method-names: the README's measurement, --method overrides
             "steps", "measured steps", cxxopts::value<int>()->default_value("3"));
-        auto a = o.parse(argc, argv);
+        auto a = flags::parse(o, argc, argv);
         if (!a.count("mode")) throw std::invalid_argument("--mode: required (fused or unfused)");
         const std::string mode = a["mode"].as<std::string>();
         if (mode != "fused" && mode != "unfused")

@@ -89,9 +89,10 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
                     "options, METHOD:KEY=VALUE[:KEY=VALUE] (e.g. lora:r=4)", cxxopts::value<std::string>()->default_value(
             [&] { std::string s; for (auto& m : d.methods) s += (s.empty() ? "" : ",") + m; return s; }()))
         ("steps", "fine-tuning updates per method", cxxopts::value<int64_t>()->default_value(std::to_string(d.steps)))
-        ("patience", "fine-tuning early stopping: evaluate every 1/20 of --steps and stop after this many evaluations "
-                     "without a lower valid loss, keeping the best weights (0: off, the last weights; 20 or more: never "
-                     "stops, keeps the best of the 20 evaluations)",
+        ("patience", "fine-tuning early stopping: evaluate every max(1, floor(--steps / 20)) updates and stop after "
+                     "this many evaluations without a lower valid loss, keeping the best weights (0: off, the last "
+                     "weights; at least the number of evaluations, 20 when --steps is a multiple of 20: never stops, "
+                     "keeps the best)",
             cxxopts::value<int64_t>()->default_value(std::to_string(d.patience)))
         ("lr", "learning rate (0 = small per-method search)", cxxopts::value<double>()->default_value(fmt::format("{}", d.lr)))
         ("prefix-len", "n: prompt / prefix vectors", cxxopts::value<int64_t>()->default_value(std::to_string(d.prefix_len)))

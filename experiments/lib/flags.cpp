@@ -41,8 +41,36 @@ __attribute__((constructor)) void set_omp_wait_policy(int, char** argv, char**) 
 
 bool omp_wait_policy_set() { return std::getenv("GOMP_SPINCOUNT") || std::getenv("OMP_WAIT_POLICY"); }
 
+namespace {
+// cxxopts names only the value that failed to parse ("Argument 'abc' failed
+// to parse"); the flag it was given to is found in argv: "--flag=value", or
+// "--flag value".
+std::string name_the_flag(const std::string& message, int argc, char** argv) {
+    const std::string head = "Argument " + cxxopts::LQUOTE, tail = cxxopts::RQUOTE + " failed to parse";
+    if (message.rfind(head, 0) != 0 || message.size() < head.size() + tail.size() ||
+        message.compare(message.size() - tail.size(), tail.size(), tail) != 0)
+        return message;
+    const std::string value = message.substr(head.size(), message.size() - head.size() - tail.size());
+    for (int i = 1; i < argc; ++i) {
+        const std::string arg = argv[i];
+        const size_t eq = arg.find('=');
+        std::string flag;
+        if (arg.rfind("-", 0) == 0 && eq != std::string::npos && arg.substr(eq + 1) == value) flag = arg.substr(0, eq);
+        else if (arg == value && i > 1 && argv[i - 1][0] == '-') flag = argv[i - 1];
+        if (!flag.empty()) return fmt::format("{}: '{}' is not a valid value (see --help)", flag, value);
+    }
+    return message;
+}
+}  // namespace
+
 cxxopts::ParseResult parse(cxxopts::Options& o, int argc, char** argv, const std::string& epilog) {
-    cxxopts::ParseResult r = o.parse(argc, argv);
+    cxxopts::ParseResult r = [&] {
+        try {
+            return o.parse(argc, argv);
+        } catch (const cxxopts::exceptions::incorrect_argument_type& e) {
+            throw std::invalid_argument(name_the_flag(e.what(), argc, argv));
+        }
+    }();
     if (r.count("help")) {
         std::cout << o.help() << "\n";
         if (!epilog.empty()) std::cout << epilog << "\n";

@@ -244,6 +244,9 @@ MethodResult evaluate(std::unique_ptr<GPT> model, std::unique_ptr<peft::Adapter>
 std::string write_results(const std::string& dir, const std::string& experiment, const std::vector<MethodResult>& rs,
                           const nlohmann::json& extra);
 std::string results_table_md(const std::vector<MethodResult>& rs);
+// Early stopping (--patience, --pretrain-patience) in words for a report:
+// ", kept at the best of its valid-loss evaluations ..."; "" when patience is 0.
+std::string early_stopping_words(int64_t patience);
 // The settings a training experiment's results.json starts with (and that
 // finished_results compares): the base's config and file, the seed, the
 // budget (steps, search_steps, batch, lr), prefix_len, n_train, tokenizer.

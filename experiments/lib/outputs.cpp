@@ -127,10 +127,17 @@ std::map<std::string, MethodResult> finished_results(const std::string& path, co
     return out;
 }
 
+std::string early_stopping_words(int64_t patience) {
+    return patience > 0 ? fmt::format(", kept at the best of its valid-loss evaluations (every 1/20 of the updates), "
+                                      "stopping after {} without a lower one",
+                                      patience)
+                        : std::string();
+}
+
 namespace {
 // With --patience: which update's weights the row's losses are of.
 std::string kept_update(const MethodResult& r) {
-    return r.best_step > 0 ? fmt::format(" (update {} of {})", r.best_step, r.steps) : "";
+    return r.best_step > 0 ? fmt::format(" (update {} of {} run)", r.best_step, r.steps) : "";
 }
 }  // namespace
 
@@ -158,7 +165,7 @@ void print_results_table(const std::vector<MethodResult>& rs) {
         fmt::print("{:<22} {:>12} {:>8.3f} {:>10.2f} {:>9.0f} {:>9.1f} {:>10.4f} {:>10.4f} {:>10.4f}{}\n", r.label,
                    r.trainable_params, r.trainable_pct, double(r.step_flops) / 1e9, r.ms_per_step,
                    double(r.peak_bytes) / 1e6, r.final_valid_loss, r.test_loss, r.metric,
-                   r.best_step > 0 ? fmt::format("  weights of update {} of {}", r.best_step, r.steps) : "");
+                   r.best_step > 0 ? fmt::format("  weights of update {} of {} run", r.best_step, r.steps) : "");
         for (const std::string& f : r.flags) fmt::print("{:<22}   flag: {}\n", "", f);
     }
     fmt::print("valid*: loss on the validation split, the one the learning rate (and with --patience, the update "
