@@ -250,7 +250,7 @@ MethodResult run_method(const Base& base, const data::Task& task, const MethodSp
                                budget.patience, seed, &res, fmt::format("{} | train lr {:.0e}] ", tag, best_lr));
         if (!s.completed) fmt::print(stderr, "{}] stopped early: {}\n", tag, s.stop_reason);
         res.steps = s.steps;
-        res.best_step = budget.patience > 0 && s.completed ? s.best_step : 0;
+        res.best_step = s.completed ? s.best_step : 0;  // the Trainer sets it only under patience
         res.ms_per_step = s.ms_per_step;
         res.loss_curve = s.losses;
         for (auto& [n, t] : r.adapter->parameters()) res.trainable_params += t.numel();

@@ -164,8 +164,7 @@ void print_results_table(const std::vector<MethodResult>& rs) {
     for (const MethodResult& r : rs) {
         fmt::print("{:<22} {:>12} {:>8.3f} {:>10.2f} {:>9.0f} {:>9.1f} {:>10.4f} {:>10.4f} {:>10.4f}{}\n", r.label,
                    r.trainable_params, r.trainable_pct, double(r.step_flops) / 1e9, r.ms_per_step,
-                   double(r.peak_bytes) / 1e6, r.final_valid_loss, r.test_loss, r.metric,
-                   r.best_step > 0 ? fmt::format("  weights of update {} of {} run", r.best_step, r.steps) : "");
+                   double(r.peak_bytes) / 1e6, r.final_valid_loss, r.test_loss, r.metric, kept_update(r));
         for (const std::string& f : r.flags) fmt::print("{:<22}   flag: {}\n", "", f);
     }
     fmt::print("valid*: loss on the validation split, the one the learning rate (and with --patience, the update "
