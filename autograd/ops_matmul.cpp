@@ -358,49 +358,93 @@ using detail::Vec16;
 
 // A decoding step's attention (one query row) as loops of our own: per head
 // it is a 1 x Tk x Dh product, less work than a BLAS call's own cost.
-// s[j] = scale * q . K_j for keys j < n (K's rows ldk apart). With Dh a
-// multiple of 16: 16 keys at a time, their dots reduced together (lanes, then
-// sum_lanes16); a last partial group repeats its last key. Every key's dot is
-// summed the same way wherever it falls.
+//
+// One key's dot, q . k over Dh: lanes by t mod 16 summed in order of t into
+// `lanes` (then summed by sum_lanes16, 16 dots at a time, whichever 16), or,
+// with Dh not a multiple of 16, a plain sum in order. query_scores and
+// decode_scores compute every dot through these, so their bits agree.
+inline void dot_lanes(const float* q, const float* k, int64_t Dh, Vec16& lanes) {
+    Vec16 sum = {};
+    for (int64_t t = 0; t < Dh; t += kLanes) sum += *(const Vec16*)(q + t) * *(const Vec16*)(k + t);
+    lanes = sum;
+}
+inline float dot_plain(const float* q, const float* k, int64_t Dh) {
+    float dot = 0.f;
+    for (int64_t t = 0; t < Dh; ++t) dot += q[t] * k[t];
+    return dot;
+}
+
+// s[j] = scale * q . K_j for keys j < n (K's rows ldk apart), one head: 16
+// keys at a time, their dots reduced together; a last partial group repeats
+// its last key. (The backward's recomputation of P for a single query row.)
 void query_scores(float* s, const float* q, const float* K, int64_t ldk, int64_t n, int64_t Dh, float scale) {
     if (Dh % kLanes != 0) {
-        for (int64_t j = 0; j < n; ++j) {
-            const float* k = K + j * ldk;
-            float dot = 0.f;
-            for (int64_t t = 0; t < Dh; ++t) dot += q[t] * k[t];
-            s[j] = scale * dot;
-        }
+        for (int64_t j = 0; j < n; ++j) s[j] = scale * dot_plain(q, K + j * ldk, Dh);
         return;
     }
     for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
         Vec16 acc[kLanes];
-        for (int64_t c = 0; c < kLanes; ++c) {
-            const float* k = K + std::min(j0 + c, n - 1) * ldk;
-            Vec16 sum = {};
-            for (int64_t t = 0; t < Dh; t += kLanes) sum += *(const Vec16*)(q + t) * *(const Vec16*)(k + t);
-            acc[c] = sum;
-        }
+        for (int64_t c = 0; c < kLanes; ++c) dot_lanes(q, K + std::min(j0 + c, n - 1) * ldk, Dh, acc[c]);
         float dots[kLanes];
         detail::sum_lanes16(acc, dots);
         for (int64_t c = 0; c < std::min(kLanes, n - j0); ++c) s[j0 + c] = scale * dots[c];
     }
 }
 
-// o = sum over keys j < n of p[j] V_j (V's rows ldv apart), in order of j;
-// keys with p = 0 (masked, padding) add nothing and are skipped.
-void weighted_values(float* o, const float* p, const float* V, int64_t ldv, int64_t n, int64_t Dh) {
-    const int64_t D16 = Dh - Dh % kLanes;
-    for (int64_t t = 0; t < D16; t += kLanes) {  // 16 output columns in a register
-        Vec16 acc = {};
+// The scores of one query row q [C] for heads [h0, h1) at once: P[h * ldp + j]
+// = scale * q_h . K_j,h for keys j < n. The keys are read row by row, all the
+// group's heads of a row together: a sequential stream through K [n, C]. One
+// head at a time instead reads a 256-byte piece of every 3 KB row (GPT-2
+// small), a strided walk across pages that the prefetchers follow poorly: at
+// batch 1 that took 6% of a decoding step for 2% of its bytes. The (key,
+// head) dots are reduced 16 at a time in that order; each dot's bits are
+// query_scores' (dot_lanes, then sum_lanes16's tree, which treats each of its
+// 16 vectors alike).
+void decode_scores(float* P, int64_t ldp, const float* q, const float* K, int64_t ldk, int64_t n, int64_t h0,
+                   int64_t h1, int64_t Dh, float scale) {
+    const int64_t pairs = n * (h1 - h0);
+    if (Dh % kLanes != 0) {
         for (int64_t j = 0; j < n; ++j)
-            if (p[j] != 0.f) acc += p[j] * *(const Vec16*)(V + j * ldv + t);
-        *(Vec16*)(o + t) = acc;
+            for (int64_t h = h0; h < h1; ++h) P[h * ldp + j] = scale * dot_plain(q + h * Dh, K + j * ldk + h * Dh, Dh);
+        return;
     }
-    for (int64_t t = D16; t < Dh; ++t) {
-        float acc = 0.f;
-        for (int64_t j = 0; j < n; ++j)
-            if (p[j] != 0.f) acc += p[j] * V[j * ldv + t];
-        o[t] = acc;
+    // Pair f is key f / nh, head h0 + f % nh; (j, h) steps along with f (a
+    // division per pair cost more than the dot).
+    int64_t j = 0, h = h0;
+    for (int64_t f0 = 0; f0 < pairs; f0 += kLanes) {
+        const int64_t group = std::min(kLanes, pairs - f0);
+        Vec16 acc[kLanes];
+        float* dst[kLanes];
+        for (int64_t c = 0; c < group; ++c) {
+            dot_lanes(q + h * Dh, K + j * ldk + h * Dh, Dh, acc[c]);
+            dst[c] = P + h * ldp + j;
+            if (++h == h1) h = h0, ++j;
+        }
+        for (int64_t c = group; c < kLanes; ++c) acc[c] = acc[group - 1];  // a last partial group repeats its last pair
+        float dots[kLanes];
+        detail::sum_lanes16(acc, dots);
+        for (int64_t c = 0; c < group; ++c) *dst[c] = scale * dots[c];
+    }
+}
+
+// o [C] (heads [h0, h1) of it) = sum over keys j < n of P[h, j] V_j,h, in
+// order of j; keys with p = 0 (masked, padding) add nothing and are skipped.
+// As decode_scores, V [n, C] is read row by row, all the group's heads of a
+// row together; o's columns are the accumulators (in L1: at most C floats).
+void decode_values(float* o, const float* P, int64_t ldp, const float* V, int64_t ldv, int64_t n, int64_t h0,
+                   int64_t h1, int64_t Dh) {
+    std::fill(o + h0 * Dh, o + h1 * Dh, 0.f);
+    const int64_t D16 = Dh - Dh % kLanes;
+    for (int64_t j = 0; j < n; ++j) {
+        const float* v = V + j * ldv;
+        for (int64_t h = h0; h < h1; ++h) {
+            const float p = P[h * ldp + j];
+            if (p == 0.f) continue;
+            float* oh = o + h * Dh;
+            const float* vh = v + h * Dh;
+            for (int64_t t = 0; t < D16; t += kLanes) *(Vec16*)(oh + t) += p * *(const Vec16*)(vh + t);
+            for (int64_t t = D16; t < Dh; ++t) oh[t] += p * vh[t];
+        }
     }
 }
 }  // namespace
@@ -607,25 +651,44 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
     };
     const float *pq = q.data(), *pk = k.data(), *pv = v.data();
     const float* valid = key_valid.defined() ? key_valid.data() : nullptr;
-    // Per-thread probability rows [Tq, Tk], allocated here: an allocation that
-    // throws inside the parallel region would terminate the process.
-    std::vector<float> scratch(size_t(parallel ? omp_get_max_threads() : 1) * size_t(Tq * Tk));
+    if (Tq == 1) {
+        // A decoding step: per batch row, its heads in `groups` groups (more
+        // than one only to give every thread work when there are fewer rows
+        // than threads; the bits do not depend on the grouping). P [H, Tk]
+        // per thread, allocated here: an allocation that throws inside the
+        // parallel region would terminate the process.
+        const int64_t groups = parallel ? std::min<int64_t>(H, (omp_get_max_threads() + B - 1) / B) : 1;
+        std::vector<float> scratch(size_t(parallel ? omp_get_max_threads() : 1) * size_t(H * Tk));
 #pragma omp parallel if (parallel)
-    {
-        float* P = scratch.data() + size_t(omp_get_thread_num()) * size_t(Tq * Tk);
+        {
+            float* P = scratch.data() + size_t(omp_get_thread_num()) * size_t(H * Tk);
 #pragma omp for collapse(2) schedule(static)
-        for (int64_t b = 0; b < B; ++b)
-            for (int64_t h = 0; h < H; ++h) {
-                const float* V = pv + b * S * C + h * Dh;
-                probs(P, pq + b * Tq * C + h * Dh, pk + b * S * C + h * Dh, valid, b,
-                      [&](int64_t i0, int64_t rows, int64_t kend) {  // out [rows, Dh] = P V
-                          float* o = po + (b * Tq + i0) * C + h * Dh;
-                          if (Tq == 1)
-                              weighted_values(o, P, V, C, kend, Dh);
-                          else
-                              gemm(false, false, rows, Dh, kend, 1.f, P + i0 * Tk, Tk, V, C, 0.f, o, C);
-                      });
-            }
+            for (int64_t b = 0; b < B; ++b)
+                for (int64_t g = 0; g < groups; ++g) {
+                    const int64_t h0 = g * H / groups, h1 = (g + 1) * H / groups;
+                    decode_scores(P, Tk, pq + b * C, pk + b * S * C, C, Tk, h0, h1, Dh, scale);
+                    for (int64_t h = h0; h < h1; ++h)  // one query row sees all Tk keys, causal or not
+                        masked_softmax_row(P + h * Tk, P + h * Tk, Tk, Tk, valid ? valid + mask_row(b, 0) : nullptr);
+                    decode_values(po + b * C, P, Tk, pv + b * S * C, C, Tk, h0, h1, Dh);
+                }
+        }
+    } else {
+        // Per-thread probability rows [Tq, Tk], allocated here (see above).
+        std::vector<float> scratch(size_t(parallel ? omp_get_max_threads() : 1) * size_t(Tq * Tk));
+#pragma omp parallel if (parallel)
+        {
+            float* P = scratch.data() + size_t(omp_get_thread_num()) * size_t(Tq * Tk);
+#pragma omp for collapse(2) schedule(static)
+            for (int64_t b = 0; b < B; ++b)
+                for (int64_t h = 0; h < H; ++h) {
+                    const float* V = pv + b * S * C + h * Dh;
+                    probs(P, pq + b * Tq * C + h * Dh, pk + b * S * C + h * Dh, valid, b,
+                          [&](int64_t i0, int64_t rows, int64_t kend) {  // out [rows, Dh] = P V
+                              gemm(false, false, rows, Dh, kend, 1.f, P + i0 * Tk, Tk, V, C, 0.f,
+                                   po + (b * Tq + i0) * C + h * Dh, C);
+                          });
+                }
+        }
     }
     flops::add(uint64_t(B * H * (4 * Tq * Tk * Dh + 5 * Tq * Tk)));
 

@@ -580,6 +580,49 @@ TEST_CASE("attention over the first kv_len positions of larger buffers equals at
                       Catch::Contains("gradients for k and v"));
 }
 
+// A decoding step's attention (Tq = 1) has loops of its own that read the
+// keys and values row by row, every head of a row together, and split heads
+// into groups across threads when there are fewer rows than threads.
+TEST_CASE("attention with one query row (a decoding step) equals the unfused reference, the same bits at any "
+          "thread count", "[autograd][gradcheck]") {
+    auto reference = [](const Tensor& q, const Tensor& k, const Tensor& v, int64_t H, const Tensor& kv) {
+        const int64_t B = q.dim(0), C = q.dim(2), Dh = C / H;
+        auto heads = [&](const Tensor& t) { return permute(reshape(t, {B, t.dim(1), H, Dh}), {0, 2, 1, 3}); };
+        Tensor s = mul_scalar(matmul(heads(q), heads(k), false, true), 1.f / std::sqrt(float(Dh)));
+        return reshape(permute(matmul(softmax(s, true, kv), heads(v)), {0, 2, 1, 3}), {B, 1, C});
+    };
+    // Dh 16 and 64: the vector dots; Dh 5: the plain ones. 3 heads and 37 keys:
+    // the (key, head) dots do not fill their last group of 16.
+    for (const int64_t Dh : {16, 64, 5}) {
+        const int64_t B = 2, H = 3, C = H * Dh, Tk = 37;
+        Tensor q = uniform({B, 1, C}, 831), k = uniform({B, Tk, C}, 832), v = uniform({B, Tk, C}, 833);
+        Tensor kv = Tensor::ones({B, Tk});
+        kv.data()[0] = kv.data()[5] = kv.data()[Tk + 36] = 0.f;  // padding, the last key of row 1 among it
+        for (bool causal : {true, false}) {
+            INFO("Dh " << Dh << (causal ? " causal" : " non-causal"));
+            const std::vector<float> got = attention(q, k, v, int(H), causal, kv).to_vector();
+            const std::vector<float> want = reference(q, k, v, H, kv).to_vector();
+            for (size_t i = 0; i < got.size(); ++i) CHECK(got[i] == Approx(want[i]).margin(1e-5));
+        }
+    }
+    // Its backward recomputes the probabilities one head at a time.
+    check_grads("attention, one query row, Dh 16", {param(uniform({2, 1, 32}, 834)), param(uniform({2, 6, 32}, 835)),
+                                                   param(uniform({2, 6, 32}, 836))},
+                [](auto& in) { return attention(in[0], in[1], in[2], 2, true); });
+    // One row long enough to run in parallel: its heads are split across threads.
+    const int64_t H = 3, C = 48, Tk = 11000;
+    Tensor q = uniform({1, 1, C}, 837), k = uniform({1, Tk, C}, 838), v = uniform({1, Tk, C}, 839);
+    const int before = threads();
+    set_threads(1);
+    const std::vector<float> one = attention(q, k, v, int(H), true).to_vector();
+    set_threads(2);
+    const std::vector<float> two = attention(q, k, v, int(H), true).to_vector();
+    set_threads(before);
+    CHECK(one == two);
+    const std::vector<float> want = reference(q, k, v, H, Tensor::ones({1, Tk})).to_vector();
+    for (size_t i = 0; i < one.size(); ++i) CHECK(one[i] == Approx(want[i]).margin(1e-5));
+}
+
 // ---- indexing and layout ---------------------------------------------------------------------
 
 TEST_CASE("gradcheck: embedding with repeated ids", "[autograd][gradcheck]") {

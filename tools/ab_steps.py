@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Interleaved A/B of training steps through `bench --child` (experiments/bench.cpp).
+"""Interleaved A/B of training steps, or of generate() calls, through `bench --child` (experiments/bench.cpp).
 
 On a shared machine a few-percent change drowns in the drift between whole
 `make bench` runs. This runs the rows step by step instead: every round, each
@@ -13,6 +13,11 @@ estimate least disturbed by other load.
       --config small --threads 1 --rounds 4
 
 --config takes one of bench's shapes (tools/bench_shapes.py); n is 16.
+--kind generate times one generate() call per step instead (64 prompt + 64 new
+tokens, --batch rows), e.g. batch-1 decoding on GPT-2 small's shape:
+
+  tools/ab_steps.py --builds old=/tmp/old/bench,new=build/bin/bench \
+      --config gpt2 --kind generate --batch 1 --methods base --rounds 6
 """
 import argparse
 import json
@@ -29,6 +34,8 @@ def main():
     ap.add_argument("--config", default="small", choices=sorted(CONFIGS))
     ap.add_argument("--methods", default="full,prefix,lora,prompt",  # method-names: a user-overridable default
                     help="comma-separated; ratios are to the first one's step")
+    ap.add_argument("--kind", default="train", choices=["train", "generate"])
+    ap.add_argument("--batch", type=int, help="rows per step (default: the config's training batch)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per child")
@@ -50,8 +57,11 @@ def main():
         order = builds if r % 2 == 0 else builds[::-1]
         for m in methods:
             for name, path in order:
-                spec = dict(kind="train", config=args.config, method=m, n=16, options={}, base_dir="",
-                            prompt_len=64, new_tokens=64, warmup=1, threads=args.threads, **CONFIGS[args.config])
+                shape = dict(CONFIGS[args.config])
+                if args.batch:
+                    shape["batch"] = args.batch
+                spec = dict(kind=args.kind, config=args.config, method=m, n=16, options={}, base_dir="",
+                            prompt_len=64, new_tokens=64, warmup=1, threads=args.threads, **shape)
                 child = subprocess.Popen([path, "--child", json.dumps(spec)], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, text=True, env=env)
                 json.loads(child.stdout.readline())  # {"ready": ...} after the warm-up step
