@@ -42,6 +42,20 @@ constexpr int64_t kFewRowsParallelMin = kMacsParallelMin / 4;
 typedef float Vec16 __attribute__((vector_size(64), aligned(4), may_alias));
 constexpr int64_t kLanes = 16;
 
+// B's elements in the few-rows kernels: floats as they lie, or IEEE binary16
+// (F16 weights for decoding) widened as they are loaded. Widening is exact,
+// so a dot sums the same floats either way.
+// (The K-tail's multiply-adds are explicit fma: whether GCC contracts a * b + c
+// on its own differed between the two element types.)
+inline float b_float(float x) { return x; }
+inline float b_float(uint16_t h) { return half_to_float(h); }
+#if defined(__AVX512F__)  // dots_chunk's loads (only AVX-512 builds use it: a Vec16 return value elsewhere changes the ABI)
+inline Vec16 load_b16(const float* p) { return *(const Vec16*)p; }
+inline Vec16 load_b16(const uint16_t* p) {
+    return (Vec16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
 // sums[p] = the sum of v[p]'s 16 lanes, for 16 vectors at once (a dot's
 // horizontal sum alone would cost as much as its K/16 multiply-adds). Every
 // v[p] is summed by the same tree: lanes l + l+8, then + 4, + 2, + 1. (The
@@ -79,8 +93,8 @@ inline void sum_lanes16(const Vec16 v[16], float sums[16]) {
 //
 // The first chunk (k0 = 0) starts from zero and also zeroes acc's rows past R,
 // so that all 16 vectors are defined for sum_lanes16.
-template <int R>
-void dots_chunk(const float* const* a, const float* const* b, const float* const* ahead, int64_t k0, int64_t k1,
+template <int R, class BT>
+void dots_chunk(const float* const* a, const BT* const* b, const BT* const* ahead, int64_t k0, int64_t k1,
                 Vec16 acc[4][4]) {
     Vec16 sum[R][4];  // in registers for the loop; acc lives in memory between chunks
     for (int r = 0; r < R; ++r)
@@ -89,13 +103,12 @@ void dots_chunk(const float* const* a, const float* const* b, const float* const
         for (int r = R; r < 4; ++r)
             for (int c = 0; c < 4; ++c) acc[r][c] = Vec16{};
     for (int64_t k = k0; k < k1; k += kLanes) {
-        if (ahead)
+        if (ahead && k % (64 / sizeof(BT)) == 0)  // a cache line per row
             for (int c = 0; c < 4; ++c) {
                 __builtin_prefetch(ahead[c] + k, 0, 2);      // into L2
                 __builtin_prefetch(ahead[4 + c] + k, 0, 3);  // into L1
             }
-        Vec16 b0 = *(const Vec16*)(b[0] + k), b1 = *(const Vec16*)(b[1] + k), b2 = *(const Vec16*)(b[2] + k),
-              b3 = *(const Vec16*)(b[3] + k);
+        Vec16 b0 = load_b16(b[0] + k), b1 = load_b16(b[1] + k), b2 = load_b16(b[2] + k), b3 = load_b16(b[3] + k);
         // Keeps each loaded vector in a register: left alone, GCC folds the
         // loads into every multiply-add's memory operand, loads 8R vectors per
         // step where R + 4 are needed, and the loop is bound by loads. Only
@@ -130,6 +143,14 @@ void dots_chunk(const float* const* a, const float* const* b, const float* const
 // lanes by k mod 8 in order of k, sum_lanes8's tree, then the K mod 8 tail.
 typedef float Vec8 __attribute__((vector_size(32), aligned(4), may_alias));
 constexpr int64_t kLanes8 = 8;
+constexpr int64_t kBlockRows = 2;  // rows of A per register block
+
+inline Vec8 load_b8(const float* p) { return *(const Vec8*)p; }
+#if defined(__F16C__)
+inline Vec8 load_b8(const uint16_t* p) {
+    return (Vec8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
 
 inline float sum_lanes8(const Vec8& v) {
     return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
@@ -137,20 +158,19 @@ inline float sum_lanes8(const Vec8& v) {
 
 // acc[r][c] += the lane sums of row r of A and row c of B over [k0, k1) (a
 // multiple of 8 long); k0 = 0 starts from zero. `ahead` as dots_chunk's.
-template <int R>
-void dots_chunk8(const float* const* a, const float* const* b, const float* const* ahead, int64_t k0, int64_t k1,
+template <int R, class BT>
+void dots_chunk8(const float* const* a, const BT* const* b, const BT* const* ahead, int64_t k0, int64_t k1,
                  Vec8 acc[2][4]) {
     Vec8 sum[R][4];
     for (int r = 0; r < R; ++r)
         for (int c = 0; c < 4; ++c) sum[r][c] = k0 == 0 ? Vec8{} : acc[r][c];
     for (int64_t k = k0; k < k1; k += kLanes8) {
-        if (ahead && k % 16 == 0)  // a cache line (16 floats) per row and two steps
+        if (ahead && k % (64 / sizeof(BT)) == 0)  // a cache line per row (16 floats, 32 halves)
             for (int c = 0; c < 4; ++c) {
                 __builtin_prefetch(ahead[c] + k, 0, 2);
                 __builtin_prefetch(ahead[4 + c] + k, 0, 3);
             }
-        const Vec8 b0 = *(const Vec8*)(b[0] + k), b1 = *(const Vec8*)(b[1] + k), b2 = *(const Vec8*)(b[2] + k),
-                   b3 = *(const Vec8*)(b[3] + k);
+        const Vec8 b0 = load_b8(b[0] + k), b1 = load_b8(b[1] + k), b2 = load_b8(b[2] + k), b3 = load_b8(b[3] + k);
         for (int r = 0; r < R; ++r) {
             const Vec8 x = *(const Vec8*)(a[r] + k);
             sum[r][0] += x * b0;
@@ -167,9 +187,10 @@ void dots_chunk8(const float* const* a, const float* const* b, const float* cons
 // rows are b[0..4) (a last partial block repeats its last row); C points at
 // column j0. Every dot is summed the same way whatever the rows: lanes by k
 // mod 8 in order of k, sum_lanes8's tree, then the K mod 8 tail.
-void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t lda, const float* const b[4],
-                    const float* const* ahead, float beta, float* C, int64_t ldc, int64_t w) {
-    constexpr int64_t kRows = 2, kMaxRowBlocks = kFewRows / kRows, kChunk = 256;
+template <class BT>
+void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t lda, const BT* const b[4],
+                    const BT* const* ahead, float beta, float* C, int64_t ldc, int64_t w) {
+    constexpr int64_t kRows = kBlockRows, kMaxRowBlocks = kFewRows / kRows, kChunk = 256;
     const int64_t K8 = K - K % kLanes8, row_blocks = (M + kRows - 1) / kRows;
     const float* a[kMaxRowBlocks][kRows];
     for (int64_t i = 0; i < M; ++i) a[i / kRows][i % kRows] = A + i * lda;
@@ -177,7 +198,7 @@ void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t l
     for (int64_t k0 = 0; k0 < std::max<int64_t>(K8, 1); k0 += kChunk) {
         const int64_t k1 = std::min(k0 + kChunk, K8);
         for (int64_t rb = 0; rb < row_blocks; ++rb) {
-            const float* const* pf = rb == 0 ? ahead : nullptr;
+            const BT* const* pf = rb == 0 ? ahead : nullptr;
             if (M - rb * kRows >= 2) dots_chunk8<2>(a[rb], b, pf, k0, k1, acc[rb]);
             else dots_chunk8<1>(a[rb], b, pf, k0, k1, acc[rb]);
         }
@@ -186,7 +207,7 @@ void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t l
         float* c = C + i * ldc;
         for (int64_t j = 0; j < w; ++j) {
             float dot = sum_lanes8(acc[i / kRows][i % kRows][j]);
-            for (int64_t k = K8; k < K; ++k) dot += a[i / kRows][i % kRows][k] * b[j][k];
+            for (int64_t k = K8; k < K; ++k) dot = std::fma(a[i / kRows][i % kRows][k], b_float(b[j][k]), dot);
             c[j] = alpha * dot + (beta == 0.f ? 0.f : beta * c[j]);
         }
     }
@@ -196,11 +217,14 @@ void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t l
 // Every dot is summed the same way whatever the number of rows and the block
 // its row falls in: lanes by k mod 16 in order of k, sum_lanes16's tree, then
 // the K mod 16 tail in order.
-void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t lda, const float* const b[4],
-                    const float* const* ahead, float beta, float* C, int64_t ldc, int64_t w) {
+constexpr int64_t kBlockRows = 4;  // rows of A per register block
+
+template <class BT>
+void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t lda, const BT* const b[4],
+                    const BT* const* ahead, float beta, float* C, int64_t ldc, int64_t w) {
     // Chunks of kChunk along K, so that a chunk of B (4 KB) and of every row
     // of A (16 KB at 16 rows) stay in L1 while the rows of A pass in blocks of 4.
-    constexpr int64_t kRows = 4, kMaxRowBlocks = kFewRows / kRows, kChunk = 256;
+    constexpr int64_t kRows = kBlockRows, kMaxRowBlocks = kFewRows / kRows, kChunk = 256;
     static_assert(kFewRows % kRows == 0 && kChunk % kLanes == 0);
     const int64_t K16 = K - K % kLanes, row_blocks = (M + kRows - 1) / kRows;
     const float* a[kMaxRowBlocks][kRows];
@@ -209,7 +233,7 @@ void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t l
     for (int64_t k0 = 0; k0 < std::max<int64_t>(K16, 1); k0 += kChunk) {  // one pass even if K < 16
         const int64_t k1 = std::min(k0 + kChunk, K16);
         for (int64_t rb = 0; rb < row_blocks; ++rb) {
-            const float* const* pf = rb == 0 ? ahead : nullptr;  // once per line (past the end: the last row)
+            const BT* const* pf = rb == 0 ? ahead : nullptr;  // once per line (past the end: the last row)
             switch (std::min(kRows, M - rb * kRows)) {
                 case 4: dots_chunk<4>(a[rb], b, pf, k0, k1, acc[rb]); break;
                 case 3: dots_chunk<3>(a[rb], b, pf, k0, k1, acc[rb]); break;
@@ -225,7 +249,7 @@ void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t l
             float* c = C + (rb * kRows + r) * ldc;
             for (int64_t j = 0; j < w; ++j) {
                 float dot = sums[4 * r + j];
-                for (int64_t k = K16; k < K; ++k) dot += a[rb][r][k] * b[j][k];
+                for (int64_t k = K16; k < K; ++k) dot = std::fma(a[rb][r][k], b_float(b[j][k]), dot);
                 c[j] = alpha * dot + (beta == 0.f ? 0.f : beta * c[j]);
             }
         }
@@ -233,31 +257,35 @@ void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t l
 }
 #endif
 
+// C [M, N] = alpha * A [M, K] B^T + beta * C for B [N, K] (a Linear weight,
+// floats or halves) read where it lies: C[i, j] = A_i . B_j, in blocks of 4
+// columns (4 rows of B), each read once for all M rows and fetched
+// `ahead_blocks` blocks ahead. So a row's result does not depend on the other
+// rows: a request decodes to the same tokens alone or in any batch.
+template <class BT>
+void few_rows_b_rows(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const BT* B,
+                     int64_t ldb, float beta, float* C, int64_t ldc, int64_t ahead_blocks, bool parallel) {
+    const int64_t blocks = (N + kFewCols - 1) / kFewCols;
+#pragma omp parallel for if (parallel) schedule(static)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t j0 = blk * kFewCols, w = std::min(kFewCols, N - j0);
+        const BT* b[kFewCols];
+        const BT* ahead[2 * kFewCols];
+        for (int64_t c = 0; c < kFewCols; ++c) {
+            b[c] = B + (j0 + std::min(c, w - 1)) * ldb;
+            ahead[c] = B + std::min(j0 + ahead_blocks * kFewCols + c, N - 1) * ldb;
+            ahead[kFewCols + c] = B + std::min(j0 + kFewCols + c, N - 1) * ldb;
+        }
+        few_rows_block(M, K, alpha, A, lda, b, ahead, beta, C + j0, ldc, w);
+    }
+}
+
 // C [M, N] = alpha * A [M, K] op(B) + beta * C. Each C element is computed by
 // one thread in a fixed order, so the result does not depend on the thread count.
 void gemm_few_rows(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                    const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
     const bool parallel = M * N * K > kFewRowsParallelMin;
-    if (trans_b) {
-        // B [N, K] (a Linear weight): C[i, j] = A_i . B_j, in blocks of 4
-        // columns (4 rows of B), each read once for all M rows. So a row's
-        // result does not depend on the other rows: a request decodes to the
-        // same tokens alone or in any batch.
-        const int64_t blocks = (N + kFewCols - 1) / kFewCols;
-#pragma omp parallel for if (parallel) schedule(static)
-        for (int64_t blk = 0; blk < blocks; ++blk) {
-            const int64_t j0 = blk * kFewCols, w = std::min(kFewCols, N - j0);
-            const float* b[kFewCols];
-            const float* ahead[2 * kFewCols];
-            for (int64_t c = 0; c < kFewCols; ++c) {
-                b[c] = B + (j0 + std::min(c, w - 1)) * ldb;
-                ahead[c] = B + std::min(j0 + kFewAhead * kFewCols + c, N - 1) * ldb;
-                ahead[kFewCols + c] = B + std::min(j0 + kFewCols + c, N - 1) * ldb;
-            }
-            few_rows_block(M, K, alpha, A, lda, b, ahead, beta, C + j0, ldc, w);
-        }
-        return;
-    }
+    if (trans_b) return few_rows_b_rows(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, kFewAhead, parallel);
     // B [K, N]: C_i = sum_k A[i, k] B_k, rows of B added in order, in column blocks.
     constexpr int64_t kBlock = 256;
     const int64_t blocks = (N + kBlock - 1) / kBlock;
@@ -300,13 +328,26 @@ void halves_to_floats(const uint16_t* src, float* dst, int64_t n, const uint16_t
 // 1 thread): 4 blocks 7.4 GB/s of F16 read, 16 blocks 10.5-10.8.
 constexpr int64_t kHalfAhead = 16;
 
-// gemm_few_rows' trans_b case with B in binary16: each block's 4 rows of B
-// are converted into a per-thread buffer [4, K] (in L1/L2), which
-// few_rows_block then reads as it reads a float B, so every dot is summed as
+// How many blocks ahead the widening path below fetches B's rows: as many
+// bytes ahead as the float kernel's kFewAhead blocks.
+constexpr int64_t kHalfWidenAhead = 2 * kFewAhead;
+
+// gemm_few_rows' trans_b case with B in binary16. Every dot is summed as
 // there: the result is gemm_few_rows' on B converted to float, bit for bit.
+// - At most one register block of rows of A (decoding at batch <= 2, <= 4
+//   with AVX-512): B's halves are widened as they are loaded, so the weight
+//   is read as the float kernel reads it, its 4 rows of a block interleaved
+//   with the multiply-adds and fetched ahead.
+// - More rows: each block's 4 rows of B are converted into a per-thread
+//   buffer [4, K] (in L1/L2) once, which few_rows_block then reads for every
+//   row block, as it reads a float B.
 void gemm_few_rows_half(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const uint16_t* B,
                         int64_t ldb, float beta, float* C, int64_t ldc) {
     const bool parallel = M * N * K > kFewRowsParallelMin;
+#if defined(__F16C__)
+    if (M <= kBlockRows)
+        return few_rows_b_rows(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, kHalfWidenAhead, parallel);
+#endif
     const int64_t blocks = (N + kFewCols - 1) / kFewCols;
 #pragma omp parallel if (parallel)
     {
@@ -320,7 +361,7 @@ void gemm_few_rows_half(int64_t M, int64_t N, int64_t K, float alpha, const floa
                 halves_to_floats(B + (j0 + c) * ldb, rows.data() + c * K, K, ahead_row < N ? B + ahead_row * ldb : nullptr);
             }
             for (int64_t c = 0; c < kFewCols; ++c) b[c] = rows.data() + std::min(c, w - 1) * K;
-            few_rows_block(M, K, alpha, A, lda, b, nullptr, beta, C + j0, ldc, w);
+            few_rows_block<float>(M, K, alpha, A, lda, b, nullptr, beta, C + j0, ldc, w);
         }
     }
 }

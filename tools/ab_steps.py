@@ -14,7 +14,7 @@ estimate least disturbed by other load.
 
 --config takes one of bench's shapes (tools/bench_shapes.py); n is 16.
 --kind generate times one generate() call per step instead (64 prompt + 64 new
-tokens, --batch rows), e.g. batch-1 decoding on GPT-2 small's shape:
+tokens, --batch rows; --f16 with F16 weights), e.g. batch-1 decoding on GPT-2 small's shape:
 
   tools/ab_steps.py --builds old=/tmp/old/bench,new=build/bin/bench \
       --config gpt2 --kind generate --batch 1 --methods base --rounds 6
@@ -36,6 +36,7 @@ def main():
                     help="comma-separated; ratios are to the first one's step")
     ap.add_argument("--kind", default="train", choices=["train", "generate"])
     ap.add_argument("--batch", type=int, help="rows per step (default: the config's training batch)")
+    ap.add_argument("--f16", action="store_true", help="generate with F16 weights (GPT::set_weights_f16)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per child")
@@ -61,7 +62,7 @@ def main():
                 if args.batch:
                     shape["batch"] = args.batch
                 spec = dict(kind=args.kind, config=args.config, method=m, n=16, options={}, base_dir="",
-                            prompt_len=64, new_tokens=64, warmup=1, threads=args.threads, **shape)
+                            prompt_len=64, new_tokens=64, warmup=1, threads=args.threads, f16=args.f16, **shape)
                 child = subprocess.Popen([path, "--child", json.dumps(spec)], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, text=True, env=env)
                 json.loads(child.stdout.readline())  # {"ready": ...} after the warm-up step
