@@ -437,7 +437,7 @@ void query_scores(float* s, const float* q, const float* K, int64_t ldk, int64_t
 // group's heads of a row together: a sequential stream through K [n, C]. One
 // head at a time instead reads a 256-byte piece of every 3 KB row (GPT-2
 // small), a strided walk across pages that the prefetchers follow poorly: at
-// batch 1 that took 6% of a decoding step for 2% of its bytes. The (key,
+// batch 1 that took 6% of a decoding step for 1.4% of its bytes. The (key,
 // head) dots are reduced 16 at a time in that order; each dot's bits are
 // query_scores' (dot_lanes, then sum_lanes16's tree, which treats each of its
 // 16 vectors alike).
