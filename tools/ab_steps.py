@@ -48,6 +48,10 @@ def main():
         if not sep or not os.access(path, os.X_OK):
             ap.error(f"--builds: '{item}' is not name=path of an executable bench")
         builds.append((name, path))
+    if args.batch is not None and args.batch <= 0:
+        ap.error(f"--batch: {args.batch} must be a positive number of rows")
+    if args.f16 and args.kind != "generate":
+        ap.error("--f16 needs --kind generate: F16 weights take no training step")
     methods = args.methods.split(",")
     if not all(methods) or len(set(methods)) != len(methods):
         ap.error(f"--methods: '{args.methods}' must name each method once")
@@ -59,7 +63,7 @@ def main():
         for m in methods:
             for name, path in order:
                 shape = dict(CONFIGS[args.config])
-                if args.batch:
+                if args.batch is not None:
                     shape["batch"] = args.batch
                 spec = dict(kind=args.kind, config=args.config, method=m, n=16, options={}, base_dir="",
                             prompt_len=64, new_tokens=64, warmup=1, threads=args.threads, f16=args.f16, **shape)
