@@ -196,9 +196,10 @@ const TaskInfo& task_info(const std::string& name) {
     throw std::invalid_argument(fmt::format("unknown task \"{}\" (valid: {})", name, known_tasks()));
 }
 
-Task make_task(const std::string& name, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed) {
+Task make_task(const std::string& name, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed,
+               bool open_vocabulary) {
     const TaskInfo& info = task_info(name);
-    Task t = info.make(TaskRequest{n_train, n_valid, n_test, seed});
+    Task t = info.make(TaskRequest{n_train, n_valid, n_test, seed, open_vocabulary});
     t.name = name;
     t.defaults = info.defaults;
     return t;

@@ -124,10 +124,14 @@ struct Task {
 };
 
 // What a factory is asked for: split sizes (the caller resolves "default" to
-// TaskInfo::defaults) and the seed of the data.
+// TaskInfo::defaults), the seed of the data, and whether the run's tokenizer
+// encodes any text (byte-level or GPT-2 BPE) rather than a word vocabulary
+// built from the data: a task may then drop filters that exist only to keep
+// its text inside a small word vocabulary.
 struct TaskRequest {
     size_t n_train = 0, n_valid = 0, n_test = 0;
     uint64_t seed = 0;
+    bool open_vocabulary = false;
 };
 
 struct TaskInfo {
@@ -142,9 +146,10 @@ const std::vector<TaskInfo>& tasks();
 std::vector<std::string> task_names();
 // Throws std::invalid_argument naming the unknown task and listing the known ones.
 const TaskInfo& task_info(const std::string& name);
-// task_info(name).make({n_train, n_valid, n_test, seed}) with its name and
-// defaults set from the TaskInfo.
-Task make_task(const std::string& name, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed);
+// task_info(name).make({n_train, n_valid, n_test, seed, open_vocabulary})
+// with its name and defaults set from the TaskInfo.
+Task make_task(const std::string& name, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed,
+               bool open_vocabulary = false);
 // Adds a task defined outside datasets/ (a test, a user's program); from then
 // on it is available by name (--task) like the built-in ones. Throws
 // std::invalid_argument for an empty or taken name or a missing factory.

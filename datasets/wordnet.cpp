@@ -317,8 +317,15 @@ void for_each_synset(const Database& db, F&& f) {
 }
 
 // The opt.common_words most frequent split_words() tokens of all glosses
-// (definitions and examples), ties broken by the token's text.
-std::set<std::string> common_tokens(const Database& db, size_t n) {
+// (definitions and examples), ties broken by the token's text; every token
+// when opt.common_words is 0.
+struct CommonTokens {
+    bool everything = false;
+    std::set<std::string> words;
+    bool contains(const std::string& w) const { return everything || words.count(w) > 0; }
+};
+CommonTokens common_tokens(const Database& db, size_t n) {
+    if (n == 0) return CommonTokens{true, {}};
     std::unordered_map<std::string, size_t> count;
     for_each_synset(db, [&](const Synset& s) {
         for (auto& w : split_words(s.parsed.definition)) ++count[w];
@@ -327,19 +334,19 @@ std::set<std::string> common_tokens(const Database& db, size_t n) {
     });
     std::vector<std::pair<std::string, size_t>> v(count.begin(), count.end());
     std::sort(v.begin(), v.end(), [](auto& a, auto& b) { return a.second != b.second ? a.second > b.second : a.first < b.first; });
-    std::set<std::string> out;
-    for (size_t i = 0; i < std::min(n, v.size()); ++i) out.insert(v[i].first);
+    CommonTokens out;
+    for (size_t i = 0; i < std::min(n, v.size()); ++i) out.words.insert(v[i].first);
     return out;
 }
 
 // Why a synset's definition cannot be an example, or "" if it can.
-std::string definition_problem(const Synset& s, const TaskOptions& opt, const std::set<std::string>& common) {
+std::string definition_problem(const Synset& s, const TaskOptions& opt, const CommonTokens& common) {
     if (!s.parsed.balanced) return "unbalanced quotes in gloss";
     if (s.parsed.definition.empty()) return "no definition (examples only)";
     if (s.parsed.definition.size() > opt.max_definition_bytes)
         return fmt::format("definition longer than {} bytes", opt.max_definition_bytes);
     for (auto& w : split_words(s.parsed.definition))
-        if (!common.count(w)) return fmt::format("definition has a word outside the {} most common", opt.common_words);
+        if (!common.contains(w)) return fmt::format("definition has a word outside the {} most common", opt.common_words);
     return "";
 }
 
@@ -393,7 +400,7 @@ void attach_corpus(Task& t, const Database& db, const TaskOptions& opt, const Ta
 
 Task make_gloss_task(const Database& db, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed,
                          const TaskOptions& opt, TaskReport* report) {
-    const std::set<std::string> common = common_tokens(db, opt.common_words);
+    const CommonTokens common = common_tokens(db, opt.common_words);
     TaskReport rep;
     // key -> definitions of its qualifying senses, in file (offset) order per pos.
     std::map<std::string, std::vector<std::string>> senses[3];  // by Split
@@ -401,7 +408,7 @@ Task make_gloss_task(const Database& db, size_t n_train, size_t n_valid, size_t 
         ++rep.synsets;
         std::string why = definition_problem(s, opt, common);
         if (why.empty() && !is_lower_word(s.words[0].lemma)) why = "head word not one lower-case a-z word";
-        if (why.empty() && !common.count(s.words[0].lemma))
+        if (why.empty() && !common.contains(s.words[0].lemma))
             why = fmt::format("head word outside the {} most common", opt.common_words);
         if (!why.empty()) {
             ++rep.filtered[why];
@@ -445,7 +452,7 @@ Task make_gloss_task(const Database& db, size_t n_train, size_t n_valid, size_t 
 Task make_pos_task(const Database& db, size_t n_train, size_t n_valid, size_t n_test, uint64_t seed,
                        const TaskOptions& opt, TaskReport* report) {
     static const std::vector<std::string> kLabels = {"noun", "verb", "adjective", "adverb"};
-    const std::set<std::string> common = common_tokens(db, opt.common_words);
+    const CommonTokens common = common_tokens(db, opt.common_words);
     TaskReport rep;
     // [split][class] -> (FNV-1a of "key offset", definition)
     std::vector<std::pair<uint64_t, std::string>> pool[3][4];
@@ -509,10 +516,10 @@ Task make_pos_task(const Database& db, size_t n_train, size_t n_valid, size_t n_
 
 std::string pretraining_corpus(const Database& db, size_t max_lines, uint64_t seed, const TaskOptions& opt,
                                TaskReport* report) {
-    const std::set<std::string> common = common_tokens(db, opt.common_words);
+    const CommonTokens common = common_tokens(db, opt.common_words);
     auto all_common = [&](const std::string& text) {
         for (auto& w : split_words(text))
-            if (!common.count(w)) return false;
+            if (!common.contains(w)) return false;
         return true;
     };
     TaskReport rep;
@@ -567,11 +574,23 @@ std::string corpus_id(const Database& db, const TaskOptions& opt) {
 
 namespace peftlab::data {
 
+namespace {
+
+// The vocabulary filter exists for a word tokenizer built from the data; a
+// tokenizer that encodes any text gets every gloss.
+wordnet::TaskOptions options_for(const TaskRequest& req) {
+    wordnet::TaskOptions opt;
+    if (req.open_vocabulary) opt.common_words = 0;
+    return opt;
+}
+
+}  // namespace
+
 Task make_wordnet_gloss_task(const TaskRequest& req) {
-    return wordnet::make_gloss_task(wordnet::cached(), req.n_train, req.n_valid, req.n_test, req.seed);
+    return wordnet::make_gloss_task(wordnet::cached(), req.n_train, req.n_valid, req.n_test, req.seed, options_for(req));
 }
 Task make_wordnet_pos_task(const TaskRequest& req) {
-    return wordnet::make_pos_task(wordnet::cached(), req.n_train, req.n_valid, req.n_test, req.seed);
+    return wordnet::make_pos_task(wordnet::cached(), req.n_train, req.n_valid, req.n_test, req.seed, options_for(req));
 }
 
 }  // namespace peftlab::data

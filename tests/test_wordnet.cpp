@@ -5,6 +5,7 @@
 // 3.0 against Princeton's published statistics (wnstats(7WN)).
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -340,6 +341,68 @@ TEST_CASE("wordnet: definition task split, references and corpus hygiene", "[wor
     for (size_t i = 0; i < t.train.size(); ++i) CHECK(t3.train[i].target == t.train[i].target);
 
     CHECK_THROWS_WITH(wn::make_gloss_task(db, 300, 30, 100000, 7), Catch::Contains("test split") && Catch::Contains("qualify"));
+}
+
+namespace {
+
+// Train-split synsets a corpus without a vocabulary filter must hold: a
+// balanced gloss with a definition (the filters left when common_words is 0).
+size_t unfiltered_corpus_lines(const wn::Database& db) {
+    size_t n = 0;
+    for (const auto* file : {&db.noun, &db.verb, &db.adj, &db.adv})
+        for (const auto& s : *file)
+            n += wn::split_of(s) == wn::Split::Train && s.parsed.balanced && !s.parsed.definition.empty();
+    return n;
+}
+
+bool filters_vocabulary(const wn::TaskReport& r) {
+    for (const auto& [why, n] : r.filtered)
+        if (why.find("most common") != std::string::npos) return true;
+    return false;
+}
+
+}  // namespace
+
+TEST_CASE("wordnet: common_words 0 turns the vocabulary filter off, and an open-vocabulary request asks for it", "[wordnet]") {
+    const wn::Database db = synthetic_db();  // every lemma is a word of its own: rare under a small vocabulary
+    wn::TaskOptions small, all;
+    small.common_words = 8;
+    all.common_words = 0;
+    wn::TaskReport small_rep, all_rep;
+    const std::string small_corpus = wn::pretraining_corpus(db, 0, 1, small, &small_rep);
+    const std::string all_corpus = wn::pretraining_corpus(db, 0, 1, all, &all_rep);
+    CHECK(filters_vocabulary(small_rep));
+    CHECK_FALSE(filters_vocabulary(all_rep));
+    CHECK(all_rep.lines == unfiltered_corpus_lines(db));
+    CHECK(all_rep.examples_left_out == 0);
+    CHECK(small_rep.lines < all_rep.lines);
+    CHECK(std::count(all_corpus.begin(), all_corpus.end(), '\n') == ptrdiff_t(all_rep.lines));
+
+    // The tasks keep their other filters (length, head word, quotes).
+    wn::TaskReport task_rep;
+    const Task t = wn::make_gloss_task(db, 300, 30, 30, 7, all, &task_rep);
+    CHECK_FALSE(filters_vocabulary(task_rep));
+    CHECK(task_rep.filtered.at("definition longer than 60 bytes") == 1);
+    CHECK(task_rep.filtered.at("head word not one lower-case a-z word") == 1);
+    CHECK(t.corpus(0) == wn::pretraining_corpus(db, 0, 0, all));
+    CHECK(t.corpus_id != wn::make_gloss_task(db, 300, 30, 30, 7).corpus_id);  // a base of its own
+
+    const std::string dir = wn::default_dir();
+    if (!std::filesystem::exists(dir + "/data.noun")) {
+        WARN("skipped: no WordNet database at " << dir << " (run `make deps`: package wordnet-base)");
+        return;
+    }
+    // The registered task: a word-vocabulary run gets the filtered corpus, an
+    // open-vocabulary one every Train-split gloss of WordNet 3.0.
+    const Task closed = make_task("wordnet-gloss", 10, 10, 10, 0), open = make_task("wordnet-gloss", 10, 10, 10, 0, true);
+    CHECK(closed.corpus_id != open.corpus_id);
+    CHECK_THAT(closed.report.notes.at(0), Catch::Contains("most common"));
+    CHECK_THAT(open.report.notes.at(0), !Catch::Contains("most common"));
+    const std::string text = open.corpus(0);
+    CHECK(size_t(std::count(text.begin(), text.end(), '\n')) == unfiltered_corpus_lines(wn::cached(dir)));
+    CHECK(text.size() > 10 * closed.corpus(0).size());  // 9.0 MB against 0.48 MB
+    const Task pos = make_task("wordnet-pos", 8, 8, 8, 0, true);
+    CHECK_THAT(pos.report.notes.at(0), !Catch::Contains("most common"));
 }
 
 TEST_CASE("wordnet: part-of-speech task is stratified and labelled by the synset's file", "[wordnet]") {

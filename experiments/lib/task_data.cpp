@@ -15,7 +15,11 @@ data::Task load_task(const CommonArgs& args) {
         return data::load_file_task(o);
     }
     const data::TaskDefaults& d = data::task_info(args.task).defaults;
-    return data::make_task(args.task, args.n_train ? args.n_train : d.n_train, d.n_valid, d.n_test, args.seed + 100);
+    // Every tokenizer but the word vocabulary built from the data (a --base's
+    // GPT-2 BPE, --tokenizer byte or gpt2:DIR) encodes any text.
+    const bool open_vocabulary = !args.base.empty() || args.tokenizer != "word";
+    return data::make_task(args.task, args.n_train ? args.n_train : d.n_train, d.n_valid, d.n_test, args.seed + 100,
+                           open_vocabulary);
 }
 
 data::Task detail::fitted_task(const CommonArgs& args, const Base& base) {
