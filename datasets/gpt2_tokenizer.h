@@ -97,6 +97,7 @@ public:
     // accepted. A from_strings tokenizer has no directory and cannot be
     // rebuilt from JSON.
     nlohmann::json to_json() const override;
+    bool open_vocabulary() const override { return true; }
     const std::string& fingerprint() const;
 
     struct Impl;

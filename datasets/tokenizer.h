@@ -29,6 +29,10 @@ public:
 
     // Everything needed to rebuild the tokenizer with tokenizer_from_json.
     virtual nlohmann::json to_json() const = 0;
+
+    // True when every UTF-8 text encodes without an unknown token (byte-level,
+    // GPT-2 BPE); false for a word vocabulary built from a corpus.
+    virtual bool open_vocabulary() const = 0;
 };
 
 // Rebuilds a tokenizer saved with to_json(); a missing or malformed key
@@ -49,6 +53,7 @@ public:
     int32_t bos_id() const override { return kBos; }
     int32_t eos_id() const override { return kEos; }
     nlohmann::json to_json() const override;
+    bool open_vocabulary() const override { return true; }
 };
 
 // Splits text into words and punctuation: runs of ASCII letters/digits and
@@ -86,6 +91,7 @@ public:
     int32_t eos_id() const override { return kEos; }
     int32_t unk_id() const { return kUnk; }
     nlohmann::json to_json() const override;
+    bool open_vocabulary() const override { return false; }
 
     const std::vector<std::string>& tokens() const { return tokens_; }
 

@@ -160,7 +160,7 @@ int main(int argc, char** argv) {
             harness::CommonArgs args;
             args.task = r["task"].as<std::string>();
             args.seed = uint64_t(flags::int_flag(r, "seed", 0));
-            const data::Task task = harness::load_task(args);
+            const data::Task task = harness::load_task(args, tok->open_vocabulary());
             const int64_t n = flags::int_flag(r, "eval-examples", 1), batch = flags::int_flag(r, "batch", 1);
             harness::MethodResult res =
                 harness::evaluate(std::move(base), std::move(a), *tok, task, n, batch, paths[0]);

@@ -3,6 +3,7 @@
 // peft::load_adapter to the same test loss, and the fields of results.json.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -104,6 +105,41 @@ TEST_CASE("pretrain cache key: what changes the base changes the directory, noth
         return harness::prepare_base(parse(args)).dir;
     };
     CHECK(word_dir({"--train", csv}) != word_dir({}));
+}
+
+TEST_CASE("a run tells its task whether its tokenizer encodes any text", "[harness]") {
+    // A task whose one training target says what its factory was told.
+    const std::vector<std::string> names = data::task_names();
+    if (std::find(names.begin(), names.end(), "test-open-vocabulary") == names.end())
+        data::register_task({"test-open-vocabulary", "records TaskRequest::open_vocabulary", data::TaskDefaults{1, 1, 1, 4, {}},
+                             [](const data::TaskRequest& r) {
+                                 data::Task t;
+                                 const std::string said = r.open_vocabulary ? "open" : "closed";
+                                 t.train = t.valid = t.test = {{"x", said, {said}, {}, ""}};
+                                 t.scorer = data::exact_match_scorer();
+                                 return t;
+                             }});
+    struct Case {
+        std::string tokenizer, base;
+        bool open;
+    };
+    for (const Case& c : {Case{"word", "", false}, Case{"byte", "", true}, Case{"gpt2:/some/dir", "", true},
+                          Case{"word", "/a/hf/gpt2", true}}) {
+        harness::CommonArgs a = parse({"--task", "test-open-vocabulary"});
+        a.tokenizer = c.tokenizer;
+        a.base = c.base;
+        INFO("--tokenizer " << c.tokenizer << " --base '" << c.base << "'");
+        CHECK(harness::open_vocabulary(a) == c.open);
+        CHECK(harness::load_task(a).train.at(0).target == (c.open ? "open" : "closed"));
+    }
+    // The rule agrees with the tokenizers prepare_base builds, which a saved
+    // base's evaluation asks instead (adapter eval).
+    for (const char* tok : {"word", "byte"}) {
+        harness::CommonArgs a = parse({"--task", "test-open-vocabulary", "--tokenizer", tok});
+        const harness::Base base = harness::prepare_base(a);
+        CHECK(base.tokenizer->open_vocabulary() == harness::open_vocabulary(a));
+        CHECK(harness::load_task(a, base.tokenizer->open_vocabulary()).train.at(0).target == harness::load_task(a).train.at(0).target);
+    }
 }
 
 TEST_CASE("scaled_pretrain_steps: tokens per parameter, a floor and a ceiling", "[harness]") {

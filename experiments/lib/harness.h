@@ -44,7 +44,7 @@ struct CommonArgs {
     double lr = 0.0;    // 0: per-method search over lr_grid
     std::string out;    // run directory, default runs/<experiment>
     int64_t prefix_len = 16;
-    std::string tokenizer = "word";  // word | byte
+    std::string tokenizer = "word";  // word | byte | gpt2:DIR
     std::string corpus;              // a UTF-8 file to pretrain on instead of the built-in corpus
     std::string base;       // a Hugging Face GPT-2 directory: its config, weights and tokenizer; no pretraining
     std::string positions;  // adapters' position convention: hf | keep; "" = hf with --base, else keep
@@ -144,9 +144,16 @@ int64_t scaled_pretrain_steps(long double n_params, int64_t tokens_per_param, in
 // Bytes this process may still allocate: min(MemAvailable, RLIMIT_AS - VmSize); -1 if unknown.
 long double available_memory_bytes();
 
+// Whether the tokenizer prepare_base gives `args` encodes any text (a --base's
+// GPT-2 BPE, --tokenizer byte or gpt2:DIR) rather than being a word
+// vocabulary built from the data (data::TaskRequest::open_vocabulary).
+bool open_vocabulary(const CommonArgs& args);
 // The task's data as read or generated: the files of --train/--valid/--test,
-// else the registered task --task sized by --n-train (or its defaults).
+// else the registered task --task sized by --n-train (or its defaults), told
+// whether the run's tokenizer has an open vocabulary (open_vocabulary(args)
+// unless given: a saved base's own tokenizer).
 data::Task load_task(const CommonArgs& args);
+data::Task load_task(const CommonArgs& args, bool open_vocabulary);
 // The same fitted to the base's tokenizer and context (data::fit_to_context
 // with --truncate), its data report printed to stderr: what a run trains on.
 data::Task load_task(const CommonArgs& args, const Base& base);

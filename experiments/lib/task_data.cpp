@@ -8,22 +8,23 @@
 
 namespace peftlab::harness {
 
-data::Task load_task(const CommonArgs& args) {
+bool open_vocabulary(const CommonArgs& args) { return !args.base.empty() || args.tokenizer != "word"; }
+
+data::Task load_task(const CommonArgs& args) { return load_task(args, open_vocabulary(args)); }
+
+data::Task load_task(const CommonArgs& args, bool open_vocabulary) {
     if (!args.files.train.empty()) {
         data::FileTaskOptions o = args.files;
         o.n_train = args.n_train;
         return data::load_file_task(o);
     }
     const data::TaskDefaults& d = data::task_info(args.task).defaults;
-    // Every tokenizer but the word vocabulary built from the data (a --base's
-    // GPT-2 BPE, --tokenizer byte or gpt2:DIR) encodes any text.
-    const bool open_vocabulary = !args.base.empty() || args.tokenizer != "word";
     return data::make_task(args.task, args.n_train ? args.n_train : d.n_train, d.n_valid, d.n_test, args.seed + 100,
                            open_vocabulary);
 }
 
 data::Task detail::fitted_task(const CommonArgs& args, const Base& base) {
-    data::Task task = load_task(args);
+    data::Task task = load_task(args, base.tokenizer->open_vocabulary());
     data::fit_to_context(task, *base.tokenizer, int(base.config.max_seq), data::parse_truncate(args.truncate));
     return task;
 }
