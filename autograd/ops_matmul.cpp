@@ -403,7 +403,8 @@ using detail::Vec16;
 // One key's dot, q . k over Dh: lanes by t mod 16 summed in order of t into
 // `lanes` (then summed by sum_lanes16, 16 dots at a time, whichever 16), or,
 // with Dh not a multiple of 16, a plain sum in order. query_scores and
-// decode_scores compute every dot through these, so their bits agree.
+// decode_scores compute every dot through these (or, in AVX2 builds, through
+// dot_reduced below, which gives the same bits), so their bits agree.
 inline void dot_lanes(const float* q, const float* k, int64_t Dh, Vec16& lanes) {
     Vec16 sum = {};
     for (int64_t t = 0; t < Dh; t += kLanes) sum += *(const Vec16*)(q + t) * *(const Vec16*)(k + t);
@@ -415,14 +416,52 @@ inline float dot_plain(const float* q, const float* k, int64_t Dh) {
     return dot;
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// AVX2 without AVX-512: a Vec16 is two registers, and GCC kept the 16
+// vectors of a sum_lanes16 group on the stack, written in 16-byte halves and
+// read back whole (a store-forwarding stall per vector): a decoding step's
+// attention ran at ~1.6 G multiply-adds/s. Here one dot at a time in two
+// registers, lanes 0-7 and 8-15 of dot_lanes' 16, reduced by sum_lanes16's
+// tree (l + l+8, then + 4, + 2, + 1): the same bits.
+#define PEFTLAB_DOTS_ONE_AT_A_TIME 1
+inline float dot_reduced(const float* q, const float* k, int64_t Dh) {
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    for (int64_t t = 0; t < Dh; t += kLanes) {
+        lo = _mm256_fmadd_ps(_mm256_loadu_ps(q + t), _mm256_loadu_ps(k + t), lo);
+        hi = _mm256_fmadd_ps(_mm256_loadu_ps(q + t + 8), _mm256_loadu_ps(k + t + 8), hi);
+    }
+    const __m256 u = _mm256_add_ps(lo, hi);
+    const __m128 w = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+    const __m128 z = _mm_add_ps(w, _mm_movehl_ps(w, w));
+    return _mm_cvtss_f32(_mm_add_ss(z, _mm_shuffle_ps(z, z, 1)));
+}
+// o[t] += p * v[t] for t < n (a multiple of 16), as fused multiply-adds. The
+// Vec16 loop below compiled here to stores through the stack and
+// general-purpose registers.
+inline void axpy_lanes(float* o, float p, const float* v, int64_t n) {
+    const __m256 pp = _mm256_set1_ps(p);
+    for (int64_t t = 0; t < n; t += 8) _mm256_storeu_ps(o + t, _mm256_fmadd_ps(pp, _mm256_loadu_ps(v + t), _mm256_loadu_ps(o + t)));
+}
+#else
+#define PEFTLAB_DOTS_ONE_AT_A_TIME 0
+inline void axpy_lanes(float* o, float p, const float* v, int64_t n) {
+    for (int64_t t = 0; t < n; t += kLanes) *(Vec16*)(o + t) += p * *(const Vec16*)(v + t);
+}
+#endif
+
 // s[j] = scale * q . K_j for keys j < n (K's rows ldk apart), one head: 16
-// keys at a time, their dots reduced together; a last partial group repeats
-// its last key. (The backward's recomputation of P for a single query row.)
+// keys at a time, their dots reduced together (AVX2 builds: one at a time);
+// a last partial group repeats its last key. (The backward's recomputation of
+// P for a single query row.)
 void query_scores(float* s, const float* q, const float* K, int64_t ldk, int64_t n, int64_t Dh, float scale) {
     if (Dh % kLanes != 0) {
         for (int64_t j = 0; j < n; ++j) s[j] = scale * dot_plain(q, K + j * ldk, Dh);
         return;
     }
+#if PEFTLAB_DOTS_ONE_AT_A_TIME
+    for (int64_t j = 0; j < n; ++j) s[j] = scale * dot_reduced(q, K + j * ldk, Dh);
+    return;
+#endif
     for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
         Vec16 acc[kLanes];
         for (int64_t c = 0; c < kLanes; ++c) dot_lanes(q, K + std::min(j0 + c, n - 1) * ldk, Dh, acc[c]);
@@ -438,9 +477,9 @@ void query_scores(float* s, const float* q, const float* K, int64_t ldk, int64_t
 // head at a time instead reads a 256-byte piece of every 3 KB row (GPT-2
 // small), a strided walk across pages that the prefetchers follow poorly: at
 // batch 1 that took 6% of a decoding step for 1.4% of its bytes. The (key,
-// head) dots are reduced 16 at a time in that order; each dot's bits are
-// query_scores' (dot_lanes, then sum_lanes16's tree, which treats each of its
-// 16 vectors alike).
+// head) dots are reduced 16 at a time in that order (AVX2 builds: one at a
+// time); each dot's bits are query_scores' (dot_lanes, then sum_lanes16's
+// tree, which treats each of its 16 vectors alike).
 void decode_scores(float* P, int64_t ldp, const float* q, const float* K, int64_t ldk, int64_t n, int64_t h0,
                    int64_t h1, int64_t Dh, float scale) {
     const int64_t pairs = n * (h1 - h0);
@@ -449,6 +488,11 @@ void decode_scores(float* P, int64_t ldp, const float* q, const float* K, int64_
             for (int64_t h = h0; h < h1; ++h) P[h * ldp + j] = scale * dot_plain(q + h * Dh, K + j * ldk + h * Dh, Dh);
         return;
     }
+#if PEFTLAB_DOTS_ONE_AT_A_TIME
+    for (int64_t j = 0; j < n; ++j)
+        for (int64_t h = h0; h < h1; ++h) P[h * ldp + j] = scale * dot_reduced(q + h * Dh, K + j * ldk + h * Dh, Dh);
+    return;
+#endif
     // Pair f is key f / nh, head h0 + f % nh; (j, h) steps along with f (a
     // division per pair cost more than the dot).
     int64_t j = 0, h = h0;
@@ -483,7 +527,7 @@ void decode_values(float* o, const float* P, int64_t ldp, const float* V, int64_
             if (p == 0.f) continue;
             float* oh = o + h * Dh;
             const float* vh = v + h * Dh;
-            for (int64_t t = 0; t < D16; t += kLanes) *(Vec16*)(oh + t) += p * *(const Vec16*)(vh + t);
+            axpy_lanes(oh, p, vh, D16);
             for (int64_t t = D16; t < Dh; ++t) oh[t] += p * vh[t];
         }
     }
