@@ -460,8 +460,7 @@ void query_scores(float* s, const float* q, const float* K, int64_t ldk, int64_t
     }
 #if PEFTLAB_DOTS_ONE_AT_A_TIME
     for (int64_t j = 0; j < n; ++j) s[j] = scale * dot_reduced(q, K + j * ldk, Dh);
-    return;
-#endif
+#else
     for (int64_t j0 = 0; j0 < n; j0 += kLanes) {
         Vec16 acc[kLanes];
         for (int64_t c = 0; c < kLanes; ++c) dot_lanes(q, K + std::min(j0 + c, n - 1) * ldk, Dh, acc[c]);
@@ -469,6 +468,7 @@ void query_scores(float* s, const float* q, const float* K, int64_t ldk, int64_t
         detail::sum_lanes16(acc, dots);
         for (int64_t c = 0; c < std::min(kLanes, n - j0); ++c) s[j0 + c] = scale * dots[c];
     }
+#endif
 }
 
 // The scores of one query row q [C] for heads [h0, h1) at once: P[h * ldp + j]
@@ -482,7 +482,6 @@ void query_scores(float* s, const float* q, const float* K, int64_t ldk, int64_t
 // tree, which treats each of its 16 vectors alike).
 void decode_scores(float* P, int64_t ldp, const float* q, const float* K, int64_t ldk, int64_t n, int64_t h0,
                    int64_t h1, int64_t Dh, float scale) {
-    const int64_t pairs = n * (h1 - h0);
     if (Dh % kLanes != 0) {
         for (int64_t j = 0; j < n; ++j)
             for (int64_t h = h0; h < h1; ++h) P[h * ldp + j] = scale * dot_plain(q + h * Dh, K + j * ldk + h * Dh, Dh);
@@ -491,10 +490,10 @@ void decode_scores(float* P, int64_t ldp, const float* q, const float* K, int64_
 #if PEFTLAB_DOTS_ONE_AT_A_TIME
     for (int64_t j = 0; j < n; ++j)
         for (int64_t h = h0; h < h1; ++h) P[h * ldp + j] = scale * dot_reduced(q + h * Dh, K + j * ldk + h * Dh, Dh);
-    return;
-#endif
+#else
     // Pair f is key f / nh, head h0 + f % nh; (j, h) steps along with f (a
     // division per pair cost more than the dot).
+    const int64_t pairs = n * (h1 - h0);
     int64_t j = 0, h = h0;
     for (int64_t f0 = 0; f0 < pairs; f0 += kLanes) {
         const int64_t group = std::min(kLanes, pairs - f0);
@@ -510,6 +509,7 @@ void decode_scores(float* P, int64_t ldp, const float* q, const float* K, int64_
         detail::sum_lanes16(acc, dots);
         for (int64_t c = 0; c < group; ++c) *dst[c] = scale * dots[c];
     }
+#endif
 }
 
 // o [C] (heads [h0, h1) of it) = sum over keys j < n of P[h, j] V_j,h, in
