@@ -36,6 +36,7 @@
 #include <cblas.h>
 #include <cxxopts.hpp>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include "autograd/flops.h"
@@ -80,6 +81,18 @@ int64_t peak_rss_bytes() {  // VmHWM of this process
         if (std::strncmp(line, "VmHWM:", 6) == 0) kb = std::atoll(line + 6);
     std::fclose(f);
     return kb < 0 ? -1 : kb * 1024;
+}
+
+// MemAvailable of /proc/meminfo in bytes (proc(5)); unreadable: no limit.
+int64_t mem_available_bytes() {
+    FILE* f = std::fopen("/proc/meminfo", "r");
+    if (!f) return INT64_MAX;
+    char line[256];
+    int64_t kb = -1;
+    while (std::fgets(line, sizeof line, f))
+        if (std::strncmp(line, "MemAvailable:", 13) == 0) kb = std::atoll(line + 13);
+    std::fclose(f);
+    return kb < 0 ? INT64_MAX : kb * 1024;
 }
 
 // ---- what one row measures ------------------------------------------------------
@@ -258,7 +271,8 @@ int run_child(const std::string& spec_text) {
     std::cout << json{{"ready", true},
                       {"flops", flops::sum(c)},
                       {"flops_by_phase", c},
-                      {"trainable_params", session->trainable_params()}}
+                      {"trainable_params", session->trainable_params()},
+                      {"peak_rss_bytes", peak_rss_bytes()}}
                      .dump()
               << std::endl;
     std::string cmd;
@@ -497,6 +511,7 @@ struct Args {
     std::map<std::string, std::pair<int64_t, int64_t>> batch_seq;  // config -> (B, T)
     int64_t n = 16;
     int steps = 0, threads = 2;
+    int64_t max_memory_mib = 0;  // 0: 90% of MemAvailable
     bool torch = true, training = true, scaling = true, generation = true, quick = false, launch = true;
     bool recompute = false;  // also every training row with activation recomputation
     bool f16 = false;        // also every generation row with F16 weights
@@ -543,6 +558,10 @@ Args parse_args(int argc, char** argv) {
                       "ms/step with and without, side by side)")
         ("f16", "also time every generation row with F16 weights (GPT::set_weights_f16; F32 accumulation), "
                 "interleaved with the F32 rows; its bound reads 2 bytes per Linear weight")
+        ("max-memory", "MiB of peak RSS that rows measured side by side may hold together (their children and "
+                       "PyTorch sessions); the rows after that are measured as a further group, not interleaved "
+                       "with the first (default: 90% of MemAvailable when the first group starts)",
+            cxxopts::value<std::string>())
         ("no-torch", "skip the PyTorch side")
         ("no-train", "skip the training rows (and the scaling rows)")
         ("no-scaling", "skip the T and n scaling rows")
@@ -636,6 +655,7 @@ Args parse_args(int argc, char** argv) {
     a.threads = r["threads"].as<int>();
     if (a.steps < 0) throw std::invalid_argument(fmt::format("--repeats: {} must be >= 0", a.steps));
     if (a.threads < 1) throw std::invalid_argument(fmt::format("--threads: {} must be >= 1", a.threads));
+    if (r.count("max-memory")) a.max_memory_mib = flags::whole_number("--max-memory", r["max-memory"].as<std::string>(), 1);
     a.torch = !r.count("no-torch");
     a.training = !r.count("no-train");
     a.recompute = r.count("recompute") > 0;
@@ -661,6 +681,10 @@ struct Bench {
     std::unique_ptr<Child> torch;  // null when PyTorch is unavailable or failed
     json torch_hello;
     double peak = 0, bandwidth = 0;
+    double memory_limit = 0;       // bytes that rows measured together may hold (set by the first group)
+    double largest_row_bytes = 0;  // the largest row footprint so far
+    int groups_run = 0;            // measured parts of groups so far
+    std::vector<std::string> memory_notes;  // groups split for memory, for bench.md
 
     // Measures a group of rows together: every row's child (its own process)
     // and PyTorch session are set up and warmed up one after another, then
@@ -668,48 +692,102 @@ struct Bench {
     // times. Load from other processes then hits every row and both sides
     // alike, so ratios between rows (frozen vs full) and against PyTorch are
     // measured side by side. A row whose child fails is reported as an error.
+    //
+    // Memory: all of a group's rows are alive at once. A row's footprint is
+    // its child's peak RSS after warm-up plus what its PyTorch session added
+    // to the worker's peak. Before a row is set up, the group's footprints so
+    // far plus the largest one seen (the new row's guess) must stay within
+    // memory_limit; otherwise the rows set up so far are measured and ended
+    // first, and the row starts the next part of the group (rows["group"]
+    // numbers the parts over the run; rows in different parts are not
+    // interleaved). At the GPT-2 shape (B 8, T 512) every method at once
+    // needs more than a 23 GiB machine has.
     std::vector<json> run_group(const std::vector<Spec>& specs, int pairs) {
-        struct Run {
-            json row;
-            std::unique_ptr<Child> child;
-            json ready;
-            bool torch_ok = false;
-            std::vector<double> ours, theirs, probes;
-        };
-        std::vector<Run> runs(specs.size());
-        auto fail = [&](Run& r, const std::exception& e) {
-            std::cerr << e.what() << "\n";
-            r.row["error"] = e.what();
-            r.child.reset();
-        };
-        for (size_t k = 0; k < specs.size(); ++k) {
-            Run& r = runs[k];
-            r.row = specs[k].to_json();
-            r.row.erase("warmup");
-            r.row.erase("threads");
-            try {
-                const MethodFacts f = method_facts(specs[k].method, specs[k].n, specs[k].options, specs[k].model);
-                r.row["changes_base"] = f.changes_base;
-                r.row["extra_keys"] = f.extra_keys;
-            } catch (const std::exception& e) {  // e.g. a setting the method refuses: its child would fail alike
-                fail(r, e);
-                continue;
+        if (memory_limit <= 0) memory_limit = args.max_memory_mib > 0 ? double(args.max_memory_mib) * (1 << 20)
+                                                                      : 0.9 * double(mem_available_bytes());
+        std::vector<json> rows;
+        std::vector<std::string> parts;  // "first..last" (1-based) of each part
+        for (size_t first = 0; first < specs.size();) {
+            std::vector<Run> runs;
+            double held = 0;
+            size_t k = first;
+            for (; k < specs.size(); ++k) {
+                if (!runs.empty() && held + largest_row_bytes > memory_limit) break;
+                runs.push_back(start_row(specs[k], k));
+                held += runs.back().footprint;
+                largest_row_bytes = std::max(largest_row_bytes, runs.back().footprint);
             }
-            try {
-                r.child = std::make_unique<Child>(std::vector<std::string>{self, "--child", specs[k].to_json().dump()}, env);
-                r.ready = r.child->receive(1800);
-            } catch (const std::exception& e) {
-                fail(r, e);
-                continue;
-            }
-            if (!torch || specs[k].recompute || specs[k].f16) continue;
-            json setup = specs[k].to_json();
-            setup["cmd"] = "setup";
-            setup["id"] = k;
-            const json t = torch_call(setup);
-            r.torch_ok = !t.contains("error");
-            if (!r.torch_ok) r.row["torch_error"] = t["error"];
+            parts.push_back(fmt::format("{}..{} ({:.0f} MiB)", first + 1, k, held / (1 << 20)));
+            measure_rows(runs, pairs);
+            for (size_t i = 0; i < runs.size(); ++i) rows.push_back(finish_row(runs[i], specs[first + i]));
+            ++groups_run;
+            first = k;
         }
+        if (parts.size() > 1) {
+            const std::string note = fmt::format(
+                "{} {} rows measured in {} parts, rows {}: each part within the memory limit of {:.0f} MiB "
+                "(--max-memory; the largest row's peak RSS, PyTorch's session included, is {:.0f} MiB); rows of "
+                "different parts were not interleaved",
+                specs[0].config, specs[0].kind, parts.size(), fmt::join(parts, ", "), memory_limit / (1 << 20),
+                largest_row_bytes / (1 << 20));
+            std::cerr << "bench: " << note << "\n";
+            memory_notes.push_back(note);
+        }
+        return rows;
+    }
+
+    struct Run {
+        json row;
+        std::unique_ptr<Child> child;
+        json ready;
+        size_t id = 0;  // the row's index in its group: its PyTorch session's id
+        bool torch_ok = false;
+        double footprint = 0;  // bytes: the child's peak RSS and the PyTorch session's peak growth
+        std::vector<double> ours, theirs, probes;
+    };
+    static void fail(Run& r, const std::exception& e) {
+        std::cerr << e.what() << "\n";
+        r.row["error"] = e.what();
+        r.child.reset();
+    }
+
+    // Starts row `id`'s child and PyTorch session (both warmed up).
+    Run start_row(const Spec& spec, size_t id) {
+        Run r;
+        r.id = id;
+        r.row = spec.to_json();
+        r.row.erase("warmup");
+        r.row.erase("threads");
+        r.row["group"] = groups_run;
+        try {
+            const MethodFacts f = method_facts(spec.method, spec.n, spec.options, spec.model);
+            r.row["changes_base"] = f.changes_base;
+            r.row["extra_keys"] = f.extra_keys;
+        } catch (const std::exception& e) {  // e.g. a setting the method refuses: its child would fail alike
+            fail(r, e);
+            return r;
+        }
+        try {
+            r.child = std::make_unique<Child>(std::vector<std::string>{self, "--child", spec.to_json().dump()}, env);
+            r.ready = r.child->receive(1800);
+            r.footprint += r.ready.value("peak_rss_bytes", 0.0);
+        } catch (const std::exception& e) {
+            fail(r, e);
+            return r;
+        }
+        if (!torch || spec.recompute || spec.f16) return r;
+        json setup = spec.to_json();
+        setup["cmd"] = "setup";
+        setup["id"] = id;
+        const json t = torch_call(setup);
+        r.torch_ok = !t.contains("error");
+        if (!r.torch_ok) r.row["torch_error"] = t["error"];
+        r.footprint += t.value("peak_rss_growth_bytes", 0.0);
+        return r;
+    }
+
+    // `pairs` rounds of one step per row, ours then PyTorch's.
+    void measure_rows(std::vector<Run>& runs, int pairs) {
         for (int i = 0; i < pairs; ++i)
             for (size_t k = 0; k < runs.size(); ++k) {
                 Run& r = runs[k];
@@ -724,28 +802,27 @@ struct Bench {
                     continue;
                 }
                 if (!r.torch_ok) continue;
-                const json t = torch_call({{"cmd", "step"}, {"id", k}});
+                const json t = torch_call({{"cmd", "step"}, {"id", r.id}});
                 if (t.contains("ms")) r.theirs.push_back(t["ms"]);
             }
-        std::vector<json> rows;
-        for (size_t k = 0; k < runs.size(); ++k) {
-            Run& r = runs[k];
-            if (r.torch_ok) torch_call({{"cmd", "end"}, {"id", k}});
-            if (r.child) {
-                try {
-                    r.child->send("end");
-                    const json end = r.child->receive(60);
-                    r.row["peak_rss_bytes"] = end["peak_rss_bytes"];
-                    r.row["tracked_peak_bytes"] = end["tracked_peak_bytes"];
-                } catch (const std::exception& e) {
-                    fail(r, e);
-                }
-                r.child.reset();
+    }
+
+    // Ends the row's child and session; its row with medians and peak RSS.
+    json finish_row(Run& r, const Spec& spec) {
+        if (r.torch_ok) torch_call({{"cmd", "end"}, {"id", r.id}});
+        if (r.child) {
+            try {
+                r.child->send("end");
+                const json end = r.child->receive(60);
+                r.row["peak_rss_bytes"] = end["peak_rss_bytes"];
+                r.row["tracked_peak_bytes"] = end["tracked_peak_bytes"];
+            } catch (const std::exception& e) {
+                fail(r, e);
             }
-            if (!r.row.contains("error")) summarize(specs[k], r.ready, r.ours, r.theirs, r.probes, r.row);
-            rows.push_back(r.row);
+            r.child.reset();
         }
-        return rows;
+        if (!r.row.contains("error")) summarize(spec, r.ready, r.ours, r.theirs, r.probes, r.row);
+        return std::move(r.row);
     }
 
     // One request to the PyTorch worker; a worker that fails is dropped for
@@ -1190,6 +1267,8 @@ int run_parent(const Args& args) {
                 {"generation", gen},
                 {"targets", targets},
                 {"launch", launch},
+                {"memory_limit_bytes", b.memory_limit},
+                {"memory_notes", b.memory_notes},
                 {"seconds", now_s() - t_start}};
 
     std::string md = fmt::format(
@@ -1218,6 +1297,10 @@ int run_parent(const Args& args) {
               "\ntensor peak: live tensor bytes (mem::peak_bytes), without the allocator's cache; the FLOPs of the "
               "recomputed forwards are in flops_by_phase (phase recompute) of bench.json.\n";
     if (!scaling.empty()) md += "\n## Scaling (small config)\n\n" + train_table(scaling);
+    if (!b.memory_notes.empty()) {
+        md += "\n## Groups split for memory\n\n";
+        for (const std::string& note : b.memory_notes) md += "- " + note + "\n";
+    }
     if (!launch.is_null() && !launch.contains("error"))
         md += fmt::format("\n## Run directly or under make (issue 18)\n\nThe same tiny `compare` run (wall-clock medians "
                           "of 3, interleaved): run directly {:.1f} s, with make's GOMP_SPINCOUNT=3000 {:.1f} s "

@@ -107,6 +107,38 @@ TEST_CASE("bench --preset gpt2 with --batch and --seq times the GPT-2 shape at t
     CHECK(rows[0].at("seq") == 8);
 }
 
+TEST_CASE("bench measures rows that do not fit --max-memory together in further groups", "[cli]") {
+    const std::string bench = bin("bench");
+    testing::TempDir tmp;
+    const std::string tiny = bench + " --vocab 64 --d-model 32 --layers 1 --heads 2 --d-ff 64 --seq 8 --batch 2 "
+                                     "--methods lora,prefix,prompt --no-torch --no-generate --no-scaling --no-launch "
+                                     "--repeats 1 --threads 1";
+    auto groups = [&](const std::string& out) {
+        std::ifstream f(tmp.dir / out / "bench.json");
+        const nlohmann::json doc = nlohmann::json::parse(f);
+        std::vector<int> g;
+        for (const auto& row : doc.at("rows")) {
+            CHECK(!row.contains("error"));
+            CHECK(row.at("ms_per_step").get<double>() > 0);
+            g.push_back(row.at("group"));
+        }
+        return std::make_pair(g, doc.at("memory_notes").size());
+    };
+    // 1 MiB holds no row beside another: each row is a group of its own, and bench.md says so.
+    Result split = run(tiny + " --max-memory 1 --out split", tmp.dir.string());
+    REQUIRE(split.rc == 0);
+    CHECK_THAT(split.out, Contains("custom train rows measured in 3 parts, rows 1..1 ("));
+    CHECK_THAT(split.out, Contains("within the memory limit of 1 MiB (--max-memory"));
+    CHECK(groups("split") == std::make_pair(std::vector<int>{0, 1, 2}, size_t(1)));
+    // The default (90% of MemAvailable) holds these rows together.
+    Result together = run(tiny + " --out together", tmp.dir.string());
+    REQUIRE(together.rc == 0);
+    CHECK(groups("together") == std::make_pair(std::vector<int>{0, 0, 0}, size_t(0)));
+    Result bad = run(bench + " --max-memory 0 --no-torch", tmp.dir.string());
+    CHECK(bad.rc != 0);
+    CHECK_THAT(bad.out, Contains("--max-memory: 0 must be >= 1"));
+}
+
 TEST_CASE("PEFTLAB_THREADS is honoured and validated; --threads above the cores is capped", "[cli]") {
     const int before = threads();
     const char* old = std::getenv("PEFTLAB_THREADS");

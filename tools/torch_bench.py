@@ -15,7 +15,10 @@ Two ways to run it:
 The worker reads one JSON command per line on stdin and answers one JSON line on stdout;
 it holds several sessions (models) at once, each named by "id":
   {"cmd": "setup", "id", "kind": "train"|"generate", "vocab", "d_model", "layers", "heads",
-   "d_ff", "seq", "batch", "method", "n", "options", "warmup", ...}  -> {"ok": true}
+   "d_ff", "seq", "batch", "method", "n", "options", "warmup", ...}
+     -> {"ok": true, "peak_rss_growth_bytes": ...}  (how far the worker's resident memory rose
+        above its level before the setup, at its highest during setup and warm-up: what the
+        session adds to the worker's peak, for the bench's --max-memory)
   ("options": the method's own settings as peftlab's --methods METHOD:KEY=VALUE gives them; a
    setting this side does not implement is an error, so the bench shows no comparison for it)
   {"cmd": "step", "id"}  -> {"ms": ...}   one training step, or one whole generate() call
@@ -265,6 +268,34 @@ class GenerateSession:
         return torch.cat(out, 1)
 
 
+def status_kib(field):
+    """A "VmRSS"/"VmHWM" line of /proc/self/status, in KiB (None where unreadable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def setup_with_growth(spec):
+    """run_session(spec) and the worker's peak RSS growth during it, in bytes. Writing 5 to
+    /proc/self/clear_refs resets VmHWM to the current RSS (Linux >= 4.0, proc(5)); where that
+    fails the growth is measured against the older peak, a lower bound."""
+    before = status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    session = run_session(spec)
+    peak = status_kib("VmHWM")
+    growth = max(0, peak - before) * 1024 if peak is not None and before is not None else 0
+    return session, growth
+
+
 def run_session(spec):
     session = (TrainSession if spec["kind"] == "train" else GenerateSession)(spec)
     for _ in range(spec.get("warmup", 1)):
@@ -282,8 +313,8 @@ def serve():
             sid = cmd.get("id", 0)
             if cmd["cmd"] == "setup":
                 sessions.pop(sid, None)
-                sessions[sid] = run_session(cmd)
-                reply = {"ok": True}
+                sessions[sid], growth = setup_with_growth(cmd)
+                reply = {"ok": True, "peak_rss_growth_bytes": growth}
             elif cmd["cmd"] == "step":
                 t0 = time.perf_counter()
                 sessions[sid].step()
