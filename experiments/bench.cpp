@@ -44,6 +44,7 @@
 #include "autograd/tape.h"
 #include "autograd/threads.h"
 #include "experiments/lib/flags.h"
+#include "experiments/lib/harness.h"
 #include "nn/generate.h"
 #include "nn/hf_gpt2.h"
 #include "nn/optim.h"
@@ -81,18 +82,6 @@ int64_t peak_rss_bytes() {  // VmHWM of this process
         if (std::strncmp(line, "VmHWM:", 6) == 0) kb = std::atoll(line + 6);
     std::fclose(f);
     return kb < 0 ? -1 : kb * 1024;
-}
-
-// MemAvailable of /proc/meminfo in bytes (proc(5)); unreadable: no limit.
-int64_t mem_available_bytes() {
-    FILE* f = std::fopen("/proc/meminfo", "r");
-    if (!f) return INT64_MAX;
-    char line[256];
-    int64_t kb = -1;
-    while (std::fgets(line, sizeof line, f))
-        if (std::strncmp(line, "MemAvailable:", 13) == 0) kb = std::atoll(line + 13);
-    std::fclose(f);
-    return kb < 0 ? INT64_MAX : kb * 1024;
 }
 
 // ---- what one row measures ------------------------------------------------------
@@ -511,7 +500,7 @@ struct Args {
     std::map<std::string, std::pair<int64_t, int64_t>> batch_seq;  // config -> (B, T)
     int64_t n = 16;
     int steps = 0, threads = 2;
-    int64_t max_memory_mib = 0;  // 0: 90% of MemAvailable
+    int64_t max_memory_mib = 0;  // 0: 90% of harness::available_memory_bytes()
     bool torch = true, training = true, scaling = true, generation = true, quick = false, launch = true;
     bool recompute = false;  // also every training row with activation recomputation
     bool f16 = false;        // also every generation row with F16 weights
@@ -560,7 +549,7 @@ Args parse_args(int argc, char** argv) {
                 "interleaved with the F32 rows; its bound reads 2 bytes per Linear weight")
         ("max-memory", "MiB of peak RSS that rows measured side by side may hold together (their children and "
                        "PyTorch sessions); the rows after that are measured as a further group, not interleaved "
-                       "with the first (default: 90% of MemAvailable when the first group starts)",
+                       "with the first (default: 90% of the memory available at the start: MemAvailable, RLIMIT_AS)",
             cxxopts::value<std::string>())
         ("no-torch", "skip the PyTorch side")
         ("no-train", "skip the training rows (and the scaling rows)")
@@ -681,7 +670,7 @@ struct Bench {
     std::unique_ptr<Child> torch;  // null when PyTorch is unavailable or failed
     json torch_hello;
     double peak = 0, bandwidth = 0;
-    double memory_limit = 0;       // bytes that rows measured together may hold (set by the first group)
+    double memory_limit = 0;       // bytes that rows measured together may hold
     double largest_row_bytes = 0;  // the largest row footprint so far
     int groups_run = 0;            // measured parts of groups so far
     std::vector<std::string> memory_notes;  // groups split for memory, for bench.md
@@ -703,8 +692,6 @@ struct Bench {
     // interleaved). At the GPT-2 shape (B 8, T 512) every method at once
     // needs more than a 23 GiB machine has.
     std::vector<json> run_group(const std::vector<Spec>& specs, int pairs) {
-        if (memory_limit <= 0) memory_limit = args.max_memory_mib > 0 ? double(args.max_memory_mib) * (1 << 20)
-                                                                      : 0.9 * double(mem_available_bytes());
         std::vector<json> rows;
         std::vector<std::string> parts;  // "first..last" (1-based) of each part
         for (size_t first = 0; first < specs.size();) {
@@ -1137,6 +1124,12 @@ int run_parent(const Args& args) {
 
     const json m = b.machine();
     b.peak = m["sgemm_peak_gflops"];
+    if (args.max_memory_mib > 0) {
+        b.memory_limit = double(args.max_memory_mib) * (1 << 20);
+    } else {  // with the PyTorch worker started; unknown: no limit
+        const long double avail = harness::available_memory_bytes();
+        b.memory_limit = avail < 0 ? INFINITY : 0.9 * double(avail);
+    }
     b.bandwidth = m["read_bandwidth_gbs"];
     const double ours_mm = m["matmul_1024_gflops"], raw_mm = m["cblas_sgemm_1024_gflops"];
     fmt::print("sgemm peak (2048^3, best of 5): {:.1f} GFLOP/s; 1024^3 matmul (best of 9, interleaved): ours {:.1f}, raw "
