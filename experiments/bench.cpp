@@ -500,7 +500,7 @@ struct Args {
     std::map<std::string, std::pair<int64_t, int64_t>> batch_seq;  // config -> (B, T)
     int64_t n = 16;
     int steps = 0, threads = 2;
-    int64_t max_memory_mib = 0;  // 0: 90% of harness::available_memory_bytes()
+    double max_memory = 0;  // bytes; 0: 90% of harness::available_memory_bytes(); < 0: no limit
     bool torch = true, training = true, scaling = true, generation = true, quick = false, launch = true;
     bool recompute = false;  // also every training row with activation recomputation
     bool f16 = false;        // also every generation row with F16 weights
@@ -547,10 +547,11 @@ Args parse_args(int argc, char** argv) {
                       "ms/step with and without, side by side)")
         ("f16", "also time every generation row with F16 weights (GPT::set_weights_f16; F32 accumulation), "
                 "interleaved with the F32 rows; its bound reads 2 bytes per Linear weight")
-        ("max-memory", "MiB of peak RSS that rows measured side by side may hold together (their children and "
+        ("max-memory", "GB of peak RSS that rows measured side by side may hold together (their children and "
                        "PyTorch sessions); the rows after that are measured as a further group, not interleaved "
-                       "with the first (default: 90% of the memory available at the start: MemAvailable, RLIMIT_AS)",
-            cxxopts::value<std::string>())
+                       "with the first (default: 90% of the memory available at the start: MemAvailable, RLIMIT_AS; "
+                       "0: no limit)",
+            cxxopts::value<double>())
         ("no-torch", "skip the PyTorch side")
         ("no-train", "skip the training rows (and the scaling rows)")
         ("no-scaling", "skip the T and n scaling rows")
@@ -644,7 +645,7 @@ Args parse_args(int argc, char** argv) {
     a.threads = r["threads"].as<int>();
     if (a.steps < 0) throw std::invalid_argument(fmt::format("--repeats: {} must be >= 0", a.steps));
     if (a.threads < 1) throw std::invalid_argument(fmt::format("--threads: {} must be >= 1", a.threads));
-    if (r.count("max-memory")) a.max_memory_mib = flags::whole_number("--max-memory", r["max-memory"].as<std::string>(), 1);
+    if (r.count("max-memory")) a.max_memory = flags::memory_limit_bytes("--max-memory", r["max-memory"].as<double>());
     a.torch = !r.count("no-torch");
     a.training = !r.count("no-train");
     a.recompute = r.count("recompute") > 0;
@@ -712,10 +713,10 @@ struct Bench {
         }
         if (parts.size() > 1) {
             const std::string note = fmt::format(
-                "{} {} rows measured in {} parts, rows {}: each part within the memory limit of {:.0f} MiB "
+                "{} {} rows measured in {} parts, rows {}: each part within the memory limit of {:.3g} GB "
                 "(--max-memory; the largest row's peak RSS, PyTorch's session included, is {:.0f} MiB); rows of "
                 "different parts were not interleaved",
-                specs[0].config, specs[0].kind, parts.size(), fmt::join(parts, ", "), memory_limit / (1 << 20),
+                specs[0].config, specs[0].kind, parts.size(), fmt::join(parts, ", "), memory_limit / 1e9,
                 largest_row_bytes / (1 << 20));
             std::cerr << "bench: " << note << "\n";
             memory_notes.push_back(note);
@@ -1124,8 +1125,8 @@ int run_parent(const Args& args) {
 
     const json m = b.machine();
     b.peak = m["sgemm_peak_gflops"];
-    if (args.max_memory_mib > 0) {
-        b.memory_limit = double(args.max_memory_mib) * (1 << 20);
+    if (args.max_memory != 0) {
+        b.memory_limit = args.max_memory < 0 ? INFINITY : args.max_memory;
     } else {  // with the PyTorch worker started; unknown: no limit
         const long double avail = harness::available_memory_bytes();
         b.memory_limit = avail < 0 ? INFINITY : 0.9 * double(avail);

@@ -124,19 +124,21 @@ TEST_CASE("bench measures rows that do not fit --max-memory together in further 
         }
         return std::make_pair(g, doc.at("memory_notes").size());
     };
-    // 1 MiB holds no row beside another: each row is a group of its own, and bench.md says so.
-    Result split = run(tiny + " --max-memory 1 --out split", tmp.dir.string());
+    // 1 MB holds no row beside another: each row is a group of its own, and bench.md says so.
+    Result split = run(tiny + " --max-memory 0.001 --out split", tmp.dir.string());
     REQUIRE(split.rc == 0);
     CHECK_THAT(split.out, Contains("custom train rows measured in 3 parts, rows 1..1 ("));
-    CHECK_THAT(split.out, Contains("within the memory limit of 1 MiB (--max-memory"));
+    CHECK_THAT(split.out, Contains("within the memory limit of 0.001 GB (--max-memory"));
     CHECK(groups("split") == std::make_pair(std::vector<int>{0, 1, 2}, size_t(1)));
-    // The default (90% of MemAvailable) holds these rows together.
-    Result together = run(tiny + " --out together", tmp.dir.string());
-    REQUIRE(together.rc == 0);
-    CHECK(groups("together") == std::make_pair(std::vector<int>{0, 0, 0}, size_t(0)));
-    Result bad = run(bench + " --max-memory 0 --no-torch", tmp.dir.string());
+    // The default (90% of the available memory) and 0 (no limit), as in every experiment binary, hold them together.
+    for (const std::string& limit : {"", " --max-memory 0"}) {
+        Result together = run(tiny + limit + " --out together", tmp.dir.string());
+        REQUIRE(together.rc == 0);
+        CHECK(groups("together") == std::make_pair(std::vector<int>{0, 0, 0}, size_t(0)));
+    }
+    Result bad = run(bench + " --max-memory=-1 --no-torch", tmp.dir.string());
     CHECK(bad.rc != 0);
-    CHECK_THAT(bad.out, Contains("--max-memory: 0 must be >= 1"));
+    CHECK_THAT(bad.out, Contains("--max-memory: -1 must be a number of GB >= 0"));
 }
 
 TEST_CASE("PEFTLAB_THREADS is honoured and validated; --threads above the cores is capped", "[cli]") {

@@ -199,12 +199,7 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
     a.pretrain_patience = r["pretrain-patience"].as<int64_t>();
     if (a.pretrain_patience < 0)
         throw std::invalid_argument(fmt::format("--pretrain-patience: {} must be >= 0 (0: off)", a.pretrain_patience));
-    if (r.count("max-memory")) {
-        const double gb = r["max-memory"].as<double>();
-        if (!(gb >= 0) || !std::isfinite(gb))
-            throw std::invalid_argument(fmt::format("--max-memory: {} must be a number of GB >= 0", gb));
-        a.max_memory = gb == 0 ? -1.0 : gb * 1e9;
-    }
+    if (r.count("max-memory")) a.max_memory = flags::memory_limit_bytes("--max-memory", r["max-memory"].as<double>());
     a.model.dropout = 0.f;
     if (!a.fine_tunes) return a;
 

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <stdexcept>
@@ -105,6 +106,12 @@ std::vector<std::string> split_list(const std::string& s) {
     }
     if (!item.empty()) out.push_back(item);
     return out;
+}
+
+double memory_limit_bytes(const std::string& flag, double gb) {
+    if (!(gb >= 0) || !std::isfinite(gb))
+        throw std::invalid_argument(fmt::format("{}: {} must be a number of GB >= 0", flag, gb));
+    return gb == 0 ? -1.0 : gb * 1e9;
 }
 
 int64_t whole_number(const std::string& flag, const std::string& text, int64_t min) {

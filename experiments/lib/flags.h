@@ -27,6 +27,11 @@ std::vector<std::string> split_list(const std::string& s);
 // std::invalid_argument naming the flag and the value.
 int64_t whole_number(const std::string& flag, const std::string& text, int64_t min);
 
+// The --max-memory of every experiment binary: `gb` GB (10^9 bytes) as bytes,
+// or -1 for 0 (no limit); throws std::invalid_argument naming `flag` for a
+// negative or non-finite value.
+double memory_limit_bytes(const std::string& flag, double gb);
+
 // whole_number of flag `name`'s value (the flag is declared as a string).
 int64_t int_flag(const cxxopts::ParseResult& r, const std::string& name, int64_t min);
 
