@@ -532,6 +532,12 @@ void decode_values(float* o, const float* P, int64_t ldp, const float* V, int64_
         }
     }
 }
+// dst [Dh, n] = the transpose of src's n rows of Dh (ld apart): one head's
+// keys or values as gemm_small's B for products against their transpose.
+void transpose_head(float* dst, const float* src, int64_t n, int64_t ld, int64_t Dh) {
+    for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < Dh; ++d) dst[d * n + j] = src[j * ld + d];
+}
 }  // namespace
 
 void matmul_naive(float* c, const float* a, const float* b, int M, int N, int K, bool trans_a, bool trans_b) {
@@ -715,18 +721,20 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
     const int64_t rows_per_block = causal ? kQueryBlock : Tq;
     auto key_end = [=](int64_t i1) { return causal ? i1 + (Tk - Tq) : Tk; };  // keys seen by rows < i1
     // P [Tq, Tk] = softmax(Q K^T * scale) of one batch row b and head h (Q, K
-    // point at its column block of width Dh), row block by row block; after
-    // each block then(i0, rows, kend) runs. P is not saved for the backward,
-    // which recomputes it (the same code, the same bits): B*H*Tq*Tk floats per
-    // layer would otherwise be the largest activation of a training step.
-    auto probs = [=](float* P, const float* Q, const float* K, const float* valid, int64_t b, auto then) {
+    // point at its column block of width Dh; KT is that block of K transposed,
+    // [Dh, Tk], when Tq > 1), row block by row block; after each block
+    // then(i0, rows, kend) runs. P is not saved for the backward, which
+    // recomputes it (the same code, the same bits): B*H*Tq*Tk floats per layer
+    // would otherwise be the largest activation of a training step.
+    auto probs = [=](float* P, const float* Q, const float* K, const float* KT, const float* valid, int64_t b,
+                     auto then) {
         for (int64_t blk = 0; blk < n_blocks; ++blk) {
             const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
             const int64_t kend = key_end(i0 + rows);
             if (Tq == 1)
                 query_scores(P, Q, K, C, kend, Dh, scale);
             else
-                gemm(false, true, rows, kend, Dh, scale, Q + i0 * C, C, K, C, 0.f, P + i0 * Tk, Tk);
+                gemm_small(false, rows, kend, Dh, scale, Q + i0 * C, C, KT, Tk, false, P + i0 * Tk, Tk);
             for (int64_t i = i0; i < i0 + rows; ++i) {
                 const int64_t limit = causal ? i + (Tk - Tq) + 1 : Tk;
                 masked_softmax_row(P + i * Tk, P + i * Tk, Tk, limit, valid ? valid + mask_row(b, i) : nullptr);
@@ -758,19 +766,23 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
                 }
         }
     } else {
-        // Per-thread probability rows [Tq, Tk], allocated here (see above).
-        std::vector<float> scratch(size_t(parallel ? omp_get_max_threads() : 1) * size_t(Tq * Tk));
+        // Per-thread probability rows [Tq, Tk] and transposed keys [Dh, Tk],
+        // allocated here (see above).
+        const int64_t per_thread = Tq * Tk + Dh * Tk;
+        std::vector<float> scratch(size_t(parallel ? omp_get_max_threads() : 1) * size_t(per_thread));
 #pragma omp parallel if (parallel)
         {
-            float* P = scratch.data() + size_t(omp_get_thread_num()) * size_t(Tq * Tk);
+            float* P = scratch.data() + size_t(omp_get_thread_num()) * size_t(per_thread);
+            float* KT = P + Tq * Tk;
 #pragma omp for collapse(2) schedule(static)
             for (int64_t b = 0; b < B; ++b)
                 for (int64_t h = 0; h < H; ++h) {
-                    const float* V = pv + b * S * C + h * Dh;
-                    probs(P, pq + b * Tq * C + h * Dh, pk + b * S * C + h * Dh, valid, b,
+                    const float *K = pk + b * S * C + h * Dh, *V = pv + b * S * C + h * Dh;
+                    transpose_head(KT, K, Tk, C, Dh);
+                    probs(P, pq + b * Tq * C + h * Dh, K, KT, valid, b,
                           [&](int64_t i0, int64_t rows, int64_t kend) {  // out [rows, Dh] = P V
-                              gemm(false, false, rows, Dh, kend, 1.f, P + i0 * Tk, Tk, V, C, 0.f,
-                                   po + (b * Tq + i0) * C + h * Dh, C);
+                              gemm_small(false, rows, Dh, kend, 1.f, P + i0 * Tk, Tk, V, C, false,
+                                         po + (b * Tq + i0) * C + h * Dh, C);
                           });
                 }
         }
@@ -789,12 +801,16 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
         float* dq = gq ? gq->gemm_target(bq) : nullptr;
         float* dk = gk ? gk->gemm_target(bk) : nullptr;
         const float* kv_valid = svalid.defined() ? svalid.data() : nullptr;
-        // Per-thread P and dS [Tq, Tk] each, allocated outside the region (see the forward).
-        std::vector<float> scratch(size_t(parallel ? omp_get_max_threads() : 1) * size_t(2 * Tq * Tk));
+        // Per-thread P and dS [Tq, Tk] each and K, V transposed [Dh, Tk] each,
+        // allocated outside the region (see the forward).
+        const int64_t per_thread = 2 * Tq * Tk + 2 * Dh * Tk;
+        std::vector<float> scratch(size_t(parallel ? omp_get_max_threads() : 1) * size_t(per_thread));
 #pragma omp parallel if (parallel)
         {
-            float* P = scratch.data() + size_t(omp_get_thread_num()) * size_t(2 * Tq * Tk);
+            float* P = scratch.data() + size_t(omp_get_thread_num()) * size_t(per_thread);
             float* dS = P + Tq * Tk;
+            float* KT = dS + Tq * Tk;
+            float* VT = KT + Dh * Tk;
 #pragma omp for collapse(2) schedule(static)
             for (int64_t b = 0; b < B; ++b)
                 for (int64_t h = 0; h < H; ++h) {
@@ -802,20 +818,22 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
                     // the last block, whose keys are all Tk, goes first with the
                     // target's beta and the others add. dV, then dQ, then dK.
                     const int64_t head = h * Dh;
-                    probs(P, sq.data() + b * Tq * C + head, sk.data() + b * S * C + head, kv_valid, b,
-                          [](int64_t, int64_t, int64_t) {});
+                    const float *K = sk.data() + b * S * C + head, *Q = sq.data() + b * Tq * C + head;
+                    const float* V = dq || dk ? sv.data() + b * S * C + head : nullptr;
+                    transpose_head(KT, K, Tk, C, Dh);
+                    if (V) transpose_head(VT, V, Tk, C, Dh);
+                    probs(P, Q, K, KT, kv_valid, b, [](int64_t, int64_t, int64_t) {});
                     const float* dO = dout + b * Tq * C + head;
                     for (int64_t blk = n_blocks - 1; blk >= 0; --blk) {
                         const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
                         const int64_t kend = key_end(i0 + rows);
-                        const float beta = blk == n_blocks - 1 ? bv : 1.f;
+                        const bool first = blk == n_blocks - 1;
                         if (dv)  // dV [kend, Dh] += P^T dO
-                            gemm(true, false, kend, Dh, rows, 1.f, P + i0 * Tk, Tk, dO + i0 * C, C, beta,
-                                 dv + b * S * C + head, C);
+                            gemm_small(true, kend, Dh, rows, 1.f, P + i0 * Tk, Tk, dO + i0 * C, C, !first || bv != 0.f,
+                                       dv + b * S * C + head, C);
                         if (!dq && !dk) continue;
                         // dP [rows, kend] = dO V^T, then dS = softmax backward (scale folded in).
-                        gemm(false, true, rows, kend, Dh, 1.f, dO + i0 * C, C, sv.data() + b * S * C + head, C, 0.f,
-                             dS + i0 * Tk, Tk);
+                        gemm_small(false, rows, kend, Dh, 1.f, dO + i0 * C, C, VT, Tk, false, dS + i0 * Tk, Tk);
                         for (int64_t i = i0; i < i0 + rows; ++i) {
                             float* ds = dS + i * Tk;
                             softmax_backward_row(ds, ds, P + i * Tk, kend, scale);
@@ -823,14 +841,13 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
                     }
                     for (int64_t blk = 0; dq && blk < n_blocks; ++blk) {  // dQ [rows, Dh] = dS K
                         const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
-                        gemm(false, false, rows, Dh, key_end(i0 + rows), 1.f, dS + i0 * Tk, Tk,
-                             sk.data() + b * S * C + head, C, bq, dq + (b * Tq + i0) * C + head, C);
+                        gemm_small(false, rows, Dh, key_end(i0 + rows), 1.f, dS + i0 * Tk, Tk, K, C, bq != 0.f,
+                                   dq + (b * Tq + i0) * C + head, C);
                     }
                     for (int64_t blk = n_blocks - 1; dk && blk >= 0; --blk) {  // dK [kend, Dh] += dS^T Q
                         const int64_t i0 = blk * rows_per_block, rows = std::min(rows_per_block, Tq - i0);
-                        gemm(true, false, key_end(i0 + rows), Dh, rows, 1.f, dS + i0 * Tk, Tk,
-                             sq.data() + (b * Tq + i0) * C + head, C, blk == n_blocks - 1 ? bk : 1.f,
-                             dk + b * S * C + head, C);
+                        gemm_small(true, key_end(i0 + rows), Dh, rows, 1.f, dS + i0 * Tk, Tk, Q + i0 * C, C,
+                                   blk != n_blocks - 1 || bk != 0.f, dk + b * S * C + head, C);
                     }
                 }
         }

@@ -190,5 +190,14 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 // bit for bit the same as gemm on B converted to float.
 void gemm_half_b(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const uint16_t* B,
                  int64_t ldb, float beta, float* C, int64_t ldc);
+// C [M, N] = alpha * op(A) B, written over C or (accumulate) added to it;
+// op(A) [M, K] is A [M, K] rows lda apart, or (trans_a) the transpose of A
+// [K, M]; B [K, N] rows ldb apart. For small products, e.g. attention's
+// [32, <= T] x [T, 64] per head: no packing and no zeroing pass (gemm_small.cpp).
+// With AVX2 and FMA, each element of C sums its K products in order of k,
+// then is scaled by alpha: its bits depend on its row of op(A) and column of B
+// only, not on M, N or where C lies. Without: gemm().
+void gemm_small(bool trans_a, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc);
 
 }  // namespace peftlab::detail

@@ -15,6 +15,7 @@
 
 #include "autograd/flops.h"
 #include "autograd/ops.h"
+#include "autograd/ops_util.h"
 #include "autograd/tape.h"
 #include "autograd/threads.h"
 
@@ -152,6 +153,66 @@ TEST_CASE("few-row GEMMs equal matmul_naive, and a row's result does not depend 
     const std::vector<float> two = matmul(a, b, false, true).to_vector();
     set_threads(before);
     CHECK(one == two);
+}
+
+// Attention's per-head products (ops_matmul.cpp) run on detail::gemm_small:
+// tiles of 6 rows of C by one strip of columns (16 with AVX2, 32 with
+// AVX-512), masked at C's last columns. The shapes cover every remainder of
+// rows (M 1..13) and columns (N 1..40, 64, 144), and K = 0; A, B and C have
+// leading dimensions beyond their widths, whose padding must stay untouched.
+TEST_CASE("gemm_small equals a double-precision product, written or accumulated, and an element's bits do not "
+          "depend on the tile around it",
+          "[autograd][matmul]") {
+    std::vector<int> widths;
+    for (int n = 1; n <= 40; ++n) widths.push_back(n);
+    widths.insert(widths.end(), {64, 144});
+    uint64_t seed = 7100;
+    for (bool ta : {false, true})
+        for (int K : {0, 1, 7, 64})
+            for (int M = 1; M <= 13; ++M)
+                for (int N : widths)
+                    for (bool accumulate : {false, true}) {
+                        const int64_t lda = (ta ? M : K) + 3, ldb = N + 2, ldc = N + 5;
+                        const std::vector<float> a = uniform({(ta ? K : M) * lda + 1}, seed++).to_vector();
+                        const std::vector<float> b = uniform({K * ldb + 1}, seed++).to_vector();
+                        const std::vector<float> c0 = uniform({M * ldc}, seed++).to_vector();
+                        std::vector<float> c = c0;
+                        const float alpha = 0.125f;
+                        detail::gemm_small(ta, M, N, K, alpha, a.data(), lda, b.data(), ldb, accumulate, c.data(), ldc);
+                        int64_t bad = 0, padding_changed = 0;
+                        for (int i = 0; i < M; ++i) {
+                            for (int j = 0; j < N; ++j) {
+                                double ref = accumulate ? c0[size_t(i * ldc + j)] : 0.0, dot = 0;
+                                for (int k = 0; k < K; ++k)
+                                    dot += double(a[size_t(ta ? k * lda + i : i * lda + k)]) * b[size_t(k * ldb + j)];
+                                ref += alpha * dot;
+                                bad += std::abs(c[size_t(i * ldc + j)] - ref) > 1e-6 * (K + 2);
+                            }
+                            for (int j = N; j < ldc; ++j) padding_changed += c[size_t(i * ldc + j)] != c0[size_t(i * ldc + j)];
+                        }
+                        INFO("ta=" << ta << " M=" << M << " N=" << N << " K=" << K << " accumulate=" << accumulate);
+                        CHECK(bad == 0);
+                        CHECK(padding_changed == 0);
+                    }
+#if defined(__AVX2__) && defined(__FMA__)  // gemm_small's own tiles (else gemm())
+    // Bitwise: C [13, 144] at once, and its block at rows 5.., columns 19..
+    // (other tile rows, other strip columns, masked lanes) computed alone.
+    const int64_t M = 13, N = 144, K = 64;
+    for (bool ta : {false, true}) {
+        const std::vector<float> a = uniform({M * K}, 7001).to_vector(), b = uniform({K * N}, 7002).to_vector();
+        std::vector<float> whole(size_t(M * N)), part(size_t(M * N), 0.f);
+        const int64_t lda = ta ? M : K;
+        detail::gemm_small(ta, M, N, K, 1.f, a.data(), lda, b.data(), N, false, whole.data(), N);
+        const int64_t r0 = 5, c0 = 19;
+        detail::gemm_small(ta, M - r0, N - c0, K, 1.f, a.data() + (ta ? r0 : r0 * K), lda, b.data() + c0, N, false,
+                           part.data(), N);
+        int64_t differ = 0;
+        for (int64_t i = r0; i < M; ++i)
+            for (int64_t j = c0; j < N; ++j) differ += part[size_t((i - r0) * N + j - c0)] != whole[size_t(i * N + j)];
+        INFO("ta=" << ta);
+        CHECK(differ == 0);
+    }
+#endif
 }
 
 TEST_CASE("matmul with K = 0 gives zeros", "[autograd][matmul]") {
