@@ -141,8 +141,10 @@ public:
         if (merged()) return {};
         auto it = pairs_.find(path);
         if (it == pairs_.end()) return {};
-        // x [..., in] -> [..., r] -> [..., out]
-        return mul_scalar(linear(linear(x, it->second.A), it->second.B), scale());
+        // x [..., in] -> [..., r] -> [..., out]; HF PEFT scales the output,
+        // lora_B(lora_A(x)) * scaling; scaling the [..., r] activation instead
+        // is the same product at r/out of the element-wise work.
+        return linear(mul_scalar(linear(x, it->second.A), scale()), it->second.B);
     }
     bool adapts_linear(const std::string& path) const override { return !merged() && pairs_.count(path) > 0; }
 
@@ -159,13 +161,13 @@ public:
     std::vector<double> lr_grid() const override { return {1e-3, 3e-3, 1e-2}; }
     bool mergeable() const override { return true; }
 
-    // (alpha/r) * (x A^T) B^T, then added: A [r, in], B [out, r].
+    // ((alpha/r) * x A^T) B^T, then added: A [r, in], B [out, r].
     cost::Sym cost_linear(const std::string& path, cost::Tally& t, const GPTConfig& c, int64_t R, int64_t in,
                           int64_t out, cost::Sym x, cost::Sym y) const override {
         if (!in_chosen_layer(c, path) || !targets(path)) return y;
         cost::Sym u = cost::linear(t, R, in, rank_, x, cost::kParam, nullptr);
+        u = cost::unary(t, R * rank_, 1, 1, u);
         u = cost::linear(t, R, rank_, out, u, cost::kParam, nullptr);
-        u = cost::unary(t, R * out, 1, 1, u);
         return cost::add(t, R * out, y, u);
     }
     // Decoding counts the merged model (W + BA): no extra work.
