@@ -32,10 +32,15 @@ constexpr int64_t kFewRowsMinB = int64_t(1) << 16;
 // Columns of C (rows of a transposed B) per block of gemm_few_rows, and how
 // many blocks ahead the rows of B are fetched into L2 (dots_chunk's `ahead`).
 constexpr int64_t kFewCols = 4, kFewAhead = 4;
-// Multiply-adds above which gemm_few_rows splits B's rows across threads: a
-// quarter of kMacsParallelMin, as reading B (from L3 or memory) dominates and
-// two threads read it faster (a decoding step: -15% at 2 threads).
-constexpr int64_t kFewRowsParallelMin = kMacsParallelMin / 4;
+// Multiply-adds above which gemm_few_rows splits B's rows across threads.
+// Reading B (from L2, L3 or memory) dominates, and two threads read it
+// faster even at the smallest B these kernels take (kFewRowsMinB), so every
+// such GEMM splits: at kMacsParallelMin / 4 the 512 x 512 and 256 x 1024
+// weights of batch-1 decoding ran on one thread, and a 64 + 64 generate at 2
+// threads took 387 ms on the medium config and 42.4 on small; now 212 and 32.0
+// (minima, tools/ab_steps.py --kind generate --batch 1; AVX-512 Zen 5).
+constexpr int64_t kFewRowsParallelMin = kMacsParallelMin / 64;
+static_assert(kFewRowsMinB > kFewRowsParallelMin, "a few-rows GEMM of one row splits");
 
 // Sixteen floats: one AVX-512 register (two AVX2 ones where that is all there
 // is). Unaligned, and allowed to alias the floats it is loaded from.
