@@ -32,15 +32,13 @@ constexpr int64_t kFewRowsMinB = int64_t(1) << 16;
 // Columns of C (rows of a transposed B) per block of gemm_few_rows, and how
 // many blocks ahead the rows of B are fetched into L2 (dots_chunk's `ahead`).
 constexpr int64_t kFewCols = 4, kFewAhead = 4;
-// Multiply-adds above which gemm_few_rows splits B's rows across threads.
-// Reading B (from L2, L3 or memory) dominates, and two threads read it
-// faster even at the smallest B these kernels take (kFewRowsMinB), so every
-// such GEMM splits: at kMacsParallelMin / 4 the 512 x 512 and 256 x 1024
-// weights of batch-1 decoding ran on one thread, and a 64 + 64 generate at 2
-// threads took 387 ms on the medium config and 42.4 on small; now 212 and 32.0
+// gemm_few_rows always splits B's rows across threads. Reading B (from L2,
+// L3 or memory) dominates, and two threads read it faster even at the
+// smallest B these kernels take (kFewRowsMinB). Splitting only above
+// kMacsParallelMin / 4 multiply-adds left the 512 x 512 and 256 x 1024 weights
+// of batch-1 decoding on one thread: a 64 + 64 generate at 2 threads took
+// 387 ms on the medium config and 42.4 on small; split, 212 and 32.0
 // (minima, tools/ab_steps.py --kind generate --batch 1; AVX-512 Zen 5).
-constexpr int64_t kFewRowsParallelMin = kMacsParallelMin / 64;
-static_assert(kFewRowsMinB > kFewRowsParallelMin, "a few-rows GEMM of one row splits");
 
 // Sixteen floats: one AVX-512 register (two AVX2 ones where that is all there
 // is). Unaligned, and allowed to alias the floats it is loaded from.
@@ -269,9 +267,9 @@ void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t l
 // rows: a request decodes to the same tokens alone or in any batch.
 template <class BT>
 void few_rows_b_rows(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const BT* B,
-                     int64_t ldb, float beta, float* C, int64_t ldc, int64_t ahead_blocks, bool parallel) {
+                     int64_t ldb, float beta, float* C, int64_t ldc, int64_t ahead_blocks) {
     const int64_t blocks = (N + kFewCols - 1) / kFewCols;
-#pragma omp parallel for if (parallel) schedule(static)
+#pragma omp parallel for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t j0 = blk * kFewCols, w = std::min(kFewCols, N - j0);
         const BT* b[kFewCols];
@@ -289,12 +287,11 @@ void few_rows_b_rows(int64_t M, int64_t N, int64_t K, float alpha, const float* 
 // one thread in a fixed order, so the result does not depend on the thread count.
 void gemm_few_rows(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                    const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-    const bool parallel = M * N * K > kFewRowsParallelMin;
-    if (trans_b) return few_rows_b_rows(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, kFewAhead, parallel);
+    if (trans_b) return few_rows_b_rows(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, kFewAhead);
     // B [K, N]: C_i = sum_k A[i, k] B_k, rows of B added in order, in column blocks.
     constexpr int64_t kBlock = 256;
     const int64_t blocks = (N + kBlock - 1) / kBlock;
-#pragma omp parallel for collapse(2) if (parallel) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static)
     for (int64_t i = 0; i < M; ++i)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             const int64_t j0 = blk * kBlock, w = std::min(kBlock, N - j0);
@@ -348,13 +345,12 @@ constexpr int64_t kHalfWidenAhead = 2 * kFewAhead;
 //   row block, as it reads a float B.
 void gemm_few_rows_half(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const uint16_t* B,
                         int64_t ldb, float beta, float* C, int64_t ldc) {
-    const bool parallel = M * N * K > kFewRowsParallelMin;
 #if defined(__F16C__)
     if (M <= kBlockRows)
-        return few_rows_b_rows(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, kHalfWidenAhead, parallel);
+        return few_rows_b_rows(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, kHalfWidenAhead);
 #endif
     const int64_t blocks = (N + kFewCols - 1) / kFewCols;
-#pragma omp parallel if (parallel)
+#pragma omp parallel
     {
         std::vector<float> rows(size_t(kFewCols * K));
 #pragma omp for schedule(static)
@@ -825,7 +821,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
                     const int64_t head = h * Dh;
                     const float *K = sk.data() + b * S * C + head, *Q = sq.data() + b * Tq * C + head;
                     const float* V = dq || dk ? sv.data() + b * S * C + head : nullptr;
-                    transpose_head(KT, K, Tk, C, Dh);
+                    if (Tq > 1) transpose_head(KT, K, Tk, C, Dh);  // probs reads K itself for one query row
                     if (V) transpose_head(VT, V, Tk, C, Dh);
                     probs(P, Q, K, KT, kv_valid, b, [](int64_t, int64_t, int64_t) {});
                     const float* dO = dout + b * Tq * C + head;
