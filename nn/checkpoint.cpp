@@ -23,18 +23,6 @@ std::runtime_error file_error(const char* fn, const std::string& path, const std
     return std::runtime_error(fmt::format("{}: '{}': {}", fn, path, what));
 }
 
-// Reads the file; safetensors' own errors (truncation, bad header) gain the caller's name.
-StFile read_checked(const char* fn, const std::string& path, const LoadOptions& opts) {
-    StFile file;
-    try {
-        file = load_safetensors(path);
-    } catch (const std::runtime_error& e) {
-        throw std::runtime_error(fmt::format("{}: {}", fn, e.what()));
-    }
-    check_finite(fn, path, file, opts);
-    return file;
-}
-
 const std::string& require_meta(const char* fn, const std::string& path, const StFile& file, const std::string& key) {
     auto it = file.metadata.find(key);
     if (it == file.metadata.end()) throw file_error(fn, path, fmt::format("metadata key '{}' is missing", key));
@@ -156,8 +144,14 @@ Int parse_int(const char* fn, const std::string& path, const std::string& key, c
 
 }  // namespace
 
-void check_finite(const char* fn, const std::string& path, const StFile& file, const LoadOptions& opts) {
-    if (opts.allow_nonfinite) return;
+StFile load_safetensors_checked(const char* fn, const std::string& path, const LoadOptions& opts) {
+    StFile file;
+    try {
+        file = load_safetensors(path);
+    } catch (const std::runtime_error& e) {
+        throw std::runtime_error(fmt::format("{}: {}", fn, e.what()));
+    }
+    if (opts.allow_nonfinite) return file;
     for (const auto& [name, t] : file.tensors) {
         const auto bad = std::find_if(t.data.begin(), t.data.end(), [](float v) { return !std::isfinite(v); });
         if (bad != t.data.end())
@@ -166,6 +160,7 @@ void check_finite(const char* fn, const std::string& path, const StFile& file, c
                                          "(LoadOptions::allow_nonfinite accepts them)",
                                          name, *bad, bad - t.data.begin(), t.data.size()));
     }
+    return file;
 }
 
 // ---- named tensors --------------------------------------------------------------------
@@ -174,7 +169,7 @@ void save_named(const std::string& path, const NamedTensors& tensors, const Meta
 }
 
 Metadata load_named_into(const std::string& path, const NamedTensors& into, const LoadOptions& opts) {
-    const StFile file = read_checked("load_named_into", path, opts);
+    const StFile file = load_safetensors_checked("load_named_into", path, opts);
     check_tensors("load_named_into", path, file, into, "the destination tensors");
     copy_tensors(file, into);
     return file.metadata;
@@ -193,12 +188,12 @@ void save_model(const std::string& path, const GPT& model, const Metadata& extra
 }
 
 Metadata load_model(const std::string& path, GPT& model, const LoadOptions& opts) {
-    return load_model_checked("load_model", path, read_checked("load_model", path, opts), model);
+    return load_model_checked("load_model", path, load_safetensors_checked("load_model", path, opts), model);
 }
 
 std::unique_ptr<GPT> load_model_new(const std::string& path, const LoadOptions& opts) {
     const char* fn = "load_model_new";
-    const StFile file = read_checked(fn, path, opts);
+    const StFile file = load_safetensors_checked(fn, path, opts);
     const GPTConfig cfg = file_config(fn, path, file);
     uint64_t in_file = 0;
     for (const auto& [name, t] : file.tensors) in_file += t.data.size();  // bounded by the file size
@@ -235,7 +230,7 @@ void save_training_state(const std::string& path, const NamedTensors& tensors, c
 TrainingState load_training_state(const std::string& path, const NamedTensors& tensors, Optimizer& opt,
                                   const NamedRngs& rngs, const LoadOptions& opts) {
     const char* fn = "load_training_state";
-    const StFile file = read_checked(fn, path, opts);
+    const StFile file = load_safetensors_checked(fn, path, opts);
     require_format(fn, path, file, kTrainStateFormat);
 
     TrainingState state;

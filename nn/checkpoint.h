@@ -33,10 +33,12 @@ struct LoadOptions {
     bool allow_nonfinite = false;
 };
 
-// Throws std::runtime_error "<fn>: '<path>': tensor '<name>' holds <value> at
-// element <i> (of <n>); ..." for the first non-finite value in `file`, in name
-// order, unless opts.allow_nonfinite.
-void check_finite(const char* fn, const std::string& path, const StFile& file, const LoadOptions& opts);
+// Reads a whole safetensors file (nn/safetensors.h) for the loader `fn`: the
+// reader's errors (missing, truncated, bad header) are prefixed with fn, and
+// the first non-finite value, in name order, throws std::runtime_error
+// "<fn>: '<path>': tensor '<name>' holds <value> at element <i> (of <n>); ..."
+// unless opts.allow_nonfinite.
+StFile load_safetensors_checked(const char* fn, const std::string& path, const LoadOptions& opts);
 
 // ---- any named tensors (adapters, tools) -------------------------------------------------
 void save_named(const std::string& path, const NamedTensors& tensors, const Metadata& metadata = {});

@@ -30,17 +30,6 @@ std::runtime_error file_error(const char* fn, const std::string& path, const std
     return std::runtime_error(fmt::format("{}: '{}': {}", fn, path, what));
 }
 
-StFile read_tensors(const char* fn, const std::string& path, const LoadOptions& opts) {
-    StFile file;
-    try {
-        file = load_safetensors(path);
-    } catch (const std::runtime_error& e) {
-        throw std::runtime_error(fmt::format("{}: {}", fn, e.what()));
-    }
-    check_finite(fn, path, file, opts);
-    return file;
-}
-
 // Elements a loader may allocate beyond what the weights file holds: attach
 // builds the training-time tensors, and an inference file of a reparameterized
 // prefix does not store its MLP (built, then replaced by its output). 2^24
@@ -319,7 +308,7 @@ std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base, const L
     check_base(cfg, cfg.at("base_config"), cfg.str("base_hash"), base);
 
     const std::string weights = in_dir(dir, kAdapterWeightsFile);
-    const StFile file = read_tensors(fn, weights, load_opts);
+    const StFile file = load_safetensors_checked(fn, weights, load_opts);
     std::unique_ptr<Adapter> adapter;
     try {
         adapter = make_adapter(method, opts);
@@ -398,7 +387,7 @@ std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base, const Load
 
     // The weights first: a method may need them to choose its options (see Adapter::hf_import_options).
     const std::string weights = in_dir(dir, kAdapterWeightsFile);
-    const StFile file = read_tensors(fn, weights, load_opts);
+    const StFile file = load_safetensors_checked(fn, weights, load_opts);
     // The method that reads this peft_type: each is asked in registry order.
     std::string method;
     std::optional<AdapterOptions> opts;

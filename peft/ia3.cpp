@@ -324,8 +324,7 @@ private:
     std::string target_of(const GPTConfig& c, const std::string& path) const {
         if (!in_chosen_layer(c, path)) return "";
         for (const std::string& t : targets_) {
-            const std::string m = "." + module_of(t);
-            if (path.size() >= m.size() && path.compare(path.size() - m.size(), m.size(), m) == 0) return t;
+            if (path.ends_with(fmt::format(".{}", module_of(t)))) return t;
         }
         return "";
     }

@@ -478,8 +478,8 @@ private:
     const Pair& pair_of(int l, const std::string& linear) const { return pairs_.at(fmt::format("blocks.{}.{}", l, linear)); }
     bool targets(const std::string& path) const {
         for (const std::string& t : targets_) {
-            const std::string m = "." + target_module(t);  // "blocks.0.attn.q_proj" ends with ".attn.q_proj"
-            if (path.size() >= m.size() && path.compare(path.size() - m.size(), m.size(), m) == 0) return true;
+            // "blocks.0.attn.q_proj" ends with ".attn.q_proj"
+            if (path.ends_with(fmt::format(".{}", target_module(t)))) return true;
         }
         return false;
     }

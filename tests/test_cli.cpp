@@ -131,7 +131,7 @@ TEST_CASE("bench measures rows that do not fit --max-memory together in further 
     CHECK_THAT(split.out, Contains("within the memory limit of 0.001 GB (--max-memory"));
     CHECK(groups("split") == std::make_pair(std::vector<int>{0, 1, 2}, size_t(1)));
     // The default (90% of the available memory) and 0 (no limit), as in every experiment binary, hold them together.
-    for (const std::string& limit : {"", " --max-memory 0"}) {
+    for (const char* limit : {"", " --max-memory 0"}) {
         Result together = run(tiny + limit + " --out together", tmp.dir.string());
         REQUIRE(together.rc == 0);
         CHECK(groups("together") == std::make_pair(std::vector<int>{0, 0, 0}, size_t(0)));
