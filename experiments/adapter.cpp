@@ -19,6 +19,7 @@
 #include "experiments/lib/harness.h"
 #include "nn/checkpoint.h"
 #include "nn/hf_gpt2.h"
+#include "nn/json_limits.h"
 #include "nn/safetensors.h"
 #include "peft/adapter_io.h"
 #include "peft/registry.h"
@@ -37,14 +38,16 @@ const char* kUsage =
 
 nlohmann::json read_config(const std::string& dir) {
     const std::string path = dir + "/adapter_config.json";
-    std::ifstream f(path);
-    if (!f) throw std::runtime_error(fmt::format("{}: cannot open (is '{}' an adapter directory?)", path, dir));
-    nlohmann::json j = nlohmann::json::parse(f, nullptr, false);
+    const nlohmann::json j = parse_json_limited(read_small_file(path, kMaxConfigFileBytes, "adapter inspect"), path);
     if (!j.is_object()) throw std::runtime_error(fmt::format("{}: not a JSON object", path));
     return j;
 }
 
 int inspect(const std::string& dir) {
+    if (peft::adapter_layout(dir) == peft::AdapterLayout::hugging_face)
+        throw std::runtime_error(fmt::format("{}/adapter_config.json: a Hugging Face PEFT adapter (it has "
+                                             "\"peft_type\"); `adapter import-hf {} OUT --base MODEL` reads it",
+                                             dir, dir));
     const nlohmann::json j = read_config(dir);
     for (const char* key : {"method", "options", "base_config", "base_hash"})
         if (!j.contains(key)) throw std::runtime_error(fmt::format("{}/adapter_config.json: no \"{}\"", dir, key));
@@ -104,6 +107,8 @@ int main(int argc, char** argv) {
     o.add_options()
         ("h,help", "print this help")
         ("base", "base model file", cxxopts::value<std::string>()->default_value(""))
+        ("tokenizer", "gpt2:DIR (eval; default: the base directory's GPT-2 files, or the checkpoint's own)",
+         cxxopts::value<std::string>()->default_value(""))
         ("task", "task to evaluate on (eval)", cxxopts::value<std::string>()->default_value("e2e"))
         ("eval-examples", "test examples scored by generation (eval)", cxxopts::value<std::string>()->default_value("50"))
         ("batch", "rows per forward (eval)", cxxopts::value<std::string>()->default_value("16"))
@@ -149,13 +154,8 @@ int main(int argc, char** argv) {
             need(1);
             const std::string base_path = r["base"].as<std::string>();
             std::unique_ptr<GPT> base = load_base(base_path);
-            const Metadata meta = load_safetensors(base_path).metadata;
-            auto tok_it = meta.find("tokenizer");
-            if (tok_it == meta.end())
-                throw std::runtime_error(fmt::format("{}: no \"tokenizer\" in its metadata (not a base made by "
-                                                     "pretrain)", base_path));
-            std::unique_ptr<data::Tokenizer> tok = data::tokenizer_from_json(nlohmann::json::parse(tok_it->second));
-            std::unique_ptr<peft::Adapter> a = peft::load_adapter(paths[0], *base);
+            std::unique_ptr<data::Tokenizer> tok = harness::base_tokenizer(r["tokenizer"].as<std::string>(), base_path);
+            std::unique_ptr<peft::Adapter> a = peft::load_any_adapter(paths[0], *base);
             a->activate(*base);
             harness::CommonArgs args;
             args.task = r["task"].as<std::string>();

@@ -30,6 +30,7 @@
 #include "datasets/gpt2_tokenizer.h"
 #include "experiments/lib/flags.h"
 #include "experiments/lib/gguf_export.h"
+#include "experiments/lib/harness.h"
 #include "nn/checkpoint.h"
 #include "nn/generate.h"
 #include "nn/gguf.h"
@@ -58,21 +59,6 @@ std::vector<int32_t> parse_ids(const std::string& text) {
         start = comma + 1;
     }
     return ids;
-}
-
-// The tokenizer: --tokenizer gpt2:DIR, else the base directory's GPT-2 files,
-// else the one recorded in a peftlab checkpoint's metadata.
-std::unique_ptr<data::Tokenizer> load_tokenizer(const std::string& spec, const std::string& base) {
-    if (!spec.empty()) {
-        if (spec.rfind("gpt2:", 0) != 0) throw bad_flag("--tokenizer", spec, "expected gpt2:DIR");
-        return std::make_unique<data::GPT2Tokenizer>(data::GPT2Tokenizer::from_dir(spec.substr(5)));
-    }
-    if (fs::is_directory(base)) return std::make_unique<data::GPT2Tokenizer>(data::GPT2Tokenizer::from_dir(base));
-    StMapped file(base);
-    auto it = file.metadata().find("tokenizer");
-    if (it == file.metadata().end())
-        throw bad_flag("--base", base, "the checkpoint records no tokenizer; pass --tokenizer gpt2:DIR");
-    return data::tokenizer_from_json(nlohmann::json::parse(it->second));
 }
 
 // Greedy continuation of one prompt of token ids: the new ids as a JSON array on
@@ -133,9 +119,12 @@ int main(int argc, char** argv) {
         ("gguf-adapter", "write --adapter as a llama.cpp GGUF LoRA adapter file and exit", cxxopts::value<std::string>())
         ("dtype", "weights the forward multiplies with: f32, or f16 (rounded once, F32 accumulation; "
                   "GPT::set_weights_f16)", cxxopts::value<std::string>()->default_value("f32"))
+        ("threads", "threads (default: PEFTLAB_THREADS, else all cores)", cxxopts::value<std::string>())
         ("help", "show this help");
     try {
         const cxxopts::ParseResult r = flags::parse(opts, argc, argv);
+        flags::configure_threads(r.count("threads") ? std::optional<int64_t>(flags::int_flag(r, "threads", 0))
+                                                    : std::nullopt);
         const bool gguf = r.count("gguf") || r.count("gguf-adapter");
         const int modes = int(r.count("prompt")) + int(r.count("encode")) + int(r.count("input-ids")) +  // method-names: flags
                           int(gguf);
@@ -154,7 +143,7 @@ int main(int argc, char** argv) {
         if (!fs::exists(base_path)) throw bad_flag("--base", base_path, "does not exist");
 
         if (r.count("encode")) {
-            auto tok = load_tokenizer(r["tokenizer"].as<std::string>(), base_path);
+            auto tok = harness::base_tokenizer(r["tokenizer"].as<std::string>(), base_path);
             fmt::print("{}\n", nlohmann::json(tok->encode(r["encode"].as<std::string>())).dump());
             return 0;
         }
@@ -168,8 +157,7 @@ int main(int argc, char** argv) {
         if (r.count("adapter")) {
             const std::string dir = r["adapter"].as<std::string>();
             if (!fs::is_directory(dir)) throw bad_flag("--adapter", dir, "is not a directory");
-            adapter = fs::exists(fs::path(dir) / "adapter_config.json") ? peft::import_hf(dir, *model)
-                                                                        : peft::load_adapter(dir, *model);
+            adapter = peft::load_any_adapter(dir, *model);
             adapter->activate(*model);
         }
         model->eval();
@@ -204,7 +192,7 @@ int main(int argc, char** argv) {
                                                    fs::exists(fs::path(base_path) / "encoder.json")
                                              : StMapped(base_path).metadata().count("tokenizer") > 0);
             const GgufVocab vocab =
-                has_tokenizer ? harness::gguf_vocab(*load_tokenizer(spec, base_path)) : GgufVocab{};
+                has_tokenizer ? harness::gguf_vocab(*harness::base_tokenizer(spec, base_path)) : GgufVocab{};
             GgufGpt2Options g;
             g.type = gguf_type == "f16" ? GgmlType::F16 : GgmlType::F32;
             save_gguf_gpt2(*model, out, vocab, g);
@@ -238,7 +226,7 @@ int main(int argc, char** argv) {
             return 0;
         }
 
-        auto tok = load_tokenizer(r["tokenizer"].as<std::string>(), base_path);
+        auto tok = harness::base_tokenizer(r["tokenizer"].as<std::string>(), base_path);
         const std::string text = r["prompt"].as<std::string>();  // method-names: the --prompt flag, no method
         const std::vector<int32_t> prompt = tok->encode(text);
         if (prompt.empty()) throw bad_flag("--prompt", text, "encodes to no tokens");

@@ -1,5 +1,7 @@
 #include "nn/hf_gpt2.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -31,12 +33,9 @@ std::string shape_text(const std::vector<int64_t>& s) {
 }
 
 json read_json(const std::string& path) {
-    std::ifstream f(path, std::ios::binary);
-    if (!f) throw fail(path, fmt::format("cannot open: {}", std::strerror(errno)));
-    std::stringstream ss;
-    ss << f.rdbuf();
+    const std::string text = read_small_file(path, kMaxConfigFileBytes, "load_hf_gpt2");
     try {
-        return parse_json_limited(ss.str(), "content");
+        return parse_json_limited(text, "content");
     } catch (const std::runtime_error& e) {  // syntax errors, numbers too large for a double, nesting
         throw fail(path, e.what());
     }
@@ -248,7 +247,19 @@ std::unique_ptr<GPT> load_hf_gpt2(const std::string& dir) {
     // Everything checked: allocate (zeros, no random draws) and convert.
     auto model = std::make_unique<GPT>(cfg, 0, 0.f);
     NoGradGuard no_grad;
-    auto read_into = [&](const std::string& name, Tensor& t) { found[name].file->read(found[name].key, t.data()); };
+    // A diverged run's NaN or Inf would turn every forward into NaN without a
+    // word: refused as peftlab's own checkpoints refuse them (nn/checkpoint.h).
+    auto require_finite = [&](const Source& s, const float* v, int64_t n) {
+        const float* bad = std::find_if(v, v + n, [](float x) { return !std::isfinite(x); });
+        if (bad != v + n)
+            throw fail(s.file->path(), fmt::format("tensor '{}' holds {} at element {} (of {}); refusing non-finite "
+                                                   "weights",
+                                                   s.key, *bad, bad - v, n));
+    };
+    auto read_into = [&](const std::string& name, Tensor& t) {
+        found[name].file->read(found[name].key, t.data());
+        require_finite(found[name], t.data(), t.numel());
+    };
     std::vector<float> scratch;
     auto read_scratch = [&](const std::string& name) {
         const Source& s = found[name];
@@ -256,6 +267,7 @@ std::unique_ptr<GPT> load_hf_gpt2(const std::string& dir) {
         for (int64_t d : s.file->tensors().at(s.key).shape) n *= d;
         scratch.resize(size_t(n));
         s.file->read(s.key, scratch.data());
+        require_finite(s, scratch.data(), n);
         return scratch.data();
     };
     const int64_t C = cfg.d_model, F = cfg.d_ff;

@@ -35,8 +35,9 @@ namespace peftlab {
 // add_cross_attention, scale_attn_weights false, another activation, a
 // model_type other than gpt2), no weights file, any corruption the
 // safetensors reader refuses, a bad shard index or shard name, a missing,
-// duplicated or unknown tensor, a shape that disagrees with config.json, and
-// an lm_head.weight that differs from wte.weight while the config ties them.
+// duplicated or unknown tensor, a shape that disagrees with config.json, a
+// NaN or Inf weight (named with its element), and an lm_head.weight that
+// differs from wte.weight while the config ties them.
 std::unique_ptr<GPT> load_hf_gpt2(const std::string& dir);
 
 // The GPTConfig of dir/config.json alone (no weights read), with the same checks.

@@ -144,12 +144,9 @@ void check_base(const ConfigFile& cfg, const json& saved_config, const std::stri
 
 // ---- ConfigFile, tensor checks, PEFT prompt-learning fields ----------------------------------
 ConfigFile::ConfigFile(const char* fn, std::string path) : fn_(fn), path_(std::move(path)) {
-    std::ifstream in(path_, std::ios::binary);
-    if (!in) throw error(fmt::format("cannot open ({})", std::strerror(errno)));
-    std::stringstream text;
-    text << in.rdbuf();
+    const std::string text = read_small_file(path_, kMaxConfigFileBytes, fn_);
     try {
-        j_ = parse_json_limited(text.str(), "content");
+        j_ = parse_json_limited(text, "content");
     } catch (const std::runtime_error& e) {  // syntax errors, numbers too large for a double, nesting
         throw error(e.what());
     }
@@ -256,9 +253,58 @@ std::string base_hash(const GPT& base) {
     return fmt::format("{:016x}", h);
 }
 
+// ---- layouts ------------------------------------------------------------------------------
+AdapterLayout adapter_layout(const std::string& dir) {
+    const std::string path = in_dir(dir, kAdapterConfigFile);
+    if (!fs::exists(path)) return AdapterLayout::none;
+    const ConfigFile cfg("adapter_layout", path);
+    if (cfg.has("format")) return AdapterLayout::peftlab;
+    if (cfg.has("peft_type")) return AdapterLayout::hugging_face;
+    throw cfg.error("neither a peftlab adapter (no key 'format') nor a Hugging Face PEFT one (no key 'peft_type')");
+}
+
+std::unique_ptr<Adapter> load_any_adapter(const std::string& dir, GPT& base, const LoadOptions& opts) {
+    switch (adapter_layout(dir)) {
+        case AdapterLayout::peftlab: return load_adapter(dir, base, opts);
+        case AdapterLayout::hugging_face: return import_hf(dir, base, opts);
+        case AdapterLayout::none: break;
+    }
+    throw std::runtime_error(fmt::format("load_any_adapter: '{}': no {} (not an adapter directory)", dir,
+                                         kAdapterConfigFile));
+}
+
+namespace {
+// A writer of one layout must not replace an adapter of the other: both use
+// the same file names, so `export-hf A A` would destroy A.
+void refuse_other_layout(const char* fn, const std::string& dir, AdapterLayout writing) {
+    const AdapterLayout found = adapter_layout(dir);
+    if (found == AdapterLayout::none || found == writing) return;
+    throw std::invalid_argument(fmt::format("{}: '{}' already holds a {} adapter; writing the {} layout there would "
+                                            "replace it: choose another directory",
+                                            fn, dir, found == AdapterLayout::peftlab ? "peftlab" : "Hugging Face PEFT",
+                                            writing == AdapterLayout::peftlab ? "peftlab" : "Hugging Face PEFT"));
+}
+
+// A reader given the other layout names the one it found and the reader that fits.
+void expect_layout(const char* fn, const std::string& dir, AdapterLayout expected) {
+    AdapterLayout found = AdapterLayout::none;
+    try {
+        found = adapter_layout(dir);
+    } catch (const std::runtime_error&) {  // damaged: the reader names the file and key
+    }
+    if (found == expected || found == AdapterLayout::none) return;  // none: the reader's own "cannot open"
+    throw std::runtime_error(fmt::format(
+        "{}: '{}' holds a {} adapter; {}", fn, in_dir(dir, kAdapterConfigFile),
+        found == AdapterLayout::peftlab ? "peftlab" : "Hugging Face PEFT",
+        found == AdapterLayout::peftlab ? "read it with load_adapter (`adapter eval`, `adapter export-hf`)"
+                                        : "read it with import_hf (`adapter import-hf`)"));
+}
+}  // namespace
+
 // ---- own format ---------------------------------------------------------------------------
 void save_adapter(const std::string& dir, const Adapter& adapter, bool inference, const std::string& original_base_hash) {
     const char* fn = "save_adapter";
+    refuse_other_layout(fn, dir, AdapterLayout::peftlab);
     GPT& base = attached_base(fn, adapter);
     std::string hash;
     if (adapter.changes_base()) {
@@ -290,6 +336,7 @@ void save_adapter(const std::string& dir, const Adapter& adapter, bool inference
 
 std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base, const LoadOptions& load_opts) {
     const char* fn = "load_adapter";
+    expect_layout(fn, dir, AdapterLayout::peftlab);
     const ConfigFile cfg(fn, in_dir(dir, kAdapterConfigFile));
     if (cfg.str("format") != kAdapterFormat)
         throw cfg.key_error("format", fmt::format("is '{}', expected '{}'", cfg.str("format"), kAdapterFormat));
@@ -335,6 +382,7 @@ std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base, const L
 // ---- Hugging Face PEFT layout --------------------------------------------------------------
 void export_hf(const std::string& dir, const Adapter& adapter) {
     const char* fn = "export_hf";
+    refuse_other_layout(fn, dir, AdapterLayout::hugging_face);
     GPT& base = attached_base(fn, adapter);
     // HF PEFT puts real tokens at n..n+T-1 after n virtual tokens; under "keep" they sit at
     // 0..T-1, so the same tensors would compute other logits there.
@@ -371,6 +419,7 @@ void export_hf(const std::string& dir, const Adapter& adapter) {
 
 std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base, const LoadOptions& load_opts) {
     const char* fn = "import_hf";
+    expect_layout(fn, dir, AdapterLayout::hugging_face);
     const ConfigFile cfg(fn, in_dir(dir, kAdapterConfigFile));
     const GPTConfig& c = base.config();
     const std::string peft_type = cfg.str("peft_type");

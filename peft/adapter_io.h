@@ -98,6 +98,18 @@ void save_adapter(const std::string& dir, const Adapter& adapter, bool inference
 // weight of `base` with the fine-tuned model.
 std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base, const LoadOptions& opts = {});
 
+// The two adapter layouts share their file names (adapter_config.json,
+// adapter_model.safetensors); the config tells them apart: peftlab's has
+// "format" (kAdapterFormat), Hugging Face PEFT's has "peft_type".
+enum class AdapterLayout { none, peftlab, hugging_face };
+// `none` when dir holds no adapter_config.json. Throws std::runtime_error
+// naming the file when it is unreadable, not a JSON object, or has neither key.
+AdapterLayout adapter_layout(const std::string& dir);
+
+// load_adapter or import_hf, as adapter_layout(dir) says; throws naming the
+// file when dir holds no adapter.
+std::unique_ptr<Adapter> load_any_adapter(const std::string& dir, GPT& base, const LoadOptions& opts = {});
+
 // Writes the adapter in Hugging Face PEFT's layout to dir (creating it), as its
 // method's hf_export() gives it. Methods without a PEFT counterpart, a
 // configuration the method cannot express (a prefix on chosen layers only), an

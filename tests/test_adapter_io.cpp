@@ -375,6 +375,62 @@ TEST_CASE("adapter_io: Hugging Face export/import round trip", "[adapter_io]") {
     }
 }
 
+// Both layouts name their files adapter_config.json and adapter_model.safetensors:
+// a reader tells them apart by the config, a writer never replaces the other one.
+TEST_CASE("adapter_io: the two layouts are told apart, and neither writer replaces the other", "[adapter_io]") {
+    TempDir tmp;
+    GPT base(tiny_config(), 1);
+    auto a = make_adapter("lora", small_options());
+    a->attach(base);
+    perturb(a->parameters(), 9);
+    const std::vector<float> expected = logits(base, a.get());
+    save_adapter(tmp.path("own"), *a);
+    export_hf(tmp.path("hf"), *a);
+    CHECK(adapter_layout(tmp.path("own")) == AdapterLayout::peftlab);
+    CHECK(adapter_layout(tmp.path("hf")) == AdapterLayout::hugging_face);
+    CHECK(adapter_layout(tmp.path("nothing")) == AdapterLayout::none);
+
+    // load_any_adapter reads either, to the same logits.
+    for (const char* dir : {"own", "hf"}) {
+        GPT fresh(tiny_config(), 1);
+        auto b = load_any_adapter(tmp.path(dir), fresh);
+        CHECK(logits(fresh, b.get()) == expected);
+    }
+    CHECK_THROWS_WITH(load_any_adapter(tmp.path("nothing"), base), Contains("no adapter_config.json"));
+
+    // The reader for one layout, given the other, says which it found.
+    GPT other(tiny_config(), 1);
+    CHECK_THROWS_WITH(load_adapter(tmp.path("hf"), other), Contains("holds a Hugging Face PEFT adapter") &&
+                                                               Contains("import_hf"));
+    CHECK_THROWS_WITH(import_hf(tmp.path("own"), other), Contains("holds a peftlab adapter") &&
+                                                             Contains("load_adapter"));
+
+    // `export-hf DIR DIR` and `import-hf DIR DIR` would destroy DIR: refused, files unchanged.
+    auto bytes = [&](const char* dir) {
+        std::string all;
+        for (const char* f : {"adapter_config.json", "adapter_model.safetensors"}) {
+            std::ifstream in(fs::path(tmp.path(dir)) / f, std::ios::binary);
+            all += std::string(std::istreambuf_iterator<char>(in), {});
+        }
+        return all;
+    };
+    const std::string own = bytes("own"), hf = bytes("hf");
+    CHECK_THROWS_WITH(export_hf(tmp.path("own"), *a),
+                      Contains("already holds a peftlab adapter") && Contains("choose another directory"));
+    CHECK_THROWS_WITH(save_adapter(tmp.path("hf"), *a), Contains("already holds a Hugging Face PEFT adapter"));
+    CHECK(bytes("own") == own);
+    CHECK(bytes("hf") == hf);
+    // Rewriting the same layout is allowed (a rerun saves over its own adapter).
+    save_adapter(tmp.path("own"), *a);
+    export_hf(tmp.path("hf"), *a);
+
+    // A config with neither key is named as such.
+    fs::create_directories(tmp.path("odd"));
+    std::ofstream(fs::path(tmp.path("odd")) / "adapter_config.json") << "{\"r\": 8}";
+    CHECK_THROWS_WITH(adapter_layout(tmp.path("odd")), Contains("adapter_config.json") &&
+                                                          Contains("neither a peftlab adapter"));
+}
+
 TEST_CASE("adapter_io: Hugging Face prefix table holds layer l's keys then values", "[adapter_io]") {
     TempDir tmp;
     GPTConfig cfg = tiny_config(3, 16);

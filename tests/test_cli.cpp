@@ -84,6 +84,51 @@ TEST_CASE("compare refuses empty, duplicated and oversized requests before any w
     }
 }
 
+// Once, generate sent every directory with an adapter_config.json to the
+// Hugging Face reader, so peftlab's own adapters failed with "key 'peft_type'
+// is missing".
+TEST_CASE("generate --adapter reads peftlab's adapter directories and Hugging Face PEFT's alike", "[cli]") {
+    const std::string generate = bin("generate");
+    REQUIRE(fs::exists(generate));
+    testing::TempDir tmp;
+    GPTConfig c;
+    c.vocab = 32;
+    c.d_model = 16;
+    c.n_layers = 2;
+    c.n_heads = 2;
+    c.d_ff = 32;
+    c.max_seq = 16;
+    GPT base(c, 3);
+    save_model(tmp.path("base.safetensors"), base);
+    auto a = peft::make_adapter("lora", {});
+    a->attach(base);
+    Rng rng(11);
+    for (const auto& [name, t] : a->parameters()) {  // far from the initialisation: the logits must move
+        const Tensor noise = Tensor::normal(t.shape(), rng, 0.f, 1.f);
+        for (int64_t i = 0; i < t.numel(); ++i) Tensor(t).data()[i] += noise.data()[i];
+    }
+    peft::save_adapter(tmp.path("own"), *a);
+    peft::export_hf(tmp.path("hf"), *a);
+
+    auto logits = [&](const std::string& adapter) {
+        const std::string out = tmp.path("logits" + adapter + ".json");
+        Result r = run(fmt::format("{} --base {} {} --input-ids 1,2,3,4 --dump-logits {} --threads 1", generate,
+                                   tmp.path("base.safetensors"), adapter.empty() ? "" : "--adapter " + tmp.path(adapter),
+                                   out));
+        INFO(r.out);
+        REQUIRE(r.rc == 0);
+        std::ifstream f(out);
+        return nlohmann::json::parse(f);
+    };
+    const nlohmann::json own = logits("own"), hf = logits("hf"), bare = logits("");
+    CHECK(own == hf);
+    CHECK(own != bare);
+    Result none = run(fmt::format("{} --base {} --adapter {} --input-ids 1,2", generate, tmp.path("base.safetensors"),
+                                  tmp.dir.string()));
+    CHECK(none.rc == 2);
+    CHECK_THAT(none.out, Contains("no adapter_config.json"));
+}
+
 TEST_CASE("bench --preset gpt2 with --batch and --seq times the GPT-2 shape at that step; dimension flags are refused",
           "[cli]") {
     const std::string bench = bin("bench");

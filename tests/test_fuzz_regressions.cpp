@@ -64,6 +64,10 @@ TEST_CASE("JSON from files: nesting depth bounded, values quoted briefly", "[fuz
     CHECK_THROWS_WITH(parse_json_limited(deep, "x"), Contains("nested deeper than 64 levels"));
     CHECK_NOTHROW(parse_json_limited(std::string(60, '[') + std::string(60, ']'), "x"));
     CHECK_THROWS_WITH(parse_json_limited("{\"a\": ", "header"), Contains("header: not valid JSON"));
+    // Duplicate keys at any depth are refused; equal keys in sibling objects are not duplicates.
+    CHECK_THROWS_WITH(parse_json_limited(R"({"a": 1, "b": {"c": 2, "c": 3}})", "x"), Contains("x: duplicate key \"c\""));
+    CHECK_THROWS_WITH(parse_json_limited(R"([{"a": 1, "a": 1}])", "x"), Contains("duplicate key \"a\""));
+    CHECK(parse_json_limited(R"({"a": {"k": 1}, "b": {"k": 2}, "c": [{"k": 3}, {"k": 4}]})", "x")["c"][1]["k"] == 4);
 
     TempDir tmp;
     const std::string header = "{\"t\":{\"dtype\":\"F32\",\"shape\":" + deep + ",\"data_offsets\":[0,4]}}";

@@ -234,6 +234,13 @@ TEST_CASE("run_method on a file-backed task: results, and a saved adapter that r
     // A rerun with the same settings finds the method finished; other settings do not.
     CHECK(harness::finished_results(tmp.path("out/results.json"), extra).count(res.label) == 1);
     CHECK(harness::finished_results(tmp.path("out/results.json"), {{"task", "other"}}).empty());
+    // Data edited in place (same file, same row count, one target changed) is other settings too.
+    data::Task edited = task;
+    edited.test.back().target += " again";
+    edited.test.back().references.front() = edited.test.back().target;
+    const nlohmann::json edited_extra = {{"task", task.name}, {"data", harness::data_report_json(edited)}};
+    CHECK(edited_extra.at("data").at("content_hash") != extra.at("data").at("content_hash"));
+    CHECK(harness::finished_results(tmp.path("out/results.json"), edited_extra).empty());
 }
 
 TEST_CASE("run_method with --patience keeps the weights of the lowest valid loss", "[harness]") {

@@ -6,6 +6,8 @@
 // Tolerances (float32 against float64 references on a 2-layer C=16 model
 // with weights ~0.2): logits 2e-5 absolute, per-token losses 2e-5 absolute,
 // adapter gradients 1e-4 absolute + 1e-3 relative.
+#include <sys/stat.h>
+
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -19,6 +21,7 @@
 #include "autograd/tape.h"
 #include "nn/generate.h"
 #include "nn/hf_gpt2.h"
+#include "nn/json_limits.h"
 #include "nn/safetensors.h"
 #include "peft/adapter_io.h"
 #include "peft/multi.h"
@@ -218,6 +221,24 @@ TEST_CASE("load_hf_gpt2: every bad checkpoint is refused naming the file and key
         std::string d = fresh();
         std::ofstream(d + "/config.json") << "{not json";
         require_load_error(d, {"config.json", "not valid JSON"});
+        d = fresh();  // a side file that is a FIFO would block its open; one without end would fill memory
+        fs::remove(d + "/config.json");
+        REQUIRE(::mkfifo((d + "/config.json").c_str(), 0600) == 0);
+        require_load_error(d, {"config.json", "not a regular file"});
+        d = fresh();
+        fs::remove(d + "/config.json");
+        fs::create_directory_symlink("/dev", d + "/config.json");
+        require_load_error(d, {"config.json", "not a regular file"});
+        d = fresh();
+        fs::remove(d + "/config.json");
+        fs::create_symlink("/dev/zero", d + "/config.json");
+        require_load_error(d, {"config.json", "not a regular file"});
+        d = fresh();
+        std::ofstream(d + "/config.json") << std::string(kMaxConfigFileBytes + 1, ' ');
+        require_load_error(d, {"config.json", "more than the 16777216 bytes"});
+        d = fresh();  // the last of two "n_embd" would win unseen
+        std::ofstream(d + "/config.json") << "{\"n_embd\": 16, \"n_embd\": 32}";
+        require_load_error(d, {"config.json", "duplicate key \"n_embd\""});
         d = fresh();
         fs::remove(d + "/config.json");
         require_load_error(d, {"config.json", "missing"});
@@ -267,6 +288,14 @@ TEST_CASE("load_hf_gpt2: every bad checkpoint is refused naming the file and key
         d = fresh();  // an identical lm_head is accepted (tied)
         edit_weights(d, [](auto& t) { t["lm_head.weight"] = t.at("wte.weight"); });
         REQUIRE(!load_hf_gpt2(d)->head);
+        for (float bad : {std::nanf(""), INFINITY}) {  // in a direct tensor and in one transposed (c_attn)
+            for (const char* name : {"ln_f.bias", "h.1.attn.c_attn.weight"}) {
+                d = fresh();
+                edit_weights(d, [&](auto& t) { t.at(name).data[3] = bad; });
+                require_load_error(d, {"model.safetensors", fmt::format("tensor '{}' holds", name), "at element 3",
+                                       "non-finite"});
+            }
+        }
     }
     SECTION("safetensors corruption: the reader's checks, naming file and key") {
         std::string d = fresh();

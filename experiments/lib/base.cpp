@@ -31,16 +31,27 @@ namespace peftlab::harness {
 using detail::fitted_task;
 using detail::seconds_since;
 
-namespace {
-
-// Stable 64-bit FNV-1a of a string (cache keys).
-uint64_t fnv1a(const std::string& s) {
-    uint64_t h = 1469598103934665603ull;
+uint64_t detail::fnv1a(std::string_view s, uint64_t h) {
     for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
     return h;
 }
 
-}  // namespace
+std::unique_ptr<data::Tokenizer> base_tokenizer(const std::string& spec, const std::string& base_path) {
+    if (!spec.empty()) {
+        if (spec.rfind("gpt2:", 0) != 0)
+            throw std::invalid_argument(fmt::format("--tokenizer '{}': expected gpt2:DIR", spec));
+        return std::make_unique<data::GPT2Tokenizer>(data::GPT2Tokenizer::from_dir(spec.substr(5)));
+    }
+    if (fs::is_directory(base_path))
+        return std::make_unique<data::GPT2Tokenizer>(data::GPT2Tokenizer::from_dir(base_path));
+    StMapped file(base_path);
+    auto it = file.metadata().find("tokenizer");
+    if (it == file.metadata().end())
+        throw std::invalid_argument(fmt::format("--base '{}': the checkpoint records no tokenizer (not a base made by "
+                                                "pretrain); pass --tokenizer gpt2:DIR",
+                                                base_path));
+    return data::tokenizer_from_json(nlohmann::json::parse(it->second));
+}
 
 // ---- the pretrained base --------------------------------------------------------------------
 
@@ -89,7 +100,9 @@ Base prepare_base(const CommonArgs& args) {
     base.config.vocab = base.tokenizer->vocab_size();
     base.key = {{"config", base.config.to_json()},
                 {"tokenizer", base.tokenizer->to_json()},
-                {"corpus", args.corpus.empty() ? task.corpus_id : args.corpus},
+                // A corpus file by its content: an edited file is another base.
+                {"corpus", args.corpus.empty() ? task.corpus_id
+                                               : fmt::format("{} {:016x}", args.corpus, detail::fnv1a(corpus_text))},
                 {"steps", args.pretrain_steps},
                 {"seed", args.seed},
                 {"batch", args.batch},
@@ -97,7 +110,7 @@ Base prepare_base(const CommonArgs& args) {
     if (args.pretrain_patience > 0) base.key["patience"] = args.pretrain_patience;
     // Split batches sum their gradients in another order: another base, bitwise.
     if (const int m = dist::world().size() * args.grad_accum; m > 1) base.key["micro_batches"] = m;
-    base.dir = fmt::format("runs/pretrain/{:016x}", fnv1a(base.key.dump()));
+    base.dir = fmt::format("runs/pretrain/{:016x}", detail::fnv1a(base.key.dump()));
     base.model_path = base.dir + "/model.safetensors";
     base.cached = fs::exists(base.model_path);
     if (!base.cached) base.corpus_tokens = data::encode_lines(*base.tokenizer, corpus_text);

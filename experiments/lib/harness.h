@@ -105,6 +105,11 @@ struct Base {
 // ~5% of its steps into the cache directory and resumes from there when a
 // killed run is started again.
 Base load_or_pretrain(const CommonArgs& args);
+// The tokenizer of a base a user names by path: `spec` "gpt2:DIR" (GPT-2 BPE
+// files in DIR), else a Hugging Face GPT-2 directory's own files, else the
+// tokenizer a peftlab checkpoint records in its metadata. Throws naming the
+// path when none is found.
+std::unique_ptr<data::Tokenizer> base_tokenizer(const std::string& spec, const std::string& base_path);
 // The tokenizer, config and cache directory of the base `args` describe,
 // without training anything (base.cached says whether the model exists).
 Base prepare_base(const CommonArgs& args);

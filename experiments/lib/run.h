@@ -5,6 +5,7 @@
 // harness.h.
 #include <chrono>
 #include <memory>
+#include <string_view>
 #include <vector>
 
 #include "experiments/lib/harness.h"
@@ -32,5 +33,7 @@ void score(Run& r, const data::Task& task, const data::Tokenizer& tok, int64_t n
 // load_task(args) fitted to the base's tokenizer and --seq (--truncate), quietly.
 data::Task fitted_task(const CommonArgs& args, const Base& base);
 double seconds_since(std::chrono::steady_clock::time_point t0);
+// 64-bit FNV-1a of s, continuing from h (cache keys: bases, results.json).
+uint64_t fnv1a(std::string_view s, uint64_t h = 1469598103934665603ull);
 
 }  // namespace peftlab::harness::detail

@@ -45,7 +45,20 @@ data::Task load_task(const CommonArgs& args, const Base& base) {
 }
 
 nlohmann::json data_report_json(const data::Task& task) {
-    nlohmann::json j = {{"task", task.name}, {"notes", task.report.notes}, {"left_out", task.report.left_out()}};
+    // The examples' content: results.json from edited data files (same names, same row counts) is not kept.
+    uint64_t h = detail::fnv1a("");
+    for (const auto* split : {&task.train, &task.valid, &task.test}) {
+        h = detail::fnv1a("\x1e", h);
+        for (const data::Example& ex : *split) {
+            for (const std::string& text : ex.references) h = detail::fnv1a(text + '\x1f', h);
+            for (const auto& [key, value] : ex.slots) h = detail::fnv1a(key + '\x1f' + value + '\x1f', h);
+            h = detail::fnv1a(ex.source + '\x1f' + ex.target + '\x1d', h);
+        }
+    }
+    nlohmann::json j = {{"task", task.name},
+                        {"notes", task.report.notes},
+                        {"left_out", task.report.left_out()},
+                        {"content_hash", fmt::format("{:016x}", h)}};
     for (const auto& [split, r] : task.report.splits)
         j["splits"][split] = {{"path", r.path},           {"rows", r.rows},
                               {"examples", r.examples},   {"pairs", r.pairs},
