@@ -7,8 +7,6 @@
 #include <stdexcept>
 #include <unordered_map>
 
-#include <sys/mman.h>
-
 #include <fmt/format.h>
 
 namespace peftlab {
@@ -50,20 +48,6 @@ int64_t capacity_for(int64_t n) {
     const int64_t step = int64_t(1) << (std::bit_width(uint64_t(n)) - 4);
     return (n + step - 1) / step * step;
 }
-// Buffers of 4 MiB and more (weights, activations, logit chunks) start on a
-// 2 MiB boundary and ask the kernel for transparent huge pages, which it
-// grants here only on request (THP "madvise" mode is the Debian default).
-// A 2 MiB page takes one TLB entry where 4 KiB pages take 512: decoding
-// streams every weight once per token, and a page walk per 4 KiB read costs
-// bandwidth. The hint may be refused; the buffer then has 4 KiB pages.
-float* allocate(size_t bytes) {
-    constexpr size_t kHugePage = size_t(2) << 20;
-    if (bytes < 2 * kHugePage) return static_cast<float*>(std::aligned_alloc(64, bytes));
-    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* p = std::aligned_alloc(kHugePage, rounded);
-    if (p) madvise(p, rounded, MADV_HUGEPAGE);
-    return static_cast<float*>(p);
-}
 }  // namespace
 
 std::shared_ptr<Storage> Storage::alloc(int64_t numel) {
@@ -80,10 +64,10 @@ std::shared_ptr<Storage> Storage::alloc(int64_t numel) {
     } else {
         // A count whose byte size overflows size_t is as impossible as memory that is not there.
         const bool representable = uint64_t(capacity) <= (std::numeric_limits<size_t>::max() - 63) / sizeof(float);
-        if (representable) s->data = allocate(padded_bytes(capacity));
+        if (representable) s->data = static_cast<float*>(std::aligned_alloc(64, padded_bytes(capacity)));
         if (!s->data && representable && p.cached > 0) {  // cached blocks of other sizes may make room
             mem::release_cache();
-            s->data = allocate(padded_bytes(capacity));
+            s->data = static_cast<float*>(std::aligned_alloc(64, padded_bytes(capacity)));
         }
         if (!s->data)
             throw std::runtime_error(fmt::format("tensor: out of memory allocating {} floats", numel));
