@@ -551,7 +551,7 @@ Args parse_args(int argc, char** argv) {
                        "PyTorch sessions); the rows after that are measured as a further group, not interleaved "
                        "with the first (default: 90% of the memory available at the start: MemAvailable, RLIMIT_AS; "
                        "0: no limit)",
-            cxxopts::value<double>())
+            cxxopts::value<std::string>())
         ("no-torch", "skip the PyTorch side")
         ("no-train", "skip the training rows (and the scaling rows)")
         ("no-scaling", "skip the T and n scaling rows")
@@ -645,7 +645,7 @@ Args parse_args(int argc, char** argv) {
     a.threads = r["threads"].as<int>();
     if (a.steps < 0) throw std::invalid_argument(fmt::format("--repeats: {} must be >= 0", a.steps));
     if (a.threads < 1) throw std::invalid_argument(fmt::format("--threads: {} must be >= 1", a.threads));
-    if (r.count("max-memory")) a.max_memory = flags::memory_limit_bytes("--max-memory", r["max-memory"].as<double>());
+    if (r.count("max-memory")) a.max_memory = flags::memory_limit_bytes("--max-memory", flags::real_flag(r, "max-memory"));
     a.torch = !r.count("no-torch");
     a.training = !r.count("no-train");
     a.recompute = r.count("recompute") > 0;

@@ -48,8 +48,8 @@ int main(int argc, char** argv) {
                                                     : std::nullopt);
         GPTConfig c;
         c.d_model = flags::int_flag(r, "d-model", 1);
-        c.n_layers = int(flags::int_flag(r, "layers", 1));
-        c.n_heads = int(flags::int_flag(r, "heads", 1));
+        c.n_layers = int(flags::int_flag(r, "layers", 1, std::numeric_limits<int>::max()));
+        c.n_heads = int(flags::int_flag(r, "heads", 1, std::numeric_limits<int>::max()));
         c.d_ff = 4 * c.d_model;
         c.vocab = flags::int_flag(r, "vocab", 2);
         c.max_seq = flags::int_flag(r, "seq", 2);
@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
         for (auto& [n, t] : ps) floats += t.numel();
         TrainOptions to;
         to.steps = 1;
-        to.grad_accum = int(flags::int_flag(r, "grad-accum", 1));
+        to.grad_accum = int(flags::int_flag(r, "grad-accum", 1, std::numeric_limits<int>::max()));
         to.log_every = 0;
         to.tokens_per_step = B * T;
         dist::check_shards(B, world.size() * to.grad_accum, "--batch");

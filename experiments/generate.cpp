@@ -54,7 +54,7 @@ std::vector<int32_t> parse_ids(const std::string& text) {
         const size_t comma = text.find(',', start);
         const std::string item = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
         if (item.empty()) throw bad_flag("--input-ids", text, "expected comma-separated token ids, e.g. 1,2,3");
-        ids.push_back(int32_t(flags::whole_number("--input-ids", item, 0)));
+        ids.push_back(int32_t(flags::whole_number("--input-ids", item, 0, std::numeric_limits<int32_t>::max())));
         if (comma == std::string::npos) break;
         start = comma + 1;
     }
@@ -203,13 +203,21 @@ int main(int argc, char** argv) {
         if (dtype == "f16") model->set_weights_f16(true);  // after any merge: the copies do not follow the weights
 
         if (r.count("input-ids")) {
+            // --input-ids decodes greedily (or dumps logits): sampling flags would be ignored.
+            for (const char* sampling : {"temperature", "top-k", "seed"})
+                if (r.count(sampling))
+                    throw bad_flag(fmt::format("--{}", sampling), r[sampling].as<std::string>(),
+                                   "applies to --prompt only (--input-ids decodes greedily)");
+            if (r.count("dump-logits") && r.count("max-new-tokens"))
+                throw bad_flag("--max-new-tokens", r["max-new-tokens"].as<std::string>(),
+                               "has no effect with --dump-logits (the logits of --input-ids alone)");
             const std::vector<int32_t> ids = parse_ids(r["input-ids"].as<std::string>());
             for (size_t i = 0; i < ids.size(); ++i)
                 if (ids[i] >= model->config().vocab)
                     throw bad_flag("--input-ids", r["input-ids"].as<std::string>(),
                                    fmt::format("id {} at index {} is outside the vocabulary [0, {})", ids[i], i,
                                                model->config().vocab));
-            if (!r.count("dump-logits")) return greedy_ids(*model, ids, int(flags::int_flag(r, "max-new-tokens", 1)));
+            if (!r.count("dump-logits")) return greedy_ids(*model, ids, int(flags::int_flag(r, "max-new-tokens", 1, std::numeric_limits<int>::max())));
             ModelInput in;
             in.B = 1;
             in.T = int64_t(ids.size());
@@ -231,17 +239,13 @@ int main(int argc, char** argv) {
         const std::vector<int32_t> prompt = tok->encode(text);
         if (prompt.empty()) throw bad_flag("--prompt", text, "encodes to no tokens");
         GenerateOptions g;
-        g.max_new_tokens = int(flags::int_flag(r, "max-new-tokens", 1));
-        g.top_k = int(flags::int_flag(r, "top-k", 0));
+        g.max_new_tokens = int(flags::int_flag(r, "max-new-tokens", 1, std::numeric_limits<int>::max()));
+        g.top_k = int(flags::int_flag(r, "top-k", 0, std::numeric_limits<int>::max()));
         g.seed = uint64_t(flags::int_flag(r, "seed", 0));
-        const std::string temp = r["temperature"].as<std::string>();
-        try {
-            size_t used = 0;
-            g.temperature = std::stof(temp, &used);
-            if (used != temp.size() || !(g.temperature >= 0.f)) throw std::invalid_argument("");
-        } catch (const std::exception&) {
-            throw bad_flag("--temperature", temp, "expected a number >= 0");
-        }
+        const double temperature = flags::real_flag(r, "temperature");
+        if (temperature < 0 || temperature > std::numeric_limits<float>::max())
+            throw bad_flag("--temperature", r["temperature"].as<std::string>(), "expected a number >= 0 (0: greedy)");
+        g.temperature = float(temperature);
         g.stop_token = tok->eos_id();
         g.pad_token = tok->pad_id();
         g.validate(model->config());

@@ -133,7 +133,7 @@ Args parse_args(int argc, char** argv) {
                 kMaxLayers));
         a.cfg.n_layers = int(L);
     }
-    if (given("heads")) a.cfg.n_heads = int(int_flag(r, "heads", 1));
+    if (given("heads")) a.cfg.n_heads = int(int_flag(r, "heads", 1, std::numeric_limits<int>::max()));
     if (given("d-ff")) a.cfg.d_ff = int_flag(r, "d-ff", 1);
     if (a.cfg.d_model % a.cfg.n_heads != 0)
         throw std::invalid_argument(
@@ -151,7 +151,7 @@ Args parse_args(int argc, char** argv) {
     } catch (const std::invalid_argument& e) {
         throw std::invalid_argument(std::string("--adapter-layers: ") + e.what());
     }
-    a.threads = int(int_flag(r, "threads", 0));
+    a.threads = int(int_flag(r, "threads", 0, std::numeric_limits<int>::max()));
     a.settings.seed = uint64_t(int_flag(r, "seed", 0));
     a.settings.recompute = r["recompute"].as<std::string>();
     a.out = r["out"].as<std::string>();

@@ -124,7 +124,7 @@ Args parse_args(int argc, char** argv) {
         ("prefix-lens", "n values of the prefix-cost sweep", cxxopts::value<std::string>()->default_value("0,16,64,256"))
         ("sweep-methods", "methods of the prefix-cost sweep", cxxopts::value<std::string>()->default_value("prompt,prefix,prefix-kv"))  // method-names: the README's sweep, --sweep-methods overrides
         ("prefill-padding", "largest share of padding in one prefill forward before admitted requests are split by "
-                            "prompt length (1 = never split)", cxxopts::value<double>()->default_value(fmt::format("{}", ServerOptions{}.max_prefill_padding)))
+                            "prompt length (1 = never split)", cxxopts::value<std::string>()->default_value(fmt::format("{}", ServerOptions{}.max_prefill_padding)))
         ("repeats", "interleaved repeats of every measurement (medians are reported)", cxxopts::value<std::string>()->default_value("5"))
         ("threads", "threads for OpenBLAS and OpenMP (0 = all cores)", cxxopts::value<std::string>()->default_value("1"))
         ("clock", "cpu: time by the process's CPU time (not inflated by other processes on a shared machine; "
@@ -136,8 +136,8 @@ Args parse_args(int argc, char** argv) {
     Args a;
     a.cfg.vocab = int_flag(r, "vocab", 2);
     a.cfg.d_model = int_flag(r, "d-model", 1);
-    a.cfg.n_layers = int(int_flag(r, "layers", 1));
-    a.cfg.n_heads = int(int_flag(r, "heads", 1));
+    a.cfg.n_layers = int(int_flag(r, "layers", 1, std::numeric_limits<int>::max()));
+    a.cfg.n_heads = int(int_flag(r, "heads", 1, std::numeric_limits<int>::max()));
     a.cfg.d_ff = int_flag(r, "d-ff", 1);
     a.cfg.max_seq = int_flag(r, "max-seq", 2);
     if (r.count("base")) {
@@ -164,11 +164,11 @@ Args parse_args(int argc, char** argv) {
     a.prefix_lens = count_list(r, "prefix-lens", 0);
     a.sweep_methods = method_list(r, "sweep-methods", false);
     a.mix = method_list(r, "mix", false);
-    a.prefill_padding = r["prefill-padding"].as<double>();
+    a.prefill_padding = flags::real_flag(r, "prefill-padding");
     if (!(a.prefill_padding >= 0.0 && a.prefill_padding <= 1.0))
         throw std::invalid_argument(fmt::format("--prefill-padding: {} is outside [0, 1]", a.prefill_padding));
-    a.repeats = int(int_flag(r, "repeats", 1));
-    a.threads = int(int_flag(r, "threads", 0));
+    a.repeats = int(int_flag(r, "repeats", 1, std::numeric_limits<int>::max()));
+    a.threads = int(int_flag(r, "threads", 0, std::numeric_limits<int>::max()));
     a.seed = uint64_t(int_flag(r, "seed", 0));
     const std::string clock = r["clock"].as<std::string>();
     if (clock != "cpu" && clock != "wall")

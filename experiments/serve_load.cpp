@@ -25,10 +25,10 @@ int main(int argc, char** argv) {
         ("h,help", "print this help")
         ("requests", "requests in all", cxxopts::value<std::string>()->default_value("5000"))
         ("tenants", "adapters served", cxxopts::value<std::string>()->default_value("24"))
-        ("bad-share", "share of bad requests, in [0, 1]", cxxopts::value<double>()->default_value("0.2"))
+        ("bad-share", "share of bad requests, in [0, 1]", cxxopts::value<std::string>()->default_value("0.2"))
         ("max-batch", "rows decoding together", cxxopts::value<std::string>()->default_value("16"))
         ("seed", "random seed", cxxopts::value<std::string>()->default_value("1"))
-        ("max-seconds", "time budget of the whole run", cxxopts::value<double>()->default_value("600"))
+        ("max-seconds", "time budget of the whole run", cxxopts::value<std::string>()->default_value("600"))
         ("threads", "threads (0 = all cores)", cxxopts::value<std::string>()->default_value("1"))
         ("out", "output directory", cxxopts::value<std::string>()->default_value("runs/serve-load"));
     // clang-format on
@@ -37,12 +37,12 @@ int main(int argc, char** argv) {
     try {
         const cxxopts::ParseResult r = flags::parse(o, argc, argv);
         spec.requests = flags::int_flag(r, "requests", 1);
-        spec.tenants = int(flags::int_flag(r, "tenants", 1));
-        spec.bad_share = r["bad-share"].as<double>();
+        spec.tenants = int(flags::int_flag(r, "tenants", 1, std::numeric_limits<int>::max()));
+        spec.bad_share = flags::real_flag(r, "bad-share");
         spec.max_batch = flags::int_flag(r, "max-batch", 1);
         spec.seed = uint64_t(flags::int_flag(r, "seed", 0));
-        spec.max_seconds = r["max-seconds"].as<double>();
-        set_threads(int(flags::int_flag(r, "threads", 0)));
+        spec.max_seconds = flags::real_flag(r, "max-seconds");
+        set_threads(int(flags::int_flag(r, "threads", 0, std::numeric_limits<int>::max())));
         out = r["out"].as<std::string>();
         if (!(spec.bad_share >= 0 && spec.bad_share <= 1))
             throw std::invalid_argument(fmt::format("--bad-share: {} is outside [0, 1]", spec.bad_share));

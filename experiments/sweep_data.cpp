@@ -31,7 +31,7 @@ int main(int argc, char** argv) {
     opts.add_options()
         ("sizes", "comma-separated training-set sizes (0 = --n-train, or the task's default size)", cxxopts::value<std::string>()->default_value("50,200,1000,2000"))
         ("target-loss", "validation loss to reach (0 = 1.05 x the worst final loss at the largest size)",
-            cxxopts::value<double>()->default_value("0"));
+            cxxopts::value<std::string>()->default_value("0"));
     // clang-format on
     cxxopts::ParseResult r;
     CommonArgs a = parse_or_exit(opts, argc, argv, d, &r);
@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
                 result_size.push_back(int64_t(task.train.size()));
             }
         }
-        double target = r["target-loss"].as<double>();
+        double target = flags::real_flag(r, "target-loss");
         if (target <= 0) {
             const int64_t largest = *std::max_element(result_size.begin(), result_size.end());
             for (size_t i = 0; i < results.size(); ++i)

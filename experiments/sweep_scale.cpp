@@ -39,7 +39,7 @@ Size parse_size(const std::string& item) {
         throw std::invalid_argument(fmt::format("--sizes: '{}' is not DxL (d_model x layers, e.g. 128x4)", item));
     Size s;
     s.d_model = flags::whole_number("--sizes", item.substr(0, x), 8);
-    s.n_layers = int(flags::whole_number("--sizes", item.substr(x + 1), 1));
+    s.n_layers = int(flags::whole_number("--sizes", item.substr(x + 1), 1, std::numeric_limits<int>::max()));
     if (s.d_model > 4096 || s.n_layers > 64)
         throw std::invalid_argument(fmt::format("--sizes: '{}' is beyond this sweep (d <= 4096, L <= 64)", item));
     return s;

@@ -121,11 +121,23 @@ void Optimizer::load_state_dict(const NamedTensors& state) {
                 fmt::format("optimizer state: key '{}' = {} is not a whole number in [0, 2^24]", key, s));
         steps[i] = int64_t(s);
     }
+    const std::vector<std::string> slots = slot_names();
+    for (size_t i = 0; i < params_.size(); ++i)
+        for (size_t k = 0; k < slots.size(); ++k) {
+            if (!slot_nonnegative(k)) continue;
+            const std::string key = params_[i].first + "." + slots[k];
+            const Tensor& t = *given.at(key);
+            const float* v = t.data();
+            const float* bad = std::find_if(v, v + t.numel(), [](float x) { return !(x >= 0.f); });
+            if (bad != v + t.numel())
+                throw std::invalid_argument(fmt::format("optimizer state: key '{}' holds {} at element {} (of {}); "
+                                                        "this slot is never negative",
+                                                        key, *bad, bad - v, t.numel()));
+        }
 
     // Everything checked: from here on nothing throws.
-    const std::vector<std::string> slot = slot_names();
     for (size_t i = 0; i < params_.size(); ++i)
-        for (size_t k = 0; k < slot.size(); ++k) slots_[i][k].copy_from(*given.at(params_[i].first + "." + slot[k]));
+        for (size_t k = 0; k < slots.size(); ++k) slots_[i][k].copy_from(*given.at(params_[i].first + "." + slots[k]));
     steps_ = std::move(steps);
 }
 

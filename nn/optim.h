@@ -63,6 +63,9 @@ public:
 protected:
     // Names of the per-parameter state slots, in state_dict order.
     virtual std::vector<std::string> slot_names() const = 0;
+    // Whether slot k can never hold a negative value (a second moment): a
+    // checkpoint that says otherwise is damaged, and is refused on load.
+    virtual bool slot_nonnegative(size_t k) const { return false; }
     // Updates one parameter p (gradient g, n elements) at its update number
     // t >= 1; slots[k] is slot k's buffer for this parameter.
     virtual void update(float* p, const float* g, int64_t n, int64_t t, float* const* slots) = 0;
@@ -117,6 +120,7 @@ public:
 
 protected:
     std::vector<std::string> slot_names() const override { return {"exp_avg", "exp_avg_sq"}; }
+    bool slot_nonnegative(size_t k) const override { return k == 1; }  // exp_avg_sq: a mean of g^2
     void update(float* p, const float* g, int64_t n, int64_t t, float* const* slots) override;
     uint64_t flops_per_element() const override { return 12; }
 

@@ -1,6 +1,7 @@
 #include "nn/trainer.h"
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -137,6 +138,20 @@ int64_t Trainer::restore() {
     if (!fs::exists(path)) {
         if (root && opts_.log_every > 0) fmt::print(stderr, "{}resume: no checkpoint at '{}', starting from step 0\n", opts_.log_prefix, path);
         return 0;
+    }
+    // Nothing is left to run from a step past the end: the file belongs to a longer run (or was
+    // edited). Checked from the header before anything is loaded, so the tensors stay as they are.
+    {
+        const StMapped header(path);
+        const auto it = header.metadata().find("step");
+        int64_t step = 0;
+        if (it != header.metadata().end() &&
+            std::from_chars(it->second.data(), it->second.data() + it->second.size(), step).ec == std::errc() &&
+            step > opts_.steps)
+            throw std::runtime_error(fmt::format("Trainer: checkpoint '{}' is at step {}, past this run's {} steps: it "
+                                                 "is from another run (remove it, or resume with the steps it was "
+                                                 "made for)",
+                                                 path, step, opts_.steps));
     }
     const TrainingState state = load_training_state(path, checkpoint_tensors(), opt_, all_rngs());
     last_ckpt_step_ = state.step;

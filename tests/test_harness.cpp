@@ -77,6 +77,19 @@ TEST_CASE("flags::split_list and whole_number: the one list and number parser", 
     CHECK(flags::whole_number("--sizes", "12", 0) == 12);
     CHECK_THROWS_WITH(flags::whole_number("--sizes", "1x", 0), "--sizes: '1x' is not a whole number");
     CHECK_THROWS_WITH(flags::whole_number("--sizes", "-1", 0), "--sizes: -1 must be >= 0");
+    // A value kept in an int is bounded, never wrapped (4294967297 was read as 1).
+    CHECK_THROWS_WITH(flags::whole_number("--top-k", "4294967297", 0, std::numeric_limits<int>::max()),
+                      "--top-k: 4294967297 must be <= 2147483647");
+    CHECK_THROWS_WITH(flags::whole_number("--seed", "9223372036854775808", 0),
+                      "--seed: '9223372036854775808' is not a whole number");
+    // Real numbers: the whole text, finite ("7x" was read as 7, "0x10" as 0).
+    CHECK(flags::real_number("--lr", "0.003") == 0.003);
+    CHECK(flags::real_number("--lr", "3e-4") == 3e-4);
+    for (const char* bad : {"7x", "0x10", " 7", "", "nan", "inf", "1e999"})
+        CHECK_THROWS_WITH(flags::real_number("--lr", bad), fmt::format("--lr: '{}' is not a finite real number", bad));
+    CHECK(parse_error({"--lr", "7x"}) == "--lr: '7x' is not a finite real number");
+    CHECK(parse_error({"--max-memory", "0x10"}) == "--max-memory: '0x10' is not a finite real number");
+    CHECK(parse_error({"--seq", "4294967296"}) == "--seq: 4294967296 must be <= 2147483647");
 }
 
 TEST_CASE("pretrain cache key: what changes the base changes the directory, nothing else does", "[harness]") {
@@ -241,6 +254,24 @@ TEST_CASE("run_method on a file-backed task: results, and a saved adapter that r
     const nlohmann::json edited_extra = {{"task", task.name}, {"data", harness::data_report_json(edited)}};
     CHECK(edited_extra.at("data").at("content_hash") != extra.at("data").at("content_hash"));
     CHECK(harness::finished_results(tmp.path("out/results.json"), edited_extra).empty());
+}
+
+TEST_CASE("evaluate flags a model whose losses are not finite", "[harness]") {
+    testing::TempDir tmp;
+    harness::CommonArgs a = parse({"--train", "tests/fixtures/data/restaurants.csv", "--input-field", "mr",
+                                   "--output-field", "ref"});
+    const harness::Base base = untrained_base(a, tmp.path("base"));
+    data::Task task = harness::load_task(a, base);
+    auto model = load_model_new(base.model_path);
+    harness::MethodResult fine = harness::evaluate(std::move(model), nullptr, *base.tokenizer, task, 2, 4, "fine");
+    CHECK(std::none_of(fine.flags.begin(), fine.flags.end(),
+                       [](const std::string& f) { return f.rfind("non-finite loss", 0) == 0; }));
+    model = load_model_new(base.model_path);
+    model->ln_f.weight.data()[0] = std::nanf("");  // what a diverged run leaves
+    harness::MethodResult broken = harness::evaluate(std::move(model), nullptr, *base.tokenizer, task, 2, 4, "broken");
+    CHECK(std::isnan(broken.test_loss));
+    CHECK(std::any_of(broken.flags.begin(), broken.flags.end(),
+                      [](const std::string& f) { return f.rfind("non-finite loss: valid nan, test nan", 0) == 0; }));
 }
 
 TEST_CASE("run_method with --patience keeps the weights of the lowest valid loss", "[harness]") {

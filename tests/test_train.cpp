@@ -241,6 +241,12 @@ TEST_CASE("optimizer load_state_dict checks every key before changing anything",
     NamedTensors bad_step = {{"p.exp_avg", Tensor::zeros({2})}, {"p.exp_avg_sq", Tensor::zeros({2})},
                              {"p.step", Tensor::full({}, 1.5f)}};
     CHECK_THROWS_WITH(opt.load_state_dict(bad_step), Contains("p.step"));
+    // A second moment below zero (a damaged file) would make the update's sqrt NaN steps later.
+    NamedTensors negative = good;
+    negative[1].second = Tensor::from_data({2}, {0.f, -1e-3f});
+    REQUIRE(negative[1].first == "p.exp_avg_sq");
+    CHECK_THROWS_WITH(opt.load_state_dict(negative),
+                      Contains("'p.exp_avg_sq' holds -0.001 at element 1 (of 2)") && Contains("never negative"));
     CHECK(bitwise_equal(snapshot(opt.state_dict()), before));
     CHECK(opt.param_steps(0) == 1);
 }
@@ -606,6 +612,20 @@ TEST_CASE("Trainer: resuming from a mid-run checkpoint reproduces the uninterrup
         CHECK(rows[i]["step"].get<int64_t>() == int64_t(i + 1));
         CHECK(rows[i]["loss"].get<double>() == full.losses[i]);
     }
+
+    // A checkpoint past this run's end (from a longer run, or edited) is refused before it loads.
+    {
+        Rng data;
+        fs::create_directories(tmp.path("long"));
+        save_training_state(tmp.path("long/checkpoint.safetensors"), trainable_named_parameters(straight.model),
+                            straight.opt, {{"data", &data}}, TrainingState{5000, {}});
+    }
+    Run other(11);
+    const Snapshot untouched = snapshot(other.model.named_parameters());
+    CHECK_THROWS_WITH(other.train(tmp.path("long"), true, sched),
+                      Contains("is at step 5000, past this run's 12 steps"));
+    clear_tape();
+    CHECK(bitwise_equal(snapshot(other.model.named_parameters()), untouched));
 }
 
 TEST_CASE("Trainer: a NaN loss stops before the optimizer steps; the last checkpoint stays loadable", "[train]") {

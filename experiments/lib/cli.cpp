@@ -3,6 +3,8 @@
 #include <cmath>
 #include <filesystem>
 
+#include <limits>
+
 #include <fmt/format.h>
 #include <omp.h>
 
@@ -82,7 +84,7 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
                               "evaluations without a lower valid loss, keeping the best weights (0: off)",
             cxxopts::value<int64_t>()->default_value(std::to_string(d.pretrain_patience)))
         ("max-memory", "GB a run may use (its estimated peak is checked up front; default: what the system has "
-                       "available; 0: no check)", cxxopts::value<double>());
+                       "available; 0: no check)", cxxopts::value<std::string>());
     if (d.fine_tunes)
         o.add_options()
         ("methods", "comma-separated PEFT methods (listed below), each optionally with settings of its own "
@@ -94,7 +96,7 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
                      "weights; at least the number of evaluations, 20 when --steps is a multiple of 20: never stops, "
                      "keeps the best)",
             cxxopts::value<int64_t>()->default_value(std::to_string(d.patience)))
-        ("lr", "learning rate (0 = small per-method search)", cxxopts::value<double>()->default_value(fmt::format("{}", d.lr)))
+        ("lr", "learning rate (0 = small per-method search)", cxxopts::value<std::string>()->default_value(fmt::format("{}", d.lr)))
         ("prefix-len", "n: prompt / prefix vectors", cxxopts::value<int64_t>()->default_value(std::to_string(d.prefix_len)))
         ("n-train", "training examples (0 = task default)", cxxopts::value<size_t>()->default_value(std::to_string(d.n_train)))
         ("eval-examples", "test examples scored by generation (at most the test split)", cxxopts::value<int64_t>()->default_value(std::to_string(d.eval_examples)))
@@ -127,8 +129,11 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
     } catch (const std::invalid_argument& e) {
         throw std::invalid_argument(std::string("--config: ") + e.what());
     }
+    // Dimensions reach int-sized code (token positions, BLAS sizes): beyond 2^31 - 1 they would wrap.
     auto positive = [&](const char* flag, int64_t v) {
         if (v < 1) throw std::invalid_argument(fmt::format("--{}: {} must be >= 1", flag, v));
+        if (v > std::numeric_limits<int>::max())
+            throw std::invalid_argument(fmt::format("--{}: {} must be <= {}", flag, v, std::numeric_limits<int>::max()));
         return v;
     };
     if (r.count("vocab")) a.model.vocab = positive("vocab", r["vocab"].as<int64_t>());
@@ -199,7 +204,7 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
     a.pretrain_patience = r["pretrain-patience"].as<int64_t>();
     if (a.pretrain_patience < 0)
         throw std::invalid_argument(fmt::format("--pretrain-patience: {} must be >= 0 (0: off)", a.pretrain_patience));
-    if (r.count("max-memory")) a.max_memory = flags::memory_limit_bytes("--max-memory", r["max-memory"].as<double>());
+    if (r.count("max-memory")) a.max_memory = flags::memory_limit_bytes("--max-memory", flags::real_flag(r, "max-memory"));
     a.model.dropout = 0.f;
     if (!a.fine_tunes) return a;
 
@@ -223,7 +228,7 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
     a.steps = positive("steps", r["steps"].as<int64_t>());
     a.patience = r["patience"].as<int64_t>();
     if (a.patience < 0) throw std::invalid_argument(fmt::format("--patience: {} must be >= 0 (0: off)", a.patience));
-    a.lr = r["lr"].as<double>();
+    a.lr = flags::real_flag(r, "lr");
     if (!(a.lr >= 0.0)) throw std::invalid_argument(fmt::format("--lr: {} must be >= 0", a.lr));
     a.prefix_len = r["prefix-len"].as<int64_t>();
     if (a.prefix_len < 0) throw std::invalid_argument(fmt::format("--prefix-len: {} must be >= 0", a.prefix_len));

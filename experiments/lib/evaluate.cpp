@@ -1,6 +1,7 @@
 // Evaluation: losses on the valid and test splits, and the task's metric on
 // greedy generations for the test prompts.
 #include <algorithm>
+#include <cmath>
 
 #include <fmt/format.h>
 
@@ -85,6 +86,11 @@ void detail::score(Run& r, const data::Task& task, const data::Tokenizer& tok, i
         fmt::print(stderr, "[{} | eval] sample: {}{}{}\n", res.label, ex[i].source, data::kSeparator, hyps[i]);
     }
     res.eval_examples = n;
+    // A diverged model still generates something and gets a metric: say why it means nothing.
+    if (!std::isfinite(res.final_valid_loss) || !std::isfinite(res.test_loss))
+        res.flags.push_back(fmt::format("non-finite loss: valid {}, test {} (diverged weights; the metric is of a "
+                                        "broken model)",
+                                        res.final_valid_loss, res.test_loss));
     // Degenerate outputs: every generation empty, or all the same.
     const bool all_empty = std::all_of(hyps.begin(), hyps.end(), [](const std::string& h) { return h.empty(); });
     if (hyps.size() > 1 && all_empty)

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstdlib>
 #include <iostream>
@@ -114,7 +115,7 @@ double memory_limit_bytes(const std::string& flag, double gb) {
     return gb == 0 ? -1.0 : gb * 1e9;
 }
 
-int64_t whole_number(const std::string& flag, const std::string& text, int64_t min) {
+int64_t whole_number(const std::string& flag, const std::string& text, int64_t min, int64_t max) {
     size_t used = 0;
     long long v = 0;
     try {
@@ -125,6 +126,16 @@ int64_t whole_number(const std::string& flag, const std::string& text, int64_t m
     if (used == 0 || used != text.size())
         throw std::invalid_argument(fmt::format("{}: '{}' is not a whole number", flag, text));
     if (v < min) throw std::invalid_argument(fmt::format("{}: {} must be >= {}", flag, v, min));
+    if (v > max) throw std::invalid_argument(fmt::format("{}: {} must be <= {}", flag, v, max));
+    return v;
+}
+
+double real_number(const std::string& flag, const std::string& text) {
+    double v = 0;
+    const char* end = text.data() + text.size();
+    const auto [ptr, ec] = std::from_chars(text.data(), end, v);  // decimal or exponent form, no hex, no spaces
+    if (text.empty() || ec != std::errc() || ptr != end || !std::isfinite(v))
+        throw std::invalid_argument(fmt::format("{}: '{}' is not a finite real number", flag, text));
     return v;
 }
 
@@ -177,8 +188,12 @@ std::vector<MethodEntry> method_entries(const std::string& flag, const std::stri
     return out;
 }
 
-int64_t int_flag(const cxxopts::ParseResult& r, const std::string& name, int64_t min) {
-    return whole_number("--" + name, r[name].as<std::string>(), min);
+int64_t int_flag(const cxxopts::ParseResult& r, const std::string& name, int64_t min, int64_t max) {
+    return whole_number("--" + name, r[name].as<std::string>(), min, max);
+}
+
+double real_flag(const cxxopts::ParseResult& r, const std::string& name) {
+    return real_number("--" + name, r[name].as<std::string>());
 }
 
 int configure_threads(std::optional<int64_t> requested) {

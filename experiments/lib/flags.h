@@ -4,6 +4,7 @@
 // and the process set-up every experiment binary shares (threads, OpenMP's
 // wait policy).
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -23,17 +24,26 @@ cxxopts::ParseResult parse(cxxopts::Options& o, int argc, char** argv, const std
 // bracket or quote runs to the end. The one list parser of the experiment binaries.
 std::vector<std::string> split_list(const std::string& s);
 
-// The whole number `text` given to `flag` ("--seq"), at least `min`; throws
-// std::invalid_argument naming the flag and the value.
-int64_t whole_number(const std::string& flag, const std::string& text, int64_t min);
+// The whole number `text` given to `flag` ("--seq"), in [min, max]; throws
+// std::invalid_argument naming the flag and the value. A value kept in an int
+// passes max = INT32_MAX, so that 4294967297 is refused rather than wrapped to 1.
+int64_t whole_number(const std::string& flag, const std::string& text, int64_t min,
+                     int64_t max = std::numeric_limits<int64_t>::max());
+
+// The real number `text` given to `flag` ("--lr"): the whole text in decimal or
+// exponent form (strtod's hexadecimal, "7x" and " 7" are refused), finite.
+// Throws std::invalid_argument naming the flag and the value.
+double real_number(const std::string& flag, const std::string& text);
 
 // The --max-memory of every experiment binary: `gb` GB (10^9 bytes) as bytes,
 // or -1 for 0 (no limit); throws std::invalid_argument naming `flag` for a
 // negative or non-finite value.
 double memory_limit_bytes(const std::string& flag, double gb);
 
-// whole_number of flag `name`'s value (the flag is declared as a string).
-int64_t int_flag(const cxxopts::ParseResult& r, const std::string& name, int64_t min);
+// whole_number and real_number of flag `name`'s value (the flag is declared as a string).
+int64_t int_flag(const cxxopts::ParseResult& r, const std::string& name, int64_t min,
+                 int64_t max = std::numeric_limits<int64_t>::max());
+double real_flag(const cxxopts::ParseResult& r, const std::string& name);
 
 // A --methods entry: a registered method's name, then optionally settings of
 // that method's own options (its section of peft::AdapterOptions) as

@@ -190,7 +190,7 @@ struct MethodResult {
     double test_loss = 0.0;       // held-out: the test split, never used for selection
     int64_t eval_examples = 0;    // test examples actually scored
     // Degenerate outcomes said in words: "single class: ...", "constant output: ...",
-    // "empty generations: ...", "below base: ...", "lr at grid edge: ...".
+    // "empty generations: ...", "below base: ...", "lr at grid edge: ...", "non-finite loss: ...".
     std::vector<std::string> flags;
     std::string adapter_dir;  // where the trained adapter was saved (peft::save_adapter), "" if not
     nlohmann::json to_json() const;
