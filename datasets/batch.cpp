@@ -224,22 +224,28 @@ void fit_to_context(Task& task, const Tokenizer& tok, int max_len, Truncate mode
         for (size_t i = 0; i < examples->size(); ++i) {
             Example& ex = (*examples)[i];
             const int64_t tgt = int64_t(tok.encode(ex.target).size());
-            for (const std::string& r : ex.references) longest_target = std::max(longest_target, int64_t(tok.encode(r).size()));
-            longest_target = std::max(longest_target, tgt);
+            // Generation's length comes from the examples kept: one left out must not set it.
+            auto keep = [&] {
+                for (const std::string& r : ex.references)
+                    longest_target = std::max(longest_target, int64_t(tok.encode(r).size()));
+                longest_target = std::max(longest_target, tgt);
+                kept.push_back(std::move(ex));
+            };
             // Model inputs of the framed example: BOS + source + sep + target (EOS is only a target).
             const int64_t room = int64_t(max_len) - 1 - sep - tgt;  // source tokens that fit
             const int64_t src = int64_t(tok.encode(ex.source).size());
             if (src <= room) {
-                kept.push_back(std::move(ex));
+                keep();
                 continue;
             }
-            if (mode == Truncate::Error || room < 0) {
+            // A source cut to nothing leaves a target without its input: such an example is left out.
+            if (mode == Truncate::Error || room < 1) {
                 if (mode == Truncate::Error)
                     throw std::invalid_argument(fmt::format(
                         "{}: the example takes {} tokens framed, more than --seq {} (--truncate left|right cuts its "
                         "source{})",
                         name_of(ex, i, split), 1 + src + sep + tgt, max_len,
-                        room < 0 ? "; its target alone does not fit" : ""));
+                        room < 1 ? "; its target leaves no room for a single source token" : ""));
                 ++report.dropped_too_long;
                 continue;
             }
@@ -263,7 +269,7 @@ void fit_to_context(Task& task, const Tokenizer& tok, int max_len, Truncate mode
                     lo = boundary(lo - 1);
                 ex.source.resize(lo);
             }
-            kept.push_back(std::move(ex));
+            keep();
         }
         *examples = std::move(kept);
         if (examples->empty())

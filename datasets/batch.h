@@ -71,7 +71,7 @@ Batch make_prompt_batch(const std::vector<Example>& examples, const std::vector<
 //          the longest prefix that fits;
 //   Error  throw std::invalid_argument naming the example (Example::origin),
 //          its token count and max_len.
-// A target that does not fit even after an empty source cannot be cut: the
+// A target that leaves no room for one source token cannot be cut: the
 // example is left out (Left, Right) and counted, or refused (Error).
 enum class Truncate { Left, Right, Error };
 // "left" | "right" | "error"; throws std::invalid_argument naming the value.
@@ -79,8 +79,8 @@ Truncate parse_truncate(const std::string& text);
 
 // Applies `mode` to every split of `task` for a context of max_len tokens,
 // counting DataReport::Split::truncated and dropped_too_long per split, and
-// sets task.defaults.max_new_tokens when it is 0 (the task's longest target
-// or reference in tokens, + 1 for EOS). Throws std::invalid_argument when a
+// sets task.defaults.max_new_tokens when it is 0 (the longest target or
+// reference of the examples kept, in tokens, + 1 for EOS). Throws std::invalid_argument when a
 // split is left empty.
 void fit_to_context(Task& task, const Tokenizer& tok, int max_len, Truncate mode);
 

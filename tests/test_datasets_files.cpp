@@ -298,6 +298,19 @@ TEST_CASE("truncation: left counts, right cuts the source, error names the examp
     CHECK(dropped.train.size() == 1);
     CHECK(dropped.report.splits["train"].dropped_too_long == 1);
     CHECK(dropped.report.left_out() == 1);
+    // The example left out does not set generation's length (its 20-token target once made it 21).
+    CHECK(dropped.defaults.max_new_tokens == 7);
+    // A target that leaves no room for one source token is left out, not kept with its source cut
+    // to nothing: 1 + 4 + 7 = 12 inputs leave 0 for "abc".
+    const Example no_room{"abc", "1234567", {"1234567"}, {}, "f.csv:10"};
+    Task nothing_left = task_of({no_room, short_ex});
+    fit_to_context(nothing_left, tok, 12, Truncate::Right);
+    REQUIRE(nothing_left.train.size() == 1);
+    CHECK(nothing_left.train[0].source == "ab");
+    CHECK(nothing_left.report.splits["train"].dropped_too_long == 1);
+    Task no_room_error = task_of({no_room});
+    CHECK_THROWS_WITH(fit_to_context(no_room_error, tok, 12, Truncate::Error),
+                      Contains("f.csv:10") && Contains("leaves no room for a single source token"));
     Task only_huge = task_of({huge_target});
     CHECK_THROWS_WITH(fit_to_context(only_huge, tok, 12, Truncate::Left), Contains("no train example fits --seq 12"));
 

@@ -289,12 +289,13 @@ void check_run(const CommonArgs& a, const Base& base, const data::Task& task) {
             longest_example = std::max(longest_example, int64_t(tok.encode(ex.source).size()) + sep + t + 2);
         }
     const int64_t max_new = task.defaults.max_new_tokens;
-    const int64_t need = std::max(longest_target + sep + 1, max_new + 2);
+    // BOS, one source token at least, the separator, the target, EOS.
+    const int64_t need = std::max(longest_target + sep + 3, max_new + 2);
     if (cfg.max_seq < need)
         throw std::invalid_argument(fmt::format(
-            "--seq {} is too short for task {}: its longest target takes {} tokens with separator and EOS, and "
-            "generation needs {} new tokens after a prompt; use --seq >= {}",
-            cfg.max_seq, task.name, longest_target + sep + 1, max_new, need));
+            "--seq {} is too short for task {}: its longest target takes {} tokens with BOS, a source token, the "
+            "separator and EOS, and generation needs {} new tokens after a prompt; use --seq >= {}",
+            cfg.max_seq, task.name, longest_target + sep + 3, max_new, need));
 
     if (a.eval_examples > int64_t(task.test.size()))
         fmt::print(stderr, "note: --eval-examples {}: the {} test split has {} examples; scoring all {}\n",
