@@ -215,6 +215,11 @@ TEST_CASE("run_method on a file-backed task: results, and a saved adapter that r
     CHECK(res.eval_examples == 2);
     CHECK(std::isfinite(res.test_loss));
     REQUIRE(fs::exists(res.adapter_dir + "/" + peft::kAdapterConfigFile));
+    // A random-init reference has no base on disk it could be loaded onto: nothing is saved for it.
+    const harness::MethodResult random_init =
+        harness::run_method(base, task, {"full", "full (random init)", {}, true}, budget, tmp.path("out"), 0);
+    CHECK(random_init.adapter_dir.empty());
+    CHECK(!fs::exists(tmp.path("out/adapters/full-random-init")));
 
     // The saved adapter on a fresh copy of the base gives the same test loss.
     auto model = load_model_new(base.model_path);

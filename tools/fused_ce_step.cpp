@@ -44,7 +44,8 @@ int main(int argc, char** argv) {
             "heads", "H", cxxopts::value<int>()->default_value("12"))(
             "prefix-len", "prefix vectors per layer", cxxopts::value<int64_t>()->default_value("16"))(
             "method", "the PEFT method trained", cxxopts::value<std::string>()->default_value("prefix"))(  // method-names: the README's measurement, --method overrides
-            "steps", "measured steps", cxxopts::value<int>()->default_value("3"));
+            "steps", "measured steps", cxxopts::value<int>()->default_value("3"))(
+            "help", "show this help");
         auto a = flags::parse(o, argc, argv);
         if (!a.count("mode")) throw std::invalid_argument("--mode: required (fused or unfused)");
         const std::string mode = a["mode"].as<std::string>();

@@ -58,9 +58,10 @@ std::string packed_dir(const fs::path& d) {
 }  // namespace
 
 int main(int argc, char** argv) try {
-    if (argc != 2) {
-        std::fprintf(stderr, "usage: write_fuzz_seeds <dir>\n");
-        return 2;
+    const bool help = argc == 2 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h");
+    if (argc != 2 || help || argv[1][0] == '-') {  // a flag is never the output directory
+        std::fprintf(help ? stdout : stderr, "usage: write_fuzz_seeds <dir>   (writes <dir>/<target>/<seed>)\n");
+        return help ? 0 : 2;
     }
     const fs::path out = argv[1];
 

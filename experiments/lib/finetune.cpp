@@ -240,7 +240,9 @@ MethodResult run_method(const Base& base, const data::Task& task, const MethodSp
         res.lr = best_lr;
         Run r = make_run(base, spec, seed);
         // The base as it was before training: an adapter that trains the base itself is saved against it.
-        const std::string base_hash = out_dir.empty() ? "" : peft::base_hash(*r.model);
+        // A random-init reference has no base on disk to load it onto, so it is not saved.
+        const bool save = !out_dir.empty() && !spec.random_base;
+        const std::string base_hash = save ? peft::base_hash(*r.model) : "";
         fmt::print("{}] {}\n", tag, trainable_params_line(*r.adapter, *r.model));
         measure_step(r, task, tok, budget.batch, res);
         // Early stopping looks more often, so it can stop near the best length.
@@ -260,7 +262,7 @@ MethodResult run_method(const Base& base, const data::Task& task, const MethodSp
         res.final_valid_loss = valid_loss(r, task, tok, budget.batch);
         res.test_loss = split_loss(r, task.test, tok, budget.batch);
         score(r, task, tok, budget.eval_examples, budget.batch, res);
-        if (!out_dir.empty()) {
+        if (save) {
             res.adapter_dir = out_dir + "/adapters/" + file_safe(res.label);
             if (dist::is_root()) {
                 fs::create_directories(out_dir + "/adapters");
