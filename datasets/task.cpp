@@ -75,8 +75,16 @@ public:
         check_sizes("generation_scorer", ex, hyps);
         std::vector<std::vector<std::string>> refs;
         for (const Example& e : ex) refs.push_back(e.references.empty() ? std::vector<std::string>{e.target} : e.references);
-        Score s{"bleu", corpus_bleu(hyps, refs).bleu, {}, {}};
+        const BleuResult bleu = corpus_bleu(hyps, refs);
+        Score s{"bleu", bleu.bleu, {}, {}};
         s.extra["rouge_l"] = corpus_rouge_l(hyps, refs);
+        // Unsmoothed BLEU-4 is 0 whenever no 4-gram matches, as for answers of one to three words
+        // however right they are: say so, beside the metric that does see them.
+        if (bleu.bleu == 0 && bleu.matches[0] > 0 && bleu.matches[3] == 0)
+            s.flags.push_back(fmt::format("bleu 0: no 4-gram matches ({} of {} 4-grams in {} hypotheses; short "
+                                          "outputs have none), while {} of {} words match; see rouge_l = {:.4f}",
+                                          bleu.matches[3], bleu.totals[3], hyps.size(), bleu.matches[0],
+                                          bleu.totals[0], s.extra["rouge_l"]));
         if (lexicon_) {
             std::vector<std::map<std::string, std::string>> mrs;
             for (const Example& e : ex) mrs.push_back(e.slots);

@@ -141,6 +141,10 @@ TEST_CASE("generation files: rows sharing an input are one example with every re
     Score s = t.score(t.test, {"e three", "f one"});
     CHECK(s.name == "bleu");
     CHECK(s.value == Approx(0.0));  // 2 tokens each: no 4-gram, BLEU-4 is 0 (Papineni)
+    REQUIRE(s.flags.size() == 1);     // ... which the result says, with the words that do match
+    CHECK_THAT(s.flags[0], Contains("bleu 0: no 4-gram matches (0 of 0 4-grams in 2 hypotheses") &&
+                               Contains("4 of 4 words match; see rouge_l = 1.0000"));
+    CHECK(t.score(t.test, {"x", "y"}).flags.empty());  // nothing matches: nothing to explain
     Task long_refs = t;
     long_refs.test = {Example{"E", "x", {"the cat sat on the mat", "a dog lay on a rug"}, {}, ""}};
     CHECK(long_refs.score(long_refs.test, {"a dog lay on a rug"}).value == Approx(1.0));
