@@ -1,6 +1,6 @@
 // libFuzzer target: the command-line flags every experiment takes
 // (harness::add_common_flags, flags::parse, harness::parse_common) and
-// flags::whole_number. Input: NUL-separated arguments (argv[1..]). Bad values
+// flags::whole_number and real_number. Input: NUL-separated arguments (argv[1..]). Bad values
 // must throw std::exception naming the flag; nothing else may happen.
 #include <cstring>
 
@@ -41,6 +41,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     try {
         flags::whole_number("--fuzz", args.back(), 0);
+    } catch (const std::invalid_argument&) {
+    }
+    try {
+        flags::real_number("--fuzz", args.back());
     } catch (const std::invalid_argument&) {
     }
     return 0;

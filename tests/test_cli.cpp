@@ -91,14 +91,7 @@ TEST_CASE("generate --adapter reads peftlab's adapter directories and Hugging Fa
     const std::string generate = bin("generate");
     REQUIRE(fs::exists(generate));
     testing::TempDir tmp;
-    GPTConfig c;
-    c.vocab = 32;
-    c.d_model = 16;
-    c.n_layers = 2;
-    c.n_heads = 2;
-    c.d_ff = 32;
-    c.max_seq = 16;
-    GPT base(c, 3);
+    GPT base(testing::small_gpt(32, 16), 3);
     save_model(tmp.path("base.safetensors"), base);
     auto a = peft::make_adapter("lora", {});
     a->attach(base);

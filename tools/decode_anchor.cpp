@@ -128,14 +128,14 @@ int main(int argc, char** argv) {
     // clang-format on
     try {
         const cxxopts::ParseResult r = flags::parse(o, argc, argv);
-        const int threads = int(flags::int_flag(r, "threads", 1));
+        const int threads = int(flags::int_flag(r, "threads", 1, std::numeric_limits<int>::max()));
         flags::configure_threads(threads);
-        const int P = int(flags::int_flag(r, "prompt-tokens", 1)), N = int(flags::int_flag(r, "new-tokens", 2));
-        const int repeats = int(flags::int_flag(r, "repeats", 1));
+        const int P = int(flags::int_flag(r, "prompt-tokens", 1, std::numeric_limits<int>::max())), N = int(flags::int_flag(r, "new-tokens", 2, std::numeric_limits<int>::max()));
+        const int repeats = int(flags::int_flag(r, "repeats", 1, std::numeric_limits<int>::max()));
         const uint64_t seed = uint64_t(flags::int_flag(r, "seed", 0));
         std::vector<int> batches;
         for (const std::string& b : flags::split_list(r["batch"].as<std::string>()))
-            batches.push_back(int(flags::whole_number("--batch", b, 1)));
+            batches.push_back(int(flags::whole_number("--batch", b, 1, std::numeric_limits<int>::max())));
 
         const auto tok = data::GPT2Tokenizer::from_dir(r["tokenizer"].as<std::string>());
         GPTConfig cfg = model_preset(r["config"].as<std::string>());

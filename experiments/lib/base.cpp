@@ -20,6 +20,7 @@
 #include "nn/checkpoint.h"
 #include "nn/dist.h"
 #include "nn/hf_gpt2.h"
+#include "nn/json_limits.h"
 #include "nn/safetensors.h"
 #include "nn/trainer.h"
 #include "peft/registry.h"
@@ -50,7 +51,7 @@ std::unique_ptr<data::Tokenizer> base_tokenizer(const std::string& spec, const s
         throw std::invalid_argument(fmt::format("--base '{}': the checkpoint records no tokenizer (not a base made by "
                                                 "pretrain); pass --tokenizer gpt2:DIR",
                                                 base_path));
-    return data::tokenizer_from_json(nlohmann::json::parse(it->second));
+    return data::tokenizer_from_json(parse_json_limited(it->second, fmt::format("{}: metadata 'tokenizer'", base_path)));
 }
 
 // ---- the pretrained base --------------------------------------------------------------------
