@@ -348,7 +348,9 @@ std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base, const L
         throw cfg.key_error("options", e.what());
     }
     const json& layers_json = cfg.at("layers");
-    if (!layers_json.is_array() || !std::all_of(layers_json.begin(), layers_json.end(), [](const json& l) { return l.is_number_integer(); }))
+    // Indices in [0, 2^31 - 1]: 4294967296 would wrap to layer 0 in an int.
+    auto index = [](const json& l) { return l.is_number_unsigned() && l.get<uint64_t>() <= uint64_t(INT32_MAX); };
+    if (!layers_json.is_array() || !std::all_of(layers_json.begin(), layers_json.end(), index))
         throw cfg.key_error("layers", "must be a list of layer indices, got " + json_excerpt(layers_json));
     const auto layers = layers_json.get<std::vector<int>>();
     const bool inference = cfg.boolean("inference");

@@ -296,6 +296,11 @@ TEST_CASE("adapter_io: damaged adapter_config.json fails naming the file and key
     j["layers"] = {0};
     write_text(cfg_path, j.dump());
     CHECK_THAT(load_error(tmp.path("a"), fresh), Contains("key 'layers'") && Contains("resolve to [0,1]"));
+    for (const json& wrapped : {json::parse("[4294967296, 1]"), json::parse("[-1, 1]")}) {  // once read as [0, 1]
+        j["layers"] = wrapped;
+        write_text(cfg_path, j.dump());
+        CHECK_THAT(load_error(tmp.path("a"), fresh), Contains("key 'layers': must be a list of layer indices"));
+    }
     CHECK(fresh.num_trainable() == fresh.num_params());  // attach's freeze undone
 }
 
