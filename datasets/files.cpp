@@ -135,6 +135,7 @@ Table parse_delimited(std::string_view raw, const std::string& path, char delimi
     t.blank_rows = st.blank_rows;
     if (st.records.empty()) throw std::runtime_error(fmt::format("{}: empty file (a header row is required)", path));
     t.columns = st.records[0].second;
+    t.header_line = st.records[0].first;
     for (size_t i = 0; i < t.columns.size(); ++i)
         for (size_t j = 0; j < i; ++j)
             if (t.columns[i] == t.columns[j])
@@ -226,8 +227,11 @@ Table read_table(const std::string& path) {
         throw std::invalid_argument(
             fmt::format("{}: unknown data format '{}' (the extension says it: .jsonl, .csv or .tsv)", path, ext));
     std::error_code ec;
-    if (!std::filesystem::is_regular_file(path, ec))
-        throw std::runtime_error(fmt::format("{}: no such file", path));
+    const auto status = std::filesystem::status(path, ec);
+    if (!std::filesystem::exists(status)) throw std::runtime_error(fmt::format("{}: no such file", path));
+    if (!std::filesystem::is_regular_file(status))
+        throw std::runtime_error(fmt::format("{}: not a regular file ({}), expected a data file", path,
+                                             std::filesystem::is_directory(status) ? "a directory" : "a device, FIFO or socket"));
     const auto size = std::filesystem::file_size(path, ec);
     if (ec) throw std::runtime_error(fmt::format("{}: cannot read its size ({})", path, ec.message()));
     if (size > kMaxDataFileBytes)
@@ -267,6 +271,12 @@ SplitRows read_pairs(const std::string& path, const std::string& in_field, const
     s.report.path = path;
     s.report.rows = t.rows.size();
     s.report.blank_rows = t.blank_rows;
+    // A column the header lacks is the header's fault, not the first row's.
+    if (t.header_line)
+        for (const std::string* name : {&in_field, &out_field})
+            if (std::find(t.columns.begin(), t.columns.end(), *name) == t.columns.end())
+                throw std::runtime_error(fmt::format("{}:{}: the header has no column '{}' (columns: {})", path,
+                                                     t.header_line, *name, join(t.columns)));
     std::set<std::pair<std::string, std::string>> seen;
     for (const Row& row : t.rows) {
         Pair p{t.field(row, in_field), t.field(row, out_field), fmt::format("{}:{}", path, row.line)};
@@ -394,6 +404,8 @@ Task load_file_task(const FileTaskOptions& o) {
         train.report.rows = train.pairs.size();
     }
 
+    std::map<std::string, size_t> rows_of_label;  // before --n-train, to explain a label it left out
+    for (const Pair& p : train.pairs) ++rows_of_label[p.out];
     if (o.n_train > 0) {
         if (o.n_train > train.pairs.size())
             throw std::invalid_argument(fmt::format("--n-train {}: {} has {} training examples", o.n_train, o.train,
@@ -430,10 +442,17 @@ Task load_file_task(const FileTaskOptions& o) {
         auto make = [&](const SplitRows& s, const char* split, std::vector<Example>& out) {
             for (const Pair& p : s.pairs) {
                 auto it = word_of.find(p.out);
-                if (it == word_of.end())
-                    throw std::runtime_error(fmt::format("{}: field '{}': label '{}' never occurs in the training data "
-                                                         "(labels: {})",
-                                                         p.origin, o.label_field, p.out, join(labels)));
+                if (it == word_of.end()) {
+                    const auto before = rows_of_label.find(p.out);
+                    throw std::runtime_error(fmt::format(
+                        "{}: field '{}': label '{}' never occurs in the training data (labels: {}){}", p.origin,
+                        o.label_field, p.out, join(labels),
+                        before == rows_of_label.end()
+                            ? ""
+                            : fmt::format("; --n-train {} took the first {} training rows in file order, and the {} "
+                                          "rows labelled '{}' come later: shuffle the file",
+                                          o.n_train, o.n_train, before->second, p.out)));
+                }
                 out.push_back(Example{p.in, it->second, {it->second}, {}, p.origin});
             }
             DataReport::Split r = s.report;

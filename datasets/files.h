@@ -45,6 +45,7 @@ struct Table {
     std::vector<std::string> columns;  // CSV/TSV: the header's names; JSONL: every member seen, first use order
     std::vector<Row> rows;             // data rows in file order
     size_t blank_rows = 0;             // blank lines left out
+    size_t header_line = 0;            // CSV/TSV: the header's line (1 unless blank lines precede it); JSONL: 0
     // The value of `field` in `row`; throws std::runtime_error
     // "PATH:LINE: no field 'x' (fields: a, b)", or "...: field 'x' is an array,
     // expected text", or "...: field 'x' is empty".

@@ -4,6 +4,7 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 
+#include <algorithm>
 #include <array>
 #include <filesystem>
 #include <fstream>
@@ -452,6 +453,24 @@ GPT2Tokenizer GPT2Tokenizer::from_strings(std::string_view vocab_json, std::stri
     }
     impl->num_merges = order.size();
     impl->merge_order = order;
+
+    // Every token but the 256 byte tokens and "<|endoftext|>" is the result of
+    // one merge (GPT-2: 256 + 50000 + 1 = 50257). One that no merge makes can
+    // never be produced: a merges file cut short (or empty, or of another
+    // vocabulary) would otherwise load as a smaller tokenizer and encode text
+    // into different, longer id sequences without a word.
+    std::vector<char> made(n, 0);
+    for (const auto& [key, m] : impl->merges) made[size_t(m.result)] = 1;
+    for (int b = 0; b < 256; ++b) made[size_t(impl->byte_id[b])] = 1;
+    made[size_t(impl->eot)] = 1;
+    const size_t unmade = size_t(std::count(made.begin(), made.end(), char(0)));
+    if (unmade > 0) {
+        const size_t first = size_t(std::find(made.begin(), made.end(), char(0)) - made.begin());
+        throw std::runtime_error(fmt::format(
+            "{}: {} of {}'s {} tokens are made by no merge, e.g. {} (id {}); the {} merges read are too few: the file "
+            "is truncated or belongs to another vocabulary",
+            merges_name, unmade, vocab_name, n, nlohmann::json(*owner[first]).dump(), first, order.size()));
+    }
 
     // ---- fingerprint: FNV-1a 64 over the parsed tables, not the file bytes,
     // so that the same vocabulary under either file naming matches.

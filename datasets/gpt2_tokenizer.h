@@ -50,7 +50,9 @@ public:
     // a duplicated key, an id outside [0, entries) or given twice, a token that
     // is not made of byte symbols, a byte with no token, no "<|endoftext|>"
     // token, a merges line that is not two symbols, a merge repeated, a merge
-    // of a symbol that is not in the vocab or whose result is not.
+    // of a symbol that is not in the vocab or whose result is not, and a token
+    // (besides the byte tokens and "<|endoftext|>") that no merge makes: a
+    // truncated or foreign merges file.
     static GPT2Tokenizer from_dir(const std::string& dir);
 
     // The same from file contents; vocab_name / merges_name name the sources

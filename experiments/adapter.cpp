@@ -155,6 +155,7 @@ int main(int argc, char** argv) {
             const std::string base_path = r["base"].as<std::string>();
             std::unique_ptr<GPT> base = load_base(base_path);
             std::unique_ptr<data::Tokenizer> tok = harness::base_tokenizer(r["tokenizer"].as<std::string>(), base_path);
+            harness::check_tokenizer_fits(*tok, base->config().vocab, base_path);
             std::unique_ptr<peft::Adapter> a = peft::load_any_adapter(paths[0], *base);
             a->activate(*base);
             harness::CommonArgs args;

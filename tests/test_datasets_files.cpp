@@ -3,9 +3,12 @@
 // file and line, multi-reference grouping, classification labels, the seeded
 // split of a single file, the truncation modes (datasets/batch.h) and the
 // scorers of datasets/task.h.
+#include <sys/stat.h>
+
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <filesystem>
 #include <set>
 
 #include "datasets/batch.h"
@@ -111,6 +114,10 @@ TEST_CASE("read_table picks the format by extension and refuses others", "[datas
     CHECK(read_table(tmp.file("a.tsv", "x\ty\n1\t2\n")).columns.size() == 2);
     CHECK_THROWS_WITH(read_table(tmp.file("a.txt", "x\n")), Contains("unknown data format '.txt'"));
     CHECK_THROWS_WITH(read_table(tmp.path("missing.csv")), Contains("missing.csv: no such file"));
+    std::filesystem::create_directory(tmp.path("dir.csv"));
+    CHECK_THROWS_WITH(read_table(tmp.path("dir.csv")), Contains("dir.csv: not a regular file (a directory)"));
+    REQUIRE(::mkfifo(tmp.path("fifo.csv").c_str(), 0600) == 0);  // whose open would block
+    CHECK_THROWS_WITH(read_table(tmp.path("fifo.csv")), Contains("fifo.csv: not a regular file (a device, FIFO or socket)"));
 }
 
 TEST_CASE("generation files: rows sharing an input are one example with every reference", "[datasets_files]") {
@@ -161,7 +168,9 @@ TEST_CASE("generation files: missing fields and empty values name file, line and
     o.train = tmp.file("t.csv", "input,output\na,b\nc,\n");
     CHECK_THROWS_WITH(load_file_task(o), Contains("t.csv:3: field 'output' is empty"));
     o.train = tmp.file("t2.csv", "mr,ref\na,b\n");
-    CHECK_THROWS_WITH(load_file_task(o), Contains("t2.csv:2: no field 'input' (fields: mr, ref)"));
+    CHECK_THROWS_WITH(load_file_task(o), Contains("t2.csv:1: the header has no column 'input' (columns: mr, ref)"));
+    o.train = tmp.file("t3.csv", "input,ref\n");  // said at the header even with no data rows
+    CHECK_THROWS_WITH(load_file_task(o), Contains("t3.csv:1: the header has no column 'output' (columns: input, ref)"));
     o.train = tmp.file("h.csv", "input,output\n");
     CHECK_THROWS_WITH(load_file_task(o), Contains("h.csv: no data rows"));
     o.train = tmp.file("two.csv", "input,output\na,b\nc,d\n");
@@ -260,6 +269,18 @@ TEST_CASE("classification: one file splits per label, so every label stays in tr
     CHECK(load_file_task(o).train.size() == 10);
     o.n_train = 27;
     CHECK_THROWS_WITH(load_file_task(o), Contains("--n-train 27") && Contains("26 training examples"));
+    // A file sorted by label: the first rows hold one label, and a later
+    // split's other label is explained by --n-train, not only refused.
+    std::string sorted;
+    for (int i = 0; i < 6; ++i) sorted += "{\"text\": \"t" + std::to_string(i) + "\", \"label\": \"" + (i < 3 ? "a" : "b") + "\"}\n";
+    o.train = tmp.file("sorted.jsonl", sorted);
+    o.valid = o.test = tmp.file("vt.jsonl", "{\"text\": \"x\", \"label\": \"a\"}\n{\"text\": \"y\", \"label\": \"b\"}\n");
+    o.n_train = 3;
+    CHECK_THROWS_WITH(load_file_task(o), Contains("vt.jsonl:2: field 'label': label 'b' never occurs in the training "
+                                                  "data (labels: a); --n-train 3 took the first 3 training rows in file "
+                                                  "order, and the 3 rows labelled 'b' come later: shuffle the file"));
+    o.n_train = 4;
+    CHECK(load_file_task(o).labels == std::vector<std::string>{"a", "b"});
 }
 
 TEST_CASE("truncation: left counts, right cuts the source, error names the example", "[datasets_files]") {

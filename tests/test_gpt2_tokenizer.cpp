@@ -469,6 +469,18 @@ TEST_CASE("GPT-2 BPE: corrupt vocab and merges files name the file and the key o
     require_throws_with<E>(load(v, "h e\nzz e\n"), {"M.txt", "line 2", "\"zz\"", "not in V.json"});
     require_throws_with<E>(load(v, "h e\nx y\n"), {"M.txt", "line 2", "\"xy\"", "not in V.json"});
     require_throws_with<E>(load(v, "#version: 0.2\nh e\n\nh e\n"), {"M.txt", "line 4", "repeats line 2"});
+    // A merges file cut short, or empty, leaves tokens no merge makes.
+    require_throws_with<E>(load(v, ""), {"M.txt", "1 of V.json's 258 tokens", "\"he\" (id 257)", "0 merges", "truncated"});
+    require_throws_with<E>(load(v, "#version: 0.2\n"), {"M.txt", "\"he\" (id 257)", "truncated"});
+    {
+        TinyVocab three;
+        three.merge("h", "e").merge("l", "l").merge("he", "ll");
+        const std::string all = three.merges_txt();
+        const std::string cut = all.substr(0, all.rfind("he ll"));
+        require_throws_with<E>(load(three.vocab.dump(), cut), {"M.txt", "1 of V.json's 260 tokens", "\"hell\" (id 259)",
+                                                               "2 merges"});
+        REQUIRE_NOTHROW(load(three.vocab.dump(), all)());
+    }
 }
 
 TEST_CASE("GPT-2 BPE: randomly damaged files load or throw runtime_error, never crash", "[bpe]") {

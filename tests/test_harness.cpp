@@ -64,6 +64,17 @@ TEST_CASE("harness flags: data-file flags parse and bad ones name the flag and v
     CHECK_THAT(parse_error({"--config", "huge"}), Contains("--config: unknown preset 'huge'") && Contains("gpt2-xl"));
     CHECK_THAT(parse_error({"--methods", "lora,lora"}), Contains("'lora' is listed twice"));
     CHECK_THAT(parse_error({"--steps", "0"}), Contains("--steps: 0 must be >= 1"));
+    // A field flag nothing would read: no data files, or the other task type.
+    CHECK_THAT(parse_error({"--input-field", "mr"}), Contains("--input-field mr: data-file flags need --train"));
+    CHECK_THAT(parse_error({"--task-type", "generation"}), Contains("--task-type generation: data-file flags need --train"));
+    CHECK_THAT(parse_error({"--train", "d.csv", "--label-words", "0=neg", "--input-field", "mr"}),
+               Contains("--input-field mr: applies to generation tasks, and this run is classification (--text-field, "
+                        "--label-field or --label-words says so)"));
+    CHECK_THAT(parse_error({"--train", "d.csv", "--task-type", "generation", "--label-field", "y"}),
+               Contains("--label-field y: applies to classification tasks, and this run is generation (--task-type "
+                        "generation)"));
+    CHECK_THAT(parse_error({"--train", "d.csv", "--task-type", "classification", "--output-field", "ref"}),
+               Contains("--output-field ref: applies to generation tasks") && Contains("(--task-type classification)"));
 }
 
 TEST_CASE("flags::split_list and whole_number: the one list and number parser", "[harness]") {

@@ -54,6 +54,14 @@ std::unique_ptr<data::Tokenizer> base_tokenizer(const std::string& spec, const s
     return data::tokenizer_from_json(parse_json_limited(it->second, fmt::format("{}: metadata 'tokenizer'", base_path)));
 }
 
+void check_tokenizer_fits(const data::Tokenizer& tok, int64_t model_vocab, const std::string& base_path) {
+    if (tok.vocab_size() > model_vocab)
+        throw std::invalid_argument(fmt::format(
+            "--base '{}': the tokenizer has {} tokens but the model's vocabulary (embedding rows) is {}, so ids {}..{} "
+            "have no embedding; pass the tokenizer the model was trained with",
+            base_path, tok.vocab_size(), model_vocab, model_vocab, tok.vocab_size() - 1));
+}
+
 // ---- the pretrained base --------------------------------------------------------------------
 
 Base prepare_base(const CommonArgs& args) {
@@ -65,6 +73,7 @@ Base prepare_base(const CommonArgs& args) {
         base.tokenizer = std::make_unique<data::GPT2Tokenizer>(
             data::GPT2Tokenizer::from_dir(args.tokenizer.rfind("gpt2:", 0) == 0 ? args.tokenizer.substr(5) : args.base));
         base.config = load_hf_gpt2_config(args.base);
+        check_tokenizer_fits(*base.tokenizer, base.config.vocab, args.base);
         return base;
     }
     // The tokenizer and corpus are cheap to rebuild; the model is what we cache.

@@ -4,6 +4,7 @@
 #include <filesystem>
 
 #include <limits>
+#include <string_view>
 
 #include <fmt/format.h>
 #include <omp.h>
@@ -178,6 +179,19 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
             throw std::invalid_argument(fmt::format("--label-words: '{}' is not label=word", item));
         if (!a.files.label_words.emplace(item.substr(0, eq), item.substr(eq + 1)).second)
             throw std::invalid_argument(fmt::format("--label-words: label '{}' is given twice", item.substr(0, eq)));
+    }
+    // A field flag of the other task type would be read by nothing.
+    for (const char* f : {"input-field", "output-field", "text-field", "label-field", "label-words", "task-type"}) {
+        if (!r.count(f)) continue;
+        const std::string given = r[f].as<std::string>();
+        if (a.files.train.empty())
+            throw std::invalid_argument(fmt::format("--{} {}: data-file flags need --train", f, given));
+        const bool for_generation = std::string_view(f) == "input-field" || std::string_view(f) == "output-field";
+        if (std::string_view(f) != "task-type" && for_generation == a.files.classification)
+            throw std::invalid_argument(fmt::format(
+                "--{} {}: applies to {} tasks, and this run is {} ({})", f, given,
+                for_generation ? "generation" : "classification", for_generation ? "classification" : "generation",
+                type.empty() ? "--text-field, --label-field or --label-words says so" : "--task-type " + type));
     }
     a.files.seed = a.seed + 100;
     a.truncate = r["truncate"].as<std::string>();

@@ -110,6 +110,11 @@ Base load_or_pretrain(const CommonArgs& args);
 // tokenizer a peftlab checkpoint records in its metadata. Throws naming the
 // path when none is found.
 std::unique_ptr<data::Tokenizer> base_tokenizer(const std::string& spec, const std::string& base_path);
+// Throws std::invalid_argument naming the base and both sizes when `tok` has
+// more tokens than the model's embedding rows (model_vocab): its larger ids
+// would have no embedding. A smaller tokenizer is fine (GPT-2 bases are often
+// padded to a rounder vocabulary).
+void check_tokenizer_fits(const data::Tokenizer& tok, int64_t model_vocab, const std::string& base_path);
 // The tokenizer, config and cache directory of the base `args` describe,
 // without training anything (base.cached says whether the model exists).
 Base prepare_base(const CommonArgs& args);
