@@ -117,6 +117,10 @@ struct Task {
     // changes when the text does); "" for the built-in corpus.
     std::string corpus_id;
     DataReport report;
+    // How the run named these data, as JSON text (the harness's data_recipe),
+    // kept with a saved adapter so that it can be evaluated on them again;
+    // empty when nothing recorded it.
+    std::string recipe;
 
     std::string metric_name() const;
     // scorer->score(); throws std::logic_error when the task has no scorer.

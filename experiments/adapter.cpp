@@ -5,6 +5,7 @@
 //   adapter export-hf DIR OUT --base MODEL       to PEFT's layout (adapter_config.json + tensors)
 //   adapter import-hf DIR OUT --base MODEL       from PEFT's layout to ours
 //   adapter eval DIR --base MODEL [--task T]     losses and the task's metric with the adapter on
+//                                                (default: the data it records it was trained on)
 //
 // DIR is what compare writes under runs/<out>/adapters/<method>/ (peft::save_adapter);
 // MODEL a base model file, e.g. runs/pretrain/<hash>/model.safetensors, or a
@@ -33,7 +34,8 @@ const char* kUsage =
     "  adapter inspect DIR\n"
     "  adapter export-hf DIR OUT --base MODEL.safetensors\n"
     "  adapter import-hf DIR OUT --base MODEL.safetensors\n"
-    "  adapter eval DIR --base MODEL.safetensors [--task e2e] [--eval-examples 50] [--batch 16]\n"
+    "  adapter eval DIR --base MODEL.safetensors [--task T | --train FILE ...] [--eval-examples 50] [--batch 16]\n"
+    "      (without --task/--train: the data the adapter was trained on, as it records them)\n"
     "DIR: an adapter directory (peft::save_adapter's layout; compare writes runs/<out>/adapters/<method>/).\n";
 
 nlohmann::json read_config(const std::string& dir) {
@@ -94,6 +96,34 @@ std::unique_ptr<GPT> load_base(const std::string& path) {
     return load_model_new(path);
 }
 
+// The data `adapter eval` scores on: those the flags name (--task, or --train
+// and its companions), else those the adapter records it was trained on.
+harness::CommonArgs eval_data(const cxxopts::ParseResult& r, const std::string& dir) {
+    harness::CommonArgs args;
+    if (r.count("task") || r.count("train")) {
+        harness::parse_data_flags(r, args);
+        return args;
+    }
+    for (const char* f : {"valid", "test", "task-type", "input-field", "output-field", "text-field", "label-field",
+                          "label-words", "truncate", "seed"})
+        if (r.count(f))
+            throw std::invalid_argument(fmt::format("--{} {}: give --task or --train with it (without them, eval uses "
+                                                    "the data the adapter records it was trained on, seed included)",
+                                                    f, std::string_view(f) == "seed" ? std::to_string(r[f].as<uint64_t>())
+                                                                                     : r[f].as<std::string>()));
+    const nlohmann::json recipe =
+        peft::adapter_layout(dir) == peft::AdapterLayout::peftlab ? peft::trained_on(dir) : nlohmann::json();
+    if (recipe.is_null())
+        throw std::invalid_argument(fmt::format("{}: the adapter records no data it was trained on (saved by an older "
+                                                "peftlab, by a program of your own, or in Hugging Face PEFT's layout): "
+                                                "give --task or --train",
+                                                dir));
+    apply_data_recipe(recipe, args, dir + "/adapter_config.json: trained_on");
+    fmt::print(stderr, "data: {} (recorded with the adapter), seed {}\n",
+               args.files.train.empty() ? "task " + args.task : args.files.train, args.seed);
+    return args;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -109,13 +139,13 @@ int main(int argc, char** argv) {
         ("base", "base model file", cxxopts::value<std::string>()->default_value(""))
         ("tokenizer", "gpt2:DIR (eval; default: the base directory's GPT-2 files, or the checkpoint's own)",
          cxxopts::value<std::string>()->default_value(""))
-        ("task", "task to evaluate on (eval)", cxxopts::value<std::string>()->default_value("e2e"))
         ("eval-examples", "test examples scored by generation (eval)", cxxopts::value<std::string>()->default_value("50"))
         ("batch", "rows per forward (eval)", cxxopts::value<std::string>()->default_value("16"))
-        ("seed", "seed of the task's data (the one the adapter was trained with)", cxxopts::value<std::string>()->default_value("0"))
         ("threads", "threads (default: PEFTLAB_THREADS, else all cores)", cxxopts::value<std::string>())
         ("paths", "", cxxopts::value<std::vector<std::string>>());
     // clang-format on
+    // eval's data: by default those the adapter was trained on (its "trained_on").
+    harness::add_data_flags(o, harness::CommonArgs{});
     o.parse_positional({"paths"});
     o.custom_help("[options]");
     o.positional_help(kUsage);
@@ -158,9 +188,7 @@ int main(int argc, char** argv) {
             harness::check_tokenizer_fits(*tok, base->config().vocab, base_path);
             std::unique_ptr<peft::Adapter> a = peft::load_any_adapter(paths[0], *base);
             a->activate(*base);
-            harness::CommonArgs args;
-            args.task = r["task"].as<std::string>();
-            args.seed = uint64_t(flags::int_flag(r, "seed", 0));
+            const harness::CommonArgs args = eval_data(r, paths[0]);
             const data::Task task = harness::load_task(args, tok->open_vocabulary());
             const int64_t n = flags::int_flag(r, "eval-examples", 1), batch = flags::int_flag(r, "batch", 1);
             harness::MethodResult res =

@@ -302,7 +302,8 @@ void expect_layout(const char* fn, const std::string& dir, AdapterLayout expecte
 }  // namespace
 
 // ---- own format ---------------------------------------------------------------------------
-void save_adapter(const std::string& dir, const Adapter& adapter, bool inference, const std::string& original_base_hash) {
+void save_adapter(const std::string& dir, const Adapter& adapter, bool inference, const std::string& original_base_hash,
+                  const json& trained_on) {
     const char* fn = "save_adapter";
     refuse_other_layout(fn, dir, AdapterLayout::peftlab);
     GPT& base = attached_base(fn, adapter);
@@ -324,14 +325,21 @@ void save_adapter(const std::string& dir, const Adapter& adapter, bool inference
     const bool holds_inference = inference || same_names(adapter.parameters(), inference_tensors);
     make_dir(fn, dir);
     save_tensors(in_dir(dir, kAdapterWeightsFile), inference ? inference_tensors : adapter.parameters(), kAdapterFormat);
-    const json cfg = {{"format", kAdapterFormat},
-                      {"method", adapter.method()},
-                      {"options", adapter.options().to_json()},
-                      {"layers", adapter.layers()},
-                      {"inference", holds_inference},
-                      {"base_config", base.config().to_json()},
-                      {"base_hash", hash}};
+    json cfg = {{"format", kAdapterFormat},
+                {"method", adapter.method()},
+                {"options", adapter.options().to_json()},
+                {"layers", adapter.layers()},
+                {"inference", holds_inference},
+                {"base_config", base.config().to_json()},
+                {"base_hash", hash}};
+    if (!trained_on.is_null()) cfg["trained_on"] = trained_on;
     write_file_atomic(in_dir(dir, kAdapterConfigFile), cfg.dump(2) + "\n");
+}
+
+json trained_on(const std::string& dir) {
+    expect_layout("trained_on", dir, AdapterLayout::peftlab);
+    const ConfigFile cfg("trained_on", in_dir(dir, kAdapterConfigFile));
+    return cfg.has("trained_on") ? cfg.at("trained_on") : json();
 }
 
 std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base, const LoadOptions& load_opts) {

@@ -7,7 +7,8 @@
 //   adapter_config.json        {"format": "peftlab-adapter-v2", "method", "options"
 //                              (AdapterOptions::to_json: common keys and the method's own section), "layers" (resolved),
 //                              "inference", "base_config" (GPTConfig JSON),
-//                              "base_hash" (base_hash() of the base it was trained on)}
+//                              "base_hash" (base_hash() of the base it was trained on),
+//                              optionally "trained_on" (the caller's record of its data)}
 // "inference" is true when the file holds inference_parameters() rather than a
 // training-time reparameterization; it is so for every adapter whose training
 // tensors are its inference tensors (all but an unmaterialized reparameterized prefix).
@@ -87,8 +88,15 @@ std::string base_hash(const GPT& base);
 // base_hash(model) taken before training (required for "full"; for other methods,
 // if given, it must equal the attached base's hash). A merged LoRA is refused
 // (its base holds the merged weights): unmerge first.
+// trained_on: what the caller trained the adapter on (the harness: its task or
+// data files and seed), stored as given under "trained_on" when not null and
+// never read by load_adapter (see trained_on()).
 void save_adapter(const std::string& dir, const Adapter& adapter, bool inference = false,
-                  const std::string& original_base_hash = {});
+                  const std::string& original_base_hash = {}, const nlohmann::json& trained_on = nullptr);
+// The "trained_on" value of a peftlab adapter directory's config; null when it
+// has none (older adapters, Hugging Face PEFT's layout). Throws
+// std::runtime_error as ConfigFile for an unreadable or malformed config.
+nlohmann::json trained_on(const std::string& dir);
 
 // Rebuilds the saved adapter on `base` (same config and base_hash, or it throws
 // "base config differs: n_layers 4 != 2" / "base weights differ (hash ... != ...)"):

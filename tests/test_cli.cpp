@@ -564,6 +564,19 @@ TEST_CASE("compare keeps the methods a previous run with the same settings finis
         CHECK(row(after, label).at("metric") == row(before, label).at("metric"));
     }
 
+    // adapter eval without --task scores a saved adapter on the data it was
+    // trained on, which the adapter records: the same test loss as the run's.
+    const nlohmann::json& lora = row(after, "lora");
+    const std::string eval = fmt::format("{} eval {} --base {} --eval-examples 2 --threads 1", bin("adapter"),
+                                         lora.at("adapter_dir").get<std::string>(),
+                                         after.at("base").at("path").get<std::string>());
+    Result recorded = run(eval, tmp.dir.string());
+    INFO(recorded.out);
+    REQUIRE(recorded.rc == 0);
+    CHECK_THAT(recorded.out, Contains("data: task e2e (recorded with the adapter), seed 0"));
+    CHECK_THAT(recorded.out, Contains(fmt::format("test loss {:.4f}", lora.at("test_loss").get<double>())));
+    CHECK_THAT(run(eval + " --seed 1", tmp.dir.string()).out, Contains("--seed 1: give --task or --train with it"));
+
     // Different settings (here the seed) make the earlier results stale: everything trains again.
     Result reseeded = run(compare + " --methods lora --seed 1", tmp.dir.string());
     REQUIRE(reseeded.rc == 0);

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
 #include <fmt/format.h>
 
@@ -241,6 +242,34 @@ TEST_CASE("run_method on a file-backed task: results, and a saved adapter that r
         harness::evaluate(std::move(model), std::move(adapter), *base.tokenizer, task, 2, budget.batch, "reloaded");
     CHECK(again.test_loss == res.test_loss);
     CHECK(again.metric == res.metric);
+
+    // The adapter records its data (absolute paths), and they rebuild the same examples from another directory.
+    const nlohmann::json recorded = peft::trained_on(res.adapter_dir);
+    CHECK(recorded.at("files").at("train") == fs::absolute("tests/fixtures/data/restaurants.csv").string());
+    CHECK(recorded.at("files").at("input_field") == "mr");
+    harness::CommonArgs b;
+    {
+        InDir elsewhere(tmp.dir);
+        harness::apply_data_recipe(recorded, b, "cfg");
+        const data::Task rebuilt = harness::load_task(b, base);
+        CHECK(harness::data_report_json(rebuilt).at("content_hash") == harness::data_report_json(task).at("content_hash"));
+    }
+    auto recipe_error = [&](const std::function<void(nlohmann::json&)>& edit) {
+        nlohmann::json j = recorded;
+        edit(j);
+        try {
+            harness::apply_data_recipe(j, b, "cfg");
+        } catch (const std::runtime_error& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    CHECK(recipe_error([](nlohmann::json& j) { j["seed"] = -1; }) == "cfg: key 'seed': must be a whole number >= 0");
+    CHECK(recipe_error([](nlohmann::json& j) { j["task"] = "e2e"; }) == "cfg: key 'task': give exactly one of 'task' and 'files'");
+    CHECK(recipe_error([](nlohmann::json& j) { j["files"].erase("label_field"); }) == "cfg: key 'files.label_field': must be text");
+    CHECK_THAT(recipe_error([](nlohmann::json& j) { j["truncate"] = "middle"; }), Contains("cfg: key 'truncate'"));
+    CHECK_THAT(recipe_error([](nlohmann::json& j) { j.erase("files"); j["task"] = "nope"; }),
+               Contains("cfg: key 'task'") && Contains("nope"));
 
     // results.json: the fields a reader relies on, `extra` merged at the top.
     const nlohmann::json extra = {{"task", task.name}, {"data", harness::data_report_json(task)}};

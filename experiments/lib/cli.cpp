@@ -46,6 +46,25 @@ double default_lr(const std::string& method) {
     return grid.empty() ? 0.0 : grid[grid.size() / 2];
 }
 
+void add_data_flags(cxxopts::Options& o, const CommonArgs& d) {
+    // clang-format off
+    o.add_options()
+        ("task", "built-in or registered task (its data also builds the word vocabulary): " + [] { std::string s; for (auto& t : data::task_names()) s += (s.empty() ? "" : ", ") + t; return s; }(),
+            cxxopts::value<std::string>()->default_value(d.task))
+        ("train", "training data file (.jsonl, .csv, .tsv) instead of --task; alone, it is split 80/10/10 by a seeded shuffle", cxxopts::value<std::string>()->default_value(d.files.train))
+        ("valid", "validation data file (with --train)", cxxopts::value<std::string>()->default_value(d.files.valid))
+        ("test", "test data file (with --train)", cxxopts::value<std::string>()->default_value(d.files.test))
+        ("task-type", "generation or classification (default: classification when --text-field, --label-field or --label-words is given)", cxxopts::value<std::string>()->default_value(""))
+        ("input-field", "generation: the field of the input", cxxopts::value<std::string>()->default_value(d.files.input_field))
+        ("output-field", "generation: the field of the output (rows sharing an input are its references)", cxxopts::value<std::string>()->default_value(d.files.output_field))
+        ("text-field", "classification: the field of the text", cxxopts::value<std::string>()->default_value(d.files.text_field))
+        ("label-field", "classification: the field of the label", cxxopts::value<std::string>()->default_value(d.files.label_field))
+        ("label-words", "classification: words the model answers for labels, as label=word,label=word (default: the labels)", cxxopts::value<std::string>()->default_value(""))
+        ("truncate", "an example longer than --seq: left (cut the source's start), right (its end) or error", cxxopts::value<std::string>()->default_value(d.truncate))
+        ("seed", "random seed", cxxopts::value<uint64_t>()->default_value(std::to_string(d.seed)));
+    // clang-format on
+}
+
 void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
     // clang-format off
     o.add_options()
@@ -59,20 +78,9 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
         ("seq", "context length T (max_seq)", cxxopts::value<int64_t>())
         ("batch", "global batch rows per update (split over MPI ranks and --grad-accum micro-batches)", cxxopts::value<int64_t>()->default_value(std::to_string(d.batch)))
         ("grad-accum", "micro-batches per update on each rank: K splits --batch into K forward/backward passes "
-                       "weighted by their target tokens (same update as one batch)", cxxopts::value<int64_t>()->default_value(std::to_string(d.grad_accum)))
-        ("task", "built-in or registered task (its data also builds the word vocabulary): " + [] { std::string s; for (auto& t : data::task_names()) s += (s.empty() ? "" : ", ") + t; return s; }(),
-            cxxopts::value<std::string>()->default_value(d.task))
-        ("train", "training data file (.jsonl, .csv, .tsv) instead of --task; alone, it is split 80/10/10 by a seeded shuffle", cxxopts::value<std::string>()->default_value(d.files.train))
-        ("valid", "validation data file (with --train)", cxxopts::value<std::string>()->default_value(d.files.valid))
-        ("test", "test data file (with --train)", cxxopts::value<std::string>()->default_value(d.files.test))
-        ("task-type", "generation or classification (default: classification when --text-field, --label-field or --label-words is given)", cxxopts::value<std::string>()->default_value(""))
-        ("input-field", "generation: the field of the input", cxxopts::value<std::string>()->default_value(d.files.input_field))
-        ("output-field", "generation: the field of the output (rows sharing an input are its references)", cxxopts::value<std::string>()->default_value(d.files.output_field))
-        ("text-field", "classification: the field of the text", cxxopts::value<std::string>()->default_value(d.files.text_field))
-        ("label-field", "classification: the field of the label", cxxopts::value<std::string>()->default_value(d.files.label_field))
-        ("label-words", "classification: words the model answers for labels, as label=word,label=word (default: the labels)", cxxopts::value<std::string>()->default_value(""))
-        ("truncate", "an example longer than --seq: left (cut the source's start), right (its end) or error", cxxopts::value<std::string>()->default_value(d.truncate))
-        ("seed", "random seed", cxxopts::value<uint64_t>()->default_value(std::to_string(d.seed)))
+                       "weighted by their target tokens (same update as one batch)", cxxopts::value<int64_t>()->default_value(std::to_string(d.grad_accum)));
+    add_data_flags(o, d);
+    o.add_options()
         ("threads", "threads for OpenBLAS and OpenMP (0 = all cores; default: PEFTLAB_THREADS, else all cores; "
                     "capped at the cores)", cxxopts::value<int64_t>())
         ("out", d.fine_tunes ? "output directory" : "also copy the base model here (it is cached under runs/pretrain/ either way)", cxxopts::value<std::string>()->default_value(d.out))
@@ -122,32 +130,7 @@ int64_t max_useful_train_examples(const CommonArgs& a) {
 }
 }  // namespace
 
-CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
-    CommonArgs a = d;
-    a.config = r["config"].as<std::string>();
-    try {
-        a.model = model_preset(a.config);  // vocab is set from the tokenizer
-    } catch (const std::invalid_argument& e) {
-        throw std::invalid_argument(std::string("--config: ") + e.what());
-    }
-    // Dimensions reach int-sized code (token positions, BLAS sizes): beyond 2^31 - 1 they would wrap.
-    auto positive = [&](const char* flag, int64_t v) {
-        if (v < 1) throw std::invalid_argument(fmt::format("--{}: {} must be >= 1", flag, v));
-        if (v > std::numeric_limits<int>::max())
-            throw std::invalid_argument(fmt::format("--{}: {} must be <= {}", flag, v, std::numeric_limits<int>::max()));
-        return v;
-    };
-    if (r.count("vocab")) a.model.vocab = positive("vocab", r["vocab"].as<int64_t>());
-    if (r.count("d-model")) a.model.d_model = positive("d-model", r["d-model"].as<int64_t>());
-    if (r.count("layers")) a.model.n_layers = int(positive("layers", r["layers"].as<int>()));
-    if (r.count("heads")) a.model.n_heads = int(positive("heads", r["heads"].as<int>()));
-    if (r.count("d-ff")) a.model.d_ff = positive("d-ff", r["d-ff"].as<int64_t>());
-    if (r.count("seq")) a.model.max_seq = positive("seq", r["seq"].as<int64_t>());
-    a.batch = positive("batch", r["batch"].as<int64_t>());
-    a.grad_accum = int(std::min<int64_t>(positive("grad-accum", r["grad-accum"].as<int64_t>()), 1 << 20));
-    dist::check_shards(a.batch, dist::world().size() * a.grad_accum,
-                       fmt::format("--batch {} with --grad-accum {} on {} rank(s)", a.batch, a.grad_accum,
-                                   dist::world().size()).c_str());
+void parse_data_flags(const cxxopts::ParseResult& r, CommonArgs& a) {
     a.task = r["task"].as<std::string>();
     try {
         data::task_info(a.task);
@@ -196,6 +179,35 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
     a.files.seed = a.seed + 100;
     a.truncate = r["truncate"].as<std::string>();
     data::parse_truncate(a.truncate);
+}
+
+CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
+    CommonArgs a = d;
+    a.config = r["config"].as<std::string>();
+    try {
+        a.model = model_preset(a.config);  // vocab is set from the tokenizer
+    } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument(std::string("--config: ") + e.what());
+    }
+    // Dimensions reach int-sized code (token positions, BLAS sizes): beyond 2^31 - 1 they would wrap.
+    auto positive = [&](const char* flag, int64_t v) {
+        if (v < 1) throw std::invalid_argument(fmt::format("--{}: {} must be >= 1", flag, v));
+        if (v > std::numeric_limits<int>::max())
+            throw std::invalid_argument(fmt::format("--{}: {} must be <= {}", flag, v, std::numeric_limits<int>::max()));
+        return v;
+    };
+    if (r.count("vocab")) a.model.vocab = positive("vocab", r["vocab"].as<int64_t>());
+    if (r.count("d-model")) a.model.d_model = positive("d-model", r["d-model"].as<int64_t>());
+    if (r.count("layers")) a.model.n_layers = int(positive("layers", r["layers"].as<int>()));
+    if (r.count("heads")) a.model.n_heads = int(positive("heads", r["heads"].as<int>()));
+    if (r.count("d-ff")) a.model.d_ff = positive("d-ff", r["d-ff"].as<int64_t>());
+    if (r.count("seq")) a.model.max_seq = positive("seq", r["seq"].as<int64_t>());
+    a.batch = positive("batch", r["batch"].as<int64_t>());
+    a.grad_accum = int(std::min<int64_t>(positive("grad-accum", r["grad-accum"].as<int64_t>()), 1 << 20));
+    dist::check_shards(a.batch, dist::world().size() * a.grad_accum,
+                       fmt::format("--batch {} with --grad-accum {} on {} rank(s)", a.batch, a.grad_accum,
+                                   dist::world().size()).c_str());
+    parse_data_flags(r, a);
     a.threads = 0;
     if (r.count("threads")) {
         const int64_t t = r["threads"].as<int64_t>();

@@ -266,7 +266,8 @@ MethodResult run_method(const Base& base, const data::Task& task, const MethodSp
             res.adapter_dir = out_dir + "/adapters/" + file_safe(res.label);
             if (dist::is_root()) {
                 fs::create_directories(out_dir + "/adapters");
-                peft::save_adapter(res.adapter_dir, *r.adapter, false, base_hash);
+                peft::save_adapter(res.adapter_dir, *r.adapter, false, base_hash,
+                                   task.recipe.empty() ? nlohmann::json() : nlohmann::json::parse(task.recipe));
             }
         }
     } else {

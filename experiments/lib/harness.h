@@ -70,6 +70,21 @@ struct CommonArgs {
 // Adds the common flags to `opts` with the experiment's defaults (only the
 // pretraining ones when defaults.fine_tunes is false).
 void add_common_flags(cxxopts::Options& opts, const CommonArgs& defaults);
+// The flags that name a run's data, which add_common_flags includes: --task, or
+// --train [--valid --test] with --task-type and the field flags, --label-words,
+// --truncate and --seed. parse_data_flags sets them on `args`, refusing (with
+// std::invalid_argument naming the flag and value) an unknown task, --task
+// with --train, and a field flag that nothing would read.
+void add_data_flags(cxxopts::Options& opts, const CommonArgs& defaults);
+void parse_data_flags(const cxxopts::ParseResult& r, CommonArgs& args);
+// The data `args` name, as JSON a saved adapter keeps under "trained_on" so
+// that `adapter eval` finds them again: {"task": NAME} or {"files": {"train",
+// "valid", "test" (absolute paths), "classification", "input_field",
+// "output_field", "text_field", "label_field", "label_words"}}, with "seed",
+// "n_train" and "truncate". apply_data_recipe sets them back on `args`;
+// throws std::runtime_error naming `where` and the key for a malformed one.
+nlohmann::json data_recipe(const CommonArgs& args);
+void apply_data_recipe(const nlohmann::json& recipe, CommonArgs& args, const std::string& where);
 // Parses them; bad values throw std::invalid_argument naming the flag and value
 // (an empty or duplicated --methods list included).
 CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& defaults);
