@@ -46,8 +46,10 @@ AdapterOptions AdapterOptions::from_json(const nlohmann::json& j) {
             return std::invalid_argument(fmt::format("AdapterOptions: key '{}' has a bad value {}", k, json_excerpt(*it)));
         };
         // get_to alone would truncate 2.5 to 2 and wrap -1 to 2^64 - 1 without a word.
+        // A signed field refuses what only fits unsigned: 2^63 would wrap to -2^63.
         auto integer = [&](const nlohmann::json& v, bool is_unsigned) {
             if (!v.is_number_integer() || (is_unsigned && !v.is_number_unsigned())) throw bad_value();
+            if (!is_unsigned && v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX)) throw bad_value();
         };
         auto get_integer = [&](auto& field) {
             integer(*it, std::is_unsigned_v<std::decay_t<decltype(field)>>);
@@ -88,7 +90,9 @@ AdapterOptions AdapterOptions::from_json(const nlohmann::json& j) {
             throw bad_value();
         }
     }
-    if (o.n < 0) throw std::invalid_argument(fmt::format("AdapterOptions: n = {} must be >= 0", o.n));
+    // n reaches int-sized code (token positions): beyond 2^31 - 1 it would wrap.
+    if (o.n < 0 || o.n > INT32_MAX)
+        throw std::invalid_argument(fmt::format("AdapterOptions: n = {} must be in [0, {}]", o.n, INT32_MAX));
     // Each section's own method validates it (its constructor reads it).
     for (const auto& [method, section] : o.sections.items()) make_adapter(method, o);
     return o;

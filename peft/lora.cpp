@@ -16,6 +16,7 @@
 
 #include "autograd/tape.h"
 #include "nn/hf_gpt2.h"
+#include "nn/json_limits.h"
 #include "nn/safetensors.h"
 #include "peft/adapter.h"
 #include "peft/adapter_io.h"
@@ -105,11 +106,16 @@ std::string hf_layers_spec(const ConfigFile& cfg, int L) {
     const char* key = "layers_to_transform";
     if (!cfg.has(key)) return "all";
     const nlohmann::json& v = cfg.at(key);
+    // Read as int64, 2^64 - 1 would wrap to layer -1: entries are checked as written.
+    auto index = [](const nlohmann::json& e) {
+        return e.is_number_integer() && (!e.is_number_unsigned() || e.get<uint64_t>() <= uint64_t(INT32_MAX));
+    };
     std::vector<int64_t> layers;
-    if (v.is_number_integer()) layers.push_back(v.get<int64_t>());
-    else if (v.is_array() && std::all_of(v.begin(), v.end(), [](const nlohmann::json& e) { return e.is_number_integer(); }))
-        layers = v.get<std::vector<int64_t>>();
-    else throw cfg.key_error(key, "must be null, an integer or a list of integers, got " + v.dump());
+    if (index(v)) layers.push_back(v.get<int64_t>());
+    else if (v.is_array() && std::all_of(v.begin(), v.end(), index)) layers = v.get<std::vector<int64_t>>();
+    else
+        throw cfg.key_error(key, "must be null, an integer or a list of integers (layer indices), got " +
+                                     json_excerpt(v));
     if (layers.empty()) return "none";
     std::string spec;
     for (int64_t l : layers) {

@@ -606,6 +606,10 @@ TEST_CASE("adapter_io: Hugging Face LoRA features we do not implement are refuse
     CHECK_THAT(with("target_modules", json({"q_proj"})), Contains("key 'target_modules'") && Contains("'q_proj' names no Conv1D"));
     CHECK_THAT(with("rank_pattern", json({{"q_proj", 4}})), Contains("key 'rank_pattern'"));
     CHECK_THAT(with("layers_to_transform", json({5})), Contains("key 'layers_to_transform'") && Contains("layer 5"));
+    // 2^64 - 1 once wrapped to "layer -1".
+    CHECK_THAT(with("layers_to_transform", json({18446744073709551615ull})),
+               Contains("key 'layers_to_transform'") && Contains("layer indices") && Contains("18446744073709551615"));
+    CHECK_THAT(with("layers_to_transform", -1), Contains("key 'layers_to_transform'") && Contains("layer -1"));
     CHECK_THAT(with("layers_pattern", "blocks"), Contains("key 'layers_pattern'") && Contains("\"h\""));
     // r 3 is odd: no q/v split, so q, k and v of rank 3 sharing A; the file holds rank 4.
     CHECK_THAT(with("r", 3), Contains("c_attn.lora_A.weight' has shape [4, 16] in the file but [3, 16]"));

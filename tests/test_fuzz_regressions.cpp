@@ -143,11 +143,15 @@ TEST_CASE("Adapter loaders: sizes in the config are bounded by the weights file 
     SECTION("own layout: options.n") {
         unpack_to(read_all(seeds / "adapter" / "prompt"), tmp.dir / "a");
         json cfg = json::parse(read_all(tmp.dir / "a" / peft::kAdapterConfigFile));
-        cfg["options"]["n"] = int64_t(1) << 40;  // before: attach allocated n*d floats (32 TB)
+        cfg["options"]["n"] = int64_t(1) << 30;  // before: attach allocated n*d floats (32 GB)
         std::ofstream(tmp.dir / "a" / peft::kAdapterConfigFile) << cfg.dump();
         CHECK_THROWS_WITH(peft::load_adapter((tmp.dir / "a").string(), *base),
                           Contains("adapter_config.json") && Contains("key 'options'") &&
-                              Contains("n = 1099511627776 is larger than the weights file could hold"));
+                              Contains("n = 1073741824 is larger than the weights file could hold"));
+        cfg["options"]["n"] = int64_t(1) << 40;  // beyond int positions: refused by AdapterOptions itself
+        std::ofstream(tmp.dir / "a" / peft::kAdapterConfigFile) << cfg.dump();
+        CHECK_THROWS_WITH(peft::load_adapter((tmp.dir / "a").string(), *base),
+                          Contains("key 'options'") && Contains("n = 1099511627776 must be in [0, 2147483647]"));
         cfg["options"]["n"] = 5000000;  // fits the allowance per option, not the formula (n*d)
         std::ofstream(tmp.dir / "a" / peft::kAdapterConfigFile) << cfg.dump();
         CHECK_THROWS_WITH(peft::load_adapter((tmp.dir / "a").string(), *base),
@@ -184,6 +188,11 @@ TEST_CASE("AdapterOptions::from_json: numbers must fit their field", "[fuzz][ada
     j = peft::AdapterOptions{}.to_json();
     j["init_tokens"] = json::array({1, int64_t(1) << 40});  // before: wrapped into an int32 token id
     CHECK_THROWS_WITH(peft::AdapterOptions::from_json(j), Contains("key 'init_tokens' has a bad value"));
+    j = peft::AdapterOptions{}.to_json();
+    j["n"] = uint64_t(1) << 63;  // before: wrapped to n = -9223372036854775808
+    CHECK_THROWS_WITH(peft::AdapterOptions::from_json(j), "AdapterOptions: key 'n' has a bad value 9223372036854775808");
+    j["n"] = int64_t(1) << 31;
+    CHECK_THROWS_WITH(peft::AdapterOptions::from_json(j), "AdapterOptions: n = 2147483648 must be in [0, 2147483647]");
 }
 
 TEST_CASE("Every committed fuzz seed is a valid input for its reader", "[fuzz]") {
