@@ -431,6 +431,16 @@ Task load_file_task(const FileTaskOptions& o) {
         std::map<std::string, std::string> word_of;
         for (const std::string& l : labels) {
             auto it = o.label_words.find(l);
+            // A label is its own word unless mapped; spaces around it (CSV keeps
+            // the space of "text, pos") would become part of every target.
+            if (it == o.label_words.end() && (std::isspace(static_cast<unsigned char>(l.front())) ||
+                                              std::isspace(static_cast<unsigned char>(l.back())))) {
+                const auto first = std::find_if(train.pairs.begin(), train.pairs.end(), [&](const Pair& p) { return p.out == l; });
+                throw std::runtime_error(fmt::format(
+                    "{}: field '{}': label '{}' has surrounding spaces, which would be part of its word (a CSV keeps "
+                    "the space after a comma); remove them or map the label with --label-words",
+                    first->origin, o.label_field, l));
+            }
             word_of[l] = it == o.label_words.end() ? l : it->second;
             task.labels.push_back(word_of[l]);
         }

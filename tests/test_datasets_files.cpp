@@ -245,6 +245,16 @@ TEST_CASE("classification files: labels from the data, label words, unseen label
     CHECK_THROWS_WITH(load_file_task(o), Contains("--label-words: label '7' does not occur"));
     o.label_words = {{"0", "same"}, {"1", "same"}};
     CHECK_THROWS_WITH(load_file_task(o), Contains("the same word 'same'"));
+    // "text, pos": the label is " pos", not a new class beside "pos" by accident.
+    FileTaskOptions spaced;
+    spaced.classification = true;
+    spaced.train = tmp.file("spaced.csv", "text,label\ngood,pos\nfine, pos\nbad,neg\n");
+    spaced.valid = spaced.test = tmp.file("spaced_vt.csv", "text,label\nok,pos\n");
+    CHECK_THROWS_WITH(load_file_task(spaced), "" + spaced.train + ":3: field 'label': label ' pos' has surrounding spaces, "
+                                              "which would be part of its word (a CSV keeps the space after a comma); "
+                                              "remove them or map the label with --label-words");
+    spaced.label_words = {{" pos", "positive"}};
+    CHECK_NOTHROW(load_file_task(spaced));
 }
 
 TEST_CASE("classification: one file splits per label, so every label stays in training", "[datasets_files]") {
