@@ -6,6 +6,7 @@
 #include <cctype>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <set>
 #include <stdexcept>
 
@@ -154,6 +155,39 @@ Table parse_delimited(std::string_view raw, const std::string& path, char delimi
     return t;
 }
 
+namespace {
+// The spellings of a row's top-level floating-point numbers as written: the
+// parsed double would print 1.50 as 1.5 and 1e2 as 100.0, so a label would
+// not be the file's text. Runs on rows parse_json_limited has already accepted.
+class FloatSpellings final : public nlohmann::json_sax<nlohmann::json> {
+public:
+    std::map<std::string, std::string> raw;  // key -> the number's text
+    bool null() override { return true; }
+    bool boolean(bool) override { return true; }
+    bool number_integer(number_integer_t) override { return true; }
+    bool number_unsigned(number_unsigned_t) override { return true; }
+    bool number_float(number_float_t, const string_t& text) override {
+        if (depth_ == 1) raw[key_] = text;
+        return true;
+    }
+    bool string(string_t&) override { return true; }
+    bool binary(binary_t&) override { return true; }
+    bool start_object(std::size_t) override { return ++depth_, true; }
+    bool key(string_t& k) override {
+        if (depth_ == 1) key_ = k;
+        return true;
+    }
+    bool end_object() override { return --depth_, true; }
+    bool start_array(std::size_t) override { return ++depth_, true; }
+    bool end_array() override { return --depth_, true; }
+    bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override { return false; }
+
+private:
+    int depth_ = 0;
+    std::string key_;
+};
+}  // namespace
+
 Table parse_jsonl(std::string_view raw, const std::string& path) {
     std::string_view text = checked_text(raw, path);
     Table t;
@@ -191,10 +225,13 @@ Table parse_jsonl(std::string_view raw, const std::string& path) {
             throw std::runtime_error(fmt::format("{}:{}: a JSON {}, expected an object", path, line, j.type_name()));
         Row row;
         row.line = line;
+        FloatSpellings floats;
+        if (std::any_of(j.begin(), j.end(), [](const nlohmann::json& v) { return v.is_number_float(); }))
+            nlohmann::json::sax_parse(l, &floats);
         for (auto& [k, v] : j.items()) {
             if (seen_columns.insert(k).second) t.columns.push_back(k);
             if (v.is_string()) row.fields[k] = v.get<std::string>();
-            else if (v.is_number_float()) row.fields[k] = v.dump();
+            else if (v.is_number_float()) row.fields[k] = floats.raw.at(k);
             else if (v.is_number() || v.is_boolean()) row.fields[k] = v.dump();
             else row.not_text[k] = v.type_name();
         }

@@ -88,6 +88,11 @@ TEST_CASE("JSONL: one object per line; numbers and booleans are text as written"
                           "r.jsonl");
     CHECK(column(t, "text") == std::vector<std::string>{"ok", "caf\xC3\xA9"});
     CHECK(column(t, "label") == std::vector<std::string>{"1", "true"});
+    // Floats too, as the file spells them (a parsed double prints 1.50 as 1.5, 1e2 as 100.0).
+    const Table f = parse_jsonl("{\"s\": 1.50, \"e\": 1e2, \"n\": [2.50]}\n{\"s\": 2.0, \"e\": -3E-1}\n", "f.jsonl");
+    CHECK(column(f, "s") == std::vector<std::string>{"1.50", "2.0"});
+    CHECK(column(f, "e") == std::vector<std::string>{"1e2", "-3E-1"});
+    CHECK_THROWS_WITH(f.field(f.rows[0], "n"), "f.jsonl:1: field 'n' is an array, expected text");
     CHECK(t.rows[1].line == 4);
     CHECK(t.blank_rows == 2);
     CHECK_THROWS_WITH(t.field(t.rows[1], "meta"), "r.jsonl:4: field 'meta' is an array, expected text");
