@@ -272,6 +272,7 @@ void fit_to_context(Task& task, const Tokenizer& tok, int max_len, Truncate mode
             keep();
         }
         *examples = std::move(kept);
+        report.examples = examples->size();  // those kept: the ones left out are counted apart
         if (examples->empty())
             throw std::invalid_argument(fmt::format("{}: no {} example fits --seq {} ({} left out as too long)",
                                                     task.name, split, max_len, report.dropped_too_long));

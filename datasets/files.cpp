@@ -27,12 +27,15 @@ size_t line_of(std::string_view text, size_t offset) {
 
 // The text without a UTF-8 byte-order mark; refuses invalid UTF-8 and NUL
 // bytes, naming the line and byte offset.
+// Byte offsets in messages count from the file's start, the mark included.
 std::string_view checked_text(std::string_view text, const std::string& path) {
-    if (text.substr(0, 3) == "\xEF\xBB\xBF") text.remove_prefix(3);
+    const size_t bom = text.substr(0, 3) == "\xEF\xBB\xBF" ? 3 : 0;
+    text.remove_prefix(bom);
     if (auto bad = find_invalid_utf8(text))
-        throw std::runtime_error(fmt::format("{}:{}: invalid UTF-8 at byte {}", path, line_of(text, *bad), *bad));
+        throw std::runtime_error(fmt::format("{}:{}: invalid UTF-8 at byte {}", path, line_of(text, *bad), *bad + bom));
     if (size_t nul = text.find('\0'); nul != std::string_view::npos)
-        throw std::runtime_error(fmt::format("{}:{}: NUL byte at byte {} (not a text file)", path, line_of(text, nul), nul));
+        throw std::runtime_error(
+            fmt::format("{}:{}: NUL byte at byte {} (not a text file)", path, line_of(text, nul), nul + bom));
     return text;
 }
 
@@ -44,6 +47,13 @@ std::string join(const std::vector<std::string>& items) {
 
 bool blank(std::string_view s) {
     return std::all_of(s.begin(), s.end(), [](unsigned char c) { return std::isspace(c); });
+}
+
+std::string trimmed(std::string_view s) {
+    auto space = [](unsigned char c) { return std::isspace(c) != 0; };
+    while (!s.empty() && space(s.front())) s.remove_prefix(1);
+    while (!s.empty() && space(s.back())) s.remove_suffix(1);
+    return std::string(s);
 }
 
 // ------------------------------------------------------------------ CSV via libcsv
@@ -120,7 +130,8 @@ Table parse_delimited(std::string_view raw, const std::string& path, char delimi
     if (used != text.size()) {
         const int err = csv_error(&p);
         throw std::runtime_error(fmt::format("{}:{}: malformed {} ({}) at byte {}{}", path, line_of(text, used),
-                                             delimiter == '\t' ? "TSV" : "CSV", csv_strerror(err), used,
+                                             delimiter == '\t' ? "TSV" : "CSV", csv_strerror(err),
+                                             used + (raw.size() - text.size()),  // a byte-order mark's 3 bytes
                                              err == CSV_EPARSE ? ": a quote inside an unquoted field, or text after "
                                                                  "a closing quote"
                                                                : ""));
@@ -218,6 +229,7 @@ Table parse_jsonl(std::string_view raw, const std::string& path) {
             std::string what = e.what();
             const size_t colon = what.find("column");
             what = colon == std::string::npos ? what.substr(5) : what.substr(colon);
+            if (colon != std::string::npos && what.back() == ')') what.pop_back();  // "not valid JSON (...)"'s own
             if (what.size() > 160) what = what.substr(0, 160) + "...";
             throw std::runtime_error(fmt::format("{}:{}: malformed JSON ({})", path, line, what));
         }
@@ -246,8 +258,8 @@ const std::string& Table::field(const Row& row, const std::string& name) const {
     if (it == row.fields.end()) {
         if (auto nt = row.not_text.find(name); nt != row.not_text.end())
             throw std::runtime_error(
-                fmt::format("{}:{}: field '{}' is {} {}, expected text", path, row.line, name,
-                            nt->second == "array" || nt->second == "object" ? "an" : "", nt->second));
+                fmt::format("{}:{}: field '{}' is {}{}, expected text", path, row.line, name,
+                            nt->second == "array" || nt->second == "object" ? "an " : "", nt->second));
         std::vector<std::string> have;
         for (auto& [k, v] : row.fields) have.push_back(k);
         for (auto& [k, v] : row.not_text) have.push_back(k);
@@ -312,8 +324,13 @@ SplitRows read_pairs(const std::string& path, const std::string& in_field, const
     if (t.header_line)
         for (const std::string* name : {&in_field, &out_field})
             if (std::find(t.columns.begin(), t.columns.end(), *name) == t.columns.end())
+            {
+                // Quoted: a header "input , output" names ' output', which plain would hide.
+                std::vector<std::string> quoted;
+                for (const std::string& c : t.columns) quoted.push_back("'" + c + "'");
                 throw std::runtime_error(fmt::format("{}:{}: the header has no column '{}' (columns: {})", path,
-                                                     t.header_line, *name, join(t.columns)));
+                                                     t.header_line, *name, join(quoted)));
+            }
     std::set<std::pair<std::string, std::string>> seen;
     for (const Row& row : t.rows) {
         Pair p{t.field(row, in_field), t.field(row, out_field), fmt::format("{}:{}", path, row.line)};
@@ -492,13 +509,16 @@ Task load_file_task(const FileTaskOptions& o) {
                 if (it == word_of.end()) {
                     const auto before = rows_of_label.find(p.out);
                     throw std::runtime_error(fmt::format(
-                        "{}: field '{}': label '{}' never occurs in the training data (labels: {}){}", p.origin,
+                        "{}: field '{}': label '{}' never occurs in the training data (labels: {}){}{}", p.origin,
                         o.label_field, p.out, join(labels),
                         before == rows_of_label.end()
                             ? ""
                             : fmt::format("; --n-train {} took the first {} training rows in file order, and the {} "
                                           "rows labelled '{}' come later: shuffle the file",
-                                          o.n_train, o.n_train, before->second, p.out)));
+                                          o.n_train, o.n_train, before->second, p.out),
+                        trimmed(p.out) != p.out && word_of.count(trimmed(p.out))
+                            ? fmt::format("; without its surrounding spaces it would be label '{}'", trimmed(p.out))
+                            : ""));
                 }
                 out.push_back(Example{p.in, it->second, {it->second}, {}, p.origin});
             }

@@ -91,8 +91,9 @@ struct DataReport {
     struct Split {
         std::string path;              // the file it came from ("" for generated data or a split of --train)
         size_t rows = 0;               // data rows read (the header not counted)
-        size_t examples = 0;           // examples made (inputs, for grouped generation splits)
-        size_t pairs = 0;              // (input, output) pairs in them
+        size_t examples = 0;           // examples made (inputs, for grouped generation splits); after
+                                       // fit_to_context, those kept
+        size_t pairs = 0;              // (input, output) pairs read for them
         size_t blank_rows = 0;         // empty lines or rows, left out
         size_t duplicate_rows = 0;     // the same (input, output) pair again, left out
         size_t truncated = 0;          // sources cut to fit --seq (--truncate left|right)

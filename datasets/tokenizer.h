@@ -33,6 +33,8 @@ public:
     // True when every UTF-8 text encodes without an unknown token (byte-level,
     // GPT-2 BPE); false for a word vocabulary built from a corpus.
     virtual bool open_vocabulary() const = 0;
+    // The id text outside a closed vocabulary encodes to; -1 for an open one.
+    virtual int32_t unk_id() const { return -1; }
 };
 
 // Rebuilds a tokenizer saved with to_json(); a missing or malformed key
@@ -89,7 +91,7 @@ public:
     int32_t pad_id() const override { return kPad; }
     int32_t bos_id() const override { return kBos; }
     int32_t eos_id() const override { return kEos; }
-    int32_t unk_id() const { return kUnk; }
+    int32_t unk_id() const override { return kUnk; }
     nlohmann::json to_json() const override;
     bool open_vocabulary() const override { return false; }
 

@@ -97,12 +97,18 @@ std::unique_ptr<GPT> load_base(const std::string& path) {
 }
 
 // The data `adapter eval` scores on: those the flags name (--task, or --train
-// and its companions), else those the adapter records it was trained on.
-harness::CommonArgs eval_data(const cxxopts::ParseResult& r, const std::string& dir) {
+// and its companions), else those the adapter records it was trained on, with
+// the content hash of their examples then.
+struct EvalData {
     harness::CommonArgs args;
+    std::string recorded_hash;  // empty: the flags named the data, or no hash was recorded
+};
+EvalData eval_data(const cxxopts::ParseResult& r, const std::string& dir) {
+    EvalData data;
+    harness::CommonArgs& args = data.args;
     if (r.count("task") || r.count("train")) {
         harness::parse_data_flags(r, args);
-        return args;
+        return data;
     }
     for (const char* f : {"valid", "test", "task-type", "input-field", "output-field", "text-field", "label-field",
                           "label-words", "truncate", "seed"})
@@ -119,9 +125,11 @@ harness::CommonArgs eval_data(const cxxopts::ParseResult& r, const std::string& 
                                                 "give --task or --train",
                                                 dir));
     apply_data_recipe(recipe, args, dir + "/adapter_config.json: trained_on");
+    if (recipe.contains("content_hash") && recipe["content_hash"].is_string())
+        data.recorded_hash = recipe["content_hash"].get<std::string>();
     fmt::print(stderr, "data: {} (recorded with the adapter), seed {}\n",
                args.files.train.empty() ? "task " + args.task : args.files.train, args.seed);
-    return args;
+    return data;
 }
 
 }  // namespace
@@ -188,8 +196,15 @@ int main(int argc, char** argv) {
             harness::check_tokenizer_fits(*tok, base->config().vocab, base_path);
             std::unique_ptr<peft::Adapter> a = peft::load_any_adapter(paths[0], *base);
             a->activate(*base);
-            const harness::CommonArgs args = eval_data(r, paths[0]);
-            const data::Task task = harness::load_task(args, tok->open_vocabulary());
+            const EvalData data = eval_data(r, paths[0]);
+            // Prepared as the run prepared them: fitted to the base's context under --truncate.
+            const data::Task task = harness::load_task(data.args, *tok, base->config().max_seq);
+            const std::string hash = harness::data_report_json(task).at("content_hash");
+            if (!data.recorded_hash.empty() && hash != data.recorded_hash)
+                throw std::invalid_argument(fmt::format(
+                    "{}: the recorded data now make other examples (content hash {}, recorded {}): a file changed "
+                    "since the adapter was trained; name the data with --task or --train to evaluate on them anyway",
+                    paths[0], hash, data.recorded_hash));
             const int64_t n = flags::int_flag(r, "eval-examples", 1), batch = flags::int_flag(r, "batch", 1);
             harness::MethodResult res =
                 harness::evaluate(std::move(base), std::move(a), *tok, task, n, batch, paths[0]);

@@ -75,7 +75,10 @@ TEST_CASE("compare refuses empty, duplicated and oversized requests before any w
                           Case{"--methods ,", "--methods: ',' names no method"},
                           Case{"--methods lora,lora", "'lora' is listed twice"},
                           Case{"--n-train 100000000", "--n-train: 100000000 examples is more than this run can use"},
-                          Case{"--threads -1", "--threads: -1 must be >= 0"}}) {
+                          Case{"--threads -1", "--threads: -1 must be >= 0"},
+                          // cxxopts' own parse errors are usage errors too (exit 2, once 1)
+                          Case{"--no-such-flag", "no-such-flag\xE2\x80\x99 does not exist"},  // cxxopts quotes 'so'
+                          Case{"--steps", "steps\xE2\x80\x99 is missing an argument"}}) {
         CAPTURE(c.args);
         Result r = run(compare + " " + kTiny + " " + c.args, tmp.dir.string());
         CHECK(r.rc == 2);
@@ -582,4 +585,38 @@ TEST_CASE("compare keeps the methods a previous run with the same settings finis
     REQUIRE(reseeded.rc == 0);
     CHECK_THAT(reseeded.out, Contains("[lora] start"));
     CHECK_THAT(reseeded.out, !Contains("finished in an earlier run"));
+}
+
+// adapter eval once read a recorded data file without fitting it to the base
+// (no generation length: every output empty, accuracy 0) and without noticing
+// that the file had changed since.
+TEST_CASE("adapter eval on recorded data files: compare's metric, and an edited file refused", "[cli]") {
+    testing::TempDir tmp;
+    fs::create_directories(tmp.dir / "data");
+    fs::copy_file("tests/fixtures/data/reviews.jsonl", tmp.dir / "data" / "reviews.jsonl");
+    Result trained = run(bin("compare") + " " + kTiny + " --steps 20 --lr 0.03 --eval-examples 4 --methods lora "
+                             "--no-baselines --train data/reviews.jsonl --label-words 0=negative,1=positive --out out",
+                         tmp.dir.string());
+    INFO(trained.out);
+    REQUIRE(trained.rc == 0);
+    std::ifstream f(tmp.dir / "out" / "results.json");
+    const nlohmann::json results = nlohmann::json::parse(f);
+    const nlohmann::json& lora = results.at("methods").at(0);
+    fs::create_directories(tmp.dir / "elsewhere");  // recorded paths are absolute, the base path too
+    const std::string eval = fmt::format("{} eval {} --base {} --eval-examples 4 --threads 1", bin("adapter"),
+                                         (tmp.dir / lora.at("adapter_dir").get<std::string>()).string(),
+                                         results.at("base").at("path").get<std::string>());
+    Result scored = run(eval, (tmp.dir / "elsewhere").string());
+    INFO(scored.out);
+    REQUIRE(scored.rc == 0);
+    const nlohmann::json& metric = lora.at("metric");
+    CHECK_THAT(scored.out, Contains(fmt::format("test loss {:.4f}  {} {:.4f} on 4 test examples",
+                                                lora.at("test_loss").get<double>(), metric.at("name").get<std::string>(),
+                                                metric.at("value").get<double>())));
+    CHECK_THAT(scored.out, !Contains("empty"));
+
+    std::ofstream(tmp.dir / "data" / "reviews.jsonl", std::ios::app) << "{\"text\": \"New row.\", \"label\": 1}\n";
+    Result edited = run(eval, (tmp.dir / "elsewhere").string());
+    CHECK(edited.rc == 2);
+    CHECK_THAT(edited.out, Contains("the recorded data now make other examples") && Contains("a file changed"));
 }

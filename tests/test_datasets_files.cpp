@@ -19,6 +19,7 @@
 using namespace peftlab;
 using namespace peftlab::data;
 using Catch::Matchers::Contains;
+using Catch::Matchers::EndsWith;
 
 namespace {
 
@@ -77,7 +78,10 @@ TEST_CASE("CSV errors name the file and the line", "[datasets_files]") {
     CHECK_THAT(err("a,a\n1,2\n"), Contains("d.csv:1: header names column 'a' twice"));
     CHECK_THAT(err(""), Contains("d.csv: empty file"));
     CHECK_THAT(err("\n\r\n"), Contains("d.csv: empty file"));
-    CHECK_THAT(err("a,b\n1,2\ncaf\xE9,3\n"), Contains("d.csv:3: invalid UTF-8 at byte"));
+    CHECK_THAT(err("a,b\n1,2\ncaf\xE9,3\n"), Contains("d.csv:3: invalid UTF-8 at byte 11"));
+    // Offsets count from the file's first byte, a byte-order mark included.
+    CHECK_THAT(err("\xEF\xBB\xBF" "a,b\n1,2\ncaf\xE9,3\n"), Contains("d.csv:3: invalid UTF-8 at byte 14"));
+    CHECK_THAT(err("\xEF\xBB\xBF" "a,b\nx\"y,3\n"), Contains("d.csv:2: malformed CSV") && Contains("at byte 8:"));  // the quote
     CHECK_THAT(err(std::string("a,b\n1,\0\n", 8)), Contains("d.csv:2: NUL byte"));
     CHECK_THAT(err("a,b\n" + std::string(kMaxRowBytes + 10, 'x') + ",1\n"), Contains("d.csv:2: a record longer than"));
 }
@@ -93,6 +97,8 @@ TEST_CASE("JSONL: one object per line; numbers and booleans are text as written"
     CHECK(column(f, "s") == std::vector<std::string>{"1.50", "2.0"});
     CHECK(column(f, "e") == std::vector<std::string>{"1e2", "-3E-1"});
     CHECK_THROWS_WITH(f.field(f.rows[0], "n"), "f.jsonl:1: field 'n' is an array, expected text");
+    const Table nulls = parse_jsonl("{\"label\": null}\n", "n.jsonl");
+    CHECK_THROWS_WITH(nulls.field(nulls.rows[0], "label"), "n.jsonl:1: field 'label' is null, expected text");
     CHECK(t.rows[1].line == 4);
     CHECK(t.blank_rows == 2);
     CHECK_THROWS_WITH(t.field(t.rows[1], "meta"), "r.jsonl:4: field 'meta' is an array, expected text");
@@ -101,7 +107,8 @@ TEST_CASE("JSONL: one object per line; numbers and booleans are text as written"
 
 TEST_CASE("JSONL errors name the file and the line", "[datasets_files]") {
     auto err = [](const std::string& text) { return error_of([&] { parse_jsonl(text, "r.jsonl"); }); };
-    CHECK_THAT(err("{\"a\": 1}\n{\"a\": }\n"), Contains("r.jsonl:2: malformed JSON"));
+    CHECK_THAT(err("{\"a\": 1}\n{\"a\": }\n"), Contains("r.jsonl:2: malformed JSON (column 7: syntax error") &&
+                                                   EndsWith("unexpected '}'; expected '[', '{', or a literal)"));
     CHECK_THAT(err("{\"a\": 1}\n[1, 2]\n"), Contains("r.jsonl:2: a JSON array, expected an object"));
     CHECK_THAT(err("{\"a\": 1}\n{\"a\": 1}{\"b\": 2}\n"), Contains("r.jsonl:2: malformed JSON"));
     // Found by fuzz/data_jsonl.cpp: a number beyond double (nlohmann's out_of_range, not a
@@ -173,9 +180,9 @@ TEST_CASE("generation files: missing fields and empty values name file, line and
     o.train = tmp.file("t.csv", "input,output\na,b\nc,\n");
     CHECK_THROWS_WITH(load_file_task(o), Contains("t.csv:3: field 'output' is empty"));
     o.train = tmp.file("t2.csv", "mr,ref\na,b\n");
-    CHECK_THROWS_WITH(load_file_task(o), Contains("t2.csv:1: the header has no column 'input' (columns: mr, ref)"));
+    CHECK_THROWS_WITH(load_file_task(o), Contains("t2.csv:1: the header has no column 'input' (columns: 'mr', 'ref')"));
     o.train = tmp.file("t3.csv", "input,ref\n");  // said at the header even with no data rows
-    CHECK_THROWS_WITH(load_file_task(o), Contains("t3.csv:1: the header has no column 'output' (columns: input, ref)"));
+    CHECK_THROWS_WITH(load_file_task(o), Contains("t3.csv:1: the header has no column 'output' (columns: 'input', 'ref')"));
     o.train = tmp.file("h.csv", "input,output\n");
     CHECK_THROWS_WITH(load_file_task(o), Contains("h.csv: no data rows"));
     o.train = tmp.file("two.csv", "input,output\na,b\nc,d\n");
@@ -260,6 +267,12 @@ TEST_CASE("classification files: labels from the data, label words, unseen label
                                               "remove them or map the label with --label-words");
     spaced.label_words = {{" pos", "positive"}};
     CHECK_NOTHROW(load_file_task(spaced));
+    // In a test file, the label is named with the training label it would be without its spaces.
+    spaced.train = tmp.file("clean.csv", "text,label\ngood,pos\nbad,neg\n");
+    spaced.test = tmp.file("spaced_test.csv", "text,label\nfine,pos \n");
+    spaced.label_words.clear();
+    CHECK_THROWS_WITH(load_file_task(spaced), Contains("spaced_test.csv:2: field 'label': label 'pos ' never occurs") &&
+                                                  Contains("; without its surrounding spaces it would be label 'pos'"));
 }
 
 TEST_CASE("classification: one file splits per label, so every label stays in training", "[datasets_files]") {
@@ -337,6 +350,7 @@ TEST_CASE("truncation: left counts, right cuts the source, error names the examp
     fit_to_context(dropped, tok, 12, Truncate::Right);
     CHECK(dropped.train.size() == 1);
     CHECK(dropped.report.splits["train"].dropped_too_long == 1);
+    CHECK(dropped.report.splits["train"].examples == 1);  // those kept, not the 2 read
     CHECK(dropped.report.left_out() == 1);
     // The example left out does not set generation's length (its 20-token target once made it 21).
     CHECK(dropped.defaults.max_new_tokens == 7);

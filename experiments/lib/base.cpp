@@ -334,7 +334,7 @@ void check_run(const CommonArgs& a, const Base& base, const data::Task& task) {
 
 Base load_or_pretrain(const CommonArgs& args) {
     Base base = prepare_base(args);
-    check_run(args, base, fitted_task(args, base));
+    check_run(args, base, fitted_task(args, *base.tokenizer, base.config.max_seq));
     if (!base.cached) fmt::print(stderr, "[pretrain] a new base in {}: {}\n", base.dir, why_new_base(base.key));
     if (dist::is_root()) fs::create_directories(base.dir);
     if (base.hf) {

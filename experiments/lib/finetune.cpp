@@ -266,8 +266,13 @@ MethodResult run_method(const Base& base, const data::Task& task, const MethodSp
             res.adapter_dir = out_dir + "/adapters/" + file_safe(res.label);
             if (dist::is_root()) {
                 fs::create_directories(out_dir + "/adapters");
-                peft::save_adapter(res.adapter_dir, *r.adapter, false, base_hash,
-                                   task.recipe.empty() ? nlohmann::json() : nlohmann::json::parse(task.recipe));
+                // What it was trained on, and the content of those examples: adapter eval refuses edited files.
+                nlohmann::json trained_on;
+                if (!task.recipe.empty()) {
+                    trained_on = nlohmann::json::parse(task.recipe);
+                    trained_on["content_hash"] = data_report_json(task).at("content_hash");
+                }
+                peft::save_adapter(res.adapter_dir, *r.adapter, false, base_hash, trained_on);
             }
         }
     } else {

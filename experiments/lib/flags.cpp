@@ -71,6 +71,8 @@ cxxopts::ParseResult parse(cxxopts::Options& o, int argc, char** argv, const std
             return o.parse(argc, argv);
         } catch (const cxxopts::exceptions::incorrect_argument_type& e) {
             throw std::invalid_argument(name_the_flag(e.what(), argc, argv));
+        } catch (const cxxopts::exceptions::parsing& e) {  // an unknown flag, a missing value: usage errors too
+            throw std::invalid_argument(e.what());
         }
     }();
     if (r.count("help")) {

@@ -81,7 +81,9 @@ void parse_data_flags(const cxxopts::ParseResult& r, CommonArgs& args);
 // that `adapter eval` finds them again: {"task": NAME} or {"files": {"train",
 // "valid", "test" (absolute paths), "classification", "input_field",
 // "output_field", "text_field", "label_field", "label_words"}}, with "seed",
-// "n_train" and "truncate". apply_data_recipe sets them back on `args`;
+// "n_train" and "truncate" (a saved adapter's record adds "content_hash", the
+// examples' hash of data_report_json, which apply_data_recipe leaves to the
+// caller to compare). apply_data_recipe sets them back on `args`;
 // throws std::runtime_error naming `where` and the key for a malformed one.
 nlohmann::json data_recipe(const CommonArgs& args);
 void apply_data_recipe(const nlohmann::json& recipe, CommonArgs& args, const std::string& where);
@@ -182,6 +184,8 @@ data::Task load_task(const CommonArgs& args, bool open_vocabulary);
 // The same fitted to the base's tokenizer and context (data::fit_to_context
 // with --truncate), its data report printed to stderr: what a run trains on.
 data::Task load_task(const CommonArgs& args, const Base& base);
+// The same for a base given as its tokenizer and context length (max_seq).
+data::Task load_task(const CommonArgs& args, const data::Tokenizer& tok, int64_t max_seq);
 // The task's data report as results.json holds it: the name, and per split
 // the file, rows, examples, pairs and the rows left out or truncated, with notes.
 nlohmann::json data_report_json(const data::Task& task);

@@ -101,7 +101,9 @@ nlohmann::json run_settings_json(const CommonArgs& a, const Base& base, int64_t 
             {"tokenizer", a.tokenizer},
             {"recompute", a.recompute},
             {"patience", a.patience},
-            {"base", {{"path", base.model_path}, {"pretrain_valid_loss", base.pretrain_valid_loss}}}};
+            // Absolute: `adapter eval --base` from another directory finds it (the cache is relative to the run's).
+            {"base", {{"path", fs::absolute(base.model_path).lexically_normal().string()},
+                      {"pretrain_valid_loss", base.pretrain_valid_loss}}}};
 }
 
 std::map<std::string, MethodResult> finished_results(const std::string& path, const nlohmann::json& settings) {

@@ -31,7 +31,7 @@ double valid_loss(Run& r, const data::Task& task, const data::Tokenizer& tok, in
 // with samples and the generic flags (empty or constant outputs), into res.
 void score(Run& r, const data::Task& task, const data::Tokenizer& tok, int64_t n, int64_t batch, MethodResult& res);
 // load_task(args) fitted to the base's tokenizer and --seq (--truncate), quietly.
-data::Task fitted_task(const CommonArgs& args, const Base& base);
+data::Task fitted_task(const CommonArgs& args, const data::Tokenizer& tok, int64_t max_seq);
 double seconds_since(std::chrono::steady_clock::time_point t0);
 // 64-bit FNV-1a of s, continuing from h (cache keys: bases, results.json).
 uint64_t fnv1a(std::string_view s, uint64_t h = 1469598103934665603ull);

@@ -102,21 +102,25 @@ void apply_data_recipe(const nlohmann::json& j, CommonArgs& a, const std::string
     a.files.seed = a.seed + 100;  // as parse_data_flags
 }
 
-data::Task detail::fitted_task(const CommonArgs& args, const Base& base) {
-    data::Task task = load_task(args, base.tokenizer->open_vocabulary());
-    data::fit_to_context(task, *base.tokenizer, int(base.config.max_seq), data::parse_truncate(args.truncate));
+data::Task detail::fitted_task(const CommonArgs& args, const data::Tokenizer& tok, int64_t max_seq) {
+    data::Task task = load_task(args, tok.open_vocabulary());
+    data::fit_to_context(task, tok, int(max_seq), data::parse_truncate(args.truncate));
     return task;
 }
 
 data::Task load_task(const CommonArgs& args, const Base& base) {
-    data::Task task = detail::fitted_task(args, base);
+    return load_task(args, *base.tokenizer, base.config.max_seq);
+}
+
+data::Task load_task(const CommonArgs& args, const data::Tokenizer& tok, int64_t max_seq) {
+    data::Task task = detail::fitted_task(args, tok, max_seq);
     for (const std::string& note : task.report.notes) fmt::print(stderr, "[data] {}\n", note);
     for (const auto& [split, r] : task.report.splits) {
         std::string left_out;
         if (r.blank_rows) left_out += fmt::format(", {} blank rows left out", r.blank_rows);
         if (r.duplicate_rows) left_out += fmt::format(", {} duplicate rows left out", r.duplicate_rows);
-        if (r.dropped_too_long) left_out += fmt::format(", {} left out as too long for --seq {}", r.dropped_too_long, base.config.max_seq);
-        if (r.truncated) left_out += fmt::format(", {} sources cut to fit --seq {} (--truncate {})", r.truncated, base.config.max_seq, args.truncate);
+        if (r.dropped_too_long) left_out += fmt::format(", {} left out as too long for --seq {}", r.dropped_too_long, max_seq);
+        if (r.truncated) left_out += fmt::format(", {} sources cut to fit --seq {} (--truncate {})", r.truncated, max_seq, args.truncate);
         fmt::print(stderr, "[data] {} {}: {} examples ({} pairs{}){}\n", task.name, split, r.examples, r.pairs,
                    r.path.empty() ? "" : " from " + r.path, left_out);
     }
