@@ -190,6 +190,7 @@ int main(int argc, char** argv) {
         }
         if (cmd == "eval") {
             need(1);
+            const int64_t n = flags::int_flag(r, "eval-examples", 1), batch = flags::int_flag(r, "batch", 1);
             const std::string base_path = r["base"].as<std::string>();
             std::unique_ptr<GPT> base = load_base(base_path);
             std::unique_ptr<data::Tokenizer> tok = harness::base_tokenizer(r["tokenizer"].as<std::string>(), base_path);
@@ -205,9 +206,11 @@ int main(int argc, char** argv) {
                     "{}: the recorded data now make other examples (content hash {}, recorded {}): a file changed "
                     "since the adapter was trained; name the data with --task or --train to evaluate on them anyway",
                     paths[0], hash, data.recorded_hash));
-            const int64_t n = flags::int_flag(r, "eval-examples", 1), batch = flags::int_flag(r, "batch", 1);
             harness::MethodResult res =
                 harness::evaluate(std::move(base), std::move(a), *tok, task, n, batch, paths[0]);
+            // Data the flags name may be other than the base's vocabulary was built from.
+            if (data.recorded_hash.empty())
+                if (std::string f = harness::unknown_words_flag(task, *tok); !f.empty()) res.flags.push_back(f);
             fmt::print("valid loss {:.4f}  test loss {:.4f}  {} {:.4f} on {} test examples\n", res.final_valid_loss,
                        res.test_loss, res.metric_name, res.metric, res.eval_examples);
             for (const std::string& f : res.flags) fmt::print("flag: {}\n", f);

@@ -109,6 +109,22 @@ void detail::score(Run& r, const data::Task& task, const data::Tokenizer& tok, i
 }
 
 
+std::string unknown_words_flag(const data::Task& task, const data::Tokenizer& tok) {
+    if (tok.unk_id() < 0) return "";
+    auto unknown = [&](const std::string& text) {
+        const std::vector<int32_t> ids = tok.encode(text);
+        return std::find(ids.begin(), ids.end(), tok.unk_id()) != ids.end();
+    };
+    size_t with_unknown = 0;
+    for (const data::Example& ex : task.test)
+        with_unknown += unknown(ex.source) || std::any_of(ex.references.begin(), ex.references.end(), unknown);
+    if (with_unknown == 0) return "";
+    return fmt::format("unknown words: {} of {} test examples have words the base's word vocabulary lacks (each "
+                       "encodes as one unknown id; the vocabulary keeps the words frequent in the data it was built "
+                       "from)",
+                       with_unknown, task.test.size());
+}
+
 MethodResult evaluate(std::unique_ptr<GPT> model, std::unique_ptr<peft::Adapter> adapter, const data::Tokenizer& tok,
                       const data::Task& task, int64_t eval_examples, int64_t batch, const std::string& label) {
     MethodResult res;
@@ -124,21 +140,6 @@ MethodResult evaluate(std::unique_ptr<GPT> model, std::unique_ptr<peft::Adapter>
     res.final_valid_loss = valid_loss(r, task, tok, batch);
     res.test_loss = split_loss(r, task.test, tok, batch);
     score(r, task, tok, eval_examples, batch, res);
-    // A base's word vocabulary comes from the data it was built for: on other
-    // data, words it lacks all become one id, and the metric says little.
-    if (tok.unk_id() >= 0) {
-        auto unknown = [&](const std::string& text) {
-            const std::vector<int32_t> ids = tok.encode(text);
-            return std::find(ids.begin(), ids.end(), tok.unk_id()) != ids.end();
-        };
-        size_t with_unknown = 0;
-        for (const data::Example& ex : task.test)
-            with_unknown += unknown(ex.source) || std::any_of(ex.references.begin(), ex.references.end(), unknown);
-        if (with_unknown)
-            res.flags.push_back(fmt::format("unknown words: {} of {} test examples have words the base's vocabulary "
-                                            "lacks (encoded as one unknown id); was the base built for other data?",
-                                            with_unknown, task.test.size()));
-    }
     return res;
 }
 

@@ -268,6 +268,11 @@ std::vector<double> default_lr_grid(const std::string& method);
 MethodResult run_method(const Base& base, const data::Task& task, const MethodSpec& spec, const Budget& budget,
                         const std::string& out_dir, uint64_t seed);
 
+// A flag when `tok` has a closed (word) vocabulary and test examples hold
+// words it lacks: "unknown words: N of M test examples ..."; "" otherwise.
+// For data other than a base was built for, where the metric then says little.
+std::string unknown_words_flag(const data::Task& task, const data::Tokenizer& tok);
+
 // Evaluates `model` (with `adapter` activated on it, or none) on the task:
 // loss on the validation and test splits, and the task's metric on the first
 // eval_examples test examples (greedy decoding), flags included.

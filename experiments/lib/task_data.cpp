@@ -120,7 +120,7 @@ data::Task load_task(const CommonArgs& args, const data::Tokenizer& tok, int64_t
         if (r.blank_rows) left_out += fmt::format(", {} blank rows left out", r.blank_rows);
         if (r.duplicate_rows) left_out += fmt::format(", {} duplicate rows left out", r.duplicate_rows);
         if (r.dropped_too_long) left_out += fmt::format(", {} left out as too long for --seq {}", r.dropped_too_long, max_seq);
-        if (r.truncated) left_out += fmt::format(", {} sources cut to fit --seq {} (--truncate {})", r.truncated, max_seq, args.truncate);
+        if (r.truncated) left_out += fmt::format(", {} source{} cut to fit --seq {} (--truncate {})", r.truncated, r.truncated == 1 ? "" : "s", max_seq, args.truncate);
         fmt::print(stderr, "[data] {} {}: {} examples ({} pairs{}){}\n", task.name, split, r.examples, r.pairs,
                    r.path.empty() ? "" : " from " + r.path, left_out);
     }
