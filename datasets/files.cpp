@@ -314,22 +314,31 @@ struct SplitRows {
     DataReport::Split report;
 };
 
-SplitRows read_pairs(const std::string& path, const std::string& in_field, const std::string& out_field) {
+SplitRows read_pairs(const std::string& path, const FileTaskOptions& o) {
+    const std::string& in_field = o.classification ? o.text_field : o.input_field;
+    const std::string& out_field = o.classification ? o.label_field : o.output_field;
     Table t = read_table(path);
     SplitRows s;
     s.report.path = path;
     s.report.rows = t.rows.size();
     s.report.blank_rows = t.blank_rows;
     // A column the header lacks is the header's fault, not the first row's.
+    auto has = [&](const std::string& c) { return std::find(t.columns.begin(), t.columns.end(), c) != t.columns.end(); };
     if (t.header_line)
         for (const std::string* name : {&in_field, &out_field})
-            if (std::find(t.columns.begin(), t.columns.end(), *name) == t.columns.end())
-            {
+            if (!has(*name)) {
                 // Quoted: a header "input , output" names ' output', which plain would hide.
                 std::vector<std::string> quoted;
                 for (const std::string& c : t.columns) quoted.push_back("'" + c + "'");
-                throw std::runtime_error(fmt::format("{}:{}: the header has no column '{}' (columns: {})", path,
-                                                     t.header_line, *name, join(quoted)));
+                // The other kind of task's columns: the file is likely of that kind.
+                const bool other_kind = o.classification ? has(o.input_field) && has(o.output_field)
+                                                         : has(o.text_field) && has(o.label_field);
+                throw std::runtime_error(fmt::format(
+                    "{}:{}: the header has no column '{}' (columns: {}){}", path, t.header_line, *name, join(quoted),
+                    other_kind ? fmt::format("; it has {}'s columns: --task-type {}",
+                                             o.classification ? "generation" : "classification",
+                                             o.classification ? "generation" : "classification")
+                               : ""));
             }
     std::set<std::pair<std::string, std::string>> seen;
     for (const Row& row : t.rows) {
@@ -387,14 +396,12 @@ Example grouped_example(const Group& g) {
 
 Task load_file_task(const FileTaskOptions& o) {
     if (o.train.empty()) throw std::invalid_argument("load_file_task: no training file");
-    const std::string& in_field = o.classification ? o.text_field : o.input_field;
-    const std::string& out_field = o.classification ? o.label_field : o.output_field;
     Task task;
     task.name = o.train;
-    SplitRows train = read_pairs(o.train, in_field, out_field);
+    SplitRows train = read_pairs(o.train, o);
     std::optional<SplitRows> valid, test;
-    if (!o.valid.empty()) valid = read_pairs(o.valid, in_field, out_field);
-    if (!o.test.empty()) test = read_pairs(o.test, in_field, out_field);
+    if (!o.valid.empty()) valid = read_pairs(o.valid, o);
+    if (!o.test.empty()) test = read_pairs(o.test, o);
     Rng rng = split_rng(o.seed);
 
     // Missing splits carved from the training rows: a list of "units" (an

@@ -181,6 +181,9 @@ TEST_CASE("generation files: missing fields and empty values name file, line and
     CHECK_THROWS_WITH(load_file_task(o), Contains("t.csv:3: field 'output' is empty"));
     o.train = tmp.file("t2.csv", "mr,ref\na,b\n");
     CHECK_THROWS_WITH(load_file_task(o), Contains("t2.csv:1: the header has no column 'input' (columns: 'mr', 'ref')"));
+    o.train = tmp.file("tl.csv", "text,label\na,b\n");  // a classification file read as generation
+    CHECK_THROWS_WITH(load_file_task(o), "" + o.train + ":1: the header has no column 'input' (columns: 'text', "
+                                         "'label'); it has classification's columns: --task-type classification");
     o.train = tmp.file("t3.csv", "input,ref\n");  // said at the header even with no data rows
     CHECK_THROWS_WITH(load_file_task(o), Contains("t3.csv:1: the header has no column 'output' (columns: 'input', 'ref')"));
     o.train = tmp.file("h.csv", "input,output\n");
