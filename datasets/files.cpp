@@ -331,14 +331,12 @@ SplitRows read_pairs(const std::string& path, const FileTaskOptions& o) {
                 std::vector<std::string> quoted;
                 for (const std::string& c : t.columns) quoted.push_back("'" + c + "'");
                 // The other kind of task's columns: the file is likely of that kind.
+                const char* other = o.classification ? "generation" : "classification";
                 const bool other_kind = o.classification ? has(o.input_field) && has(o.output_field)
                                                          : has(o.text_field) && has(o.label_field);
                 throw std::runtime_error(fmt::format(
                     "{}:{}: the header has no column '{}' (columns: {}){}", path, t.header_line, *name, join(quoted),
-                    other_kind ? fmt::format("; it has {}'s columns: --task-type {}",
-                                             o.classification ? "generation" : "classification",
-                                             o.classification ? "generation" : "classification")
-                               : ""));
+                    other_kind ? fmt::format("; it has {}'s columns: --task-type {}", other, other) : ""));
             }
     std::set<std::pair<std::string, std::string>> seen;
     for (const Row& row : t.rows) {
@@ -494,8 +492,7 @@ Task load_file_task(const FileTaskOptions& o) {
             auto it = o.label_words.find(l);
             // A label is its own word unless mapped; spaces around it (CSV keeps
             // the space of "text, pos") would become part of every target.
-            if (it == o.label_words.end() && (std::isspace(static_cast<unsigned char>(l.front())) ||
-                                              std::isspace(static_cast<unsigned char>(l.back())))) {
+            if (it == o.label_words.end() && trimmed(l) != l) {
                 const auto first = std::find_if(train.pairs.begin(), train.pairs.end(), [&](const Pair& p) { return p.out == l; });
                 throw std::runtime_error(fmt::format(
                     "{}: field '{}': label '{}' has surrounding spaces, which would be part of its word (a CSV keeps "

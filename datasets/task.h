@@ -23,6 +23,8 @@
 #include <string_view>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "datasets/metrics.h"
 
 namespace peftlab::data {
@@ -118,10 +120,10 @@ struct Task {
     // changes when the text does); "" for the built-in corpus.
     std::string corpus_id;
     DataReport report;
-    // How the run named these data, as JSON text (the harness's data_recipe),
-    // kept with a saved adapter so that it can be evaluated on them again;
-    // empty when nothing recorded it.
-    std::string recipe;
+    // How the run named these data (the harness's data_recipe), kept with a
+    // saved adapter so that it can be evaluated on them again; null when
+    // nothing recorded it.
+    nlohmann::json recipe;
 
     std::string metric_name() const;
     // scorer->score(); throws std::logic_error when the task has no scorer.

@@ -176,7 +176,6 @@ void parse_data_flags(const cxxopts::ParseResult& r, CommonArgs& a) {
                 for_generation ? "generation" : "classification", for_generation ? "classification" : "generation",
                 type.empty() ? "--text-field, --label-field or --label-words says so" : "--task-type " + type));
     }
-    a.files.seed = a.seed + 100;
     a.truncate = r["truncate"].as<std::string>();
     data::parse_truncate(a.truncate);
 }

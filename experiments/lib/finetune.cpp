@@ -267,11 +267,8 @@ MethodResult run_method(const Base& base, const data::Task& task, const MethodSp
             if (dist::is_root()) {
                 fs::create_directories(out_dir + "/adapters");
                 // What it was trained on, and the content of those examples: adapter eval refuses edited files.
-                nlohmann::json trained_on;
-                if (!task.recipe.empty()) {
-                    trained_on = nlohmann::json::parse(task.recipe);
-                    trained_on["content_hash"] = data_report_json(task).at("content_hash");
-                }
+                nlohmann::json trained_on = task.recipe;
+                if (!trained_on.is_null()) trained_on["content_hash"] = data_report_json(task).at("content_hash");
                 peft::save_adapter(res.adapter_dir, *r.adapter, false, base_hash, trained_on);
             }
         }

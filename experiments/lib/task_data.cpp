@@ -22,13 +22,14 @@ data::Task load_task(const CommonArgs& args, bool open_vocabulary) {
     if (!args.files.train.empty()) {
         data::FileTaskOptions o = args.files;
         o.n_train = args.n_train;
+        o.seed = args.seed + 100;  // the data's own stream, as for the built-in tasks below
         task = data::load_file_task(o);
     } else {
         const data::TaskDefaults& d = data::task_info(args.task).defaults;
         task = data::make_task(args.task, args.n_train ? args.n_train : d.n_train, d.n_valid, d.n_test,
                                args.seed + 100, open_vocabulary);
     }
-    task.recipe = data_recipe(args).dump();
+    task.recipe = data_recipe(args);
     return task;
 }
 
@@ -99,7 +100,6 @@ void apply_data_recipe(const nlohmann::json& j, CommonArgs& a, const std::string
             a.files.label_words[label] = word.get<std::string>();
         }
     }
-    a.files.seed = a.seed + 100;  // as parse_data_flags
 }
 
 data::Task detail::fitted_task(const CommonArgs& args, const data::Tokenizer& tok, int64_t max_seq) {
