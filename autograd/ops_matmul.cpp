@@ -378,6 +378,9 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
     }
     if (M <= kFewRows && !trans_a && N * K >= kFewRowsMinB)
         return gemm_few_rows(trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#if defined(__AVX512F__)
+    return gemm_packed(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#endif
     cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, int(M),
                 int(N), int(K), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
 }

@@ -186,6 +186,13 @@ inline float fill_bias_rows(float* y, const Tensor& bias, int64_t R, int64_t out
 // Row-major GEMM: C[M,N] = alpha * op(A) op(B) + beta * C with leading dims.
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
           const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+#if defined(__AVX512F__)
+// gemm() on AVX-512 register tiles of our own, packed and blocked as BLIS
+// does (gemm_packed.cpp: why, and its determinism). gemm() takes it for
+// every product it does not give gemm_few_rows.
+void gemm_packed(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                 int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+#endif
 // gemm(false, true, ...) with B [N, K] in binary16 (half.h; ldb in halves):
 // bit for bit the same as gemm on B converted to float.
 void gemm_half_b(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const uint16_t* B,

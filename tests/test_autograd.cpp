@@ -215,6 +215,76 @@ TEST_CASE("gemm_small equals a double-precision product, written or accumulated,
 #endif
 }
 
+// The Linear layers' GEMMs (detail::gemm above the few-row kernel): with
+// AVX-512 our packed tiles (gemm_packed.cpp: blocks of 384 in K, 3072 columns,
+// 168 rows per thread block, 14 x 32 tiles), else cblas_sgemm. The shapes
+// cross each block size and leave partial tiles; C's padding between rows
+// must stay untouched; beta 0 must not read C (NaN there).
+TEST_CASE("gemm equals a double-precision product across its blocks; a row's bits do not depend on the batch or "
+          "the thread count",
+          "[autograd][matmul]") {
+    struct Case {
+        int64_t M, N, K;
+    };
+    uint64_t seed = 7300;
+    for (const Case& s : {Case{17, 45, 385}, Case{200, 33, 800}, Case{350, 70, 40}, Case{31, 3100, 20}})
+        for (bool ta : {false, true})
+            for (bool tb : {false, true})
+                for (float beta : {0.f, 1.f, 0.5f}) {
+                    const int64_t lda = (ta ? s.M : s.K) + 3, ldb = (tb ? s.K : s.N) + 2, ldc = s.N + 5;
+                    const std::vector<float> a = uniform({(ta ? s.K : s.M) * lda}, seed++).to_vector();
+                    const std::vector<float> b = uniform({(tb ? s.N : s.K) * ldb}, seed++).to_vector();
+                    std::vector<float> c0 = uniform({s.M * ldc}, seed++).to_vector();
+                    if (beta == 0.f)
+                        for (int64_t i = 0; i < s.M; ++i)
+                            for (int64_t j = 0; j < s.N; ++j) c0[size_t(i * ldc + j)] = std::nanf("");
+                    std::vector<float> c = c0;
+                    const float alpha = 0.25f;
+                    detail::gemm(ta, tb, s.M, s.N, s.K, alpha, a.data(), lda, b.data(), ldb, beta, c.data(), ldc);
+                    int64_t bad = 0, padding_changed = 0;
+                    for (int64_t i = 0; i < s.M; ++i) {
+                        for (int64_t j = 0; j < s.N; ++j) {
+                            double dot = 0;
+                            for (int64_t k = 0; k < s.K; ++k)
+                                dot += double(a[size_t(ta ? k * lda + i : i * lda + k)]) *
+                                       b[size_t(tb ? j * ldb + k : k * ldb + j)];
+                            const double ref = alpha * dot + (beta == 0.f ? 0.0 : beta * c0[size_t(i * ldc + j)]);
+                            bad += !(std::abs(c[size_t(i * ldc + j)] - ref) <= 1e-6 * double(s.K + 2));
+                        }
+                        for (int64_t j = s.N; j < ldc; ++j)
+                            padding_changed += c[size_t(i * ldc + j)] != c0[size_t(i * ldc + j)];
+                    }
+                    INFO("M=" << s.M << " N=" << s.N << " K=" << s.K << " ta=" << ta << " tb=" << tb << " beta=" << beta);
+                    CHECK(bad == 0);
+                    CHECK(padding_changed == 0);
+                }
+#if defined(__AVX512F__)  // gemm_packed's promise; OpenBLAS makes none
+    // Bitwise: a Linear layer's x W^T at 400 rows (rows split across threads,
+    // several row blocks) and 1 and 2 threads; rows 37 and 399 computed alone.
+    const int64_t M = 400, N = 96, K = 500;
+    const std::vector<float> x = uniform({M * K}, 7401).to_vector(), w = uniform({N * K}, 7402).to_vector();
+    const int before = threads();
+    std::vector<float> by_threads[2];
+    for (int t : {1, 2}) {
+        set_threads(t);
+        by_threads[t - 1].assign(size_t(M * N), 0.f);
+        detail::gemm(false, true, M, N, K, 1.f, x.data(), K, w.data(), K, 0.f, by_threads[t - 1].data(), N);
+    }
+    set_threads(before);
+    CHECK(by_threads[0] == by_threads[1]);
+    for (int64_t r : {37, 399}) {
+        // 17 rows: above the few-row kernel's 16, so the packed path; row r first.
+        std::vector<float> rows(size_t(17 * K)), out(size_t(17 * N));
+        for (int64_t i = 0; i < 17; ++i)
+            std::copy_n(x.data() + ((r + i) % M) * K, K, rows.data() + i * K);
+        detail::gemm(false, true, 17, N, K, 1.f, rows.data(), K, w.data(), K, 0.f, out.data(), N);
+        INFO("row " << r);
+        CHECK(std::vector<float>(out.begin(), out.begin() + N) ==
+              std::vector<float>(by_threads[1].begin() + r * N, by_threads[1].begin() + (r + 1) * N));
+    }
+#endif
+}
+
 TEST_CASE("matmul with K = 0 gives zeros", "[autograd][matmul]") {
     Tensor c = matmul(Tensor::zeros({2, 0}), Tensor::zeros({0, 3}));
     CHECK(c.shape() == Shape{2, 3});

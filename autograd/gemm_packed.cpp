@@ -1,0 +1,189 @@
+// gemm_packed: the Linear layers' and the LM head's GEMMs on AVX-512 register
+// tiles of our own (declared in ops_util.h), blocked and packed as in Goto &
+// van de Geijn, "Anatomy of High-Performance Matrix Multiplication" (TOMS
+// 2008) and BLIS (Van Zee & van de Geijn, TOMS 2015).
+//
+// Why not OpenBLAS: Debian's OpenBLAS 0.3.21 does not know AMD Zen 5 and runs
+// its Haswell (AVX2) kernel there, at most 32 flops per cycle, while the core
+// issues two 512-bit FMAs per cycle (64). On a 2-core Zen 5 these tiles ran
+// the training shapes (e.g. [4096, 768] x [768, 3072]) at 1.5-1.8x
+// cblas_sgemm's GFLOP/s, 1 and 2 threads (`make bench` reports both peaks).
+// Without AVX-512 gemm() keeps calling cblas_sgemm.
+//
+// Loops, outermost first: columns of C in blocks of kNC; K in blocks of kKC,
+// for which the threads pack op(B) [kKC, kNC] together into column panels of
+// kNR (each panel k-major: kNR floats per k); each thread then takes its own
+// rows of C and packs op(A) [kMC, kKC] of them into row panels of kMR (kMR
+// floats per k), and the micro-kernel multiplies one A panel by one B panel,
+// keeping a [kMR, kNR] tile of C in 28 registers over the whole kKC.
+//
+// Determinism: every element of C sums its products in order of k, in blocks
+// of kKC added to C in order, whatever M, N, the element's position or the
+// thread count: a row alone gives the bits it gives in a batch, and 1 and 2
+// threads give the same bits.
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+
+#include <omp.h>
+
+#include "autograd/ops_util.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+namespace peftlab::detail {
+namespace {
+
+constexpr int64_t kMR = 14;   // rows of a C tile: 14 x 2 accumulators + 2 of B + 1 broadcast of 32 registers
+constexpr int64_t kNR = 32;   // columns of a C tile: two 16-float vectors
+constexpr int64_t kKC = 384;  // depth of a block: an A panel (21 KiB) and B panel (48 KiB) per tile
+constexpr int64_t kMC = 168;  // rows of a thread's packed A block (252 KiB, in L2)
+constexpr int64_t kNC = 3072; // columns of the shared packed B block (4.5 MiB)
+static_assert(kMC % kMR == 0, "an A block is whole panels");
+static_assert(kNC % kNR == 0, "a B block is whole panels");
+
+// 64-byte aligned scratch that grows and is kept: one per thread (A) and per
+// calling thread (B), so concurrent callers never share one.
+struct Scratch {
+    std::unique_ptr<float, decltype(&std::free)> p{nullptr, &std::free};
+    size_t cap = 0;
+    float* get(size_t n) {
+        if (n > cap) {
+            const size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+            p.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+            if (!p) throw std::bad_alloc();
+            cap = bytes / sizeof(float);
+        }
+        return p.get();
+    }
+};
+
+// dst [kc, kNR] (k-major) = op(B)[pc : pc + kc, j0 : j0 + w], zero past w.
+void pack_b(bool trans_b, const float* B, int64_t ldb, int64_t pc, int64_t kc, int64_t j0, int64_t w, float* dst) {
+    if (!trans_b) {
+        for (int64_t k = 0; k < kc; ++k) {
+            const float* s = B + (pc + k) * ldb + j0;
+            float* d = dst + k * kNR;
+            for (int64_t n = 0; n < w; ++n) d[n] = s[n];
+            for (int64_t n = w; n < kNR; ++n) d[n] = 0.f;
+        }
+        return;
+    }
+    for (int64_t n = 0; n < kNR; ++n) {  // op(B)(k, n) = B[n, k]: read B's rows contiguously
+        if (n >= w) {
+            for (int64_t k = 0; k < kc; ++k) dst[k * kNR + n] = 0.f;
+            continue;
+        }
+        const float* s = B + (j0 + n) * ldb + pc;
+        for (int64_t k = 0; k < kc; ++k) dst[k * kNR + n] = s[k];
+    }
+}
+
+// dst [kc, kMR] (k-major) = op(A)[r0 : r0 + h, pc : pc + kc], zero past h.
+void pack_a(bool trans_a, const float* A, int64_t lda, int64_t pc, int64_t kc, int64_t r0, int64_t h, float* dst) {
+    if (trans_a) {  // op(A)(m, k) = A[k, m]: a row of A holds a k's kMR values
+        for (int64_t k = 0; k < kc; ++k) {
+            const float* s = A + (pc + k) * lda + r0;
+            float* d = dst + k * kMR;
+            for (int64_t r = 0; r < h; ++r) d[r] = s[r];
+            for (int64_t r = h; r < kMR; ++r) d[r] = 0.f;
+        }
+        return;
+    }
+    for (int64_t r = 0; r < kMR; ++r) {
+        if (r >= h) {
+            for (int64_t k = 0; k < kc; ++k) dst[k * kMR + r] = 0.f;
+            continue;
+        }
+        const float* s = A + (r0 + r) * lda + pc;
+        for (int64_t k = 0; k < kc; ++k) dst[k * kMR + r] = s[k];
+    }
+}
+
+// C [mr, nr] = alpha * a b + (first ? beta * C : C), a [kc, kMR] and b
+// [kc, kNR] packed; beta == 0 reads nothing of C (it may hold NaN).
+void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* C, int64_t ldc,
+                  float alpha, float beta, bool first, int64_t mr, int64_t nr) {
+    __m512 c0[kMR], c1[kMR];
+#pragma GCC unroll 16
+    for (int r = 0; r < kMR; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kc; ++k) {
+        const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < kMR; ++r) {
+            const __m512 x = _mm512_set1_ps(a[r]);
+            c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
+            c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
+        }
+        a += kMR;
+        b += kNR;
+    }
+    const __mmask16 m0 = nr >= 16 ? 0xFFFF : __mmask16((1u << nr) - 1);
+    const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : __mmask16((1u << (nr - 16)) - 1);
+    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    const bool add = !first || beta != 0.f;
+#pragma GCC unroll 16
+    for (int r = 0; r < kMR; ++r) {
+        if (r >= mr) break;
+        float* p = C + r * ldc;
+        __m512 v0 = _mm512_mul_ps(va, c0[r]), v1 = _mm512_mul_ps(va, c1[r]);
+        if (add) {
+            __m512 o0 = _mm512_maskz_loadu_ps(m0, p), o1 = _mm512_maskz_loadu_ps(m1, p + 16);
+            if (first && beta != 1.f) o0 = _mm512_mul_ps(vb, o0), o1 = _mm512_mul_ps(vb, o1);
+            v0 = _mm512_add_ps(v0, o0);
+            v1 = _mm512_add_ps(v1, o1);
+        }
+        _mm512_mask_storeu_ps(p, m0, v0);
+        _mm512_mask_storeu_ps(p + 16, m1, v1);
+    }
+}
+
+thread_local Scratch packed_a, packed_b;
+
+}  // namespace
+
+void gemm_packed(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                 int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+    const int64_t n_block = std::min(kNC, (N + kNR - 1) / kNR * kNR);
+    float* bp = packed_b.get(size_t(kKC * n_block));
+    const int64_t m_tiles = (M + kMR - 1) / kMR;
+#pragma omp parallel if (M * N * K > kMacsParallelMin)
+    {
+        const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+        // Each thread's share of C: rows when there are enough row tiles for
+        // every thread twice over, else B's column panels (C's rows are few).
+        const bool split_rows = m_tiles >= 2 * team;
+        const int64_t row_begin = split_rows ? std::min(M, m_tiles * me / team * kMR) : 0;
+        const int64_t row_end = split_rows ? std::min(M, m_tiles * (me + 1) / team * kMR) : M;
+        float* ap = packed_a.get(size_t(kKC * kMC));
+        for (int64_t jc = 0; jc < N; jc += kNC) {
+            const int64_t nc = std::min(kNC, N - jc), panels = (nc + kNR - 1) / kNR;
+            const int64_t panel_begin = split_rows ? 0 : panels * me / team;
+            const int64_t panel_end = split_rows ? panels : panels * (me + 1) / team;
+            for (int64_t pc = 0; pc < K; pc += kKC) {
+                const int64_t kc = std::min(kKC, K - pc);
+#pragma omp for schedule(static)
+                for (int64_t p = 0; p < panels; ++p)
+                    pack_b(trans_b, B, ldb, pc, kc, jc + p * kNR, std::min(kNR, N - jc - p * kNR), bp + p * kKC * kNR);
+                // (the implied barrier: B is packed before anyone reads it)
+                for (int64_t i0 = row_begin; i0 < row_end; i0 += kMC) {
+                    const int64_t mc = std::min(kMC, row_end - i0), a_panels = (mc + kMR - 1) / kMR;
+                    for (int64_t q = 0; q < a_panels; ++q)
+                        pack_a(trans_a, A, lda, pc, kc, i0 + q * kMR, std::min(kMR, row_end - i0 - q * kMR),
+                               ap + q * kKC * kMR);
+                    for (int64_t p = panel_begin; p < panel_end; ++p)
+                        for (int64_t q = 0; q < a_panels; ++q) {
+                            const int64_t r0 = i0 + q * kMR, j0 = jc + p * kNR;
+                            micro_kernel(kc, ap + q * kKC * kMR, bp + p * kKC * kNR, C + r0 * ldc + j0, ldc, alpha,
+                                         beta, pc == 0, std::min(kMR, row_end - r0), std::min(kNR, N - j0));
+                        }
+                }
+#pragma omp barrier  // B's panels are read by all before the next block overwrites them
+            }
+        }
+    }
+}
+
+}  // namespace peftlab::detail
+#endif
