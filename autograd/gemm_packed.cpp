@@ -76,13 +76,21 @@ void pack_b(bool trans_b, const float* B, int64_t ldb, int64_t pc, int64_t kc, i
             continue;
         }
         const float* s = B + (j0 + n) * ldb + pc;
-        for (int64_t k = 0; k < kc; ++k) dst[k * kNR + n] = s[k];
+        const float* next = n + 1 < w ? s + ldb : nullptr;
+        for (int64_t k = 0; k < kc; ++k) {
+            if (next && k % 16 == 0) __builtin_prefetch(next + k);  // see pack_a
+            dst[k * kNR + n] = s[k];
+        }
     }
 }
 
-// dst [kc, kMR] (k-major) = op(A)[r0 : r0 + h, pc : pc + kc], zero past h.
+// An A panel: op(A)[r0 : r0 + h, pc : pc + kc], zero past row h. With
+// trans_a k-major, dst [kc, kMR]: a row of A holds one k's kMR values. Else
+// row-major, dst [kMR, kKC]: each row of A copied as it lies (a vectorized
+// copy; transposing it to k-major took a scalar store per element and was
+// half of all packing time), the micro-kernel reading kMR rows kKC apart.
 void pack_a(bool trans_a, const float* A, int64_t lda, int64_t pc, int64_t kc, int64_t r0, int64_t h, float* dst) {
-    if (trans_a) {  // op(A)(m, k) = A[k, m]: a row of A holds a k's kMR values
+    if (trans_a) {  // op(A)(m, k) = A[k, m]
         for (int64_t k = 0; k < kc; ++k) {
             const float* s = A + (pc + k) * lda + r0;
             float* d = dst + k * kMR;
@@ -92,19 +100,18 @@ void pack_a(bool trans_a, const float* A, int64_t lda, int64_t pc, int64_t kc, i
         return;
     }
     for (int64_t r = 0; r < kMR; ++r) {
-        if (r >= h) {
-            for (int64_t k = 0; k < kc; ++k) dst[k * kMR + r] = 0.f;
-            continue;
-        }
-        const float* s = A + (r0 + r) * lda + pc;
-        for (int64_t k = 0; k < kc; ++k) dst[k * kMR + r] = s[k];
+        float* d = dst + r * kKC;
+        if (r < h) std::copy_n(A + (r0 + r) * lda + pc, kc, d);
+        else std::fill_n(d, kc, 0.f);
     }
 }
 
-// C [mr, nr] = alpha * a b + (first ? beta * C : C), a [kc, kMR] and b
-// [kc, kNR] packed; beta == 0 reads nothing of C (it may hold NaN).
+// C [mr, nr] = alpha * a b + (first ? beta * C + bias : C), a an A panel
+// (pack_a; a_rows: row-major), b [kc, kNR] packed, bias [nr] or null;
+// beta == 0 reads nothing of C (it may hold NaN).
+template <bool a_rows>
 void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* C, int64_t ldc,
-                  float alpha, float beta, bool first, int64_t mr, int64_t nr) {
+                  float alpha, float beta, const float* bias, bool first, int64_t mr, int64_t nr) {
     __m512 c0[kMR], c1[kMR];
 #pragma GCC unroll 16
     for (int r = 0; r < kMR; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
@@ -112,17 +119,20 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
         const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
 #pragma GCC unroll 16
         for (int r = 0; r < kMR; ++r) {
-            const __m512 x = _mm512_set1_ps(a[r]);
+            const __m512 x = _mm512_set1_ps(a_rows ? a[r * kKC] : a[r]);
             c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
             c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
         }
-        a += kMR;
+        a += a_rows ? 1 : kMR;
         b += kNR;
     }
     const __mmask16 m0 = nr >= 16 ? 0xFFFF : __mmask16((1u << nr) - 1);
     const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : __mmask16((1u << (nr - 16)) - 1);
     const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
     const bool add = !first || beta != 0.f;
+    const bool add_bias = first && bias;
+    const __m512 bias0 = add_bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+    const __m512 bias1 = add_bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
 #pragma GCC unroll 16
     for (int r = 0; r < kMR; ++r) {
         if (r >= mr) break;
@@ -134,6 +144,7 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
             v0 = _mm512_add_ps(v0, o0);
             v1 = _mm512_add_ps(v1, o1);
         }
+        if (add_bias) v0 = _mm512_add_ps(v0, bias0), v1 = _mm512_add_ps(v1, bias1);
         _mm512_mask_storeu_ps(p, m0, v0);
         _mm512_mask_storeu_ps(p + 16, m1, v1);
     }
@@ -144,7 +155,7 @@ thread_local Scratch packed_a, packed_b;
 }  // namespace
 
 void gemm_packed(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-                 int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+                 int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, const float* bias) {
     const int64_t n_block = std::min(kNC, (N + kNR - 1) / kNR * kNR);
     float* bp = packed_b.get(size_t(kKC * n_block));
     const int64_t m_tiles = (M + kMR - 1) / kMR;
@@ -175,8 +186,13 @@ void gemm_packed(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
                     for (int64_t p = panel_begin; p < panel_end; ++p)
                         for (int64_t q = 0; q < a_panels; ++q) {
                             const int64_t r0 = i0 + q * kMR, j0 = jc + p * kNR;
-                            micro_kernel(kc, ap + q * kKC * kMR, bp + p * kKC * kNR, C + r0 * ldc + j0, ldc, alpha,
-                                         beta, pc == 0, std::min(kMR, row_end - r0), std::min(kNR, N - j0));
+                            const float* a = ap + q * kKC * kMR;
+                            const float* b = bp + p * kKC * kNR;
+                            float* c = C + r0 * ldc + j0;
+                            const int64_t mr = std::min(kMR, row_end - r0), nr = std::min(kNR, N - j0);
+                            const float* bias_j = bias ? bias + j0 : nullptr;
+                            if (trans_a) micro_kernel<false>(kc, a, b, c, ldc, alpha, beta, bias_j, pc == 0, mr, nr);
+                            else micro_kernel<true>(kc, a, b, c, ldc, alpha, beta, bias_j, pc == 0, mr, nr);
                         }
                 }
 #pragma omp barrier  // B's panels are read by all before the next block overwrites them

@@ -29,6 +29,9 @@ namespace {
 // step's attention against its keys) BLAS's small-matrix kernels do better.
 constexpr int64_t kFewRows = 16;
 constexpr int64_t kFewRowsMinB = int64_t(1) << 16;
+bool takes_few_rows(bool trans_a, int64_t M, int64_t N, int64_t K) {
+    return M <= kFewRows && !trans_a && N * K >= kFewRowsMinB;
+}
 // Columns of C (rows of a transposed B) per block of gemm_few_rows, and how
 // many blocks ahead the rows of B are fetched into L2 (dots_chunk's `ahead`).
 constexpr int64_t kFewCols = 4, kFewAhead = 4;
@@ -376,7 +379,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
             for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.f ? 0.f : beta * C[i * ldc + j];
         return;
     }
-    if (M <= kFewRows && !trans_a && N * K >= kFewRowsMinB)
+    if (takes_few_rows(trans_a, M, N, K))
         return gemm_few_rows(trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 #if defined(__AVX512F__)
     return gemm_packed(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -385,9 +388,21 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
                 int(N), int(K), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
 }
 
+void linear_forward(int64_t R, int64_t outf, int64_t in, const float* x, const float* w, const Tensor& bias, float* y) {
+#if defined(__AVX512F__)
+    if (R > 0 && outf > 0 && in > 0 && !takes_few_rows(false, R, outf, in)) {  // gemm()'s choice of kernel
+        gemm_packed(false, true, R, outf, in, 1.f, x, in, w, in, 0.f, y, outf, bias.defined() ? bias.data() : nullptr);
+        if (bias.defined()) flops::add(uint64_t(R * outf));
+        return;
+    }
+#endif
+    const float beta = fill_bias_rows(y, bias, R, outf);
+    gemm(false, true, R, outf, in, 1.f, x, in, w, in, beta, y, outf);
+}
+
 void gemm_half_b(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const uint16_t* B,
                  int64_t ldb, float beta, float* C, int64_t ldc) {
-    if (M > 0 && N > 0 && K > 0 && M <= kFewRows && N * K >= kFewRowsMinB)  // gemm()'s choice of kernel
+    if (M > 0 && N > 0 && K > 0 && takes_few_rows(false, M, N, K))  // gemm()'s choice of kernel
         return gemm_few_rows_half(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     // Enough rows that converting B once costs little beside the GEMM (or too
     // small a B to matter): convert it and take gemm()'s path.
@@ -656,8 +671,7 @@ Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
     os.back() = outf;
     Tensor out = make_result(os);
     float* y = out.data();
-    const float beta = fill_bias_rows(y, bias, R, outf);
-    gemm(false, true, R, outf, in, 1.f, x.data(), in, weight.data(), in, beta, y, outf);
+    linear_forward(R, outf, in, x.data(), weight.data(), bias, y);
     flops::add(uint64_t(2 * R * outf * in));
 
     auto gx = grad_target(x), gw = grad_target(weight);

@@ -189,10 +189,17 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 #if defined(__AVX512F__)
 // gemm() on AVX-512 register tiles of our own, packed and blocked as BLIS
 // does (gemm_packed.cpp: why, and its determinism). gemm() takes it for
-// every product it does not give gemm_few_rows.
+// every product it does not give gemm_few_rows. bias [N] (or null) is added
+// to every row of C as the tiles are stored: C = alpha op(A) op(B) + beta C
+// + bias, the bits of filling C with the bias rows and taking beta = 1.
 void gemm_packed(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-                 int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+                 int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
+                 const float* bias = nullptr);
 #endif
+// A Linear's forward, y [R, out] = x [R, in] W [out, in]^T + bias [out] (if
+// defined; counted as R * out FLOPs): the bias added in gemm_packed's
+// epilogue, or filled in as rows (fill_bias_rows) under another kernel.
+void linear_forward(int64_t R, int64_t outf, int64_t in, const float* x, const float* w, const Tensor& bias, float* y);
 // gemm(false, true, ...) with B [N, K] in binary16 (half.h; ldb in halves):
 // bit for bit the same as gemm on B converted to float.
 void gemm_half_b(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const uint16_t* B,

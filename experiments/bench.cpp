@@ -10,7 +10,8 @@
 //
 // Measured: median ms per training step (zero_grad + forward + loss +
 // backward + AdamW), tokens/s, GFLOP/s from the FLOP counters (flops.h) and
-// its share of the cblas_sgemm peak measured in the same run, peak RSS; KV
+// its share of the GEMM peak measured in the same run (the faster of
+// cblas_sgemm and our gemm, which has AVX-512 tiles of its own), peak RSS; KV
 // cache generation tokens/s, against a memory-bandwidth bound; how the step
 // grows with T and n. Output: a table on stdout, runs/bench/bench.json and
 // runs/bench/bench.md. Targets are from issue 6 and are reported, not asserted.
@@ -60,7 +61,7 @@ using nlohmann::json;
 namespace {
 
 constexpr const char* kBlasDir = "/usr/lib/x86_64-linux-gnu/openblas-openmp";
-// cblas_sgemm size of the peak measurements: 2048^3 for the run's peak, a
+// GEMM size of the peak measurements: 2048^3 for the run's peak, a
 // quicker 1536^3 probe after every measured step of a row.
 constexpr int kPeakSize = 2048, kProbeSize = 1536;
 
@@ -143,7 +144,8 @@ struct Spec {
 
 // ---- the child: one row, driven over stdin/stdout ---------------------------------
 // Prints {"ready": ...} after warm-up, then answers each "step" line with
-// {"ms": ..., "sgemm_gflops": ...} (the step, then one cblas_sgemm probe, so
+// {"ms": ..., "sgemm_gflops": ..., "gemm_gflops": ...} (the step, then one
+// probe of cblas_sgemm and of our gemm, so
 // that each row's share of the peak is measured under the load its steps saw)
 // and "end" with its peak RSS. "steps N" runs N steps back to back without
 // probes, for a profiler, e.g.:
@@ -238,7 +240,11 @@ private:
 };
 
 json measure_machine();
-double sgemm_gflops(int n, int reps);
+struct GemmRates {
+    double sgemm = 0, ours = 0;  // GFLOP/s of cblas_sgemm and of our matmul
+    double best() const { return std::max(sgemm, ours); }
+};
+GemmRates gemm_gflops(int n, int reps);
 
 int run_child(const std::string& spec_text) {
     const json j = json::parse(spec_text);
@@ -270,7 +276,9 @@ int run_child(const std::string& spec_text) {
             const double t0 = now_s();
             session->step();
             const double ms = (now_s() - t0) * 1e3;
-            std::cout << json{{"ms", ms}, {"sgemm_gflops", sgemm_gflops(kProbeSize, 1)}}.dump() << std::endl;
+            const GemmRates probe = gemm_gflops(kProbeSize, 1);
+            std::cout << json{{"ms", ms}, {"sgemm_gflops", probe.sgemm}, {"gemm_gflops", probe.ours}}.dump()
+                      << std::endl;
         } else if (cmd.rfind("steps ", 0) == 0) {  // back-to-back steps, no probes: for profilers
             const int n = std::stoi(cmd.substr(6));
             const double t0 = now_s();
@@ -375,17 +383,24 @@ private:
 };
 
 // ---- machine limits measured in the same run ----------------------------------------
-// Best GFLOP/s of cblas_sgemm on n x n x n over `reps` calls (a peak: on a
-// shared machine the best call is the one least disturbed).
-double sgemm_gflops(int n, int reps) {
-    std::vector<float> a(size_t(n) * n, 0.5f), b(size_t(n) * n, 0.25f), c(size_t(n) * n);
-    std::vector<double> g;
+// Best GFLOP/s of cblas_sgemm and of our matmul (Tensor API, no grad: the
+// GEMM the steps run) on n x n x n over `reps` calls each, interleaved (a
+// peak: on a shared machine the best call is the one least disturbed).
+GemmRates gemm_gflops(int n, int reps) {
+    Tensor a = Tensor::full({n, n}, 0.5f), b = Tensor::full({n, n}, 0.25f);
+    std::vector<float> c(size_t(n) * n);
+    const double flop = 2.0 * n * n * n;
+    NoGradGuard no_grad;
+    GemmRates best;
     for (int r = 0; r < reps; ++r) {
-        const double t0 = now_s();
+        double t0 = now_s();
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.f, a.data(), n, b.data(), n, 0.f, c.data(), n);
-        g.push_back(2.0 * n * n * n / (now_s() - t0) / 1e9);
+        best.sgemm = std::max(best.sgemm, flop / (now_s() - t0) / 1e9);
+        t0 = now_s();
+        Tensor y = matmul(a, b);
+        best.ours = std::max(best.ours, flop / (now_s() - t0) / 1e9);
     }
-    return *std::max_element(g.begin(), g.end());
+    return best;
 }
 
 // Our matmul (Tensor API, no grad) against raw cblas_sgemm on 1024^3, calls
@@ -441,7 +456,9 @@ double read_bandwidth_gbs() {
 
 json measure_machine() {
     const auto [ours, raw] = matmul_overhead(9);
-    return {{"sgemm_peak_gflops", sgemm_gflops(kPeakSize, 5)},
+    const GemmRates peak = gemm_gflops(kPeakSize, 5);
+    return {{"sgemm_peak_gflops", peak.sgemm},
+            {"gemm_peak_gflops", peak.ours},
             {"matmul_1024_gflops", ours},
             {"cblas_sgemm_1024_gflops", raw},
             {"read_bandwidth_gbs", read_bandwidth_gbs()}};
@@ -465,7 +482,7 @@ MethodFacts method_facts(const std::string& method, int64_t n, const json& setti
 }
 
 // Bytes a decoding step must read at least (every weight once, the KV cache
-// once), summed over the new tokens, plus the prefill's FLOPs at sgemm peak:
+// once), summed over the new tokens, plus the prefill's FLOPs at GEMM peak:
 // the fastest generate() this machine allows, as tokens/s. extra_keys: the
 // adapter's cached keys summed over the layers (MethodFacts).
 int64_t count_params(const GPTConfig& c) {  // what one decoding step reads (all but wte/wpe rows)
@@ -670,7 +687,7 @@ struct Bench {
     std::vector<std::string> env;  // for every child, ours and torch's
     std::unique_ptr<Child> torch;  // null when PyTorch is unavailable or failed
     json torch_hello;
-    double peak = 0, bandwidth = 0;
+    double bandwidth = 0;
     double memory_limit = 0;       // bytes that rows measured together may hold
     double largest_row_bytes = 0;  // the largest row footprint so far
     int groups_run = 0;            // measured parts of groups so far
@@ -731,7 +748,8 @@ struct Bench {
         size_t id = 0;  // the row's index in its group: its PyTorch session's id
         bool torch_ok = false;
         double footprint = 0;  // bytes: the child's peak RSS and the PyTorch session's peak growth
-        std::vector<double> ours, theirs, probes;
+        std::vector<double> ours, theirs;
+        std::vector<GemmRates> probes;
     };
     static void fail(Run& r, const std::exception& e) {
         std::cerr << e.what() << "\n";
@@ -784,7 +802,7 @@ struct Bench {
                     r.child->send("step");
                     const json a = r.child->receive(1800);
                     r.ours.push_back(a.at("ms"));
-                    r.probes.push_back(a.at("sgemm_gflops"));
+                    r.probes.push_back({a.at("sgemm_gflops"), a.at("gemm_gflops")});
                 } catch (const std::exception& e) {
                     fail(r, e);
                     continue;
@@ -829,24 +847,29 @@ struct Bench {
 
     // Medians, rates and ratios of one measured row.
     void summarize(const Spec& s, const json& ready, const std::vector<double>& ours, const std::vector<double>& theirs,
-                   const std::vector<double>& probes, json& row) const {
+                   const std::vector<GemmRates>& probes, json& row) const {
         const double ms = median(ours), tokens = double(s.tokens());
         row["flops_per_step"] = ready["flops"];
         row["trainable_params"] = ready["trainable_params"];
         row["flops_by_phase"] = ready["flops_by_phase"];
         row["step_ms"] = ours;
-        // The best probe: the least disturbed, as the peak should be.
-        row["sgemm_peak_gflops"] = *std::max_element(probes.begin(), probes.end());
+        // The best probes: the least disturbed, as a peak should be. The
+        // share is of the faster GEMM: the one the step could have run on.
+        GemmRates peak;
+        for (const GemmRates& p : probes) peak = {std::max(peak.sgemm, p.sgemm), std::max(peak.ours, p.ours)};
+        row["sgemm_peak_gflops"] = peak.sgemm;
+        row["gemm_peak_gflops"] = peak.ours;
+        row["peak_gflops"] = peak.best();
         if (s.kind == "train") {
             row["ms_per_step"] = ms;
             row["tokens_per_s"] = tokens / ms * 1e3;
             row["gflops"] = row["flops_per_step"].get<double>() / ms / 1e6;
-            row["peak_share"] = row["gflops"].get<double>() / row["sgemm_peak_gflops"].get<double>();
+            row["peak_share"] = row["gflops"].get<double>() / peak.best();
         } else {
             row["ms_per_generate"] = ms;
             row["gen_tokens_per_s"] = tokens / ms * 1e3;
             row["gen_bound_tokens_per_s"] =
-                generation_bound(s, row["extra_keys"].get<int64_t>(), bandwidth, row["sgemm_peak_gflops"]);
+                generation_bound(s, row["extra_keys"].get<int64_t>(), bandwidth, peak.best());
         }
         if (theirs.empty()) return;
         const double tms = median(theirs);
@@ -912,7 +935,7 @@ std::string fmt_opt(const json& row, const char* key, const char* spec) {
 
 std::string train_table(const std::vector<json>& rows) {
     std::string md =
-        "| config | method | T | n | ms/step | tokens/s | GFLOP/s | sgemm peak share | peak RSS MiB | torch ms/step | "
+        "| config | method | T | n | ms/step | tokens/s | GFLOP/s | GEMM peak share | peak RSS MiB | torch ms/step | "
         "torch tokens/s | speedup vs torch |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for (const json& r : rows) {
         if (r.contains("error")) {
@@ -1015,9 +1038,17 @@ json check_targets(const std::vector<json>& train, const std::vector<json>& gen)
             add(fmt::format("{} {}: tokens/s vs torch", cfg, r["method"].get<std::string>()),
                 r["speedup_vs_torch"].get<double>(), 1.3, true);
     }
-    if (const json* full = find_full("medium"))
-        add(fmt::format("medium {}: share of sgemm peak", (*full)["method"].get<std::string>()),
-            (*full)["peak_share"].get<double>(), 0.80, true);
+    // Issue 17 names the sgemm peak (cblas_sgemm's); where our gemm is the
+    // faster, the share of its peak is the stricter test and is listed too.
+    if (const json* full = find_full("medium")) {
+        const std::string name = (*full)["method"];
+        const double gflops = (*full)["gflops"];
+        add(fmt::format("medium {}: share of cblas_sgemm peak", name),
+            gflops / (*full)["sgemm_peak_gflops"].get<double>(), 0.80, true);
+        if ((*full)["gemm_peak_gflops"].get<double>() > (*full)["sgemm_peak_gflops"].get<double>())
+            add(fmt::format("medium {}: share of our gemm's peak", name),
+                gflops / (*full)["gemm_peak_gflops"].get<double>(), 0.80, true);
+    }
     for (const std::string& cfg : configs) {
         const json* full = find_full(cfg);
         if (!full) continue;
@@ -1124,7 +1155,6 @@ int run_parent(const Args& args) {
     }
 
     const json m = b.machine();
-    b.peak = m["sgemm_peak_gflops"];
     if (args.max_memory != 0) {
         b.memory_limit = args.max_memory < 0 ? INFINITY : args.max_memory;
     } else {  // with the PyTorch worker started; unknown: no limit
@@ -1133,9 +1163,10 @@ int run_parent(const Args& args) {
     }
     b.bandwidth = m["read_bandwidth_gbs"];
     const double ours_mm = m["matmul_1024_gflops"], raw_mm = m["cblas_sgemm_1024_gflops"];
-    fmt::print("sgemm peak (2048^3, best of 5): {:.1f} GFLOP/s; 1024^3 matmul (best of 9, interleaved): ours {:.1f}, raw "
-               "cblas_sgemm {:.1f} GFLOP/s (overhead {:+.1f}%); read bandwidth {:.1f} GB/s\n",
-               b.peak, ours_mm, raw_mm, 100 * (raw_mm / ours_mm - 1), b.bandwidth);
+    fmt::print("GEMM peak (2048^3, best of 5): cblas_sgemm {:.1f}, our matmul {:.1f} GFLOP/s; 1024^3 matmul (best of 9, "
+               "interleaved): ours {:.1f}, raw cblas_sgemm {:.1f} GFLOP/s (ours {:+.1f}%); read bandwidth {:.1f} GB/s\n",
+               m["sgemm_peak_gflops"].get<double>(), m["gemm_peak_gflops"].get<double>(), ours_mm, raw_mm,
+               100 * (ours_mm / raw_mm - 1), b.bandwidth);
 
     std::vector<json> train, scaling, gen;
     auto show = [](const json& r) {
@@ -1242,7 +1273,8 @@ int run_parent(const Args& args) {
                        launch["ratio"].get<double>());
     }
 
-    const double peak_end = b.machine()["sgemm_peak_gflops"];
+    const json m_end = b.machine();
+    const double sgemm_peak = m["sgemm_peak_gflops"], gemm_peak = m["gemm_peak_gflops"];
     const json targets = check_targets(train, gen);
     json doc = {{"machine",
                  {{"threads", args.threads},
@@ -1250,8 +1282,10 @@ int run_parent(const Args& args) {
                   {"openblas_config", blas_config()},
                   {"openblas_threads", openblas_get_num_threads()},
                   {"openmp_waiting", waiting},
-                  {"sgemm_peak_gflops", b.peak},
-                  {"sgemm_peak_gflops_at_end", peak_end},
+                  {"sgemm_peak_gflops", sgemm_peak},
+                  {"sgemm_peak_gflops_at_end", m_end["sgemm_peak_gflops"]},
+                  {"gemm_peak_gflops", gemm_peak},
+                  {"gemm_peak_gflops_at_end", m_end["gemm_peak_gflops"]},
                   {"matmul_1024_gflops", ours_mm},
                   {"cblas_sgemm_1024_gflops", raw_mm},
                   {"read_bandwidth_gbs", b.bandwidth}}},
@@ -1267,11 +1301,11 @@ int run_parent(const Args& args) {
 
     std::string md = fmt::format(
         "# peftlab bench\n\n{} threads; OpenBLAS {} ({} threads); OpenMP waiting (both sides): {}. PyTorch: {}.\n"
-        "sgemm peak {:.1f} GFLOP/s (2048^3; {:.1f} at the end of the run); 1024^3 matmul through the Tensor API "
-        "{:.1f} vs raw cblas_sgemm {:.1f} GFLOP/s; read bandwidth {:.1f} GB/s.\n\n"
+        "GEMM peak (2048^3): cblas_sgemm {:.1f} GFLOP/s ({:.1f} at the end of the run), our matmul {:.1f} ({:.1f}); "
+        "1024^3 matmul through the Tensor API {:.1f} vs raw cblas_sgemm {:.1f} GFLOP/s; read bandwidth {:.1f} GB/s.\n\n"
         "## Training steps (forward + backward + AdamW; medians, step pairs interleaved with PyTorch)\n\n"
-        "GFLOP/s from the FLOP counters (model FLOPs, flops.h); sgemm peak share: of the best 1536^3 cblas_sgemm "
-        "probe run after each of the row's steps; speedup: median of the per-pair time ratios.\n\n{}",
+        "GFLOP/s from the FLOP counters (model FLOPs, flops.h); GEMM peak share: of the best 1536^3 probe, "
+        "cblas_sgemm or our matmul (the faster), run after each of the row's steps; speedup: median of the per-pair time ratios.\n\n{}",
         args.threads, blas_core_name(), openblas_get_num_threads(), waiting,
         b.torch_hello.is_null()
             ? std::string("not run")
@@ -1279,13 +1313,14 @@ int run_parent(const Args& args) {
                           b.torch_hello["threads"].get<int>(),
                           b.torch_hello["blas"].value("openblas", std::string("?")),
                           b.torch_hello["blas"].value("core", std::string("?"))),
-        b.peak, peak_end, ours_mm, raw_mm, b.bandwidth, train_table(train));
+        sgemm_peak, m_end["sgemm_peak_gflops"].get<double>(), gemm_peak, m_end["gemm_peak_gflops"].get<double>(), ours_mm,
+        raw_mm, b.bandwidth, train_table(train));
     if (!gen.empty())
         md += "\n## Generation (KV cache, prompt 64, 64 new tokens (--base: as many as its n_positions holds), greedy; "
               "tokens/s of new tokens over the batch)\n\n" +
               gen_table(gen) +
               "\nbound: every weight and the KV cache read once per decoding step at the measured read bandwidth, "
-              "the prefill at sgemm peak.\n";
+              "the prefill at GEMM peak.\n";
     if (const std::string trade = recompute_table(train); !trade.empty())
         md += "\n## Activation recomputation (--recompute: every block; same interleaved run)\n\n" + trade +
               "\ntensor peak: live tensor bytes (mem::peak_bytes), without the allocator's cache; the FLOPs of the "

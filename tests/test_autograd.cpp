@@ -310,18 +310,25 @@ TEST_CASE("empty tensors go through forward and backward", "[autograd][tape]") {
     e.zero_grad();
 }
 
+// Rows 6 and 40 (above gemm_few_rows' 16: with AVX-512 the bias is added in
+// gemm_packed's epilogue), in 400 crossing its 384-deep blocks, out 45 its
+// 32-column tiles.
 TEST_CASE("linear equals x W^T + b by the naive kernel", "[autograd][matmul]") {
-    for (auto [in, out] : {std::pair<int, int>{7, 33}, {33, 7}, {129, 1}, {1, 5}}) {
-        Tensor x = uniform({2, 3, in}, 7 + in), w = uniform({out, in}, 8 + out), b = uniform({out}, 9);
-        Tensor y = linear(x, w, b), y0 = linear(x, w);
-        REQUIRE(y.shape() == Shape{2, 3, out});
-        std::vector<float> ref(size_t(6 * out));
-        matmul_naive(ref.data(), x.data(), w.data(), 6, out, in, false, true);
-        expect_close_gemm(y0.data(), ref.data(), y0.numel(), in, fmt::format("linear no bias in={} out={}", in, out));
-        for (int64_t r = 0; r < 6; ++r)
-            for (int64_t j = 0; j < out; ++j) ref[size_t(r * out + j)] += b.data()[j];
-        expect_close_gemm(y.data(), ref.data(), y.numel(), in, fmt::format("linear with bias in={} out={}", in, out));
-    }
+    for (int64_t rows : {3, 20})
+        for (auto [in, out] : {std::pair<int, int>{7, 33}, {33, 7}, {129, 1}, {1, 5}, {400, 45}}) {
+            const int64_t R = 2 * rows;
+            Tensor x = uniform({2, rows, in}, 7 + in), w = uniform({out, in}, 8 + out), b = uniform({out}, 9);
+            Tensor y = linear(x, w, b), y0 = linear(x, w);
+            REQUIRE(y.shape() == Shape{2, rows, out});
+            std::vector<float> ref(size_t(R * out));
+            matmul_naive(ref.data(), x.data(), w.data(), R, out, in, false, true);
+            expect_close_gemm(y0.data(), ref.data(), y0.numel(), in,
+                              fmt::format("linear no bias R={} in={} out={}", R, in, out));
+            for (int64_t r = 0; r < R; ++r)
+                for (int64_t j = 0; j < out; ++j) ref[size_t(r * out + j)] += b.data()[j];
+            expect_close_gemm(y.data(), ref.data(), y.numel(), in,
+                              fmt::format("linear with bias R={} in={} out={}", R, in, out));
+        }
 }
 
 // ---- FLOP accounting and requires-grad pruning ----------------------------------------------
