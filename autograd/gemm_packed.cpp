@@ -59,15 +59,16 @@ struct Scratch {
     }
 };
 
+// d [0, width) = s [0, valid), then zeros: a panel's row, padded to a tile.
+void copy_padded(const float* s, int64_t valid, int64_t width, float* d) {
+    std::copy_n(s, valid, d);
+    std::fill(d + valid, d + width, 0.f);
+}
+
 // dst [kc, kNR] (k-major) = op(B)[pc : pc + kc, j0 : j0 + w], zero past w.
 void pack_b(bool trans_b, const float* B, int64_t ldb, int64_t pc, int64_t kc, int64_t j0, int64_t w, float* dst) {
     if (!trans_b) {
-        for (int64_t k = 0; k < kc; ++k) {
-            const float* s = B + (pc + k) * ldb + j0;
-            float* d = dst + k * kNR;
-            for (int64_t n = 0; n < w; ++n) d[n] = s[n];
-            for (int64_t n = w; n < kNR; ++n) d[n] = 0.f;
-        }
+        for (int64_t k = 0; k < kc; ++k) copy_padded(B + (pc + k) * ldb + j0, w, kNR, dst + k * kNR);
         return;
     }
     for (int64_t n = 0; n < kNR; ++n) {  // op(B)(k, n) = B[n, k]: read B's rows contiguously
@@ -76,11 +77,7 @@ void pack_b(bool trans_b, const float* B, int64_t ldb, int64_t pc, int64_t kc, i
             continue;
         }
         const float* s = B + (j0 + n) * ldb + pc;
-        const float* next = n + 1 < w ? s + ldb : nullptr;
-        for (int64_t k = 0; k < kc; ++k) {
-            if (next && k % 16 == 0) __builtin_prefetch(next + k);  // see pack_a
-            dst[k * kNR + n] = s[k];
-        }
+        for (int64_t k = 0; k < kc; ++k) dst[k * kNR + n] = s[k];
     }
 }
 
@@ -91,12 +88,7 @@ void pack_b(bool trans_b, const float* B, int64_t ldb, int64_t pc, int64_t kc, i
 // half of all packing time), the micro-kernel reading kMR rows kKC apart.
 void pack_a(bool trans_a, const float* A, int64_t lda, int64_t pc, int64_t kc, int64_t r0, int64_t h, float* dst) {
     if (trans_a) {  // op(A)(m, k) = A[k, m]
-        for (int64_t k = 0; k < kc; ++k) {
-            const float* s = A + (pc + k) * lda + r0;
-            float* d = dst + k * kMR;
-            for (int64_t r = 0; r < h; ++r) d[r] = s[r];
-            for (int64_t r = h; r < kMR; ++r) d[r] = 0.f;
-        }
+        for (int64_t k = 0; k < kc; ++k) copy_padded(A + (pc + k) * lda + r0, h, kMR, dst + k * kMR);
         return;
     }
     for (int64_t r = 0; r < kMR; ++r) {

@@ -1,4 +1,4 @@
-// matmul, linear and fused multi-head attention on cblas_sgemm.
+// matmul, linear and fused multi-head attention on detail::gemm (gemm_packed.cpp with AVX-512, else cblas_sgemm).
 #include <cblas.h>
 #include <immintrin.h>
 #include <omp.h>
