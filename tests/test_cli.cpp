@@ -239,6 +239,10 @@ TEST_CASE("--help lists the registered methods and only the flags the binary rea
         if (m.name == "toy-shift") continue;  // registered at run time by this test binary only (test_extension.cpp)
         CHECK_THAT(r.out, Contains(m.name) && Contains(m.description));
     }
+    // adapter eval's data default to the adapter's record, not to a task of its own.
+    Result e = run(bin("adapter") + " eval --help");
+    CHECK(e.rc == 0);
+    CHECK_THAT(e.out, Contains("record of its training data") && !Contains("(default: e2e)"));
     Result p = run(bin("pretrain") + " --help");
     CHECK(p.rc == 0);
     CHECK_THAT(p.out, Contains("--pretrain-steps"));

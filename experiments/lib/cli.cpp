@@ -46,11 +46,20 @@ double default_lr(const std::string& method) {
     return grid.empty() ? 0.0 : grid[grid.size() / 2];
 }
 
-void add_data_flags(cxxopts::Options& o, const CommonArgs& d) {
+void add_data_flags(cxxopts::Options& o, const CommonArgs& d, const std::string& recorded) {
+    // With `recorded` (adapter eval: the data an adapter recorded), --task and --seed have no default
+    // value of their own: their help names what is used instead, and parse_data_flags keeps d's.
+    using Value = std::shared_ptr<const cxxopts::Value>;
+    const bool own_defaults = recorded.empty();
+    const std::string recorded_note = own_defaults ? "" : " (default: " + recorded + ")";
+    const Value task_value = own_defaults ? Value(cxxopts::value<std::string>()->default_value(d.task))
+                                          : Value(cxxopts::value<std::string>());
+    const Value seed_value = own_defaults ? Value(cxxopts::value<uint64_t>()->default_value(std::to_string(d.seed)))
+                                          : Value(cxxopts::value<uint64_t>());
     // clang-format off
     o.add_options()
-        ("task", "built-in or registered task (its data also builds the word vocabulary): " + [] { std::string s; for (auto& t : data::task_names()) s += (s.empty() ? "" : ", ") + t; return s; }(),
-            cxxopts::value<std::string>()->default_value(d.task))
+        ("task", "built-in or registered task (its data also builds the word vocabulary): " + [] { std::string s; for (auto& t : data::task_names()) s += (s.empty() ? "" : ", ") + t; return s; }() + recorded_note,
+            task_value)
         ("train", "training data file (.jsonl, .csv, .tsv) instead of --task; alone, it is split 80/10/10 by a seeded shuffle", cxxopts::value<std::string>()->default_value(d.files.train))
         ("valid", "validation data file (with --train)", cxxopts::value<std::string>()->default_value(d.files.valid))
         ("test", "test data file (with --train)", cxxopts::value<std::string>()->default_value(d.files.test))
@@ -61,7 +70,7 @@ void add_data_flags(cxxopts::Options& o, const CommonArgs& d) {
         ("label-field", "classification: the field of the label", cxxopts::value<std::string>()->default_value(d.files.label_field))
         ("label-words", "classification: words the model answers for labels, as label=word,label=word (default: the labels)", cxxopts::value<std::string>()->default_value(""))
         ("truncate", "an example longer than --seq: left (cut the source's start), right (its end) or error", cxxopts::value<std::string>()->default_value(d.truncate))
-        ("seed", "random seed", cxxopts::value<uint64_t>()->default_value(std::to_string(d.seed)));
+        ("seed", "random seed" + recorded_note, seed_value);
     // clang-format on
 }
 
@@ -131,13 +140,15 @@ int64_t max_useful_train_examples(const CommonArgs& a) {
 }  // namespace
 
 void parse_data_flags(const cxxopts::ParseResult& r, CommonArgs& a) {
-    a.task = r["task"].as<std::string>();
+    // Given, or a default: add_data_flags' `recorded` leaves --task and --seed without one (a's stay).
+    auto has_value = [&](const char* flag) { return r.count(flag) || r[flag].has_default(); };
+    if (has_value("task")) a.task = r["task"].as<std::string>();
     try {
         data::task_info(a.task);
     } catch (const std::invalid_argument& e) {
         throw std::invalid_argument(std::string("--task: ") + e.what());
     }
-    a.seed = r["seed"].as<uint64_t>();
+    if (has_value("seed")) a.seed = r["seed"].as<uint64_t>();
     a.files.train = r["train"].as<std::string>();
     a.files.valid = r["valid"].as<std::string>();
     a.files.test = r["test"].as<std::string>();

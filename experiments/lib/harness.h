@@ -75,7 +75,10 @@ void add_common_flags(cxxopts::Options& opts, const CommonArgs& defaults);
 // --truncate and --seed. parse_data_flags sets them on `args`, refusing (with
 // std::invalid_argument naming the flag and value) an unknown task, --task
 // with --train, and a field flag that nothing would read.
-void add_data_flags(cxxopts::Options& opts, const CommonArgs& defaults);
+// With `recorded` non-empty, --task and --seed show it as their default
+// (e.g. "the data the adapter was trained on") and, when not given, keep
+// the values `args` had before parse_data_flags.
+void add_data_flags(cxxopts::Options& opts, const CommonArgs& defaults, const std::string& recorded = "");
 void parse_data_flags(const cxxopts::ParseResult& r, CommonArgs& args);
 // The data `args` name, as JSON a saved adapter keeps under "trained_on" so
 // that `adapter eval` finds them again: {"task": NAME} or {"files": {"train",
