@@ -113,7 +113,7 @@ TEST_CASE("batched matmul equals matmul_naive per batch", "[autograd][matmul]") 
 // A decoding step multiplies a few rows (one per sequence) by a weight; such
 // GEMMs (at most 16 rows, B of at least 2^16 elements) skip BLAS for a kernel
 // of ours that blocks 4 rows by 4 columns of B with AVX-512, 2 rows by 4 with
-// AVX2 (ops_matmul.cpp). The shapes have N not a multiple of 4 and K not a
+// AVX2, and reads B's rows one after another at one row (ops_matmul.cpp). The shapes have N not a multiple of 4 and K not a
 // multiple of 16 or 8 (partial blocks, tails).
 TEST_CASE("few-row GEMMs equal matmul_naive, and a row's result does not depend on the other rows",
           "[autograd][matmul]") {
@@ -144,15 +144,19 @@ TEST_CASE("few-row GEMMs equal matmul_naive, and a row's result does not depend 
             }
         }
     }
-    // Threads split B's columns: the same bits at 1 and 2 threads.
+    // Threads split B's columns: the same bits at 1 and 2 threads, for 16 rows
+    // and for one (batch-1 decoding's own kernel, which reads B's rows in turn).
     const int before = threads();
-    Tensor a = uniform({16, 259}, 1), b = uniform({303, 259}, 2);
-    set_threads(1);
-    const std::vector<float> one = matmul(a, b, false, true).to_vector();
-    set_threads(2);
-    const std::vector<float> two = matmul(a, b, false, true).to_vector();
+    for (int64_t M : {16, 1}) {
+        Tensor a = uniform({M, 259}, 1), b = uniform({303, 259}, 2);
+        set_threads(1);
+        const std::vector<float> one = matmul(a, b, false, true).to_vector();
+        set_threads(2);
+        const std::vector<float> two = matmul(a, b, false, true).to_vector();
+        INFO("M=" << M);
+        CHECK(one == two);
+    }
     set_threads(before);
-    CHECK(one == two);
 }
 
 // Attention's per-head products (ops_matmul.cpp) run on detail::gemm_small:
