@@ -308,8 +308,10 @@ void one_row_dots(int64_t K, const float* a, const BT* b, int64_t ldb, int64_t n
 // software, are what a batch needs (each B vector reused by every row of A),
 // but at one row they streamed GPT-2 small's decoding weights at 27-28 GB/s
 // where one stream reads 30-34 (1 thread; 51-54 against 58 at 2; AVX-512 Zen 5,
-// a throwaway driver timing both kernels interleaved). Each dot is summed as
-// few_rows_block sums it, so a row decodes to the same bits alone or in a batch.
+// a throwaway driver timing both kernels interleaved), and a gpt2 64 + 64
+// generate at batch 1 took 1073 ms instead of 1527 (1 thread, tools/ab_steps.py
+// minima). Each dot is summed as few_rows_block sums it, so a row decodes to
+// the same bits alone or in a batch.
 template <class BT>
 void one_row_b_rows(int64_t N, int64_t K, float alpha, const float* a, const BT* B, int64_t ldb, float beta, float* C) {
     constexpr int64_t kGroup = 16;  // rows of B per call: one_row_dots' most
@@ -402,8 +404,8 @@ constexpr int64_t kHalfWidenAhead = 2 * kFewAhead;
 // there: the result is gemm_few_rows' on B converted to float, bit for bit.
 // - At most one register block of rows of A (decoding at batch <= 2, <= 4
 //   with AVX-512): B's halves are widened as they are loaded, so the weight
-//   is read as the float kernel reads it, its 4 rows of a block interleaved
-//   with the multiply-adds and fetched ahead.
+//   is read as the float kernel reads it (at one row, its rows in turn; else
+//   the 4 rows of a block interleaved with the multiply-adds, fetched ahead).
 // - More rows: each block's 4 rows of B are converted into a per-thread
 //   buffer [4, K] (in L1/L2) once, which few_rows_block then reads for every
 //   row block, as it reads a float B.

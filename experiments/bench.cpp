@@ -451,7 +451,7 @@ __attribute__((noinline)) float sum_floats(const float* p, int64_t n) {
 // reads 44.1 at 1 thread, 48-51 against 70 at 2 (AVX-512 Zen 5), so every
 // "share of the bound" it gave was 1.4-1.7x too high.
 double read_bandwidth_gbs() {
-    const int64_t n = int64_t(64) << 20;  // floats, a multiple of 64 per thread for up to 2^20 threads
+    const int64_t n = int64_t(64) << 20;  // floats
     std::unique_ptr<float, decltype(&std::free)> buf(static_cast<float*>(std::aligned_alloc(64, size_t(n) * 4)),
                                                      &std::free);
     if (!buf) throw std::runtime_error("bench: out of memory for the 256 MiB bandwidth probe");

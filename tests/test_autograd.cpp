@@ -113,8 +113,9 @@ TEST_CASE("batched matmul equals matmul_naive per batch", "[autograd][matmul]") 
 // A decoding step multiplies a few rows (one per sequence) by a weight; such
 // GEMMs (at most 16 rows, B of at least 2^16 elements) skip BLAS for a kernel
 // of ours that blocks 4 rows by 4 columns of B with AVX-512, 2 rows by 4 with
-// AVX2, and reads B's rows one after another at one row (ops_matmul.cpp). The shapes have N not a multiple of 4 and K not a
-// multiple of 16 or 8 (partial blocks, tails).
+// AVX2, and at one row reads B's rows one after another (ops_matmul.cpp). The
+// shapes have N not a multiple of 4 and K not a multiple of 16 or 8 (partial
+// blocks, tails).
 TEST_CASE("few-row GEMMs equal matmul_naive, and a row's result does not depend on the other rows",
           "[autograd][matmul]") {
     uint64_t seed = 9000;
