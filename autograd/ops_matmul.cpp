@@ -218,22 +218,25 @@ void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t l
         }
     }
 }
-// dots[j] = a . b_j for the n <= 16 rows b_j = b + j ldb, each summed exactly
-// as few_rows_block sums it: lanes by k mod 8 in order of k, sum_lanes8's
-// tree, then the K mod 8 tail. See one_row_b_rows.
-template <class BT>
-void one_row_dots(int64_t K, const float* a, const BT* b, int64_t ldb, int64_t n, float* dots) {
+// dots[r][j] = A_r . b_j for the R rows A_r = a + r lda and the n <= 16 rows
+// b_j = b + j ldb, each summed exactly as few_rows_block sums it: lanes by
+// k mod 8 in order of k, sum_lanes8's tree, then the K mod 8 tail. See
+// rows_in_turn.
+template <int R, class BT>
+void in_turn_dots(int64_t K, const float* a, int64_t lda, const BT* b, int64_t ldb, int64_t n, float dots[][16]) {
     const int64_t K8 = K - K % kLanes8;
     for (int64_t j = 0; j < n; ++j) {
         const BT* bj = b + j * ldb;
-        Vec8 sum{};
+        Vec8 sum[R] = {};
         for (int64_t k = 0; k < K8; k += kLanes8) {
-            const Vec8 x = *(const Vec8*)(a + k);
-            sum += x * load_b8(bj + k);
+            const Vec8 bv = load_b8(bj + k);
+            for (int r = 0; r < R; ++r) sum[r] += *(const Vec8*)(a + r * lda + k) * bv;
         }
-        float dot = sum_lanes8(sum);
-        for (int64_t k = K8; k < K; ++k) dot = std::fma(a[k], b_float(bj[k]), dot);
-        dots[j] = dot;
+        for (int r = 0; r < R; ++r) {
+            float dot = sum_lanes8(sum[r]);
+            for (int64_t k = K8; k < K; ++k) dot = std::fma(a[r * lda + k], b_float(bj[k]), dot);
+            dots[r][j] = dot;
+        }
     }
 }
 #else
@@ -279,49 +282,66 @@ void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t l
         }
     }
 }
-// dots[j] = a . b_j for the n <= 16 rows b_j = b + j ldb, each summed exactly
-// as few_rows_block sums it: lanes by k mod 16 in order of k, sum_lanes16's
-// tree, then the K mod 16 tail. See one_row_b_rows.
-template <class BT>
-void one_row_dots(int64_t K, const float* a, const BT* b, int64_t ldb, int64_t n, float* dots) {
+// dots[r][j] = A_r . b_j for the R rows A_r = a + r lda and the n <= 16 rows
+// b_j = b + j ldb, each summed exactly as few_rows_block sums it: lanes by
+// k mod 16 in order of k, sum_lanes16's tree, then the K mod 16 tail. See
+// rows_in_turn.
+template <int R, class BT>
+void in_turn_dots(int64_t K, const float* a, int64_t lda, const BT* b, int64_t ldb, int64_t n, float dots[][16]) {
     const int64_t K16 = K - K % kLanes;
-    Vec16 acc[kLanes] = {};  // rows past n stay zero: sum_lanes16 reads all 16
+    Vec16 acc[R][kLanes] = {};  // B rows past n stay zero: sum_lanes16 reads all 16
     for (int64_t j = 0; j < n; ++j) {
         const BT* bj = b + j * ldb;
-        Vec16 sum{};
+        Vec16 sum[R] = {};
         for (int64_t k = 0; k < K16; k += kLanes) {
-            const Vec16 x = *(const Vec16*)(a + k);
-            sum += x * load_b16(bj + k);
+            const Vec16 bv = load_b16(bj + k);
+            for (int r = 0; r < R; ++r) sum[r] += *(const Vec16*)(a + r * lda + k) * bv;
         }
-        acc[j] = sum;
+        for (int r = 0; r < R; ++r) acc[r][j] = sum[r];
     }
-    sum_lanes16(acc, dots);
-    for (int64_t j = 0; j < n; ++j)
-        for (int64_t k = K16; k < K; ++k) dots[j] = std::fma(a[k], b_float(b[j * ldb + k]), dots[j]);
+    for (int r = 0; r < R; ++r) {
+        sum_lanes16(acc[r], dots[r]);
+        for (int64_t j = 0; j < n; ++j)
+            for (int64_t k = K16; k < K; ++k) dots[r][j] = std::fma(a[r * lda + k], b_float(b[j * ldb + k]), dots[r][j]);
+    }
 }
 #endif
 
-// C [1, N] = alpha * a [1, K] B^T + beta * C for B [N, K]: batch-1 decoding.
-// B's rows are read one after another, so that each thread reads its part of
-// a weight as one sequential stream, which the hardware prefetcher follows
-// without help. few_rows_block's 4 interleaved rows, fetched ahead in
-// software, are what a batch needs (each B vector reused by every row of A),
-// but at one row they streamed GPT-2 small's decoding weights at 27-28 GB/s
-// where one stream reads 30-34 (1 thread; 51-54 against 58 at 2; AVX-512 Zen 5,
-// a throwaway driver timing both kernels interleaved), and a gpt2 64 + 64
-// generate at batch 1 took 1073 ms instead of 1527 (1 thread, tools/ab_steps.py
-// minima). Each dot is summed as few_rows_block sums it, so a row decodes to
-// the same bits alone or in a batch.
+// Rows of A up to which rows_in_turn does gemm_few_rows' trans_b case. At 4
+// rows it measured no faster than few_rows_block in a generate (below).
+constexpr int64_t kInTurnRows = 2;
+
+// C [M, N] = alpha * A [M, K] B^T + beta * C for B [N, K] and M <= kInTurnRows:
+// decoding at batch 1 and 2. B's rows are read one after another, so that each
+// thread reads its part of a weight as one sequential stream, which the
+// hardware prefetcher follows without help. few_rows_block's 4 interleaved
+// rows, fetched ahead in software, pay once each loaded B vector serves
+// enough rows of A; below that the stream is what counts. GPT-2 small's
+// decoding weights in a throwaway driver (AVX-512 Zen 5, 1 thread, both
+// kernels interleaved): at 1 row 30-34 GB/s of weight read against 27-28
+// (51-54 against 58 at 2 threads), at 2 rows 26.7 GFLOP/s against 20.9, at 4
+// rows 42.9 against 37.7, at 8 rows 48.9 against 78.3. A gpt2 64 + 64
+// generate (1 thread, tools/ab_steps.py minima) took 1073 ms instead of 1527
+// at batch 1, 1403 instead of 1794 at batch 2, and 2054 against 2074 at batch
+// 4 (medians 2435 against 2298). Each dot is summed as few_rows_block sums
+// it, so a row decodes to the same bits alone or in a batch.
 template <class BT>
-void one_row_b_rows(int64_t N, int64_t K, float alpha, const float* a, const BT* B, int64_t ldb, float beta, float* C) {
-    constexpr int64_t kGroup = 16;  // rows of B per call: one_row_dots' most
+void rows_in_turn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const BT* B,
+                  int64_t ldb, float beta, float* C, int64_t ldc) {
+    constexpr int64_t kGroup = 16;  // rows of B per in_turn_dots call: its most
     const int64_t groups = (N + kGroup - 1) / kGroup;
 #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
         const int64_t j0 = g * kGroup, n = std::min(kGroup, N - j0);
-        float dots[kGroup];
-        one_row_dots(K, a, B + j0 * ldb, ldb, n, dots);
-        for (int64_t j = 0; j < n; ++j) C[j0 + j] = alpha * dots[j] + (beta == 0.f ? 0.f : beta * C[j0 + j]);
+        float dots[kInTurnRows][kGroup];
+        const BT* b = B + j0 * ldb;
+        static_assert(kInTurnRows == 2);
+        if (M == 1) in_turn_dots<1>(K, A, lda, b, ldb, n, dots);
+        else in_turn_dots<2>(K, A, lda, b, ldb, n, dots);
+        for (int64_t r = 0; r < M; ++r) {
+            float* c = C + r * ldc + j0;
+            for (int64_t j = 0; j < n; ++j) c[j] = alpha * dots[r][j] + (beta == 0.f ? 0.f : beta * c[j]);
+        }
     }
 }
 
@@ -333,7 +353,7 @@ void one_row_b_rows(int64_t N, int64_t K, float alpha, const float* a, const BT*
 template <class BT>
 void few_rows_b_rows(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const BT* B,
                      int64_t ldb, float beta, float* C, int64_t ldc, int64_t ahead_blocks) {
-    if (M == 1) return one_row_b_rows(N, K, alpha, A, B, ldb, beta, C);
+    if (M <= kInTurnRows) return rows_in_turn(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     const int64_t blocks = (N + kFewCols - 1) / kFewCols;
 #pragma omp parallel for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -404,8 +424,9 @@ constexpr int64_t kHalfWidenAhead = 2 * kFewAhead;
 // there: the result is gemm_few_rows' on B converted to float, bit for bit.
 // - At most one register block of rows of A (decoding at batch <= 2, <= 4
 //   with AVX-512): B's halves are widened as they are loaded, so the weight
-//   is read as the float kernel reads it (at one row, its rows in turn; else
-//   the 4 rows of a block interleaved with the multiply-adds, fetched ahead).
+//   is read as the float kernel reads it (up to kInTurnRows rows, its rows
+//   in turn; else the 4 rows of a block interleaved with the multiply-adds,
+//   fetched ahead).
 // - More rows: each block's 4 rows of B are converted into a per-thread
 //   buffer [4, K] (in L1/L2) once, which few_rows_block then reads for every
 //   row block, as it reads a float B.

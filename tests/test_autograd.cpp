@@ -113,7 +113,7 @@ TEST_CASE("batched matmul equals matmul_naive per batch", "[autograd][matmul]") 
 // A decoding step multiplies a few rows (one per sequence) by a weight; such
 // GEMMs (at most 16 rows, B of at least 2^16 elements) skip BLAS for a kernel
 // of ours that blocks 4 rows by 4 columns of B with AVX-512, 2 rows by 4 with
-// AVX2, and at one row reads B's rows one after another (ops_matmul.cpp). The
+// AVX2, and up to 2 rows reads B's rows one after another (ops_matmul.cpp). The
 // shapes have N not a multiple of 4 and K not a multiple of 16 or 8 (partial
 // blocks, tails).
 TEST_CASE("few-row GEMMs equal matmul_naive, and a row's result does not depend on the other rows",
@@ -146,9 +146,9 @@ TEST_CASE("few-row GEMMs equal matmul_naive, and a row's result does not depend 
         }
     }
     // Threads split B's columns: the same bits at 1 and 2 threads, for 16 rows
-    // and for one (batch-1 decoding's own kernel, which reads B's rows in turn).
+    // and for 2 and 1 (the kernel for up to 2 rows, which reads B's rows in turn).
     const int before = threads();
-    for (int64_t M : {16, 1}) {
+    for (int64_t M : {16, 2, 1}) {
         Tensor a = uniform({M, 259}, 1), b = uniform({303, 259}, 2);
         set_threads(1);
         const std::vector<float> one = matmul(a, b, false, true).to_vector();
