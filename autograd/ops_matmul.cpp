@@ -35,7 +35,9 @@ bool takes_few_rows(bool trans_a, int64_t M, int64_t N, int64_t K) {
 // Columns of C (rows of a transposed B) per block of gemm_few_rows, and how
 // many blocks ahead the rows of B are fetched into L2 (dots_chunk's `ahead`).
 constexpr int64_t kFewCols = 4, kFewAhead = 4;
-// gemm_few_rows always splits B's rows across threads. Reading B (from L2,
+// gemm_few_rows splits B's rows across threads whatever their size (in
+// blocks of kFewCols rows; of 16 with one or two rows of A, rows_in_turn, so
+// a B of at most 16 rows then runs on one thread). Reading B (from L2,
 // L3 or memory) dominates, and two threads read it faster even at the
 // smallest B these kernels take (kFewRowsMinB). Splitting only above
 // kMacsParallelMin / 4 multiply-adds left the 512 x 512 and 256 x 1024 weights
@@ -318,9 +320,10 @@ constexpr int64_t kInTurnRows = 2;
 // rows, fetched ahead in software, pay once each loaded B vector serves
 // enough rows of A; below that the stream is what counts. GPT-2 small's
 // decoding weights in a throwaway driver (AVX-512 Zen 5, 1 thread, both
-// kernels interleaved): at 1 row 30-34 GB/s of weight read against 27-28
-// (51-54 against 58 at 2 threads), at 2 rows 26.7 GFLOP/s against 20.9, at 4
-// rows 42.9 against 37.7, at 8 rows 48.9 against 78.3. A gpt2 64 + 64
+// kernels interleaved), rows in turn against few_rows_block: at 1 row 30-34
+// GB/s of weight read against 27-28 (58 against 51-54 at 2 threads), at 2
+// rows 26.7 GFLOP/s against 20.9, at 4 rows 42.9 against 37.7, at 8 rows
+// 48.9 against 78.3. A gpt2 64 + 64
 // generate (1 thread, tools/ab_steps.py minima) took 1073 ms instead of 1527
 // at batch 1, 1403 instead of 1794 at batch 2, and 2054 against 2074 at batch
 // 4 (medians 2435 against 2298). Each dot is summed as few_rows_block sums
@@ -348,7 +351,8 @@ void rows_in_turn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, 
 // C [M, N] = alpha * A [M, K] B^T + beta * C for B [N, K] (a Linear weight,
 // floats or halves) read where it lies: C[i, j] = A_i . B_j, in blocks of 4
 // columns (4 rows of B), each read once for all M rows and fetched
-// `ahead_blocks` blocks ahead. So a row's result does not depend on the other
+// `ahead_blocks` blocks ahead; up to kInTurnRows rows of A, rows_in_turn's
+// way instead (ahead_blocks unused). So a row's result does not depend on the other
 // rows: a request decodes to the same tokens alone or in any batch.
 template <class BT>
 void few_rows_b_rows(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const BT* B,
