@@ -35,9 +35,13 @@ bool takes_few_rows(bool trans_a, int64_t M, int64_t N, int64_t K) {
 // Columns of C (rows of a transposed B) per block of gemm_few_rows, and how
 // many blocks ahead the rows of B are fetched into L2 (dots_chunk's `ahead`).
 constexpr int64_t kFewCols = 4, kFewAhead = 4;
+// Rows of A up to which rows_in_turn does gemm_few_rows' trans_b case (at 4
+// rows it measured no faster than few_rows_block in a generate; see there),
+// and the rows of B per in_turn_dots call (its most: sum_lanes16 reduces 16).
+constexpr int64_t kInTurnRows = 2, kInTurnGroup = 16;
 // gemm_few_rows splits B's rows across threads whatever their size (in
-// blocks of kFewCols rows; of 16 with one or two rows of A, rows_in_turn, so
-// a B of at most 16 rows then runs on one thread). Reading B (from L2,
+// blocks of kFewCols rows; of kInTurnGroup with one or two rows of A, so a
+// B of at most 16 rows then runs on one thread). Reading B (from L2,
 // L3 or memory) dominates, and two threads read it faster even at the
 // smallest B these kernels take (kFewRowsMinB). Splitting only above
 // kMacsParallelMin / 4 multiply-adds left the 512 x 512 and 256 x 1024 weights
@@ -220,12 +224,13 @@ void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t l
         }
     }
 }
-// dots[r][j] = A_r . b_j for the R rows A_r = a + r lda and the n <= 16 rows
-// b_j = b + j ldb, each summed exactly as few_rows_block sums it: lanes by
-// k mod 8 in order of k, sum_lanes8's tree, then the K mod 8 tail. See
+// dots[r][j] = A_r . b_j for the R rows A_r = a + r lda and the
+// n <= kInTurnGroup rows b_j = b + j ldb, each summed exactly as
+// few_rows_block sums it: lanes by k mod 8 in order of k, sum_lanes8's tree, then the K mod 8 tail. See
 // rows_in_turn.
 template <int R, class BT>
-void in_turn_dots(int64_t K, const float* a, int64_t lda, const BT* b, int64_t ldb, int64_t n, float dots[][16]) {
+void in_turn_dots(int64_t K, const float* a, int64_t lda, const BT* b, int64_t ldb, int64_t n,
+                  float dots[][kInTurnGroup]) {
     const int64_t K8 = K - K % kLanes8;
     for (int64_t j = 0; j < n; ++j) {
         const BT* bj = b + j * ldb;
@@ -284,12 +289,13 @@ void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t l
         }
     }
 }
-// dots[r][j] = A_r . b_j for the R rows A_r = a + r lda and the n <= 16 rows
-// b_j = b + j ldb, each summed exactly as few_rows_block sums it: lanes by
-// k mod 16 in order of k, sum_lanes16's tree, then the K mod 16 tail. See
+// dots[r][j] = A_r . b_j for the R rows A_r = a + r lda and the
+// n <= kInTurnGroup rows b_j = b + j ldb, each summed exactly as
+// few_rows_block sums it: lanes by k mod 16 in order of k, sum_lanes16's tree, then the K mod 16 tail. See
 // rows_in_turn.
 template <int R, class BT>
-void in_turn_dots(int64_t K, const float* a, int64_t lda, const BT* b, int64_t ldb, int64_t n, float dots[][16]) {
+void in_turn_dots(int64_t K, const float* a, int64_t lda, const BT* b, int64_t ldb, int64_t n,
+                  float dots[][kInTurnGroup]) {
     const int64_t K16 = K - K % kLanes;
     Vec16 acc[R][kLanes] = {};  // B rows past n stay zero: sum_lanes16 reads all 16
     for (int64_t j = 0; j < n; ++j) {
@@ -309,36 +315,31 @@ void in_turn_dots(int64_t K, const float* a, int64_t lda, const BT* b, int64_t l
 }
 #endif
 
-// Rows of A up to which rows_in_turn does gemm_few_rows' trans_b case. At 4
-// rows it measured no faster than few_rows_block in a generate (below).
-constexpr int64_t kInTurnRows = 2;
-
 // C [M, N] = alpha * A [M, K] B^T + beta * C for B [N, K] and M <= kInTurnRows:
 // decoding at batch 1 and 2. B's rows are read one after another, so that each
 // thread reads its part of a weight as one sequential stream, which the
 // hardware prefetcher follows without help. few_rows_block's 4 interleaved
-// rows, fetched ahead in software, pay once each loaded B vector serves
-// enough rows of A; below that the stream is what counts. GPT-2 small's
-// decoding weights in a throwaway driver (AVX-512 Zen 5, 1 thread, both
-// kernels interleaved), rows in turn against few_rows_block: at 1 row 30-34
-// GB/s of weight read against 27-28 (58 against 51-54 at 2 threads), at 2
-// rows 26.7 GFLOP/s against 20.9, at 4 rows 42.9 against 37.7, at 8 rows
-// 48.9 against 78.3. A gpt2 64 + 64
-// generate (1 thread, tools/ab_steps.py minima) took 1073 ms instead of 1527
-// at batch 1, 1403 instead of 1794 at batch 2, and 2054 against 2074 at batch
-// 4 (medians 2435 against 2298). Each dot is summed as few_rows_block sums
-// it, so a row decodes to the same bits alone or in a batch.
+// rows, fetched ahead in software, pay once each loaded B vector serves enough
+// rows of A; below that the stream is what counts. GPT-2 small's decoding
+// weights in a throwaway driver (AVX-512 Zen 5, 1 thread, both kernels
+// interleaved), rows in turn against few_rows_block: at 1 row 30-34 GB/s of
+// weight read against 27-28 (58 against 51-54 at 2 threads), at 2 rows 26.7
+// GFLOP/s against 20.9, at 4 rows 42.9 against 37.7, at 8 rows 48.9 against
+// 78.3. A gpt2 64 + 64 generate (1 thread, tools/ab_steps.py minima) took 1073
+// ms instead of 1527 at batch 1, 1403 instead of 1794 at batch 2, and 2054
+// against 2074 at batch 4 (medians 2435 against 2298). Each dot is summed as
+// few_rows_block sums it, so a row decodes to the same bits alone or in a
+// batch.
 template <class BT>
 void rows_in_turn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const BT* B,
                   int64_t ldb, float beta, float* C, int64_t ldc) {
-    constexpr int64_t kGroup = 16;  // rows of B per in_turn_dots call: its most
-    const int64_t groups = (N + kGroup - 1) / kGroup;
+    static_assert(kInTurnRows == 2);  // the two instances below
+    const int64_t groups = (N + kInTurnGroup - 1) / kInTurnGroup;
 #pragma omp parallel for schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
-        const int64_t j0 = g * kGroup, n = std::min(kGroup, N - j0);
-        float dots[kInTurnRows][kGroup];
+        const int64_t j0 = g * kInTurnGroup, n = std::min(kInTurnGroup, N - j0);
+        float dots[kInTurnRows][kInTurnGroup];
         const BT* b = B + j0 * ldb;
-        static_assert(kInTurnRows == 2);
         if (M == 1) in_turn_dots<1>(K, A, lda, b, ldb, n, dots);
         else in_turn_dots<2>(K, A, lda, b, ldb, n, dots);
         for (int64_t r = 0; r < M; ++r) {
@@ -351,8 +352,8 @@ void rows_in_turn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, 
 // C [M, N] = alpha * A [M, K] B^T + beta * C for B [N, K] (a Linear weight,
 // floats or halves) read where it lies: C[i, j] = A_i . B_j, in blocks of 4
 // columns (4 rows of B), each read once for all M rows and fetched
-// `ahead_blocks` blocks ahead; up to kInTurnRows rows of A, rows_in_turn's
-// way instead (ahead_blocks unused). So a row's result does not depend on the other
+// `ahead_blocks` blocks ahead; up to kInTurnRows rows of A, rows_in_turn's way
+// instead (ahead_blocks unused). So a row's result does not depend on the other
 // rows: a request decodes to the same tokens alone or in any batch.
 template <class BT>
 void few_rows_b_rows(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const BT* B,
