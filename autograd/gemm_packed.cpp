@@ -51,7 +51,7 @@ struct Scratch {
     float* get(size_t n) {
         if (n > cap) {
             const size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
-            p.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+            p.reset(static_cast<float*>(mem::alloc_bytes(bytes)));
             if (!p) throw std::bad_alloc();
             cap = bytes / sizeof(float);
         }

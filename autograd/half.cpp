@@ -15,10 +15,16 @@ HalfMatrix HalfMatrix::from(const Tensor& w) {
     if (w.ndim() != 2)
         throw std::invalid_argument(
             fmt::format("HalfMatrix::from: weight {} must be 2-D [out, in]", shape_str(w.shape())));
-    HalfMatrix h{w.dim(0), w.dim(1), std::vector<uint16_t>(size_t(w.numel()))};
+    HalfMatrix h;
+    h.rows = w.dim(0);
+    h.cols = w.dim(1);
+    h.data.reset(static_cast<uint16_t*>(mem::alloc_bytes(size_t(w.numel()) * sizeof(uint16_t))));
+    if (!h.data && w.numel())
+        throw std::runtime_error(fmt::format("HalfMatrix::from: out of memory for weight {}", shape_str(w.shape())));
     const float* src = w.data();
+    uint16_t* dst = h.data.get();
 #pragma omp parallel for if (w.numel() > kParallelMin) schedule(static)
-    for (int64_t i = 0; i < w.numel(); ++i) h.data[size_t(i)] = float_to_half(src[i]);
+    for (int64_t i = 0; i < w.numel(); ++i) dst[i] = float_to_half(src[i]);
     return h;
 }
 
@@ -26,7 +32,7 @@ Tensor HalfMatrix::to_float() const {
     Tensor t = Tensor::empty({rows, cols});
     float* dst = t.data();
 #pragma omp parallel for if (rows * cols > kParallelMin) schedule(static)
-    for (int64_t i = 0; i < rows * cols; ++i) dst[i] = half_to_float(data[size_t(i)]);
+    for (int64_t i = 0; i < rows * cols; ++i) dst[i] = half_to_float(data.get()[i]);
     return t;
 }
 
@@ -48,7 +54,7 @@ Tensor linear_half(const Tensor& x, const HalfMatrix& w, const Tensor& bias) {
     Tensor out = make_result(os);
     float* y = out.data();
     const float beta = fill_bias_rows(y, bias, R, outf);  // as linear(): the bias rows, then x W^T added
-    gemm_half_b(R, outf, in, 1.f, x.data(), in, w.data.data(), in, beta, y, outf);
+    gemm_half_b(R, outf, in, 1.f, x.data(), in, w.data.get(), in, beta, y, outf);
     flops::add(uint64_t(2 * R * outf * in));
     return out;
 }

@@ -8,7 +8,8 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <vector>
+#include <cstdlib>
+#include <memory>
 
 #include "autograd/tensor.h"
 
@@ -43,7 +44,9 @@ inline float half_to_float(uint16_t h) {
 // A weight [rows, cols] (a Linear's [out, in]) in binary16, row-major.
 struct HalfMatrix {
     int64_t rows = 0, cols = 0;
-    std::vector<uint16_t> data;  // [rows * cols]
+    // [rows * cols], from mem::alloc_bytes: in huge pages, as a decoding
+    // step streams it.
+    std::unique_ptr<uint16_t, decltype(&std::free)> data{nullptr, &std::free};
 
     // w [rows, cols] rounded element by element (float_to_half). Throws
     // std::invalid_argument naming the shape unless w is 2-D.

@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <unordered_map>
 
+#include <sys/mman.h>
+
 #include <fmt/format.h>
 
 namespace peftlab {
@@ -64,10 +66,10 @@ std::shared_ptr<Storage> Storage::alloc(int64_t numel) {
     } else {
         // A count whose byte size overflows size_t is as impossible as memory that is not there.
         const bool representable = uint64_t(capacity) <= (std::numeric_limits<size_t>::max() - 63) / sizeof(float);
-        if (representable) s->data = static_cast<float*>(std::aligned_alloc(64, padded_bytes(capacity)));
+        if (representable) s->data = static_cast<float*>(mem::alloc_bytes(padded_bytes(capacity)));
         if (!s->data && representable && p.cached > 0) {  // cached blocks of other sizes may make room
             mem::release_cache();
-            s->data = static_cast<float*>(std::aligned_alloc(64, padded_bytes(capacity)));
+            s->data = static_cast<float*>(mem::alloc_bytes(padded_bytes(capacity)));
         }
         if (!s->data)
             throw std::runtime_error(fmt::format("tensor: out of memory allocating {} floats", numel));
@@ -109,6 +111,26 @@ void release_cache() {
         for (float* ptr : v) std::free(ptr);
     p.free.clear();
     p.cached = 0;
+}
+
+// A decoding step streams every weight once: in 4 KiB pages that is a TLB
+// miss and a page walk per 4 KiB read. In 2 MiB pages batch-1 decoding of
+// GPT-2 small ran 11-19% faster and training steps 2-7% (README, "Weights in
+// huge pages"). madvise is advice: where THP is "never" or the kernel finds
+// no free 2 MiB, the buffer gets small pages and nothing else changes. Only
+// the buffer's own bytes are marked, so the part past its last whole 2 MiB
+// stays in small pages and no memory is lost; PyTorch's CPU allocator does
+// the same under THP_MEM_ALLOC_ENABLE.
+void* alloc_bytes(size_t bytes) {
+    constexpr size_t kHuge = size_t(2) << 20;
+    if (bytes < kHuge) return std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (bytes > std::numeric_limits<size_t>::max() - kHuge) return nullptr;
+    // aligned_alloc takes a multiple of the alignment; the rounding is never touched.
+    void* p = std::aligned_alloc(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
+#ifdef MADV_HUGEPAGE
+    if (p) madvise(p, bytes, MADV_HUGEPAGE);  // its failure changes only the speed
+#endif
+    return p;
 }
 }  // namespace mem
 

@@ -46,6 +46,12 @@ int64_t peak_bytes();
 void reset_peak();      // peak := current
 int64_t cached_bytes();  // held by the free list, reusable
 void release_cache();   // give the free list back to the system
+
+// `bytes` from the system, uninitialized, or null if refused; free with
+// std::free. 64-byte aligned; from 2 MiB on, 2 MiB aligned and advised into
+// transparent huge pages (tensor.cpp says why). Every large buffer a kernel
+// streams comes from here: tensor storages, F16 weights, packed GEMM panels.
+void* alloc_bytes(size_t bytes);
 }  // namespace mem
 
 struct GradCell {

@@ -7,7 +7,10 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <memory>
 #include <functional>
 #include <limits>
 #include <string>
@@ -1217,6 +1220,41 @@ TEST_CASE("mem: live bytes and peak follow tensor lifetimes", "[autograd][mem]")
     CHECK(mem::current_bytes() == with_w + one);
     w.zero_grad();
     CHECK(mem::current_bytes() == with_w);
+}
+
+namespace {
+// The VmFlags line of the mapping in /proc/self/smaps that holds address p
+// ("rd wr mr mw me ac hg": hg is MADV_HUGEPAGE), or "" if none does.
+std::string vm_flags_at(const void* p) {
+    std::ifstream smaps("/proc/self/smaps");
+    const auto a = reinterpret_cast<uintptr_t>(p);
+    bool inside = false;
+    for (std::string line; std::getline(smaps, line);) {
+        uintptr_t lo = 0, hi = 0;
+        if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2 && line.find('-') < line.find(' '))
+            inside = lo <= a && a < hi;
+        else if (inside && line.rfind("VmFlags:", 0) == 0)
+            return line;
+    }
+    return "";
+}
+}  // namespace
+
+TEST_CASE("mem: buffers from 2 MiB on start on a 2 MiB boundary and are advised into huge pages", "[autograd][mem]") {
+    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+    // One float short of 2 MiB stays on the small-buffer path; 2 MiB and up are large.
+    const Tensor small = Tensor::zeros({int64_t(kHuge / 4) - 16}), large = Tensor::zeros({int64_t(kHuge / 4) * 3 + 5});
+    CHECK(reinterpret_cast<uintptr_t>(small.data()) % 64 == 0);
+    CHECK(reinterpret_cast<uintptr_t>(large.data()) % kHuge == 0);
+    std::unique_ptr<void, decltype(&std::free)> raw(mem::alloc_bytes(5 * kHuge + 100), &std::free);
+    REQUIRE(raw);
+    CHECK(reinterpret_cast<uintptr_t>(raw.get()) % kHuge == 0);
+    CHECK(mem::alloc_bytes(std::numeric_limits<size_t>::max() - 10) == nullptr);  // no wrap-around when rounding
+    // Where the kernel has transparent huge pages, madvise marks the mapping ("hg").
+    if (std::ifstream("/sys/kernel/mm/transparent_hugepage/enabled")) {
+        CHECK_THAT(vm_flags_at(large.data()), Catch::Contains(" hg"));
+        CHECK_THAT(vm_flags_at(raw.get()), Catch::Contains(" hg"));
+    }
 }
 
 TEST_CASE("mem: a frozen forward keeps no activations alive", "[autograd][mem]") {
