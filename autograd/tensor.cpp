@@ -114,15 +114,17 @@ void release_cache() {
 }
 
 // A decoding step streams every weight once: in 4 KiB pages that is a TLB
-// miss and a page walk per 4 KiB read. In 2 MiB pages, by median time,
-// batch-1 decoding of GPT-2 small ran 2-19% faster in seven of nine
-// interleaved runs (one no different, one 14% slower) and training steps 1-7%
-// faster in all six (README, "Weights in huge pages"). madvise is advice:
-// where THP is "never" or the kernel finds no free 2 MiB, the buffer gets
-// small pages and nothing else changes. Only the buffer's own bytes are
-// marked, so the part past its last whole 2 MiB stays in small pages and no
-// memory is lost; PyTorch's CPU allocator does the same under
-// THP_MEM_ALLOC_ENABLE.
+// miss and a page walk per 4 KiB read. In 2 MiB pages batch-1 decoding of
+// GPT-2 small ran 16-19% faster by median in one interleaved run and from
+// 14% slower to 4% faster in two later ones, and training steps 1-7% faster
+// in all six rows (README, "Weights in huge pages"): a
+// gain under some conditions. madvise is advice: where THP is "never" or the
+// kernel finds no free 2 MiB, the buffer gets small pages and nothing else
+// changes. Only the buffer's own bytes are marked, so the part past its last
+// whole 2 MiB stays in small pages; but once glibc serves buffers this large
+// from its heap (its mmap threshold grows after frees), the advice stays on
+// that part of the heap for whatever is placed there later. PyTorch's CPU
+// allocator does the same under THP_MEM_ALLOC_ENABLE.
 void* alloc_bytes(size_t bytes) {
     constexpr size_t kHuge = size_t(2) << 20;
     if (bytes < kHuge) return std::aligned_alloc(64, (bytes + 63) / 64 * 64);

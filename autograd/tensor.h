@@ -49,8 +49,9 @@ void release_cache();   // give the free list back to the system
 
 // `bytes` from the system, uninitialized, or null if refused; free with
 // std::free. 64-byte aligned; from 2 MiB on, 2 MiB aligned and advised into
-// transparent huge pages (tensor.cpp says why). Every large buffer a kernel
-// streams comes from here: tensor storages, F16 weights, packed GEMM panels.
+// transparent huge pages (tensor.cpp says why). Tensor storages, F16 weights
+// and the packed GEMM's panels come from here; per-call scratch (attention's,
+// gemm_half_b's widened copy for many rows) does not.
 void* alloc_bytes(size_t bytes);
 }  // namespace mem
 

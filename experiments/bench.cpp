@@ -449,7 +449,8 @@ __attribute__((noinline)) float sum_floats(const float* p, int64_t n) {
 // them). The median of 7 passes after one that warms up. An earlier probe summed a
 // std::vector (malloc's 16-byte alignment: every 64-byte load spanned two
 // lines) into one vector sum (bound by the adds' latency): it read 25.8 GB/s
-// where this reads 44.1 at 1 thread, 48-51 against 70 at 2 (AVX-512 Zen 5),
+// where this probe on 64-byte aligned 4 KiB pages read 44.1 at 1 thread,
+// 48-51 against 70 at 2 (AVX-512 Zen 5),
 // so every "share of the bound" it gave was 1.4-1.7x too high.
 double read_bandwidth_gbs() {
     const int64_t n = int64_t(64) << 20;  // floats

@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdlib>
+#include <cinttypes>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -1231,7 +1232,7 @@ std::string vm_flags_at(const void* p) {
     bool inside = false;
     for (std::string line; std::getline(smaps, line);) {
         uintptr_t lo = 0, hi = 0;
-        if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2 && line.find('-') < line.find(' '))
+        if (std::sscanf(line.c_str(), "%" SCNxPTR "-%" SCNxPTR " ", &lo, &hi) == 2 && line.find('-') < line.find(' '))
             inside = lo <= a && a < hi;
         else if (inside && line.rfind("VmFlags:", 0) == 0)
             return line;
@@ -1242,17 +1243,24 @@ std::string vm_flags_at(const void* p) {
 
 TEST_CASE("mem: buffers from 2 MiB on start on a 2 MiB boundary and are advised into huge pages", "[autograd][mem]") {
     constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-    // One float short of 2 MiB stays on the small-buffer path; 2 MiB and up are large.
-    const Tensor small = Tensor::zeros({int64_t(kHuge / 4) - 16}), large = Tensor::zeros({int64_t(kHuge / 4) * 3 + 5});
+    // A tensor's buffer holds its size class (capacity_for): 1.875 MiB stays
+    // small, 6.5 MiB is large; alloc_bytes takes exact byte counts.
+    const Tensor small = Tensor::zeros({int64_t(kHuge / 4) * 15 / 16}), large = Tensor::zeros({int64_t(kHuge / 4) * 3 + 5});
     CHECK(reinterpret_cast<uintptr_t>(small.data()) % 64 == 0);
     CHECK(reinterpret_cast<uintptr_t>(large.data()) % kHuge == 0);
-    std::unique_ptr<void, decltype(&std::free)> raw(mem::alloc_bytes(5 * kHuge + 100), &std::free);
-    REQUIRE(raw);
+    using Buffer = std::unique_ptr<void, decltype(&std::free)>;
+    const Buffer below(mem::alloc_bytes(kHuge - 64), &std::free), at(mem::alloc_bytes(kHuge), &std::free),
+        raw(mem::alloc_bytes(5 * kHuge + 100), &std::free);
+    REQUIRE((below && at && raw));
+    CHECK(reinterpret_cast<uintptr_t>(below.get()) % 64 == 0);
+    CHECK(reinterpret_cast<uintptr_t>(at.get()) % kHuge == 0);
     CHECK(reinterpret_cast<uintptr_t>(raw.get()) % kHuge == 0);
     CHECK(mem::alloc_bytes(std::numeric_limits<size_t>::max() - 10) == nullptr);  // no wrap-around when rounding
-    // Where the kernel has transparent huge pages, madvise marks the mapping ("hg").
-    if (std::ifstream("/sys/kernel/mm/transparent_hugepage/enabled")) {
+    // Where the kernel has transparent huge pages and reports VmFlags, madvise
+    // marks the mapping ("hg"), whatever THP's mode.
+    if (std::ifstream("/sys/kernel/mm/transparent_hugepage/enabled") && !vm_flags_at(raw.get()).empty()) {
         CHECK_THAT(vm_flags_at(large.data()), Catch::Contains(" hg"));
+        CHECK_THAT(vm_flags_at(at.get()), Catch::Contains(" hg"));
         CHECK_THAT(vm_flags_at(raw.get()), Catch::Contains(" hg"));
     }
 }
