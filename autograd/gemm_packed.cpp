@@ -46,14 +46,14 @@ static_assert(kNC % kNR == 0, "a B block is whole panels");
 // 64-byte aligned scratch that grows and is kept: one per thread (A) and per
 // calling thread (B), so concurrent callers never share one.
 struct Scratch {
-    std::unique_ptr<float, decltype(&std::free)> p{nullptr, &std::free};
+    mem::Buffer<float> p{nullptr, &std::free};
     size_t cap = 0;
     float* get(size_t n) {
         if (n > cap) {
-            const size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
-            p.reset(static_cast<float*>(mem::alloc_bytes(bytes)));
+            const size_t rounded = (n + 15) / 16 * 16;  // whole 64-byte lines
+            p = mem::alloc_array<float>(rounded);
             if (!p) throw std::bad_alloc();
-            cap = bytes / sizeof(float);
+            cap = rounded;
         }
         return p.get();
     }

@@ -18,7 +18,7 @@ HalfMatrix HalfMatrix::from(const Tensor& w) {
     HalfMatrix h;
     h.rows = w.dim(0);
     h.cols = w.dim(1);
-    h.data.reset(static_cast<uint16_t*>(mem::alloc_bytes(size_t(w.numel()) * sizeof(uint16_t))));
+    h.data = mem::alloc_array<uint16_t>(size_t(w.numel()));
     if (!h.data && w.numel())
         throw std::runtime_error(fmt::format("HalfMatrix::from: out of memory for weight {}", shape_str(w.shape())));
     const float* src = w.data();

@@ -8,8 +8,6 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <memory>
 
 #include "autograd/tensor.h"
 
@@ -46,7 +44,7 @@ struct HalfMatrix {
     int64_t rows = 0, cols = 0;
     // [rows * cols], from mem::alloc_bytes: in huge pages, as a decoding
     // step streams it.
-    std::unique_ptr<uint16_t, decltype(&std::free)> data{nullptr, &std::free};
+    mem::Buffer<uint16_t> data{nullptr, &std::free};
 
     // w [rows, cols] rounded element by element (float_to_half). Throws
     // std::invalid_argument naming the shape unless w is 2-D.

@@ -226,8 +226,8 @@ void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t l
 }
 // dots[r][j] = A_r . b_j for the R rows A_r = a + r lda and the
 // n <= kInTurnGroup rows b_j = b + j ldb, each summed exactly as
-// few_rows_block sums it: lanes by k mod 8 in order of k, sum_lanes8's tree, then the K mod 8 tail. See
-// rows_in_turn.
+// few_rows_block sums it: lanes by k mod 8 in order of k, sum_lanes8's tree,
+// then the K mod 8 tail. See rows_in_turn.
 template <int R, class BT>
 void in_turn_dots(int64_t K, const float* a, int64_t lda, const BT* b, int64_t ldb, int64_t n,
                   float dots[][kInTurnGroup]) {
@@ -291,8 +291,8 @@ void few_rows_block(int64_t M, int64_t K, float alpha, const float* A, int64_t l
 }
 // dots[r][j] = A_r . b_j for the R rows A_r = a + r lda and the
 // n <= kInTurnGroup rows b_j = b + j ldb, each summed exactly as
-// few_rows_block sums it: lanes by k mod 16 in order of k, sum_lanes16's tree, then the K mod 16 tail. See
-// rows_in_turn.
+// few_rows_block sums it: lanes by k mod 16 in order of k, sum_lanes16's
+// tree, then the K mod 16 tail. See rows_in_turn.
 template <int R, class BT>
 void in_turn_dots(int64_t K, const float* a, int64_t lda, const BT* b, int64_t ldb, int64_t n,
                   float dots[][kInTurnGroup]) {

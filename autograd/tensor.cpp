@@ -117,10 +117,9 @@ void release_cache() {
 // miss and a page walk per 4 KiB read. In 2 MiB pages batch-1 decoding of
 // GPT-2 small ran 16-19% faster by median in one interleaved run and from
 // 14% slower to 4% faster in two later ones, and training steps 1-7% faster
-// in all six rows (README, "Weights in huge pages"): a
-// gain under some conditions. madvise is advice: where THP is "never" or the
-// kernel finds no free 2 MiB, the buffer gets small pages and nothing else
-// changes. Only the buffer's own bytes are marked, so the part past its last
+// in all six rows (README, "Weights in huge pages"): a gain under some
+// conditions. madvise is advice: where THP is "never" or the kernel finds no
+// free 2 MiB, the buffer gets small pages and nothing else changes. Only the buffer's own bytes are marked, so the part past its last
 // whole 2 MiB stays in small pages; but once glibc serves buffers this large
 // from its heap (its mmap threshold grows after frees), the advice stays on
 // that part of the heap for whatever is placed there later. PyTorch's CPU

@@ -8,6 +8,7 @@
 // that read or write its gradient, so a node can hold a tensor's gradient
 // without keeping its data alive.
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <memory>
 #include <string>
@@ -53,6 +54,13 @@ void release_cache();   // give the free list back to the system
 // and the packed GEMM's panels come from here; per-call scratch (attention's,
 // gemm_half_b's widened copy for many rows) does not.
 void* alloc_bytes(size_t bytes);
+// An owner of alloc_bytes' memory, and n elements of T from it (null if refused).
+template <class T>
+using Buffer = std::unique_ptr<T, decltype(&std::free)>;
+template <class T>
+Buffer<T> alloc_array(size_t n) {
+    return Buffer<T>(static_cast<T*>(alloc_bytes(n * sizeof(T))), &std::free);
+}
 }  // namespace mem
 
 struct GradCell {

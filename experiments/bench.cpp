@@ -446,16 +446,15 @@ __attribute__((noinline)) float sum_floats(const float* p, int64_t n) {
 // Read bandwidth in GB/s: each of our threads sums its contiguous part of a
 // 256 MiB buffer (far beyond the caches), allocated as tensors are
 // (mem::alloc_bytes: 2 MiB aligned, in huge pages where the kernel gives
-// them). The median of 7 passes after one that warms up. An earlier probe summed a
-// std::vector (malloc's 16-byte alignment: every 64-byte load spanned two
-// lines) into one vector sum (bound by the adds' latency): it read 25.8 GB/s
-// where this probe on 64-byte aligned 4 KiB pages read 44.1 at 1 thread,
-// 48-51 against 70 at 2 (AVX-512 Zen 5),
-// so every "share of the bound" it gave was 1.4-1.7x too high.
+// them). The median of 7 passes after one that warms up. An earlier probe
+// summed a std::vector (malloc's 16-byte alignment: every 64-byte load
+// spanned two lines) into one vector sum (bound by the adds' latency): it
+// read 25.8 GB/s where this probe on 64-byte aligned 4 KiB pages read 44.1
+// at 1 thread, 48-51 against 70 at 2 (AVX-512 Zen 5), so every "share of the
+// bound" it gave was 1.4-1.7x too high.
 double read_bandwidth_gbs() {
     const int64_t n = int64_t(64) << 20;  // floats
-    std::unique_ptr<float, decltype(&std::free)> buf(static_cast<float*>(mem::alloc_bytes(size_t(n) * 4)),
-                                                     &std::free);
+    const mem::Buffer<float> buf = mem::alloc_array<float>(size_t(n));
     if (!buf) throw std::runtime_error("bench: out of memory for the 256 MiB bandwidth probe");
     float* p = buf.get();
     std::fill(p, p + n, 1.f);

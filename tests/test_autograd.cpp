@@ -6,13 +6,13 @@
 
 #include <catch2/catch.hpp>
 #include <cmath>
-#include <cstdlib>
 #include <cinttypes>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <memory>
 #include <functional>
+#include <memory>
 #include <limits>
 #include <string>
 #include <vector>
@@ -1248,7 +1248,7 @@ TEST_CASE("mem: buffers from 2 MiB on start on a 2 MiB boundary and are advised 
     const Tensor small = Tensor::zeros({int64_t(kHuge / 4) * 15 / 16}), large = Tensor::zeros({int64_t(kHuge / 4) * 3 + 5});
     CHECK(reinterpret_cast<uintptr_t>(small.data()) % 64 == 0);
     CHECK(reinterpret_cast<uintptr_t>(large.data()) % kHuge == 0);
-    using Buffer = std::unique_ptr<void, decltype(&std::free)>;
+    using Buffer = mem::Buffer<void>;
     const Buffer below(mem::alloc_bytes(kHuge - 64), &std::free), at(mem::alloc_bytes(kHuge), &std::free),
         raw(mem::alloc_bytes(5 * kHuge + 100), &std::free);
     REQUIRE((below && at && raw));
