@@ -151,8 +151,7 @@ void gemm_packed(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
     const int64_t n_block = std::min(kNC, (N + kNR - 1) / kNR * kNR);
     float* bp = packed_b.get(size_t(kKC * n_block));
     const int64_t m_tiles = (M + kMR - 1) / kMR;
-#pragma omp parallel if (M * N * K > kMacsParallelMin)
-    {
+    parallel_region(M * N * K > kMacsParallelMin, [&] {
         const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
         // Each thread's share of C: rows when there are enough row tiles for
         // every thread twice over, else B's column panels (C's rows are few).
@@ -190,7 +189,7 @@ void gemm_packed(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
 #pragma omp barrier  // B's panels are read by all before the next block overwrites them
             }
         }
-    }
+    });
 }
 
 }  // namespace peftlab::detail

@@ -23,16 +23,15 @@ HalfMatrix HalfMatrix::from(const Tensor& w) {
         throw std::runtime_error(fmt::format("HalfMatrix::from: out of memory for weight {}", shape_str(w.shape())));
     const float* src = w.data();
     uint16_t* dst = h.data.get();
-#pragma omp parallel for if (w.numel() > kParallelMin) schedule(static)
-    for (int64_t i = 0; i < w.numel(); ++i) dst[i] = float_to_half(src[i]);
+    parallel_for(w.numel(), w.numel() > kParallelMin, [=](int64_t i) { dst[i] = float_to_half(src[i]); });
     return h;
 }
 
 Tensor HalfMatrix::to_float() const {
     Tensor t = Tensor::empty({rows, cols});
     float* dst = t.data();
-#pragma omp parallel for if (rows * cols > kParallelMin) schedule(static)
-    for (int64_t i = 0; i < rows * cols; ++i) dst[i] = half_to_float(data.get()[i]);
+    const uint16_t* src = data.get();
+    parallel_for(rows * cols, rows * cols > kParallelMin, [=](int64_t i) { dst[i] = half_to_float(src[i]); });
     return t;
 }
 

@@ -100,8 +100,10 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
     if (same) {
         // One loop per op: a switch inside the loop keeps it from vectorizing.
         auto each = [=](auto f) {
-#pragma omp parallel for simd if (n > kParallelMin) schedule(static)
-            for (int64_t i = 0; i < n; ++i) po[i] = f(pa[i], pb[i]);
+            parallel_region(n > kParallelMin, [=] {
+#pragma omp for simd schedule(static)
+                for (int64_t i = 0; i < n; ++i) po[i] = f(pa[i], pb[i]);
+            });
         };
         switch (op) {
             case BinOp::Add: each([](float x, float y) { return x + y; }); break;
@@ -182,12 +184,11 @@ Tensor unary(const char* name, const Tensor& a, int fwd_cost, int bwd_cost, bool
     const float* x = a.data();
     float* y = out.data();
     const int64_t n = a.numel();
-#pragma omp parallel if (n > kParallelMin)
-    {
+    parallel_region(n > kParallelMin, [=] {
         const F fn = f;  // each thread's own copy: inlined into a loop that vectorizes (see store_grad)
 #pragma omp for simd schedule(static)
         for (int64_t i = 0; i < n; ++i) y[i] = fn(x[i]);
-    }
+    });
     flops::add(uint64_t(fwd_cost) * uint64_t(n));
     auto ga = grad_target(a);
     if (!ga) return out;

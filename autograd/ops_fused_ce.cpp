@@ -24,8 +24,10 @@ namespace {
 void hand_over(GradCell& cell, const std::shared_ptr<Storage>& g, int64_t n, float s) {
     if (s != 1.f) {
         float* d = g->data;
-#pragma omp parallel for simd if (n > kParallelMin) schedule(static)
-        for (int64_t i = 0; i < n; ++i) d[i] *= s;
+        parallel_region(n > kParallelMin, [=] {
+#pragma omp for simd schedule(static)
+            for (int64_t i = 0; i < n; ++i) d[i] *= s;
+        });
     }
     if (!cell.grad) {
         cell.grad = g;
@@ -76,8 +78,7 @@ Tensor linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const st
         float* lg = buf->data;
         gemm(false, true, m, V, C, 1.f, h + r0 * C, C, w, C, 0.f, lg, V);  // logits [m, V]
         // Softmax and loss per row exactly as cross_entropy computes them.
-#pragma omp parallel for if (m * V > kParallelMin) schedule(static)
-        for (int64_t i = 0; i < m; ++i) {
+        parallel_for(m, m * V > kParallelMin, [&](int64_t i) {
             float* pr = lg + i * V;
             const int32_t t = targets[size_t(r0 + i)];
             float mx = -INFINITY;
@@ -91,19 +92,19 @@ Tensor linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const st
                 s += pr[j];
             }
             if (t != ignore_index) row_loss[size_t(r0 + i)] = double(mx) + std::log(double(s)) - double(xt);
-            if (!need_grad) continue;
+            if (!need_grad) return;
             // dlogits = g * (p - onehot(t)), p = e * (1 / s) rounded as
             // cross_entropy rounds it; zero for ignored rows.
             if (t == ignore_index) {
                 for (int64_t j = 0; j < V; ++j) pr[j] = 0.f;
-                continue;
+                return;
             }
             const float inv = 1.f / s;
             const float pt = pr[t] * inv;
 #pragma omp simd
             for (int64_t j = 0; j < V; ++j) pr[j] = g * (pr[j] * inv);
             pr[t] = g * (pt - 1.f);
-        }
+        });
         if (gx) gemm(false, false, m, C, V, 1.f, lg, V, w, C, 0.f, dh->data + r0 * C, C);  // dh = dlogits W
         if (gw) gemm(true, false, V, C, m, 1.f, lg, V, h + r0 * C, C, r0 ? 1.f : 0.f, dw->data, C);  // dW += dl^T h
     }

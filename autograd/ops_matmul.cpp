@@ -335,8 +335,7 @@ void rows_in_turn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, 
                   int64_t ldb, float beta, float* C, int64_t ldc) {
     static_assert(kInTurnRows == 2);  // the two instances below
     const int64_t groups = (N + kInTurnGroup - 1) / kInTurnGroup;
-#pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < groups; ++g) {
+    parallel_for(groups, true, [&](int64_t g) {
         const int64_t j0 = g * kInTurnGroup, n = std::min(kInTurnGroup, N - j0);
         float dots[kInTurnRows][kInTurnGroup];
         const BT* b = B + j0 * ldb;
@@ -346,7 +345,7 @@ void rows_in_turn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, 
             float* c = C + r * ldc + j0;
             for (int64_t j = 0; j < n; ++j) c[j] = alpha * dots[r][j] + (beta == 0.f ? 0.f : beta * c[j]);
         }
-    }
+    });
 }
 
 // C [M, N] = alpha * A [M, K] B^T + beta * C for B [N, K] (a Linear weight,
@@ -360,8 +359,7 @@ void few_rows_b_rows(int64_t M, int64_t N, int64_t K, float alpha, const float* 
                      int64_t ldb, float beta, float* C, int64_t ldc, int64_t ahead_blocks) {
     if (M <= kInTurnRows) return rows_in_turn(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     const int64_t blocks = (N + kFewCols - 1) / kFewCols;
-#pragma omp parallel for schedule(static)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
+    parallel_for(blocks, true, [&](int64_t blk) {
         const int64_t j0 = blk * kFewCols, w = std::min(kFewCols, N - j0);
         const BT* b[kFewCols];
         const BT* ahead[2 * kFewCols];
@@ -371,7 +369,7 @@ void few_rows_b_rows(int64_t M, int64_t N, int64_t K, float alpha, const float* 
             ahead[kFewCols + c] = B + std::min(j0 + kFewCols + c, N - 1) * ldb;
         }
         few_rows_block(M, K, alpha, A, lda, b, ahead, beta, C + j0, ldc, w);
-    }
+    });
 }
 
 // C [M, N] = alpha * A [M, K] op(B) + beta * C. Each C element is computed by
@@ -382,20 +380,22 @@ void gemm_few_rows(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, c
     // B [K, N]: C_i = sum_k A[i, k] B_k, rows of B added in order, in column blocks.
     constexpr int64_t kBlock = 256;
     const int64_t blocks = (N + kBlock - 1) / kBlock;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t i = 0; i < M; ++i)
-        for (int64_t blk = 0; blk < blocks; ++blk) {
-            const int64_t j0 = blk * kBlock, w = std::min(kBlock, N - j0);
-            float acc[kBlock] = {};
-            for (int64_t k = 0; k < K; ++k) {
-                const float a = A[i * lda + k];
-                const float* b = B + k * ldb + j0;
+    parallel_region(true, [&] {
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t i = 0; i < M; ++i)
+            for (int64_t blk = 0; blk < blocks; ++blk) {
+                const int64_t j0 = blk * kBlock, w = std::min(kBlock, N - j0);
+                float acc[kBlock] = {};
+                for (int64_t k = 0; k < K; ++k) {
+                    const float a = A[i * lda + k];
+                    const float* b = B + k * ldb + j0;
 #pragma omp simd
-                for (int64_t j = 0; j < w; ++j) acc[j] += a * b[j];
+                    for (int64_t j = 0; j < w; ++j) acc[j] += a * b[j];
+                }
+                float* c = C + i * ldc + j0;
+                for (int64_t j = 0; j < w; ++j) c[j] = alpha * acc[j] + (beta == 0.f ? 0.f : beta * c[j]);
             }
-            float* c = C + i * ldc + j0;
-            for (int64_t j = 0; j < w; ++j) c[j] = alpha * acc[j] + (beta == 0.f ? 0.f : beta * c[j]);
-        }
+    });
 }
 
 // dst[0, n) = src[0, n) as floats; while at it, fetches `ahead` (n halves, or
@@ -442,8 +442,7 @@ void gemm_few_rows_half(int64_t M, int64_t N, int64_t K, float alpha, const floa
         return few_rows_b_rows(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, kHalfWidenAhead);
 #endif
     const int64_t blocks = (N + kFewCols - 1) / kFewCols;
-#pragma omp parallel
-    {
+    parallel_region(true, [&] {
         std::vector<float> rows(size_t(kFewCols * K));
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -456,7 +455,7 @@ void gemm_few_rows_half(int64_t M, int64_t N, int64_t K, float alpha, const floa
             for (int64_t c = 0; c < kFewCols; ++c) b[c] = rows.data() + std::min(c, w - 1) * K;
             few_rows_block<float>(M, K, alpha, A, lda, b, nullptr, beta, C + j0, ldc, w);
         }
-    }
+    });
 }
 }  // namespace
 
@@ -859,8 +858,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
         // parallel region would terminate the process.
         const int64_t groups = parallel ? std::min<int64_t>(H, (omp_get_max_threads() + B - 1) / B) : 1;
         std::vector<float> scratch(size_t(parallel ? omp_get_max_threads() : 1) * size_t(H * Tk));
-#pragma omp parallel if (parallel)
-        {
+        parallel_region(parallel, [&] {
             float* P = scratch.data() + size_t(omp_get_thread_num()) * size_t(H * Tk);
 #pragma omp for collapse(2) schedule(static)
             for (int64_t b = 0; b < B; ++b)
@@ -871,14 +869,13 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
                         masked_softmax_row(P + h * Tk, P + h * Tk, Tk, Tk, valid ? valid + mask_row(b, 0) : nullptr);
                     decode_values(po + b * C, P, Tk, pv + b * S * C, C, Tk, h0, h1, Dh);
                 }
-        }
+        });
     } else {
         // Per-thread probability rows [Tq, Tk] and transposed keys [Dh, Tk],
         // allocated here (see above).
         const int64_t per_thread = Tq * Tk + Dh * Tk;
         std::vector<float> scratch(size_t(parallel ? omp_get_max_threads() : 1) * size_t(per_thread));
-#pragma omp parallel if (parallel)
-        {
+        parallel_region(parallel, [&] {
             float* P = scratch.data() + size_t(omp_get_thread_num()) * size_t(per_thread);
             float* KT = P + Tq * Tk;
 #pragma omp for collapse(2) schedule(static)
@@ -892,7 +889,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
                                          po + (b * Tq + i0) * C + h * Dh, C);
                           });
                 }
-        }
+        });
     }
     flops::add(uint64_t(B * H * (4 * Tq * Tk * Dh + 5 * Tq * Tk)));
 
@@ -912,8 +909,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
         // allocated outside the region (see the forward).
         const int64_t per_thread = 2 * Tq * Tk + 2 * Dh * Tk;
         std::vector<float> scratch(size_t(parallel ? omp_get_max_threads() : 1) * size_t(per_thread));
-#pragma omp parallel if (parallel)
-        {
+        parallel_region(parallel, [&] {
             float* P = scratch.data() + size_t(omp_get_thread_num()) * size_t(per_thread);
             float* dS = P + Tq * Tk;
             float* KT = dS + Tq * Tk;
@@ -957,7 +953,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
                                    blk != n_blocks - 1 || bk != 0.f, dk + b * S * C + head, C);
                     }
                 }
-        }
+        });
         const uint64_t gemm_flops = uint64_t(B * H * 2 * Tq * Tk * Dh);
         if (gv) flops::add_grad(gv->is_leaf, gemm_flops);
         if (gq || gk) flops::add_grad(false, gemm_flops + uint64_t(B * H * 4 * Tq * Tk));

@@ -22,8 +22,7 @@ Tensor layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, floa
     const float *px = x.data(), *g = gamma.data(), *bt = beta.data();
     float* py = out.data();
     float *mean = stats->data, *rstd = stats->data + R;
-#pragma omp parallel for if (R * D > kParallelMin) schedule(static)
-    for (int64_t r = 0; r < R; ++r) {
+    parallel_for(R, R * D > kParallelMin, [&](int64_t r) {
         const float* xr = px + r * D;
         const float m = lane_sum(D, [=](int64_t j) { return xr[j]; }) / float(D);
         const float var = lane_sum(D, [=](int64_t j) { return (xr[j] - m) * (xr[j] - m); });
@@ -33,7 +32,7 @@ Tensor layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, floa
         float* yr = py + r * D;
 #pragma omp simd
         for (int64_t j = 0; j < D; ++j) yr[j] = (xr[j] - m) * rs * g[j] + bt[j];
-    }
+    });
     flops::add(uint64_t(8 * R * D));
 
     auto gx = grad_target(x), gg = grad_target(gamma), gb = grad_target(beta);
@@ -46,8 +45,7 @@ Tensor layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, floa
         if (gx) {
             bool add;
             float* dx = gx->target(add);
-#pragma omp parallel for if (R * D > kParallelMin) schedule(static)
-            for (int64_t r = 0; r < R; ++r) {
+            parallel_for(R, R * D > kParallelMin, [&](int64_t r) {
                 const float *xr = xs + r * D, *dyr = dy + r * D;
                 // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * gamma
                 const float m = mu[r], s = rs[r];
@@ -63,7 +61,7 @@ Tensor layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, floa
 #pragma omp simd
                     for (int64_t j = 0; j < D; ++j) dxr[j] = v(j);
                 }
-            }
+            });
             flops::add_grad(gx->is_leaf, uint64_t(12 * R * D));
         }
         if (gg || gb) {
@@ -73,8 +71,7 @@ Tensor layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, floa
             // are read contiguously in column blocks, threads take whole blocks.
             constexpr int64_t kBlock = 64;
             const int64_t blocks = (D + kBlock - 1) / kBlock;
-#pragma omp parallel for if (R * D > kParallelMin) schedule(static)
-            for (int64_t blk = 0; blk < blocks; ++blk) {
+            parallel_for(blocks, R * D > kParallelMin, [&](int64_t blk) {
                 const int64_t j0 = blk * kBlock, w = std::min(kBlock, D - j0);
                 float sg_[kBlock] = {}, sb_[kBlock] = {};
                 for (int64_t r = 0; r < R; ++r) {
@@ -88,7 +85,7 @@ Tensor layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, floa
                     if (dg) dg[j0 + j] += sg_[j];
                     if (db) db[j0 + j] += sb_[j];
                 }
-            }
+            });
             if (gg) flops::add_grad(gg->is_leaf, uint64_t(2 * R * D));
             if (gb) flops::add_grad(gb->is_leaf, uint64_t(2 * R * D));
         }
@@ -113,12 +110,11 @@ Tensor softmax(const Tensor& x, bool causal, const Tensor& key_valid) {
     const float* valid = key_valid.defined() ? key_valid.data() : nullptr;
     float* py = out.data();
     const int64_t rows_per_b = B ? R / B : 0;
-#pragma omp parallel for if (R * Tk > kParallelMin) schedule(static)
-    for (int64_t r = 0; r < R; ++r) {
+    parallel_for(R, R * Tk > kParallelMin, [&](int64_t r) {
         int64_t i = r % Tq;
         int64_t limit = causal ? i + (Tk - Tq) + 1 : Tk;
         masked_softmax_row(py + r * Tk, px + r * Tk, Tk, limit, valid ? valid + (r / rows_per_b) * Tk : nullptr);
-    }
+    });
     flops::add(uint64_t(5 * R * Tk));
     auto gx = grad_target(x);
     if (!gx) return out;
@@ -142,8 +138,7 @@ Tensor log_softmax(const Tensor& x) {
     Tensor out = make_result(x.shape());
     const float* px = x.data();
     float* py = out.data();
-#pragma omp parallel for if (R * V > kParallelMin) schedule(static)
-    for (int64_t r = 0; r < R; ++r) {
+    parallel_for(R, R * V > kParallelMin, [&](int64_t r) {
         const float* xr = px + r * V;
         float mx = -INFINITY;
         for (int64_t j = 0; j < V; ++j) mx = std::max(mx, xr[j]);
@@ -151,7 +146,7 @@ Tensor log_softmax(const Tensor& x) {
         for (int64_t j = 0; j < V; ++j) s += std::exp(xr[j] - mx);
         float lse = mx + std::log(s);
         for (int64_t j = 0; j < V; ++j) py[r * V + j] = xr[j] - lse;
-    }
+    });
     flops::add(uint64_t(5 * R * V));
     auto gx = grad_target(x);
     if (!gx) return out;
@@ -193,8 +188,7 @@ Tensor cross_entropy(const Tensor& logits, const std::vector<int32_t>& targets, 
     std::vector<double> row_loss(size_t(N), 0.0);
     const float* px = logits.data();
     float* pp = probs->data;
-#pragma omp parallel for if (N * V > kParallelMin) schedule(static)
-    for (int64_t r = 0; r < N; ++r) {
+    parallel_for(N, N * V > kParallelMin, [&](int64_t r) {
         const float* xr = px + r * V;
         float* pr = pp + r * V;
         float mx = -INFINITY;
@@ -211,7 +205,7 @@ Tensor cross_entropy(const Tensor& logits, const std::vector<int32_t>& targets, 
         for (int64_t j = 0; j < V; ++j) pr[j] *= inv;
         int32_t t = targets[size_t(r)];
         if (t != ignore_index) row_loss[size_t(r)] = double(mx) + std::log(double(s)) - double(xr[t]);
-    }
+    });
     double total = 0.0;  // summed in row order: deterministic for any thread count
     for (double l : row_loss) total += l;
     Tensor out = make_result({});
@@ -225,8 +219,7 @@ Tensor cross_entropy(const Tensor& logits, const std::vector<int32_t>& targets, 
         float* dx = gx->target(add);
         const float g = dy[0] / float(count);
         const float* p = probs->data;
-#pragma omp parallel for if (N * V > kParallelMin) schedule(static)
-        for (int64_t r = 0; r < N; ++r) {
+        parallel_for(N, N * V > kParallelMin, [&](int64_t r) {
             const int32_t t = (*tgt)[size_t(r)];
             const float* pr = p + r * V;
             float* dr = dx + r * V;
@@ -234,7 +227,7 @@ Tensor cross_entropy(const Tensor& logits, const std::vector<int32_t>& targets, 
                 const float d = t == ignore_index ? 0.f : g * (pr[j] - (j == t ? 1.f : 0.f));
                 dr[j] = add ? dr[j] + d : d;
             }
-        }
+        });
         flops::add_grad(gx->is_leaf, uint64_t(3 * N * V));
     });
     return out;

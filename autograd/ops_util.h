@@ -12,6 +12,7 @@
 #include "autograd/flops.h"
 #include "autograd/ops.h"
 #include "autograd/tape.h"
+#include "autograd/threads.h"
 
 namespace peftlab::detail {
 
@@ -55,8 +56,7 @@ template <class G>
 void store_grad(GradCell& cell, int64_t n, const G& g) {
     bool add;
     float* d = cell.target(add);
-#pragma omp parallel if (n > kParallelMin)
-    {
+    parallel_region(n > kParallelMin, [=] {
         const G f = g;
         if (add) {
 #pragma omp for simd schedule(static)
@@ -65,7 +65,7 @@ void store_grad(GradCell& cell, int64_t n, const G& g) {
 #pragma omp for simd schedule(static)
             for (int64_t i = 0; i < n; ++i) d[i] = f(i);
         }
-    }
+    });
 }
 
 // dst[j] += sum over rows r of src[r * C + j], src [R, C]. Rows are read
@@ -74,14 +74,13 @@ void store_grad(GradCell& cell, int64_t n, const G& g) {
 inline void add_column_sums(float* dst, const float* src, int64_t R, int64_t C) {
     constexpr int64_t kBlock = 64;
     const int64_t blocks = (C + kBlock - 1) / kBlock;
-#pragma omp parallel for if (R * C > kParallelMin) schedule(static)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
+    parallel_for(blocks, R * C > kParallelMin, [=](int64_t blk) {
         const int64_t j0 = blk * kBlock, w = std::min(kBlock, C - j0);
         float acc[kBlock] = {};
         for (int64_t r = 0; r < R; ++r)
             for (int64_t j = 0; j < w; ++j) acc[j] += src[r * C + j0 + j];
         for (int64_t j = 0; j < w; ++j) dst[j0 + j] += acc[j];
-    }
+    });
 }
 
 // e^x in plain arithmetic, so that loops calling it vectorize (libm's expf is
@@ -176,9 +175,9 @@ inline void softmax_backward_row(float* ds, const float* dp, const float* p, int
 inline float fill_bias_rows(float* y, const Tensor& bias, int64_t R, int64_t outf) {
     if (!bias.defined()) return 0.f;
     const float* b = bias.data();
-#pragma omp parallel for if (R * outf > kParallelMin) schedule(static)
-    for (int64_t r = 0; r < R; ++r)
+    parallel_for(R, R * outf > kParallelMin, [=](int64_t r) {
         for (int64_t j = 0; j < outf; ++j) y[r * outf + j] = b[j];
+    });
     flops::add(uint64_t(R * outf));
     return 1.f;
 }

@@ -11,6 +11,8 @@
 
 #include <fmt/format.h>
 
+#include "autograd/threads.h"
+
 namespace peftlab {
 
 std::string shape_str(const Shape& s) {
@@ -144,8 +146,11 @@ void GradCell::accumulate(const float* g) {
         return;
     }
     float* d = grad->data;
-#pragma omp parallel for simd if (numel > 65536) schedule(static)
-    for (int64_t i = 0; i < numel; ++i) d[i] += g[i];
+    const int64_t n = numel;
+    parallel_region(n > 65536, [=] {
+#pragma omp for simd schedule(static)
+        for (int64_t i = 0; i < n; ++i) d[i] += g[i];
+    });
 }
 
 float* GradCell::gemm_target(float& beta) {

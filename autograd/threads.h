@@ -15,7 +15,12 @@
 // but costs decoding 15-35% on an idle machine. The Makefile exports
 // GOMP_SPINCOUNT=3000 (unless set) to everything it runs, and `make bench`
 // passes it to both its sides. Our own loops fork a team only for
-// enough work (kParallelMin, kMacsParallelMin in ops_util.h).
+// enough work (kParallelMin, kMacsParallelMin in ops_util.h), and through
+// parallel_region / parallel_for below, which keep serial work out of OpenMP.
+#include <cstdint>
+
+#include <omp.h>
+
 namespace peftlab {
 
 // n <= 0 means "all cores". Applies to OpenBLAS and OpenMP together.
@@ -27,5 +32,36 @@ int init_threads_from_env();
 // OpenBLAS's name for the kernel it runs (e.g. "Haswell") and its build config.
 const char* blas_core_name();
 const char* blas_config();
+
+// Runs region() on every thread of the OpenMP team when `parallel` holds and
+// the team has more than one thread (a `#pragma omp for` inside it splits its
+// loop among them); otherwise calls it once, here, outside OpenMP (an orphaned
+// `omp for` then runs the whole loop, omp_get_thread_num() is 0). Why not
+// `#pragma omp parallel if (parallel)`: libgomp starts a team of one for a
+// false `if` (and at 1 thread), and ends every team with a futex wake, a
+// system call. A decoding step of the small config entered 75 such regions,
+// 50 of them for a row too small to split; under a paravirtualized guest
+// kernel that cost a 1-thread 64 + 64 generate 31 ms against 17-19 with the
+// serial regions skipped (README "Serial work outside OpenMP").
+template <class F>
+void parallel_region(bool parallel, const F& region) {
+    if (parallel && omp_get_max_threads() > 1) {
+#pragma omp parallel
+        region();
+    } else {
+        region();
+    }
+}
+
+// body(i) for every i in [0, n), the range split statically among the team as
+// parallel_region decides. Each i runs on one thread, so results that depend
+// only on i do not depend on the thread count.
+template <class F>
+void parallel_for(int64_t n, bool parallel, const F& body) {
+    parallel_region(parallel, [&] {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; ++i) body(i);
+    });
+}
 
 }  // namespace peftlab

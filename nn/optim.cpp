@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "autograd/flops.h"
+#include "autograd/threads.h"
 
 namespace peftlab {
 namespace {
@@ -161,15 +162,17 @@ void SGD::update(float* p, const float* g, int64_t n, int64_t t, float* const* s
     const float mom = float(opts_.momentum);
     float* buf = opts_.momentum != 0.0 ? slots[0] : nullptr;
     const bool first = t == 1;
-#pragma omp parallel for simd if (n > kParallelMin) schedule(static)
-    for (int64_t j = 0; j < n; ++j) {
-        float d = wd != 0.f ? g[j] + wd * p[j] : g[j];
-        if (buf) {
-            buf[j] = first ? d : buf[j] * mom + d;
-            d = buf[j];
+    parallel_region(n > kParallelMin, [&] {
+#pragma omp for simd schedule(static)
+        for (int64_t j = 0; j < n; ++j) {
+            float d = wd != 0.f ? g[j] + wd * p[j] : g[j];
+            if (buf) {
+                buf[j] = first ? d : buf[j] * mom + d;
+                d = buf[j];
+            }
+            p[j] = p[j] + neg_lr * d;
         }
-        p[j] = p[j] + neg_lr * d;
-    }
+    });
 }
 
 // ---- AdamW ----------------------------------------------------------------------
@@ -198,14 +201,16 @@ void AdamW::update(float* p, const float* g, int64_t n, int64_t t, float* const*
     const float eps = float(opts_.eps);
     float* m = slots[0];
     float* v = slots[1];
-#pragma omp parallel for simd if (n > kParallelMin) schedule(static)
-    for (int64_t j = 0; j < n; ++j) {
-        const float pj = p[j] * decay;
-        m[j] = m[j] * b1 + one_minus_b1 * g[j];
-        v[j] = v[j] * b2 + one_minus_b2 * g[j] * g[j];
-        const float denom = std::sqrt(v[j]) / bias2_sqrt + eps;
-        p[j] = pj + neg_step_size * m[j] / denom;
-    }
+    parallel_region(n > kParallelMin, [&] {
+#pragma omp for simd schedule(static)
+        for (int64_t j = 0; j < n; ++j) {
+            const float pj = p[j] * decay;
+            m[j] = m[j] * b1 + one_minus_b1 * g[j];
+            v[j] = v[j] * b2 + one_minus_b2 * g[j] * g[j];
+            const float denom = std::sqrt(v[j]) / bias2_sqrt + eps;
+            p[j] = pj + neg_step_size * m[j] / denom;
+        }
+    });
 }
 
 // ---- clipping ---------------------------------------------------------------------
@@ -218,12 +223,11 @@ double grad_norm(const NamedTensors& params) {
         const int64_t n = t.numel();
         const int64_t chunks = (n + kNormChunk - 1) / kNormChunk;
         partial.assign(size_t(chunks), 0.0);
-#pragma omp parallel for if (n > kParallelMin) schedule(static)
-        for (int64_t c = 0; c < chunks; ++c) {
+        parallel_for(chunks, n > kParallelMin, [&](int64_t c) {
             double s = 0.0;
             for (int64_t j = c * kNormChunk; j < std::min(n, (c + 1) * kNormChunk); ++j) s += double(g[j]) * g[j];
             partial[size_t(c)] = s;
-        }
+        });
         for (double s : partial) total += s;
     }
     return std::sqrt(total);
@@ -239,8 +243,10 @@ double clip_grad_norm(const NamedTensors& params, double max_norm) {
         if (!t.has_grad()) continue;
         float* g = t.impl()->gcell->grad->data;
         const int64_t n = t.numel();
-#pragma omp parallel for simd if (n > kParallelMin) schedule(static)
-        for (int64_t j = 0; j < n; ++j) g[j] *= scale;
+        parallel_region(n > kParallelMin, [&] {
+#pragma omp for simd schedule(static)
+            for (int64_t j = 0; j < n; ++j) g[j] *= scale;
+        });
     }
     return norm;
 }

@@ -3,8 +3,11 @@
 // determinism, Rng stability, memory accounting. Gradient values are checked
 // by finite differences in test_autograd_gradcheck.cpp.
 #include <fmt/format.h>
+#include <omp.h>
 
 #include <catch2/catch.hpp>
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cinttypes>
 #include <cstdio>
@@ -1263,6 +1266,43 @@ TEST_CASE("mem: buffers from 2 MiB on start on a 2 MiB boundary and are advised 
         CHECK_THAT(vm_flags_at(at.get()), Catch::Contains(" hg"));
         CHECK_THAT(vm_flags_at(raw.get()), Catch::Contains(" hg"));
     }
+}
+
+TEST_CASE("parallel_for: serial work stays outside OpenMP, parallel work splits statically", "[autograd][threads]") {
+    // omp_get_level() counts every enclosing parallel region, inactive ones
+    // (a team of one, as `#pragma omp parallel if (false)` starts) included:
+    // 0 means libgomp was not entered at all.
+    const int before = threads();
+    constexpr int64_t n = 1000;
+    for (int t : {1, 2}) {
+        set_threads(t);
+        for (bool parallel : {false, true}) {
+            INFO("threads " << t << ", parallel " << parallel);
+            std::vector<int> level(n, -1), thread(n, -1), runs(n, 0);
+            parallel_for(n, parallel, [&](int64_t i) {
+                level[size_t(i)] = omp_get_level();
+                thread[size_t(i)] = omp_get_thread_num();
+                ++runs[size_t(i)];  // each i by one thread: no race
+            });
+            CHECK(std::count(runs.begin(), runs.end(), 1) == n);
+            const bool team = parallel && t > 1;
+            CHECK(std::count(level.begin(), level.end(), team ? 1 : 0) == n);
+            // schedule(static) with 2 threads: the first half on thread 0, the rest on thread 1.
+            CHECK(thread.front() == 0);
+            CHECK(thread.back() == (team ? 1 : 0));
+            // A region's body runs once per team thread; a worksharing loop inside splits.
+            std::atomic<int> bodies{0};
+            std::vector<int> covered(n, 0);
+            parallel_region(parallel, [&] {
+                ++bodies;
+#pragma omp for schedule(static)
+                for (int64_t i = 0; i < n; ++i) ++covered[size_t(i)];
+            });
+            CHECK(bodies == (team ? 2 : 1));
+            CHECK(std::count(covered.begin(), covered.end(), 1) == n);
+        }
+    }
+    set_threads(before);
 }
 
 TEST_CASE("mem: a frozen forward keeps no activations alive", "[autograd][mem]") {
