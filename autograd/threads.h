@@ -39,10 +39,10 @@ const char* blas_config();
 // `omp for` then runs the whole loop, omp_get_thread_num() is 0). Why not
 // `#pragma omp parallel if (parallel)`: libgomp starts a team of one for a
 // false `if` (and at 1 thread), and ends every team with a futex wake, a
-// system call. A decoding step of the small config entered 75 such regions,
-// 50 of them for a row too small to split; under a paravirtualized guest
-// kernel that cost a 1-thread 64 + 64 generate 31 ms against 17-19 with the
-// serial regions skipped (README "Serial work outside OpenMP").
+// system call. A decoding step of the small config entered 75 regions,
+// 50 of them for work too small to split; on a paravirtualized guest kernel
+// a 1-thread 64 + 64 generate took 30.2 ms (median) with them and 19.0 with
+// the serial ones skipped (README "Serial work outside OpenMP").
 template <class F>
 void parallel_region(bool parallel, const F& region) {
     if (parallel && omp_get_max_threads() > 1) {
