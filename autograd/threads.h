@@ -33,24 +33,29 @@ int init_threads_from_env();
 const char* blas_core_name();
 const char* blas_config();
 
-// Runs region() on every thread of the OpenMP team when `parallel` holds and
-// the team has more than one thread (a `#pragma omp for` inside it splits its
-// loop among them); otherwise calls it once, here, outside OpenMP (an orphaned
-// `omp for` then runs the whole loop, omp_get_thread_num() is 0). Why not
-// `#pragma omp parallel if (parallel)`: libgomp starts a team of one for a
-// false `if` (and at 1 thread), and ends every team with a futex wake, a
-// system call. A decoding step of the small config entered 75 regions,
-// 50 of them for work too small to split; on a paravirtualized guest kernel
-// a 1-thread 64 + 64 generate took 30.2 ms (median) with them and 19.0 with
-// the serial ones skipped (README "Serial work outside OpenMP").
+// Runs region() on every thread of a new OpenMP team when `parallel` holds
+// and the thread setting (omp_get_max_threads) is above one; a `#pragma omp
+// for` inside it splits its loop among them. Otherwise, outside any parallel
+// region, calls it once, here, without entering OpenMP (an orphaned `omp for`
+// then runs the whole loop, omp_get_thread_num() is 0). Why not `#pragma omp
+// parallel if (parallel)`: libgomp starts a team of one for a false `if` (and
+// at 1 thread), and ends every team with a futex wake, a system call. A
+// small-config decoding step entered 75 regions: 25 GEMVs and, at 2 threads,
+// 50 teams of one (bias rows, LayerNorm, attention, adds, GELU); at 1 thread
+// all 75 were teams of one. On a paravirtualized guest kernel a 1-thread
+// 64 + 64 generate took 30.2 ms (median) with them and 19.0 without (README
+// "Serial work outside OpenMP"). Inside a running team (which no caller does
+// today) the old form is kept: there an orphaned `omp for` would bind to the
+// enclosing team and split the loop among its threads.
 template <class F>
 void parallel_region(bool parallel, const F& region) {
-    if (parallel && omp_get_max_threads() > 1) {
-#pragma omp parallel
+    const bool team = parallel && omp_get_max_threads() > 1;
+    if (!team && !omp_in_parallel()) {
         region();
-    } else {
-        region();
+        return;
     }
+#pragma omp parallel if (team)
+    region();
 }
 
 // body(i) for every i in [0, n), the range split statically among the team as

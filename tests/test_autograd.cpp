@@ -1271,7 +1271,7 @@ TEST_CASE("mem: buffers from 2 MiB on start on a 2 MiB boundary and are advised 
 TEST_CASE("parallel_for: serial work stays outside OpenMP, parallel work splits statically", "[autograd][threads]") {
     // omp_get_level() counts every enclosing parallel region, inactive ones
     // (a team of one, as `#pragma omp parallel if (false)` starts) included:
-    // 0 means libgomp was not entered at all.
+    // 0 means the body ran in no region at all.
     const int before = threads();
     constexpr int64_t n = 1000;
     for (int t : {1, 2}) {
@@ -1288,8 +1288,8 @@ TEST_CASE("parallel_for: serial work stays outside OpenMP, parallel work splits 
             const bool team = parallel && t > 1;
             CHECK(std::count(level.begin(), level.end(), team ? 1 : 0) == n);
             // schedule(static) with 2 threads: the first half on thread 0, the rest on thread 1.
-            CHECK(thread.front() == 0);
-            CHECK(thread.back() == (team ? 1 : 0));
+            CHECK(std::count(thread.begin(), thread.begin() + n / 2, 0) == n / 2);
+            CHECK(std::count(thread.begin() + n / 2, thread.end(), team ? 1 : 0) == n / 2);
             // A region's body runs once per team thread; a worksharing loop inside splits.
             std::atomic<int> bodies{0};
             std::vector<int> covered(n, 0);
@@ -1302,6 +1302,17 @@ TEST_CASE("parallel_for: serial work stays outside OpenMP, parallel work splits 
             CHECK(std::count(covered.begin(), covered.end(), 1) == n);
         }
     }
+    // Called inside a running team, serial work still runs the whole loop on
+    // each calling thread (an orphaned `omp for` there would split it).
+    set_threads(2);
+    std::vector<int> per_thread(2, 0);
+#pragma omp parallel num_threads(2)
+    {
+        int count = 0;
+        parallel_for(n, false, [&](int64_t) { ++count; });
+        per_thread[size_t(omp_get_thread_num())] = count;
+    }
+    if (omp_get_max_threads() > 1) CHECK(per_thread == std::vector<int>{int(n), int(n)});
     set_threads(before);
 }
 
