@@ -41,11 +41,10 @@ inline int64_t prod(const Shape& s, int from, int to) {
     return n;
 }
 
-// Element-wise loops go parallel only when the work pays for the fork.
-inline constexpr int64_t kParallelMin = 32768;
-// Likewise GEMM-like loops of our own, counted in multiply-adds: below this,
-// waking the team costs more than it saves (a decoding step's attention), and
-// on a loaded machine a team waits for its slowest thread.
+// Element-wise loops split at kParallelMin elements (threads.h); GEMM-like
+// loops of our own at this many multiply-adds. Below it, waking the team costs
+// more than it saves (a decoding step's attention), and on a loaded machine a
+// team waits for its slowest thread.
 inline constexpr int64_t kMacsParallelMin = int64_t(1) << 20;
 
 // Stores g(i) for i < n into the gradient held by `cell` (n elements): written

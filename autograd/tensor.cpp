@@ -121,11 +121,12 @@ void release_cache() {
 // 14% slower to 4% faster in two later ones, and training steps 1-7% faster
 // in all six rows (README, "Weights in huge pages"): a gain under some
 // conditions. madvise is advice: where THP is "never" or the kernel finds no
-// free 2 MiB, the buffer gets small pages and nothing else changes. Only the buffer's own bytes are marked, so the part past its last
-// whole 2 MiB stays in small pages; but once glibc serves buffers this large
-// from its heap (its mmap threshold grows after frees), the advice stays on
-// that part of the heap for whatever is placed there later. PyTorch's CPU
-// allocator does the same under THP_MEM_ALLOC_ENABLE.
+// free 2 MiB, the buffer gets small pages and nothing else changes. Only the
+// buffer's own bytes are marked, so the part past its last whole 2 MiB
+// stays in small pages; but once glibc serves buffers this large from its
+// heap (its mmap threshold grows after frees), the advice stays on that part
+// of the heap for whatever is placed there later. PyTorch's CPU allocator
+// does the same under THP_MEM_ALLOC_ENABLE.
 void* alloc_bytes(size_t bytes) {
     constexpr size_t kHuge = size_t(2) << 20;
     if (bytes < kHuge) return std::aligned_alloc(64, (bytes + 63) / 64 * 64);

@@ -15,8 +15,9 @@
 // but costs decoding 15-35% on an idle machine. The Makefile exports
 // GOMP_SPINCOUNT=3000 (unless set) to everything it runs, and `make bench`
 // passes it to both its sides. Our own loops fork a team only for
-// enough work (kParallelMin, kMacsParallelMin in ops_util.h), and through
-// parallel_region / parallel_for below, which keep serial work out of OpenMP.
+// enough work (kParallelMin below, kMacsParallelMin in ops_util.h), and
+// through parallel_region / parallel_for below, which keep serial work out of
+// OpenMP.
 #include <cstdint>
 
 #include <omp.h>
@@ -32,6 +33,10 @@ int init_threads_from_env();
 // OpenBLAS's name for the kernel it runs (e.g. "Haswell") and its build config.
 const char* blas_core_name();
 const char* blas_config();
+
+// Element-wise loops (autograd's ops, the optimizers) split across the team
+// from this many elements: below it the fork costs more than it saves.
+inline constexpr int64_t kParallelMin = 32768;
 
 // Runs region() on every thread of a new OpenMP team when `parallel` holds
 // and the thread setting (omp_get_max_threads) is above one; a `#pragma omp

@@ -14,8 +14,6 @@
 namespace peftlab {
 namespace {
 
-// Element-wise loops go parallel only when the work pays for the fork.
-constexpr int64_t kParallelMin = 32768;
 // Gradient-norm partial sums cover fixed chunks, so the summation order (and
 // with it the result) does not depend on how many threads computed them.
 constexpr int64_t kNormChunk = 65536;

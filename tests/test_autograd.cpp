@@ -1251,9 +1251,8 @@ TEST_CASE("mem: buffers from 2 MiB on start on a 2 MiB boundary and are advised 
     const Tensor small = Tensor::zeros({int64_t(kHuge / 4) * 15 / 16}), large = Tensor::zeros({int64_t(kHuge / 4) * 3 + 5});
     CHECK(reinterpret_cast<uintptr_t>(small.data()) % 64 == 0);
     CHECK(reinterpret_cast<uintptr_t>(large.data()) % kHuge == 0);
-    using Buffer = mem::Buffer<void>;
-    const Buffer below(mem::alloc_bytes(kHuge - 64), &std::free), at(mem::alloc_bytes(kHuge), &std::free),
-        raw(mem::alloc_bytes(5 * kHuge + 100), &std::free);
+    const auto below = mem::alloc_array<char>(kHuge - 64), at = mem::alloc_array<char>(kHuge),
+               raw = mem::alloc_array<char>(5 * kHuge + 100);
     REQUIRE((below && at && raw));
     CHECK(reinterpret_cast<uintptr_t>(below.get()) % 64 == 0);
     CHECK(reinterpret_cast<uintptr_t>(at.get()) % kHuge == 0);
