@@ -335,7 +335,7 @@ void rows_in_turn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, 
                   int64_t ldb, float beta, float* C, int64_t ldc) {
     static_assert(kInTurnRows == 2);  // the two instances below
     const int64_t groups = (N + kInTurnGroup - 1) / kInTurnGroup;
-    parallel_for(groups, true, [&](int64_t g) {
+    pool_for(groups, [&](int64_t g) {
         const int64_t j0 = g * kInTurnGroup, n = std::min(kInTurnGroup, N - j0);
         float dots[kInTurnRows][kInTurnGroup];
         const BT* b = B + j0 * ldb;
@@ -359,7 +359,7 @@ void few_rows_b_rows(int64_t M, int64_t N, int64_t K, float alpha, const float* 
                      int64_t ldb, float beta, float* C, int64_t ldc, int64_t ahead_blocks) {
     if (M <= kInTurnRows) return rows_in_turn(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     const int64_t blocks = (N + kFewCols - 1) / kFewCols;
-    parallel_for(blocks, true, [&](int64_t blk) {
+    pool_for(blocks, [&](int64_t blk) {
         const int64_t j0 = blk * kFewCols, w = std::min(kFewCols, N - j0);
         const BT* b[kFewCols];
         const BT* ahead[2 * kFewCols];
@@ -380,21 +380,17 @@ void gemm_few_rows(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, c
     // B [K, N]: C_i = sum_k A[i, k] B_k, rows of B added in order, in column blocks.
     constexpr int64_t kBlock = 256;
     const int64_t blocks = (N + kBlock - 1) / kBlock;
-    parallel_region(true, [&] {
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t i = 0; i < M; ++i)
-            for (int64_t blk = 0; blk < blocks; ++blk) {
-                const int64_t j0 = blk * kBlock, w = std::min(kBlock, N - j0);
-                float acc[kBlock] = {};
-                for (int64_t k = 0; k < K; ++k) {
-                    const float a = A[i * lda + k];
-                    const float* b = B + k * ldb + j0;
+    pool_for(M * blocks, [&](int64_t ib) {
+        const int64_t i = ib / blocks, j0 = ib % blocks * kBlock, w = std::min(kBlock, N - j0);
+        float acc[kBlock] = {};
+        for (int64_t k = 0; k < K; ++k) {
+            const float a = A[i * lda + k];
+            const float* b = B + k * ldb + j0;
 #pragma omp simd
-                    for (int64_t j = 0; j < w; ++j) acc[j] += a * b[j];
-                }
-                float* c = C + i * ldc + j0;
-                for (int64_t j = 0; j < w; ++j) c[j] = alpha * acc[j] + (beta == 0.f ? 0.f : beta * c[j]);
-            }
+            for (int64_t j = 0; j < w; ++j) acc[j] += a * b[j];
+        }
+        float* c = C + i * ldc + j0;
+        for (int64_t j = 0; j < w; ++j) c[j] = alpha * acc[j] + (beta == 0.f ? 0.f : beta * c[j]);
     });
 }
 
@@ -442,17 +438,19 @@ void gemm_few_rows_half(int64_t M, int64_t N, int64_t K, float alpha, const floa
         return few_rows_b_rows(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, kHalfWidenAhead);
 #endif
     const int64_t blocks = (N + kFewCols - 1) / kFewCols;
-    parallel_region(true, [&] {
-        std::vector<float> rows(size_t(kFewCols * K));
-#pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < blocks; ++blk) {
+    // A [kFewCols, K] buffer per pool thread, allocated here: an allocation
+    // that throws on a pool worker would terminate the process.
+    std::vector<float> scratch(size_t(threads()) * size_t(kFewCols * K));
+    pool_ranges(blocks, [&](int64_t first, int64_t last, int thread) {
+        float* rows = scratch.data() + size_t(thread) * size_t(kFewCols * K);
+        for (int64_t blk = first; blk < last; ++blk) {
             const int64_t j0 = blk * kFewCols, w = std::min(kFewCols, N - j0);
             const float* b[kFewCols];
             for (int64_t c = 0; c < w; ++c) {
                 const int64_t ahead_row = j0 + kHalfAhead * kFewCols + c;
-                halves_to_floats(B + (j0 + c) * ldb, rows.data() + c * K, K, ahead_row < N ? B + ahead_row * ldb : nullptr);
+                halves_to_floats(B + (j0 + c) * ldb, rows + c * K, K, ahead_row < N ? B + ahead_row * ldb : nullptr);
             }
-            for (int64_t c = 0; c < kFewCols; ++c) b[c] = rows.data() + std::min(c, w - 1) * K;
+            for (int64_t c = 0; c < kFewCols; ++c) b[c] = rows + std::min(c, w - 1) * K;
             few_rows_block<float>(M, K, alpha, A, lda, b, nullptr, beta, C + j0, ldc, w);
         }
     });
@@ -853,23 +851,27 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
     if (Tq == 1) {
         // A decoding step: per batch row, its heads in `groups` groups (more
         // than one only to give every thread work when there are fewer rows
-        // than threads; the bits do not depend on the grouping). P [H, Tk]
-        // per thread, allocated here: an allocation that throws inside the
-        // parallel region would terminate the process.
-        const int64_t groups = parallel ? std::min<int64_t>(H, (omp_get_max_threads() + B - 1) / B) : 1;
-        std::vector<float> scratch(size_t(parallel ? omp_get_max_threads() : 1) * size_t(H * Tk));
-        parallel_region(parallel, [&] {
-            float* P = scratch.data() + size_t(omp_get_thread_num()) * size_t(H * Tk);
-#pragma omp for collapse(2) schedule(static)
-            for (int64_t b = 0; b < B; ++b)
-                for (int64_t g = 0; g < groups; ++g) {
-                    const int64_t h0 = g * H / groups, h1 = (g + 1) * H / groups;
-                    decode_scores(P, Tk, pq + b * C, pk + b * S * C, C, Tk, h0, h1, Dh, scale);
-                    for (int64_t h = h0; h < h1; ++h)  // one query row sees all Tk keys, causal or not
-                        masked_softmax_row(P + h * Tk, P + h * Tk, Tk, Tk, valid ? valid + mask_row(b, 0) : nullptr);
-                    decode_values(po + b * C, P, Tk, pv + b * S * C, C, Tk, h0, h1, Dh);
-                }
-        });
+        // than threads; the bits do not depend on the grouping). On the
+        // worker pool, as the step's GEMVs are: an OpenMP team here would
+        // wake libgomp's worker onto the core where the pool's worker spins
+        // (at gpt2's shape, batch 8, that cost 6-9% of a generate). P [H, Tk]
+        // per thread, allocated here: an allocation that throws on a pool
+        // worker would terminate the process.
+        const int64_t groups = parallel ? std::min<int64_t>(H, (threads() + B - 1) / B) : 1;
+        std::vector<float> scratch(size_t(parallel ? threads() : 1) * size_t(H * Tk));
+        const auto heads = [&](int64_t first, int64_t last, int thread) {
+            float* P = scratch.data() + size_t(thread) * size_t(H * Tk);
+            for (int64_t bg = first; bg < last; ++bg) {
+                const int64_t b = bg / groups, g = bg % groups;
+                const int64_t h0 = g * H / groups, h1 = (g + 1) * H / groups;
+                decode_scores(P, Tk, pq + b * C, pk + b * S * C, C, Tk, h0, h1, Dh, scale);
+                for (int64_t h = h0; h < h1; ++h)  // one query row sees all Tk keys, causal or not
+                    masked_softmax_row(P + h * Tk, P + h * Tk, Tk, Tk, valid ? valid + mask_row(b, 0) : nullptr);
+                decode_values(po + b * C, P, Tk, pv + b * S * C, C, Tk, h0, h1, Dh);
+            }
+        };
+        if (parallel) pool_ranges(B * groups, heads);
+        else heads(0, B * groups, 0);
     } else {
         // Per-thread probability rows [Tq, Tk] and transposed keys [Dh, Tk],
         // allocated here (see above).

@@ -1,11 +1,19 @@
 #include "autograd/threads.h"
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
+#include <exception>
+#include <new>
 #include <stdexcept>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include <cblas.h>
 #include <omp.h>
+#include <pthread.h>
 
 namespace peftlab {
 
@@ -30,6 +38,151 @@ int init_threads_from_env() {
     }
     set_threads(n);
     return threads();
+}
+
+namespace {
+
+// How long a pool worker spins for the next range before it sleeps. Longer
+// than the serial work between two GEMVs of a decoding step (LayerNorm,
+// one-token attention: a few microseconds at small, tens at gpt2) and the
+// sampling between steps, so that a generate wakes a sleeping worker about
+// once per call; short enough that a worker left spinning after the last GEMV
+// costs the next OpenMP region or another process little.
+constexpr auto kPoolSpin = std::chrono::microseconds(100);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+// [begin, end) of thread t of T over [0, n): libgomp's schedule(static) split.
+void static_range(int64_t n, int t, int T, int64_t& begin, int64_t& end) {
+    const int64_t q = n / T, r = n % T;
+    begin = t * q + std::min<int64_t>(t, r);
+    end = begin + q + (t < r ? 1 : 0);
+}
+
+// T - 1 workers; the caller of try_run() is thread 0. One job at a time:
+// try_run() publishes it by bumping `generation_` and waits for `done_` to
+// count the workers. It starts the workers (or restarts them at a new T).
+class WorkerPool {
+public:
+    WorkerPool() { pthread_atfork(nullptr, nullptr, [] { instance().after_fork_in_child(); }); }
+    ~WorkerPool() { resize(1); }
+
+    static WorkerPool& instance() {
+        static WorkerPool pool;
+        return pool;
+    }
+
+    // True if it ran the job; false if another thread holds the pool.
+    bool try_run(int64_t n, detail::RangeFn fn, const void* body, int T) {
+        if (busy_.exchange(true, std::memory_order_acquire)) return false;
+        struct Release {
+            std::atomic<bool>& busy;
+            ~Release() { busy.store(false, std::memory_order_release); }
+        } release{busy_};
+        if (int(workers_.size()) + 1 != T) resize(T);
+        fn_ = fn;
+        body_ = body;
+        n_ = n;
+        done_.store(0, std::memory_order_relaxed);
+        generation_.fetch_add(1, std::memory_order_seq_cst);  // publishes fn_, body_, n_
+        // seq_cst pairs with the worker's sleepers_ increment before it waits:
+        // either we see it and wake it, or its wait sees the new generation.
+        if (sleepers_.load(std::memory_order_seq_cst) > 0) generation_.notify_all();
+        std::exception_ptr error;
+        int64_t begin, end;
+        static_range(n, 0, T, begin, end);
+        try {
+            fn(body, begin, end, 0);
+        } catch (...) {
+            error = std::current_exception();
+        }
+        const int workers = int(workers_.size());
+        // Spin until the workers are done, yielding the core now and then only
+        // with more threads than cores (where a worker may be waiting for this
+        // one). Not sleeping here paid: with a CPU-bound process beside a
+        // 2-thread medium generate, 257 / 549 ms (minimum / median) against
+        // 518 / 821 when this wait slept after kPoolSpin as the workers do.
+        const bool oversubscribed = T > omp_get_num_procs();
+        for (int spins = 1; done_.load(std::memory_order_acquire) != workers; ++spins) {
+            cpu_relax();
+            if (oversubscribed && spins % 1024 == 0) std::this_thread::yield();
+        }
+        if (error) std::rethrow_exception(error);
+        return true;
+    }
+
+private:
+    // A forked child has only the thread that called fork(): the workers'
+    // std::thread objects name threads that do not exist there, and
+    // destroying or joining them would abort or hang. Their vector is
+    // abandoned (its buffer leaks, once per fork) and the next call starts
+    // new workers.
+    void after_fork_in_child() {
+        new (&workers_) std::vector<std::thread>();
+        busy_.store(false, std::memory_order_relaxed);
+        sleepers_.store(0, std::memory_order_relaxed);
+        T_ = 1;
+    }
+
+    void resize(int T) {
+        if (!workers_.empty()) {
+            stop_ = true;
+            generation_.fetch_add(1, std::memory_order_seq_cst);
+            generation_.notify_all();
+            for (auto& w : workers_) w.join();
+            workers_.clear();
+            stop_ = false;
+        }
+        T_ = T;
+        const uint32_t start = generation_.load(std::memory_order_relaxed);
+        for (int t = 1; t < T; ++t) workers_.emplace_back([this, t, start] { work(t, start); });
+    }
+
+    void work(int t, uint32_t seen) {
+        for (;;) {
+            uint32_t now = generation_.load(std::memory_order_acquire);
+            const auto deadline = std::chrono::steady_clock::now() + kPoolSpin;
+            for (int spins = 1; now == seen; ++spins) {
+                cpu_relax();
+                if (spins % 64 == 0 && std::chrono::steady_clock::now() > deadline) {
+                    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+                    generation_.wait(seen, std::memory_order_seq_cst);
+                    sleepers_.fetch_sub(1, std::memory_order_relaxed);
+                }
+                now = generation_.load(std::memory_order_acquire);
+            }
+            seen = now;
+            if (stop_) return;
+            int64_t begin, end;
+            static_range(n_, t, T_, begin, end);
+            fn_(body_, begin, end, t);
+            done_.fetch_add(1, std::memory_order_release);
+        }
+    }
+
+    std::vector<std::thread> workers_;
+    std::atomic<bool> busy_{false};
+    std::atomic<uint32_t> generation_{0};
+    std::atomic<int> done_{0}, sleepers_{0};
+    // Written by the caller before the generation bump, read by workers after.
+    detail::RangeFn fn_ = nullptr;
+    const void* body_ = nullptr;
+    int64_t n_ = 0;
+    int T_ = 1;
+    bool stop_ = false;
+};
+
+}  // namespace
+
+void detail::pool_run(int64_t n, RangeFn fn, const void* body) {
+    const int T = omp_get_max_threads();
+    // A call from inside a range finds the pool busy and runs alone.
+    if (T > 1 && n > 1 && !omp_in_parallel() && WorkerPool::instance().try_run(n, fn, body, T)) return;
+    fn(body, 0, n, 0);
 }
 
 const char* blas_core_name() { return openblas_get_corename(); }

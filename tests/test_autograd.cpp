@@ -4,10 +4,13 @@
 // by finite differences in test_autograd_gradcheck.cpp.
 #include <fmt/format.h>
 #include <omp.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <catch2/catch.hpp>
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cinttypes>
 #include <cstdio>
@@ -17,7 +20,9 @@
 #include <functional>
 #include <memory>
 #include <limits>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "autograd/flops.h"
@@ -1312,6 +1317,98 @@ TEST_CASE("parallel_for: serial work stays outside OpenMP, parallel work splits 
         per_thread[size_t(omp_get_thread_num())] = count;
     }
     if (omp_get_max_threads() > 1) CHECK(per_thread == std::vector<int>{int(n), int(n)});
+    set_threads(before);
+}
+
+TEST_CASE("pool_for: static split on the worker pool, thread 0 is the caller, serial where it must be", "[autograd][threads]") {
+    const int before = threads();
+    const auto caller = std::this_thread::get_id();
+    constexpr int64_t n = 1001;
+    for (int t : {1, 2, 3}) {
+        set_threads(t);
+        INFO("threads " << t);
+        // Ranges as schedule(static) gives them: n / t each, the first n % t one more.
+        std::vector<int> thread(n, -1), runs(n, 0);
+        std::vector<std::thread::id> id(n);
+        pool_ranges(n, [&](int64_t begin, int64_t end, int th) {
+            for (int64_t i = begin; i < end; ++i) {
+                thread[size_t(i)] = th;
+                id[size_t(i)] = std::this_thread::get_id();
+                ++runs[size_t(i)];
+            }
+        });
+        CHECK(std::count(runs.begin(), runs.end(), 1) == n);
+        for (int64_t i = 0, th = 0; th < t; ++th) {
+            const int64_t size = n / t + (th < n % t ? 1 : 0);
+            CHECK(std::count(thread.begin() + i, thread.begin() + i + size, int(th)) == size);
+            // Thread 0 is the caller; every other range runs elsewhere.
+            CHECK(std::count(id.begin() + i, id.begin() + i + size, caller) == (th == 0 ? size : 0));
+            i += size;
+        }
+        // Many small jobs in a row, and jobs after the workers went to sleep
+        // (longer than their spin): every index once each time.
+        std::vector<int64_t> sum(n, 0);
+        for (int rep = 0; rep < 2000; ++rep) {
+            if (rep % 500 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+            pool_for(n, [&](int64_t i) { sum[size_t(i)] += i; });
+        }
+        int64_t wrong = 0;
+        for (int64_t i = 0; i < n; ++i) wrong += sum[size_t(i)] != 2000 * i;
+        CHECK(wrong == 0);
+    }
+    set_threads(2);
+    // Inside a pool range, or an OpenMP team, the caller runs the whole range as thread 0.
+    std::vector<int64_t> inner(2, -1);
+    pool_ranges(2, [&](int64_t, int64_t, int th) {
+        int64_t count = 0;
+        pool_ranges(10, [&](int64_t b, int64_t e, int inner_th) { count += inner_th == 0 ? e - b : -1000; });
+        inner[size_t(th)] = count;
+    });
+    CHECK(inner == std::vector<int64_t>{10, 10});
+    std::vector<int64_t> in_team(2, -1);
+#pragma omp parallel num_threads(2)
+    {
+        int64_t count = 0;
+        pool_ranges(10, [&](int64_t b, int64_t e, int th) { count += th == 0 ? e - b : -1000; });
+        in_team[size_t(omp_get_thread_num())] = count;
+    }
+    if (omp_get_max_threads() > 1) CHECK(in_team == std::vector<int64_t>{10, 10});
+    // Two callers at once: one holds the pool, the other runs alone; both complete.
+    std::vector<int64_t> a(n, 0), b(n, 0);
+    std::thread other([&] {
+        for (int rep = 0; rep < 300; ++rep) pool_for(n, [&](int64_t i) { a[size_t(i)] += 1; });
+    });
+    for (int rep = 0; rep < 300; ++rep) pool_for(n, [&](int64_t i) { b[size_t(i)] += 1; });
+    other.join();
+    CHECK(std::count(a.begin(), a.end(), 300) == n);
+    CHECK(std::count(b.begin(), b.end(), 300) == n);
+    // The caller's exception comes back after the workers' ranges are done.
+    std::atomic<int64_t> worker_done{0};
+    CHECK_THROWS_WITH(pool_ranges(n,
+                                  [&](int64_t begin, int64_t end, int th) {
+                                      if (th == 0) throw std::runtime_error("range 0 failed");
+                                      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                                      worker_done += end - begin;
+                                  }),
+                      "range 0 failed");
+    CHECK(worker_done == n - (n + 1) / 2);
+    // A forked child, which has none of the workers, starts its own.
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+        ::alarm(20);  // a child that waits for the parent's workers hangs: SIGALRM ends it
+        std::vector<int> runs(n, 0);
+        std::vector<std::thread::id> id(n);
+        pool_ranges(n, [&](int64_t begin, int64_t end, int) {
+            for (int64_t i = begin; i < end; ++i) ++runs[size_t(i)], id[size_t(i)] = std::this_thread::get_id();
+        });
+        const bool elsewhere = id[size_t(n - 1)] != std::this_thread::get_id();
+        ::_exit(std::count(runs.begin(), runs.end(), 1) == n && elsewhere ? 0 : 1);
+    }
+    REQUIRE(pid > 0);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
     set_threads(before);
 }
 
