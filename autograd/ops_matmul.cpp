@@ -854,7 +854,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int n_heads,
         // than threads; the bits do not depend on the grouping). On the
         // worker pool, as the step's GEMVs are: an OpenMP team here would
         // wake libgomp's worker onto the core where the pool's worker spins
-        // (at gpt2's shape, batch 8, that cost 6-9% of a generate). P [H, Tk]
+        // (at gpt2's shape, batch 8, that cost 5-10% of a generate). P [H, Tk]
         // per thread, allocated here: an allocation that throws on a pool
         // worker would terminate the process.
         const int64_t groups = parallel ? std::min<int64_t>(H, (threads() + B - 1) / B) : 1;
