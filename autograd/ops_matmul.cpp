@@ -438,11 +438,12 @@ void gemm_few_rows_half(int64_t M, int64_t N, int64_t K, float alpha, const floa
         return few_rows_b_rows(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, kHalfWidenAhead);
 #endif
     const int64_t blocks = (N + kFewCols - 1) / kFewCols;
-    // A [kFewCols, K] buffer per pool thread, allocated here: an allocation
-    // that throws on a pool worker would terminate the process.
-    std::vector<float> scratch(size_t(threads()) * size_t(kFewCols * K));
+    // A [kFewCols, K] buffer per pool thread, allocated here (an allocation
+    // that throws on a pool worker would terminate the process) and left
+    // unset: each block writes the rows it reads.
+    const auto scratch = std::make_unique_for_overwrite<float[]>(size_t(threads()) * size_t(kFewCols * K));
     pool_ranges(blocks, [&](int64_t first, int64_t last, int thread) {
-        float* rows = scratch.data() + size_t(thread) * size_t(kFewCols * K);
+        float* rows = scratch.get() + size_t(thread) * size_t(kFewCols * K);
         for (int64_t blk = first; blk < last; ++blk) {
             const int64_t j0 = blk * kFewCols, w = std::min(kFewCols, N - j0);
             const float* b[kFewCols];

@@ -17,8 +17,8 @@
 // passes it to both its sides. Our own loops fork a team only for
 // enough work (kParallelMin below, kMacsParallelMin in ops_util.h), and
 // through parallel_region / parallel_for below, which keep serial work out of
-// OpenMP. The few-row GEMMs of decoding run on a pool of our own instead
-// (pool_ranges / pool_for below).
+// OpenMP. The few-row GEMMs and the one-token attention of decoding run on a
+// pool of our own instead (pool_ranges / pool_for below).
 #include <cstdint>
 
 #include <omp.h>
@@ -83,12 +83,14 @@ void pool_run(int64_t n, RangeFn fn, const void* body);
 // body(begin, end, thread) on the threads of peftlab's own worker pool, [0, n)
 // split statically as `omp for schedule(static)` splits it (thread t of T
 // gets n / T items, one more if t < n % T; thread 0 is the caller), each
-// thread's range once, `thread` in [0, T). T is the thread setting. Returns
-// when every range is done; an exception from the caller's range is rethrown
-// after the others finish, one from a worker's range terminates the process
-// (as in an OpenMP region). At T = 1, inside an OpenMP team, inside a pool
-// range, or while another thread runs the pool, the caller runs [0, n) alone
-// with thread 0.
+// thread's range once, `thread` in [0, T). T is the calling thread's thread
+// setting (omp_get_max_threads(), so a per-thread scratch of threads() slots
+// has one for every `thread`). Returns when every range is done; an exception
+// from the caller's range is rethrown after the others finish, one from a
+// worker's range terminates the process (as in an OpenMP region); failing to
+// start a worker throws std::system_error before any range runs. For n <= 1,
+// at T = 1, inside an OpenMP team, inside a pool range, or while another
+// thread runs the pool, the caller runs [0, n) alone with thread 0.
 //
 // Why a pool beside OpenMP: for the few-row GEMMs of decoding, 25 (small) to
 // 73 (gpt2) per generated token, each a few to a few hundred microseconds.
@@ -97,9 +99,10 @@ void pool_run(int64_t n, RangeFn fn, const void* body);
 // system call), against ~0.4 us here (a throwaway loop of 1024-float regions,
 // 20000 each, interleaved). The pool's workers spin on a generation counter
 // for 100 us after a range, so consecutive GEMVs reach them without a system
-// call, then sleep on it (std::atomic::wait, a futex): 100 spinning
-// microseconds after a burst is all they take from other work. The caller
-// spins until the workers' ranges are done.
+// call, then sleep on it (std::atomic::wait, a futex). During a burst of
+// calls the workers (and the caller, until the workers' ranges are done) hold
+// their cores through the serial work between calls; after it, 100 spinning
+// microseconds are all they take from other work.
 template <class F>
 void pool_ranges(int64_t n, const F& body) {
     detail::pool_run(

@@ -1345,11 +1345,13 @@ TEST_CASE("pool_for: static split on the worker pool, thread 0 is the caller, se
             CHECK(std::count(id.begin() + i, id.begin() + i + size, caller) == (th == 0 ? size : 0));
             i += size;
         }
-        // Many small jobs in a row, and jobs after the workers went to sleep
-        // (longer than their spin): every index once each time.
+        // Many small jobs in a row, jobs after the workers went to sleep
+        // (longer than their 100 us spin) and around the moment they do:
+        // every index once each time.
         std::vector<int64_t> sum(n, 0);
         for (int rep = 0; rep < 2000; ++rep) {
             if (rep % 500 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+            if (rep % 20 == 10) std::this_thread::sleep_for(std::chrono::microseconds(50 + rep % 200));
             pool_for(n, [&](int64_t i) { sum[size_t(i)] += i; });
         }
         int64_t wrong = 0;
@@ -1392,6 +1394,10 @@ TEST_CASE("pool_for: static split on the worker pool, thread 0 is the caller, se
                                   }),
                       "range 0 failed");
     CHECK(worker_done == n - (n + 1) / 2);
+    // ... and leaves the pool free: the next call runs on the workers again.
+    std::vector<std::thread::id> after(n);
+    pool_for(n, [&](int64_t i) { after[size_t(i)] = std::this_thread::get_id(); });
+    CHECK(after[size_t(n - 1)] != caller);
     // A forked child, which has none of the workers, starts its own.
     const pid_t pid = ::fork();
     if (pid == 0) {
