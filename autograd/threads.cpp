@@ -117,10 +117,9 @@ public:
         // 2-thread medium generate, 257 / 549 ms (minimum / median) against
         // 518 / 821 when this wait slept after kPoolSpin as the workers do
         // (small: 33.5 / 39.3 against 26.3 / 38.2, within the noise).
-        const bool oversubscribed = T > omp_get_num_procs();
         for (uint32_t spins = 1; done_.load(std::memory_order_acquire) != workers; ++spins) {
             cpu_relax();
-            if (oversubscribed && spins % 1024 == 0) std::this_thread::yield();
+            if (oversubscribed_ && spins % 1024 == 0) std::this_thread::yield();
         }
         if (error) std::rethrow_exception(error);
         return true;
@@ -149,6 +148,9 @@ private:
             stop_ = false;
         }
         T_ = T;
+        // Read here, not per call: omp_get_num_procs() is a sched_getaffinity
+        // system call each time (libgomp), ~1 us on a paravirtualized guest.
+        oversubscribed_ = T > omp_get_num_procs();
         const uint32_t start = generation_.load(std::memory_order_relaxed);
         for (int t = 1; t < T; ++t) workers_.emplace_back([this, t, start] { work(t, start); });
     }
@@ -185,6 +187,7 @@ private:
     int64_t n_ = 0;
     int T_ = 1;
     bool stop_ = false;
+    bool oversubscribed_ = false;  // more threads than the cores this process may use
 };
 
 }  // namespace
