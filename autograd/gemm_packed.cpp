@@ -13,9 +13,10 @@
 // Loops, outermost first: columns of C in blocks of kNC; K in blocks of kKC,
 // for which the threads pack op(B) [kKC, kNC] together into column panels of
 // kNR (each panel k-major: kNR floats per k); each thread then takes its own
-// rows of C and packs op(A) [kMC, kKC] of them into row panels of kMR (kMR
-// floats per k), and the micro-kernel multiplies one A panel by one B panel,
-// keeping a [kMR, kNR] tile of C in 28 registers over the whole kKC.
+// share of C (the panels it packed, or with many rows its own rows), packs
+// op(A) [kMC, kKC] of those rows into row panels of kMR (kMR floats per k),
+// and the micro-kernel multiplies one A panel by one B panel, keeping a
+// [kMR, kNR] tile of C in 28 registers over the whole kKC.
 //
 // Determinism: every element of C sums its products in order of k, in blocks
 // of kKC added to C in order, whatever M, N, the element's position or the
@@ -65,19 +66,53 @@ void copy_padded(const float* s, int64_t valid, int64_t width, float* d) {
     std::fill(d + valid, d + width, 0.f);
 }
 
+// r[i][j] <- r[j][i]: a 16 x 16 block of floats transposed in registers
+// (unpack pairs of rows, then shuffle pairs, then 128-bit lanes twice).
+inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int h = 0; h < 16; h += 8)
+        for (int i = 0; i < 4; ++i) {
+            t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+            t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+        }
+    for (int i = 0; i < 8; ++i) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    }
+}
+
 // dst [kc, kNR] (k-major) = op(B)[pc : pc + kc, j0 : j0 + w], zero past w.
 void pack_b(bool trans_b, const float* B, int64_t ldb, int64_t pc, int64_t kc, int64_t j0, int64_t w, float* dst) {
     if (!trans_b) {
         for (int64_t k = 0; k < kc; ++k) copy_padded(B + (pc + k) * ldb + j0, w, kNR, dst + k * kNR);
         return;
     }
-    for (int64_t n = 0; n < kNR; ++n) {  // op(B)(k, n) = B[n, k]: read B's rows contiguously
-        if (n >= w) {
-            for (int64_t k = 0; k < kc; ++k) dst[k * kNR + n] = 0.f;
-            continue;
+    // op(B)(k, n) = B[n, k]: B's rows read contiguously, 16 k at a time, and
+    // transposed in registers 16 rows at a time. A store per element instead
+    // (stride kNR floats) was slower than the micro-kernel at 64 rows of A
+    // (a prefill): 20% of the samples against its 17%.
+    const int64_t k16 = kc - kc % 16;
+    for (int64_t n0 = 0; n0 < kNR; n0 += 16) {
+        const float* s[16];
+        for (int64_t i = 0; i < 16; ++i) s[i] = n0 + i < w ? B + (j0 + n0 + i) * ldb + pc : nullptr;
+        for (int64_t k = 0; k < k16; k += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; ++i) r[i] = s[i] ? _mm512_loadu_ps(s[i] + k) : _mm512_setzero_ps();
+            transpose16(r);
+            for (int i = 0; i < 16; ++i) _mm512_store_ps(dst + (k + i) * kNR + n0, r[i]);
         }
-        const float* s = B + (j0 + n) * ldb + pc;
-        for (int64_t k = 0; k < kc; ++k) dst[k * kNR + n] = s[k];
+        for (int64_t k = k16; k < kc; ++k)
+            for (int64_t i = 0; i < 16; ++i) dst[k * kNR + n0 + i] = s[i] ? s[i][k] : 0.f;
     }
 }
 
@@ -153,9 +188,19 @@ void gemm_packed(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
     const int64_t m_tiles = (M + kMR - 1) / kMR;
     parallel_region(M * N * K > kMacsParallelMin, [&] {
         const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
-        // Each thread's share of C: rows when there are enough row tiles for
-        // every thread twice over, else B's column panels (C's rows are few).
-        const bool split_rows = m_tiles >= 2 * team;
+        // Each thread's share of C: B's column panels, unless C has many rows
+        // or too few panels to share (then rows, if every thread gets two
+        // tiles). Split by panels, a thread computes with the panels it packed
+        // itself (the `omp for` below splits them alike), in its own L2; split
+        // by rows, it reads every panel, half of them from the other core, and
+        // C's few row tiles divide unevenly (5 at 64 rows: 2 and 3). At 2
+        // threads (AVX-512 Zen 5, x W^T at GPT-2 small's widths, K 768 or
+        // 3072) panels ran 64 rows at 316-335 GFLOP/s against 168-173 by rows,
+        // 256 rows at 363-392 against 288-309, 512 at 363-396 against 316-361;
+        // at 1024 and 4096 rows the two were within 2% (noise), as were the
+        // weight gradients (A^T B, 768-3072 rows, K 4096).
+        const int64_t panels_total = (std::min(N, kNC) + kNR - 1) / kNR;
+        const bool split_rows = m_tiles >= 2 * team && (m_tiles >= 32 * team || panels_total < 4 * team);
         const int64_t row_begin = split_rows ? std::min(M, m_tiles * me / team * kMR) : 0;
         const int64_t row_end = split_rows ? std::min(M, m_tiles * (me + 1) / team * kMR) : M;
         float* ap = packed_a.get(size_t(kKC * kMC));

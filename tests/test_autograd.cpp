@@ -276,28 +276,36 @@ TEST_CASE("gemm equals a double-precision product across its blocks; a row's bit
                     CHECK(padding_changed == 0);
                 }
 #if defined(__AVX512F__)  // gemm_packed's promise; OpenBLAS makes none
-    // Bitwise: a Linear layer's x W^T at 400 rows (rows split across threads,
-    // several row blocks) and 1 and 2 threads; rows 37 and 399 computed alone.
-    const int64_t M = 400, N = 96, K = 500;
-    const std::vector<float> x = uniform({M * K}, 7401).to_vector(), w = uniform({N * K}, 7402).to_vector();
-    const int before = threads();
-    std::vector<float> by_threads[2];
-    for (int t : {1, 2}) {
-        set_threads(t);
-        by_threads[t - 1].assign(size_t(M * N), 0.f);
-        detail::gemm(false, true, M, N, K, 1.f, x.data(), K, w.data(), K, 0.f, by_threads[t - 1].data(), N);
-    }
-    set_threads(before);
-    CHECK(by_threads[0] == by_threads[1]);
-    for (int64_t r : {37, 399}) {
-        // 17 rows: above the few-row kernel's 16, so the packed path; row r first.
-        std::vector<float> rows(size_t(17 * K)), out(size_t(17 * N));
-        for (int64_t i = 0; i < 17; ++i)
-            std::copy_n(x.data() + ((r + i) % M) * K, K, rows.data() + i * K);
-        detail::gemm(false, true, 17, N, K, 1.f, rows.data(), K, w.data(), K, 0.f, out.data(), N);
-        INFO("row " << r);
-        CHECK(std::vector<float>(out.begin(), out.begin() + N) ==
-              std::vector<float>(by_threads[1].begin() + r * N, by_threads[1].begin() + (r + 1) * N));
+    // Bitwise: a Linear layer's x W^T at 1 and 2 threads, C split by rows
+    // (400 rows, several row blocks; 3 column panels) and by B's column panels
+    // (100 rows, 10 panels); rows computed alone, at 17 rows (above the
+    // few-row kernel's 16, so the packed path), equal their rows in the batch.
+    struct Split {
+        int64_t M, N, K, rows[2];
+    };
+    uint64_t wseed = 7401;
+    for (const Split& sp : {Split{400, 96, 500, {37, 399}}, Split{100, 300, 500, {5, 99}}}) {
+        const int64_t M = sp.M, N = sp.N, K = sp.K;
+        const std::vector<float> x = uniform({M * K}, wseed++).to_vector(), w = uniform({N * K}, wseed++).to_vector();
+        const int before = threads();
+        std::vector<float> by_threads[2];
+        for (int t : {1, 2}) {
+            set_threads(t);
+            by_threads[t - 1].assign(size_t(M * N), 0.f);
+            detail::gemm(false, true, M, N, K, 1.f, x.data(), K, w.data(), K, 0.f, by_threads[t - 1].data(), N);
+        }
+        set_threads(before);
+        INFO("M=" << M << " N=" << N);
+        CHECK(by_threads[0] == by_threads[1]);
+        for (int64_t r : sp.rows) {
+            std::vector<float> rows(size_t(17 * K)), out(size_t(17 * N));
+            for (int64_t i = 0; i < 17; ++i)
+                std::copy_n(x.data() + ((r + i) % M) * K, K, rows.data() + i * K);
+            detail::gemm(false, true, 17, N, K, 1.f, rows.data(), K, w.data(), K, 0.f, out.data(), N);
+            INFO("row " << r);
+            CHECK(std::vector<float>(out.begin(), out.begin() + N) ==
+                  std::vector<float>(by_threads[1].begin() + r * N, by_threads[1].begin() + (r + 1) * N));
+        }
     }
 #endif
 }
