@@ -242,6 +242,8 @@ private:
 };
 
 json measure_machine();
+mem::Buffer<float> bandwidth_buffer();
+double read_bandwidth_gbs(const float* p, int passes);
 struct GemmRates {
     double sgemm = 0, ours = 0;  // GFLOP/s of cblas_sgemm and of our matmul
     double best() const { return std::max(sgemm, ours); }
@@ -253,6 +255,16 @@ int run_child(const std::string& spec_text) {
     if (j.value("kind", "") == "machine") {  // sgemm peak, matmul overhead, bandwidth
         set_threads(j.at("threads").get<int>());
         std::cout << measure_machine().dump() << std::endl;
+        return 0;
+    }
+    if (j.value("kind", "") == "bandwidth") {  // answers each "probe" line with a read-bandwidth probe
+        set_threads(j.at("threads").get<int>());
+        const mem::Buffer<float> buf = bandwidth_buffer();
+        std::string cmd;
+        while (std::getline(std::cin, cmd) && cmd != "end") {
+            if (cmd != "probe") throw std::invalid_argument("bench --child: unknown command '" + cmd + "'");
+            std::cout << json{{"read_bandwidth_gbs", read_bandwidth_gbs(buf.get(), 3)}}.dump() << std::endl;
+        }
         return 0;
     }
     const Spec s = Spec::from_json(j);
@@ -433,6 +445,8 @@ typedef float Vec16 __attribute__((vector_size(64), aligned(64)));
 
 // The sum of p[0, n) for p 64-byte aligned and n a multiple of 64, in 4
 // independent vector sums: loads, not the adds' latency, set its pace.
+constexpr int64_t kBandwidthFloats = int64_t(64) << 20;  // the probe's buffer: 256 MiB
+
 __attribute__((noinline)) float sum_floats(const float* p, int64_t n) {
     Vec16 acc[4] = {};
     for (int64_t i = 0; i < n; i += 64)
@@ -443,24 +457,28 @@ __attribute__((noinline)) float sum_floats(const float* p, int64_t n) {
     return s;
 }
 
-// Read bandwidth in GB/s: each of our threads sums its contiguous part of a
-// 256 MiB buffer (far beyond the caches), allocated as tensors are
-// (mem::alloc_bytes: 2 MiB aligned, in huge pages where the kernel gives
-// them). The median of 7 passes after one that warms up. An earlier probe
-// summed a std::vector (malloc's 16-byte alignment: every 64-byte load
-// spanned two lines) into one vector sum (bound by the adds' latency): it
-// read 25.8 GB/s where this probe on 64-byte aligned 4 KiB pages read 44.1
-// at 1 thread, 48-51 against 70 at 2 (AVX-512 Zen 5), so every "share of the
-// bound" it gave was 1.4-1.7x too high.
-double read_bandwidth_gbs() {
-    const int64_t n = int64_t(64) << 20;  // floats
-    const mem::Buffer<float> buf = mem::alloc_array<float>(size_t(n));
+// The 256 MiB buffer of the read-bandwidth probe (far beyond the caches),
+// allocated as tensors are (mem::alloc_bytes: 2 MiB aligned, in huge pages
+// where the kernel gives them) and filled.
+mem::Buffer<float> bandwidth_buffer() {
+    mem::Buffer<float> buf = mem::alloc_array<float>(size_t(kBandwidthFloats));
     if (!buf) throw std::runtime_error("bench: out of memory for the 256 MiB bandwidth probe");
-    float* p = buf.get();
-    std::fill(p, p + n, 1.f);
+    std::fill(buf.get(), buf.get() + kBandwidthFloats, 1.f);
+    return buf;
+}
+
+// Read bandwidth in GB/s: each of our threads sums its contiguous part of
+// `buf` (bandwidth_buffer()); the median of `passes` passes after one that
+// warms up. An earlier probe summed a std::vector (malloc's 16-byte
+// alignment: every 64-byte load spanned two lines) into one vector sum
+// (bound by the adds' latency): it read 25.8 GB/s where this probe on 64-byte
+// aligned 4 KiB pages read 44.1 at 1 thread, 48-51 against 70 at 2 (AVX-512
+// Zen 5), so every "share of the bound" it gave was 1.4-1.7x too high.
+double read_bandwidth_gbs(const float* p, int passes) {
+    const int64_t n = kBandwidthFloats;
     std::vector<double> g;
     float total = 0.f;
-    for (int r = 0; r < 8; ++r) {
+    for (int r = 0; r <= passes; ++r) {
         const double t0 = now_s();
         float s = 0.f;
 #pragma omp parallel reduction(+ : s)
@@ -483,7 +501,7 @@ json measure_machine() {
             {"gemm_peak_gflops", peak.ours},
             {"matmul_1024_gflops", ours},
             {"cblas_sgemm_1024_gflops", raw},
-            {"read_bandwidth_gbs", read_bandwidth_gbs()}};
+            {"read_bandwidth_gbs", read_bandwidth_gbs(bandwidth_buffer().get(), 7)}};
 }
 
 // What the bench asks a row's method (an adapter made without a model):
@@ -709,7 +727,9 @@ struct Bench {
     std::vector<std::string> env;  // for every child, ours and torch's
     std::unique_ptr<Child> torch;  // null when PyTorch is unavailable or failed
     json torch_hello;
-    double bandwidth = 0;
+    double bandwidth = 0;                    // GB/s, the machine probe's (measure_machine)
+    std::unique_ptr<Child> bandwidth_probe;  // a "bandwidth" child, for generation rows; null if it failed
+    bool bandwidth_probe_failed = false;
     double memory_limit = 0;       // bytes that rows measured together may hold
     double largest_row_bytes = 0;  // the largest row footprint so far
     int groups_run = 0;            // measured parts of groups so far
@@ -772,6 +792,7 @@ struct Bench {
         double footprint = 0;  // bytes: the child's peak RSS and the PyTorch session's peak growth
         std::vector<double> ours, theirs;
         std::vector<GemmRates> probes;
+        std::vector<double> bandwidths;  // GB/s, probed after each of a generation row's steps
     };
     static void fail(Run& r, const std::exception& e) {
         std::cerr << e.what() << "\n";
@@ -829,6 +850,8 @@ struct Bench {
                     fail(r, e);
                     continue;
                 }
+                if (r.row.value("kind", "") == "generate")
+                    if (const double gbs = probe_bandwidth(); gbs > 0) r.bandwidths.push_back(gbs);
                 if (!r.torch_ok) continue;
                 const json t = torch_call({{"cmd", "step"}, {"id", r.id}});
                 if (t.contains("ms")) r.theirs.push_back(t["ms"]);
@@ -849,7 +872,7 @@ struct Bench {
             }
             r.child.reset();
         }
-        if (!r.row.contains("error")) summarize(spec, r.ready, r.ours, r.theirs, r.probes, r.row);
+        if (!r.row.contains("error")) summarize(spec, r.ready, r.ours, r.theirs, r.probes, r.bandwidths, r.row);
         return std::move(r.row);
     }
 
@@ -869,7 +892,7 @@ struct Bench {
 
     // Medians, rates and ratios of one measured row.
     void summarize(const Spec& s, const json& ready, const std::vector<double>& ours, const std::vector<double>& theirs,
-                   const std::vector<GemmRates>& probes, json& row) const {
+                   const std::vector<GemmRates>& probes, const std::vector<double>& bandwidths, json& row) const {
         const double ms = median(ours), tokens = double(s.tokens());
         row["flops_per_step"] = ready["flops"];
         row["trainable_params"] = ready["trainable_params"];
@@ -890,8 +913,13 @@ struct Bench {
         } else {
             row["ms_per_generate"] = ms;
             row["gen_tokens_per_s"] = tokens / ms * 1e3;
-            row["gen_bound_tokens_per_s"] =
-                generation_bound(s, row["extra_keys"].get<int64_t>(), bandwidth, peak.best());
+            // The bound at the bandwidth probed between this row's steps (the
+            // median, as ms is): on a shared host the machine probe's reading
+            // at the start of the run moved 48-88 GB/s within an hour.
+            const double gbs = bandwidths.empty() ? bandwidth : median(bandwidths);
+            row["read_bandwidth_gbs"] = gbs;
+            row["read_bandwidth_probes_gbs"] = bandwidths;
+            row["gen_bound_tokens_per_s"] = generation_bound(s, row["extra_keys"].get<int64_t>(), gbs, peak.best());
         }
         if (theirs.empty()) return;
         const double tms = median(theirs);
@@ -906,6 +934,26 @@ struct Bench {
         } else {
             row["torch_ms_per_generate"] = tms;
             row["torch_gen_tokens_per_s"] = tokens / tms * 1e3;
+        }
+    }
+
+    // GB/s from the "bandwidth" child (started at the first call), or 0 once
+    // it has failed: rows then use the machine probe's reading.
+    double probe_bandwidth() {
+        if (bandwidth_probe_failed) return 0;
+        try {
+            if (!bandwidth_probe)
+                bandwidth_probe = std::make_unique<Child>(
+                    std::vector<std::string>{self, "--child",
+                                             json{{"kind", "bandwidth"}, {"threads", args.threads}}.dump()},
+                    env);
+            bandwidth_probe->send("probe");
+            return bandwidth_probe->receive(600).at("read_bandwidth_gbs").get<double>();
+        } catch (const std::exception& e) {
+            std::cerr << "bench: bandwidth probe failed, generation rows use the machine probe: " << e.what() << "\n";
+            bandwidth_probe.reset();
+            bandwidth_probe_failed = true;
+            return 0;
         }
     }
 
@@ -985,18 +1033,18 @@ std::string train_table(const std::vector<json>& rows) {
 
 std::string gen_table(const std::vector<json>& rows) {
     std::string md =
-        "| config | model | batch | tokens/s | ms per generate | bound tokens/s | share of bound | peak RSS MiB | torch "
-        "tokens/s | speedup vs torch |\n|---|---|---|---|---|---|---|---|---|---|\n";
+        "| config | model | batch | tokens/s | ms per generate | read GB/s | bound tokens/s | share of bound | peak RSS "
+        "MiB | torch tokens/s | speedup vs torch |\n|---|---|---|---|---|---|---|---|---|---|---|\n";
     for (const json& r : rows) {
         if (r.contains("error")) {
             md += fmt::format("| {} | {} | {} | error: {} |\n", r["config"].get<std::string>(), row_label(r),
                               r["batch"].get<int64_t>(), r["error"].get<std::string>());
             continue;
         }
-        md += fmt::format("| {} | {} | {} | {} | {} | {} | {:.0f}% | {:.0f} | {} | {} |\n", r["config"].get<std::string>(),
-                          row_label(r), r["batch"].get<int64_t>(),
+        md += fmt::format("| {} | {} | {} | {} | {} | {} | {} | {:.0f}% | {:.0f} | {} | {} |\n",
+                          r["config"].get<std::string>(), row_label(r), r["batch"].get<int64_t>(),
                           fmt_opt(r, "gen_tokens_per_s", "{:.0f}"), fmt_opt(r, "ms_per_generate", "{:.1f}"),
-                          fmt_opt(r, "gen_bound_tokens_per_s", "{:.0f}"),
+                          fmt_opt(r, "read_bandwidth_gbs", "{:.1f}"), fmt_opt(r, "gen_bound_tokens_per_s", "{:.0f}"),
                           100 * r["gen_tokens_per_s"].get<double>() / r["gen_bound_tokens_per_s"].get<double>(),
                           r["peak_rss_bytes"].get<double>() / 1048576, fmt_opt(r, "torch_gen_tokens_per_s", "{:.0f}"),
                           fmt_opt(r, "speedup_vs_torch", "{:.2f}x"));
@@ -1341,8 +1389,8 @@ int run_parent(const Args& args) {
         md += "\n## Generation (KV cache, prompt 64, 64 new tokens (--base: as many as its n_positions holds), greedy; "
               "tokens/s of new tokens over the batch)\n\n" +
               gen_table(gen) +
-              "\nbound: every weight and the KV cache read once per decoding step at the measured read bandwidth, "
-              "the prefill at GEMM peak.\n";
+              "\nbound: every weight and the KV cache read once per decoding step at the row's read GB/s (the "
+              "median of read-bandwidth probes run between its steps), the prefill at GEMM peak.\n";
     if (const std::string trade = recompute_table(train); !trade.empty())
         md += "\n## Activation recomputation (--recompute: every block; same interleaved run)\n\n" + trade +
               "\ntensor peak: live tensor bytes (mem::peak_bytes), without the allocator's cache; the FLOPs of the "

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdio>
@@ -14,6 +15,7 @@
 #include <fstream>
 #include <thread>
 
+#include <fmt/core.h>
 #include <nlohmann/json.hpp>
 #include <omp.h>
 
@@ -162,6 +164,31 @@ TEST_CASE("bench --preset gpt2 with --batch and --seq times the GPT-2 shape at t
     CHECK(rows[0].at("heads") == 12);
     CHECK(rows[0].at("batch") == 1);
     CHECK(rows[0].at("seq") == 8);
+}
+
+TEST_CASE("bench's generation rows are bounded by read-bandwidth probes run between their own steps", "[cli]") {
+    const std::string bench = bin("bench");
+    testing::TempDir tmp;
+    Result r = run(bench + " --vocab 64 --d-model 32 --layers 1 --heads 2 --d-ff 64 --seq 16 --batch 2 --no-train "
+                           "--generate-methods base --generate-batches 1,2 --no-torch --no-scaling --no-launch "
+                           "--repeats 3 --threads 1 --out out",
+                   tmp.dir.string());
+    REQUIRE(r.rc == 0);
+    std::ifstream f(tmp.dir / "out" / "bench.json");
+    const nlohmann::json gen = nlohmann::json::parse(f).at("generation");
+    REQUIRE(gen.size() == 2);
+    for (const auto& row : gen) {
+        REQUIRE(!row.contains("error"));
+        // One probe after each timed step; the row's bandwidth is their median, as its ms is the steps' median.
+        std::vector<double> probes = row.at("read_bandwidth_probes_gbs").get<std::vector<double>>();
+        REQUIRE(probes.size() == row.at("step_ms").size());
+        REQUIRE(probes.size() == 3);
+        for (double p : probes) CHECK(p > 0);
+        std::sort(probes.begin(), probes.end());
+        CHECK(row.at("read_bandwidth_gbs").get<double>() == probes[1]);
+        CHECK(row.at("gen_bound_tokens_per_s").get<double>() > 0);
+        CHECK_THAT(r.out, Contains(fmt::format("| {:.1f} |", probes[1])));
+    }
 }
 
 TEST_CASE("bench measures rows that do not fit --max-memory together in further groups", "[cli]") {
