@@ -39,6 +39,12 @@ constexpr int64_t kFewCols = 4, kFewAhead = 4;
 // rows it measured no faster than few_rows_block in a generate; see there),
 // and the rows of B per in_turn_dots call (its most: sum_lanes16 reduces 16).
 constexpr int64_t kInTurnRows = 2, kInTurnGroup = 16;
+// Weights from which rows_in_turn's threads steal groups from each other
+// (pool_for_balanced). Below it the claims cost more than the balance gains:
+// a small-config generate (weights of 0.25-1 MiB, batch 1, 2 threads) took
+// 14.2 / 15.4 ms (minimum / median) with stealing at every size against
+// 12.6 / 14.0 without (tools/ab_steps.py).
+constexpr int64_t kStealMinBytes = int64_t(2) << 20;
 // gemm_few_rows splits B's rows across threads whatever their size (in
 // blocks of kFewCols rows; of kInTurnGroup with one or two rows of A, so a
 // B of at most 16 rows then runs on one thread). Reading B (from L2,
@@ -335,7 +341,7 @@ void rows_in_turn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, 
                   int64_t ldb, float beta, float* C, int64_t ldc) {
     static_assert(kInTurnRows == 2);  // the two instances below
     const int64_t groups = (N + kInTurnGroup - 1) / kInTurnGroup;
-    pool_for(groups, [&](int64_t g) {
+    auto group = [&](int64_t g) {
         const int64_t j0 = g * kInTurnGroup, n = std::min(kInTurnGroup, N - j0);
         float dots[kInTurnRows][kInTurnGroup];
         const BT* b = B + j0 * ldb;
@@ -345,7 +351,14 @@ void rows_in_turn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, 
             float* c = C + r * ldc + j0;
             for (int64_t j = 0; j < n; ++j) c[j] = alpha * dots[r][j] + (beta == 0.f ? 0.f : beta * c[j]);
         }
-    });
+    };
+    // A group's dots do not depend on the thread, so a weight of kStealMinBytes
+    // or more is shared with stealing (pool_for_balanced), as the threads'
+    // halves of one GEMV finished apart by ~10% of its time: in a gpt2 decoding
+    // step the caller waited for the worker 3.4% and the worker for the caller
+    // 5.1% of the samples, against 28% each in the kernel.
+    if (N * K * int64_t(sizeof(BT)) >= kStealMinBytes) pool_for_balanced(groups, group);
+    else pool_for(groups, group);
 }
 
 // C [M, N] = alpha * A [M, K] B^T + beta * C for B [N, K] (a Linear weight,

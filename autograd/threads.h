@@ -18,7 +18,9 @@
 // enough work (kParallelMin below, kMacsParallelMin in ops_util.h), and
 // through parallel_region / parallel_for below, which keep serial work out of
 // OpenMP. The few-row GEMMs and the one-token attention of decoding run on a
-// pool of our own instead (pool_ranges / pool_for below).
+// pool of our own instead (pool_ranges / pool_for / pool_for_balanced below).
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include <omp.h>
@@ -118,6 +120,44 @@ template <class F>
 void pool_for(int64_t n, const F& body) {
     pool_ranges(n, [&](int64_t begin, int64_t end, int) {
         for (int64_t i = begin; i < end; ++i) body(i);
+    });
+}
+
+// body(i) for every i in [0, n), each i once, on the worker pool with
+// stealing: thread t starts on the i that pool_for gives it, in order, and a
+// thread done with its own takes the others' remaining i from their ends, one
+// at a time. So the threads finish together when one runs slower (the other
+// core's load, its share of the memory bandwidth), while each still reads its
+// range front to back. Which thread runs an i depends on timing: body(i) must
+// give the same result on any thread. A claim is a compare-and-swap on the
+// owner's 64-byte slot, so for i of a few microseconds or less plain pool_for
+// is cheaper. Above 64 threads it is pool_for.
+template <class F>
+void pool_for_balanced(int64_t n, const F& body) {
+    constexpr int kMaxThreads = 64;
+    const int T = threads();
+    if (T <= 1 || T > kMaxThreads || n >= (int64_t(1) << 32)) return pool_for(n, body);
+    struct alignas(64) Span {
+        std::atomic<uint64_t> next_end;  // the owner's next i (low 32 bits) and its range's end (high 32 bits)
+    };
+    Span spans[kMaxThreads];
+    for (int t = 0; t < T; ++t) {  // schedule(static)'s split, as pool_ranges makes it
+        const int64_t q = n / T, r = n % T, begin = t * q + std::min<int64_t>(t, r), end = begin + q + (t < r);
+        spans[t].next_end.store(uint64_t(begin) | uint64_t(end) << 32, std::memory_order_relaxed);
+    }
+    // One range per thread; run alone (pool busy, nested), thread 0 takes every range in turn.
+    pool_ranges(T, [&](int64_t, int64_t, int thread) {
+        for (int k = 0; k < T; ++k) {
+            const bool own = k == 0;
+            std::atomic<uint64_t>& slot = spans[(thread + k) % T].next_end;
+            for (uint64_t v = slot.load(std::memory_order_relaxed);;) {
+                const uint64_t next = v & 0xffffffffu, end = v >> 32;
+                if (next >= end) break;
+                const uint64_t claimed = own ? next : end - 1;
+                const uint64_t rest = own ? (next + 1) | end << 32 : next | (end - 1) << 32;
+                if (slot.compare_exchange_weak(v, rest, std::memory_order_relaxed)) body(int64_t(claimed));
+            }
+        }
     });
 }
 

@@ -22,6 +22,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -131,7 +132,9 @@ TEST_CASE("batched matmul equals matmul_naive per batch", "[autograd][matmul]") 
 TEST_CASE("few-row GEMMs equal matmul_naive, and a row's result does not depend on the other rows",
           "[autograd][matmul]") {
     uint64_t seed = 9000;
-    for (auto [N, K] : {std::pair<int, int>{303, 259}, {256, 256}, {1030, 64}}) {
+    // {1030, 520}: a weight over 2 MiB, whose batch-1 and batch-2 GEMVs share
+    // their groups with stealing (pool_for_balanced).
+    for (auto [N, K] : {std::pair<int, int>{303, 259}, {256, 256}, {1030, 64}, {1030, 520}}) {
         for (bool tb : {true, false}) {
             Tensor a = uniform({17, K}, seed++), b = uniform(tb ? Shape{N, K} : Shape{K, N}, seed++);
             Tensor all16 = matmul(slice(a, 0, 0, 16), b, false, tb);
@@ -160,15 +163,16 @@ TEST_CASE("few-row GEMMs equal matmul_naive, and a row's result does not depend 
     // Threads split B's columns: the same bits at 1 and 2 threads, for 16 rows
     // and for 2 and 1 (the kernel for up to 2 rows, which reads B's rows in turn).
     const int before = threads();
-    for (int64_t M : {16, 2, 1}) {
-        Tensor a = uniform({M, 259}, 1), b = uniform({303, 259}, 2);
-        set_threads(1);
-        const std::vector<float> one = matmul(a, b, false, true).to_vector();
-        set_threads(2);
-        const std::vector<float> two = matmul(a, b, false, true).to_vector();
-        INFO("M=" << M);
-        CHECK(one == two);
-    }
+    for (int64_t K : {259, 520})  // 520: B over 2 MiB, shared with stealing at 1 and 2 rows
+        for (int64_t M : {16, 2, 1}) {
+            Tensor a = uniform({M, K}, 1), b = uniform({K == 259 ? 303 : 1030, K}, 2);
+            set_threads(1);
+            const std::vector<float> one = matmul(a, b, false, true).to_vector();
+            set_threads(2);
+            const std::vector<float> two = matmul(a, b, false, true).to_vector();
+            INFO("M=" << M << " K=" << K);
+            CHECK(one == two);
+        }
     set_threads(before);
 }
 
@@ -1423,6 +1427,60 @@ TEST_CASE("pool_for: static split on the worker pool, thread 0 is the caller, se
     ::waitpid(pid, &status, 0);
     CHECK(WIFEXITED(status));
     CHECK(WEXITSTATUS(status) == 0);
+    set_threads(before);
+}
+
+TEST_CASE("pool_for_balanced: every index once; a thread done with its range takes the others' from their ends",
+          "[autograd][threads]") {
+    const int before = threads();
+    const auto caller = std::this_thread::get_id();
+    for (int t : {1, 2, 3}) {
+        set_threads(t);
+        INFO("threads " << t);
+        for (int64_t n : {0, 1, 2, 5, 1001}) {
+            std::vector<std::atomic<int>> runs(static_cast<size_t>(n));
+            for (int rep = 0; rep < 200; ++rep) pool_for_balanced(n, [&](int64_t i) { ++runs[size_t(i)]; });
+            int64_t wrong = 0;
+            for (const auto& r : runs) wrong += r != 200;
+            INFO("n " << n);
+            CHECK(wrong == 0);
+        }
+    }
+    // A slow caller (5 ms an index, the worker 0.5): its range is [0, 20) of
+    // 40 (schedule(static)'s split), it takes it from the front and the
+    // worker, done with [20, 40) long before, from the end.
+    set_threads(2);
+    constexpr int64_t n = 40, half = 20;
+    std::vector<std::thread::id> id(n);
+    std::vector<int64_t> caller_order;
+    pool_for_balanced(n, [&](int64_t i) {
+        id[size_t(i)] = std::this_thread::get_id();
+        if (id[size_t(i)] == caller) caller_order.push_back(i);
+        std::this_thread::sleep_for(std::chrono::microseconds(id[size_t(i)] == caller ? 5000 : 500));
+    });
+    if (omp_get_max_threads() > 1) {  // (without a worker the caller runs them all)
+        // In each range the owner's indices come first and the thief's last,
+        // whatever the timing; the caller took its own in order, then any of
+        // the worker's from the end.
+        const int64_t own = std::count(id.begin(), id.begin() + half, caller);
+        const int64_t stolen = std::count(id.begin() + half, id.end(), caller);
+        CHECK(std::count(id.begin(), id.begin() + own, caller) == own);
+        CHECK(std::count(id.end() - stolen, id.end(), caller) == stolen);
+        std::vector<int64_t> expected(static_cast<size_t>(own));
+        std::iota(expected.begin(), expected.end(), int64_t(0));
+        for (int64_t i = n - 1; i >= n - stolen; --i) expected.push_back(i);
+        CHECK(caller_order == expected);
+        CHECK(own < half);  // the worker stole (it is 10x faster; it would have to start 90 ms late not to)
+    }
+    // Inside a pool range (the pool is busy) the caller runs every index.
+    std::vector<int64_t> inner(2, -1);
+    pool_ranges(2, [&](int64_t, int64_t, int th) {
+        const auto me = std::this_thread::get_id();
+        int64_t mine = 0;
+        pool_for_balanced(10, [&](int64_t) { mine += std::this_thread::get_id() == me; });
+        inner[size_t(th)] = mine;
+    });
+    CHECK(inner == std::vector<int64_t>{10, 10});
     set_threads(before);
 }
 
