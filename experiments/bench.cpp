@@ -467,9 +467,8 @@ mem::Buffer<float> bandwidth_buffer() {
     return buf;
 }
 
-// Read bandwidth in GB/s: each of our threads sums its contiguous part of
-// `buf` (bandwidth_buffer()); the median of `passes` passes after one that
-// warms up. An earlier probe summed a std::vector (malloc's 16-byte
+// Read bandwidth in GB/s: our threads sum `buf` (bandwidth_buffer()) in
+// 1 MiB chunks; the median of `passes` passes after one that warms up. An earlier probe summed a std::vector (malloc's 16-byte
 // alignment: every 64-byte load spanned two lines) into one vector sum
 // (bound by the adds' latency): it read 25.8 GB/s where this probe on 64-byte
 // aligned 4 KiB pages read 44.1 at 1 thread, 48-51 against 70 at 2 (AVX-512
@@ -480,13 +479,14 @@ double read_bandwidth_gbs(const float* p, int passes) {
     float total = 0.f;
     for (int r = 0; r <= passes; ++r) {
         const double t0 = now_s();
+        // 1 MiB chunks handed out in turn, not halves: with one core slowed
+        // by another process, halves measured that core (the probes of one
+        // run read 33 GB/s for a minute where the others read 64-80), while
+        // the decoding GEMVs share their rows with stealing.
         float s = 0.f;
-#pragma omp parallel reduction(+ : s)
-        {
-            const int64_t t = omp_get_thread_num(), T = omp_get_num_threads(), blocks = n / 64;
-            const int64_t lo = blocks * t / T * 64, hi = blocks * (t + 1) / T * 64;
-            s += sum_floats(p + lo, hi - lo);
-        }
+        constexpr int64_t kChunk = int64_t(1) << 18;  // floats
+#pragma omp parallel for schedule(dynamic) reduction(+ : s)
+        for (int64_t c = 0; c < n / kChunk; ++c) s += sum_floats(p + c * kChunk, kChunk);
         if (r > 0) g.push_back(double(n) * 4 / (now_s() - t0) / 1e9);
         total += s;
     }
@@ -913,13 +913,23 @@ struct Bench {
         } else {
             row["ms_per_generate"] = ms;
             row["gen_tokens_per_s"] = tokens / ms * 1e3;
-            // The bound at the bandwidth probed between this row's steps (the
-            // median, as ms is): on a shared host the machine probe's reading
-            // at the start of the run moved 48-88 GB/s within an hour.
+            // The bound at the bandwidth probed after each of this row's steps:
+            // on a shared host the machine probe's reading at the start of the
+            // run moved 48-88 GB/s within an hour, and within one run the
+            // probes halved for a minute while the steps slowed with them. The
+            // share is the median of the steps' own shares (each step against
+            // the bound at its probe), as the speedup is of per-pair ratios.
+            const int64_t keys = row["extra_keys"].get<int64_t>();
             const double gbs = bandwidths.empty() ? bandwidth : median(bandwidths);
             row["read_bandwidth_gbs"] = gbs;
             row["read_bandwidth_probes_gbs"] = bandwidths;
-            row["gen_bound_tokens_per_s"] = generation_bound(s, row["extra_keys"].get<int64_t>(), gbs, peak.best());
+            row["gen_bound_tokens_per_s"] = generation_bound(s, keys, gbs, peak.best());
+            std::vector<double> shares;
+            for (size_t i = 0; i < ours.size(); ++i) {
+                const double at = i < bandwidths.size() ? bandwidths[i] : bandwidth;
+                shares.push_back(tokens / ours[i] * 1e3 / generation_bound(s, keys, at, peak.best()));
+            }
+            row["share_of_bound"] = median(shares);
         }
         if (theirs.empty()) return;
         const double tms = median(theirs);
@@ -1045,7 +1055,7 @@ std::string gen_table(const std::vector<json>& rows) {
                           r["config"].get<std::string>(), row_label(r), r["batch"].get<int64_t>(),
                           fmt_opt(r, "gen_tokens_per_s", "{:.0f}"), fmt_opt(r, "ms_per_generate", "{:.1f}"),
                           fmt_opt(r, "read_bandwidth_gbs", "{:.1f}"), fmt_opt(r, "gen_bound_tokens_per_s", "{:.0f}"),
-                          100 * r["gen_tokens_per_s"].get<double>() / r["gen_bound_tokens_per_s"].get<double>(),
+                          100 * r["share_of_bound"].get<double>(),
                           r["peak_rss_bytes"].get<double>() / 1048576, fmt_opt(r, "torch_gen_tokens_per_s", "{:.0f}"),
                           fmt_opt(r, "speedup_vs_torch", "{:.2f}x"));
     }
@@ -1144,7 +1154,7 @@ json check_targets(const std::vector<json>& train, const std::vector<json>& gen)
         if (r.contains("speedup_vs_torch")) add(row + ": tokens/s vs torch", r["speedup_vs_torch"].get<double>(), 3.0, true);
         if (r["batch"] == 1 && r["method"] == kBase)
             add(row + ": tokens/s / bandwidth bound",
-                r["gen_tokens_per_s"].get<double>() / r["gen_bound_tokens_per_s"].get<double>(), 0.85, true);
+                r["share_of_bound"].get<double>(), 0.85, true);
     }
     return out;
 }
@@ -1390,7 +1400,8 @@ int run_parent(const Args& args) {
               "tokens/s of new tokens over the batch)\n\n" +
               gen_table(gen) +
               "\nbound: every weight and the KV cache read once per decoding step at the row's read GB/s (the "
-              "median of read-bandwidth probes run between its steps), the prefill at GEMM peak.\n";
+              "median of read-bandwidth probes run after each of its steps), the prefill at GEMM peak; share of "
+              "bound: the median over the steps of each step's share of the bound at its own probe.\n";
     if (const std::string trade = recompute_table(train); !trade.empty())
         md += "\n## Activation recomputation (--recompute: every block; same interleaved run)\n\n" + trade +
               "\ntensor peak: live tensor bytes (mem::peak_bytes), without the allocator's cache; the FLOPs of the "

@@ -187,6 +187,7 @@ TEST_CASE("bench's generation rows are bounded by read-bandwidth probes run betw
         std::sort(probes.begin(), probes.end());
         CHECK(row.at("read_bandwidth_gbs").get<double>() == probes[1]);
         CHECK(row.at("gen_bound_tokens_per_s").get<double>() > 0);
+        CHECK(row.at("share_of_bound").get<double>() > 0);  // the median of the steps' shares, each at its probe
         CHECK_THAT(r.out, Contains(fmt::format("| {:.1f} |", probes[1])));
     }
 }
