@@ -43,7 +43,8 @@ constexpr int64_t kInTurnRows = 2, kInTurnGroup = 16;
 // (pool_for_balanced). Below it the claims cost more than the balance gains:
 // a small-config generate (weights of 0.25-1 MiB, batch 1, 2 threads) took
 // 14.2 / 15.4 ms (minimum / median) with stealing at every size against
-// 12.6 / 14.0 without (tools/ab_steps.py).
+// 12.6 / 14.0 without (tools/ab_steps.py; a claim then cost a second, failing
+// compare-and-swap, since removed).
 constexpr int64_t kStealMinBytes = int64_t(2) << 20;
 // gemm_few_rows splits B's rows across threads whatever their size (in
 // blocks of kFewCols rows; of kInTurnGroup with one or two rows of A, so a

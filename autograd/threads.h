@@ -155,7 +155,10 @@ void pool_for_balanced(int64_t n, const F& body) {
                 if (next >= end) break;
                 const uint64_t claimed = own ? next : end - 1;
                 const uint64_t rest = own ? (next + 1) | end << 32 : next | (end - 1) << 32;
-                if (slot.compare_exchange_weak(v, rest, std::memory_order_relaxed)) body(int64_t(claimed));
+                if (slot.compare_exchange_weak(v, rest, std::memory_order_relaxed)) {
+                    v = rest;  // (a failed exchange reloads v)
+                    body(int64_t(claimed));
+                }
             }
         }
     });

@@ -443,10 +443,10 @@ std::pair<double, double> matmul_overhead(int reps) {
 // Sixteen floats (one AVX-512 register, two AVX2 ones) for the read probe.
 typedef float Vec16 __attribute__((vector_size(64), aligned(64)));
 
-// The sum of p[0, n) for p 64-byte aligned and n a multiple of 64, in 4
-// independent vector sums: loads, not the adds' latency, set its pace.
 constexpr int64_t kBandwidthFloats = int64_t(64) << 20;  // the probe's buffer: 256 MiB
 
+// The sum of p[0, n) for p 64-byte aligned and n a multiple of 64, in 4
+// independent vector sums: loads, not the adds' latency, set its pace.
 __attribute__((noinline)) float sum_floats(const float* p, int64_t n) {
     Vec16 acc[4] = {};
     for (int64_t i = 0; i < n; i += 64)
@@ -468,8 +468,9 @@ mem::Buffer<float> bandwidth_buffer() {
 }
 
 // Read bandwidth in GB/s: our threads sum `buf` (bandwidth_buffer()) in
-// 1 MiB chunks; the median of `passes` passes after one that warms up. An earlier probe summed a std::vector (malloc's 16-byte
-// alignment: every 64-byte load spanned two lines) into one vector sum
+// 1 MiB chunks; the median of `passes` passes after one that warms up. An
+// earlier probe summed a std::vector (malloc's 16-byte alignment: every
+// 64-byte load spanned two lines) into one vector sum
 // (bound by the adds' latency): it read 25.8 GB/s where this probe on 64-byte
 // aligned 4 KiB pages read 44.1 at 1 thread, 48-51 against 70 at 2 (AVX-512
 // Zen 5), so every "share of the bound" it gave was 1.4-1.7x too high.
@@ -958,7 +959,7 @@ struct Bench {
                                              json{{"kind", "bandwidth"}, {"threads", args.threads}}.dump()},
                     env);
             bandwidth_probe->send("probe");
-            return bandwidth_probe->receive(600).at("read_bandwidth_gbs").get<double>();
+            return bandwidth_probe->receive(60).at("read_bandwidth_gbs").get<double>();  // a probe takes < 1 s
         } catch (const std::exception& e) {
             std::cerr << "bench: bandwidth probe failed, generation rows use the machine probe: " << e.what() << "\n";
             bandwidth_probe.reset();

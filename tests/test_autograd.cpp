@@ -1446,17 +1446,28 @@ TEST_CASE("pool_for_balanced: every index once; a thread done with its range tak
             CHECK(wrong == 0);
         }
     }
-    // A slow caller (5 ms an index, the worker 0.5): its range is [0, 20) of
-    // 40 (schedule(static)'s split), it takes it from the front and the
-    // worker, done with [20, 40) long before, from the end.
+    // The caller's range is [0, 20) of 40 (schedule(static)'s split); at its
+    // first index it waits (up to 10 s) until the worker has run more than
+    // its own [20, 40), i.e. has stolen, so the steal does not depend on how
+    // fast a loaded machine schedules the worker; then it takes its next
+    // index while the worker sleeps on the stolen one.
     set_threads(2);
     constexpr int64_t n = 40, half = 20;
     std::vector<std::thread::id> id(n);
     std::vector<int64_t> caller_order;
+    std::atomic<int64_t> by_worker{0};
     pool_for_balanced(n, [&](int64_t i) {
         id[size_t(i)] = std::this_thread::get_id();
-        if (id[size_t(i)] == caller) caller_order.push_back(i);
-        std::this_thread::sleep_for(std::chrono::microseconds(id[size_t(i)] == caller ? 5000 : 500));
+        if (id[size_t(i)] != caller) {
+            ++by_worker;
+            // Slow on what it steals, so the caller, let go, claims next.
+            if (i < half) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+            return;
+        }
+        caller_order.push_back(i);
+        const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        while (caller_order.size() == 1 && by_worker <= half && std::chrono::steady_clock::now() < give_up)
+            std::this_thread::sleep_for(std::chrono::microseconds(200));
     });
     if (omp_get_max_threads() > 1) {  // (without a worker the caller runs them all)
         // In each range the owner's indices come first and the thief's last,
@@ -1470,7 +1481,7 @@ TEST_CASE("pool_for_balanced: every index once; a thread done with its range tak
         std::iota(expected.begin(), expected.end(), int64_t(0));
         for (int64_t i = n - 1; i >= n - stolen; --i) expected.push_back(i);
         CHECK(caller_order == expected);
-        CHECK(own < half);  // the worker stole (it is 10x faster; it would have to start 90 ms late not to)
+        CHECK(own < half);  // the worker stole
     }
     // Inside a pool range (the pool is busy) the caller runs every index.
     std::vector<int64_t> inner(2, -1);
