@@ -31,6 +31,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -242,8 +243,12 @@ private:
 };
 
 json measure_machine();
-mem::Buffer<float> bandwidth_buffer();
-double read_bandwidth_gbs(const float* p, int passes);
+constexpr int64_t kBandwidthChunk = int64_t(1) << 18;      // floats: the probe's 1 MiB unit of work
+constexpr int64_t kMachineProbeFloats = int64_t(64) << 20;  // the machine probe's buffer: 256 MiB
+constexpr int64_t kBandwidthFloats = int64_t(256) << 20;    // the largest probe: 1 GiB, DRAM on any machine
+
+mem::Buffer<float> bandwidth_buffer(int64_t floats);
+double read_bandwidth_gbs(const float* p, int64_t floats, int passes);
 struct GemmRates {
     double sgemm = 0, ours = 0;  // GFLOP/s of cblas_sgemm and of our matmul
     double best() const { return std::max(sgemm, ours); }
@@ -257,13 +262,26 @@ int run_child(const std::string& spec_text) {
         std::cout << measure_machine().dump() << std::endl;
         return 0;
     }
-    if (j.value("kind", "") == "bandwidth") {  // answers each "probe" line with a read-bandwidth probe
+    if (j.value("kind", "") == "bandwidth") {  // answers each "probe <floats>" line with a read-bandwidth probe
         set_threads(j.at("threads").get<int>());
-        const mem::Buffer<float> buf = bandwidth_buffer();
+        mem::Buffer<float> buf(nullptr, &std::free);  // grown to the largest probe asked for
+        int64_t held = 0;
         std::string cmd;
         while (std::getline(std::cin, cmd) && cmd != "end") {
-            if (cmd != "probe") throw std::invalid_argument("bench --child: unknown command '" + cmd + "'");
-            std::cout << json{{"read_bandwidth_gbs", read_bandwidth_gbs(buf.get(), 3)}}.dump() << std::endl;
+            std::istringstream in(cmd);
+            std::string word;
+            int64_t floats = 0;
+            if (!(in >> word >> floats) || word != "probe" || floats < kBandwidthChunk || floats > kBandwidthFloats ||
+                floats % kBandwidthChunk != 0)
+                throw std::invalid_argument(fmt::format(
+                    "bench --child: expected 'probe <floats>' with floats a multiple of {} up to {}, got '{}'",
+                    kBandwidthChunk, kBandwidthFloats, cmd));
+            if (floats > held) buf = bandwidth_buffer(held = floats);
+            // At least 256 MiB read per probe: a 4 MiB buffer's single pass
+            // takes 50 us, too short to time alone.
+            const int passes = int(std::max<int64_t>(3, kMachineProbeFloats / floats));
+            std::cout << json{{"read_bandwidth_gbs", read_bandwidth_gbs(buf.get(), floats, passes)}}.dump()
+                      << std::endl;
         }
         return 0;
     }
@@ -443,8 +461,6 @@ std::pair<double, double> matmul_overhead(int reps) {
 // Sixteen floats (one AVX-512 register, two AVX2 ones) for the read probe.
 typedef float Vec16 __attribute__((vector_size(64), aligned(64)));
 
-constexpr int64_t kBandwidthFloats = int64_t(64) << 20;  // the probe's buffer: 256 MiB
-
 // The sum of p[0, n) for p 64-byte aligned and n a multiple of 64, in 4
 // independent vector sums: loads, not the adds' latency, set its pace.
 __attribute__((noinline)) float sum_floats(const float* p, int64_t n) {
@@ -457,25 +473,36 @@ __attribute__((noinline)) float sum_floats(const float* p, int64_t n) {
     return s;
 }
 
-// The 256 MiB buffer of the read-bandwidth probe (far beyond the caches),
-// allocated as tensors are (mem::alloc_bytes: 2 MiB aligned, in huge pages
-// where the kernel gives them) and filled.
-mem::Buffer<float> bandwidth_buffer() {
-    mem::Buffer<float> buf = mem::alloc_array<float>(size_t(kBandwidthFloats));
-    if (!buf) throw std::runtime_error("bench: out of memory for the 256 MiB bandwidth probe");
-    std::fill(buf.get(), buf.get() + kBandwidthFloats, 1.f);
+// A read-bandwidth probe's buffer of `floats` floats, allocated as tensors
+// are (mem::alloc_bytes: 2 MiB aligned, in huge pages where the kernel gives
+// them) and filled.
+mem::Buffer<float> bandwidth_buffer(int64_t floats) {
+    mem::Buffer<float> buf = mem::alloc_array<float>(size_t(floats));
+    if (!buf) throw std::runtime_error(fmt::format("bench: out of memory for a {} MiB bandwidth probe", floats >> 18));
+    std::fill(buf.get(), buf.get() + floats, 1.f);
     return buf;
 }
 
-// Read bandwidth in GB/s: our threads sum `buf` (bandwidth_buffer()) in
-// 1 MiB chunks; the median of `passes` passes after one that warms up. An
-// earlier probe summed a std::vector (malloc's 16-byte alignment: every
-// 64-byte load spanned two lines) into one vector sum
-// (bound by the adds' latency): it read 25.8 GB/s where this probe on 64-byte
-// aligned 4 KiB pages read 44.1 at 1 thread, 48-51 against 70 at 2 (AVX-512
-// Zen 5), so every "share of the bound" it gave was 1.4-1.7x too high.
-double read_bandwidth_gbs(const float* p, int passes) {
-    const int64_t n = kBandwidthFloats;
+// The floats a generation row's bandwidth probe reads: the bytes a decoding
+// step reads (its weights), in whole 1 MiB chunks, from 1 MiB to 1 GiB.
+// Sized to the step, not the machine probe's 256 MiB: read bandwidth falls
+// with the bytes re-read (one 2-core guest, 2 threads: 80 GB/s over 4-12 MB,
+// 61 over 48, 52 over 100, 43 over 256, 41 over 1024), so 256 MiB bounded
+// small's 13 MB steps at 3.2x what they ran and medium's 101 MB at 1.5x.
+int64_t bandwidth_probe_floats(double step_bytes) {
+    const int64_t chunks = int64_t(std::ceil(step_bytes / (4.0 * double(kBandwidthChunk))));
+    return std::clamp<int64_t>(chunks, 1, kBandwidthFloats / kBandwidthChunk) * kBandwidthChunk;
+}
+
+// Read bandwidth in GB/s: our threads sum p[0, floats) (a bandwidth_buffer,
+// floats a multiple of kBandwidthChunk) in 1 MiB chunks; the median of
+// `passes` passes after one that warms up. An earlier probe summed a
+// std::vector (malloc's 16-byte alignment: every 64-byte load spanned two
+// lines) into one vector sum (bound by the adds' latency): it read 25.8 GB/s
+// where this probe on 64-byte aligned 4 KiB pages read 44.1 at 1 thread,
+// 48-51 against 70 at 2 (AVX-512 Zen 5), so every "share of the bound" it gave
+// was 1.4-1.7x too high.
+double read_bandwidth_gbs(const float* p, int64_t floats, int passes) {
     std::vector<double> g;
     float total = 0.f;
     for (int r = 0; r <= passes; ++r) {
@@ -485,10 +512,9 @@ double read_bandwidth_gbs(const float* p, int passes) {
         // run read 33 GB/s for a minute where the others read 64-80), while
         // the decoding GEMVs share their rows with stealing.
         float s = 0.f;
-        constexpr int64_t kChunk = int64_t(1) << 18;  // floats
 #pragma omp parallel for schedule(dynamic) reduction(+ : s)
-        for (int64_t c = 0; c < n / kChunk; ++c) s += sum_floats(p + c * kChunk, kChunk);
-        if (r > 0) g.push_back(double(n) * 4 / (now_s() - t0) / 1e9);
+        for (int64_t c = 0; c < floats / kBandwidthChunk; ++c) s += sum_floats(p + c * kBandwidthChunk, kBandwidthChunk);
+        if (r > 0) g.push_back(double(floats) * 4 / (now_s() - t0) / 1e9);
         total += s;
     }
     if (total < 0) std::cout << "";  // keeps the sums alive
@@ -502,7 +528,7 @@ json measure_machine() {
             {"gemm_peak_gflops", peak.ours},
             {"matmul_1024_gflops", ours},
             {"cblas_sgemm_1024_gflops", raw},
-            {"read_bandwidth_gbs", read_bandwidth_gbs(bandwidth_buffer().get(), 7)}};
+            {"read_bandwidth_gbs", read_bandwidth_gbs(bandwidth_buffer(kMachineProbeFloats).get(), kMachineProbeFloats, 7)}};
 }
 
 // What the bench asks a row's method (an adapter made without a model):
@@ -794,6 +820,7 @@ struct Bench {
         std::vector<double> ours, theirs;
         std::vector<GemmRates> probes;
         std::vector<double> bandwidths;  // GB/s, probed after each of a generation row's steps
+        int64_t probe_floats = 0;        // a generation row's probe size (bandwidth_probe_floats); 0 when training
     };
     static void fail(Run& r, const std::exception& e) {
         std::cerr << e.what() << "\n";
@@ -806,6 +833,12 @@ struct Bench {
         Run r;
         r.id = id;
         r.row = spec.to_json();
+        if (spec.kind == "generate") {
+            const double bytes = step_weight_bytes(spec.model, spec.f16);
+            r.probe_floats = bandwidth_probe_floats(bytes);
+            r.row["step_weight_bytes"] = bytes;
+            r.row["bandwidth_probe_bytes"] = 4 * r.probe_floats;
+        }
         r.row.erase("warmup");
         r.row.erase("threads");
         r.row["group"] = groups_run;
@@ -851,8 +884,8 @@ struct Bench {
                     fail(r, e);
                     continue;
                 }
-                if (r.row.value("kind", "") == "generate")
-                    if (const double gbs = probe_bandwidth(); gbs > 0) r.bandwidths.push_back(gbs);
+                if (r.probe_floats > 0)
+                    if (const double gbs = probe_bandwidth(r.probe_floats); gbs > 0) r.bandwidths.push_back(gbs);
                 if (!r.torch_ok) continue;
                 const json t = torch_call({{"cmd", "step"}, {"id", r.id}});
                 if (t.contains("ms")) r.theirs.push_back(t["ms"]);
@@ -948,9 +981,10 @@ struct Bench {
         }
     }
 
-    // GB/s from the "bandwidth" child (started at the first call), or 0 once
-    // it has failed: rows then use the machine probe's reading.
-    double probe_bandwidth() {
+    // GB/s over `floats` floats (bandwidth_probe_floats) from the "bandwidth"
+    // child (started at the first call), or 0 once it has failed: rows then
+    // use the machine probe's reading.
+    double probe_bandwidth(int64_t floats) {
         if (bandwidth_probe_failed) return 0;
         try {
             if (!bandwidth_probe)
@@ -958,7 +992,7 @@ struct Bench {
                     std::vector<std::string>{self, "--child",
                                              json{{"kind", "bandwidth"}, {"threads", args.threads}}.dump()},
                     env);
-            bandwidth_probe->send("probe");
+            bandwidth_probe->send(fmt::format("probe {}", floats));
             return bandwidth_probe->receive(60).at("read_bandwidth_gbs").get<double>();  // a probe takes < 1 s
         } catch (const std::exception& e) {
             std::cerr << "bench: bandwidth probe failed, generation rows use the machine probe: " << e.what() << "\n";
@@ -1245,7 +1279,7 @@ int run_parent(const Args& args) {
     b.bandwidth = m["read_bandwidth_gbs"];
     const double ours_mm = m["matmul_1024_gflops"], raw_mm = m["cblas_sgemm_1024_gflops"];
     fmt::print("GEMM peak (2048^3, best of 5): cblas_sgemm {:.1f}, our matmul {:.1f} GFLOP/s; 1024^3 matmul (best of 9, "
-               "interleaved): ours {:.1f}, raw cblas_sgemm {:.1f} GFLOP/s (ours {:+.1f}%); read bandwidth {:.1f} GB/s\n",
+               "interleaved): ours {:.1f}, raw cblas_sgemm {:.1f} GFLOP/s (ours {:+.1f}%); read bandwidth (256 MiB) {:.1f} GB/s\n",
                m["sgemm_peak_gflops"].get<double>(), m["gemm_peak_gflops"].get<double>(), ours_mm, raw_mm,
                100 * (ours_mm / raw_mm - 1), b.bandwidth);
 
@@ -1383,7 +1417,7 @@ int run_parent(const Args& args) {
     std::string md = fmt::format(
         "# peftlab bench\n\n{} threads; OpenBLAS {} ({} threads); OpenMP waiting (both sides): {}. PyTorch: {}.\n"
         "GEMM peak (2048^3): cblas_sgemm {:.1f} GFLOP/s ({:.1f} at the end of the run), our matmul {:.1f} ({:.1f}); "
-        "1024^3 matmul through the Tensor API {:.1f} vs raw cblas_sgemm {:.1f} GFLOP/s; read bandwidth {:.1f} GB/s.\n\n"
+        "1024^3 matmul through the Tensor API {:.1f} vs raw cblas_sgemm {:.1f} GFLOP/s; read bandwidth (256 MiB) {:.1f} GB/s.\n\n"
         "## Training steps (forward + backward + AdamW; medians, step pairs interleaved with PyTorch)\n\n"
         "GFLOP/s from the FLOP counters (model FLOPs, flops.h); GEMM peak share: of the best 1536^3 probe, "
         "cblas_sgemm or our matmul (the faster), run after each of the row's steps; speedup: median of the per-pair time ratios.\n\n{}",
@@ -1401,8 +1435,9 @@ int run_parent(const Args& args) {
               "tokens/s of new tokens over the batch)\n\n" +
               gen_table(gen) +
               "\nbound: every weight and the KV cache read once per decoding step at the row's read GB/s (the "
-              "median of read-bandwidth probes run after each of its steps), the prefill at GEMM peak; share of "
-              "bound: the median over the steps of each step's share of the bound at its own probe.\n";
+              "median of read-bandwidth probes run after each of its steps, each re-reading as many bytes as a step's "
+              "weights: bandwidth_probe_bytes in bench.json), the prefill at GEMM peak; share of bound: the median "
+              "over the steps of each step's share of the bound at its own probe.\n";
     if (const std::string trade = recompute_table(train); !trade.empty())
         md += "\n## Activation recomputation (--recompute: every block; same interleaved run)\n\n" + trade +
               "\ntensor peak: live tensor bytes (mem::peak_bytes), without the allocator's cache; the FLOPs of the "

@@ -169,7 +169,13 @@ TEST_CASE("bench --preset gpt2 with --batch and --seq times the GPT-2 shape at t
 TEST_CASE("bench's generation rows are bounded by read-bandwidth probes run between their own steps", "[cli]") {
     const std::string bench = bin("bench");
     testing::TempDir tmp;
-    Result r = run(bench + " --vocab 64 --d-model 32 --layers 1 --heads 2 --d-ff 64 --seq 16 --batch 2 --no-train "
+    // d 256, d_ff 1024, 1 layer, 64 tokens: a decoding step reads every
+    // weight but the position embeddings (GPT-2's blocks, the final
+    // LayerNorm, an untied head): 3,226,624 bytes of F32.
+    const int64_t d = 256, F = 1024, V = 64;
+    const int64_t step_bytes = 4 * ((4 * d * d + 4 * d) + (2 * d * F + F + d) + 4 * d + 2 * d + V * d);
+    REQUIRE(step_bytes == 3226624);
+    Result r = run(bench + " --vocab 64 --d-model 256 --layers 1 --heads 2 --d-ff 1024 --seq 16 --batch 2 --no-train "
                            "--generate-methods base --generate-batches 1,2 --no-torch --no-scaling --no-launch "
                            "--repeats 3 --threads 1 --out out",
                    tmp.dir.string());
@@ -179,6 +185,9 @@ TEST_CASE("bench's generation rows are bounded by read-bandwidth probes run betw
     REQUIRE(gen.size() == 2);
     for (const auto& row : gen) {
         REQUIRE(!row.contains("error"));
+        // Each probe re-reads as many bytes as a step reads, in whole MiB.
+        CHECK(row.at("step_weight_bytes").get<double>() == double(step_bytes));
+        CHECK(row.at("bandwidth_probe_bytes").get<int64_t>() == 4 << 20);
         // One probe after each timed step; the row's bandwidth is their median, as its ms is the steps' median.
         std::vector<double> probes = row.at("read_bandwidth_probes_gbs").get<std::vector<double>>();
         REQUIRE(probes.size() == row.at("step_ms").size());
