@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <exception>
+#include <memory>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -67,8 +68,19 @@ void static_range(int64_t n, int t, int T, int64_t& begin, int64_t& end) {
 }
 
 // T - 1 workers; the caller of try_run() is thread 0. One job at a time:
-// try_run() publishes it by bumping `generation_` and waits for `done_` to
-// count the workers. It starts the workers (or restarts them at a new T).
+// try_run() publishes it by bumping `generation_` to g. Range t >= 1 of job g
+// is claimed once, by a compare-and-swap of claims_[t] from g - 1 to g: by
+// worker t when it sees g, or by the caller when it has finished its own
+// range and worker t has not claimed yet (it sleeps, or another process holds
+// its core). The caller then waits for `done_` to count the ranges the
+// workers claimed. It starts the workers (or restarts them at a new T).
+//
+// Why the caller takes ranges over: it used to wait for every worker. Beside
+// another process on the same cores a worker is often off its core for a
+// scheduler time slice (milliseconds), and a small batch-1 decoding step, 25
+// pool calls of a few microseconds, took one slice per call: 1847 ms per
+// generate beside a medium training step (OpenMP threads spinning at their
+// barriers) against 12 ms alone.
 class WorkerPool {
 public:
     // Joins the workers at exit; no thread may be running the pool then.
@@ -98,26 +110,33 @@ public:
         body_ = body;
         n_ = n;
         done_.store(0, std::memory_order_relaxed);
-        generation_.fetch_add(1, std::memory_order_seq_cst);  // publishes fn_, body_, n_, done_ = 0
+        // Publishes fn_, body_, n_, done_ = 0 to the worker that claims a range.
+        const uint32_t g = generation_.fetch_add(1, std::memory_order_seq_cst) + 1;
         // seq_cst pairs with the worker's sleepers_ increment before it waits:
         // either we see it and wake it, or its wait sees the new generation.
         if (sleepers_.load(std::memory_order_seq_cst) > 0) generation_.notify_all();
         std::exception_ptr error;
-        int64_t begin, end;
-        static_range(n, 0, T, begin, end);
-        try {
-            fn(body, begin, end, 0);
-        } catch (...) {
-            error = std::current_exception();
-        }
-        const int workers = T - 1;
+        const auto run_range = [&](int t) {
+            int64_t begin, end;
+            static_range(n, t, T, begin, end);
+            try {
+                fn(body, begin, end, t);
+            } catch (...) {
+                if (!error) error = std::current_exception();
+            }
+        };
+        run_range(0);
+        int claimed = T - 1;  // ranges the workers run
+        for (int t = 1; t < T; ++t)
+            if (uint32_t unclaimed = g - 1; claims_[t].gen.compare_exchange_strong(unclaimed, g, std::memory_order_relaxed))
+                run_range(t), --claimed;
         // Spin until the workers are done, yielding the core now and then only
         // with more threads than cores (where a worker may be waiting for this
         // one). Not sleeping here paid: with a CPU-bound process beside a
         // 2-thread medium generate, 257 / 549 ms (minimum / median) against
         // 518 / 821 when this wait slept after kPoolSpin as the workers do
         // (small: 33.5 / 39.3 against 26.3 / 38.2, within the noise).
-        for (uint32_t spins = 1; done_.load(std::memory_order_acquire) != workers; ++spins) {
+        for (uint32_t spins = 1; done_.load(std::memory_order_acquire) != claimed; ++spins) {
             cpu_relax();
             if (oversubscribed_ && spins % 1024 == 0) std::this_thread::yield();
         }
@@ -154,6 +173,8 @@ private:
         // the workers start (taskset -p) is seen at the next thread setting.
         oversubscribed_ = T > omp_get_num_procs();
         const uint32_t start = generation_.load(std::memory_order_relaxed);
+        claims_ = std::make_unique<Claim[]>(size_t(T));
+        for (int t = 0; t < T; ++t) claims_[t].gen.store(start, std::memory_order_relaxed);
         for (int t = 1; t < T; ++t) workers_.emplace_back([this, t, start] { work(t, start); });
     }
 
@@ -172,6 +193,12 @@ private:
             }
             seen = now;
             if (stop_) return;
+            // Every job before `now` has all its ranges claimed (the caller
+            // returns only then), so claims_[t] is now - 1 unless the caller
+            // took this range over: then the job's fields may already be the
+            // next job's, and the worker must not read them.
+            uint32_t unclaimed = now - 1;
+            if (!claims_[t].gen.compare_exchange_strong(unclaimed, now, std::memory_order_relaxed)) continue;
             int64_t begin, end;
             static_range(n_, t, T_, begin, end);
             fn_(body_, begin, end, t);
@@ -183,6 +210,10 @@ private:
     std::atomic<bool> busy_{false};
     std::atomic<uint32_t> generation_{0};
     std::atomic<int> done_{0}, sleepers_{0};
+    struct alignas(64) Claim {  // one cache line per range: claims do not contend
+        std::atomic<uint32_t> gen{0};
+    };
+    std::unique_ptr<Claim[]> claims_;  // [T]: the job whose range t was claimed last
     // Written by the caller before the generation bump, read by workers after.
     detail::RangeFn fn_ = nullptr;
     const void* body_ = nullptr;

@@ -1332,6 +1332,14 @@ TEST_CASE("parallel_for: serial work stays outside OpenMP, parallel work splits 
     set_threads(before);
 }
 
+// Waits until pred() holds or 10 s have passed (a loaded machine may
+// schedule a worker late; a test must not depend on how late).
+template <class P>
+void wait_until(const P& pred) {
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (!pred() && std::chrono::steady_clock::now() < give_up) std::this_thread::sleep_for(std::chrono::microseconds(100));
+}
+
 TEST_CASE("pool_for: static split on the worker pool, thread 0 is the caller, serial where it must be", "[autograd][threads]") {
     const int before = threads();
     const auto caller = std::this_thread::get_id();
@@ -1339,10 +1347,16 @@ TEST_CASE("pool_for: static split on the worker pool, thread 0 is the caller, se
     for (int t : {1, 2, 3}) {
         set_threads(t);
         INFO("threads " << t);
-        // Ranges as schedule(static) gives them: n / t each, the first n % t one more.
+        // Ranges as schedule(static) gives them: n / t each, the first n % t
+        // one more. The caller's range waits until the workers have started
+        // theirs (a range no worker has started when the caller is done is
+        // the caller's to run: tested below).
         std::vector<int> thread(n, -1), runs(n, 0);
         std::vector<std::thread::id> id(n);
+        std::atomic<int> started{0};
         pool_ranges(n, [&](int64_t begin, int64_t end, int th) {
+            if (th == 0) wait_until([&] { return started == t - 1; });
+            else ++started;
             for (int64_t i = begin; i < end; ++i) {
                 thread[size_t(i)] = th;
                 id[size_t(i)] = std::this_thread::get_id();
@@ -1370,7 +1384,25 @@ TEST_CASE("pool_for: static split on the worker pool, thread 0 is the caller, se
         for (int64_t i = 0; i < n; ++i) wrong += sum[size_t(i)] != 2000 * i;
         CHECK(wrong == 0);
     }
+    // A range its worker has not claimed when the caller is done with its own
+    // runs on the caller, after it, with its own thread number, once. A
+    // worker asleep (after its 100 us spin) takes microseconds to wake, so
+    // with an empty range 0 the caller takes some of the 50 jobs' ranges.
     set_threads(2);
+    int taken_over = 0, wrong_runs = 0;
+    for (int rep = 0; rep < 50; ++rep) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        std::vector<int> runs(2, 0);
+        std::vector<std::thread::id> id(2);
+        pool_ranges(2, [&](int64_t begin, int64_t, int th) {
+            ++runs[size_t(th)];
+            id[size_t(begin)] = std::this_thread::get_id();
+        });
+        wrong_runs += runs != std::vector<int>{1, 1} || id[0] != caller;
+        taken_over += id[1] == caller;
+    }
+    CHECK(wrong_runs == 0);
+    if (omp_get_max_threads() > 1) CHECK(taken_over > 0);
     // Inside a pool range, or an OpenMP team, the caller runs the whole range as thread 0.
     std::vector<int64_t> inner(2, -1);
     pool_ranges(2, [&](int64_t, int64_t, int th) {
@@ -1407,16 +1439,24 @@ TEST_CASE("pool_for: static split on the worker pool, thread 0 is the caller, se
                       "range 0 failed");
     CHECK(worker_done == n - (n + 1) / 2);
     // ... and leaves the pool free: the next call runs on the workers again.
-    std::vector<std::thread::id> after(n);
-    pool_for(n, [&](int64_t i) { after[size_t(i)] = std::this_thread::get_id(); });
-    CHECK(after[size_t(n - 1)] != caller);
+    std::vector<std::thread::id> after(2);
+    std::atomic<bool> worker_started{false};
+    pool_ranges(2, [&](int64_t begin, int64_t, int th) {
+        if (th == 0) wait_until([&] { return worker_started.load(); });
+        else worker_started = true;
+        after[size_t(begin)] = std::this_thread::get_id();
+    });
+    CHECK(after[1] != caller);
     // A forked child, which has none of the workers, starts its own.
     const pid_t pid = ::fork();
     if (pid == 0) {
         ::alarm(20);  // a child that waits for the parent's workers hangs: SIGALRM ends it
         std::vector<int> runs(n, 0);
         std::vector<std::thread::id> id(n);
-        pool_ranges(n, [&](int64_t begin, int64_t end, int) {
+        std::atomic<bool> worker_started{false};
+        pool_ranges(n, [&](int64_t begin, int64_t end, int th) {
+            if (th == 0) wait_until([&] { return worker_started.load(); });
+            else worker_started = true;
             for (int64_t i = begin; i < end; ++i) ++runs[size_t(i)], id[size_t(i)] = std::this_thread::get_id();
         });
         const bool elsewhere = id[size_t(n - 1)] != std::this_thread::get_id();
