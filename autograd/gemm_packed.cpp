@@ -29,6 +29,7 @@
 #include <omp.h>
 
 #include "autograd/ops_util.h"
+#include "autograd/threads.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -206,11 +207,9 @@ void gemm_packed(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
         float* ap = packed_a.get(size_t(kKC * kMC));
         for (int64_t jc = 0; jc < N; jc += kNC) {
             const int64_t nc = std::min(kNC, N - jc), panels = (nc + kNR - 1) / kNR;
-            // Split by panels: the ones the `omp for` below packs on this thread
-            // (schedule(static): panels / team each, the first panels % team one more).
-            const int64_t q = panels / team, extra = panels % team;
-            const int64_t panel_begin = split_rows ? 0 : me * q + std::min(me, extra);
-            const int64_t panel_end = split_rows ? panels : panel_begin + q + (me < extra ? 1 : 0);
+            // Split by panels: the ones the `omp for schedule(static)` below packs on this thread.
+            const detail::Range mine = detail::static_range(panels, me, team);
+            const int64_t panel_begin = split_rows ? 0 : mine.begin, panel_end = split_rows ? panels : mine.end;
             for (int64_t pc = 0; pc < K; pc += kKC) {
                 const int64_t kc = std::min(kKC, K - pc);
 #pragma omp for schedule(static)

@@ -60,13 +60,6 @@ inline void cpu_relax() {
 #endif
 }
 
-// [begin, end) of thread t of T over [0, n): libgomp's schedule(static) split.
-void static_range(int64_t n, int t, int T, int64_t& begin, int64_t& end) {
-    const int64_t q = n / T, r = n % T;
-    begin = t * q + std::min<int64_t>(t, r);
-    end = begin + q + (t < r ? 1 : 0);
-}
-
 // T - 1 workers; the caller of try_run() is thread 0. One job at a time:
 // try_run() publishes it by bumping `generation_` to g. Range t >= 1 of job g
 // is claimed once, by a compare-and-swap of claims_[t] from g - 1 to g: by
@@ -117,10 +110,9 @@ public:
         if (sleepers_.load(std::memory_order_seq_cst) > 0) generation_.notify_all();
         std::exception_ptr error;
         const auto run_range = [&](int t) {
-            int64_t begin, end;
-            static_range(n, t, T, begin, end);
+            const detail::Range r = detail::static_range(n, t, T);
             try {
-                fn(body, begin, end, t);
+                fn(body, r.begin, r.end, t);
             } catch (...) {
                 if (!error) error = std::current_exception();
             }
@@ -199,9 +191,8 @@ private:
             // next job's, and the worker must not read them.
             uint32_t unclaimed = now - 1;
             if (!claims_[t].gen.compare_exchange_strong(unclaimed, now, std::memory_order_relaxed)) continue;
-            int64_t begin, end;
-            static_range(n_, t, T_, begin, end);
-            fn_(body_, begin, end, t);
+            const detail::Range r = detail::static_range(n_, t, T_);
+            fn_(body_, r.begin, r.end, t);
             done_.fetch_add(1, std::memory_order_release);
         }
     }

@@ -78,6 +78,16 @@ void parallel_for(int64_t n, bool parallel, const F& body) {
 }
 
 namespace detail {
+// [begin, end) of thread t of T over [0, n) as libgomp's `omp for
+// schedule(static)` splits it: n / T items each, the first n % T one more.
+struct Range {
+    int64_t begin, end;
+};
+inline Range static_range(int64_t n, int64_t t, int64_t T) {
+    const int64_t q = n / T, r = n % T, begin = t * q + std::min(t, r);
+    return {begin, begin + q + (t < r ? 1 : 0)};
+}
+
 using RangeFn = void (*)(const void* body, int64_t begin, int64_t end, int thread);
 void pool_run(int64_t n, RangeFn fn, const void* body);
 }  // namespace detail
@@ -147,8 +157,8 @@ void pool_for_balanced(int64_t n, const F& body) {
     };
     Span spans[kMaxThreads];
     for (int t = 0; t < T; ++t) {  // schedule(static)'s split, as pool_ranges makes it
-        const int64_t q = n / T, r = n % T, begin = t * q + std::min<int64_t>(t, r), end = begin + q + (t < r);
-        spans[t].next_end.store(uint64_t(begin) | uint64_t(end) << 32, std::memory_order_relaxed);
+        const detail::Range r = detail::static_range(n, t, T);
+        spans[t].next_end.store(uint64_t(r.begin) | uint64_t(r.end) << 32, std::memory_order_relaxed);
     }
     // One range per thread; run alone (pool busy, nested), thread 0 takes every range in turn.
     pool_ranges(T, [&](int64_t, int64_t, int thread) {
