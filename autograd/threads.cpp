@@ -119,8 +119,9 @@ public:
         };
         run_range(0);
         int claimed = T - 1;  // ranges the workers run
-        for (int t = 1; t < T; ++t)
-            if (uint32_t unclaimed = g - 1; claims_[t].gen.compare_exchange_strong(unclaimed, g, std::memory_order_relaxed))
+        for (int t = 1; t < T; ++t)  // in increasing t: a range may wait for a lower one
+            if (uint32_t unclaimed = g - 1;
+                claims_[t - 1].gen.compare_exchange_strong(unclaimed, g, std::memory_order_relaxed))
                 run_range(t), --claimed;
         // Spin until the workers are done, yielding the core now and then only
         // with more threads than cores (where a worker may be waiting for this
@@ -146,17 +147,17 @@ private:
         new (&workers_) std::vector<std::thread>();
         busy_.store(false, std::memory_order_relaxed);
         sleepers_.store(0, std::memory_order_relaxed);
-        stop_ = false;  // fork() may have come while another thread was in resize()
+        stop_.store(false, std::memory_order_relaxed);  // fork() may have come while another thread was in resize()
     }
 
     void resize(int T) {
         if (!workers_.empty()) {
-            stop_ = true;
+            stop_.store(true, std::memory_order_relaxed);  // published by the generation bump
             generation_.fetch_add(1, std::memory_order_seq_cst);
             generation_.notify_all();
             for (auto& w : workers_) w.join();
             workers_.clear();
-            stop_ = false;
+            stop_.store(false, std::memory_order_relaxed);
         }
         T_ = T;
         // Read here, not per call: libgomp's omp_get_num_procs() is a
@@ -165,8 +166,8 @@ private:
         // the workers start (taskset -p) is seen at the next thread setting.
         oversubscribed_ = T > omp_get_num_procs();
         const uint32_t start = generation_.load(std::memory_order_relaxed);
-        claims_ = std::make_unique<Claim[]>(size_t(T));
-        for (int t = 0; t < T; ++t) claims_[t].gen.store(start, std::memory_order_relaxed);
+        claims_ = std::make_unique<Claim[]>(size_t(T - 1));
+        for (int t = 1; t < T; ++t) claims_[t - 1].gen.store(start, std::memory_order_relaxed);
         for (int t = 1; t < T; ++t) workers_.emplace_back([this, t, start] { work(t, start); });
     }
 
@@ -184,13 +185,17 @@ private:
                 now = generation_.load(std::memory_order_acquire);
             }
             seen = now;
-            if (stop_) return;
+            if (stop_.load(std::memory_order_relaxed)) return;
             // Every job before `now` has all its ranges claimed (the caller
-            // returns only then), so claims_[t] is now - 1 unless the caller
+            // returns only then), so the slot holds now - 1 unless the caller
             // took this range over: then the job's fields may already be the
-            // next job's, and the worker must not read them.
+            // next job's, and the worker must not read them. Relaxed is
+            // enough: the fields of job `now` were published by the
+            // generation bump this thread loaded with acquire, and a
+            // successful exchange from now - 1 proves `now` is still the
+            // current job (the next one waits for this range's done_).
             uint32_t unclaimed = now - 1;
-            if (!claims_[t].gen.compare_exchange_strong(unclaimed, now, std::memory_order_relaxed)) continue;
+            if (!claims_[t - 1].gen.compare_exchange_strong(unclaimed, now, std::memory_order_relaxed)) continue;
             const detail::Range r = detail::static_range(n_, t, T_);
             fn_(body_, r.begin, r.end, t);
             done_.fetch_add(1, std::memory_order_release);
@@ -204,13 +209,15 @@ private:
     struct alignas(64) Claim {  // one cache line per range: claims do not contend
         std::atomic<uint32_t> gen{0};
     };
-    std::unique_ptr<Claim[]> claims_;  // [T]: the job whose range t was claimed last
+    std::unique_ptr<Claim[]> claims_;  // [T - 1]: slot t - 1, the job whose range t was claimed last
     // Written by the caller before the generation bump, read by workers after.
     detail::RangeFn fn_ = nullptr;
     const void* body_ = nullptr;
     int64_t n_ = 0;
     int T_ = 1;
-    bool stop_ = false;
+    // Atomic: a worker whose range the caller took over may still be reading
+    // it when the next call restarts the workers.
+    std::atomic<bool> stop_{false};
     bool oversubscribed_ = false;  // more threads than the cores this process may use
 };
 

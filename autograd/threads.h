@@ -95,19 +95,20 @@ void pool_run(int64_t n, RangeFn fn, const void* body);
 // body(begin, end, thread) on the threads of peftlab's own worker pool, [0, n)
 // split statically as `omp for schedule(static)` splits it (thread t of T
 // gets n / T items, one more if t < n % T; thread 0 is the caller), each
-// thread's range once, `thread` in [0, T). Range t >= 1 runs on worker t or,
-// if that worker has not started it when the caller has finished range 0
-// (asleep, or off its core beside another process), on the caller after
-// range 0, still as `thread` t: so no range but range 0 may wait for another,
-// and a range's result must not depend on which thread runs it. T is the
-// calling thread's thread setting (omp_get_max_threads(), so a per-thread
-// scratch of threads() slots has one for every `thread`). Returns when every
-// range is done; the first exception from a range the caller ran is rethrown
-// after the others finish, one from a worker's range terminates the process
-// (as in an OpenMP region); failing to start a worker throws
-// std::system_error before any range runs. For n <= 1, at T = 1, inside an
-// OpenMP team, inside a pool range, or while another thread runs the pool,
-// the caller runs [0, n) alone with thread 0.
+// range once, `thread` in [0, T). Range t >= 1 runs on worker t or, if that
+// worker has not started it when the caller has finished range 0 (asleep, or
+// off its core beside another process), on the caller after range 0, in
+// increasing t, still as `thread` t: so a range may wait only for ranges
+// numbered below it, and its result must not depend on which thread runs it.
+// T is the calling thread's thread setting (omp_get_max_threads(), so a
+// per-thread scratch of threads() slots has one for every `thread`). Returns
+// when every range is done; the first exception from a range the caller ran
+// (range 0, and any it took over) is rethrown after the others finish, one
+// from a range a worker ran terminates the process (as in an OpenMP region):
+// which of the two a range t >= 1 meets depends on timing. Failing to start
+// a worker throws std::system_error before any range runs. For n <= 1, at
+// T = 1, inside an OpenMP team, inside a pool range, or while another thread
+// runs the pool, the caller runs [0, n) alone with thread 0.
 //
 // Why a pool beside OpenMP: for the few-row GEMMs of decoding, 25 (small) to
 // 73 (gpt2) per generated token, each a few to a few hundred microseconds.

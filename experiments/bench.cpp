@@ -271,17 +271,13 @@ int run_child(const std::string& spec_text) {
             std::istringstream in(cmd);
             std::string word;
             int64_t floats = 0;
-            if (!(in >> word >> floats) || word != "probe" || floats < kBandwidthChunk || floats > kBandwidthFloats ||
-                floats % kBandwidthChunk != 0)
+            if (!(in >> word >> floats) || !(in >> std::ws).eof() || word != "probe" || floats < kBandwidthChunk ||
+                floats > kBandwidthFloats || floats % kBandwidthChunk != 0)
                 throw std::invalid_argument(fmt::format(
-                    "bench --child: expected 'probe <floats>' with floats a multiple of {} up to {}, got '{}'",
+                    "bench --child: expected 'probe <floats>' with floats a positive multiple of {} up to {}, got '{}'",
                     kBandwidthChunk, kBandwidthFloats, cmd));
             if (floats > held) buf = bandwidth_buffer(held = floats);
-            // At least 256 MiB read per probe: a 4 MiB buffer's single pass
-            // takes 50 us, too short to time alone.
-            const int passes = int(std::max<int64_t>(3, kMachineProbeFloats / floats));
-            std::cout << json{{"read_bandwidth_gbs", read_bandwidth_gbs(buf.get(), floats, passes)}}.dump()
-                      << std::endl;
+            std::cout << json{{"read_bandwidth_gbs", read_bandwidth_gbs(buf.get(), floats, 3)}}.dump() << std::endl;
         }
         return 0;
     }
@@ -495,26 +491,31 @@ int64_t bandwidth_probe_floats(double step_bytes) {
 }
 
 // Read bandwidth in GB/s: our threads sum p[0, floats) (a bandwidth_buffer,
-// floats a multiple of kBandwidthChunk) in 1 MiB chunks; the median of
-// `passes` passes after one that warms up. An earlier probe summed a
-// std::vector (malloc's 16-byte alignment: every 64-byte load spanned two
-// lines) into one vector sum (bound by the adds' latency): it read 25.8 GB/s
-// where this probe on 64-byte aligned 4 KiB pages read 44.1 at 1 thread,
-// 48-51 against 70 at 2 (AVX-512 Zen 5), so every "share of the bound" it gave
-// was 1.4-1.7x too high.
-double read_bandwidth_gbs(const float* p, int64_t floats, int passes) {
+// floats a multiple of kBandwidthChunk) in 16 or more chunks handed out in
+// turn; the median of `samples` timed samples after one that warms up, each
+// as many passes over the buffer as make 64 MiB or more, so that a small
+// buffer's sample is not a single pass of a few microseconds beside the
+// parallel region's start and end. An earlier probe summed a std::vector
+// (malloc's 16-byte alignment: every 64-byte load spanned two lines) into one
+// vector sum (bound by the adds' latency): it read 25.8 GB/s where this probe
+// on 64-byte aligned 4 KiB pages read 44.1 at 1 thread, 48-51 against 70 at 2
+// (AVX-512 Zen 5), so every "share of the bound" it gave was 1.4-1.7x too high.
+double read_bandwidth_gbs(const float* p, int64_t floats, int samples) {
+    // Chunks in turn, not halves: with one core slowed by another process,
+    // halves measured that core (the probes of one run read 33 GB/s for a
+    // minute where the others read 64-80), while the decoding GEMVs share
+    // their rows with stealing. At least 16 chunks, so a 1-13 MiB buffer
+    // still keeps both threads busy.
+    const int64_t chunk = std::min(kBandwidthChunk, floats / 16), chunks = floats / chunk;
+    const int64_t passes = std::max<int64_t>(1, ((int64_t(16) << 20) + floats - 1) / floats);  // 64 MiB or more
     std::vector<double> g;
     float total = 0.f;
-    for (int r = 0; r <= passes; ++r) {
+    for (int r = 0; r <= samples; ++r) {
         const double t0 = now_s();
-        // 1 MiB chunks handed out in turn, not halves: with one core slowed
-        // by another process, halves measured that core (the probes of one
-        // run read 33 GB/s for a minute where the others read 64-80), while
-        // the decoding GEMVs share their rows with stealing.
         float s = 0.f;
 #pragma omp parallel for schedule(dynamic) reduction(+ : s)
-        for (int64_t c = 0; c < floats / kBandwidthChunk; ++c) s += sum_floats(p + c * kBandwidthChunk, kBandwidthChunk);
-        if (r > 0) g.push_back(double(floats) * 4 / (now_s() - t0) / 1e9);
+        for (int64_t c = 0; c < passes * chunks; ++c) s += sum_floats(p + (c % chunks) * chunk, chunk);
+        if (r > 0) g.push_back(double(passes * floats) * 4 / (now_s() - t0) / 1e9);
         total += s;
     }
     if (total < 0) std::cout << "";  // keeps the sums alive
@@ -631,8 +632,8 @@ Args parse_args(int argc, char** argv) {
                       "ms/step with and without, side by side)")
         ("f16", "also time every generation row with F16 weights (GPT::set_weights_f16; F32 accumulation), "
                 "interleaved with the F32 rows; its bound reads 2 bytes per Linear weight")
-        ("max-memory", "GB of peak RSS that rows measured side by side may hold together (their children and "
-                       "PyTorch sessions); the rows after that are measured as a further group, not interleaved "
+        ("max-memory", "GB of peak RSS that rows measured side by side may hold together (their children, "
+                       "PyTorch sessions and the read-bandwidth probe's buffer); the rows after that are measured as a further group, not interleaved "
                        "with the first (default: 90% of the memory available at the start: MemAvailable, RLIMIT_AS; "
                        "0: no limit)",
             cxxopts::value<std::string>())
@@ -757,6 +758,7 @@ struct Bench {
     double bandwidth = 0;                    // GB/s, the machine probe's (measure_machine)
     std::unique_ptr<Child> bandwidth_probe;  // a "bandwidth" child, for generation rows; null if it failed
     bool bandwidth_probe_failed = false;
+    double bandwidth_probe_bytes = 0;  // its buffer: the largest probe asked for so far
     double memory_limit = 0;       // bytes that rows measured together may hold
     double largest_row_bytes = 0;  // the largest row footprint so far
     int groups_run = 0;            // measured parts of groups so far
@@ -783,7 +785,11 @@ struct Bench {
         std::vector<std::string> parts;  // "first..last" (1-based) of each part
         for (size_t first = 0; first < specs.size();) {
             std::vector<Run> runs;
-            double held = 0;
+            // The bandwidth child's buffer, grown to the largest of this group's probes.
+            double held = bandwidth_probe_failed ? 0 : bandwidth_probe_bytes;
+            for (size_t i = first; i < specs.size() && !bandwidth_probe_failed; ++i)
+                if (specs[i].kind == "generate")
+                    held = std::max(held, 4.0 * double(bandwidth_probe_floats(step_weight_bytes(specs[i].model, specs[i].f16))));
             size_t k = first;
             for (; k < specs.size(); ++k) {
                 if (!runs.empty() && held + largest_row_bytes > memory_limit) break;
@@ -993,6 +999,7 @@ struct Bench {
                                              json{{"kind", "bandwidth"}, {"threads", args.threads}}.dump()},
                     env);
             bandwidth_probe->send(fmt::format("probe {}", floats));
+            bandwidth_probe_bytes = std::max(bandwidth_probe_bytes, 4.0 * double(floats));
             return bandwidth_probe->receive(60).at("read_bandwidth_gbs").get<double>();  // a probe takes < 1 s
         } catch (const std::exception& e) {
             std::cerr << "bench: bandwidth probe failed, generation rows use the machine probe: " << e.what() << "\n";

@@ -9,6 +9,7 @@
 
 #include <catch2/catch.hpp>
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -1333,11 +1334,12 @@ TEST_CASE("parallel_for: serial work stays outside OpenMP, parallel work splits 
 }
 
 // Waits until pred() holds or 10 s have passed (a loaded machine may
-// schedule a worker late; a test must not depend on how late).
+// schedule a worker late; a test must not depend on how late); whether it held.
 template <class P>
-void wait_until(const P& pred) {
+bool wait_until(const P& pred) {
     const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
     while (!pred() && std::chrono::steady_clock::now() < give_up) std::this_thread::sleep_for(std::chrono::microseconds(100));
+    return pred();
 }
 
 TEST_CASE("pool_for: static split on the worker pool, thread 0 is the caller, serial where it must be", "[autograd][threads]") {
@@ -1354,8 +1356,9 @@ TEST_CASE("pool_for: static split on the worker pool, thread 0 is the caller, se
         std::vector<int> thread(n, -1), runs(n, 0);
         std::vector<std::thread::id> id(n);
         std::atomic<int> started{0};
+        bool all_started = false;  // (set on the caller: no assertion inside a range)
         pool_ranges(n, [&](int64_t begin, int64_t end, int th) {
-            if (th == 0) wait_until([&] { return started == t - 1; });
+            if (th == 0) all_started = wait_until([&] { return started == t - 1; });
             else ++started;
             for (int64_t i = begin; i < end; ++i) {
                 thread[size_t(i)] = th;
@@ -1363,6 +1366,7 @@ TEST_CASE("pool_for: static split on the worker pool, thread 0 is the caller, se
                 ++runs[size_t(i)];
             }
         });
+        REQUIRE(all_started);
         CHECK(std::count(runs.begin(), runs.end(), 1) == n);
         for (int64_t i = 0, th = 0; th < t; ++th) {
             const int64_t size = n / t + (th < n % t ? 1 : 0);
@@ -1373,33 +1377,51 @@ TEST_CASE("pool_for: static split on the worker pool, thread 0 is the caller, se
         }
         // Many small jobs in a row, jobs after the workers went to sleep
         // (longer than their 100 us spin) and around the moment they do:
-        // every index once each time.
-        std::vector<int64_t> sum(n, 0);
+        // every index once each time. Consecutive jobs differ in n and body,
+        // so a worker that ran a range with another job's fields (one whose
+        // range the caller took over) would miss or add indices.
+        std::vector<int64_t> sum(n, 0), count(n, 0), want_sum(n, 0), want_count(n, 0);
         for (int rep = 0; rep < 2000; ++rep) {
             if (rep % 500 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
             if (rep % 20 == 10) std::this_thread::sleep_for(std::chrono::microseconds(50 + rep % 200));
-            pool_for(n, [&](int64_t i) { sum[size_t(i)] += i; });
+            const int64_t m = n - rep % 7;
+            if (rep % 2) pool_for(m, [&](int64_t i) { sum[size_t(i)] += i; });
+            else pool_for(m, [&](int64_t i) { count[size_t(i)] += 1; });
+            for (int64_t i = 0; i < m; ++i) (rep % 2 ? want_sum[size_t(i)] += i : want_count[size_t(i)] += 1);
         }
-        int64_t wrong = 0;
-        for (int64_t i = 0; i < n; ++i) wrong += sum[size_t(i)] != 2000 * i;
-        CHECK(wrong == 0);
+        CHECK(sum == want_sum);
+        CHECK(count == want_count);
     }
     // A range its worker has not claimed when the caller is done with its own
     // runs on the caller, after it, with its own thread number, once. A
     // worker asleep (after its 100 us spin) takes microseconds to wake, so
-    // with an empty range 0 the caller takes some of the 50 jobs' ranges.
+    // with an empty range 0 the caller takes some of the 200 jobs' ranges.
+    // The counts live past the loop: a worker that also ran a range taken
+    // over would do so after its job returned, and be counted by the end.
     set_threads(2);
-    int taken_over = 0, wrong_runs = 0;
-    for (int rep = 0; rep < 50; ++rep) {
+    constexpr int jobs = 200;
+    std::vector<std::array<std::atomic<int>, 2>> job_runs(jobs);
+    std::vector<std::array<std::thread::id, 2>> job_ids(jobs);
+    for (int rep = 0; rep < jobs; ++rep) {
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
-        std::vector<int> runs(2, 0);
-        std::vector<std::thread::id> id(2);
         pool_ranges(2, [&](int64_t begin, int64_t, int th) {
-            ++runs[size_t(th)];
-            id[size_t(begin)] = std::this_thread::get_id();
+            ++job_runs[size_t(rep)][size_t(th)];
+            job_ids[size_t(rep)][size_t(begin)] = std::this_thread::get_id();
         });
-        wrong_runs += runs != std::vector<int>{1, 1} || id[0] != caller;
-        taken_over += id[1] == caller;
+    }
+    // One more job whose caller waits for the worker: any late run is done by its end.
+    std::atomic<bool> worker_in{false};
+    bool worker_came = false;
+    pool_ranges(2, [&](int64_t, int64_t, int th) {
+        if (th == 0) worker_came = wait_until([&] { return worker_in.load(); });
+        else worker_in = true;
+    });
+    REQUIRE(worker_came);
+    int taken_over = 0, wrong_runs = 0;
+    for (int rep = 0; rep < jobs; ++rep) {
+        wrong_runs += job_runs[size_t(rep)][0] != 1 || job_runs[size_t(rep)][1] != 1 ||
+                      job_ids[size_t(rep)][0] != caller;
+        taken_over += job_ids[size_t(rep)][1] == caller;
     }
     CHECK(wrong_runs == 0);
     if (omp_get_max_threads() > 1) CHECK(taken_over > 0);
@@ -1441,11 +1463,13 @@ TEST_CASE("pool_for: static split on the worker pool, thread 0 is the caller, se
     // ... and leaves the pool free: the next call runs on the workers again.
     std::vector<std::thread::id> after(2);
     std::atomic<bool> worker_started{false};
+    bool started_in_time = false;
     pool_ranges(2, [&](int64_t begin, int64_t, int th) {
-        if (th == 0) wait_until([&] { return worker_started.load(); });
+        if (th == 0) started_in_time = wait_until([&] { return worker_started.load(); });
         else worker_started = true;
         after[size_t(begin)] = std::this_thread::get_id();
     });
+    REQUIRE(started_in_time);
     CHECK(after[1] != caller);
     // A forked child, which has none of the workers, starts its own.
     const pid_t pid = ::fork();

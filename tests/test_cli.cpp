@@ -199,6 +199,17 @@ TEST_CASE("bench's generation rows are bounded by read-bandwidth probes run betw
         CHECK(row.at("share_of_bound").get<double>() > 0);  // the median of the steps' shares, each at its probe
         CHECK_THAT(r.out, Contains(fmt::format("| {:.1f} |", probes[1])));
     }
+    // The bandwidth child: a 1 MiB probe (the smallest, in 16 chunks) reads; a malformed request is refused by name.
+    const std::string child = bench + " --child '{\"kind\":\"bandwidth\",\"threads\":2}'";
+    Result one = run("printf 'probe 262144\\nend\\n' | " + child, tmp.dir.string());
+    REQUIRE(one.rc == 0);
+    CHECK(nlohmann::json::parse(one.out).at("read_bandwidth_gbs").get<double>() > 0);
+    for (const std::string bad : {"probe 262144 x", "probe 0", "probe 1000", "peek 262144"}) {
+        Result b = run("printf '" + bad + "\\n' | " + child, tmp.dir.string());
+        CHECK(b.rc != 0);
+        CHECK_THAT(b.out, Contains("expected 'probe <floats>' with floats a positive multiple of 262144") &&
+                              Contains("got '" + bad + "'"));
+    }
 }
 
 TEST_CASE("bench measures rows that do not fit --max-memory together in further groups", "[cli]") {
