@@ -98,8 +98,11 @@ public:
     // forward, decoding steps included. Size B, or 1 for every row; empty: all -1.
     virtual std::vector<int32_t> position_offset(const ForwardInfo&) { return {}; }
     // x [..., in] is the input of the Linear at dotted path `path`
-    // ("blocks.2.attn.q_proj"); return a tensor shaped like its output, or an
-    // undefined tensor for no change.
+    // ("blocks.2.attn.q_proj"); return a tensor shaped like its output, a
+    // bias delta [out] for every row (joined to the Linear's bias before the
+    // GEMM adds it: an [out] add, and in backward the bias gradient's column
+    // sums, not a pass over the [R, out] output each way), or an undefined
+    // tensor for no change.
     virtual Tensor linear_delta(const std::string& path, const Tensor& x, const ForwardInfo&) { return {}; }
     // x [..., in] is the input of the Linear at `path`: return the input it
     // should read instead (same shape), or an undefined tensor for no change.

@@ -130,15 +130,20 @@ Linear::Linear(int64_t in, int64_t out, bool with_bias, Rng& rng, float init_std
 }
 
 Tensor Linear::forward(const Tensor& x_in, const ForwardContext& ctx) const {
-    auto base = [&](const Tensor& x) {
-        return weight_f16 && !grad_enabled() ? linear_half(x, *weight_f16, bias) : linear(x, weight, bias);
+    auto base = [&](const Tensor& x, const Tensor& b) {
+        return weight_f16 && !grad_enabled() ? linear_half(x, *weight_f16, b) : linear(x, weight, b);
     };
-    if (!ctx.hooks) return base(x_in);
+    if (!ctx.hooks) return base(x_in, bias);
     Tensor x = ctx.hooks->linear_input(path(), x_in, ctx.info);
     if (!x.defined()) x = x_in;
-    Tensor y = base(x);
     Tensor delta = ctx.hooks->linear_delta(path(), x, ctx.info);
-    if (delta.defined()) y = add(y, delta);
+    Tensor y;
+    if (delta.defined() && delta.ndim() == 1) {  // a bias delta [out] (BitFit's): joins the bias
+        y = base(x, bias.defined() ? add(bias, delta) : delta);
+    } else {
+        y = base(x, bias);
+        if (delta.defined()) y = add(y, delta);
+    }
     Tensor out = ctx.hooks->linear_output(path(), x, y, ctx.info);
     return out.defined() ? out : y;
 }

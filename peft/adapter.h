@@ -198,6 +198,10 @@ public:
                                   int64_t out, cost::Sym x, cost::Sym y) const {
         return y;
     }
+    // Whether linear_delta gives the Linear at `path` a bias delta [out]
+    // (a trainable parameter), which the Linear adds to its bias: an [out]
+    // add before the GEMM instead of a pass over the output.
+    virtual bool cost_bias_delta(const std::string& path, const GPTConfig&) const { return false; }
     // The LayerNorm at `path` ("blocks.2.ln1", "ln_f") reads gain `gamma` and
     // bias `beta` (the base's, as given): set them to the Syms of what
     // layer_norm_params substitutes (kParam for a trained copy).

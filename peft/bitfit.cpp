@@ -1,7 +1,9 @@
 // BitFit-style bias tuning (Ben Zaken et al. 2022). Instead of unfreezing the
 // base's biases (which would change the shared base), every Linear of the
-// chosen layers gets a trainable bias delta [out], added to its output through
-// the linear_delta hook. L*(5d + F) parameters (q, k, v, o, fc, proj).
+// chosen layers gets a trainable bias delta [out] through the linear_delta
+// hook, which the Linear adds to its own bias (so a step costs an [out] add
+// and the bias gradient's column sums per Linear, as unfreezing the bias
+// would). L*(5d + F) parameters (q, k, v, o, fc, proj).
 #include <fmt/format.h>
 
 #include <map>
@@ -27,11 +29,7 @@ public:
     }
     std::vector<double> lr_grid() const override { return {1e-3, 3e-3, 1e-2}; }
 
-    // A bias delta [out] broadcast-added to each Linear's output [R, out].
-    cost::Sym cost_linear(const std::string& path, cost::Tally& t, const GPTConfig& c, int64_t R, int64_t,
-                          int64_t out, cost::Sym, cost::Sym y) const override {
-        return in_chosen_layer(c, path) ? cost::add(t, R * out, y, cost::kParam) : y;
-    }
+    bool cost_bias_delta(const std::string& path, const GPTConfig& c) const override { return in_chosen_layer(c, path); }
     int64_t cost_decode_extra(const GPTConfig& c) const override { return chosen_layers(c) * (5 * c.d_model + c.d_ff); }
     std::vector<cost::ParamGroup> cost_groups(const GPTConfig& c) const override {
         std::vector<cost::ParamGroup> g;

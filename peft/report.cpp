@@ -71,7 +71,9 @@ struct StepWalk {
     Sym linear_at(int l, const std::string& module, int64_t R, int64_t in, int64_t out, Sym x) {
         const std::string path = fmt::format("blocks.{}.{}", l, module);
         x = a.cost_linear_input(path, t, cfg, R, in, x);
-        const Sym w = base_param(), b = base_param();
+        const Sym w = base_param();
+        Sym b = base_param();
+        if (a.cost_bias_delta(path, cfg)) b = cost::add(t, out, b, cost::kParam);
         Sym y = cost::linear(t, R, in, out, x, w, &b);
         return a.cost_linear(path, t, cfg, R, in, out, x, y);
     }
