@@ -97,12 +97,27 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
         return 0.f;
     };
     const int64_t n = out.numel();
-    if (same) {
+    // b [C] (any leading dims of 1) across the rows of a [..., C]: a per-column
+    // bias or scale (IA3's, LoRA-free deltas). The general broadcast below runs
+    // on one thread through an index per element and, in backward, an
+    // output-sized temporary; this path runs rows in parallel and sums
+    // columns in place.
+    const int64_t C = a.ndim() > 0 ? a.shape().back() : 0;
+    const bool by_row = !same && a.shape() == bc.out && C > 0 && b.numel() == C && b.shape().back() == C;
+    const int64_t rows = by_row ? n / C : 0;
+    if (same || by_row) {
         // One loop per op: a switch inside the loop keeps it from vectorizing.
         auto each = [=](auto f) {
-            parallel_region(n > kParallelMin, [=] {
+            if (same) {
+                parallel_region(n > kParallelMin, [=] {
 #pragma omp for simd schedule(static)
-                for (int64_t i = 0; i < n; ++i) po[i] = f(pa[i], pb[i]);
+                    for (int64_t i = 0; i < n; ++i) po[i] = f(pa[i], pb[i]);
+                });
+                return;
+            }
+            parallel_for(rows, n > kParallelMin, [=](int64_t r) {
+#pragma omp simd
+                for (int64_t j = 0; j < C; ++j) po[r * C + j] = f(pa[r * C + j], pb[j]);
             });
         };
         switch (op) {
@@ -134,6 +149,11 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
                 store_grad(*g, n, [=](int64_t i) { return term(dy[i], i, i); });
                 return;
             }
+            if (by_row) {  // a's indices are the output's, b's its column
+                if (is_a) store_grad(*g, n, [=](int64_t i) { return term(dy[i], i, i % C); });
+                else add_column_sums_of(g->buffer(), rows, C, [=](int64_t i, int64_t j) { return term(dy[i], i, j); });
+                return;
+            }
             tmp.resize(size_t(n));
             for_each_bc(bc, [&](int64_t i, int64_t ia, int64_t ib) { tmp[size_t(i)] = term(dy[i], ia, ib); });
             if (g->numel == n) g->accumulate(tmp.data());
@@ -160,6 +180,13 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
                     break;
                 case BinOp::Div: {
                     // d(a/b)/db = -(a/b)/b = -out/b, evaluated per output element.
+                    if (by_row) {
+                        const float *po = so.data(), *pd = sb.data();
+                        flops::add_grad(gb->is_leaf, uint64_t(3 * n));
+                        add_column_sums_of(gb->buffer(), rows, C,
+                                           [=](int64_t i, int64_t j) { return -dy[i] * po[i] / pd[j]; });
+                        break;
+                    }
                     tmp.resize(size_t(n));
                     for_each_bc(bc, [&](int64_t oi, int64_t, int64_t ib) {
                         tmp[size_t(oi)] = -dy[oi] * so.data()[oi] / sb.data()[ib];

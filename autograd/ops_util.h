@@ -67,19 +67,25 @@ void store_grad(GradCell& cell, int64_t n, const G& g) {
     });
 }
 
-// dst[j] += sum over rows r of src[r * C + j], src [R, C]. Rows are read
-// contiguously in column blocks (threads take whole blocks) and added in row
-// order, so the result does not depend on the thread count.
-inline void add_column_sums(float* dst, const float* src, int64_t R, int64_t C) {
+// dst[j] += sum over rows r of term(r * C + j, j) for an [R, C] term. Rows
+// are read contiguously in column blocks (threads take whole blocks) and
+// added in row order, so the result does not depend on the thread count.
+template <class F>
+void add_column_sums_of(float* dst, int64_t R, int64_t C, const F& term) {
     constexpr int64_t kBlock = 64;
     const int64_t blocks = (C + kBlock - 1) / kBlock;
     parallel_for(blocks, R * C > kParallelMin, [=](int64_t blk) {
         const int64_t j0 = blk * kBlock, w = std::min(kBlock, C - j0);
         float acc[kBlock] = {};
         for (int64_t r = 0; r < R; ++r)
-            for (int64_t j = 0; j < w; ++j) acc[j] += src[r * C + j0 + j];
+            for (int64_t j = 0; j < w; ++j) acc[j] += term(r * C + j0 + j, j0 + j);
         for (int64_t j = 0; j < w; ++j) dst[j0 + j] += acc[j];
     });
+}
+
+// dst[j] += sum over rows r of src[r * C + j], src [R, C] (as add_column_sums_of).
+inline void add_column_sums(float* dst, const float* src, int64_t R, int64_t C) {
+    add_column_sums_of(dst, R, C, [src](int64_t i, int64_t) { return src[i]; });
 }
 
 // e^x in plain arithmetic, so that loops calling it vectorize (libm's expf is

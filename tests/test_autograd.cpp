@@ -1100,6 +1100,57 @@ TEST_CASE("same seed and thread count give bitwise identical loss and gradients"
     CHECK(r3.loss != r1.loss);
 }
 
+// b [C] across the rows of a [R, C] (a per-column bias or scale) takes its
+// own path: rows in parallel, b's gradient summed by columns in place. The
+// output and a's gradient are the element-wise definition's exactly, b's
+// gradient a double-precision sum's to float rounding (the compiler may fuse
+// a product into the running sum), and none depends on the thread count.
+TEST_CASE("binary ops with b [C] across the rows of a [..., C]: exact, and the bits do not depend on the threads",
+          "[autograd][determinism]") {
+    const int before = threads();
+    constexpr int64_t R = 300, C = 70;  // 21000 elements x 2 operands: parallel
+    const std::vector<std::pair<const char*, Tensor (*)(const Tensor&, const Tensor&)>> ops = {
+        {"add", &peftlab::add}, {"sub", &peftlab::sub}, {"mul", &peftlab::mul}, {"div", &peftlab::div}};
+    for (const auto& [name, fn] : ops) {
+        INFO(name);
+        const std::string op = name;
+        std::vector<std::vector<float>> runs;
+        for (int t : {1, 2}) {
+            set_threads(t);
+            Tensor a = param(uniform({3, R / 3, C}, 1)), b = param(uniform({1, 1, C}, 2, 0.5f, 1.5f));
+            Tensor dy = uniform({3, R / 3, C}, 3);
+            clear_tape();
+            Tensor y = fn(a, b);
+            backward(y, &dy);
+            const float *pa = a.data(), *pb = b.data(), *py = y.data(), *pd = dy.data();
+            const float *ga = a.grad().data(), *gb = b.grad().data();
+            int64_t wrong = 0;
+            std::vector<double> want_gb(C, 0.0), scale(C, 0.0);
+            for (int64_t r = 0; r < R; ++r)
+                for (int64_t j = 0; j < C; ++j) {
+                    const int64_t i = r * C + j;
+                    const float x = pa[i], z = pb[j], d = pd[i];
+                    const float out = op == "add" ? x + z : op == "sub" ? x - z : op == "mul" ? x * z : x / z;
+                    const float da = op == "add" || op == "sub" ? d : op == "mul" ? d * z : d / z;
+                    const double term = op == "add" ? d : op == "sub" ? -d : op == "mul" ? double(d) * x : -double(d) * out / z;
+                    want_gb[size_t(j)] += term;
+                    scale[size_t(j)] += std::fabs(term);
+                    wrong += py[i] != out || ga[i] != da;
+                }
+            CHECK(wrong == 0);
+            int64_t off = 0;  // float sums of R terms: within R ulps of the terms' magnitude
+            for (int64_t j = 0; j < C; ++j) off += std::fabs(gb[j] - want_gb[size_t(j)]) > 1e-7 * R * scale[size_t(j)];
+            CHECK(off == 0);
+            std::vector<float> bits(py, py + R * C);
+            bits.insert(bits.end(), ga, ga + R * C);
+            bits.insert(bits.end(), gb, gb + C);
+            runs.push_back(bits);
+        }
+        CHECK(std::memcmp(runs[0].data(), runs[1].data(), runs[0].size() * sizeof(float)) == 0);
+    }
+    set_threads(before);
+}
+
 // Softmax and LayerNorm sum their rows in vector lanes (detail::lane_sum). A
 // row's bits must not depend on where it sits: rows of odd width start at
 // every alignment, so a vectorizer that peeled to align would fail here.
