@@ -239,7 +239,7 @@ scale-model: deps
 # Training and generation speed per PEFT method on the small, medium and GPT-2
 # small shapes (gpt2 trains at B 8 x T 512), side by side with PyTorch when
 # Debian's python3-torch is installed: runs/bench/bench.{json,md}. The gpt2 rows
-# take most of its time (about 20 minutes without PyTorch on 2 cores); shorter:
+# take most of its time (about 9 minutes without PyTorch on 2 cores); shorter:
 # ARGS="--configs small,medium", "--quick", "--configs small --methods full,lora
 # --repeats 4"; also "--no-torch", "--help".
 bench: deps

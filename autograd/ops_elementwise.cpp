@@ -98,7 +98,7 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
     };
     const int64_t n = out.numel();
     // b [C] (any leading dims of 1) across the rows of a [..., C]: a per-column
-    // bias or scale (IA3's, LoRA-free deltas). The general broadcast below runs
+    // bias or scale (IA3's scales). The general broadcast below runs
     // on one thread through an index per element and, in backward, an
     // output-sized temporary; this path runs rows in parallel and sums
     // columns in place.
