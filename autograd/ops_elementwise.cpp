@@ -103,7 +103,7 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
     // output-sized temporary; this path runs rows in parallel and sums
     // columns in place.
     const int64_t C = a.ndim() > 0 ? a.shape().back() : 0;
-    const bool by_row = !same && a.shape() == bc.out && C > 0 && b.numel() == C && b.shape().back() == C;
+    const bool by_row = !same && a.shape() == bc.out && C > 0 && b.ndim() > 0 && b.numel() == C && b.shape().back() == C;
     const int64_t rows = by_row ? n / C : 0;
     if (same || by_row) {
         // One loop per op: a switch inside the loop keeps it from vectorizing.
@@ -150,8 +150,23 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
                 return;
             }
             if (by_row) {  // a's indices are the output's, b's its column
-                if (is_a) store_grad(*g, n, [=](int64_t i) { return term(dy[i], i, i % C); });
-                else add_column_sums_of(g->buffer(), rows, C, [=](int64_t i, int64_t j) { return term(dy[i], i, j); });
+                if (!is_a) {
+                    add_column_sums_of(g->buffer(), rows, C, [=](int64_t i, int64_t j) { return term(dy[i], i, j); });
+                    return;
+                }
+                bool add;
+                float* d = g->target(add);
+                parallel_for(rows, n > kParallelMin, [=](int64_t r) {
+                    float* dr = d + r * C;
+                    const int64_t i0 = r * C;
+                    if (add) {
+#pragma omp simd
+                        for (int64_t j = 0; j < C; ++j) dr[j] += term(dy[i0 + j], i0 + j, j);
+                    } else {
+#pragma omp simd
+                        for (int64_t j = 0; j < C; ++j) dr[j] = term(dy[i0 + j], i0 + j, j);
+                    }
+                });
                 return;
             }
             tmp.resize(size_t(n));

@@ -322,7 +322,8 @@ Tensor GPT::run(const ModelInput& in, KVCache* cache, const std::vector<int32_t>
     if (weights_f16_) return lm_loss(logits_of(x), *targets);
     Tensor delta = head && hooks_ && hooks_->adapts_linear(head->path())
                        ? hooks_->linear_delta(head->path(), x, ctx.info) : Tensor();
-    if (delta.defined() && delta.ndim() == 1) return lm_loss(linear(x, head->weight, delta), *targets);  // a bias delta
+    if (delta.defined() && delta.ndim() == 1)  // a bias delta, joined to the bias
+        return lm_loss(linear(x, head->weight, head->bias.defined() ? add(head->bias, delta) : delta), *targets);
     if (delta.defined()) return lm_loss(add(linear(x, head->weight), delta), *targets);
     // The head and the loss fused: both count in this region ("head").
     return linear_cross_entropy(x, head ? head->weight : wte.weight, *targets, -1);

@@ -139,6 +139,9 @@ Tensor Linear::forward(const Tensor& x_in, const ForwardContext& ctx) const {
     Tensor delta = ctx.hooks->linear_delta(path(), x, ctx.info);
     Tensor y;
     if (delta.defined() && delta.ndim() == 1) {  // a bias delta [out] (BitFit's): joins the bias
+        if (delta.dim(0) != weight.dim(0))
+            throw std::invalid_argument(fmt::format("linear_delta ({}): a bias delta must be [{}], got {}", path(),
+                                                    weight.dim(0), shape_str(delta.shape())));
         y = base(x, bias.defined() ? add(bias, delta) : delta);
     } else {
         y = base(x, bias);

@@ -1108,7 +1108,8 @@ TEST_CASE("same seed and thread count give bitwise identical loss and gradients"
 TEST_CASE("binary ops with b [C] across the rows of a [..., C]: exact, and the bits do not depend on the threads",
           "[autograd][determinism]") {
     const int before = threads();
-    constexpr int64_t R = 300, C = 70;  // 21000 elements x 2 operands: parallel
+    constexpr int64_t R = 600, C = 70;
+    static_assert(R * C > kParallelMin);  // rows and column blocks split across threads
     const std::vector<std::pair<const char*, Tensor (*)(const Tensor&, const Tensor&)>> ops = {
         {"add", &peftlab::add}, {"sub", &peftlab::sub}, {"mul", &peftlab::mul}, {"div", &peftlab::div}};
     for (const auto& [name, fn] : ops) {

@@ -157,6 +157,8 @@ TEST_CASE("gradcheck: add/sub/mul/div with broadcasting", "[autograd][gradcheck]
         {{2, 3, 4}, {2, 1, 4}, "rank 3, middle dim"},
         {{2, 1, 3, 2}, {1, 2, 1, 2}, "rank 4, both sides broadcast"},
         {{3, 4}, {}, "rank-0 scalar"},
+        {{3, 1}, {}, "rank-0 scalar, a of one column"},
+        {{1}, {}, "rank-0 scalar, a of one element"},
         {{2, 3, 1}, {3, 4}, "rank 3 x rank 2, both sides"},
     };
     const std::vector<std::pair<const char*, Tensor (*)(const Tensor&, const Tensor&)>> ops = {

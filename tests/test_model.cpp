@@ -594,3 +594,67 @@ TEST_CASE("GPT: malformed hook prefixes raise errors naming the layer and shapes
     CHECK_THROWS_AS(model.forward(in), std::invalid_argument);
     model.set_hooks(nullptr);
 }
+
+namespace {
+// A delta on one Linear: [out] (a bias delta) or the same values on every row [..., out].
+struct BiasDelta : ModelHooks {
+    std::string target;
+    Tensor d;          // [out]
+    bool rows = false;  // give it as [..., out] instead
+    Tensor linear_delta(const std::string& path, const Tensor& x, const ForwardInfo&) override {
+        if (path != target) return Tensor();
+        if (!rows) return d;
+        Shape shape = x.shape();
+        shape.back() = d.dim(0);
+        return add(Tensor::zeros(shape), d);  // [..., out], each row d
+    }
+};
+}  // namespace
+
+TEST_CASE("a Linear's bias delta [out] from linear_delta acts as the delta on every row; a wrong length names the Linear",
+          "[model]") {
+    Rng rng(5);
+    const GPTConfig cfg = small_gpt(/*vocab=*/40, /*max_seq=*/16);
+    ModelInput in;
+    in.B = 2;
+    in.T = 8;
+    in.tokens = random_tokens(rng, in.B * in.T, cfg.vocab);
+    const std::vector<int32_t> targets = random_tokens(rng, in.B * in.T, cfg.vocab);
+    for (const std::string target : {"blocks.1.attn.v_proj", "blocks.0.mlp.fc"}) {
+        INFO(target);
+        GPT model(cfg, 3);
+        const int64_t out = model.parameter(target + ".weight").dim(0);
+        std::vector<float> loss(2);
+        std::vector<Tensor> grad(2);
+        for (int rows = 0; rows < 2; ++rows) {
+            BiasDelta h;
+            h.target = target;
+            h.rows = rows == 1;
+            Rng same(9);  // the same delta both ways
+            h.d = Tensor::normal({out}, same, 0.f, 0.5f).set_requires_grad(true);
+            model.set_hooks(&h);
+            clear_tape();
+            Tensor l = model.loss(in, targets);
+            backward(l);
+            loss[size_t(rows)] = l.item();
+            grad[size_t(rows)] = h.d.grad().clone();
+            model.set_hooks(nullptr);
+        }
+        CHECK(std::fabs(loss[0] - loss[1]) < 1e-5f * std::fabs(loss[1]));
+        float worst = 0.f, scale = 0.f;
+        for (int64_t j = 0; j < out; ++j) {
+            worst = std::max(worst, std::fabs(grad[0].data()[j] - grad[1].data()[j]));
+            scale = std::max(scale, std::fabs(grad[1].data()[j]));
+        }
+        CHECK(scale > 0.f);
+        CHECK(worst <= 1e-4f * scale);
+    }
+    GPT model(cfg, 3);
+    BiasDelta wrong;
+    wrong.target = "blocks.0.attn.q_proj";
+    wrong.d = Tensor::zeros({cfg.d_model + 1});
+    model.set_hooks(&wrong);
+    CHECK_THROWS_WITH(model.loss(in, targets), Contains("linear_delta (blocks.0.attn.q_proj): a bias delta must be [" +
+                                                        std::to_string(cfg.d_model) + "]"));
+    model.set_hooks(nullptr);
+}
