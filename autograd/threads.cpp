@@ -62,7 +62,7 @@ inline void cpu_relax() {
 
 // T - 1 workers; the caller of try_run() is thread 0. One job at a time:
 // try_run() publishes it by bumping `generation_` to g. Range t >= 1 of job g
-// is claimed once, by a compare-and-swap of claims_[t] from g - 1 to g: by
+// is claimed once, by a compare-and-swap of claims_[t - 1] from g - 1 to g: by
 // worker t when it sees g, or by the caller when it has finished its own
 // range and worker t has not claimed yet (it sleeps, or another process holds
 // its core). The caller then waits for `done_` to count the ranges the

@@ -529,7 +529,8 @@ json measure_machine() {
             {"gemm_peak_gflops", peak.ours},
             {"matmul_1024_gflops", ours},
             {"cblas_sgemm_1024_gflops", raw},
-            {"read_bandwidth_gbs", read_bandwidth_gbs(bandwidth_buffer(kMachineProbeFloats).get(), kMachineProbeFloats, 7)}};
+            {"read_bandwidth_gbs",
+             read_bandwidth_gbs(bandwidth_buffer(kMachineProbeFloats).get(), kMachineProbeFloats, 7)}};
 }
 
 // What the bench asks a row's method (an adapter made without a model):
@@ -564,6 +565,12 @@ int64_t count_params(const GPTConfig& c) {  // what one decoding step reads (all
 double step_weight_bytes(const GPTConfig& c, bool f16) {
     const int64_t linear = c.n_layers * (4 * c.d_model * c.d_model + 2 * c.d_model * c.d_ff) + c.vocab * c.d_model;
     return 4.0 * double(count_params(c)) - (f16 ? 2.0 * double(linear) : 0.0);
+}
+
+// A row's read-bandwidth probe size (bandwidth_probe_floats of its step's
+// weight bytes); 0 for a training row, which gets no probe.
+int64_t probe_floats_of(const Spec& s) {
+    return s.kind == "generate" ? bandwidth_probe_floats(step_weight_bytes(s.model, s.f16)) : 0;
 }
 
 double generation_bound(const Spec& s, int64_t extra_keys, double bw_gbs, double peak_gflops) {
@@ -633,9 +640,9 @@ Args parse_args(int argc, char** argv) {
         ("f16", "also time every generation row with F16 weights (GPT::set_weights_f16; F32 accumulation), "
                 "interleaved with the F32 rows; its bound reads 2 bytes per Linear weight")
         ("max-memory", "GB of peak RSS that rows measured side by side may hold together (their children, "
-                       "PyTorch sessions and the read-bandwidth probe's buffer); the rows after that are measured as a further group, not interleaved "
-                       "with the first (default: 90% of the memory available at the start: MemAvailable, RLIMIT_AS; "
-                       "0: no limit)",
+                       "PyTorch sessions and the read-bandwidth probe's buffer); the rows after that are measured "
+                       "as a further group, not interleaved with the first (default: 90% of the memory "
+                       "available at the start: MemAvailable, RLIMIT_AS; 0: no limit)",
             cxxopts::value<std::string>())
         ("no-torch", "skip the PyTorch side")
         ("no-train", "skip the training rows (and the scaling rows)")
@@ -790,8 +797,7 @@ struct Bench {
             // The bandwidth child's buffer, grown to the largest of this group's probes.
             double held = bandwidth_probe_failed ? 0 : bandwidth_probe_bytes;
             for (size_t i = first; i < specs.size() && !bandwidth_probe_failed; ++i)
-                if (specs[i].kind == "generate")
-                    held = std::max(held, 4.0 * double(bandwidth_probe_floats(step_weight_bytes(specs[i].model, specs[i].f16))));
+                held = std::max(held, 4.0 * double(probe_floats_of(specs[i])));
             size_t k = first;
             for (; k < specs.size(); ++k) {
                 if (!runs.empty() && held + largest_row_bytes > memory_limit) break;
@@ -841,10 +847,9 @@ struct Bench {
         Run r;
         r.id = id;
         r.row = spec.to_json();
-        if (spec.kind == "generate") {
-            const double bytes = step_weight_bytes(spec.model, spec.f16);
-            r.probe_floats = bandwidth_probe_floats(bytes);
-            r.row["step_weight_bytes"] = bytes;
+        r.probe_floats = probe_floats_of(spec);
+        if (r.probe_floats > 0) {
+            r.row["step_weight_bytes"] = step_weight_bytes(spec.model, spec.f16);
             r.row["bandwidth_probe_bytes"] = 4 * r.probe_floats;
         }
         r.row.erase("warmup");

@@ -323,7 +323,7 @@ Tensor GPT::run(const ModelInput& in, KVCache* cache, const std::vector<int32_t>
     Tensor delta = head && hooks_ && hooks_->adapts_linear(head->path())
                        ? hooks_->linear_delta(head->path(), x, ctx.info) : Tensor();
     if (delta.defined() && delta.ndim() == 1)  // a bias delta, joined to the bias
-        return lm_loss(linear(x, head->weight, head->bias.defined() ? add(head->bias, delta) : delta), *targets);
+        return lm_loss(linear(x, head->weight, head->bias_with(delta)), *targets);
     if (delta.defined()) return lm_loss(add(linear(x, head->weight), delta), *targets);
     // The head and the loss fused: both count in this region ("head").
     return linear_cross_entropy(x, head ? head->weight : wte.weight, *targets, -1);

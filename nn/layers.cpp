@@ -139,16 +139,20 @@ Tensor Linear::forward(const Tensor& x_in, const ForwardContext& ctx) const {
     Tensor delta = ctx.hooks->linear_delta(path(), x, ctx.info);
     Tensor y;
     if (delta.defined() && delta.ndim() == 1) {  // a bias delta [out] (BitFit's): joins the bias
-        if (delta.dim(0) != weight.dim(0))
-            throw std::invalid_argument(fmt::format("linear_delta ({}): a bias delta must be [{}], got {}", path(),
-                                                    weight.dim(0), shape_str(delta.shape())));
-        y = base(x, bias.defined() ? add(bias, delta) : delta);
+        y = base(x, bias_with(delta));
     } else {
         y = base(x, bias);
         if (delta.defined()) y = add(y, delta);
     }
     Tensor out = ctx.hooks->linear_output(path(), x, y, ctx.info);
     return out.defined() ? out : y;
+}
+
+Tensor Linear::bias_with(const Tensor& delta) const {
+    if (delta.ndim() != 1 || delta.dim(0) != weight.dim(0))
+        throw std::invalid_argument(fmt::format("linear_delta ({}): a bias delta must be [{}], got {}", path(),
+                                                weight.dim(0), shape_str(delta.shape())));
+    return bias.defined() ? add(bias, delta) : delta;
 }
 
 Embedding::Embedding(int64_t num, int64_t dim, Rng& rng, float init_std) {

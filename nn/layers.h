@@ -36,6 +36,10 @@ public:
     // delta, output: nn/hooks.h). With weight_f16 set and grad mode off, the
     // base GEMM reads it instead of `weight` (linear_half); hooks unchanged.
     Tensor forward(const Tensor& x, const ForwardContext& ctx) const;
+    // The bias with a linear_delta bias delta [out] joined to it (the delta
+    // alone without a bias). Throws std::invalid_argument naming this Linear
+    // if the delta is not [out].
+    Tensor bias_with(const Tensor& delta) const;
     Tensor weight;  // [out, in]
     Tensor bias;    // [out] or undefined
     // `weight` rounded to binary16 (GPT::set_weights_f16), or null. A copy:
