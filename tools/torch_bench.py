@@ -37,7 +37,10 @@ import resource
 import sys
 import time
 
-import torch
+try:
+    import torch
+except ImportError as e:  # optional: one line for the bench's "PyTorch side skipped", not a traceback
+    sys.exit(f"torch_bench.py: PyTorch is not importable ({e}); on Debian: apt-get install python3-torch")
 import torch.nn as nn
 import torch.nn.functional as F
 
