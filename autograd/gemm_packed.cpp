@@ -63,18 +63,20 @@ struct Scratch {
 
 // d [0, width) = s [0, valid), then zeros, for 0 <= valid <= width <= 32: a
 // panel's row (kNR or kMR floats), padded to a tile, in one or two masked
-// 16-float moves. As std::copy_n + std::fill it was a memcpy and a memset
-// call per row of 56 or 128 bytes (6% of a small-config full training step's
-// samples were memcpy, most of it here). Weight-gradient products dY^T X at
-// the small config's shapes ([2048, 768]^T [2048, 256], [2048, 1024]^T
-// [2048, 256]; 2 threads, Sapphire Rapids guest, best of 10 alternating runs
-// of 60) took 3.02 and 3.84 ms instead of 3.24 and 3.96 (their A^T packed
-// 56 bytes per row); dY W (B packed 128 bytes per row) and x W^T (no such
-// copy) were unchanged.
+// 16-float moves. As std::copy_n + std::fill it was a memmove call per row of
+// 56 or 128 bytes (and a memset for a partial panel's rows): 6% of a
+// small-config full training step's samples were memmove, most of it here.
+// Weight-gradient products dY^T X at the small config's shapes
+// ([2048, 768]^T [2048, 256], [2048, 1024]^T [2048, 256]; 2 threads, Emerald
+// Rapids guest, best of 10 alternating runs of 60) took 3.02 and 3.84 ms
+// instead of 3.24 and 3.96 (their A^T packed 56 bytes per row); dY W (B
+// packed 128 bytes per row) and x W^T (no such copy) were unchanged.
 inline void copy_padded(const float* s, int64_t valid, int64_t width, float* d) {
     const auto lanes = [](int64_t n) { return __mmask16((1u << std::clamp<int64_t>(n, 0, 16)) - 1); };
-    for (int64_t o = 0; o < width; o += 16)
-        _mm512_mask_storeu_ps(d + o, lanes(width - o), _mm512_maskz_loadu_ps(lanes(valid - o), s + o));
+    for (int64_t o = 0; o < width; o += 16) {
+        const float* from = valid > o ? s + o : s;  // s + o may lie past the row; its load is all masked
+        _mm512_mask_storeu_ps(d + o, lanes(width - o), _mm512_maskz_loadu_ps(lanes(valid - o), from));
+    }
 }
 
 // r[i][j] <- r[j][i]: a 16 x 16 block of floats transposed in registers

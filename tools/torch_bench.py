@@ -39,7 +39,7 @@ import time
 
 try:
     import torch
-except ImportError as e:  # optional: one line for the bench's "PyTorch side skipped", not a traceback
+except (ImportError, OSError) as e:  # optional: one line for the bench's "PyTorch side skipped", not a traceback
     sys.exit(f"torch_bench.py: PyTorch is not importable ({e}); on Debian: apt-get install python3-torch")
 import torch.nn as nn
 import torch.nn.functional as F
