@@ -61,6 +61,8 @@ struct Scratch {
     }
 };
 
+// The first n of a vector's 16 lanes (none for n <= 0, all for n >= 16).
+inline __mmask16 lanes(int64_t n) { return __mmask16((1u << std::clamp<int64_t>(n, 0, 16)) - 1); }
 // d [0, width) = s [0, valid), then zeros, for 0 <= valid <= width <= 32: a
 // panel's row (kNR or kMR floats), padded to a tile, in one or two masked
 // 16-float moves. As std::copy_n + std::fill it was a memmove call per row of
@@ -72,7 +74,6 @@ struct Scratch {
 // instead of 3.24 and 3.96 (their A^T packed 56 bytes per row); dY W (B
 // packed 128 bytes per row) and x W^T (no such copy) were unchanged.
 inline void copy_padded(const float* s, int64_t valid, int64_t width, float* d) {
-    const auto lanes = [](int64_t n) { return __mmask16((1u << std::clamp<int64_t>(n, 0, 16)) - 1); };
     for (int64_t o = 0; o < width; o += 16) {
         const float* from = valid > o ? s + o : s;  // s + o may lie past the row; its load is all masked
         _mm512_mask_storeu_ps(d + o, lanes(width - o), _mm512_maskz_loadu_ps(lanes(valid - o), from));
@@ -166,8 +167,7 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
         a += a_rows ? 1 : kMR;
         b += kNR;
     }
-    const __mmask16 m0 = nr >= 16 ? 0xFFFF : __mmask16((1u << nr) - 1);
-    const __mmask16 m1 = nr >= 32 ? 0xFFFF : nr <= 16 ? 0 : __mmask16((1u << (nr - 16)) - 1);
+    const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
     const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
     const bool add = !first || beta != 0.f;
     const bool add_bias = first && bias;
