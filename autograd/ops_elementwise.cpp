@@ -141,17 +141,20 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
         // Raw pointers, captured by value below, so that the loops load them once.
         const float* pa = sa.defined() ? sa.data() : nullptr;
         const float* pb = sb.defined() ? sb.data() : nullptr;
+        const float* pout = so.defined() ? so.data() : nullptr;
         std::vector<float> tmp;  // output-shaped, only for a broadcast operand
+        // term(dy, i, ia, ib): the gradient's term at output index i, whose
+        // operands are a[ia] and b[ib].
         auto grad_to = [&](const std::shared_ptr<GradCell>& g, const int64_t* st, bool is_a, auto term) {
             int64_t cost = op == BinOp::Div && !is_a ? 3 : 1;
             flops::add_grad(g->is_leaf, uint64_t(cost * n));
             if (same) {  // every index is the output's
-                store_grad(*g, n, [=](int64_t i) { return term(dy[i], i, i); });
+                store_grad(*g, n, [=](int64_t i) { return term(dy[i], i, i, i); });
                 return;
             }
             if (by_row) {  // a's indices are the output's, b's its column
                 if (!is_a) {
-                    add_column_sums_of(g->buffer(), rows, C, [=](int64_t i, int64_t j) { return term(dy[i], i, j); });
+                    add_column_sums_of(g->buffer(), rows, C, [=](int64_t i, int64_t j) { return term(dy[i], i, i, j); });
                     return;
                 }
                 bool add;
@@ -161,56 +164,41 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
                     const int64_t i0 = r * C;
                     if (add) {
 #pragma omp simd
-                        for (int64_t j = 0; j < C; ++j) dr[j] += term(dy[i0 + j], i0 + j, j);
+                        for (int64_t j = 0; j < C; ++j) dr[j] += term(dy[i0 + j], i0 + j, i0 + j, j);
                     } else {
 #pragma omp simd
-                        for (int64_t j = 0; j < C; ++j) dr[j] = term(dy[i0 + j], i0 + j, j);
+                        for (int64_t j = 0; j < C; ++j) dr[j] = term(dy[i0 + j], i0 + j, i0 + j, j);
                     }
                 });
                 return;
             }
             tmp.resize(size_t(n));
-            for_each_bc(bc, [&](int64_t i, int64_t ia, int64_t ib) { tmp[size_t(i)] = term(dy[i], ia, ib); });
+            for_each_bc(bc, [&](int64_t i, int64_t ia, int64_t ib) { tmp[size_t(i)] = term(dy[i], i, ia, ib); });
             if (g->numel == n) g->accumulate(tmp.data());
             else reduce_into(g->buffer(), tmp.data(), bc, st);
         };
         if (ga) {
             switch (op) {
                 case BinOp::Add:
-                case BinOp::Sub: grad_to(ga, bc.sa, true, [](float d, int64_t, int64_t) { return d; }); break;
+                case BinOp::Sub: grad_to(ga, bc.sa, true, [](float d, int64_t, int64_t, int64_t) { return d; }); break;
                 case BinOp::Mul:
-                    grad_to(ga, bc.sa, true, [=](float d, int64_t, int64_t ib) { return d * pb[ib]; });
+                    grad_to(ga, bc.sa, true, [=](float d, int64_t, int64_t, int64_t ib) { return d * pb[ib]; });
                     break;
                 case BinOp::Div:
-                    grad_to(ga, bc.sa, true, [=](float d, int64_t, int64_t ib) { return d / pb[ib]; });
+                    grad_to(ga, bc.sa, true, [=](float d, int64_t, int64_t, int64_t ib) { return d / pb[ib]; });
                     break;
             }
         }
         if (gb) {
             switch (op) {
-                case BinOp::Add: grad_to(gb, bc.sb, false, [](float d, int64_t, int64_t) { return d; }); break;
-                case BinOp::Sub: grad_to(gb, bc.sb, false, [](float d, int64_t, int64_t) { return -d; }); break;
+                case BinOp::Add: grad_to(gb, bc.sb, false, [](float d, int64_t, int64_t, int64_t) { return d; }); break;
+                case BinOp::Sub: grad_to(gb, bc.sb, false, [](float d, int64_t, int64_t, int64_t) { return -d; }); break;
                 case BinOp::Mul:
-                    grad_to(gb, bc.sb, false, [=](float d, int64_t ia, int64_t) { return d * pa[ia]; });
+                    grad_to(gb, bc.sb, false, [=](float d, int64_t, int64_t ia, int64_t) { return d * pa[ia]; });
                     break;
-                case BinOp::Div: {
-                    // d(a/b)/db = -(a/b)/b = -out/b, evaluated per output element.
-                    if (by_row) {
-                        const float *po = so.data(), *pd = sb.data();
-                        flops::add_grad(gb->is_leaf, uint64_t(3 * n));
-                        add_column_sums_of(gb->buffer(), rows, C,
-                                           [=](int64_t i, int64_t j) { return -dy[i] * po[i] / pd[j]; });
-                        break;
-                    }
-                    tmp.resize(size_t(n));
-                    for_each_bc(bc, [&](int64_t oi, int64_t, int64_t ib) {
-                        tmp[size_t(oi)] = -dy[oi] * so.data()[oi] / sb.data()[ib];
-                    });
-                    flops::add_grad(gb->is_leaf, uint64_t(3 * n));
-                    if (gb->numel == n) gb->accumulate(tmp.data());
-                    else reduce_into(gb->buffer(), tmp.data(), bc, bc.sb);
+                case BinOp::Div:  // d(a/b)/db = -(a/b)/b = -out/b, per output element
+                    grad_to(gb, bc.sb, false, [=](float d, int64_t i, int64_t, int64_t ib) { return -d * pout[i] / pb[ib]; });
                     break;
-                }
             }
         }
     });
