@@ -32,7 +32,7 @@
 #include "autograd/threads.h"
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
+#include "autograd/intrinsics.h"
 
 namespace peftlab::detail {
 namespace {
@@ -44,6 +44,7 @@ constexpr int64_t kMC = 168;  // rows of a thread's packed A block (252 KiB, in 
 constexpr int64_t kNC = 3072; // columns of the shared packed B block (4.5 MiB)
 static_assert(kMC % kMR == 0, "an A block is whole panels");
 static_assert(kNC % kNR == 0, "a B block is whole panels");
+constexpr int64_t kWeightAsAMaxRows = 128;  // rows of A up to which gemm_packed takes gemm_weight_as_a (see there)
 
 // 64-byte aligned scratch that grows and is kept: one per thread (A) and per
 // calling thread (B), so concurrent callers never share one.
@@ -190,12 +191,85 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
     }
 }
 
+// The same tile transposed, for few rows of x against a weight W [N, K]
+// read where it lies (gemm_weight_as_a): the accumulators hold C^T [kMR
+// columns n, kNR rows m] = W[n0 : n0 + kMR] x^T, each W row a broadcast stream
+// (w[r] + k, rows ldw apart), x^T packed as a B panel. The tile is transposed
+// in registers and stored as micro_kernel stores its own: C [mr rows, nr
+// columns] = alpha * c + (first ? bias : C), the same arithmetic per element
+// (each product W[n, k] x[m, k] is x[m, k] W[n, k]), so C has micro_kernel's
+// bits. Rows of W past nr are not read (w[r] repeats a valid row).
+void micro_kernel_t(int64_t kc, const float* const w[kMR], const float* __restrict b, float* C, int64_t ldc,
+                    float alpha, const float* bias, bool first, int64_t mr, int64_t nr) {
+    __m512 c0[kMR], c1[kMR];
+#pragma GCC unroll 16
+    for (int r = 0; r < kMR; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kc; ++k) {
+        const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < kMR; ++r) {
+            const __m512 x = _mm512_set1_ps(w[r][k]);
+            c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
+            c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
+        }
+        b += kNR;
+    }
+    const __mmask16 mask = lanes(nr);
+    const __m512 va = _mm512_set1_ps(alpha);
+    const __m512 vbias = first && bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
+    for (int half = 0; half < 2; ++half) {  // rows m of C [16 * half, 16 * half + 16)
+        __m512 t[16];
+        for (int r = 0; r < 16; ++r) t[r] = r < kMR ? (half ? c1[r] : c0[r]) : _mm512_setzero_ps();
+        transpose16(t);  // t[j]: row m = 16 * half + j of C, its lanes the tile's columns n
+        for (int j = 0; j < 16 && 16 * half + j < mr; ++j) {
+            float* p = C + (16 * half + j) * ldc;
+            __m512 v = _mm512_mul_ps(va, t[j]);
+            if (!first) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, p));
+            else if (bias) v = _mm512_add_ps(v, vbias);
+            _mm512_mask_storeu_ps(p, mask, v);
+        }
+    }
+}
+
 thread_local Scratch packed_a, packed_b;
+
+// C [M, N] = alpha * A B^T + bias for few rows of A [M, K] (lda) against B
+// [N, K] (ldb), beta = 0: the product of a prefill's or a short batch's
+// tokens with a Linear weight. gemm_packed's way transposes all of B into
+// panels on every call, a read and a write of the whole weight for only M
+// uses of each element: with GPT-2 small's weights and 64 rows that packing
+// took 24% of a prefill's samples, the micro-kernel 55%. Here the roles
+// swap, C^T = B A^T: B's rows are the micro-kernel's broadcast streams, read
+// where they lie, and only A^T, M rows, is packed, by every thread for
+// itself (a few hundred KB; no barrier). Threads split B's row tiles.
+void gemm_weight_as_a(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
+                      int64_t ldb, float* C, int64_t ldc, const float* bias) {
+    const int64_t m_panels = (M + kNR - 1) / kNR, n_tiles = (N + kMR - 1) / kMR;
+    parallel_region(M * N * K > kMacsParallelMin, [&] {
+        const detail::Range mine = detail::static_range(n_tiles, omp_get_thread_num(), omp_get_num_threads());
+        float* xp = packed_b.get(size_t(kKC * kNR * m_panels));
+        for (int64_t pc = 0; pc < K; pc += kKC) {
+            const int64_t kc = std::min(kKC, K - pc);
+            for (int64_t q = 0; q < m_panels; ++q)
+                pack_b(true, A, lda, pc, kc, q * kNR, std::min(kNR, M - q * kNR), xp + q * kKC * kNR);
+            for (int64_t t = mine.begin; t < mine.end; ++t) {
+                const int64_t n0 = t * kMR, nr = std::min(kMR, N - n0);
+                const float* w[kMR];
+                for (int64_t r = 0; r < kMR; ++r) w[r] = B + (n0 + std::min(r, nr - 1)) * ldb + pc;
+                for (int64_t q = 0; q < m_panels; ++q)
+                    micro_kernel_t(kc, w, xp + q * kKC * kNR, C + q * kNR * ldc + n0, ldc, alpha,
+                                   bias ? bias + n0 : nullptr, pc == 0, std::min(kNR, M - q * kNR), nr);
+            }
+        }
+    });
+}
 
 }  // namespace
 
 void gemm_packed(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                  int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc, const float* bias) {
+    if (!trans_a && trans_b && beta == 0.f && M <= kWeightAsAMaxRows)
+        return gemm_weight_as_a(M, N, K, alpha, A, lda, B, ldb, C, ldc, bias);
     const int64_t n_block = std::min(kNC, (N + kNR - 1) / kNR * kNR);
     float* bp = packed_b.get(size_t(kKC * n_block));
     const int64_t m_tiles = (M + kMR - 1) / kMR;

@@ -11,7 +11,7 @@
 #include "autograd/ops_util.h"
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
+#include "autograd/intrinsics.h"
 #endif
 
 namespace peftlab::detail {

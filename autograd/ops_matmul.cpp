@@ -1,12 +1,5 @@
 // matmul, linear and fused multi-head attention on detail::gemm (gemm_packed.cpp with AVX-512, else cblas_sgemm).
 #include <cblas.h>
-// GCC 12's _mm512_cvtph_ps starts from _mm512_undefined_ps(), which
-// -Wmaybe-uninitialized reports at every inlined use (GCC bug 105593, fixed
-// in GCC 13); the warning is placed in the header, so it is silenced there.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#pragma GCC diagnostic pop
 #include <omp.h>
 
 #include <cmath>
@@ -14,6 +7,7 @@
 #include <vector>
 
 #include "autograd/half.h"
+#include "autograd/intrinsics.h"
 #include "autograd/ops_util.h"
 
 namespace peftlab {

@@ -283,13 +283,14 @@ TEST_CASE("gemm equals a double-precision product across its blocks; a row's bit
 #if defined(__AVX512F__)  // gemm_packed's promise; OpenBLAS makes none
     // Bitwise: a Linear layer's x W^T at 1 and 2 threads, C split by rows
     // (400 rows, several row blocks; 3 column panels) and by B's column panels
-    // (100 rows, 10 panels); rows computed alone, at 17 rows (above the
-    // few-row kernel's 16, so the packed path), equal their rows in the batch.
+    // (200 rows, 10 panels); rows computed alone, at 17 rows (above the
+    // few-row kernel's 16, and at most 128: gemm_weight_as_a, the weight read
+    // in place and C^T's tiles transposed), equal their rows in the batch.
     struct Split {
         int64_t M, N, K, rows[2];
     };
     uint64_t wseed = 7401;
-    for (const Split& sp : {Split{400, 96, 500, {37, 399}}, Split{100, 300, 500, {5, 99}}}) {
+    for (const Split& sp : {Split{400, 96, 500, {37, 399}}, Split{200, 300, 500, {5, 199}}}) {
         const int64_t M = sp.M, N = sp.N, K = sp.K;
         const std::vector<float> x = uniform({M * K}, wseed++).to_vector(), w = uniform({N * K}, wseed++).to_vector();
         const int before = threads();
