@@ -193,7 +193,8 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 #if defined(__AVX512F__)
 // gemm() on AVX-512 register tiles of our own, packed and blocked as BLIS
 // does (gemm_packed.cpp: why, and its determinism). gemm() takes it for
-// every product it does not give gemm_few_rows. bias [N] (or null) is added
+// every product it does not give gemm_few_rows (x W^T of up to 128 rows with
+// the weight read in place, C^T = W x^T). bias [N] (or null) is added
 // to every row of C as the tiles are stored: C = alpha op(A) op(B) + beta C
 // + bias, the bits of filling C with the bias rows and taking beta = 1.
 void gemm_packed(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
