@@ -157,23 +157,29 @@ void pack_a(bool trans_a, const float* A, int64_t lda, int64_t pc, int64_t kc, i
 // C [mr, nr] = alpha * a b + (first ? beta * C + bias : C), a an A panel
 // (pack_a; a_rows: row-major), b [kc, kNR] packed, bias [nr] or null;
 // beta == 0 reads nothing of C (it may hold NaN).
-template <bool a_rows>
-void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* C, int64_t ldc,
-                  float alpha, float beta, const float* bias, bool first, int64_t mr, int64_t nr) {
-    __m512 c0[kMR], c1[kMR];
+// c0[r] and c1[r] (a tile's row r, columns 0-15 and 16-31) = the sum over
+// k < kc of a(r, k) b[k], b [kc, kNR] a packed B panel, in order of k.
+template <class AtRowK>
+inline void tile_products(int64_t kc, const AtRowK& a, const float* __restrict b, __m512 c0[kMR], __m512 c1[kMR]) {
 #pragma GCC unroll 16
     for (int r = 0; r < kMR; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
     for (int64_t k = 0; k < kc; ++k) {
         const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
 #pragma GCC unroll 16
         for (int r = 0; r < kMR; ++r) {
-            const __m512 x = _mm512_set1_ps(a_rows ? a[r * kKC] : a[r]);
+            const __m512 x = _mm512_set1_ps(a(r, k));
             c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
             c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
         }
-        a += a_rows ? 1 : kMR;
         b += kNR;
     }
+}
+
+template <bool a_rows>
+void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* C, int64_t ldc,
+                  float alpha, float beta, const float* bias, bool first, int64_t mr, int64_t nr) {
+    __m512 c0[kMR], c1[kMR];
+    tile_products(kc, [a](int r, int64_t k) { return a_rows ? a[r * kKC + k] : a[k * kMR + r]; }, b, c0, c1);
     const __mmask16 m0 = lanes(nr), m1 = lanes(nr - 16);
     const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
     const bool add = !first || beta != 0.f;
@@ -208,18 +214,7 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
 void micro_kernel_t(int64_t kc, const float* const w[kMR], const float* __restrict b, float* C, int64_t ldc,
                     float alpha, const float* bias, bool first, int64_t mr, int64_t nr) {
     __m512 c0[kMR], c1[kMR];
-#pragma GCC unroll 16
-    for (int r = 0; r < kMR; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < kc; ++k) {
-        const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
-#pragma GCC unroll 16
-        for (int r = 0; r < kMR; ++r) {
-            const __m512 x = _mm512_set1_ps(w[r][k]);
-            c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
-            c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
-        }
-        b += kNR;
-    }
+    tile_products(kc, [w](int r, int64_t k) { return w[r][k]; }, b, c0, c1);
     const __mmask16 mask = lanes(nr);
     const __m512 va = _mm512_set1_ps(alpha);
     const __m512 vbias = first && bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();
