@@ -283,9 +283,10 @@ TEST_CASE("gemm equals a double-precision product across its blocks; a row's bit
 #if defined(__AVX512F__)  // gemm_packed's promise; OpenBLAS makes none
     // Bitwise: a Linear layer's x W^T at 1 and 2 threads, C split by rows
     // (400 rows, several row blocks; 3 column panels) and by B's column panels
-    // (200 rows, 10 panels); rows computed alone, at 17 rows (above the
-    // few-row kernel's 16, and at most 128: gemm_weight_as_a, the weight read
-    // in place and C^T's tiles transposed), equal their rows in the batch.
+    // (200 rows, 10 panels); rows computed alone, at 17 and 100 rows (above
+    // the few-row kernel's 16, and at most 128: gemm_weight_as_a, the weight
+    // read in place and C^T's tiles transposed), at 1 and 2 threads, equal
+    // their rows in the batch.
     struct Split {
         int64_t M, N, K, rows[2];
     };
@@ -303,15 +304,24 @@ TEST_CASE("gemm equals a double-precision product across its blocks; a row's bit
         set_threads(before);
         INFO("M=" << M << " N=" << N);
         CHECK(by_threads[0] == by_threads[1]);
-        for (int64_t r : sp.rows) {
-            std::vector<float> rows(size_t(17 * K)), out(size_t(17 * N));
-            for (int64_t i = 0; i < 17; ++i)
-                std::copy_n(x.data() + ((r + i) % M) * K, K, rows.data() + i * K);
-            detail::gemm(false, true, 17, N, K, 1.f, rows.data(), K, w.data(), K, 0.f, out.data(), N);
-            INFO("row " << r);
-            CHECK(std::vector<float>(out.begin(), out.begin() + N) ==
-                  std::vector<float>(by_threads[1].begin() + r * N, by_threads[1].begin() + (r + 1) * N));
-        }
+        // 17 rows: one x panel, below the parallel threshold at N = 96; 100
+        // rows: four panels, on both threads at N = 300.
+        for (int64_t r : sp.rows)
+            for (int64_t n_rows : {17, 100})
+                for (int t : {1, 2}) {
+                    std::vector<float> rows(size_t(n_rows * K)), out(size_t(n_rows * N));
+                    for (int64_t i = 0; i < n_rows; ++i)
+                        std::copy_n(x.data() + ((r + i) % M) * K, K, rows.data() + i * K);
+                    set_threads(t);
+                    detail::gemm(false, true, n_rows, N, K, 1.f, rows.data(), K, w.data(), K, 0.f, out.data(), N);
+                    set_threads(before);
+                    int64_t differ = 0;
+                    for (int64_t i = 0; i < n_rows; ++i)
+                        differ += !std::equal(out.begin() + i * N, out.begin() + (i + 1) * N,
+                                              by_threads[1].begin() + ((r + i) % M) * N);
+                    INFO("rows from " << r << ": " << n_rows << " at " << t << " threads");
+                    CHECK(differ == 0);
+                }
     }
 #endif
 }
