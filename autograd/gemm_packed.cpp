@@ -206,7 +206,7 @@ void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict
 // The same tile transposed, for few rows of x against a weight W [N, K]
 // read where it lies (gemm_weight_as_a): the accumulators hold C^T [kMR
 // columns n, kNR rows m] = W[n0 : n0 + kMR] x^T, each W row a broadcast stream
-// (w[r] + k, rows ldw apart), x^T packed as a B panel. The tile is transposed
+// (w[r][k]), x^T packed as a B panel. The tile is transposed
 // in registers and stored as micro_kernel stores its own: C [mr rows, nr
 // columns] = alpha * c + (first ? bias : C), the same arithmetic per element
 // (each product W[n, k] x[m, k] is x[m, k] W[n, k]), so C has micro_kernel's
