@@ -418,7 +418,7 @@ Task make_gloss_task(const Database& db, size_t n_train, size_t n_valid, size_t 
     });
     std::vector<Example> pairs;
     for (auto& [k, defs] : senses[int(Split::Train)])
-        for (auto& d : defs) pairs.push_back(Example{k, d, {d}, {}});
+        for (auto& d : defs) pairs.push_back(Example{k, d, {d}, {}, {}});
     rep.pool_train = pairs.size();
     rep.pool_valid = senses[int(Split::Valid)].size();
     rep.pool_test = senses[int(Split::Test)].size();
@@ -437,7 +437,7 @@ Task make_gloss_task(const Database& db, size_t n_train, size_t n_valid, size_t 
         std::sort(keys.begin(), keys.end());
         for (size_t i = 0; i < n; ++i) {
             const auto& defs = senses[int(sp)][keys[i].second];
-            out.push_back(Example{keys[i].second, defs[0], defs, {}});
+            out.push_back(Example{keys[i].second, defs[0], defs, {}, {}});
         }
     };
     held_out(Split::Test, n_test, t.test);
@@ -496,7 +496,7 @@ Task make_pos_task(const Database& db, size_t n_train, size_t n_valid, size_t n_
             if (shuffle) seeded_shuffle(v, seed + c);
             const size_t want = n / 4 + (c < n % 4);
             check_pool("wordnet-pos", name, want, v.size(), fmt::format(" of class '{}'", kLabels[c]));
-            for (size_t i = 0; i < want; ++i) out.push_back(Example{v[i].second, kLabels[c], {kLabels[c]}, {}});
+            for (size_t i = 0; i < want; ++i) out.push_back(Example{v[i].second, kLabels[c], {kLabels[c]}, {}, {}});
         }
         // Classes interleaved by a fixed order, not in blocks (eval takes a prefix).
         std::vector<std::pair<uint64_t, size_t>> order;

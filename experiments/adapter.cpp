@@ -153,7 +153,8 @@ int main(int argc, char** argv) {
         ("paths", "", cxxopts::value<std::vector<std::string>>());
     // clang-format on
     // eval's data: by default those the adapter was trained on (its "trained_on").
-    harness::add_data_flags(o, harness::CommonArgs{}, "from the adapter's record of its training data");
+    const harness::CommonArgs defaults;
+    harness::add_data_flags(o, defaults, "from the adapter's record of its training data");
     o.parse_positional({"paths"});
     o.custom_help("[options]");
     o.positional_help(kUsage);
