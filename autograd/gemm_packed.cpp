@@ -154,9 +154,6 @@ void pack_a(bool trans_a, const float* A, int64_t lda, int64_t pc, int64_t kc, i
     }
 }
 
-// C [mr, nr] = alpha * a b + (first ? beta * C + bias : C), a an A panel
-// (pack_a; a_rows: row-major), b [kc, kNR] packed, bias [nr] or null;
-// beta == 0 reads nothing of C (it may hold NaN).
 // c0[r] and c1[r] (a tile's row r, columns 0-15 and 16-31) = the sum over
 // k < kc of a(r, k) b[k], b [kc, kNR] a packed B panel, in order of k.
 template <class AtRowK>
@@ -175,6 +172,9 @@ inline void tile_products(int64_t kc, const AtRowK& a, const float* __restrict b
     }
 }
 
+// C [mr, nr] = alpha * a b + (first ? beta * C + bias : C), a an A panel
+// (pack_a; a_rows: row-major), b [kc, kNR] packed, bias [nr] or null;
+// beta == 0 reads nothing of C (it may hold NaN).
 template <bool a_rows>
 void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b, float* C, int64_t ldc,
                   float alpha, float beta, const float* bias, bool first, int64_t mr, int64_t nr) {
