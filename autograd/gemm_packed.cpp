@@ -248,6 +248,7 @@ void gemm_weight_as_a(int64_t M, int64_t N, int64_t K, float alpha, const float*
     const int64_t m_panels = (M + kNR - 1) / kNR, n_tiles = (N + kMR - 1) / kMR;
     parallel_region(M * N * K > kMacsParallelMin, [&] {
         const detail::Range mine = detail::static_range(n_tiles, omp_get_thread_num(), omp_get_num_threads());
+        if (mine.begin == mine.end) return;  // fewer row tiles than threads: nothing to pack A^T for
         float* xp = packed_b.get(size_t(kKC * kNR * m_panels));
         for (int64_t pc = 0; pc < K; pc += kKC) {
             const int64_t kc = std::min(kKC, K - pc);

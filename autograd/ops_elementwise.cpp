@@ -160,15 +160,8 @@ Tensor binary(const char* name, BinOp op, const Tensor& a, const Tensor& b) {
                 bool add;
                 float* d = g->target(add);
                 parallel_for(rows, n > kParallelMin, [=](int64_t r) {
-                    float* dr = d + r * C;
                     const int64_t i0 = r * C;
-                    if (add) {
-#pragma omp simd
-                        for (int64_t j = 0; j < C; ++j) dr[j] += term(dy[i0 + j], i0 + j, i0 + j, j);
-                    } else {
-#pragma omp simd
-                        for (int64_t j = 0; j < C; ++j) dr[j] = term(dy[i0 + j], i0 + j, i0 + j, j);
-                    }
+                    assign_or_add(d, add, i0, i0 + C, [=](int64_t i) { return term(dy[i], i, i, i - i0); });
                 });
                 return;
             }

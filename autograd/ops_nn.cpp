@@ -52,15 +52,8 @@ Tensor layer_norm(const Tensor& x, const Tensor& gamma, const Tensor& beta, floa
                 const float sum_d = lane_sum(D, [=](int64_t j) { return dyr[j] * gm[j]; }) / float(D);
                 const float sum_dx =
                     lane_sum(D, [=](int64_t j) { return dyr[j] * gm[j] * ((xr[j] - m) * s); }) / float(D);
-                float* dxr = dx + r * D;
-                auto v = [=](int64_t j) { return s * (dyr[j] * gm[j] - sum_d - (xr[j] - m) * s * sum_dx); };
-                if (add) {
-#pragma omp simd
-                    for (int64_t j = 0; j < D; ++j) dxr[j] += v(j);
-                } else {
-#pragma omp simd
-                    for (int64_t j = 0; j < D; ++j) dxr[j] = v(j);
-                }
+                assign_or_add(dx + r * D, add, 0, D,
+                              [=](int64_t j) { return s * (dyr[j] * gm[j] - sum_d - (xr[j] - m) * s * sum_dx); });
             });
             flops::add_grad(gx->is_leaf, uint64_t(12 * R * D));
         }

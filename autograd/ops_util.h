@@ -47,8 +47,23 @@ inline int64_t prod(const Shape& s, int from, int to) {
 // team waits for its slowest thread.
 inline constexpr int64_t kMacsParallelMin = int64_t(1) << 20;
 
+// d[i] = g(i), or d[i] += g(i) when `add`, for i in [begin, end): a gradient's
+// first arrival is written, later ones added (GradCell::target). One loop per
+// case: a test inside the loop would keep it from vectorizing.
+template <class G>
+inline void assign_or_add(float* d, bool add, int64_t begin, int64_t end, const G& g) {
+    if (add) {
+#pragma omp simd
+        for (int64_t i = begin; i < end; ++i) d[i] += g(i);
+    } else {
+#pragma omp simd
+        for (int64_t i = begin; i < end; ++i) d[i] = g(i);
+    }
+}
+
 // Stores g(i) for i < n into the gradient held by `cell` (n elements): written
-// on its first arrival, added afterwards. No temporary, no memset. g should
+// on its first arrival, added afterwards. No temporary, no memset. Each
+// thread takes the range `omp for schedule(static)` would give it. g should
 // capture by value: each thread then holds its own copy, whose captured
 // pointers the compiler keeps in registers, and the loop vectorizes.
 template <class G>
@@ -57,13 +72,8 @@ void store_grad(GradCell& cell, int64_t n, const G& g) {
     float* d = cell.target(add);
     parallel_region(n > kParallelMin, [=] {
         const G f = g;
-        if (add) {
-#pragma omp for simd schedule(static)
-            for (int64_t i = 0; i < n; ++i) d[i] += f(i);
-        } else {
-#pragma omp for simd schedule(static)
-            for (int64_t i = 0; i < n; ++i) d[i] = f(i);
-        }
+        const detail::Range mine = detail::static_range(n, omp_get_thread_num(), omp_get_num_threads());
+        assign_or_add(d, add, mine.begin, mine.end, f);
     });
 }
 
