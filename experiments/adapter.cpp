@@ -7,7 +7,7 @@
 //   adapter eval DIR --base MODEL [--task T]     losses and the task's metric with the adapter on
 //                                                (default: the data it records it was trained on)
 //
-// DIR is what compare writes under runs/<out>/adapters/<method>/ (peft::save_adapter);
+// DIR is what compare writes under <--out>/adapters/<label>/ (peft::save_adapter);
 // MODEL a base model file, e.g. runs/pretrain/<hash>/model.safetensors, or a
 // Hugging Face GPT-2 directory (its base_hash must match the adapter's).
 #include <fmt/format.h>
@@ -32,11 +32,14 @@ namespace {
 const char* kUsage =
     "usage:\n"
     "  adapter inspect DIR\n"
-    "  adapter export-hf DIR OUT --base MODEL.safetensors\n"
-    "  adapter import-hf DIR OUT --base MODEL.safetensors\n"
-    "  adapter eval DIR --base MODEL.safetensors [--task T | --train FILE ...] [--eval-examples 50] [--batch 16]\n"
+    "  adapter export-hf DIR OUT --base MODEL\n"
+    "  adapter import-hf DIR OUT --base MODEL\n"
+    "  adapter eval DIR --base MODEL [--task T | --train FILE ...] [--eval-examples 50] [--batch 16]\n"
     "      (without --task/--train: the data the adapter was trained on, as it records them)\n"
-    "DIR: an adapter directory (peft::save_adapter's layout; compare writes runs/<out>/adapters/<method>/).\n";
+    "DIR: an adapter directory (peft::save_adapter's layout; compare writes <--out>/adapters/<label>/,\n"
+    "     runs/compare/adapters/<label>/ by default).\n"
+    "MODEL: a peftlab model file (e.g. runs/pretrain/<hash>/model.safetensors) or a Hugging Face GPT-2\n"
+    "     directory (config.json + model.safetensors).\n";
 
 nlohmann::json read_config(const std::string& dir) {
     const std::string path = dir + "/adapter_config.json";
@@ -144,7 +147,7 @@ int main(int argc, char** argv) {
     // clang-format off
     o.add_options()
         ("h,help", "print this help")
-        ("base", "base model file", cxxopts::value<std::string>()->default_value(""))
+        ("base", "base model: a peftlab model file or a Hugging Face GPT-2 directory", cxxopts::value<std::string>()->default_value(""))
         ("tokenizer", "gpt2:DIR (eval; default: the base directory's GPT-2 files, or the checkpoint's own)",
          cxxopts::value<std::string>()->default_value(""))
         ("eval-examples", "test examples scored by generation (eval)", cxxopts::value<std::string>()->default_value("50"))

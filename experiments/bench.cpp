@@ -622,7 +622,8 @@ Args parse_args(int argc, char** argv) {
         ("seq", "custom config (or --preset's step): tokens per row T", cxxopts::value<int64_t>())
         ("batch", "custom config (or --preset's step): rows per step B", cxxopts::value<int64_t>())
         ("prefix-len", "n: prompt tokens / prefix vectors per layer", cxxopts::value<int64_t>()->default_value("16"))
-        ("repeats", "measured step pairs (ours, torch) per row; 0: 6 for small, 3 for larger configs (generation: 5)",
+        ("repeats", "measured step pairs (ours, torch) per row; 0: 6 for small, 3 for larger configs (generation: 5); "
+                     "the T and n scaling rows: always 3",
             cxxopts::value<int>()->default_value("0"))
         ("threads", "threads for peftlab and for PyTorch", cxxopts::value<int>()->default_value("2"))
         ("spin", "GOMP_SPINCOUNT for both sides, unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set: how long an "
@@ -631,9 +632,10 @@ Args parse_args(int argc, char** argv) {
                  "its slowest thread); 'passive' sets OMP_WAIT_POLICY=passive, 'default' leaves libgomp's",
             cxxopts::value<std::string>()->default_value("3000"))
         ("base", "a Hugging Face GPT-2 directory (config.json, model.safetensors): config 'hf', its weights in our "
-                 "rows (PyTorch's side: random weights of its shape; B 2, T 128)", cxxopts::value<std::string>())
-        ("preset", "gpt2: the GPT-2 small shape (V 50257, d 768, L 12, H 12, F 3072; B 2, T 128; random "
-                   "weights) alone, no scaling rows", cxxopts::value<std::string>())
+                 "rows (PyTorch's side: random weights of its shape); its step B 2, T 128 (at most n_positions - n) "
+                 "unless --batch or --seq", cxxopts::value<std::string>())
+        ("preset", "gpt2: the GPT-2 small shape (V 50257, d 768, L 12, H 12, F 3072; random weights) alone, no "
+                   "scaling rows; its training step B 8, T 512 unless --batch or --seq", cxxopts::value<std::string>())
         ("quick", "small config only, 3 step pairs, no scaling rows, base generation only")
         ("recompute", "also time every training row with activation recomputation in every block (peak RSS and "
                       "ms/step with and without, side by side)")
@@ -678,20 +680,27 @@ Args parse_args(int argc, char** argv) {
     if (r.count("preset")) {
         preset = r["preset"].as<std::string>();
         if (preset != "gpt2") throw std::invalid_argument(fmt::format("--preset: unknown preset '{}' (gpt2)", preset));
-        if (!r.count("configs")) a.configs = {"gpt2"};
+        if (!r.count("configs")) a.configs = r.count("base") ? std::vector<std::string>{"hf", "gpt2"} : std::vector<std::string>{"gpt2"};
     }
     a.methods = flags::method_entries("--methods", r["methods"].as<std::string>(), peft::method_names());
     a.quick = r.count("quick") > 0;
+    // --preset and --base name shapes whose dimensions are fixed; --batch and --seq set their step.
+    std::vector<std::string> fixed;
+    if (r.count("base")) fixed.push_back("hf");
+    if (!preset.empty()) fixed.push_back(preset);
+    const std::string fixed_flags = r.count("base") ? (preset.empty() ? "--base" : "--base and --preset") : "--preset " + preset;
     const bool dims = r.count("vocab") || r.count("d-model") || r.count("layers") || r.count("heads") || r.count("d-ff");
-    if (!preset.empty() && dims)
+    if (!fixed.empty() && dims)
         throw std::invalid_argument(fmt::format(
-            "--preset {} fixes the model's dimensions: drop --vocab, --d-model, --layers, --heads and --d-ff "
-            "(--batch and --seq set its step), or drop --preset for a custom config", preset));
-    if (!preset.empty()) {  // the preset's shape at the given step size
-        if (r.count("batch")) a.batch_seq[preset].first = r["batch"].as<int64_t>();
-        if (r.count("seq")) a.batch_seq[preset].second = r["seq"].as<int64_t>();
+            "{} fixes the model's dimensions: drop --vocab, --d-model, --layers, --heads and --d-ff "
+            "(--batch and --seq set its step), or drop {} for a custom config", fixed_flags, fixed_flags));
+    if (!fixed.empty() && a.quick)
+        throw std::invalid_argument(fmt::format("--quick times the small config: drop {} or --quick", fixed_flags));
+    for (const std::string& shape : fixed) {  // the shape at the given step size
+        if (r.count("batch")) a.batch_seq[shape].first = r["batch"].as<int64_t>();
+        if (r.count("seq")) a.batch_seq[shape].second = r["seq"].as<int64_t>();
     }
-    const bool custom = preset.empty() && (dims || r.count("seq") || r.count("batch"));
+    const bool custom = fixed.empty() && (dims || r.count("seq") || r.count("batch"));
     if (custom) {  // the small config with the given dimensions replaced
         GPTConfig c = a.models["small"];
         if (r.count("vocab")) c.vocab = r["vocab"].as<int64_t>();
@@ -721,6 +730,10 @@ Args parse_args(int argc, char** argv) {
     }
     a.n = r["prefix-len"].as<int64_t>();
     if (a.n < 0) throw std::invalid_argument(fmt::format("--prefix-len: {} must be >= 0", a.n));
+    if (r.count("base") && r.count("seq") && a.batch_seq["hf"].second > a.models["hf"].max_seq - a.n)
+        throw std::invalid_argument(fmt::format(
+            "--seq {}: {}'s n_positions {} holds at most {} tokens beside the n = {} virtual tokens (positions hf)",
+            a.batch_seq["hf"].second, a.base_dir, a.models["hf"].max_seq, a.models["hf"].max_seq - a.n, a.n));
     if (const std::string list = r["generate-methods"].as<std::string>(); !list.empty()) {
         std::vector<std::string> known = peft::method_names();
         known.insert(known.begin(), kBase);

@@ -104,13 +104,14 @@ int main(int argc, char** argv) {
         ("base", "Hugging Face GPT-2 directory (config.json + model.safetensors) or a peftlab checkpoint file",
          cxxopts::value<std::string>())
         ("adapter", "adapter directory (peftlab's or Hugging Face PEFT's)", cxxopts::value<std::string>())
-        ("tokenizer", "gpt2:DIR (default: the base directory)", cxxopts::value<std::string>()->default_value(""))
+        ("tokenizer", "gpt2:DIR (default: the base directory's GPT-2 files, or the tokenizer a checkpoint file records)", cxxopts::value<std::string>()->default_value(""))
         ("prompt", "text to continue", cxxopts::value<std::string>())  // method-names: the --prompt flag, no method
         ("max-new-tokens", "tokens to generate", cxxopts::value<std::string>()->default_value("32"))
         ("temperature", "0: greedy", cxxopts::value<std::string>()->default_value("0"))
         ("top-k", "sample among the k largest logits; 0: all", cxxopts::value<std::string>()->default_value("0"))
         ("seed", "sampling seed", cxxopts::value<std::string>()->default_value("0"))
-        ("input-ids", "comma-separated token ids (with --dump-logits)", cxxopts::value<std::string>())
+        ("input-ids", "comma-separated token ids: with --dump-logits their logits, else their greedy continuation "
+                      "(--max-new-tokens ids as JSON on stdout, timing on stderr)", cxxopts::value<std::string>())
         ("dump-logits", "write the logits of --input-ids as JSON [T][V] to this file", cxxopts::value<std::string>())
         ("encode", "print the token ids of this text as a JSON array", cxxopts::value<std::string>())
         ("gguf", "write the base (adapter merged) as a llama.cpp GGUF model file and exit", cxxopts::value<std::string>())

@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
     CommonArgs d;
     d.out = "";  // the cache directory only
     d.fine_tunes = false;
+    d.taken_over["positions"] = "pretrain trains no adapter (the fine-tuning runs take it)";
     cxxopts::Options opts("pretrain", "Pretrain (or find in the cache) the base LM every experiment starts from");
     add_common_flags(opts, d);
     CommonArgs a = parse_or_exit(opts, argc, argv, d);

@@ -52,7 +52,7 @@ struct Args {
     AdapterOptions options;
     std::vector<std::string> methods;
     std::string out;
-    int threads = 0;
+    std::optional<int64_t> threads;  // --threads; none: PEFTLAB_THREADS, else all cores
     // --scale-model: the data-parallel step-time model (print_scale_model).
     bool scale_model = false;
     int64_t scale_batch = 64;     // global batch rows of the GPT-2 shapes' modelled update
@@ -86,7 +86,8 @@ Args parse_args(int argc, char** argv) {
                     "METHOD:KEY=VALUE[:KEY=VALUE] (e.g. lora:r=4, prefix:reparam=true); default: every registered method",
             cxxopts::value<std::string>()->default_value(""))
         ("out", "output directory (report.json, report.csv)", cxxopts::value<std::string>()->default_value("runs/report"))
-        ("threads", "threads for OpenBLAS and OpenMP (0 = all cores)", cxxopts::value<std::string>()->default_value("0"))
+        ("threads", "threads for OpenBLAS and OpenMP (0 = all cores; default: PEFTLAB_THREADS, else all cores; capped "
+                    "at the cores)", cxxopts::value<std::string>())
         ("seed", "seed of the base weights, adapter init and batch", cxxopts::value<std::string>()->default_value("0"))
         ("recompute", "blocks with activation recomputation (all, none, top:k, bottom:k, 0,2): the step's FLOPs gain "
                       "phase recompute, and a table sets the measured activation peak and FLOPs against the same "
@@ -151,7 +152,7 @@ Args parse_args(int argc, char** argv) {
     } catch (const std::invalid_argument& e) {
         throw std::invalid_argument(std::string("--adapter-layers: ") + e.what());
     }
-    a.threads = int(int_flag(r, "threads", 0, std::numeric_limits<int>::max()));
+    if (r.count("threads")) a.threads = int_flag(r, "threads", 0);
     a.settings.seed = uint64_t(int_flag(r, "seed", 0));
     a.settings.recompute = r["recompute"].as<std::string>();
     a.out = r["out"].as<std::string>();
@@ -160,8 +161,10 @@ Args parse_args(int argc, char** argv) {
     a.scale_batch = int_flag(r, "scale-batch", 1);
     a.scale_seq = int_flag(r, "scale-seq", 2);
     a.max_ranks = int(std::min<int64_t>(int_flag(r, "max-ranks", 1), 1 << 16));
-    a.latency_us = double(int_flag(r, "latency-us", 0));
-    a.rank_gflops = double(int_flag(r, "rank-gflops", 0));
+    for (auto [flag, value] : {std::pair{"latency-us", &a.latency_us}, std::pair{"rank-gflops", &a.rank_gflops}}) {
+        *value = flags::real_flag(r, flag);
+        if (*value < 0) throw std::invalid_argument(fmt::format("--{}: {} must be >= 0", flag, *value));
+    }
     if (a.scale_model && !a.preset.empty())
         throw std::invalid_argument("--scale-model measures throughput on the measured config: drop --preset");
     if (a.scale_model && a.scale_batch < a.max_ranks)
@@ -527,7 +530,7 @@ int main(int argc, char** argv) {
         return 2;
     }
     try {
-        flags::configure_threads(int64_t(a.threads));  // capped at the cores, with a warning
+        flags::configure_threads(a.threads);  // capped at the cores, with a warning
         const bool measure = a.preset.empty();
         check_counts_fit(a);
         if (measure) {  // a real base and step: its memory must be there

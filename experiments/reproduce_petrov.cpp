@@ -60,6 +60,9 @@ int main(int argc, char** argv) {
     d.batch = 32;
     d.eval_examples = 200;
     d.out = "runs/reproduce-petrov";
+    d.lr_zero = "each method's default rate, or a search with --search-steps";
+    d.taken_over["task"] = "--tasks and --train-tasks pick the tasks (the base pretrains on their shared text)";
+    d.taken_over["train"] = "reproduce-petrov trains on the petrov tasks of --train-tasks, not on data files";
     cxxopts::Options opts("reproduce_petrov", "Petrov et al. (ICLR 2024): what a prefix can and cannot learn");
     add_common_flags(opts, d);
     // clang-format off

@@ -42,7 +42,7 @@ int main(int argc, char** argv) {
         spec.max_batch = flags::int_flag(r, "max-batch", 1);
         spec.seed = uint64_t(flags::int_flag(r, "seed", 0));
         spec.max_seconds = flags::real_flag(r, "max-seconds");
-        set_threads(int(flags::int_flag(r, "threads", 0, std::numeric_limits<int>::max())));
+        flags::configure_threads(flags::int_flag(r, "threads", 0));  // capped at the cores, with a warning
         out = r["out"].as<std::string>();
         if (!(spec.bad_share >= 0 && spec.bad_share <= 1))
             throw std::invalid_argument(fmt::format("--bad-share: {} is outside [0, 1]", spec.bad_share));

@@ -25,6 +25,8 @@ int main(int argc, char** argv) {
     d.steps = 200;
     d.out = "runs/sweep-data";
     d.eval_examples = 50;
+    d.lr_zero = "each method's default rate";
+    d.patience_evals = 10;  // every run evaluates this often: the steps to the target loss are read off the curve
     cxxopts::Options opts("sweep-data", "Compute per step and steps to a target loss against training-set size");
     add_common_flags(opts, d);
     // clang-format off
@@ -57,7 +59,7 @@ int main(int argc, char** argv) {
                 spec.label = fmt::format("{} n_train={}", m, task.train.size());
                 Budget budget = make_budget(a);
                 if (budget.lr == 0) budget.lr = default_lr(spec.method);
-                budget.eval_every = std::max<int64_t>(1, a.steps / 10);
+                budget.eval_every = std::max<int64_t>(1, a.steps / a.patience_evals);
                 results.push_back(run_method(base, task, spec, budget, "", a.seed));
                 result_size.push_back(int64_t(task.train.size()));
             }

@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
     d.steps = 200;
     d.out = "runs/sweep-depth";
     d.eval_examples = 100;
+    d.lr_zero = "each method's default rate";
     cxxopts::Options opts("sweep-depth", "Metric against which layers carry the prefix (top-k / bottom-k)");
     add_common_flags(opts, d);
     CommonArgs a = parse_or_exit(opts, argc, argv, d);

@@ -19,6 +19,8 @@ int main(int argc, char** argv) {
     d.steps = 200;
     d.out = "runs/sweep-length";
     d.eval_examples = 100;
+    d.lr_zero = "each method's default rate";
+    d.taken_over["prefix-len"] = "sweep-length sets n from --lengths";
     cxxopts::Options opts("sweep-length", "Metric against prefix / prompt length n");
     add_common_flags(opts, d);
     opts.add_options()("lengths", "comma-separated n values",

@@ -55,10 +55,14 @@ int main(int argc, char** argv) {
     d.out = "runs/sweep-scale";
     d.eval_examples = 100;
     d.pretrain_steps = 300;  // here the fewest pretraining steps of any size (the budget grows with size)
+    d.lr_zero = "a search over each method's few rates";
+    for (const char* dim : {"d-model", "layers", "heads", "d-ff"})
+        d.taken_over[dim] = "sweep-scale sets the dimensions of each base from --sizes";
+    d.taken_over["base"] = "sweep-scale pretrains its own bases of --sizes";
     cxxopts::Options opts("sweep-scale", "Gap of each PEFT method to full fine-tuning against base size");
     add_common_flags(opts, d);
     opts.add_options()
-        ("sizes", "base sizes DxL (d_model x layers; heads of 32 dims, d_ff 4d), smallest first",
+        ("sizes", "base sizes DxL (d_model x layers; max(1, D / 32) heads, d_ff 4D), smallest first",
             cxxopts::value<std::string>()->default_value("48x2,96x3,160x4,256x6"))
         ("pretrain-tokens-per-param", "pretraining budget: tokens per base parameter (steps = this x params / "
                                       "(batch x seq), at least --pretrain-steps)",
@@ -72,8 +76,6 @@ int main(int argc, char** argv) {
         std::vector<Size> sizes;
         for (const std::string& item : flags::split_list(r["sizes"].as<std::string>())) sizes.push_back(parse_size(item));
         if (sizes.empty()) throw std::invalid_argument("--sizes: names no size (e.g. 48x2,96x3)");
-        if (!a.base.empty())
-            throw std::invalid_argument("--base: sweep-scale pretrains its own bases of --sizes; drop --base");
         const int64_t tokens_per_param = flags::int_flag(r, "pretrain-tokens-per-param", 1);
         const int64_t steps_min = a.pretrain_steps;
         const int64_t steps_max = flags::int_flag(r, "pretrain-max-steps", 0);

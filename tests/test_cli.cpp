@@ -22,6 +22,7 @@
 #include "autograd/ops.h"
 #include "autograd/threads.h"
 #include "nn/checkpoint.h"
+#include "nn/hf_gpt2.h"
 #include "nn/safetensors.h"
 #include "peft/adapter_io.h"
 #include "experiments/lib/flags.h"
@@ -87,6 +88,62 @@ TEST_CASE("compare refuses empty, duplicated and oversized requests before any w
         CHECK_THAT(r.out, Contains(c.message));
         CHECK(!fs::exists(tmp.dir / "runs" / "pretrain"));  // nothing pretrained, nothing cached
     }
+}
+
+// Once, sweep-scale's dimension flags, sweep-length's --prefix-len,
+// reproduce-petrov's --task and pretrain's --positions were parsed and then
+// ignored (overwritten by --sizes, --lengths, --tasks, or read by nothing).
+TEST_CASE("a common flag that a binary sets itself is refused with the reason, not ignored", "[cli]") {
+    testing::TempDir tmp;
+    struct Case {
+        std::string binary, args, message;
+    };
+    for (const Case& c : {Case{"sweep_scale", "--d-model 64", "--d-model: sweep-scale sets the dimensions of each base"},
+                          Case{"sweep_scale", "--base " + tmp.dir.string(), "--base: sweep-scale pretrains its own bases"},
+                          Case{"sweep_length", "--prefix-len 3", "--prefix-len: sweep-length sets n from --lengths"},
+                          Case{"reproduce_petrov", "--task e2e", "--task: --tasks and --train-tasks pick the tasks"},
+                          Case{"pretrain", "--positions hf", "--positions: pretrain trains no adapter"}}) {
+        CAPTURE(c.binary, c.args);
+        REQUIRE(fs::exists(bin(c.binary)));
+        Result r = run(bin(c.binary) + " --config tiny --pretrain-steps 20 --threads 1 " + c.args, tmp.dir.string());
+        CHECK(r.rc == 2);
+        CHECK_THAT(r.out, Contains(c.message));
+        CHECK(!fs::exists(tmp.dir / "runs" / "pretrain"));  // refused before any work
+    }
+    // The vocabulary is the tokenizer's: no flag pretends to set it.
+    Result vocab = run(bin("compare") + " " + kTiny + " --vocab 100", tmp.dir.string());
+    CHECK(vocab.rc == 2);
+    CHECK_THAT(vocab.out, Contains("vocab\xE2\x80\x99 does not exist"));
+}
+
+// Once, --base with --batch or --seq silently swapped the checkpoint's rows
+// for a random-weight custom config of the small shape.
+TEST_CASE("bench --base with --batch and --seq times the checkpoint's shape at that step", "[cli]") {
+    const std::string bench = bin("bench");
+    REQUIRE(fs::exists(bench));
+    testing::TempDir tmp;
+    GPT model(testing::small_gpt(64, 32), 5);
+    save_hf_gpt2(model, tmp.path("hf"));
+    Result dims = run(bench + " --base hf --d-model 64 --no-torch", tmp.dir.string());
+    CHECK(dims.rc != 0);
+    CHECK_THAT(dims.out, Contains("--base fixes the model's dimensions"));
+    Result quick = run(bench + " --base hf --quick --no-torch", tmp.dir.string());
+    CHECK(quick.rc != 0);
+    CHECK_THAT(quick.out, Contains("--quick times the small config"));
+    Result longer = run(bench + " --base hf --seq 20 --no-torch", tmp.dir.string());  // 32 positions, n 16
+    CHECK(longer.rc != 0);
+    CHECK_THAT(longer.out, Contains("holds at most 16 tokens"));
+    Result ok = run(bench + " --base hf --batch 1 --seq 8 --methods lora --no-torch --no-generate --repeats 1 "
+                            "--no-launch --threads 1 --out out",
+                    tmp.dir.string());
+    REQUIRE(ok.rc == 0);
+    std::ifstream f(tmp.dir / "out" / "bench.json");
+    const nlohmann::json rows = nlohmann::json::parse(f).at("rows");
+    REQUIRE(rows.size() == 1);
+    CHECK(rows[0].at("config") == "hf");
+    CHECK(rows[0].at("d_model") == model.config().d_model);
+    CHECK(rows[0].at("batch") == 1);
+    CHECK(rows[0].at("seq") == 8);
 }
 
 // Once, generate sent every directory with an adapter_config.json to the

@@ -47,6 +47,7 @@ int main(int argc, char** argv) {
             "steps", "measured steps", cxxopts::value<int>()->default_value("3"))(
             "help", "show this help");
         auto a = flags::parse(o, argc, argv);
+        flags::configure_threads(std::nullopt);  // PEFTLAB_THREADS, else all cores
         if (!a.count("mode")) throw std::invalid_argument("--mode: required (fused or unfused)");
         const std::string mode = a["mode"].as<std::string>();
         if (mode != "fused" && mode != "unfused")

@@ -69,7 +69,7 @@ void add_data_flags(cxxopts::Options& o, const CommonArgs& d, const std::string&
         ("text-field", "classification: the field of the text", cxxopts::value<std::string>()->default_value(d.files.text_field))
         ("label-field", "classification: the field of the label", cxxopts::value<std::string>()->default_value(d.files.label_field))
         ("label-words", "classification: words the model answers for labels, as label=word,label=word (default: the labels)", cxxopts::value<std::string>()->default_value(""))
-        ("truncate", "an example longer than --seq: left (cut the source's start), right (its end) or error", cxxopts::value<std::string>()->default_value(d.truncate))
+        ("truncate", "an example longer than the model's context (--seq, or the base's max_seq): left (cut the source's start), right (its end) or error", cxxopts::value<std::string>()->default_value(d.truncate))
         ("seed", "random seed" + recorded_note, seed_value);
     // clang-format on
 }
@@ -78,8 +78,8 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
     // clang-format off
     o.add_options()
         ("h,help", "print this help")
-        ("config", "dimension preset: tiny, demo, small, medium (nn/presets.h)", cxxopts::value<std::string>()->default_value(d.config))
-        ("vocab", "vocabulary size (byte tokenizer only; word vocabularies are built from the data)", cxxopts::value<int64_t>())
+        ("config", "dimension preset: tiny, demo, small, medium, or a GPT-2 size: gpt2, gpt2-medium, gpt2-large, "
+                   "gpt2-xl (nn/presets.h; the vocabulary is always the tokenizer's)", cxxopts::value<std::string>()->default_value(d.config))
         ("d-model", "model width d", cxxopts::value<int64_t>())
         ("layers", "number of layers L", cxxopts::value<int>())
         ("heads", "attention heads", cxxopts::value<int>())
@@ -96,7 +96,8 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
         ("tokenizer", "word, byte, or gpt2:DIR (GPT-2 BPE from DIR/vocab.json + merges.txt or encoder.json + vocab.bpe)", cxxopts::value<std::string>()->default_value(d.tokenizer))
         ("base", "Hugging Face GPT-2 directory (config.json, model.safetensors, vocab.json + merges.txt): use it as the base, skip pretraining", cxxopts::value<std::string>()->default_value(d.base))
         ("positions", "adapters' position convention: hf (HF PEFT: real tokens after the n virtual ones) or keep; default hf with --base, else keep", cxxopts::value<std::string>()->default_value(d.positions))
-        ("corpus", "UTF-8 text file to pretrain on (default: the built-in restaurant corpus)", cxxopts::value<std::string>()->default_value(d.corpus))
+        ("corpus", "UTF-8 text file to pretrain on (default: the task's own pretraining text, e.g. the petrov-* "
+                   "tasks' digit sequences or WordNet's glosses, else the built-in restaurant corpus)", cxxopts::value<std::string>()->default_value(d.corpus))
         ("pretrain-steps", "base pretraining updates", cxxopts::value<int64_t>()->default_value(std::to_string(d.pretrain_steps)))
         ("pretrain-patience", "early stopping: evaluate every 1/20 of --pretrain-steps and stop after this many "
                               "evaluations without a lower valid loss, keeping the best weights (0: off)",
@@ -109,12 +110,12 @@ void add_common_flags(cxxopts::Options& o, const CommonArgs& d) {
                     "options, METHOD:KEY=VALUE[:KEY=VALUE] (e.g. lora:r=4)", cxxopts::value<std::string>()->default_value(
             [&] { std::string s; for (auto& m : d.methods) s += (s.empty() ? "" : ",") + m; return s; }()))
         ("steps", "fine-tuning updates per method", cxxopts::value<int64_t>()->default_value(std::to_string(d.steps)))
-        ("patience", "fine-tuning early stopping: evaluate every max(1, floor(--steps / 20)) updates and stop after "
-                     "this many evaluations without a lower valid loss, keeping the best weights (0: off, the last "
-                     "weights; at least the number of evaluations, 20 when --steps is a multiple of 20: never stops, "
-                     "keeps the best)",
+        ("patience", fmt::format("fine-tuning early stopping: evaluate every max(1, floor(--steps / {0})) updates and "
+                                 "stop after this many evaluations without a lower valid loss, keeping the best weights "
+                                 "(0: off, the last weights; at least the number of evaluations, {0} when --steps is a "
+                                 "multiple of {0}: never stops, keeps the best)", d.patience_evals),
             cxxopts::value<int64_t>()->default_value(std::to_string(d.patience)))
-        ("lr", "learning rate (0 = small per-method search)", cxxopts::value<std::string>()->default_value(fmt::format("{}", d.lr)))
+        ("lr", "learning rate (0 = " + d.lr_zero + ")", cxxopts::value<std::string>()->default_value(fmt::format("{}", d.lr)))
         ("prefix-len", "n: prompt / prefix vectors", cxxopts::value<int64_t>()->default_value(std::to_string(d.prefix_len)))
         ("n-train", "training examples (0 = task default)", cxxopts::value<size_t>()->default_value(std::to_string(d.n_train)))
         ("eval-examples", "test examples scored by generation (at most the test split)", cxxopts::value<int64_t>()->default_value(std::to_string(d.eval_examples)))
@@ -192,6 +193,8 @@ void parse_data_flags(const cxxopts::ParseResult& r, CommonArgs& a) {
 }
 
 CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
+    for (const auto& [flag, reason] : d.taken_over)
+        if (r.count(flag)) throw std::invalid_argument(fmt::format("--{}: {}; drop it", flag, reason));
     CommonArgs a = d;
     a.config = r["config"].as<std::string>();
     try {
@@ -206,7 +209,6 @@ CommonArgs parse_common(const cxxopts::ParseResult& r, const CommonArgs& d) {
             throw std::invalid_argument(fmt::format("--{}: {} must be <= {}", flag, v, std::numeric_limits<int>::max()));
         return v;
     };
-    if (r.count("vocab")) a.model.vocab = positive("vocab", r["vocab"].as<int64_t>());
     if (r.count("d-model")) a.model.d_model = positive("d-model", r["d-model"].as<int64_t>());
     if (r.count("layers")) a.model.n_layers = int(positive("layers", r["layers"].as<int>()));
     if (r.count("heads")) a.model.n_heads = int(positive("heads", r["heads"].as<int>()));

@@ -41,7 +41,12 @@ struct CommonArgs {
     // split (Hugging Face's EarlyStoppingCallback with load_best_model_at_end).
     // 0: every step runs and the last weights are kept.
     int64_t patience = 0;
-    double lr = 0.0;    // 0: per-method search over lr_grid
+    double lr = 0.0;    // 0: lr_zero below says what
+    // What --lr 0 means in this binary (its --help says it): a search over each
+    // method's lr_grid (compare, sweep-scale) or each method's default rate.
+    std::string lr_zero = "a small per-method search over a few rates";
+    // With --patience, fine-tuning evaluates every max(1, steps / this) updates.
+    int64_t patience_evals = 20;
     std::string out;    // run directory, default runs/<experiment>
     int64_t prefix_len = 16;
     std::string tokenizer = "word";  // word | byte | gpt2:DIR
@@ -65,6 +70,10 @@ struct CommonArgs {
     // Whether the binary fine-tunes: pretrain sets false, and then the
     // fine-tuning flags (--methods, --steps, --lr, ...) are neither offered nor read.
     bool fine_tunes = true;
+    // Common flags this binary sets itself, each with the reason (e.g. "d-model"
+    // -> "sweep-scale sets the dimensions from --sizes"): given on the command
+    // line, parse_common refuses them, so that no flag is ignored silently.
+    std::map<std::string, std::string> taken_over;
 };
 
 // Adds the common flags to `opts` with the experiment's defaults (only the
