@@ -23,8 +23,17 @@ double since(std::chrono::steady_clock::time_point t0) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    const std::string usage = fmt::format(
+        "usage: {} TOKENIZER_DIR TEXT_FILE\n"
+        "  times GPT2Tokenizer on TEXT_FILE: loading TOKENIZER_DIR (vocab.json + merges.txt or encoder.json +\n"
+        "  vocab.bpe), encoding twice (cold and warm word cache) and decoding; seconds and MB/s per phase\n",
+        argv[0]);
+    if (argc == 2 && (std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h")) {
+        fmt::print("{}", usage);
+        return 0;
+    }
     if (argc != 3) {
-        fmt::print(stderr, "usage: {} TOKENIZER_DIR TEXT_FILE\n", argv[0]);
+        fmt::print(stderr, "{}", usage);
         return 2;
     }
     try {
