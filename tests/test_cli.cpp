@@ -116,6 +116,18 @@ TEST_CASE("a common flag that a binary sets itself is refused with the reason, n
     CHECK_THAT(vocab.out, Contains("vocab\xE2\x80\x99 does not exist"));
 }
 
+// bench's one training row (LoRA, one step pair, no PyTorch) with `shape_flags`, read back from bench.json.
+static nlohmann::json one_bench_row(const std::string& bench, const std::string& shape_flags, const fs::path& dir) {
+    Result r = run(bench + " " + shape_flags +
+                       " --methods lora --no-torch --no-generate --repeats 1 --no-launch --threads 1 --out out",
+                   dir.string());
+    REQUIRE(r.rc == 0);
+    std::ifstream f(dir / "out" / "bench.json");
+    const nlohmann::json rows = nlohmann::json::parse(f).at("rows");
+    REQUIRE(rows.size() == 1);
+    return rows[0];
+}
+
 // Once, --base with --batch or --seq silently swapped the checkpoint's rows
 // for a random-weight custom config of the small shape.
 TEST_CASE("bench --base with --batch and --seq times the checkpoint's shape at that step", "[cli]") {
@@ -133,17 +145,11 @@ TEST_CASE("bench --base with --batch and --seq times the checkpoint's shape at t
     Result longer = run(bench + " --base hf --seq 20 --no-torch", tmp.dir.string());  // 32 positions, n 16
     CHECK(longer.rc != 0);
     CHECK_THAT(longer.out, Contains("holds at most 16 tokens"));
-    Result ok = run(bench + " --base hf --batch 1 --seq 8 --methods lora --no-torch --no-generate --repeats 1 "
-                            "--no-launch --threads 1 --out out",
-                    tmp.dir.string());
-    REQUIRE(ok.rc == 0);
-    std::ifstream f(tmp.dir / "out" / "bench.json");
-    const nlohmann::json rows = nlohmann::json::parse(f).at("rows");
-    REQUIRE(rows.size() == 1);
-    CHECK(rows[0].at("config") == "hf");
-    CHECK(rows[0].at("d_model") == model.config().d_model);
-    CHECK(rows[0].at("batch") == 1);
-    CHECK(rows[0].at("seq") == 8);
+    const nlohmann::json row = one_bench_row(bench, "--base hf --batch 1 --seq 8", tmp.dir);
+    CHECK(row.at("config") == "hf");
+    CHECK(row.at("d_model") == model.config().d_model);
+    CHECK(row.at("batch") == 1);
+    CHECK(row.at("seq") == 8);
 }
 
 // Once, generate sent every directory with an adapter_config.json to the
@@ -209,18 +215,12 @@ TEST_CASE("bench --preset gpt2 with --batch and --seq times the GPT-2 shape at t
     Result bad = run(bench + " --preset gpt2 --d-model 64 --no-torch", tmp.dir.string());
     CHECK(bad.rc != 0);
     CHECK_THAT(bad.out, Contains("--preset gpt2 fixes the model's dimensions"));
-    Result ok = run(bench + " --preset gpt2 --batch 1 --seq 8 --methods lora --no-torch --no-generate --repeats 1 "
-                            "--no-launch --threads 1 --out out",
-                    tmp.dir.string());
-    REQUIRE(ok.rc == 0);
-    std::ifstream f(tmp.dir / "out" / "bench.json");
-    const nlohmann::json rows = nlohmann::json::parse(f).at("rows");
-    REQUIRE(rows.size() == 1);
-    CHECK(rows[0].at("config") == "gpt2");
-    CHECK(rows[0].at("d_model") == 768);
-    CHECK(rows[0].at("heads") == 12);
-    CHECK(rows[0].at("batch") == 1);
-    CHECK(rows[0].at("seq") == 8);
+    const nlohmann::json row = one_bench_row(bench, "--preset gpt2 --batch 1 --seq 8", tmp.dir);
+    CHECK(row.at("config") == "gpt2");
+    CHECK(row.at("d_model") == 768);
+    CHECK(row.at("heads") == 12);
+    CHECK(row.at("batch") == 1);
+    CHECK(row.at("seq") == 8);
 }
 
 TEST_CASE("bench's generation rows are bounded by read-bandwidth probes run between their own steps", "[cli]") {
