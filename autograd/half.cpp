@@ -1,6 +1,8 @@
 // F16 weights: conversion and linear_half (half.h).
 #include "autograd/half.h"
 
+#include <algorithm>
+#include <cmath>
 #include <stdexcept>
 
 #include "autograd/flops.h"
@@ -10,11 +12,19 @@
 namespace peftlab {
 using namespace detail;
 
-HalfMatrix HalfMatrix::from(const Tensor& w) {
+int64_t first_outside_half(const float* x, int64_t n) {
+    return std::find_if(x, x + n, [](float v) { return !(std::abs(v) < 65520.f); }) - x;
+}
+
+HalfMatrix HalfMatrix::from(const Tensor& w, std::string_view name) {
     require_defined("HalfMatrix::from", w, "weight");
     if (w.ndim() != 2)
         throw std::invalid_argument(
-            fmt::format("HalfMatrix::from: weight {} must be 2-D [out, in]", shape_str(w.shape())));
+            fmt::format("HalfMatrix::from: {} {} must be 2-D [out, in]", name, shape_str(w.shape())));
+    if (const int64_t i = first_outside_half(w.data(), w.numel()); i < w.numel())
+        throw std::invalid_argument(fmt::format(
+            "HalfMatrix::from: {} {} element ({}, {}) = {} is outside F16's range (|x| < 65520): keep F32 weights",
+            name, shape_str(w.shape()), i / w.dim(1), i % w.dim(1), w.data()[i]));
     HalfMatrix h;
     h.rows = w.dim(0);
     h.cols = w.dim(1);

@@ -8,6 +8,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <string_view>
 
 #include "autograd/tensor.h"
 
@@ -39,6 +40,11 @@ inline float half_to_float(uint16_t h) {
     return std::bit_cast<float>(sign | ((exp + 112u) << 23) | (mant << 13));
 }
 
+// The index of the first of x[0, n) that binary16 cannot hold, or n: a NaN,
+// an infinity, or a magnitude from 65520 up (float_to_half rounds it to
+// infinity; the largest finite half is 65504).
+int64_t first_outside_half(const float* x, int64_t n);
+
 // A weight [rows, cols] (a Linear's [out, in]) in binary16, row-major.
 struct HalfMatrix {
     int64_t rows = 0, cols = 0;
@@ -47,8 +53,10 @@ struct HalfMatrix {
     mem::Buffer<uint16_t> data{nullptr, &std::free};
 
     // w [rows, cols] rounded element by element (float_to_half). Throws
-    // std::invalid_argument naming the shape unless w is 2-D.
-    static HalfMatrix from(const Tensor& w);
+    // std::invalid_argument naming `name` and the shape unless w is 2-D, and
+    // naming the element when one is outside binary16's range
+    // (first_outside_half): an infinity there would turn logits into NaN.
+    static HalfMatrix from(const Tensor& w, std::string_view name = "weight");
     Tensor to_float() const;  // [rows, cols], exact
 };
 

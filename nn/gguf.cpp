@@ -155,6 +155,12 @@ void GgufWriter::write(const std::string& path) const {
             n_bytes = bytes[i] * sizeof(float);
             f.write(src, n_bytes);
         } else {
+            // An element F16 cannot hold would be written as infinity (or NaN):
+            // refused, naming it, before the file is committed.
+            if (const int64_t j = first_outside_half(src, int64_t(bytes[i])); uint64_t(j) < bytes[i])
+                throw std::invalid_argument(fmt::format(
+                    "save_gguf: '{}': tensor '{}' element {} = {} is outside F16's range (|x| < 65520): write F32",
+                    path, t.name, j, src[j]));
             half.resize(bytes[i]);
             for (uint64_t j = 0; j < bytes[i]; ++j) half[j] = float_to_half(src[j]);
             n_bytes = bytes[i] * sizeof(uint16_t);

@@ -183,14 +183,26 @@ Tensor GPT::forward_at(const ModelInput& in, const std::vector<int32_t>& columns
 Tensor GPT::loss(const ModelInput& in, const std::vector<int32_t>& targets) { return run(in, nullptr, &targets); }
 
 void GPT::set_weights_f16(bool on) {
-    auto convert = [on](Linear& l) {
-        l.weight_f16 = on ? std::make_shared<const HalfMatrix>(HalfMatrix::from(l.weight)) : nullptr;
-    };
-    for (auto& b : blocks)
-        for (Linear* l : {&b->attn.q_proj, &b->attn.k_proj, &b->attn.v_proj, &b->attn.o_proj, &b->mlp.fc, &b->mlp.proj})
-            convert(*l);
-    if (head) convert(*head);
-    wte_f16_ = on && !head ? std::make_shared<const HalfMatrix>(HalfMatrix::from(wte.weight)) : nullptr;
+    std::vector<std::pair<Linear*, std::string>> linears;  // with their parameter names, for errors
+    for (size_t i = 0; i < blocks.size(); ++i) {
+        Block& b = *blocks[i];
+        for (auto [l, name] : {std::pair{&b.attn.q_proj, "attn.q_proj"}, std::pair{&b.attn.k_proj, "attn.k_proj"},
+                               std::pair{&b.attn.v_proj, "attn.v_proj"}, std::pair{&b.attn.o_proj, "attn.o_proj"},
+                               std::pair{&b.mlp.fc, "mlp.fc"}, std::pair{&b.mlp.proj, "mlp.proj"}})
+            linears.emplace_back(l, fmt::format("blocks.{}.{}.weight", i, name));
+    }
+    if (head) linears.emplace_back(&*head, "head.weight");
+    // Every copy is made before any is installed: a weight outside F16's
+    // range throws (naming it) and leaves the model as it was.
+    std::vector<std::shared_ptr<const HalfMatrix>> copies(linears.size());
+    std::shared_ptr<const HalfMatrix> wte_copy;
+    if (on) {
+        for (size_t k = 0; k < linears.size(); ++k)
+            copies[k] = std::make_shared<const HalfMatrix>(HalfMatrix::from(linears[k].first->weight, linears[k].second));
+        if (!head) wte_copy = std::make_shared<const HalfMatrix>(HalfMatrix::from(wte.weight, "wte.weight"));
+    }
+    for (size_t k = 0; k < linears.size(); ++k) linears[k].first->weight_f16 = copies[k];
+    wte_f16_ = wte_copy;
     weights_f16_ = on;
 }
 

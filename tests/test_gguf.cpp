@@ -465,6 +465,13 @@ TEST_CASE("save_gguf_gpt2 refuses what llama.cpp's gpt2 cannot run, naming it", 
     CHECK(g.s("tokenizer.ggml.model") == "no_vocab");
     CHECK(g.u("gpt2.vocab_size") == 61);
     CHECK(g.kv.count("tokenizer.ggml.tokens") == 0);
+    // Once, F16 export wrote a weight above 65504 as infinity without a word.
+    std::filesystem::remove(tmp.path("m.gguf"));
+    model.blocks[0]->mlp.fc.weight.data()[3] = 1e6f;
+    CHECK_THROWS_WITH(save_gguf_gpt2(model, tmp.path("m.gguf"), {}, {GgmlType::F16}),
+                      Catch::Contains("tensor 'blk.0.ffn_up.weight' element 3 = 1000000 is outside F16's range"));
+    CHECK(tmp.entries().empty());
+    save_gguf_gpt2(model, tmp.path("m.gguf"), {});  // F32 holds it
 }
 
 namespace {

@@ -191,6 +191,22 @@ TEST_CASE("GPT with F16 weights equals its F32 twin with rounded weights, bit fo
     }
 }
 
+// Once, a weight above 65504 became infinity in F16, and every logit NaN.
+TEST_CASE("F16 weights refuse an element outside binary16's range, naming it; the model stays F32", "[half]") {
+    CHECK(first_outside_half(std::vector<float>{1.f, -65504.f, 65519.f}.data(), 3) == 3);
+    CHECK(first_outside_half(std::vector<float>{1.f, -65520.f, 2.f}.data(), 3) == 1);
+    CHECK(first_outside_half(std::vector<float>{NAN}.data(), 1) == 0);
+    auto model = sharp_model(f16_config(false), 2, 3.f);
+    const ModelInput in = single_row({1, 2, 3});
+    model->blocks[1]->mlp.fc.weight.data()[5 * model->config().d_model + 2] = 1e6f;
+    CHECK_THROWS_WITH(model->set_weights_f16(true), Catch::Contains("blocks.1.mlp.fc.weight") &&
+                                                        Catch::Contains("element (5, 2) = 1000000") &&
+                                                        Catch::Contains("outside F16's range"));
+    CHECK_FALSE(model->weights_f16());
+    CHECK(model->blocks[0]->attn.q_proj.weight_f16 == nullptr);  // converted before the bad one, not installed
+    CHECK(model->loss(in, {2, 3, -1}).item() > 0.f);  // still F32: grad mode is allowed
+}
+
 TEST_CASE("GPT with F16 weights refuses a forward that records gradients", "[half]") {
     auto model = sharp_model(f16_config(false), 2, 3.f);
     model->set_weights_f16(true);
