@@ -241,19 +241,43 @@ void save_safetensors(const std::string& path, const std::vector<StTensorRef>& t
     f.commit();
 }
 
+namespace {
+
+// Opens `path` read-only and returns the descriptor and the size of the file
+// opened (every offset is checked against it). Refuses anything but a regular
+// file, and opens without blocking: open() of a FIFO with no writer would
+// wait forever. O_NONBLOCK does not change reads of a regular file.
+template <class Fail>
+int open_regular(const std::string& path, uint64_t& file_size, const Fail& fail) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) throw fail(fmt::format("cannot open: {}", std::strerror(errno)));
+    struct stat st {};
+    const bool stat_ok = ::fstat(fd, &st) == 0;
+    const int err = errno;
+    if (!stat_ok || !S_ISREG(st.st_mode)) {
+        ::close(fd);
+        throw fail(stat_ok ? std::string("not a regular file") : fmt::format("cannot stat: {}", std::strerror(err)));
+    }
+    file_size = uint64_t(st.st_size);
+    return fd;
+}
+
+}  // namespace
+
 StFile load_safetensors(const std::string& path) {
     const auto fail = [&](std::string_view what) {
         return std::runtime_error(fmt::format("load_safetensors: '{}': {}", path, what));
     };
 
-    std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(std::fopen(path.c_str(), "rb"), &std::fclose);
-    if (!file) throw fail(fmt::format("cannot open: {}", std::strerror(errno)));
+    uint64_t file_size = 0;
+    const int fd = open_regular(path, file_size, fail);
+    std::unique_ptr<std::FILE, int (*)(std::FILE*)> file(::fdopen(fd, "rb"), &std::fclose);
+    if (!file) {
+        const int err = errno;
+        ::close(fd);
+        throw fail(fmt::format("cannot open: {}", std::strerror(err)));
+    }
     std::FILE* f = file.get();
-    // Size of the file we actually opened; every offset below is checked against it before reading.
-    struct stat st {};
-    if (::fstat(::fileno(f), &st) != 0) throw fail(fmt::format("cannot stat: {}", std::strerror(errno)));
-    if (!S_ISREG(st.st_mode)) throw fail("not a regular file");
-    const uint64_t file_size = uint64_t(st.st_size);
 
     const auto read_exact = [&](void* dst, size_t n, std::string_view what) {
         if (n > 0 && std::fread(dst, 1, n, f) != n)
@@ -297,13 +321,9 @@ StMapped::StMapped(const std::string& path) : path_(path) {
     const auto fail = [&](std::string_view what) {
         return std::runtime_error(fmt::format("load_safetensors: '{}': {}", path, what));
     };
-    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd_ < 0) throw fail(fmt::format("cannot open: {}", std::strerror(errno)));
+    uint64_t file_size = 0;
+    fd_ = open_regular(path, file_size, fail);
     try {
-        struct stat st {};
-        if (::fstat(fd_, &st) != 0) throw fail(fmt::format("cannot stat: {}", std::strerror(errno)));
-        if (!S_ISREG(st.st_mode)) throw fail("not a regular file");
-        const uint64_t file_size = uint64_t(st.st_size);
         if (file_size < 8)
             throw fail(fmt::format("file is {} bytes, too short for the 8-byte header length", file_size));
         void* m = ::mmap(nullptr, file_size, PROT_READ, MAP_SHARED, fd_, 0);

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -199,6 +200,15 @@ TEST_CASE("safetensors load rejects a missing file", "[safetensors]") {
 TEST_CASE("safetensors load rejects a directory", "[safetensors]") {
     TempDir d;
     REQUIRE_THROWS_WITH(load_safetensors(d.dir.string()), Contains(d.dir.string()) && Contains("not a regular file"));
+}
+
+// Once, open() of a FIFO without a writer blocked: every loader hung.
+TEST_CASE("safetensors load rejects a FIFO without waiting for a writer", "[safetensors]") {
+    TempDir d;
+    const std::string p = d.path("fifo.safetensors");
+    REQUIRE(::mkfifo(p.c_str(), 0600) == 0);
+    REQUIRE_THROWS_WITH(load_safetensors(p), Contains(p) && Contains("not a regular file"));
+    REQUIRE_THROWS_WITH(StMapped{p}, Contains(p) && Contains("not a regular file"));
 }
 
 TEST_CASE("safetensors load rejects a file shorter than the length prefix", "[safetensors]") {
