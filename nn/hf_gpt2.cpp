@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <stdexcept>
@@ -45,10 +46,14 @@ json read_json(const std::string& path) {
 GPTConfig parse_config(const std::string& path) {
     const json j = read_json(path);
     if (!j.is_object()) throw fail(path, fmt::format("is a JSON {}, not an object", j.type_name()));
+    // Every size is at most 2^31 - 1: layer and head counts are ints, and d_ff's
+    // default 4 * n_embd and the checks on shapes multiply sizes in int64.
     auto integer = [&](const char* key) -> int64_t {
         const json& v = j.at(key);
-        if (!v.is_number_integer() || v.get<int64_t>() < 1)
-            throw fail(path, fmt::format("field \"{}\" = {} is not a positive integer", key, json_excerpt(v)));
+        if (!v.is_number_integer() || v.get<int64_t>() < 1 ||
+            (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<int>::max())) ||
+            v.get<int64_t>() > std::numeric_limits<int>::max())
+            throw fail(path, fmt::format("field \"{}\" = {} is not a positive integer below 2^31", key, json_excerpt(v)));
         return v.get<int64_t>();
     };
     auto need = [&](const char* key) {

@@ -250,7 +250,11 @@ TEST_CASE("load_hf_gpt2: every bad checkpoint is refused naming the file and key
                  {"scale_attn_weights", false, "scale_attn_weights"},
                  {"model_type", "llama", "model_type"},
                  {"n_head", 3, "n_heads"},
-                 {"n_embd", "16", "n_embd"}}) {
+                 {"n_embd", "16", "n_embd"},
+                 // Once, 2^32 + 2 layers loaded as a 2-layer model (int truncation).
+                 {"n_layer", int64_t(4294967298), "\"n_layer\" = 4294967298 is not a positive integer below 2^31"},
+                 {"n_head", int64_t(4294967300), "\"n_head\" = 4294967300"},
+                 {"n_embd", int64_t(1) << 61, "\"n_embd\" = 2305843009213693952"}}) {
             d = fresh();
             nlohmann::json j = read_json(d + "/config.json");
             j[key] = value;
