@@ -83,8 +83,9 @@ std::vector<StTensorRef> refs(const char* fn, const std::string& path, const Des
 // The config of a model file (after checking its format tag).
 GPTConfig file_config(const char* fn, const std::string& path, const StFile& file) {
     require_format(fn, path, file, kModelFormat);
+    const std::string& text = require_meta(fn, path, file, "config");  // its error names fn and path already
     try {
-        return GPTConfig::from_json(parse_json_limited(require_meta(fn, path, file, "config"), "metadata key 'config'"));
+        return GPTConfig::from_json(parse_json_limited(text, "metadata key 'config'"));
     } catch (const std::invalid_argument& e) {
         throw file_error(fn, path, fmt::format("metadata key 'config': {}", e.what()));
     } catch (const std::runtime_error& e) {
@@ -198,6 +199,11 @@ std::unique_ptr<GPT> load_model_new(const std::string& path, const LoadOptions& 
     uint64_t in_file = 0;
     for (const auto& [name, t] : file.tensors) in_file += t.data.size();  // bounded by the file size
     const std::optional<uint64_t> needed = parameter_count(cfg);
+    // The count is checked before a model of the config's size is allocated.
+    // Within twice the file's floats the model is built anyway, so that the
+    // error names the missing, extra or misshapen tensor (check_tensors).
+    if (needed && *needed != in_file && *needed <= 2 * in_file)
+        check_tensors(fn, path, file, GPT(cfg, 0).named_parameters(), "the model");
     if (!needed || *needed != in_file)
         throw file_error(fn, path,
                          fmt::format("metadata key 'config' describes a model of {} parameters but the file holds {}",

@@ -36,11 +36,8 @@ std::runtime_error file_error(const char* fn, const std::string& path, const std
 // floats = 64 MiB.
 constexpr uint64_t kUnstoredAllowance = uint64_t(1) << 24;
 
-// Refuses, before attach allocates anything, options whose tensors could not
-// come from this file: a config must not make us allocate more than the file
-// holds (plus kUnstoredAllowance). Every whole number among the options (n and
-// the method's own, e.g. a rank or a hidden width) is bounded first, so that
-// the adapter's formula (int64 products of sizes) cannot overflow.
+}  // namespace
+
 void check_sizes(const ConfigFile& cfg, const char* options_key, const Adapter& adapter, const GPTConfig& c,
                  const StFile& file) {
     uint64_t in_file = 0;
@@ -68,6 +65,8 @@ void check_sizes(const ConfigFile& cfg, const char* options_key, const Adapter& 
         throw cfg.key_error(options_key, fmt::format("these options make {} parameters ({}) but the weights file "
                                                      "holds {} values", needed.count, needed.text, in_file));
 }
+
+namespace {
 
 void save_tensors(const std::string& path, const NamedTensors& tensors, const std::string& format) {
     std::vector<StTensorRef> refs;
@@ -229,6 +228,12 @@ int64_t hf_check_prompt_learning(const ConfigFile& cfg, const GPTConfig& c) {
     if (cfg.has("num_transformer_submodules")) cfg.expect("num_transformer_submodules", 1);
     const int64_t n = cfg.integer("num_virtual_tokens");
     if (n < 0) throw cfg.key_error("num_virtual_tokens", fmt::format("{} must be >= 0", n));
+    // HF PEFT's real tokens take positions n, n+1, ...: with n >= n_positions
+    // none is left, and every forward would fail without naming this file.
+    if (n >= c.max_seq)
+        throw cfg.key_error("num_virtual_tokens",
+                            fmt::format("{} leaves no position for a token: the base's n_positions is {} and the "
+                                        "virtual tokens take positions 0..{}", n, c.max_seq, n - 1));
     return n;
 }
 

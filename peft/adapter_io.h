@@ -58,6 +58,15 @@ private:
     nlohmann::json j_;
 };
 
+// Refuses (cfg.key_error under options_key), before attach allocates anything,
+// options whose tensors could not come from the weights `file`: a config must
+// not make a reader allocate more than the file holds (plus 2^24 floats that a
+// method builds without storing). Every whole number among the options (n and
+// the method's own, e.g. a rank or a hidden width) is bounded first, so that
+// the adapter's formula (int64 products of sizes) cannot overflow.
+void check_sizes(const ConfigFile& cfg, const char* options_key, const Adapter& adapter, const GPTConfig& c,
+                 const StFile& file);
+
 // Throws std::runtime_error naming fn and path unless `file` holds exactly
 // dest's keys with equal shapes. Changes nothing.
 void check_tensors(const char* fn, const std::string& path, const StFile& file, const NamedTensors& dest);

@@ -572,6 +572,8 @@ TEST_CASE("adapter_io: Hugging Face export refusals and import validation", "[ad
     CHECK_THAT(with("num_virtual_tokens", 4),
                Contains("adapter_model.safetensors") && Contains("'prompt_embeddings' has shape [3, 16] in the file but [4, 16]"));
     CHECK_THAT(with("num_virtual_tokens", json::value_t::discarded), Contains("key 'num_virtual_tokens' is missing"));
+    CHECK_THAT(with("num_virtual_tokens", tiny_config().max_seq),
+               Contains(fmt::format("key 'num_virtual_tokens': {} leaves no position", tiny_config().max_seq)));
     CHECK_THAT(with("base_model_name_or_path", "peftlab:0000000000000000"), Contains("base weights differ"));
     // A file from elsewhere (no peftlab hash) is checked by its dimensions only.
     CHECK(with("base_model_name_or_path", "gpt2") == "(no error)");

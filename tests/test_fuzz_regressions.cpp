@@ -133,6 +133,30 @@ TEST_CASE("load_model_new: the file's config cannot size a model beyond the file
     f.metadata["config"] = cfg.dump();
     save_safetensors(tmp.path("huge.safetensors"), refs, f.metadata);
     CHECK_THROWS_WITH(load_model_new(tmp.path("huge.safetensors")), Contains("more than 2^64"));
+    // A tensor missing or extra: named, not only counted (the count check came first once).
+    const auto save_without = [&](const std::string& drop, const std::string& add) {
+        std::vector<StTensorRef> kept;
+        for (auto& [name, t] : f.tensors)
+            if (name != drop) kept.push_back({name, t.shape, t.data.data()});
+        if (!add.empty()) kept.push_back({add, f.tensors.at("ln_f.bias").shape, f.tensors.at("ln_f.bias").data.data()});
+        f.metadata["config"] = model->config().to_json().dump();
+        save_safetensors(tmp.path("odd.safetensors"), kept, f.metadata);
+    };
+    save_without("ln_f.bias", "");
+    CHECK_THROWS_WITH(load_model_new(tmp.path("odd.safetensors")), Contains("odd.safetensors") && Contains("ln_f.bias"));
+    save_without("", "extra.weight");
+    CHECK_THROWS_WITH(load_model_new(tmp.path("odd.safetensors")), Contains("extra.weight"));
+    // A missing config is named once (its error was once wrapped in itself).
+    f.metadata.erase("config");
+    save_safetensors(tmp.path("odd.safetensors"), refs, f.metadata);
+    try {
+        load_model_new(tmp.path("odd.safetensors"));
+        FAIL("loaded a model file without a config");
+    } catch (const std::runtime_error& e) {
+        const std::string what = e.what();
+        CHECK_THAT(what, Contains("metadata key 'config' is missing"));
+        CHECK(what.find("load_model_new") == what.rfind("load_model_new"));
+    }
 }
 
 TEST_CASE("Adapter loaders: sizes in the config are bounded by the weights file before allocating",
@@ -170,7 +194,7 @@ TEST_CASE("Adapter loaders: sizes in the config are bounded by the weights file 
         cfg["num_virtual_tokens"] = int64_t(1) << 45;  // before: a [n, 2*L*d] table was allocated to compare shapes
         std::ofstream(tmp.dir / "h" / peft::kAdapterConfigFile) << cfg.dump();
         CHECK_THROWS_WITH(peft::import_hf((tmp.dir / "h").string(), *base),
-                          Contains("key 'num_virtual_tokens'") && Contains("larger than the weights file"));
+                          Contains("key 'num_virtual_tokens'") && Contains("leaves no position"));
         unpack_to(read_all(seeds / "adapter_hf" / "lora"), tmp.dir / "l");
         cfg = json::parse(read_all(tmp.dir / "l" / peft::kAdapterConfigFile));
         cfg["r"] = 100000000;  // q and v of rank r/2 each in the fused c_attn: still far beyond the file
