@@ -20,7 +20,6 @@
 #include "experiments/lib/harness.h"
 #include "nn/checkpoint.h"
 #include "nn/hf_gpt2.h"
-#include "nn/json_limits.h"
 #include "nn/safetensors.h"
 #include "peft/adapter_io.h"
 #include "peft/registry.h"
@@ -41,30 +40,41 @@ const char* kUsage =
     "MODEL: a peftlab model file (e.g. runs/pretrain/<hash>/model.safetensors) or a Hugging Face GPT-2\n"
     "     directory (config.json + model.safetensors).\n";
 
-nlohmann::json read_config(const std::string& dir) {
-    const std::string path = dir + "/adapter_config.json";
-    const nlohmann::json j = parse_json_limited(read_small_file(path, kMaxConfigFileBytes, "adapter inspect"), path);
-    if (!j.is_object()) throw std::runtime_error(fmt::format("{}: not a JSON object", path));
-    return j;
-}
-
 int inspect(const std::string& dir) {
     if (peft::adapter_layout(dir) == peft::AdapterLayout::hugging_face)
         throw std::runtime_error(fmt::format("{}/adapter_config.json: a Hugging Face PEFT adapter (it has "
                                              "\"peft_type\"); `adapter import-hf {} OUT --base MODEL` reads it",
                                              dir, dir));
-    const nlohmann::json j = read_config(dir);
-    for (const char* key : {"method", "options", "base_config", "base_hash"})
-        if (!j.contains(key)) throw std::runtime_error(fmt::format("{}/adapter_config.json: no \"{}\"", dir, key));
-    const std::string method = j["method"].get<std::string>();
-    const peft::AdapterOptions opts = peft::AdapterOptions::from_json(j["options"]);
-    const GPTConfig cfg = GPTConfig::from_json(j["base_config"]);
-    std::unique_ptr<peft::Adapter> adapter = peft::make_adapter(method, opts);
-    const bool inference = j.value("inference", false);
-    const peft::ParamFormula pf = inference ? adapter->inference_formula(cfg) : adapter->formula(cfg);
-
-    // The tensors as stored (their count is checked against the formula).
+    // Every error names the file and the key, as load_adapter's do.
+    const peft::ConfigFile j("adapter inspect", dir + "/adapter_config.json");
+    const std::string method = j.str("method"), base_hash = j.str("base_hash");
+    const bool inference = j.boolean("inference");
+    const auto parsed = [&](const char* key, auto from_json) {
+        try {
+            return from_json(j.at(key));
+        } catch (const std::invalid_argument& e) {
+            throw j.key_error(key, e.what());
+        }
+    };
+    const peft::AdapterOptions opts = parsed("options", peft::AdapterOptions::from_json);
+    const GPTConfig cfg = parsed("base_config", GPTConfig::from_json);
+    std::unique_ptr<peft::Adapter> adapter;
+    try {
+        adapter = peft::make_adapter(method, opts);
+    } catch (const std::invalid_argument& e) {
+        throw j.key_error("method", e.what());
+    }
+    // The tensors as stored; options that would make more parameters than they
+    // hold are refused before the formula multiplies them (check_sizes).
     const StFile file = load_safetensors(dir + "/adapter_model.safetensors");
+    peft::check_sizes(j, "options", *adapter, cfg, file);
+    const peft::ParamFormula pf = [&] {
+        try {
+            return inference ? adapter->inference_formula(cfg) : adapter->formula(cfg);
+        } catch (const std::invalid_argument& e) {  // options the base cannot take (a layer it lacks)
+            throw j.key_error("options", e.what());
+        }
+    }();
     int64_t stored = 0;
     for (const auto& [name, t] : file.tensors) stored += int64_t(t.data.size());
 
@@ -75,7 +85,7 @@ int inspect(const std::string& dir) {
         return std::string("not registered");
     }());
     fmt::print("options:   {}\n", opts.to_json().dump());
-    fmt::print("base:      hash {}; config {}\n", j["base_hash"].get<std::string>(), cfg.to_json().dump());
+    fmt::print("base:      hash {}; config {}\n", base_hash, cfg.to_json().dump());
     fmt::print("stored:    {} tensors, {} parameters{}\n", file.tensors.size(), stored,
                inference ? " (inference form)" : "");
     fmt::print("trainable params: {} = {} (d={}, L={}, n={}, F={}; {} options {})\n", pf.text, pf.count, cfg.d_model,

@@ -596,6 +596,29 @@ TEST_CASE("trainable_params_line follows print_trainable_parameters; adapter ins
     Result bad = run(bin("adapter") + " export-hf " + tmp.path("prompt") + " " + tmp.path("hf2"));
     CHECK(bad.rc == 2);
     CHECK_THAT(bad.out, Contains("--base"));
+    // Once, inspect printed nlohmann's bare type errors, and a huge rank's count overflowed to 0.
+    const std::string config = tmp.path("prompt") + "/adapter_config.json";
+    const nlohmann::json good = nlohmann::json::parse(std::ifstream(config));
+    for (auto [key, value, words] : std::vector<std::tuple<std::string, nlohmann::json, std::string>>{
+             {"method", 5, "key 'method': must be a string"},
+             {"inference", "yes", "key 'inference': must be true or false"},
+             {"base_config", nlohmann::json{{"d_model", 64}, {"n_heads", 3}}, "key 'base_config'"},
+             {"options", nlohmann::json{{"n", int64_t(1) << 62}}, "key 'options': AdapterOptions: n = 4611686018427387904"}}) {
+        CAPTURE(key);
+        nlohmann::json j = good;
+        j[key] = value;
+        std::ofstream(config) << j.dump();
+        Result r2 = run(bin("adapter") + " inspect " + tmp.path("prompt"));
+        CHECK(r2.rc != 0);
+        CHECK_THAT(r2.out, Contains("adapter_config.json") && Contains(words));
+    }
+    peft::save_adapter(tmp.path("lora"), *lora);
+    nlohmann::json j = nlohmann::json::parse(std::ifstream(tmp.path("lora") + "/adapter_config.json"));
+    j["options"]["lora"]["r"] = int64_t(1) << 62;
+    std::ofstream(tmp.path("lora") + "/adapter_config.json") << j.dump();
+    Result huge = run(bin("adapter") + " inspect " + tmp.path("lora"));
+    CHECK(huge.rc != 0);
+    CHECK_THAT(huge.out, Contains("key 'options': r = 4611686018427387904 is larger than the weights file could hold"));
 }
 
 TEST_CASE("flag_below_base names methods under the unadapted base", "[cli]") {
