@@ -12,12 +12,16 @@
 
 #include "autograd/rng.h"
 #include "datasets/gpt2_tokenizer.h"
+#include "experiments/lib/harness.h"
+#include "nn/checkpoint.h"
 #include "tests/testing.h"
 
 using namespace peftlab;
 using namespace peftlab::data;
+using peftlab::testing::small_gpt;
 using peftlab::testing::TempDir;
 using json = nlohmann::json;
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -402,6 +406,39 @@ TEST_CASE("GPT-2 BPE: tokenizer_from_json refuses a vocabulary that changed sinc
     CHECK(now != saved["fingerprint"]);
     require_throws_with<std::runtime_error>([&] { tokenizer_from_json(saved); },
                                             {d.dir.string(), now, saved["fingerprint"].get<std::string>()});
+}
+
+// Once, --tokenizer gpt2:DIR beside a checkpoint replaced the vocabulary it
+// records without a check: ids of another vocabulary, silently.
+TEST_CASE("GPT-2 BPE: --tokenizer beside a checkpoint must be the vocabulary it records", "[bpe]") {
+    TempDir d;
+    TinyVocab v;
+    v.merge("a", "b");
+    fs::create_directories(d.dir / "same");
+    d.file("same/vocab.json", v.vocab.dump());
+    d.file("same/merges.txt", v.merges_txt());
+    json swapped = v.vocab;  // the ids of "a" and "b" exchanged
+    std::swap(swapped["a"], swapped["b"]);
+    fs::create_directories(d.dir / "swapped");
+    d.file("swapped/vocab.json", swapped.dump());
+    d.file("swapped/merges.txt", v.merges_txt());
+    const GPT2Tokenizer tok = GPT2Tokenizer::from_dir(d.path("same"));
+    GPT model(small_gpt(300, 8), 1);
+    save_model(d.path("base.safetensors"), model, {{"tokenizer", tok.to_json().dump()}});
+    CHECK(harness::base_tokenizer("gpt2:" + d.path("same"), d.path("base.safetensors"))->encode("ab") ==
+          tok.encode("ab"));
+    const std::string other = GPT2Tokenizer::from_dir(d.path("swapped")).fingerprint();
+    require_throws_with<std::invalid_argument>(
+        [&] { harness::base_tokenizer("gpt2:" + d.path("swapped"), d.path("base.safetensors")); },
+        {"--tokenizer gpt2:" + d.path("swapped"), other, "metadata 'tokenizer' records fingerprint " + tok.fingerprint()});
+    GPT byte_model(small_gpt(300, 8), 1);
+    save_model(d.path("byte.safetensors"), byte_model, {{"tokenizer", R"({"type":"byte"})"}});
+    require_throws_with<std::invalid_argument>(
+        [&] { harness::base_tokenizer("gpt2:" + d.path("same"), d.path("byte.safetensors")); }, {"a 'byte' tokenizer"});
+    // A malformed record is named with the file it came from.
+    save_model(d.path("bad.safetensors"), byte_model, {{"tokenizer", R"({"tokens":5})"}});
+    require_throws_with<std::invalid_argument>([&] { harness::base_tokenizer("", d.path("bad.safetensors")); },
+                                               {d.path("bad.safetensors"), "metadata 'tokenizer'"});
 }
 
 TEST_CASE("GPT-2 BPE: bad directories and JSON name what is wrong", "[bpe]") {

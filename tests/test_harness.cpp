@@ -308,6 +308,13 @@ TEST_CASE("run_method on a file-backed task: results, and a saved adapter that r
     const nlohmann::json edited_extra = {{"task", task.name}, {"data", harness::data_report_json(edited)}};
     CHECK(edited_extra.at("data").at("content_hash") != extra.at("data").at("content_hash"));
     CHECK(harness::finished_results(tmp.path("out/results.json"), edited_extra).empty());
+    // Once, a generation that stopped inside a UTF-8 character (byte-level BPE)
+    // made results.json's dump throw after the whole run: each bad byte is U+FFFD.
+    harness::MethodResult broken = res;
+    broken.samples = {{"source", std::string("ok \x90\x90", 5)}};
+    harness::write_results(tmp.path("out"), "compare", {broken}, extra);
+    const nlohmann::json written = nlohmann::json::parse(std::ifstream(tmp.path("out/results.json")));
+    CHECK(written.at("methods").at(0).at("samples").at(0).at("generated") == "ok \uFFFD\uFFFD");
 }
 
 TEST_CASE("evaluate flags a model whose losses are not finite", "[harness]") {

@@ -38,20 +38,44 @@ uint64_t detail::fnv1a(std::string_view s, uint64_t h) {
 }
 
 std::unique_ptr<data::Tokenizer> base_tokenizer(const std::string& spec, const std::string& base_path) {
-    if (!spec.empty()) {
-        if (spec.rfind("gpt2:", 0) != 0)
-            throw std::invalid_argument(fmt::format("--tokenizer '{}': expected gpt2:DIR", spec));
-        return std::make_unique<data::GPT2Tokenizer>(data::GPT2Tokenizer::from_dir(spec.substr(5)));
+    if (!spec.empty() && spec.rfind("gpt2:", 0) != 0)
+        throw std::invalid_argument(fmt::format("--tokenizer '{}': expected gpt2:DIR", spec));
+    if (fs::is_directory(base_path)) {  // a Hugging Face GPT-2 directory: its own files, or --tokenizer's
+        return std::make_unique<data::GPT2Tokenizer>(
+            data::GPT2Tokenizer::from_dir(spec.empty() ? base_path : spec.substr(5)));
     }
-    if (fs::is_directory(base_path))
-        return std::make_unique<data::GPT2Tokenizer>(data::GPT2Tokenizer::from_dir(base_path));
     StMapped file(base_path);
     auto it = file.metadata().find("tokenizer");
+    const std::string where = fmt::format("--base '{}': metadata 'tokenizer'", base_path);
+    if (!spec.empty()) {
+        // The files may have moved: --tokenizer names where they are now. The
+        // vocabulary must still be the one the checkpoint was trained with.
+        auto tok = std::make_unique<data::GPT2Tokenizer>(data::GPT2Tokenizer::from_dir(spec.substr(5)));
+        if (it != file.metadata().end()) {
+            const nlohmann::json rec = parse_json_limited(it->second, where);
+            const auto text = [&](const char* key) {
+                return rec.is_object() && rec.contains(key) && rec[key].is_string() ? rec[key].get<std::string>()
+                                                                                     : std::string("?");
+            };
+            const std::string type = text("type"), fingerprint = text("fingerprint");
+            if (type != "gpt2" || fingerprint != tok->fingerprint())
+                throw std::invalid_argument(fmt::format(
+                    "--tokenizer {}: its GPT-2 vocabulary has fingerprint {}, but {} records {} (a model runs only "
+                    "with the vocabulary it was trained with)",
+                    spec, tok->fingerprint(), where,
+                    type == "gpt2" ? "fingerprint " + fingerprint : "a '" + type + "' tokenizer"));
+        }
+        return tok;
+    }
     if (it == file.metadata().end())
         throw std::invalid_argument(fmt::format("--base '{}': the checkpoint records no tokenizer (not a base made by "
                                                 "pretrain); pass --tokenizer gpt2:DIR",
                                                 base_path));
-    return data::tokenizer_from_json(parse_json_limited(it->second, fmt::format("{}: metadata 'tokenizer'", base_path)));
+    try {
+        return data::tokenizer_from_json(parse_json_limited(it->second, where));
+    } catch (const std::exception& e) {  // what the JSON says is wrong, named where it came from
+        throw std::invalid_argument(fmt::format("{}: {}", where, e.what()));
+    }
 }
 
 void check_tokenizer_fits(const data::Tokenizer& tok, int64_t model_vocab, const std::string& base_path) {

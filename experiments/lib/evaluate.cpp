@@ -74,8 +74,17 @@ void detail::score(Run& r, const data::Task& task, const data::Tokenizer& tok, i
     for (size_t i = 0; i < by_batch.size(); ++i) {
         const int owner = int(i % size_t(comm.size()));
         if (comm.size() > 1) {
-            const std::string mine = comm.rank() == owner ? nlohmann::json(by_batch[i]).dump() : std::string();
-            by_batch[i] = nlohmann::json::parse(dist::broadcast_string(comm, mine, owner)).get<std::vector<std::string>>();
+            // CBOR, not JSON text: a decoded generation may be invalid UTF-8 (a
+            // byte-level BPE model can stop inside a character), which JSON
+            // text cannot carry and CBOR carries byte for byte.
+            std::string mine;
+            if (comm.rank() == owner) {
+                const std::vector<uint8_t> cbor = nlohmann::json::to_cbor(nlohmann::json(by_batch[i]));
+                mine.assign(cbor.begin(), cbor.end());
+            }
+            const std::string got = dist::broadcast_string(comm, mine, owner);
+            by_batch[i] = nlohmann::json::from_cbor(std::vector<uint8_t>(got.begin(), got.end()))
+                              .get<std::vector<std::string>>();
         }
         hyps.insert(hyps.end(), by_batch[i].begin(), by_batch[i].end());
     }

@@ -185,7 +185,10 @@ std::string write_results(const std::string& dir, const std::string& experiment,
         j["methods"].push_back(r.to_json());
         j["methods"].back()["loss_curve"] = r.loss_curve;
     }
-    write_file_atomic(dir + "/results.json", j.dump(2));
+    // Generated samples may be invalid UTF-8 (a byte-level BPE model can stop
+    // inside a character): written with U+FFFD for each bad byte, not refused
+    // after a run's training (the log on stderr keeps the raw text).
+    write_file_atomic(dir + "/results.json", j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace));
 
     std::string csv = "method,step,train_loss,valid_loss\n";
     for (const MethodResult& r : rs) {
