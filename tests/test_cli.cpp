@@ -552,7 +552,7 @@ TEST_CASE("report refuses FLOP counts beyond 64 bits and layer tables it cannot 
 }
 
 TEST_CASE("trainable_params_line follows print_trainable_parameters; adapter inspect and the HF round trip", "[cli]") {
-    const GPTConfig cfg = testing::small_gpt(50, 16, 2);
+    const GPTConfig cfg = testing::small_gpt(50, 32, 2);  // room for a token after 16 virtual ones (positions hf)
     GPT model(cfg, 3);
     const int64_t base_params = model.num_params();
     peft::AdapterOptions o;
