@@ -6,6 +6,8 @@
 
 #include <fmt/format.h>
 
+#include "nn/json_limits.h"
+
 namespace peftlab::data {
 
 namespace {
@@ -37,12 +39,21 @@ void append(std::vector<int32_t>& dst, const std::vector<int32_t>& src) { dst.in
 
 std::vector<int32_t> encode_lines(const Tokenizer& tok, std::string_view text) {
     std::vector<int32_t> stream;
+    size_t line_no = 0;
     for (size_t start = 0; start < text.size();) {
         size_t end = std::min(text.find('\n', start), text.size());
         std::string_view line = text.substr(start, end - start);
+        ++line_no;
         if (line.find_first_not_of(" \t\r\v\f") != std::string_view::npos) {
             stream.push_back(tok.bos_id());
-            append(stream, tok.encode(line));
+            try {
+                append(stream, tok.encode(line));
+            } catch (const std::invalid_argument& e) {
+                // The line quoted too: the text may be a file's lines reordered
+                // (load_text_corpus's splits), whose numbers are not the file's.
+                throw std::invalid_argument(fmt::format("line {} of the text ({}): {}", line_no,
+                                                        json_excerpt(std::string(line.substr(0, 200)), 60), e.what()));
+            }
             stream.push_back(tok.eos_id());
         }
         start = end + 1;
@@ -216,24 +227,46 @@ void fit_to_context(Task& task, const Tokenizer& tok, int max_len, Truncate mode
     auto name_of = [&](const Example& ex, size_t i, const char* split) {
         return ex.origin.empty() ? fmt::format("{} {} example {}", task.name, split, i) : ex.origin;
     };
+    // `text` in tokens; a tokenizer's refusal of it (ByteTokenizer: a control
+    // byte) says where the text is: "data.csv:12: field 'input': ByteTokenizer::encode: ...".
+    auto tokens_in = [&](std::string_view text, const auto& where) {
+        try {
+            return int64_t(tok.encode(text).size());
+        } catch (const std::invalid_argument& e) {
+            throw std::invalid_argument(fmt::format("{}: {}", where(), e.what()));
+        }
+    };
     int64_t longest_target = 0;
     for (auto [split, examples] : {std::pair{"train", &task.train}, {"valid", &task.valid}, {"test", &task.test}}) {
         DataReport::Split& report = task.report.splits[split];
+        // Every source and target in tokens before any example is kept: a text
+        // refused is then reported at its own example, not at an earlier one
+        // whose references hold it (a training example's references are the
+        // targets of every example with its source).
+        std::vector<std::pair<int64_t, int64_t>> lengths;  // [examples] (source, target) tokens
+        lengths.reserve(examples->size());
+        for (size_t i = 0; i < examples->size(); ++i) {
+            const Example& ex = (*examples)[i];
+            const int64_t src = tokens_in(ex.source, [&] { return name_of(ex, i, split) + ": " + task.source_name; });
+            lengths.emplace_back(src, tokens_in(ex.target, [&] { return name_of(ex, i, split) + ": " + task.target_name; }));
+        }
         std::vector<Example> kept;
         kept.reserve(examples->size());
         for (size_t i = 0; i < examples->size(); ++i) {
             Example& ex = (*examples)[i];
-            const int64_t tgt = int64_t(tok.encode(ex.target).size());
+            const auto [src, tgt] = lengths[i];
             // Generation's length comes from the examples kept: one left out must not set it.
             auto keep = [&] {
-                for (const std::string& r : ex.references)
-                    longest_target = std::max(longest_target, int64_t(tok.encode(r).size()));
+                for (size_t k = 0; k < ex.references.size(); ++k)
+                    longest_target = std::max(longest_target, tokens_in(ex.references[k], [&] {
+                                                  return fmt::format("{}: {}, reference {} of {}", name_of(ex, i, split),
+                                                                     task.target_name, k + 1, ex.references.size());
+                                              }));
                 longest_target = std::max(longest_target, tgt);
                 kept.push_back(std::move(ex));
             };
             // Model inputs of the framed example: BOS + source + sep + target (EOS is only a target).
             const int64_t room = int64_t(max_len) - 1 - sep - tgt;  // source tokens that fit
-            const int64_t src = int64_t(tok.encode(ex.source).size());
             if (src <= room) {
                 keep();
                 continue;

@@ -27,7 +27,10 @@ struct Batch {
 };
 
 // The LM token stream of a text: BOS + encode(line) + EOS for every non-blank
-// line, so pretraining sentences are framed like conditional examples.
+// line, so pretraining sentences are framed like conditional examples. A line
+// the tokenizer refuses (ByteTokenizer: a control byte) throws
+// std::invalid_argument "line N of the text (\"its start\"): <why>", N
+// counting every line of `text`.
 std::vector<int32_t> encode_lines(const Tokenizer& tok, std::string_view text);
 
 // Row b is the window stream[offsets[b], offsets[b] + T]: tokens are its first
@@ -81,7 +84,9 @@ Truncate parse_truncate(const std::string& text);
 // counting DataReport::Split::truncated and dropped_too_long per split, and
 // sets task.defaults.max_new_tokens when it is 0 (the longest target or
 // reference of the examples kept, in tokens, + 1 for EOS). Throws std::invalid_argument when a
-// split is left empty.
+// split is left empty, and when the tokenizer refuses a text (ByteTokenizer: a
+// control byte), naming the example and the text: "data.csv:12: field 'input': <why>"
+// (Task::source_name, target_name; "target, reference 2 of 3" for a further reference).
 void fit_to_context(Task& task, const Tokenizer& tok, int max_len, Truncate mode);
 
 // Mini-batches of indices into a dataset of n examples, reshuffled every

@@ -2,15 +2,14 @@
 
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <numeric>
-#include <sstream>
 #include <stdexcept>
 #include <vector>
 
 #include <fmt/format.h>
 
 #include "autograd/rng.h"
+#include "nn/json_limits.h"
 
 namespace peftlab::data {
 
@@ -53,29 +52,34 @@ TextSplit load_text_corpus(const std::string& path, double valid_fraction, uint6
             fmt::format("load_text_corpus('{}'): valid_fraction {} must be in [0, 1)", path, valid_fraction));
 
     std::error_code ec;
-    if (!std::filesystem::exists(path, ec))
+    const auto status = std::filesystem::status(path, ec);
+    if (!std::filesystem::exists(status))
         throw std::runtime_error(fmt::format("load_text_corpus: '{}' does not exist", path));
-    if (!std::filesystem::is_regular_file(path, ec))
+    // Before opening: a FIFO's open would wait for a writer, /dev/zero never ends.
+    if (!std::filesystem::is_regular_file(status))
         throw std::runtime_error(fmt::format("load_text_corpus: '{}' is not a regular file", path));
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw std::runtime_error(fmt::format("load_text_corpus: cannot open '{}' for reading", path));
-    std::ostringstream buf;
-    buf << in.rdbuf();
-    if (in.bad()) throw std::runtime_error(fmt::format("load_text_corpus: error while reading '{}'", path));
-    const std::string text = std::move(buf).str();
+    // The size refuses a large (or sparse) file before any byte is read; the
+    // read below holds to the limit whatever the size said.
+    if (const auto size = std::filesystem::file_size(path, ec); !ec && size > kMaxCorpusBytes)
+        throw std::runtime_error(fmt::format("load_text_corpus: '{}' has {} bytes, more than the {} a corpus may have",
+                                             path, size, kMaxCorpusBytes));
+    const std::string file = read_small_file(path, kMaxCorpusBytes, "load_text_corpus");
+    // Offsets in messages count from the file's start, a byte-order mark included.
+    const size_t bom = std::string_view(file).substr(0, 3) == "\xEF\xBB\xBF" ? 3 : 0;
+    const std::string_view text = std::string_view(file).substr(bom);
 
-    if (auto nul = text.find('\0'); nul != std::string::npos)
+    if (auto nul = text.find('\0'); nul != std::string_view::npos)
         throw std::runtime_error(
-            fmt::format("load_text_corpus: '{}' is not a text file: NUL byte at byte offset {}", path, nul));
+            fmt::format("load_text_corpus: '{}' is not a text file: NUL byte at byte offset {}", path, nul + bom));
     if (auto bad = find_invalid_utf8(text))
         throw std::runtime_error(
             fmt::format("load_text_corpus: '{}' is not UTF-8 text: invalid byte 0x{:02x} at byte offset {}", path,
-                        static_cast<unsigned char>(text[*bad]), *bad));
+                        static_cast<unsigned char>(text[*bad]), *bad + bom));
 
     std::vector<std::string_view> lines;
     for (size_t start = 0; start < text.size();) {
         size_t end = text.find('\n', start);
-        if (end == std::string::npos) end = text.size();
+        if (end == std::string_view::npos) end = text.size();
         std::string_view line(text.data() + start, end - start);
         if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
         if (line.find_first_not_of(" \t\r\v\f") != std::string_view::npos) lines.push_back(line);

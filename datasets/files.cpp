@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cctype>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <set>
 #include <stdexcept>
@@ -21,21 +20,35 @@ namespace peftlab::data {
 
 namespace {
 
-size_t line_of(std::string_view text, size_t offset) {
-    return 1 + size_t(std::count(text.begin(), text.begin() + long(std::min(offset, text.size())), '\n'));
+// Where a format's lines end: CSV/TSV at a CR, an LF or a CRLF (counted
+// once), as libcsv reports records; JSON Lines at an LF only (a CR is JSON
+// whitespace, so a CR-only file is one line there).
+enum class LineEnds { CrOrLf, Lf };
+
+size_t line_ends(std::string_view s, LineEnds ends) {
+    if (ends == LineEnds::Lf) return size_t(std::count(s.begin(), s.end(), '\n'));
+    size_t n = 0;
+    for (size_t i = 0; i < s.size(); ++i)
+        n += s[i] == '\r' || (s[i] == '\n' && (i == 0 || s[i - 1] != '\r'));
+    return n;
+}
+
+size_t line_of(std::string_view text, size_t offset, LineEnds ends) {
+    return 1 + line_ends(text.substr(0, offset), ends);
 }
 
 // The text without a UTF-8 byte-order mark; refuses invalid UTF-8 and NUL
 // bytes, naming the line and byte offset.
 // Byte offsets in messages count from the file's start, the mark included.
-std::string_view checked_text(std::string_view text, const std::string& path) {
+std::string_view checked_text(std::string_view text, const std::string& path, LineEnds ends) {
     const size_t bom = text.substr(0, 3) == "\xEF\xBB\xBF" ? 3 : 0;
     text.remove_prefix(bom);
     if (auto bad = find_invalid_utf8(text))
-        throw std::runtime_error(fmt::format("{}:{}: invalid UTF-8 at byte {}", path, line_of(text, *bad), *bad + bom));
+        throw std::runtime_error(
+            fmt::format("{}:{}: invalid UTF-8 at byte {}", path, line_of(text, *bad, ends), *bad + bom));
     if (size_t nul = text.find('\0'); nul != std::string_view::npos)
         throw std::runtime_error(
-            fmt::format("{}:{}: NUL byte at byte {} (not a text file)", path, line_of(text, nul), nul + bom));
+            fmt::format("{}:{}: NUL byte at byte {} (not a text file)", path, line_of(text, nul, ends), nul + bom));
     return text;
 }
 
@@ -76,7 +89,7 @@ void on_field(void* data, size_t len, void* state_ptr) {
     if (!st.error.empty()) return;
     if (!st.in_row) st.in_row = true, st.row_line = st.line;
     std::string_view f(static_cast<const char*>(data), data ? len : 0);
-    st.line += size_t(std::count(f.begin(), f.end(), '\n'));  // quoted newlines
+    st.line += line_ends(f, LineEnds::CrOrLf);  // quoted line ends
     st.row_bytes += len + 1;
     if (st.row_bytes > kMaxRowBytes) {
         st.error = fmt::format("{}:{}: a record longer than {} bytes", st.path, st.row_line, kMaxRowBytes);
@@ -113,7 +126,7 @@ int no_space(unsigned char) { return 0; }  // RFC 4180: spaces are part of a fie
 }  // namespace
 
 Table parse_delimited(std::string_view raw, const std::string& path, char delimiter) {
-    std::string_view text = checked_text(raw, path);
+    std::string_view text = checked_text(raw, path, LineEnds::CrOrLf);
     csv_parser p;
     if (csv_init(&p, CSV_STRICT | CSV_STRICT_FINI | CSV_REPALL_NL) != 0)
         throw std::runtime_error(fmt::format("{}: libcsv could not start", path));
@@ -129,7 +142,7 @@ Table parse_delimited(std::string_view raw, const std::string& path, char delimi
     if (!st.error.empty()) throw std::runtime_error(st.error);
     if (used != text.size()) {
         const int err = csv_error(&p);
-        throw std::runtime_error(fmt::format("{}:{}: malformed {} ({}) at byte {}{}", path, line_of(text, used),
+        throw std::runtime_error(fmt::format("{}:{}: malformed {} ({}) at byte {}{}", path, line_of(text, used, LineEnds::CrOrLf),
                                              delimiter == '\t' ? "TSV" : "CSV", csv_strerror(err),
                                              used + (raw.size() - text.size()),  // a byte-order mark's 3 bytes
                                              err == CSV_EPARSE ? ": a quote inside an unquoted field, or text after "
@@ -197,10 +210,26 @@ private:
     int depth_ = 0;
     std::string key_;
 };
+
+// What parse_json_limited(row, "row") said, for "PATH:LINE: malformed JSON (...)":
+// "row: not valid JSON ([json.exception.parse_error.101] parse error at line 1, column 5: ...)"
+// becomes "column 5: ..." (the line is the file's, not nlohmann's 1); "row: JSON nested deeper
+// than 64 levels" or "row: duplicate key \"k\"" lose only "row: ". The cut is at nlohmann's
+// ", column <digits>" alone, as the word "column" may be a key's text. Bounded in length, as it
+// may quote a long number.
+std::string row_error(std::string_view message) {
+    constexpr std::string_view kRow = "row: ", kSyntax = "not valid JSON (", kColumn = ", column ";
+    std::string_view what = message.substr(message.starts_with(kRow) ? kRow.size() : 0);
+    const size_t at = what.find(kColumn), digit = at + kColumn.size();
+    if (what.starts_with(kSyntax) && what.ends_with(')') && at != std::string_view::npos && digit < what.size() &&
+        std::isdigit(static_cast<unsigned char>(what[digit])))
+        what = what.substr(at + 2, what.size() - 1 - (at + 2));  // less the ')' that closes kSyntax
+    return what.size() > 160 ? std::string(what.substr(0, 160)) + "..." : std::string(what);
+}
 }  // namespace
 
 Table parse_jsonl(std::string_view raw, const std::string& path) {
-    std::string_view text = checked_text(raw, path);
+    std::string_view text = checked_text(raw, path, LineEnds::Lf);
     Table t;
     t.path = path;
     std::set<std::string> seen_columns;
@@ -224,14 +253,7 @@ Table parse_jsonl(std::string_view raw, const std::string& path) {
             // large for a double: out_of_range.406) comes back as runtime_error.
             j = parse_json_limited(l, "row");
         } catch (const std::runtime_error& e) {
-            // "row: not valid JSON ([json.exception.parse_error.101] parse error at line 1, column 5: ...)",
-            // or "row: JSON nested deeper than 64 levels"; cut, as it may quote a long number.
-            std::string what = e.what();
-            const size_t colon = what.find("column");
-            what = colon == std::string::npos ? what.substr(5) : what.substr(colon);
-            if (colon != std::string::npos && what.back() == ')') what.pop_back();  // "not valid JSON (...)"'s own
-            if (what.size() > 160) what = what.substr(0, 160) + "...";
-            throw std::runtime_error(fmt::format("{}:{}: malformed JSON ({})", path, line, what));
+            throw std::runtime_error(fmt::format("{}:{}: malformed JSON ({})", path, line, row_error(e.what())));
         }
         if (!j.is_object())
             throw std::runtime_error(fmt::format("{}:{}: a JSON {}, expected an object", path, line, j.type_name()));
@@ -281,20 +303,14 @@ Table read_table(const std::string& path) {
     if (!std::filesystem::is_regular_file(status))
         throw std::runtime_error(fmt::format("{}: not a regular file ({}), expected a data file", path,
                                              std::filesystem::is_directory(status) ? "a directory" : "a device, FIFO or socket"));
+    // The size refuses a large (or sparse) file before any byte is read; it is
+    // not trusted beyond that: a /proc file says 0, and a file may grow.
     const auto size = std::filesystem::file_size(path, ec);
     if (ec) throw std::runtime_error(fmt::format("{}: cannot read its size ({})", path, ec.message()));
     if (size > kMaxDataFileBytes)
         throw std::runtime_error(
             fmt::format("{}: {} bytes, more than the {} a data file may have", path, size, kMaxDataFileBytes));
-    std::ifstream f(path, std::ios::binary);
-    if (!f) throw std::runtime_error(fmt::format("{}: cannot open", path));
-    // Read at most the limit + 1 bytes: the size above may have changed since.
-    std::string text(size_t(size) + 1, '\0');
-    f.read(text.data(), std::streamsize(text.size()));
-    text.resize(size_t(f.gcount()));
-    if (f.bad()) throw std::runtime_error(fmt::format("{}: read error", path));
-    if (text.size() > kMaxDataFileBytes)
-        throw std::runtime_error(fmt::format("{}: more than the {} bytes a data file may have", path, kMaxDataFileBytes));
+    const std::string text = read_small_file(path, kMaxDataFileBytes, "read_table");
     if (ext == ".jsonl") return parse_jsonl(text, path);
     return parse_delimited(text, path, ext == ".tsv" ? '\t' : ',');
 }
@@ -396,6 +412,9 @@ Task load_file_task(const FileTaskOptions& o) {
     if (o.train.empty()) throw std::invalid_argument("load_file_task: no training file");
     Task task;
     task.name = o.train;
+    task.source_name = fmt::format("field '{}'", o.classification ? o.text_field : o.input_field);
+    task.target_name = o.classification ? fmt::format("the label word of field '{}'", o.label_field)
+                                        : fmt::format("field '{}'", o.output_field);
     SplitRows train = read_pairs(o.train, o);
     std::optional<SplitRows> valid, test;
     if (!o.valid.empty()) valid = read_pairs(o.valid, o);

@@ -11,7 +11,7 @@
 //           row naming the columns is required; whitespace is part of a field.
 //   .tsv    the same with a tab as the delimiter (quotes work the same way).
 // Every format: UTF-8 (a leading byte-order mark is skipped), LF or CRLF line
-// ends, no NUL byte; blank lines are left out and counted. Errors name the
+// ends (CSV and TSV also CR alone, as libcsv reads them), no NUL byte; blank lines are left out and counted. Errors name the
 // file and the line (and the field), as "data.csv:12: field 'ref' is empty".
 #include <cstddef>
 #include <cstdint>
@@ -62,7 +62,9 @@ Table parse_jsonl(std::string_view text, const std::string& path);
 Table parse_delimited(std::string_view text, const std::string& path, char delimiter);
 // Reads `path` (by extension: .jsonl, .csv, .tsv; another extension throws
 // std::invalid_argument naming it). Throws std::runtime_error naming the file
-// when it is missing, unreadable or larger than kMaxDataFileBytes.
+// when it is missing, not a regular file, unreadable or larger than
+// kMaxDataFileBytes (by its size before reading, and while reading to its
+// end whatever the size said: a /proc file says 0, a file may grow).
 Table read_table(const std::string& path);
 
 struct FileTaskOptions {

@@ -109,6 +109,9 @@ struct DataReport {
 struct Task {
     std::string name;
     std::vector<Example> train, valid, test;
+    // What messages call an example's source and target text after its origin:
+    // a file task's fields ("data.csv:12: field 'input': ..."), else these.
+    std::string source_name = "source", target_name = "target";
     std::vector<std::string> labels;  // classification: the label words (verbalizer); a target is one of them
     TaskDefaults defaults;
     std::shared_ptr<const Scorer> scorer;

@@ -171,6 +171,35 @@ Synset parse_line(std::string_view line, const std::string& file, size_t line_no
     return s;
 }
 
+// std::getline bounded by kMaxLineBytes. istream::getline into a buffer of
+// kMaxLineBytes + 2 bytes stores up to one byte more than a line may have
+// (which tells a longer line) and its '\0'; it fails having stored nothing
+// at the end of the input, and having filled the buffer on a longer line.
+class LineReader {
+public:
+    LineReader(std::istream& in, const std::string& file) : in_(in), file_(file), buf_(kMaxLineBytes + 2) {}
+
+    // The next line, without its '\n', into `line`; false once the input has
+    // ended. `line_no`, the line's number, is for the error.
+    bool next(std::string& line, size_t line_no) {
+        in_.getline(buf_.data(), std::streamsize(buf_.size()));
+        const size_t got = size_t(in_.gcount());
+        if (in_.fail() && got == 0) return false;
+        const bool ended_by_lf = !in_.fail() && !in_.eof();  // else by the end of the input, or the buffer
+        const size_t len = got - (ended_by_lf ? 1 : 0);
+        if (len > kMaxLineBytes)
+            throw std::runtime_error(
+                fmt::format("{}:{}: a line longer than {} bytes (wndb(5WN) lines are short)", file_, line_no, kMaxLineBytes));
+        line.assign(buf_.data(), len);
+        return true;
+    }
+
+private:
+    std::istream& in_;
+    const std::string& file_;
+    std::vector<char> buf_;
+};
+
 std::string trim(std::string_view s) {
     while (!s.empty() && s.front() == ' ') s.remove_prefix(1);
     while (!s.empty() && s.back() == ' ') s.remove_suffix(1);
@@ -215,7 +244,8 @@ std::vector<Synset> parse_data(std::istream& in, const std::string& file, char p
     std::string line;
     uint64_t offset = 0;
     size_t line_no = 0;
-    while (std::getline(in, line)) {
+    LineReader lines(in, file);
+    while (lines.next(line, line_no + 1)) {
         ++line_no;
         const uint64_t here = offset;
         offset += line.size() + 1;
@@ -250,6 +280,11 @@ Database load(const std::string& dir_in) {
     std::vector<Synset>* dest[] = {&db.noun, &db.verb, &db.adj, &db.adv};
     for (size_t i = 0; i < 4; ++i) {
         const std::string path = db.dir + "/data." + files[i].first;
+        std::error_code ec;
+        if (const auto status = fs::status(path, ec); fs::exists(status) && !fs::is_regular_file(status))
+            throw std::runtime_error(fmt::format("WordNet data file '{}' is not a regular file ({}): run `make deps` "
+                                                 "(it installs Debian's wordnet-base) or set PEFTLAB_WORDNET_DIR",
+                                                 path, fs::is_directory(status) ? "a directory" : "a device, FIFO or socket"));
         std::ifstream in(path, std::ios::binary);
         if (!in)
             throw std::runtime_error(fmt::format("WordNet data file '{}' cannot be opened: run `make deps` (it "

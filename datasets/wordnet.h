@@ -76,6 +76,11 @@ struct Synset {
     size_t line = 0;            // 1-based line number in its file, for messages
 };
 
+// The longest data line parse_data reads. WordNet 3.0's longest is 12,972
+// bytes (a noun synset with many pointers); a file without line ends (a
+// binary, a stream of zeros) must not grow one line until memory runs out.
+inline constexpr size_t kMaxLineBytes = size_t(1) << 20;
+
 // Parses one data.<pos> file's text. `file` names it in messages and `pos`
 // is its category: 'n', 'v', 'a' (accepting ss_type a and s) or 'r'; frames
 // are read only for 'v'. Checks every field against the format above: fixed
@@ -85,8 +90,8 @@ struct Synset {
 // the counts w_cnt, p_cnt and f_cnt fit in the fields the line actually has,
 // that "|" follows, and that synset_offset equals the line's byte offset
 // (the spec's definition of the field). Throws std::runtime_error
-// "<file>:<line>: <what is wrong>" on the first violation; never reads past
-// the line.
+// "<file>:<line>: <what is wrong>" on the first violation (a line longer
+// than kMaxLineBytes among them); never reads past the line.
 std::vector<Synset> parse_data(std::istream& in, const std::string& file, char pos);
 
 // The four data files of a WordNet database directory.
@@ -103,7 +108,9 @@ std::string default_dir();
 // Reads dir/data.noun, data.verb, data.adj and data.adv (an empty `dir`
 // means default_dir()). A missing directory or file throws
 // std::runtime_error naming the path and saying to run `make deps`
-// (package wordnet-base); a malformed line throws as parse_data().
+// (package wordnet-base); so does a path that is not a regular file (a
+// directory; a FIFO, whose open would wait for a writer; a device), without
+// opening it. A malformed line throws as parse_data().
 Database load(const std::string& dir = "");
 
 // load(dir), read once per directory and process (the tasks and the corpus

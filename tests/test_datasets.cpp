@@ -1,6 +1,9 @@
 // Tokenizers and the text corpus loader.
+#include <sys/stat.h>
+
 #include <catch2/catch.hpp>
 
+#include <filesystem>
 #include <functional>
 #include <utility>
 
@@ -171,6 +174,26 @@ TEST_CASE("load_text_corpus names the file and the problem", "[datasets]") {
     require_throws_with<std::runtime_error>([&] { load_text_corpus(latin1, 0.1, 1); }, {latin1, "UTF-8", "0xe9", "byte offset 3"});
     auto ok = dir.file("ok.txt", "one line\n");
     require_throws_with<std::invalid_argument>([&] { load_text_corpus(ok, 1.0, 1); }, {"valid_fraction"});
+}
+
+TEST_CASE("load_text_corpus skips a byte-order mark and refuses what is not a bounded regular file", "[datasets]") {
+    TempDir dir;
+    // The mark is not part of the first word; offsets still count from the file's first byte.
+    auto bom = dir.file("bom.txt", "\xEF\xBB\xBF" "first line\nsecond\n");
+    CHECK(load_text_corpus(bom, 0.0, 1).train == "first line\nsecond\n");
+    auto bom_latin1 = dir.file("bom_latin1.txt", "\xEF\xBB\xBF" "caf\xE9\n");
+    require_throws_with<std::runtime_error>([&] { load_text_corpus(bom_latin1, 0.1, 1); }, {"byte offset 6"});
+    auto bom_nul = dir.file("bom_nul.txt", std::string("\xEF\xBB\xBF" "ab\0", 6));
+    require_throws_with<std::runtime_error>([&] { load_text_corpus(bom_nul, 0.1, 1); }, {"NUL", "byte offset 5"});
+    // Refused before it is opened: a FIFO's open would wait for a writer forever.
+    const std::string fifo = dir.path("fifo.txt");
+    REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+    require_throws_with<std::runtime_error>([&] { load_text_corpus(fifo, 0.1, 1); }, {fifo, "not a regular file"});
+    // Refused by its size, before a byte of it is read (sparse: it takes no disk).
+    const std::string huge = dir.file("huge.txt", "");
+    std::filesystem::resize_file(huge, kMaxCorpusBytes + 1);
+    require_throws_with<std::runtime_error>([&] { load_text_corpus(huge, 0.1, 1); },
+                                            {huge, "1073741825 bytes", "more than the 1073741824"});
 }
 
 TEST_CASE("load_text_corpus splits lines deterministically and keeps file order", "[datasets]") {

@@ -31,6 +31,10 @@ TEST_CASE("encode_lines frames each non-blank line with BOS and EOS", "[datasets
     ByteTokenizer tok;
     CHECK(encode_lines(tok, "ab\n\n  \nc\n") == std::vector<int32_t>{1, 'a', 'b', 2, 1, 'c', 2});
     CHECK(encode_lines(tok, "no newline") == concat({{1}, ids("no newline"), {2}}));
+    // A byte the tokenizer refuses: the line by number (blank lines counted) and quoted.
+    CHECK_THROWS_WITH(encode_lines(tok, "ok\n\nbad \x01 here\n"),
+                      "line 3 of the text (\"bad \\u0001 here\"): ByteTokenizer::encode: byte 0x01 at position 4 "
+                      "collides with a special id (0=PAD, 1=BOS, 2=EOS); text must not contain these control bytes");
 }
 
 TEST_CASE("make_lm_batch cuts shifted windows", "[datasets]") {

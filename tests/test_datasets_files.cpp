@@ -20,6 +20,7 @@ using namespace peftlab;
 using namespace peftlab::data;
 using Catch::Matchers::Contains;
 using Catch::Matchers::EndsWith;
+using Catch::Matchers::StartsWith;
 
 namespace {
 
@@ -86,6 +87,25 @@ TEST_CASE("CSV errors name the file and the line", "[datasets_files]") {
     CHECK_THAT(err("a,b\n" + std::string(kMaxRowBytes + 10, 'x') + ",1\n"), Contains("d.csv:2: a record longer than"));
 }
 
+TEST_CASE("CSV errors count line ends as records do (CR or LF or CRLF)", "[datasets_files]") {
+    auto err = [](const std::string& text) { return error_of([&] { parse_delimited(text, "d.csv", ','); }); };
+    // A line ends at a CR, an LF or a CRLF for every message, as for the ragged row (the first check).
+    for (const char* nl : {"\r", "\r\n", "\n"}) {
+        auto lines = [&](std::initializer_list<std::string> ls) {
+            std::string t;
+            for (const std::string& l : ls) t += l + nl;
+            return t;
+        };
+        INFO("line end " << (nl[0] == '\n' ? "LF" : nl[1] ? "CRLF" : "CR"));
+        CHECK_THAT(err(lines({"a,b", "1,2", "1,2,3"})), Contains("d.csv:3: 3 fields"));
+        CHECK_THAT(err(lines({"a,b", "1,2", "x\"y,3"})), Contains("d.csv:3: malformed CSV"));
+        CHECK_THAT(err(lines({"a,b", "1,2", std::string("\0,3", 3)})), Contains("d.csv:3: NUL byte"));
+        CHECK_THAT(err(lines({"a,b", "1,2", "caf\xE9,3"})), Contains("d.csv:3: invalid UTF-8"));
+        // A line end inside quotes is a line too: the ragged record after it is on line 4.
+        CHECK_THAT(err(lines({"a,b", "\"x" + std::string(nl) + "y\",1", "1,2,3"})), Contains("d.csv:4: 3 fields"));
+    }
+}
+
 TEST_CASE("JSONL: one object per line; numbers and booleans are text as written", "[datasets_files]") {
     Table t = parse_jsonl("{\"text\": \"ok\", \"label\": 1}\r\n\n  \n{\"text\": \"caf\\u00e9\", \"label\": true, "
                           "\"meta\": [1]}\n",
@@ -118,6 +138,11 @@ TEST_CASE("JSONL errors name the file and the line", "[datasets_files]") {
     CHECK_THAT(err(std::string(100, '[') + "\n"), Contains("r.jsonl:1: malformed JSON (JSON nested deeper than 64 levels)"));
     CHECK_THAT(err("\n\n"), Contains("r.jsonl: empty file"));
     CHECK_THAT(err("{\"a\": \"\xFF\"}\n"), Contains("r.jsonl:1: invalid UTF-8"));
+    // The word "column" in a key is not nlohmann's position, which alone is cut at.
+    CHECK(err("{\"column\": 1, \"column\": 2}\n") == "r.jsonl:1: malformed JSON (duplicate key \"column\")");
+    CHECK_THAT(err("{\"a, column 9\": }\n"), StartsWith("r.jsonl:1: malformed JSON (column 17: syntax error"));
+    // JSON Lines end at an LF alone: a CR is JSON whitespace, and the NUL is on line 1.
+    CHECK_THAT(err(std::string("{\"a\":\r1}\r{\"b\": \"\0\"}\n", 20)), Contains("r.jsonl:1: NUL byte"));
 }
 
 TEST_CASE("read_table picks the format by extension and refuses others", "[datasets_files]") {
@@ -130,6 +155,54 @@ TEST_CASE("read_table picks the format by extension and refuses others", "[datas
     CHECK_THROWS_WITH(read_table(tmp.path("dir.csv")), Contains("dir.csv: not a regular file (a directory)"));
     REQUIRE(::mkfifo(tmp.path("fifo.csv").c_str(), 0600) == 0);  // whose open would block
     CHECK_THROWS_WITH(read_table(tmp.path("fifo.csv")), Contains("fifo.csv: not a regular file (a device, FIFO or socket)"));
+}
+
+TEST_CASE("read_table reads to the end whatever the file's size said", "[datasets_files]") {
+    // A /proc file is a regular file whose size is 0: its text ("Linux\n") was once read as 1 byte.
+    const std::filesystem::path proc = "/proc/sys/kernel/ostype";
+    if (!std::filesystem::exists(proc)) {
+        WARN(proc << " is missing here: nothing to read");
+        return;
+    }
+    REQUIRE(std::filesystem::file_size(proc) == 0);
+    testing::TempDir tmp;
+    std::filesystem::create_symlink(proc, tmp.path("ostype.csv"));
+    const Table t = read_table(tmp.path("ostype.csv"));
+    CHECK(t.columns == std::vector<std::string>{"Linux"});
+    CHECK(t.rows.empty());
+}
+
+TEST_CASE("a control byte under the byte tokenizer is reported at its file:line and field", "[datasets_files]") {
+    testing::TempDir tmp;
+    ByteTokenizer tok;
+    auto fit = [&](Task t) { return error_of([&] { fit_to_context(t, tok, 64, Truncate::Left); }); };
+    FileTaskOptions o;
+    o.train = tmp.file("g.jsonl", "{\"input\": \"a\", \"output\": \"x\"}\n{\"input\": \"b\\u0001\", \"output\": \"y\"}\n");
+    o.valid = o.test = tmp.file("v.jsonl", "{\"input\": \"v\", \"output\": \"w\"}\n");
+    CHECK(fit(load_file_task(o)) == o.train + ":2: field 'input': ByteTokenizer::encode: byte 0x01 at position 1 "
+                                          "collides with a special id (0=PAD, 1=BOS, 2=EOS); text must not contain "
+                                          "these control bytes");
+    // Line 3's output is also a reference of line 1's example, which comes first: line 3 is named.
+    o.train = tmp.file("r.csv", "in,out\nA,a\nB,b\nA,\x02z\n");
+    o.valid = o.test = tmp.file("v.csv", "in,out\nV,v\n");
+    o.input_field = "in", o.output_field = "out";
+    CHECK_THAT(fit(load_file_task(o)), StartsWith(o.train + ":4: field 'out': ByteTokenizer::encode: byte 0x02 at position 0"));
+    // In a test split, an input's later rows are its example's further references.
+    o.train = tmp.file("t.csv", "in,out\nA,a\n");
+    o.test = tmp.file("test.csv", "in,out\nE,e\nE,\x01" "e\n");
+    CHECK_THAT(fit(load_file_task(o)), StartsWith(o.test + ":2: field 'out', reference 2 of 2: ByteTokenizer::encode"));
+    // Classification: the target is the label's word.
+    FileTaskOptions c;
+    c.classification = true;
+    c.train = tmp.file("c.csv", "text,label\ngood,pos\nbad,neg\nfine,pos\n");
+    c.valid = c.test = tmp.file("cv.csv", "text,label\nok,pos\n");
+    c.label_words = {{"neg", "n\x01"}};
+    CHECK_THAT(fit(load_file_task(c)), StartsWith(c.train + ":3: the label word of field 'label': ByteTokenizer::encode"));
+    // Generated data have no file: the task, split and index say where.
+    Task generated;
+    generated.name = "gen";
+    generated.train = generated.valid = generated.test = {Example{"s", "t\x01", {"t\x01"}, {}, ""}};
+    CHECK_THAT(fit(generated), StartsWith("gen train example 0: target: ByteTokenizer::encode: byte 0x01 at position 1"));
 }
 
 TEST_CASE("generation files: rows sharing an input are one example with every reference", "[datasets_files]") {

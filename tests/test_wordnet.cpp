@@ -3,6 +3,8 @@
 // filled in by its make_fixture.py), malformed lines, the tasks' split and
 // filter invariants on an in-memory database, and Debian's installed WordNet
 // 3.0 against Princeton's published statistics (wnstats(7WN)).
+#include <sys/stat.h>
+
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -16,9 +18,11 @@
 #include <fmt/format.h>
 
 #include "datasets/wordnet.h"
+#include "tests/testing.h"
 
 using namespace peftlab::data;
 namespace wn = peftlab::data::wordnet;
+using peftlab::testing::TempDir;
 
 namespace {
 
@@ -178,6 +182,12 @@ TEST_CASE("wordnet: malformed lines name the file and line", "[wordnet]") {
         }
     }
     CHECK_THROWS_WITH(parse(""), Catch::Contains("no synset lines"));
+    // A line is bounded whether a line end follows or not (a file of zeros has none).
+    for (const std::string end : {"", "\n"})
+        CHECK_THROWS_WITH(parse(std::string(wn::kMaxLineBytes + 1, 'x') + end),
+                          fmt::format("bad.noun:2: a line longer than {} bytes (wndb(5WN) lines are short)", wn::kMaxLineBytes));
+    // A line of exactly the bound is read, and refused for its fields.
+    CHECK_THROWS_WITH(parse(std::string(wn::kMaxLineBytes, 'x') + "\n"), Catch::Contains("synset_offset"));
 
     // Every truncation of a valid verb line either parses or throws a located
     // runtime_error: counts are never trusted past the end of the line.
@@ -190,6 +200,21 @@ TEST_CASE("wordnet: malformed lines name the file and line", "[wordnet]") {
             CHECK_THAT(std::string(e.what()), Catch::StartsWith("bad.noun:2: ") || Catch::Contains("empty line"));
         }
     }
+}
+
+TEST_CASE("wordnet: a data file that is not a regular file is refused without opening it", "[wordnet]") {
+    TempDir dir;
+    // A FIFO's open would wait for a writer forever; /dev/zero would be one endless line.
+    REQUIRE(::mkfifo(dir.path("data.noun").c_str(), 0600) == 0);
+    CHECK_THROWS_WITH(wn::load(dir.dir.string()),
+                      Catch::Contains("'" + dir.path("data.noun") + "' is not a regular file (a device, FIFO or socket)") &&
+                          Catch::Contains("PEFTLAB_WORDNET_DIR"));
+    std::filesystem::remove(dir.path("data.noun"));
+    std::filesystem::create_symlink("/dev/zero", dir.path("data.noun"));
+    CHECK_THROWS_WITH(wn::load(dir.dir.string()), Catch::Contains("is not a regular file (a device, FIFO or socket)"));
+    std::filesystem::remove(dir.path("data.noun"));
+    std::filesystem::create_directory(dir.path("data.noun"));
+    CHECK_THROWS_WITH(wn::load(dir.dir.string()), Catch::Contains("is not a regular file (a directory)"));
 }
 
 TEST_CASE("wordnet: missing database says how to install it; PEFTLAB_WORDNET_DIR overrides the path", "[wordnet]") {
