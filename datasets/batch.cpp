@@ -237,7 +237,10 @@ void fit_to_context(Task& task, const Tokenizer& tok, int max_len, Truncate mode
         }
     };
     int64_t longest_target = 0;
-    for (auto [split, examples] : {std::pair{"train", &task.train}, {"valid", &task.valid}, {"test", &task.test}}) {
+    for (auto split_examples : {std::pair{"train", &task.train}, {"valid", &task.valid}, {"test", &task.test}}) {
+        // Plain names, not structured bindings: the lambdas below capture them (clang 14 cannot capture bindings).
+        const char* const split = split_examples.first;
+        std::vector<Example>* const examples = split_examples.second;
         DataReport::Split& report = task.report.splits[split];
         // Every source and target in tokens before any example is kept: a text
         // refused is then reported at its own example, not at an earlier one
@@ -254,7 +257,7 @@ void fit_to_context(Task& task, const Tokenizer& tok, int max_len, Truncate mode
         kept.reserve(examples->size());
         for (size_t i = 0; i < examples->size(); ++i) {
             Example& ex = (*examples)[i];
-            const auto [src, tgt] = lengths[i];
+            const int64_t src = lengths[i].first, tgt = lengths[i].second;
             // Generation's length comes from the examples kept: one left out must not set it.
             auto keep = [&] {
                 for (size_t k = 0; k < ex.references.size(); ++k)
