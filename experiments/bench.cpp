@@ -619,8 +619,8 @@ Args parse_args(int argc, char** argv) {
         ("layers", "custom config: layers", cxxopts::value<int>())
         ("heads", "custom config: heads", cxxopts::value<int>())
         ("d-ff", "custom config: MLP width", cxxopts::value<int64_t>())
-        ("seq", "custom config (or --preset's step): tokens per row T", cxxopts::value<int64_t>())
-        ("batch", "custom config (or --preset's step): rows per step B", cxxopts::value<int64_t>())
+        ("seq", "custom config (or the step of --preset's or --base's shape; other --configs keep theirs): tokens per row T", cxxopts::value<int64_t>())
+        ("batch", "custom config (or the step of --preset's or --base's shape): rows per step B", cxxopts::value<int64_t>())
         ("prefix-len", "n: prompt tokens / prefix vectors per layer", cxxopts::value<int64_t>()->default_value("16"))
         ("repeats", "measured step pairs (ours, torch) per row; 0: 6 for small, 3 for larger configs (generation: 5); "
                      "the T and n scaling rows: always 3",
@@ -730,10 +730,12 @@ Args parse_args(int argc, char** argv) {
     }
     a.n = r["prefix-len"].as<int64_t>();
     if (a.n < 0) throw std::invalid_argument(fmt::format("--prefix-len: {} must be >= 0", a.n));
-    if (r.count("base") && r.count("seq") && a.batch_seq["hf"].second > a.models["hf"].max_seq - a.n)
+    const bool times_hf = std::find(a.configs.begin(), a.configs.end(), "hf") != a.configs.end();
+    if (times_hf && r.count("seq") && a.batch_seq["hf"].second > a.models["hf"].max_seq - a.n)
         throw std::invalid_argument(fmt::format(
             "--seq {}: {}'s n_positions {} holds at most {} tokens beside the n = {} virtual tokens (positions hf)",
-            a.batch_seq["hf"].second, a.base_dir, a.models["hf"].max_seq, a.models["hf"].max_seq - a.n, a.n));
+            a.batch_seq["hf"].second, a.base_dir, a.models["hf"].max_seq,
+            std::max<int64_t>(0, a.models["hf"].max_seq - a.n), a.n));
     if (const std::string list = r["generate-methods"].as<std::string>(); !list.empty()) {
         std::vector<std::string> known = peft::method_names();
         known.insert(known.begin(), kBase);

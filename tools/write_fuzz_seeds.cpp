@@ -220,7 +220,7 @@ int main(int argc, char** argv) try {
     const std::vector<std::vector<std::string>> lines = {
         {"--config", "tiny", "--steps", "5", "--methods", "lora,prompt"},
         {"--methods", "prefix:reparam=true,lora:r=4", "--prefix-len", "4", "--lr", "0.01", "--seed", "3", "--tokenizer", "byte"},
-        {"--seq", "32", "--d-model", "64", "--heads", "4", "--layers", "2", "--d-ff", "128", "--vocab", "300"},
+        {"--seq", "32", "--d-model", "64", "--heads", "4", "--layers", "2", "--d-ff", "128"},
         {"--task", "classify", "--batch", "8", "--n-train", "100", "--eval-examples", "20", "--threads", "1"},
         {"--out=runs/x", "--pretrain-steps", "10", "--methods", "prefix:oops", "--corpus", "c.txt", "17"},
         {"--train", "d.csv", "--valid", "v.csv", "--input-field", "mr", "--output-field", "ref", "--truncate", "right"},

@@ -71,10 +71,13 @@ std::unique_ptr<data::Tokenizer> base_tokenizer(const std::string& spec, const s
         throw std::invalid_argument(fmt::format("--base '{}': the checkpoint records no tokenizer (not a base made by "
                                                 "pretrain); pass --tokenizer gpt2:DIR",
                                                 base_path));
+    const nlohmann::json rec = parse_json_limited(it->second, where);  // its errors name `where` already
     try {
-        return data::tokenizer_from_json(parse_json_limited(it->second, where));
-    } catch (const std::exception& e) {  // what the JSON says is wrong, named where it came from
+        return data::tokenizer_from_json(rec);
+    } catch (const std::invalid_argument& e) {  // what the JSON says is wrong, named where it came from
         throw std::invalid_argument(fmt::format("{}: {}", where, e.what()));
+    } catch (const std::runtime_error& e) {
+        throw std::runtime_error(fmt::format("{}: {}", where, e.what()));
     }
 }
 
@@ -147,7 +150,15 @@ Base prepare_base(const CommonArgs& args) {
     base.dir = fmt::format("runs/pretrain/{:016x}", detail::fnv1a(base.key.dump()));
     base.model_path = base.dir + "/model.safetensors";
     base.cached = fs::exists(base.model_path);
-    if (!base.cached) base.corpus_tokens = data::encode_lines(*base.tokenizer, corpus_text);
+    if (!base.cached) {
+        try {
+            base.corpus_tokens = data::encode_lines(*base.tokenizer, corpus_text);
+        } catch (const std::invalid_argument& e) {  // a line the tokenizer refuses: whose text it is
+            throw std::invalid_argument(fmt::format(
+                "pretraining text ({}): {}", args.corpus.empty() ? "task " + task.name + "'s corpus" : "--corpus " + args.corpus,
+                e.what()));
+        }
+    }
     return base;
 }
 

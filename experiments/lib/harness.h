@@ -35,7 +35,7 @@ struct CommonArgs {
     uint64_t seed = 0;
     int threads = 0;
     int64_t steps = 0;  // fine-tuning updates per method
-    // > 0: fine-tuning evaluates every steps / 20 updates and stops after this
+    // > 0: fine-tuning evaluates every steps / patience_evals updates (20; sweep-data 10) and stops after this
     // many evaluations without a lower valid loss, keeping the best
     // evaluation's weights: the training length is chosen on the validation
     // split (Hugging Face's EarlyStoppingCallback with load_best_model_at_end).
@@ -137,7 +137,9 @@ Base load_or_pretrain(const CommonArgs& args);
 // The tokenizer of a base a user names by path: `spec` "gpt2:DIR" (GPT-2 BPE
 // files in DIR), else a Hugging Face GPT-2 directory's own files, else the
 // tokenizer a peftlab checkpoint records in its metadata. Throws naming the
-// path when none is found.
+// path when none is found, and std::invalid_argument when `spec` beside a
+// checkpoint is not the vocabulary it records (another fingerprint, or
+// another kind of tokenizer).
 std::unique_ptr<data::Tokenizer> base_tokenizer(const std::string& spec, const std::string& base_path);
 // Throws std::invalid_argument naming the base and both sizes when `tok` has
 // more tokens than the model's embedding rows (model_vocab): its larger ids
