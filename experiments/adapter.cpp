@@ -41,38 +41,21 @@ const char* kUsage =
     "     directory (config.json + model.safetensors).\n";
 
 int inspect(const std::string& dir) {
-    if (peft::adapter_layout(dir) == peft::AdapterLayout::hugging_face)
-        throw std::runtime_error(fmt::format("{}/adapter_config.json: a Hugging Face PEFT adapter (it has "
-                                             "\"peft_type\"); `adapter import-hf {} OUT --base MODEL` reads it",
-                                             dir, dir));
-    // Every error names the file and the key, as load_adapter's do.
-    const peft::ConfigFile j("adapter inspect", dir + "/adapter_config.json");
-    const std::string method = j.str("method"), base_hash = j.str("base_hash");
-    const bool inference = j.boolean("inference");
-    const auto parsed = [&](const char* key, auto from_json) {
-        try {
-            return from_json(j.at(key));
-        } catch (const std::invalid_argument& e) {
-            throw j.key_error(key, e.what());
-        }
-    };
-    const peft::AdapterOptions opts = parsed("options", peft::AdapterOptions::from_json);
-    const GPTConfig cfg = parsed("base_config", GPTConfig::from_json);
-    std::unique_ptr<peft::Adapter> adapter;
-    try {
-        adapter = peft::make_adapter(method, opts);
-    } catch (const std::invalid_argument& e) {
-        throw j.key_error("method", e.what());
-    }
+    const peft::AdapterConfig saved = peft::read_adapter_config("adapter inspect", dir);
+    const peft::Adapter& adapter = *saved.adapter;
+    const std::string method = adapter.method();
+    const peft::AdapterOptions& opts = adapter.options();
+    const GPTConfig& cfg = saved.base_config;
+    const bool inference = saved.inference;
     // The tensors as stored; options that would make more parameters than they
     // hold are refused before the formula multiplies them (check_sizes).
     const StFile file = load_safetensors(dir + "/adapter_model.safetensors");
-    peft::check_sizes(j, "options", *adapter, cfg, file);
+    peft::check_sizes(saved.file, "options", adapter, cfg, file);
     const peft::ParamFormula pf = [&] {
         try {
-            return inference ? adapter->inference_formula(cfg) : adapter->formula(cfg);
+            return inference ? adapter.inference_formula(cfg) : adapter.formula(cfg);
         } catch (const std::invalid_argument& e) {  // options the base cannot take (a layer it lacks)
-            throw j.key_error("options", e.what());
+            throw saved.file.key_error("options", e.what());
         }
     }();
     int64_t stored = 0;
@@ -85,7 +68,7 @@ int inspect(const std::string& dir) {
         return std::string("not registered");
     }());
     fmt::print("options:   {}\n", opts.to_json().dump());
-    fmt::print("base:      hash {}; config {}\n", base_hash, cfg.to_json().dump());
+    fmt::print("base:      hash {}; config {}\n", saved.base_hash, cfg.to_json().dump());
     fmt::print("stored:    {} tensors, {} parameters{}\n", file.tensors.size(), stored,
                inference ? " (inference form)" : "");
     fmt::print("trainable params: {} = {} (d={}, L={}, n={}, F={}; {} options {})\n", pf.text, pf.count, cfg.d_model,

@@ -74,10 +74,28 @@ void save_tensors(const std::string& path, const NamedTensors& tensors, const st
     save_safetensors(path, refs, {{"format", format}});
 }
 
-void make_dir(const char* fn, const std::string& dir) {
+// Creates dir (and its missing parents), then runs write(). When write()
+// throws, the directories this call created are removed again, so a save that
+// fails on its first write (disk full, a file size limit) leaves no empty
+// adapter directory behind; in a directory that existed, each file is written
+// atomically and the old one stays until its replacement is complete.
+template <class Write>
+void write_in_dir(const char* fn, const std::string& dir, Write write) {
     std::error_code ec;
+    fs::path created;  // the outermost directory on dir's path that does not exist yet
+    for (fs::path p = fs::path(dir); !p.empty() && fs::symlink_status(p, ec).type() == fs::file_type::not_found;
+         p = p.parent_path()) {
+        created = p;
+        if (p == p.parent_path()) break;
+    }
     fs::create_directories(dir, ec);
     if (ec) throw std::runtime_error(fmt::format("{}: cannot create directory '{}' ({})", fn, dir, ec.message()));
+    try {
+        write();
+    } catch (...) {
+        if (!created.empty()) fs::remove_all(created, ec);  // best effort: the write's error is the one to report
+        throw;
+    }
 }
 
 // The base's requires_grad flags, put back unless the load commits: attach
@@ -116,24 +134,18 @@ bool same_names(const NamedTensors& a, const NamedTensors& b) {
 }
 
 // Throws unless `base` is the model the adapter was saved for: equal config, then equal weights.
-void check_base(const ConfigFile& cfg, const json& saved_config, const std::string& saved_hash, const GPT& base) {
-    GPTConfig saved;
-    try {
-        saved = GPTConfig::from_json(saved_config);
-    } catch (const std::exception& e) {
-        throw cfg.key_error("base_config", e.what());
-    }
-    if (!(saved == base.config())) {
-        const json ours = base.config().to_json(), theirs = saved.to_json();
+void check_base(const AdapterConfig& saved, const GPT& base) {
+    if (!(saved.base_config == base.config())) {
+        const json ours = base.config().to_json(), theirs = saved.base_config.to_json();
         for (const auto& [field, value] : ours.items())
             if (theirs.at(field) != value)
-                throw cfg.error(fmt::format("base config differs: {} {} != {} (the adapter's base vs this base)", field,
-                                            json_excerpt(theirs.at(field)), json_excerpt(value)));
+                throw saved.file.error(fmt::format("base config differs: {} {} != {} (the adapter's base vs this base)",
+                                                   field, json_excerpt(theirs.at(field)), json_excerpt(value)));
     }
     const std::string hash = base_hash(base);
-    if (saved_hash != hash)
-        throw cfg.error(fmt::format("base weights differ (hash {} != {}): the adapter was trained on another base",
-                                    saved_hash, hash));
+    if (saved.base_hash != hash)
+        throw saved.file.error(fmt::format(
+            "base weights differ (hash {} != {}): the adapter was trained on another base", saved.base_hash, hash));
 }
 
 // PEFT's prefix table [n, 2*L*d] of an adapter on every layer: per layer l, the
@@ -328,8 +340,6 @@ void save_adapter(const std::string& dir, const Adapter& adapter, bool inference
     }
     const NamedTensors inference_tensors = adapter.inference_parameters();
     const bool holds_inference = inference || same_names(adapter.parameters(), inference_tensors);
-    make_dir(fn, dir);
-    save_tensors(in_dir(dir, kAdapterWeightsFile), inference ? inference_tensors : adapter.parameters(), kAdapterFormat);
     json cfg = {{"format", kAdapterFormat},
                 {"method", adapter.method()},
                 {"options", adapter.options().to_json()},
@@ -338,7 +348,11 @@ void save_adapter(const std::string& dir, const Adapter& adapter, bool inference
                 {"base_config", base.config().to_json()},
                 {"base_hash", hash}};
     if (!trained_on.is_null()) cfg["trained_on"] = trained_on;
-    write_file_atomic(in_dir(dir, kAdapterConfigFile), cfg.dump(2) + "\n");
+    write_in_dir(fn, dir, [&] {
+        save_tensors(in_dir(dir, kAdapterWeightsFile), inference ? inference_tensors : adapter.parameters(),
+                     kAdapterFormat);
+        write_file_atomic(in_dir(dir, kAdapterConfigFile), cfg.dump(2) + "\n");
+    });
 }
 
 json trained_on(const std::string& dir) {
@@ -347,36 +361,47 @@ json trained_on(const std::string& dir) {
     return cfg.has("trained_on") ? cfg.at("trained_on") : json();
 }
 
-std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base, const LoadOptions& load_opts) {
-    const char* fn = "load_adapter";
+AdapterConfig read_adapter_config(const char* fn, const std::string& dir) {
     expect_layout(fn, dir, AdapterLayout::peftlab);
-    const ConfigFile cfg(fn, in_dir(dir, kAdapterConfigFile));
+    ConfigFile cfg(fn, in_dir(dir, kAdapterConfigFile));
     if (cfg.str("format") != kAdapterFormat)
         throw cfg.key_error("format", fmt::format("is '{}', expected '{}'", cfg.str("format"), kAdapterFormat));
     const std::string method = cfg.str("method");
-    AdapterOptions opts;
-    try {
-        opts = AdapterOptions::from_json(cfg.at("options"));
-    } catch (const std::invalid_argument& e) {
-        throw cfg.key_error("options", e.what());
-    }
+    // A parser's std::invalid_argument becomes an error naming the file and key.
+    const auto parsed = [&](const char* key, auto from_json) {
+        try {
+            return from_json(cfg.at(key));
+        } catch (const std::invalid_argument& e) {
+            throw cfg.key_error(key, e.what());
+        }
+    };
+    const AdapterOptions opts = parsed("options", AdapterOptions::from_json);
     const json& layers_json = cfg.at("layers");
     // Indices in [0, 2^31 - 1]: 4294967296 would wrap to layer 0 in an int.
     auto index = [](const json& l) { return l.is_number_unsigned() && l.get<uint64_t>() <= uint64_t(INT32_MAX); };
     if (!layers_json.is_array() || !std::all_of(layers_json.begin(), layers_json.end(), index))
         throw cfg.key_error("layers", "must be a list of layer indices, got " + json_excerpt(layers_json));
-    const auto layers = layers_json.get<std::vector<int>>();
+    std::vector<int> layers = layers_json.get<std::vector<int>>();
     const bool inference = cfg.boolean("inference");
-    check_base(cfg, cfg.at("base_config"), cfg.str("base_hash"), base);
-
-    const std::string weights = in_dir(dir, kAdapterWeightsFile);
-    const StFile file = load_safetensors_checked(fn, weights, load_opts);
+    GPTConfig base_config = parsed("base_config", GPTConfig::from_json);
+    std::string hash = cfg.str("base_hash");
     std::unique_ptr<Adapter> adapter;
     try {
         adapter = make_adapter(method, opts);
-    } catch (const std::invalid_argument& e) {
+    } catch (const std::invalid_argument& e) {  // not registered, or options the method refuses
         throw cfg.key_error("method", e.what());
     }
+    return AdapterConfig{std::move(cfg), std::move(adapter), std::move(layers), inference, base_config, std::move(hash)};
+}
+
+std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base, const LoadOptions& load_opts) {
+    const char* fn = "load_adapter";
+    AdapterConfig saved = read_adapter_config(fn, dir);
+    const ConfigFile& cfg = saved.file;
+    check_base(saved, base);
+    const std::string weights = in_dir(dir, kAdapterWeightsFile);
+    const StFile file = load_safetensors_checked(fn, weights, load_opts);
+    std::unique_ptr<Adapter> adapter = std::move(saved.adapter);
     check_sizes(cfg, "options", *adapter, base.config(), file);
     GradFlagsGuard grad_flags(base);
     try {
@@ -384,10 +409,10 @@ std::unique_ptr<Adapter> load_adapter(const std::string& dir, GPT& base, const L
     } catch (const std::invalid_argument& e) {
         throw cfg.key_error("options", e.what());
     }
-    if (inference) adapter->materialize();  // the file holds inference_parameters()
-    if (adapter->layers() != layers)
-        throw cfg.key_error("layers", fmt::format("is {} but options.layers '{}' resolve to {}", json_excerpt(layers_json),
-                                                  opts.layers, json(adapter->layers()).dump()));
+    if (saved.inference) adapter->materialize();  // the file holds inference_parameters()
+    if (adapter->layers() != saved.layers)
+        throw cfg.key_error("layers", fmt::format("is {} but options.layers '{}' resolve to {}", json(saved.layers).dump(),
+                                                  adapter->options().layers, json(adapter->layers()).dump()));
     check_tensors(fn, weights, file, adapter->parameters());
     copy_tensors(file, adapter->parameters());
     grad_flags.commit();
@@ -427,9 +452,10 @@ void export_hf(const std::string& dir, const Adapter& adapter) {
                 {"revision", nullptr},
                 {"inference_mode", true}};
     for (const auto& [key, value] : e->config.items()) cfg[key] = value;
-    make_dir(fn, dir);
-    save_tensors(in_dir(dir, kAdapterWeightsFile), e->tensors, "pt");  // "pt": what transformers writes
-    write_file_atomic(in_dir(dir, kAdapterConfigFile), cfg.dump(2) + "\n");
+    write_in_dir(fn, dir, [&] {
+        save_tensors(in_dir(dir, kAdapterWeightsFile), e->tensors, "pt");  // "pt": what transformers writes
+        write_file_atomic(in_dir(dir, kAdapterConfigFile), cfg.dump(2) + "\n");
+    });
 }
 
 std::unique_ptr<Adapter> import_hf(const std::string& dir, GPT& base, const LoadOptions& load_opts) {

@@ -29,6 +29,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "nn/safetensors.h"
 #include "nn/checkpoint.h"
@@ -57,6 +58,23 @@ private:
     std::string path_;
     nlohmann::json j_;
 };
+
+// adapter_config.json of an adapter in peftlab's own format, read and checked
+// without a base or the weights: "format", "method" (a registered method),
+// "options" (AdapterOptions::from_json), "layers" (indices in [0, 2^31 - 1]),
+// "inference", "base_config" (a valid GPTConfig) and "base_hash". Throws
+// std::runtime_error naming fn, the file and the key; a Hugging Face PEFT
+// directory is named as such (import_hf reads it). load_adapter and
+// `adapter inspect` both read through it.
+struct AdapterConfig {
+    ConfigFile file;                   // names the file and key in the errors of later checks
+    std::unique_ptr<Adapter> adapter;  // make_adapter(method, options), not attached
+    std::vector<int> layers;           // as recorded; load_adapter checks them against the attached adapter's
+    bool inference = false;            // the weights file holds inference_parameters()
+    GPTConfig base_config;
+    std::string base_hash;
+};
+AdapterConfig read_adapter_config(const char* fn, const std::string& dir);
 
 // Refuses (cfg.key_error under options_key), before attach allocates anything,
 // options whose tensors could not come from the weights `file`: a config must

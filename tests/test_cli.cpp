@@ -593,6 +593,17 @@ TEST_CASE("trainable_params_line follows print_trainable_parameters; adapter ins
     const StFile b = load_safetensors(tmp.path("back") + "/adapter_model.safetensors");
     CHECK(a.tensors.size() == b.tensors.size());
     for (const auto& [name, t] : a.tensors) CHECK(b.tensors.at(name).data == t.data);
+    // A write that fails (a file size limit of 0 blocks, SIGXFSZ ignored so that
+    // write() fails with EFBIG) leaves no directory behind; once, an empty one stayed.
+    for (const char* verb : {"export-hf", "import-hf"}) {
+        CAPTURE(verb);
+        const std::string from = tmp.path(std::string(verb) == "export-hf" ? "prompt" : "hf");
+        Result full = run(fmt::format("(trap '' XFSZ; ulimit -f 0; {} {} {} {} --base {})", bin("adapter"), verb, from,
+                                      tmp.path("new/out"), tmp.path("base.safetensors")));
+        CHECK(full.rc != 0);
+        CHECK_THAT(full.out, Contains("cannot write") && Contains("new/out/"));
+        CHECK_FALSE(fs::exists(tmp.path("new")));
+    }
     Result bad = run(bin("adapter") + " export-hf " + tmp.path("prompt") + " " + tmp.path("hf2"));
     CHECK(bad.rc == 2);
     CHECK_THAT(bad.out, Contains("--base"));
