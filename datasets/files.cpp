@@ -410,6 +410,15 @@ Example grouped_example(const Group& g) {
 
 Task load_file_task(const FileTaskOptions& o) {
     if (o.train.empty()) throw std::invalid_argument("load_file_task: no training file");
+    // One field for both would make every target a copy of its input.
+    if (o.classification ? o.text_field == o.label_field : o.input_field == o.output_field)
+        throw std::invalid_argument(o.classification
+                                        ? fmt::format("--text-field and --label-field are both '{}': every label would be "
+                                                      "its own text",
+                                                      o.text_field)
+                                        : fmt::format("--input-field and --output-field are both '{}': every target "
+                                                      "would be its own input",
+                                                      o.input_field));
     Task task;
     task.name = o.train;
     task.source_name = fmt::format("field '{}'", o.classification ? o.text_field : o.input_field);
@@ -495,6 +504,15 @@ Task load_file_task(const FileTaskOptions& o) {
         std::set<std::string> label_set;
         for (const Pair& p : train.pairs) label_set.insert(p.out);
         const std::vector<std::string> labels(label_set.begin(), label_set.end());
+        // With one label every prediction scores 1: nothing would be measured.
+        if (labels.size() < 2)
+            throw std::runtime_error(fmt::format(
+                "{}: field '{}': the training data has one label, '{}'; classification needs at least two{}", o.train,
+                o.label_field, labels[0],
+                rows_of_label.size() > 1 ? fmt::format(" (--n-train {} took the first {} rows in file order, all "
+                                                       "labelled '{}': shuffle the file)",
+                                                       o.n_train, o.n_train, labels[0])
+                                         : ""));
         for (auto& [label, word] : o.label_words) {
             if (!label_set.count(label))
                 throw std::invalid_argument(fmt::format("--label-words: label '{}' does not occur in the training data "

@@ -89,8 +89,9 @@ struct FileTaskOptions {
 //   the sorted distinct labels of the training split, a target is its label's
 //   word (label_words, else the label itself); accuracy and macro-F1. A label
 //   in valid/test that the training split lacks throws naming file, line and
-//   field; so does a label_words entry for a label the data lacks, and two
-//   labels with the same word.
+//   field; so does a label_words entry for a label the data lacks, two
+//   labels with the same word, and training data with a single label.
+// One field named for both input and output (or text and label) throws.
 // Missing splits are carved from the training file, deterministically in
 // `seed`: 10% of the distinct inputs (generation) or of each label's rows
 // (classification, so every label stays in training) each for valid and test,

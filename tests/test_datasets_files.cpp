@@ -112,6 +112,9 @@ TEST_CASE("JSONL: one object per line; numbers and booleans are text as written"
                           "r.jsonl");
     CHECK(column(t, "text") == std::vector<std::string>{"ok", "caf\xC3\xA9"});
     CHECK(column(t, "label") == std::vector<std::string>{"1", "true"});
+    // Integers as JSON reads them: -0 is 0, as Python's json.loads('-0') gives 0
+    // (a JSONL label column read by the datasets library merges them too).
+    CHECK(column(parse_jsonl("{\"l\": -0}\n{\"l\": 0}\n", "z.jsonl"), "l") == std::vector<std::string>{"0", "0"});
     // Floats too, as the file spells them (a parsed double prints 1.50 as 1.5, 1e2 as 100.0).
     const Table f = parse_jsonl("{\"s\": 1.50, \"e\": 1e2, \"n\": [2.50]}\n{\"s\": 2.0, \"e\": -3E-1}\n", "f.jsonl");
     CHECK(column(f, "s") == std::vector<std::string>{"1.50", "2.0"});
@@ -351,6 +354,24 @@ TEST_CASE("classification files: labels from the data, label words, unseen label
                                                   Contains("; without its surrounding spaces it would be label 'pos'"));
 }
 
+TEST_CASE("file tasks refuse one field for both sides and a single label", "[datasets_files]") {
+    testing::TempDir tmp;
+    FileTaskOptions o;
+    o.train = tmp.file("g.jsonl", "{\"input\": \"a\", \"output\": \"b\"}\n");
+    o.input_field = o.output_field = "input";
+    CHECK_THROWS_WITH(load_file_task(o), "--input-field and --output-field are both 'input': every target would be its "
+                                         "own input");
+    o.classification = true;
+    o.text_field = o.label_field = "text";
+    CHECK_THROWS_WITH(load_file_task(o), Contains("--text-field and --label-field are both 'text'"));
+    // Every prediction of the only label would score 1.
+    o.text_field = "text", o.label_field = "label";
+    o.train = tmp.file("one.csv", "text,label\ngood,pos\nfine,pos\nok,pos\n");
+    o.valid = o.test = o.train;
+    CHECK_THROWS_WITH(load_file_task(o), o.train + ": field 'label': the training data has one label, 'pos'; "
+                                                   "classification needs at least two");
+}
+
 TEST_CASE("classification: one file splits per label, so every label stays in training", "[datasets_files]") {
     testing::TempDir tmp;
     std::string jsonl;
@@ -369,8 +390,10 @@ TEST_CASE("classification: one file splits per label, so every label stays in tr
         auto line = [](const Example& e) { return std::stoi(e.origin.substr(e.origin.rfind(':') + 1)); };
         return line(x) < line(y);
     }));
+    o.n_train = 25;  // 24 'a' rows, then the first 'b'
+    CHECK(load_file_task(o).train.size() == 25);
     o.n_train = 10;
-    CHECK(load_file_task(o).train.size() == 10);
+    CHECK_THROWS_WITH(load_file_task(o), Contains("one label, 'a'") && Contains("--n-train 10"));
     o.n_train = 27;
     CHECK_THROWS_WITH(load_file_task(o), Contains("--n-train 27") && Contains("26 training examples"));
     // A file sorted by label: the first rows hold one label, and a later
@@ -380,9 +403,18 @@ TEST_CASE("classification: one file splits per label, so every label stays in tr
     o.train = tmp.file("sorted.jsonl", sorted);
     o.valid = o.test = tmp.file("vt.jsonl", "{\"text\": \"x\", \"label\": \"a\"}\n{\"text\": \"y\", \"label\": \"b\"}\n");
     o.n_train = 3;
-    CHECK_THROWS_WITH(load_file_task(o), Contains("vt.jsonl:2: field 'label': label 'b' never occurs in the training "
-                                                  "data (labels: a); --n-train 3 took the first 3 training rows in file "
-                                                  "order, and the 3 rows labelled 'b' come later: shuffle the file"));
+    CHECK_THROWS_WITH(load_file_task(o), o.train + ": field 'label': the training data has one label, 'a'; "
+                                                   "classification needs at least two (--n-train 3 took the first 3 "
+                                                   "rows in file order, all labelled 'a': shuffle the file)");
+    // A later split's label that --n-train left out is explained by it, not only refused.
+    o.train = tmp.file("sorted3.jsonl", sorted + "{\"text\": \"t6\", \"label\": \"c\"}\n");
+    o.valid = o.test = tmp.file("vt2.jsonl", "{\"text\": \"x\", \"label\": \"a\"}\n{\"text\": \"y\", \"label\": \"c\"}\n");
+    o.n_train = 4;
+    CHECK_THROWS_WITH(load_file_task(o), Contains("vt2.jsonl:2: field 'label': label 'c' never occurs in the training "
+                                                  "data (labels: a, b); --n-train 4 took the first 4 training rows in "
+                                                  "file order, and the 1 rows labelled 'c' come later: shuffle the file"));
+    o.valid = o.test = tmp.path("vt.jsonl");
+    o.train = tmp.path("sorted.jsonl");
     o.n_train = 4;
     CHECK(load_file_task(o).labels == std::vector<std::string>{"a", "b"});
 }
