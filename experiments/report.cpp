@@ -242,9 +242,8 @@ std::vector<std::string> footer(const Args& a, const std::vector<MethodReport>& 
     for (const MethodReport& r : rs) {
         if (make_adapter(r.method, a.options)->changes_base()) continue;
         std::string where;
-        const bool input_trains = !r.per_layer.empty() && r.per_layer.front().trainable_params > 0;  // "embed"
         if (r.backward_blocks.empty()) where = "no backward at all";
-        else if (input_trains)
+        else if (r.backward_to_input)
             where = fmt::format("dX flows through all {} blocks, down to the trainable vectors at the input (on T+n = "
                                 "{} tokens)",
                                 a.cfg.n_layers, a.settings.seq + a.options.n);

@@ -64,6 +64,7 @@ struct StepWalk {
     cost::Tally t{};
     std::vector<bool> recompute{};  // [L]: the block's forward runs again in backward
     std::vector<bool> block_rg{};  // each block's output requires grad
+    bool input_rg = false;         // block 0's input (embeddings and any prefix) requires grad
 
     // A base weight: frozen, or a parameter for a method that trains the base.
     Sym base_param() const { return a.changes_base() ? cost::kParam : cost::kFrozen; }
@@ -125,6 +126,7 @@ struct StepWalk {
             x = cost::derived(x.rg || p.rg);
             S += n;
         }
+        input_rg = x.rg;
         for (int l = 0; l < cfg.n_layers; ++l) {
             const uint64_t forward_before = t.c[size_t(flops::Phase::Forward)];
             x = block(l, x, S);
@@ -215,16 +217,17 @@ uint64_t analytic_inference_flops(const GPTConfig& cfg, const ReportSettings& s,
     return total;
 }
 
-std::vector<int> analytic_backward_blocks(const GPTConfig& cfg, const std::string& method, const AdapterOptions& o) {
+BackwardReach analytic_backward_reach(const GPTConfig& cfg, const std::string& method, const AdapterOptions& o) {
     const std::unique_ptr<Adapter> a = make_adapter(method, o);
     ReportSettings s;
     s.batch = 1;
     s.seq = 2;
     const StepWalk walk = walk_step(cfg, s, *a);
-    std::vector<int> out;
+    BackwardReach out;
     // A block does backward work (dX or dW) when its output requires grad.
     for (int l = 0; l < cfg.n_layers; ++l)
-        if (walk.block_rg[size_t(l)]) out.push_back(l);
+        if (walk.block_rg[size_t(l)]) out.blocks.push_back(l);
+    out.to_input = walk.input_rg;
     return out;
 }
 
@@ -345,7 +348,9 @@ MethodReport report_method(const GPTConfig& cfg, const ReportSettings& s, const 
     r.formula = f.text;
     r.analytic = analytic_step_flops(cfg, s, method, opts);
     r.inference_flops_per_token = analytic_inference_flops(cfg, s, method, opts);
-    r.backward_blocks = analytic_backward_blocks(cfg, method, opts);
+    const BackwardReach reach = analytic_backward_reach(cfg, method, opts);
+    r.backward_blocks = reach.blocks;
+    r.backward_to_input = reach.to_input;
     r.per_layer = analytic_groups(cfg, method, opts);
     const int64_t base_params = base_param_count(cfg);
 
@@ -455,6 +460,7 @@ nlohmann::json MethodReport::to_json() const {
             {"inference_flops_per_token", inference_flops_per_token},
             {"inference_flops_per_token_measured", opt(inference_flops_per_token_measured)},
             {"backward_blocks", backward_blocks},
+            {"backward_to_input", backward_to_input},
             {"per_layer", layers},
             {"flops_by_region", regions}};
 }

@@ -83,6 +83,9 @@ struct MethodReport {
     // lowest one holding something trainable up (all of them if the input
     // is trainable).
     std::vector<int> backward_blocks;
+    // dX reaches the input of block 0: vectors trained there are prepended to
+    // it (prompt tuning, P-tuning), not a block's own parameters.
+    bool backward_to_input = false;
     std::vector<LayerGroup> per_layer;
 
     nlohmann::json to_json() const;
@@ -103,8 +106,14 @@ flops::Counts analytic_step_flops(const GPTConfig& cfg, const ReportSettings& s,
 // deployed for one tenant.
 uint64_t analytic_inference_flops(const GPTConfig& cfg, const ReportSettings& s, const std::string& method,
                                   const AdapterOptions& opts);
-// Blocks with backward work, ascending (see MethodReport::backward_blocks).
-std::vector<int> analytic_backward_blocks(const GPTConfig& cfg, const std::string& method, const AdapterOptions& opts);
+// How far a step's backward reaches: the blocks with backward work, ascending,
+// and whether dX reaches block 0's input (MethodReport::backward_blocks,
+// backward_to_input).
+struct BackwardReach {
+    std::vector<int> blocks;
+    bool to_input = false;
+};
+BackwardReach analytic_backward_reach(const GPTConfig& cfg, const std::string& method, const AdapterOptions& opts);
 // Trainable parameters per group as the method lays them out (no allocation).
 std::vector<LayerGroup> analytic_groups(const GPTConfig& cfg, const std::string& method, const AdapterOptions& opts);
 

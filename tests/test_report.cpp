@@ -161,6 +161,17 @@ TEST_CASE("report: the backward stops at the lowest trainable layer", "[report]"
     for (int l : {0, 1, 2}) CHECK(region_sum(prompt, fmt::format("blocks.{}", l))[1] > 0);
     CHECK(region_sum(prompt, "embed")[1] == 0);  // the frozen embeddings get no gradient
     CHECK(prompt.analytic[2] == 0);  // the prompt's gradient is a copy: no dW work
+    CHECK(prompt.backward_to_input);
+    CHECK_FALSE(prefix.backward_to_input);
+    // P-tuning's trainable tensors are its prompt encoder ("reparam"), not the
+    // input's group, but its virtual tokens are prepended there just the same.
+    MethodReport p_tuning = report_method(cfg, tiny_settings(), "p-tuning", tiny_options("all", false), false);
+    CHECK(p_tuning.backward_to_input);
+    CHECK(p_tuning.backward_blocks == std::vector<int>{0, 1, 2});
+    // Prefix tuning at every layer reaches block 0, not its input.
+    MethodReport prefix_all = report_method(cfg, tiny_settings(), "prefix", tiny_options("all", false), false);
+    CHECK(prefix_all.backward_blocks == std::vector<int>{0, 1, 2});
+    CHECK_FALSE(prefix_all.backward_to_input);
 }
 
 TEST_CASE("report: per-layer map places each method's tensors and gradients", "[report]") {
