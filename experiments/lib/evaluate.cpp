@@ -11,6 +11,7 @@
 #include "experiments/lib/run.h"
 #include "nn/dist.h"
 #include "nn/generate.h"
+#include "nn/trainer.h"
 
 namespace peftlab::harness {
 
@@ -21,7 +22,12 @@ double detail::split_loss(Run& r, const std::vector<data::Example>& split, const
     NoGradGuard no_grad;
     r.model->eval();
     dist::Communicator& comm = dist::world();
-    double sums[2] = {0.0, 0.0};  // loss x rows, rows: batch i on rank i % ranks, summed over ranks
+    // The mean over every counted target token of the split, as one batch
+    // holding the whole split would give it: each batch's mean loss times its
+    // counted targets, summed (batch i on rank i % ranks, then over ranks), over
+    // the split's counted targets. A mean of batch means weighted by rows made
+    // the number depend on --batch.
+    double sums[2] = {0.0, 0.0};  // sum of per-token losses, counted target tokens
     double& total = sums[0];
     double& count = sums[1];
     for (size_t start = 0, i = 0; start < split.size(); start += size_t(batch), ++i) {
@@ -31,11 +37,14 @@ double detail::split_loss(Run& r, const std::vector<data::Example>& split, const
         data::Batch b =
             data::make_conditional_batch(split, idx, tok, int(r.model->config().max_seq), data::PadSide::Right);
         ModelInput in{b.B, b.T, b.tokens, b.positions, b.valid, b.source_len};
-        total += r.model->loss(in, b.targets).item() * double(idx.size());
-        count += double(idx.size());
+        const double tokens = double(counted_targets(b.targets));
+        if (tokens == 0) continue;  // no target fits: nothing to average (the mean loss would be undefined)
+        total += r.model->loss(in, b.targets).item() * tokens;
+        count += tokens;
     }
     comm.all_reduce_sum(sums, 2);
     r.model->train();
+    if (count == 0) throw std::runtime_error(fmt::format("split_loss: none of the {} examples has a target token", split.size()));
     return total / count;
 }
 double detail::valid_loss(Run& r, const data::Task& task, const data::Tokenizer& tok, int64_t batch) {

@@ -24,7 +24,10 @@ struct Run {
 Run make_run(const Base& base, const MethodSpec& spec, uint64_t seed);
 // The tensors a run trains: the adapter's parameters (none for "none").
 NamedTensors trained_tensors(const Run& r);
-// Mean target-token loss over a split, in batches of `batch` examples.
+// Mean loss over every target token of a split (each batch's mean weighted by
+// its counted targets), computed in batches of `batch` examples: the same for
+// any batch size up to rounding. Throws std::runtime_error if no example has a
+// target token.
 double split_loss(Run& r, const std::vector<data::Example>& split, const data::Tokenizer& tok, int64_t batch);
 double valid_loss(Run& r, const data::Task& task, const data::Tokenizer& tok, int64_t batch);
 // The task's metric(s) on greedy generations for the first n test examples,
