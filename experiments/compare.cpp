@@ -14,6 +14,21 @@
 using namespace peftlab;
 using namespace peftlab::harness;
 
+namespace {
+// The learning rate(s) behind the rows, as report.md states them: --lr, or
+// the best of each method's searched grid (3 by default, more once a search
+// stepped past an edge; results.json's lr_grid holds them).
+std::string lr_words(double lr, const std::vector<MethodResult>& results) {
+    if (lr > 0) return fmt::format("learning rate {}", lr);
+    size_t lo = SIZE_MAX, hi = 0;
+    for (const MethodResult& m : results)
+        if (!m.lr_grid.empty()) lo = std::min(lo, m.lr_grid.size()), hi = std::max(hi, m.lr_grid.size());
+    if (hi == 0) return "no learning rate (nothing trained)";
+    return lo == hi ? fmt::format("the best of {} learning rates", lo)
+                    : fmt::format("the best of {} to {} learning rates (per method: lr_grid in results.json)", lo, hi);
+}
+}  // namespace
+
 int main(int argc, char** argv) {
     peftlab::mpi::World world(&argc, &argv);  // several ranks under mpirun, else one process
     CommonArgs d;
@@ -86,7 +101,7 @@ int main(int argc, char** argv) {
         std::string md = fmt::format(
             "# compare: PEFT methods on `{}`\n\n"
             "Base: {} (d={}, L={}, H={}, d_ff={}, vocab={}, T={}), pretrained valid loss {:.3f}.\n"
-            "Budget per method: {} updates{} of batch {} at the best of {} learning rates "
+            "Budget per method: {} updates{} of batch {} at {} "
             "(each tried for {} updates); seed {}.\n\n{}\n"
             "valid loss: the validation split, on which the learning rate (and with --patience, the update kept) was "
             "chosen; test loss and the metric: the "
@@ -96,7 +111,7 @@ int main(int argc, char** argv) {
             "Plots: `loss_curves.png`, `valid_curves.png`, `metric_vs_params.png`.\n"
             "Adapters: `adapters/<method>/` (inspect with `build/bin/adapter inspect DIR`).\n",
             task.name, base.model_path, base.config.d_model, base.config.n_layers, base.config.n_heads, base.config.d_ff,
-            base.config.vocab, base.config.max_seq, base.pretrain_valid_loss, a.steps, early_stopping_words(a.patience), a.batch, a.lr > 0 ? 1 : 3 /* at least; see lr_grid in results.json */,
+            base.config.vocab, base.config.max_seq, base.pretrain_valid_loss, a.steps, early_stopping_words(a.patience), a.batch, lr_words(a.lr, results),
             search_steps, a.seed, table, task.metric_name(), extra["eval_examples"].get<int64_t>());
         if (peftlab::dist::is_root()) write_file_atomic(a.out + "/report.md", md);
         print_results_table(results);

@@ -207,10 +207,10 @@ MethodResult run_method(const Base& base, const data::Task& task, const MethodSp
         auto try_lr = [&](double lr) {
             Run r = make_run(base, spec, seed);
             TrainSummary s = train(r, task, tok, budget.search_steps, lr, budget.batch, budget.grad_accum, 0, 0, seed, nullptr,
-                                   fmt::format("{} | lr search {:.0e}] ", tag, lr));
+                                   fmt::format("{} | lr search {}] ", tag, lr));
             double v = s.completed ? valid_loss(r, task, tok, budget.batch) : INFINITY;
             res.lr_search.emplace_back(lr, v);
-            fmt::print(stderr, "{} | lr search] lr {:.0e} -> valid loss {:.4f} after {} steps\n", tag, lr, v,
+            fmt::print(stderr, "{} | lr search] lr {} -> valid loss {:.4f} after {} steps\n", tag, lr, v,
                        budget.search_steps);
             if (v < best) best = v, best_lr = lr;
         };
@@ -218,7 +218,10 @@ MethodResult run_method(const Base& base, const data::Task& task, const MethodSp
             for (double lr : grid) try_lr(lr);
             // A best learning rate at the grid's edge means the search did not
             // bracket the optimum: step past that edge (same ratio as the grid's
-            // end) up to kExtend times, then say so if it is still at the edge.
+            // end, to one significant digit: 1e-2 after 3e-3 gives 3e-2, not
+            // 0.0333..., a rate a user can copy back as --lr) up to kExtend
+            // times, then say so if it is still at the edge. Rates print in
+            // their shortest exact form ({}), never rounded.
             constexpr int kExtend = 2;
             for (int e = 0; e < kExtend; ++e) {
                 const double lo = grid.front(), hi = grid.back();
@@ -226,13 +229,14 @@ MethodResult run_method(const Base& base, const data::Task& task, const MethodSp
                 if (best_lr == hi) next = hi * (hi / grid[grid.size() - 2]);
                 else if (best_lr == lo) next = lo / (grid[1] / lo);
                 else break;
-                fmt::print(stderr, "{} | lr search] best lr {:.0e} is at the grid's edge; trying {:.0e}\n", tag,
+                next = std::stod(fmt::format("{:.0e}", next));
+                fmt::print(stderr, "{} | lr search] best lr {} is at the grid's edge; trying {}\n", tag,
                            best_lr, next);
                 if (next > hi) grid.push_back(next); else grid.insert(grid.begin(), next);
                 try_lr(next);
             }
             if (best_lr == grid.front() || best_lr == grid.back()) {
-                res.flags.push_back(fmt::format("lr at grid edge: best lr {:.0e} is the edge of the searched grid", best_lr));
+                res.flags.push_back(fmt::format("lr at grid edge: best lr {} is the edge of the searched grid", best_lr));
                 fmt::print(stderr, "{} | lr search] warning: {}\n", tag, res.flags.back());
             }
         }
@@ -249,7 +253,7 @@ MethodResult run_method(const Base& base, const data::Task& task, const MethodSp
         const int64_t eval_every =
             budget.eval_every ? budget.eval_every : std::max<int64_t>(1, budget.steps / (budget.patience > 0 ? 20 : 5));
         TrainSummary s = train(r, task, tok, budget.steps, best_lr, budget.batch, budget.grad_accum, eval_every,
-                               budget.patience, seed, &res, fmt::format("{} | train lr {:.0e}] ", tag, best_lr));
+                               budget.patience, seed, &res, fmt::format("{} | train lr {}] ", tag, best_lr));
         if (!s.completed) fmt::print(stderr, "{}] stopped early: {}\n", tag, s.stop_reason);
         res.steps = s.steps;
         res.best_step = s.completed ? s.best_step : 0;  // the Trainer sets it only under patience
