@@ -18,7 +18,7 @@ public:
     ParamFormula formula(const GPTConfig& c) const override {
         const int64_t d = c.d_model, L = c.n_layers, V = c.vocab;
         int64_t count = V * d + c.max_seq * d + L * block_params(c) + 2 * d + (c.tie_embeddings ? 0 : V * d);
-        return {count, "V*d + S*d + L*(4d^2 + 2*d*F + F + 9d) + 2d" +
+        return {count, "V*d + P*d + L*(4d^2 + 2*d*F + F + 9d) + 2d" +
                            std::string(c.tie_embeddings ? "" : " + V*d (untied head)")};
     }
     // The base's weights are the parameters (report.cpp walks them as such).

@@ -144,7 +144,7 @@ struct StepWalk {
     }
 };
 
-// GPT's parameter count in closed form (no allocation): embeddings V*d + S*d,
+// GPT's parameter count in closed form (no allocation): embeddings V*d + P*d (P = max_seq),
 // per block 2 LayerNorms (4d), q,k,v,o (4d^2+4d), MLP (2*d*F + F + d); ln_f 2d;
 // an untied head V*d.
 int64_t base_param_count(const GPTConfig& c) {

@@ -166,7 +166,7 @@ std::string trainable_params_line(const peft::Adapter& adapter, const GPT& model
         {"r", own_int("r")},
         {"h", own_int("reparam_hidden")},
         {"V", c.vocab},
-        {"S", c.max_seq}};
+        {"P", c.max_seq}};
     std::string vals;
     for (auto& [sym, v] : values) {
         bool present = false;
