@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <map>
 #include <stdexcept>
 
 #include <fmt/format.h>
@@ -123,6 +124,18 @@ public:
         return best;
     }
 
+    // The answers of a flag: the one answer, or how many distinct ones and the
+    // most frequent (the first of equals in example order).
+    static std::string answers_in_words(const std::vector<std::string>& hyps) {
+        std::map<std::string, size_t> count;
+        for (const std::string& h : hyps) ++count[h];
+        if (count.size() == 1) return fmt::format("all \"{}\"", hyps[0]);
+        const std::string* most = &hyps[0];
+        for (const std::string& h : hyps)
+            if (count[h] > count[*most]) most = &h;
+        return fmt::format("{} distinct answers, most often \"{}\" ({} times)", count.size(), *most, count[*most]);
+    }
+
     Score score(const std::vector<Example>& ex, const std::vector<std::string>& hyps) const override {
         check_sizes("label_scorer", ex, hyps);
         std::vector<int> pred, gold;
@@ -138,12 +151,14 @@ public:
         Score s{"accuracy", accuracy(pred, gold), {}, {}};
         s.extra["macro_f1"] = macro_f1(pred, gold);
         // A classifier that answers one class for every example, said as such.
-        if (pred.size() > 1 && std::all_of(pred.begin(), pred.end(), [&](int p) { return p == pred[0]; }))
+        if (pred.size() > 1 && std::all_of(pred.begin(), pred.end(), [&](int p) { return p == pred[0]; })) {
             s.flags.push_back(pred[0] >= 0 ? fmt::format("single class: predicts \"{}\" for all {} examples",
                                                          words_[size_t(pred[0])], pred.size())
                                            : fmt::format("single class: answers no label word for all {} "
-                                                         "examples (\"{}\")",
-                                                         pred.size(), hyps[0]));
+                                                         "examples ({})",
+                                                         pred.size(), answers_in_words(hyps)));
+            s.flags_one_kind = true;
+        }
         return s;
     }
 

@@ -50,9 +50,13 @@ struct Score {
     std::map<std::string, double> extra;  // further metrics, e.g. "rouge_l", "macro_f1", "slot_error_rate"
     // Degenerate outcomes only the task can recognise, in words ("single class:
     // predicts \"positive\" for all 200 examples"); the harness adds the generic
-    // ones (empty or constant generations) and drops "constant output" when a
-    // task flag is present (it says the same more precisely).
+    // ones (empty or constant generations).
     std::vector<std::string> flags;
+    // A flag above already says every output is of one kind (a classifier's
+    // single class), so the harness drops its own "constant output", which
+    // would say the same less precisely. A flag about the metric (BLEU 0)
+    // leaves it.
+    bool flags_one_kind = false;
 };
 
 // A task's metric(s). generated[i] is the greedy continuation (decoded, EOS

@@ -326,6 +326,14 @@ TEST_CASE("classification files: labels from the data, label words, unseen label
     CHECK(s.extra.at("macro_f1") == Approx(1.0 / 3.0));
     CHECK(t.score(t.test, {"negative", "negative"}).flags ==
           std::vector<std::string>{"single class: predicts \"negative\" for all 2 examples"});
+    CHECK(t.score(t.test, {"negative", "negative"}).flags_one_kind);
+    CHECK_FALSE(t.score(t.test, {"negative", "positive"}).flags_one_kind);
+    // No label word in any answer: the answers in words, not the first one as if every example gave it.
+    CHECK(t.score(t.test, {"meh", "so so"}).flags ==
+          std::vector<std::string>{"single class: answers no label word for all 2 examples (2 distinct answers, most "
+                                   "often \"meh\" (1 times))"});
+    CHECK(t.score(t.test, {"meh", "meh"}).flags ==
+          std::vector<std::string>{"single class: answers no label word for all 2 examples (all \"meh\")"});
 
     o.test = tmp.file("te2.jsonl", "{\"text\": \"great\", \"label\": 1}\n{\"text\": \"odd\", \"label\": 2}\n");
     CHECK_THROWS_WITH(load_file_task(o), Contains("te2.jsonl:2: field 'label': label '2' never occurs in the training data"));

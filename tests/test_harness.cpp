@@ -418,6 +418,20 @@ TEST_CASE("degenerate generations are flagged: all empty, or all the same", "[ha
     REQUIRE(same.flags.size() == 1);
     CHECK_THAT(same.flags[0], Contains("constant output: all 3 generations are \"" + same.samples[0].second + "\""));
 
+    // A metric's own flag (BLEU 0 on a generation task) does not hide "constant output": once it did.
+    const data::Task e2e = data::make_task("e2e", 20, 4, 4, 1);
+    std::string e2e_text;
+    for (const data::Example& ex : e2e.train) e2e_text += data::format_example(ex) + "\n";
+    const data::WordTokenizer e2e_tok = data::WordTokenizer::build(e2e_text, 200);
+    c.vocab = e2e_tok.vocab_size();
+    harness::MethodResult e2e_same =
+        harness::evaluate(constant_model(e2e_tok.encode("the")[0]), nullptr, e2e_tok, e2e, 3, 3, "constant");
+    CHECK(std::count_if(e2e_same.flags.begin(), e2e_same.flags.end(),
+                        [](const std::string& f) { return f.rfind("constant output: all 3", 0) == 0; }) == 1);
+    CHECK(std::count_if(e2e_same.flags.begin(), e2e_same.flags.end(),
+                        [](const std::string& f) { return f.rfind("bleu 0", 0) == 0; }) == 1);
+    c.vocab = tok.vocab_size();
+
     harness::MethodResult empty = harness::evaluate(constant_model(tok.eos_id()), nullptr, tok, task, 3, 3, "empty");
     CHECK(empty.samples[0].second.empty());
     CHECK(empty.flags == std::vector<std::string>{"empty generations: all 3 outputs are empty"});

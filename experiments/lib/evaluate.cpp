@@ -121,7 +121,7 @@ void detail::score(Run& r, const data::Task& task, const data::Tokenizer& tok, i
     res.metric = sc.value;
     res.extra_metrics = sc.extra;
     // The task's own flag (e.g. a classifier answering one class) says more than "constant output".
-    if (!sc.flags.empty())
+    if (sc.flags_one_kind)
         std::erase_if(res.flags, [](const std::string& f) { return f.rfind("constant output", 0) == 0; });
     res.flags.insert(res.flags.end(), sc.flags.begin(), sc.flags.end());
 }
