@@ -2,6 +2,7 @@
 // GPT-2 directory or a peftlab checkpoint), with or without an adapter.
 //
 //   generate --base DIR --prompt "text" [--adapter DIR] [--max-new-tokens N]
+//   generate --base DIR --adapter DIR --source "input"   # framed as fine-tuning frames it
 //   generate --base DIR --input-ids 1,2,3 --dump-logits FILE.json   # JSON [T][V] floats
 //   generate --base DIR --encode "text"                             # JSON [ids] on stdout
 //   generate --base DIR --input-ids 1,2,3 [--max-new-tokens N]      # greedy ids as JSON, timing on stderr
@@ -19,15 +20,19 @@
 // The tokenizer is the GPT-2 BPE of the base directory (vocab.json +
 // merges.txt, or encoder.json + vocab.bpe), --tokenizer gpt2:DIR, or the one a
 // peftlab checkpoint records.
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include "autograd/tape.h"
 #include "datasets/gpt2_tokenizer.h"
+#include "datasets/task.h"
 #include "experiments/lib/flags.h"
 #include "experiments/lib/gguf_export.h"
 #include "experiments/lib/harness.h"
@@ -106,6 +111,8 @@ int main(int argc, char** argv) {
         ("adapter", "adapter directory (peftlab's or Hugging Face PEFT's)", cxxopts::value<std::string>())
         ("tokenizer", "gpt2:DIR (default: the base directory's GPT-2 files, or the tokenizer a checkpoint file records)", cxxopts::value<std::string>()->default_value(""))
         ("prompt", "text to continue", cxxopts::value<std::string>())  // method-names: the --prompt flag, no method
+        ("source", "a task input, framed as fine-tuning and eval frame it (BOS, the text, the separator ' => '); "
+                   "prints the answer, up to EOS", cxxopts::value<std::string>())
         ("max-new-tokens", "tokens to generate", cxxopts::value<std::string>()->default_value("32"))
         ("temperature", "0: greedy", cxxopts::value<std::string>()->default_value("0"))
         ("top-k", "sample among the k largest logits; 0: all", cxxopts::value<std::string>()->default_value("0"))
@@ -127,10 +134,12 @@ int main(int argc, char** argv) {
         flags::configure_threads(r.count("threads") ? std::optional<int64_t>(flags::int_flag(r, "threads", 0))
                                                     : std::nullopt);
         const bool gguf = r.count("gguf") || r.count("gguf-adapter");
-        const int modes = int(r.count("prompt")) + int(r.count("encode")) + int(r.count("input-ids")) +  // method-names: flags
+        const int modes = int(r.count("prompt")) + int(r.count("source")) + int(r.count("encode")) +  // method-names: flags
+                          int(r.count("input-ids")) +
                           int(gguf);
         if (modes != 1)
-            throw std::invalid_argument("give exactly one of --prompt, --input-ids, --encode, --gguf/--gguf-adapter");
+            throw std::invalid_argument(
+                "give exactly one of --prompt, --source, --input-ids, --encode, --gguf/--gguf-adapter");
         if (r.count("dump-logits") && !r.count("input-ids"))
             throw std::invalid_argument("--dump-logits needs --input-ids");
         const std::string gguf_type = r["gguf-type"].as<std::string>();
@@ -237,11 +246,53 @@ int main(int argc, char** argv) {
 
         auto tok = harness::base_tokenizer(r["tokenizer"].as<std::string>(), base_path);
         harness::check_tokenizer_fits(*tok, model->config().vocab, base_path);
-        const std::string text = r["prompt"].as<std::string>();  // method-names: the --prompt flag, no method
-        const std::vector<int32_t> prompt = tok->encode(text);
-        if (prompt.empty()) throw bad_flag("--prompt", text, "encodes to no tokens");
+        // --source: the prompt a fine-tuned adapter was trained to answer (datasets/task.h's framing).
+        const bool framed = r.count("source") > 0;
+        const std::string flag = framed ? "--source" : "--prompt";  // method-names: the --prompt flag, no method
+        const std::string text = r[flag.substr(2)].as<std::string>();
+        std::vector<int32_t> prompt = tok->encode(text);
+        if (prompt.empty() && !framed) throw bad_flag(flag, text, "encodes to no tokens");
+        if (framed) {
+            prompt.insert(prompt.begin(), tok->bos_id());
+            for (int32_t id : tok->encode(data::kSeparator)) prompt.push_back(id);
+        }
+        // A word vocabulary encodes a word it lacks as one unknown id: say which, as eval's flag does.
+        if (tok->unk_id() >= 0) {
+            std::vector<std::string> unknown;
+            std::istringstream words(text);
+            for (std::string w; words >> w;) {
+                const std::vector<int32_t> ids = tok->encode(w);
+                if (std::find(ids.begin(), ids.end(), tok->unk_id()) != ids.end()) unknown.push_back("'" + w + "'");
+            }
+            if (!unknown.empty())
+                fmt::print(stderr, "note: {} word(s) of {} are not in the base's vocabulary and encode as the unknown "
+                                   "id: {}\n", unknown.size(), flag, fmt::join(unknown, ", "));
+        }
         GenerateOptions g;
         g.max_new_tokens = int(flags::int_flag(r, "max-new-tokens", 1, std::numeric_limits<int>::max()));
+        const int64_t max_seq = model->config().max_seq;
+        if (framed && int64_t(prompt.size()) + g.max_new_tokens > max_seq) {
+            // As eval does (experiments/lib/evaluate.cpp): the source loses its first tokens, BOS stays.
+            const int64_t budget = max_seq - g.max_new_tokens;
+            const int64_t fixed = 1 + int64_t(tok->encode(data::kSeparator).size());
+            if (budget < fixed + 1)
+                throw bad_flag("--max-new-tokens", r["max-new-tokens"].as<std::string>(),
+                               fmt::format("leaves {} of the base's max_seq {} for the framed source, which needs at "
+                                           "least {}",
+                                           std::max<int64_t>(budget, 0), max_seq, fixed + 1));
+            const int64_t cut = int64_t(prompt.size()) - budget;
+            prompt.erase(prompt.begin() + 1, prompt.begin() + 1 + cut);
+            fmt::print(stderr, "note: --source lost its first {} tokens to leave room for {} new ones in max_seq {} "
+                               "(as eval cuts it)\n", cut, g.max_new_tokens, max_seq);
+        }
+        if (int64_t(prompt.size()) >= max_seq)
+            throw bad_flag(flag, text, fmt::format("{} tokens leave no room for a new one in the base's max_seq {}",
+                                                   prompt.size(), max_seq));
+        if (int64_t(prompt.size()) + g.max_new_tokens > max_seq)
+            throw bad_flag("--max-new-tokens", r["max-new-tokens"].as<std::string>(),
+                           fmt::format("the prompt's {} tokens + {} new exceed the base's max_seq {}: at most {} "
+                                       "new tokens fit",
+                                       prompt.size(), g.max_new_tokens, max_seq, max_seq - int64_t(prompt.size())));
         g.top_k = int(flags::int_flag(r, "top-k", 0, std::numeric_limits<int>::max()));
         g.seed = uint64_t(flags::int_flag(r, "seed", 0));
         const double temperature = flags::real_flag(r, "temperature");

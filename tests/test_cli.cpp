@@ -33,6 +33,7 @@
 
 using namespace peftlab;
 using Catch::Matchers::Contains;
+using Catch::Matchers::EndsWith;
 namespace fs = std::filesystem;
 
 namespace {
@@ -737,6 +738,33 @@ TEST_CASE("compare keeps the methods a previous run with the same settings finis
     REQUIRE(at != std::string::npos);
     CHECK(std::stod(recorded.out.substr(at + 10)) == Approx(lora.at("test_loss").get<double>()).epsilon(1e-4));
     CHECK_THAT(run(eval + " --seed 1", tmp.dir.string()).out, Contains("--seed 1: give --task or --train with it"));
+
+    // generate --source frames a task input as fine-tuning and eval do, so the
+    // adapter answers it as it did in the run's samples (once, only --prompt
+    // existed, which adds neither BOS nor the separator).
+    const int max_new = data::make_task("e2e", 4, 2, 2, 0).defaults.max_new_tokens;
+    for (const auto& sample : lora.at("samples")) {
+        const std::string source = sample.at("source");
+        Result framed = run(fmt::format("{} --base {} --adapter {} --source '{}' --max-new-tokens {} --threads 1",
+                                        bin("generate"), after.at("base").at("path").get<std::string>(),
+                                        lora.at("adapter_dir").get<std::string>(), source, max_new),
+                            tmp.dir.string());
+        INFO(framed.out);
+        REQUIRE(framed.rc == 0);
+        CHECK_THAT(framed.out, EndsWith(sample.at("generated").get<std::string>() + "\n"));
+    }
+    // A word the base's vocabulary lacks is named (it encodes as the unknown
+    // id), and a length that does not fit names the flag and what fits.
+    const std::string gen_base = fmt::format("{} --base {} --threads 1", bin("generate"),
+                                             after.at("base").at("path").get<std::string>());
+    Result unknown = run(gen_base + " --prompt 'zebraxyz the' --max-new-tokens 2", tmp.dir.string());
+    CHECK(unknown.rc == 0);
+    CHECK_THAT(unknown.out, Contains("note: 1 word(s) of --prompt are not in the base's vocabulary and encode as the "
+                                     "unknown id: 'zebraxyz'"));
+    Result too_long = run(gen_base + " --prompt 'the' --max-new-tokens 100", tmp.dir.string());
+    CHECK(too_long.rc == 2);
+    CHECK_THAT(too_long.out, Contains("--max-new-tokens '100': the prompt's 1 tokens + 100 new exceed the base's "
+                                      "max_seq 48: at most 47 new tokens fit"));
 
     // Different settings (here the seed) make the earlier results stale: everything trains again.
     Result reseeded = run(compare + " --methods lora --seed 1", tmp.dir.string());
