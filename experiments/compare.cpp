@@ -3,6 +3,7 @@
 // search for each), against two references: the unadapted base and full
 // fine-tuning of a randomly initialised model.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <filesystem>
 
@@ -120,6 +121,11 @@ int main(int argc, char** argv) {
             "plots:  {0}/loss_curves.png  {0}/valid_curves.png  {0}/metric_vs_params.png\n"
             "adapters: {0}/adapters/\n",
             a.out);
+        if (const std::vector<std::string> others = adapters_not_in(a.out, results); !others.empty())
+            fmt::print("note: {}/adapters/ also holds {} from an earlier run (no row of this results.json saved "
+                       "them): {}\n",
+                       a.out, others.size() == 1 ? "an adapter" : fmt::format("{} adapters", others.size()),
+                       fmt::join(others, ", "));
     } catch (const std::exception& e) {
         return world.fail("compare", e.what());
     }

@@ -770,6 +770,9 @@ TEST_CASE("compare keeps the methods a previous run with the same settings finis
     Result reseeded = run(compare + " --methods lora --seed 1", tmp.dir.string());
     REQUIRE(reseeded.rc == 0);
     CHECK_THAT(reseeded.out, Contains("[lora] start"));
+    // The earlier run's other adapters stay on disk, named as not this run's.
+    CHECK_THAT(reseeded.out, Contains("note: runs/c/adapters/ also holds 2 adapters from an earlier run (no row of this "
+                                      "results.json saved them): bitfit, prompt"));
     CHECK_THAT(reseeded.out, !Contains("finished in an earlier run"));
 }
 

@@ -299,6 +299,10 @@ MethodResult evaluate(std::unique_ptr<GPT> model, std::unique_ptr<peft::Adapter>
 std::string write_results(const std::string& dir, const std::string& experiment, const std::vector<MethodResult>& rs,
                           const nlohmann::json& extra);
 std::string results_table_md(const std::vector<MethodResult>& rs);
+// The directories under out_dir/adapters/ that no row of rs saved (an earlier
+// run's, with other settings or methods), sorted: run_method overwrites only
+// its own, so the run's summary names these rather than list them as its own.
+std::vector<std::string> adapters_not_in(const std::string& out_dir, const std::vector<MethodResult>& rs);
 // Early stopping (--patience, --pretrain-patience) in words for a report:
 // ", kept at the best of its valid-loss evaluations ..."; "" when patience is 0.
 std::string early_stopping_words(int64_t patience);

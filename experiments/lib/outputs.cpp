@@ -1,9 +1,11 @@
 // The files every run writes: results.json (MethodResult), metrics.csv,
 // the markdown table, plots (gnuplot), and reading an earlier run's results.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include <fmt/format.h>
 
@@ -142,6 +144,18 @@ std::string kept_update(const MethodResult& r) {
     return r.best_step > 0 ? fmt::format(" (update {} of {} run)", r.best_step, r.steps) : "";
 }
 }  // namespace
+
+std::vector<std::string> adapters_not_in(const std::string& out_dir, const std::vector<MethodResult>& rs) {
+    std::set<fs::path> saved;
+    for (const MethodResult& r : rs)
+        if (!r.adapter_dir.empty()) saved.insert(fs::path(r.adapter_dir).lexically_normal());
+    std::vector<std::string> others;
+    std::error_code ec;
+    for (const fs::directory_entry& e : fs::directory_iterator(fs::path(out_dir) / "adapters", ec))
+        if (e.is_directory(ec) && !saved.count(e.path().lexically_normal())) others.push_back(e.path().filename());
+    std::sort(others.begin(), others.end());
+    return others;
+}
 
 std::string results_table_md(const std::vector<MethodResult>& rs) {
     std::string s =
