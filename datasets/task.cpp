@@ -125,7 +125,7 @@ public:
     }
 
     // The answers of a flag: the one answer, or how many distinct ones and the
-    // most frequent (the first of equals in example order).
+    // most frequent (the first of equals in example order), if one repeats.
     static std::string answers_in_words(const std::vector<std::string>& hyps) {
         std::map<std::string, size_t> count;
         for (const std::string& h : hyps) ++count[h];
@@ -133,6 +133,7 @@ public:
         const std::string* most = &hyps[0];
         for (const std::string& h : hyps)
             if (count[h] > count[*most]) most = &h;
+        if (count[*most] == 1) return fmt::format("{} distinct answers, none repeated", count.size());
         return fmt::format("{} distinct answers, most often \"{}\" ({} times)", count.size(), *most, count[*most]);
     }
 

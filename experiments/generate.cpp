@@ -275,11 +275,11 @@ int main(int argc, char** argv) {
             // As eval does (experiments/lib/evaluate.cpp): the source loses its first tokens, BOS stays.
             const int64_t budget = max_seq - g.max_new_tokens;
             const int64_t fixed = 1 + int64_t(tok->encode(data::kSeparator).size());
-            if (budget < fixed + 1)
+            if (budget < fixed)
                 throw bad_flag("--max-new-tokens", r["max-new-tokens"].as<std::string>(),
-                               fmt::format("leaves {} of the base's max_seq {} for the framed source, which needs at "
-                                           "least {}",
-                                           std::max<int64_t>(budget, 0), max_seq, fixed + 1));
+                               fmt::format("leaves {} of the base's max_seq {} for the framed source, whose BOS and "
+                                           "separator alone take {}",
+                                           std::max<int64_t>(budget, 0), max_seq, fixed));
             const int64_t cut = int64_t(prompt.size()) - budget;
             prompt.erase(prompt.begin() + 1, prompt.begin() + 1 + cut);
             fmt::print(stderr, "note: --source lost its first {} tokens to leave room for {} new ones in max_seq {} "

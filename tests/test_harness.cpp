@@ -205,6 +205,17 @@ harness::Base untrained_base(const harness::CommonArgs& a, const std::string& di
 }
 }  // namespace
 
+TEST_CASE("adapters_not_in names the adapter directories no row saved, however --out was spelled", "[harness]") {
+    testing::TempDir tmp;
+    for (const char* label : {"lora", "prompt", "prefix"}) fs::create_directories(tmp.path("out/adapters/") + label);
+    std::vector<harness::MethodResult> rs(3);
+    rs[0].adapter_dir = tmp.path("out/adapters/lora");  // this run's
+    rs[1].adapter_dir = "elsewhere/then/adapters/prompt";  // kept from a run given another spelling of --out
+    // rs[2]: saved nothing (the unadapted base)
+    CHECK(harness::adapters_not_in(tmp.path("out"), rs) == std::vector<std::string>{"prefix"});
+    CHECK(harness::adapters_not_in(tmp.path("none"), rs).empty());
+}
+
 TEST_CASE("a split's loss is the mean over its target tokens, whatever the batch size", "[harness]") {
     testing::TempDir tmp;
     harness::CommonArgs a = parse({"--train", "tests/fixtures/data/restaurants.csv", "--input-field", "mr",

@@ -37,14 +37,12 @@ double detail::split_loss(Run& r, const std::vector<data::Example>& split, const
         data::Batch b =
             data::make_conditional_batch(split, idx, tok, int(r.model->config().max_seq), data::PadSide::Right);
         ModelInput in{b.B, b.T, b.tokens, b.positions, b.valid, b.source_len};
-        const double tokens = double(counted_targets(b.targets));
-        if (tokens == 0) continue;  // no target fits: nothing to average (the mean loss would be undefined)
+        const double tokens = double(counted_targets(b.targets));  // >= 1 a row: encode_example counts EOS
         total += r.model->loss(in, b.targets).item() * tokens;
         count += tokens;
     }
     comm.all_reduce_sum(sums, 2);
     r.model->train();
-    if (count == 0) throw std::runtime_error(fmt::format("split_loss: none of the {} examples has a target token", split.size()));
     return total / count;
 }
 double detail::valid_loss(Run& r, const data::Task& task, const data::Tokenizer& tok, int64_t batch) {

@@ -1,6 +1,7 @@
 // Fine-tuning one method from the base: the learning-rate search, training
 // at the best rate with its curves, a measured step, evaluation and the
 // saved adapter (run_method).
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -230,6 +231,7 @@ MethodResult run_method(const Base& base, const data::Task& task, const MethodSp
                 else if (best_lr == lo) next = lo / (grid[1] / lo);
                 else break;
                 next = std::stod(fmt::format("{:.0e}", next));
+                if (std::find(grid.begin(), grid.end(), next) != grid.end()) break;  // a grid finer than 1 digit
                 fmt::print(stderr, "{} | lr search] best lr {} is at the grid's edge; trying {}\n", tag,
                            best_lr, next);
                 if (next > hi) grid.push_back(next); else grid.insert(grid.begin(), next);

@@ -146,13 +146,15 @@ std::string kept_update(const MethodResult& r) {
 }  // namespace
 
 std::vector<std::string> adapters_not_in(const std::string& out_dir, const std::vector<MethodResult>& rs) {
-    std::set<fs::path> saved;
+    // By name: every row saves under <out>/adapters/<label>, and a row kept from an
+    // earlier run records the --out that run was given (relative, absolute, moved).
+    std::set<std::string> saved;
     for (const MethodResult& r : rs)
-        if (!r.adapter_dir.empty()) saved.insert(fs::path(r.adapter_dir).lexically_normal());
+        if (!r.adapter_dir.empty()) saved.insert(fs::path(r.adapter_dir).lexically_normal().filename());
     std::vector<std::string> others;
     std::error_code ec;
     for (const fs::directory_entry& e : fs::directory_iterator(fs::path(out_dir) / "adapters", ec))
-        if (e.is_directory(ec) && !saved.count(e.path().lexically_normal())) others.push_back(e.path().filename());
+        if (e.is_directory(ec) && !saved.count(e.path().filename())) others.push_back(e.path().filename());
     std::sort(others.begin(), others.end());
     return others;
 }

@@ -26,8 +26,7 @@ Run make_run(const Base& base, const MethodSpec& spec, uint64_t seed);
 NamedTensors trained_tensors(const Run& r);
 // Mean loss over every target token of a split (each batch's mean weighted by
 // its counted targets), computed in batches of `batch` examples: the same for
-// any batch size up to rounding. Throws std::runtime_error if no example has a
-// target token.
+// any batch size up to rounding.
 double split_loss(Run& r, const std::vector<data::Example>& split, const data::Tokenizer& tok, int64_t batch);
 double valid_loss(Run& r, const data::Task& task, const data::Tokenizer& tok, int64_t batch);
 // The task's metric(s) on greedy generations for the first n test examples,
