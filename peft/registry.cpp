@@ -16,7 +16,8 @@ namespace peftlab::peft {
     X("ia3", make_ia3, "(IA)^3 (Liu et al. 2022): learned scaling of k, v and the MLP inner activation, L*(2d + F)") \
     X("ln-tuning", make_ln_tuning, "LN-tuning (Qi et al. 2022): trained copies of the LayerNorm gains and biases, (2L+1)*2d") \
     X("p-tuning", make_p_tuning, "P-tuning (Liu et al. 2021): n virtual tokens from a prompt encoder (MLP or LSTM), n*d at inference") \
-    X("infix", make_infix, "infix tuning (Li & Liang 2021): the hidden-state prefix placed between source and target, L*n*d")
+    X("infix", make_infix, "infix tuning (Li & Liang 2021): the hidden-state prefix placed between source and target, L*n*d") \
+    X("vera", make_vera, "VeRA (Kopiczko et al. 2024): shared frozen random A, B; trained vectors lambda_d [r], lambda_b [out], L*(2r + 2d)")
 
 #define PEFTLAB_DECLARE(name, factory, description) std::unique_ptr<Adapter> factory(const AdapterOptions&);
 PEFTLAB_METHODS(PEFTLAB_DECLARE)
