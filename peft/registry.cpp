@@ -25,7 +25,7 @@ PEFTLAB_METHODS(PEFTLAB_DECLARE)
 
 namespace {
 std::vector<MethodInfo>& method_list() {
-#define PEFTLAB_ENTRY(name, factory, description) MethodInfo{name, description, factory},
+#define PEFTLAB_ENTRY(name, factory, description) MethodInfo{name, description, factory, true},
     static std::vector<MethodInfo> list{PEFTLAB_METHODS(PEFTLAB_ENTRY)};
 #undef PEFTLAB_ENTRY
     return list;
@@ -37,6 +37,7 @@ const std::vector<MethodInfo>& methods() { return method_list(); }
 void register_method(MethodInfo info) {
     if (info.name.empty()) throw std::invalid_argument("register_method: empty method name");
     if (!info.make) throw std::invalid_argument("register_method: method '" + info.name + "' has no factory");
+    info.builtin = false;
     for (const MethodInfo& m : methods())
         if (m.name == info.name) throw std::invalid_argument("register_method: method '" + info.name + "' is already registered");
     method_list().push_back(std::move(info));

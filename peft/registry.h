@@ -13,6 +13,7 @@ struct MethodInfo {
     std::string name;         // "prefix-kv"
     std::string description;  // one line, for --help and reports
     std::function<std::unique_ptr<Adapter>(const AdapterOptions&)> make;
+    bool builtin = false;  // in registry.cpp's list (not register_method's)
 };
 
 // The built-in methods (registry.cpp), then those registered at run time.
