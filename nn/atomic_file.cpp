@@ -76,7 +76,7 @@ void AtomicFile::commit() {
 
 void AtomicFile::remove_stale_temps(const std::filesystem::path& target) {
     namespace fs = std::filesystem;
-    const std::string prefix = "." + target.filename().string() + ".tmp.";
+    const std::string prefix = fmt::format(".{}.tmp.", target.filename().string());  // not "." + s: GCC 12 warns (-Wrestrict, a false positive)
     const fs::path dir = target.parent_path().empty() ? fs::path(".") : target.parent_path();
     std::error_code ec;
     for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
