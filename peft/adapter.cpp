@@ -264,7 +264,12 @@ void Adapter::merge() {
     if (!mergeable()) throw std::logic_error(fmt::format("{} adapter: cannot be merged into the base", method()));
     if (!base_) throw std::logic_error(fmt::format("{} adapter: merge() before attach()", method()));
     if (merged_) return;
-    merge_into_base();
+    try {
+        merge_into_base();
+    } catch (...) {  // a merge that stops half-way leaves the base as it was
+        put_back_merge_targets();
+        throw;
+    }
     merged_ = true;
     merge_stacks()[base_].push_back(this);
 }
@@ -277,9 +282,20 @@ void Adapter::unmerge() {
             "{} adapter: unmerge() out of order: a {} adapter was merged into the same base after this one and "
             "is still merged; unmerge it first",
             method(), stack.empty() ? std::string("?") : stack.back()->method()));
-    restore_base();
+    put_back_merge_targets();
     stack.pop_back();
     merged_ = false;
+}
+
+void Adapter::put_back_merge_targets() {
+    for (auto& [target, saved] : merge_saved_) target.copy_from(saved);
+    merge_saved_.clear();
+}
+
+Tensor Adapter::merge_target(const std::string& name) {
+    Tensor t = base_->parameter(name);
+    merge_saved_.emplace_back(t, t.clone());
+    return t;
 }
 
 void Adapter::set_own_options(const std::string& method, nlohmann::json canonical) {

@@ -252,10 +252,12 @@ public:
 protected:
     // Builds the tensors; base is already frozen and layers_ resolved.
     virtual void build(GPT& base) = 0;
-    // Folds the adapter into / out of the base weights (mergeable methods);
-    // restore must leave the weights bitwise as before the merge.
+    // Folds the adapter into the base weights (mergeable methods), changing
+    // in place only tensors taken with merge_target; unmerge() puts each back.
     virtual void merge_into_base() {}
-    virtual void restore_base() {}
+    // In merge_into_base: the base's tensor `name` ("blocks.0.attn.q_proj.weight")
+    // to change in place. A copy is kept, and unmerge() restores it bitwise.
+    Tensor merge_target(const std::string& name);
     // Registers a trainable tensor under its name.
     Tensor add_param(const std::string& name, Tensor t);
     // Keeps only this method's own section, `canonical` (MethodOptions::finish).
@@ -285,7 +287,10 @@ protected:
     std::vector<int> layers_;
 
 private:
+    // The merge_target tensors back as they were before the merge.
+    void put_back_merge_targets();
     bool merged_ = false;
+    std::vector<std::pair<Tensor, Tensor>> merge_saved_;  // (base tensor, its value before the merge)
 };
 
 }  // namespace peftlab::peft

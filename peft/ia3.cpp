@@ -290,9 +290,7 @@ protected:
     // Output scaling: W[o, :] *= l[o], b[o] *= l[o]; input scaling: W[:, i] *= l[i].
     void merge_into_base() override {
         for (auto& [path, s] : scales_) {
-            Tensor W = base_->parameter(path + ".weight"), b = base_->parameter(path + ".bias");
-            s.weight_copy = W.clone();
-            s.bias_copy = b.clone();
+            Tensor W = merge_target(path + ".weight"), b = merge_target(path + ".bias");
             const int64_t out = W.dim(0), in = W.dim(1);
             const float* l = s.l.data();
             for (int64_t o = 0; o < out; ++o)
@@ -301,19 +299,11 @@ protected:
                 for (int64_t o = 0; o < out; ++o) b.data()[o] *= l[o];
         }
     }
-    void restore_base() override {
-        for (auto& [path, s] : scales_) {
-            base_->parameter(path + ".weight").copy_from(s.weight_copy);
-            base_->parameter(path + ".bias").copy_from(s.bias_copy);
-            s.weight_copy = s.bias_copy = Tensor();
-        }
-    }
 
 private:
     struct Scale {
         Tensor l;  // [out], or [in] for a feed-forward module
         bool feedforward = false;
-        Tensor weight_copy, bias_copy;  // the base's W and b before merge
     };
     const Scale* find(const std::string& path) const {
         if (merged()) return nullptr;

@@ -153,25 +153,15 @@ protected:
     // The base's LayerNorm takes the trained copy (PEFT's LNTuningLayer.merge swaps the two).
     void merge_into_base() override {
         for (auto& [path, n] : norms_) {
-            Tensor w = base_->parameter(path + ".weight"), b = base_->parameter(path + ".bias");
-            n.weight_copy = w.clone();
-            n.bias_copy = b.clone();
+            Tensor w = merge_target(path + ".weight"), b = merge_target(path + ".bias");
             w.copy_from(n.weight);
             b.copy_from(n.bias);
-        }
-    }
-    void restore_base() override {
-        for (auto& [path, n] : norms_) {
-            base_->parameter(path + ".weight").copy_from(n.weight_copy);
-            base_->parameter(path + ".bias").copy_from(n.bias_copy);
-            n.weight_copy = n.bias_copy = Tensor();
         }
     }
 
 private:
     struct Norm {
-        Tensor weight, bias;            // [d], trained
-        Tensor weight_copy, bias_copy;  // the base's before merge
+        Tensor weight, bias;  // [d], trained
     };
     int64_t in_block_targets() const {
         return int64_t(std::count(targets_.begin(), targets_.end(), "ln1") + std::count(targets_.begin(), targets_.end(), "ln2"));

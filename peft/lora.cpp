@@ -418,23 +418,15 @@ protected:
     void merge_into_base() override {
         NoGradGuard no_grad;
         for (auto& [path, p] : pairs_) {
-            Tensor W = base_->parameter(path + ".weight");
-            p.base_copy = W.clone();
+            Tensor W = merge_target(path + ".weight");
             Tensor delta = mul_scalar(matmul(p.B, p.A), scale());  // [out, in]
             for (int64_t i = 0; i < W.numel(); ++i) W.data()[i] += delta.data()[i];
-        }
-    }
-    void restore_base() override {
-        for (auto& [path, p] : pairs_) {
-            base_->parameter(path + ".weight").copy_from(p.base_copy);
-            p.base_copy = Tensor();
         }
     }
 
 private:
     struct Pair {
-        Tensor A, B;       // [r, in], [out, r]
-        Tensor base_copy;  // W before merge
+        Tensor A, B;  // [r, in], [out, r]
     };
     float scale() const { return alpha_ / float(rank_); }
     // A GPT-2 module and the indices (into module->linears) of our targets it holds.

@@ -158,12 +158,11 @@ protected:
             vecs_.emplace(path, v);
         }
     }
-    // W += (lambda_b * B) (lambda_d * A); restore puts the saved W back bitwise.
+    // W += (lambda_b * B) (lambda_d * A); unmerge() puts the saved W back bitwise.
     void merge_into_base() override {
         NoGradGuard no_grad;
         for (auto& [path, v] : vecs_) {
-            Tensor W = base_->parameter(path + ".weight");
-            v.base_copy = W.clone();
+            Tensor W = merge_target(path + ".weight");
             const int64_t out = W.dim(0), in = W.dim(1);
             // (lambda_b * B) [out, r] and (lambda_d * A) [r, in], then their product.
             Tensor bs = Tensor::empty({out, rank_}), as = Tensor::empty({rank_, in});
@@ -175,18 +174,11 @@ protected:
             for (int64_t i = 0; i < W.numel(); ++i) W.data()[i] += delta.data()[i];
         }
     }
-    void restore_base() override {
-        for (auto& [path, v] : vecs_) {
-            base_->parameter(path + ".weight").copy_from(v.base_copy);
-            v.base_copy = Tensor();
-        }
-    }
 
 private:
     struct Vectors {
         Tensor A, B;                // frozen slices of the shared pair: [r, in], [out, r]
         Tensor lambda_d, lambda_b;  // trainable: [r], [out]
-        Tensor base_copy;           // W before merge
     };
     // The target name of a Linear path in a chosen layer ("blocks.1.attn.v_proj" -> "v_proj"), "" if none.
     std::string target_of(const GPTConfig& c, const std::string& path) const {

@@ -94,6 +94,43 @@ std::unique_ptr<GPT> sharp() { return testing::sharp_model(small_gpt(40, 32), 3,
 
 }  // namespace
 
+// A mergeable method whose merge fails half-way: it has changed one base
+// tensor (taken with merge_target) when it throws, as a merge running out of
+// memory on its second weight would.
+class HalfMerge : public Adapter {
+public:
+    HalfMerge() : Adapter(AdapterOptions{}) {}
+    std::string method() const override { return "half-merge"; }
+    ParamFormula formula(const GPTConfig&) const override { return {0, "0"}; }
+    std::vector<double> lr_grid() const override { return {1e-3}; }
+    bool mergeable() const override { return true; }
+    std::vector<cost::ParamGroup> cost_groups(const GPTConfig&) const override { return {}; }
+
+protected:
+    void build(GPT&) override {}
+    void merge_into_base() override {
+        Tensor W = merge_target("blocks.0.attn.q_proj.weight");
+        std::fill(W.data(), W.data() + W.numel(), 7.f);
+        merge_target("blocks.0.attn.k_proj.weight");
+        throw std::runtime_error("out of memory on the second weight");
+    }
+};
+
+TEST_CASE("extension: a merge that throws half-way leaves the base bitwise as it was", "[extension]") {
+    GPT base(small_gpt(40, 16), 3);
+    std::vector<std::vector<float>> before;
+    for (const auto& [name, t] : base.named_parameters()) before.push_back(t.to_vector());
+    HalfMerge a;
+    a.attach(base);
+    CHECK_THROWS_WITH(a.merge(), "out of memory on the second weight");
+    CHECK_FALSE(a.merged());
+    size_t i = 0;
+    for (const auto& [name, t] : base.named_parameters()) {
+        INFO(name);
+        CHECK(t.to_vector() == before[i++]);
+    }
+}
+
 TEST_CASE("extension: a method registered at run time is available everywhere by name", "[extension]") {
     REQUIRE(kRegistered);
     const auto names = method_names();
