@@ -264,12 +264,15 @@ void Adapter::merge() {
     if (!mergeable()) throw std::logic_error(fmt::format("{} adapter: cannot be merged into the base", method()));
     if (!base_) throw std::logic_error(fmt::format("{} adapter: merge() before attach()", method()));
     if (merged_) return;
+    merging_ = true;
     try {
         merge_into_base();
     } catch (...) {  // a merge that stops half-way leaves the base as it was
+        merging_ = false;
         put_back_merge_targets();
         throw;
     }
+    merging_ = false;
     merged_ = true;
     merge_stacks()[base_].push_back(this);
 }
@@ -288,11 +291,14 @@ void Adapter::unmerge() {
 }
 
 void Adapter::put_back_merge_targets() {
-    for (auto& [target, saved] : merge_saved_) target.copy_from(saved);
+    // Newest first: a tensor taken twice gets its first copy, the value before the merge, last.
+    for (auto it = merge_saved_.rbegin(); it != merge_saved_.rend(); ++it) it->first.copy_from(it->second);
     merge_saved_.clear();
 }
 
 Tensor Adapter::merge_target(const std::string& name) {
+    if (!merging_)
+        throw std::logic_error(fmt::format("{} adapter: merge_target('{}') outside merge_into_base", method(), name));
     Tensor t = base_->parameter(name);
     merge_saved_.emplace_back(t, t.clone());
     return t;

@@ -257,6 +257,7 @@ protected:
     virtual void merge_into_base() {}
     // In merge_into_base: the base's tensor `name` ("blocks.0.attn.q_proj.weight")
     // to change in place. A copy is kept, and unmerge() restores it bitwise.
+    // Throws std::logic_error when called outside merge_into_base.
     Tensor merge_target(const std::string& name);
     // Registers a trainable tensor under its name.
     Tensor add_param(const std::string& name, Tensor t);
@@ -290,6 +291,7 @@ private:
     // The merge_target tensors back as they were before the merge.
     void put_back_merge_targets();
     bool merged_ = false;
+    bool merging_ = false;  // inside merge_into_base: merge_target may be called
     std::vector<std::pair<Tensor, Tensor>> merge_saved_;  // (base tensor, its value before the merge)
 };
 

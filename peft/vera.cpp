@@ -20,8 +20,11 @@
 // L*(2r + 2d) by default (PEFT: vera_lambda_d [r] + vera_lambda_b [out]).
 // Mergeable: W += (lambda_b * B[:out, :]) (lambda_d * A[:, :in]).
 // No Hugging Face export: PEFT's VERA on GPT-2 adapts the fused c_attn (one
-// lambda_d for q, k and v together), which separate q and v adapters cannot
-// be written as in general.
+// lambda_d for q, k and v together: L*(r + 3d) by default there), which
+// separate q and v adapters cannot be written as in general. Not offered
+// (refused as unknown keys): vera_dropout, bias, init_weights, fan_in_fan_out
+// and save_projection; A and B are never stored (PEFT's default
+// save_projection=True writes them into the adapter file).
 #include <algorithm>
 #include <cmath>
 #include <map>

@@ -90,10 +90,6 @@ AdapterOptions toy_options(const std::string& layers, uint64_t seed) {
     return o;
 }
 
-std::unique_ptr<GPT> sharp() { return testing::sharp_model(small_gpt(40, 32), 3, 6.f); }
-
-}  // namespace
-
 // A mergeable method whose merge fails half-way: it has changed one base
 // tensor (taken with merge_target) when it throws, as a merge running out of
 // memory on its second weight would.
@@ -106,15 +102,25 @@ public:
     bool mergeable() const override { return true; }
     std::vector<cost::ParamGroup> cost_groups(const GPTConfig&) const override { return {}; }
 
+    // merge_target outside merge_into_base: refused.
+    Tensor take_outside_merge() { return merge_target("blocks.0.attn.q_proj.weight"); }
+
 protected:
     void build(GPT&) override {}
     void merge_into_base() override {
         Tensor W = merge_target("blocks.0.attn.q_proj.weight");
         std::fill(W.data(), W.data() + W.numel(), 7.f);
+        // Taken again, changed again: the first copy (the value before the merge) must be the one restored.
+        Tensor again = merge_target("blocks.0.attn.q_proj.weight");
+        std::fill(again.data(), again.data() + again.numel(), 9.f);
         merge_target("blocks.0.attn.k_proj.weight");
         throw std::runtime_error("out of memory on the second weight");
     }
 };
+
+std::unique_ptr<GPT> sharp() { return testing::sharp_model(small_gpt(40, 32), 3, 6.f); }
+
+}  // namespace
 
 TEST_CASE("extension: a merge that throws half-way leaves the base bitwise as it was", "[extension]") {
     GPT base(small_gpt(40, 16), 3);
@@ -124,6 +130,7 @@ TEST_CASE("extension: a merge that throws half-way leaves the base bitwise as it
     a.attach(base);
     CHECK_THROWS_WITH(a.merge(), "out of memory on the second weight");
     CHECK_FALSE(a.merged());
+    CHECK_THROWS_WITH(a.take_outside_merge(), Contains("outside merge_into_base"));
     size_t i = 0;
     for (const auto& [name, t] : base.named_parameters()) {
         INFO(name);
