@@ -31,6 +31,7 @@
 #include <nlohmann/json.hpp>
 
 #include "autograd/tape.h"
+#include "datasets/batch.h"
 #include "datasets/gpt2_tokenizer.h"
 #include "datasets/task.h"
 #include "experiments/lib/flags.h"
@@ -252,10 +253,6 @@ int main(int argc, char** argv) {
         const std::string text = r[flag.substr(2)].as<std::string>();
         std::vector<int32_t> prompt = tok->encode(text);
         if (prompt.empty() && !framed) throw bad_flag(flag, text, "encodes to no tokens");
-        if (framed) {
-            prompt.insert(prompt.begin(), tok->bos_id());
-            for (int32_t id : tok->encode(data::kSeparator)) prompt.push_back(id);
-        }
         // A word vocabulary encodes a word it lacks as one unknown id: say which, as eval's flag does.
         if (tok->unk_id() >= 0) {
             std::vector<std::string> unknown;
@@ -271,8 +268,9 @@ int main(int argc, char** argv) {
         GenerateOptions g;
         g.max_new_tokens = int(flags::int_flag(r, "max-new-tokens", 1, std::numeric_limits<int>::max()));
         const int64_t max_seq = model->config().max_seq;
-        if (framed && int64_t(prompt.size()) + g.max_new_tokens > max_seq) {
-            // As eval does (experiments/lib/evaluate.cpp): the source loses its first tokens, BOS stays.
+        if (framed) {
+            // The prompt of encode_example (BOS, source, separator), in the budget the new tokens leave;
+            // as eval does (experiments/lib/evaluate.cpp), the source loses its first tokens to fit.
             const int64_t budget = max_seq - g.max_new_tokens;
             const int64_t fixed = 1 + int64_t(tok->encode(data::kSeparator).size());
             if (budget < fixed)
@@ -280,10 +278,12 @@ int main(int argc, char** argv) {
                                fmt::format("leaves {} of the base's max_seq {} for the framed source, whose BOS and "
                                            "separator alone take {}",
                                            std::max<int64_t>(budget, 0), max_seq, fixed));
-            const int64_t cut = int64_t(prompt.size()) - budget;
-            prompt.erase(prompt.begin() + 1, prompt.begin() + 1 + cut);
-            fmt::print(stderr, "note: --source lost its first {} tokens to leave room for {} new ones in max_seq {} "
-                               "(as eval cuts it)\n", cut, g.max_new_tokens, max_seq);
+            const size_t source_tokens = prompt.size();
+            const data::EncodedExample e = data::encode_example({text, ""}, *tok, int(budget));
+            prompt.assign(e.tokens.begin(), e.tokens.begin() + long(e.target_start));
+            if (const size_t kept = prompt.size() - size_t(fixed); kept < source_tokens)
+                fmt::print(stderr, "note: --source lost its first {} tokens to leave room for {} new ones in max_seq "
+                                   "{} (as eval cuts it)\n", source_tokens - kept, g.max_new_tokens, max_seq);
         }
         if (int64_t(prompt.size()) >= max_seq)
             throw bad_flag(flag, text, fmt::format("{} tokens leave no room for a new one in the base's max_seq {}",

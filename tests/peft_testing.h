@@ -9,6 +9,7 @@
 #include "autograd/ops.h"
 #include "autograd/tape.h"
 #include "nn/gpt.h"
+#include "nn/optim.h"
 #include "tests/testing.h"
 
 namespace peftlab::peft_testing {
@@ -105,6 +106,21 @@ inline int64_t total_numel(const NamedTensors& tensors) {
 
 inline void zero_grads(const NamedTensors& tensors) {
     for (const auto& [name, t] : tensors) Tensor(t).zero_grad();
+}
+
+// `steps` updates of opt on one fixed batch through base (with whatever hooks
+// it has); returns each step's loss, taken before its update.
+inline std::vector<float> losses_of_steps(GPT& base, AdamW& opt, const ModelInput& in,
+                                          const std::vector<int32_t>& targets, int steps) {
+    std::vector<float> losses;
+    for (int s = 0; s < steps; ++s) {
+        opt.zero_grad();
+        Tensor loss = lm_loss(base.forward(in), targets);
+        losses.push_back(loss.item());
+        backward(loss);
+        opt.step();
+    }
+    return losses;
 }
 
 }  // namespace peftlab::peft_testing

@@ -19,6 +19,7 @@
 #include "peft/registry.h"
 #include "peft/report.h"
 #include "peft/serve.h"
+#include "tests/peft_testing.h"
 #include "tests/testing.h"
 
 using namespace peftlab;
@@ -267,14 +268,7 @@ TEST_CASE("extension: a short fine-tuning run trains only the toy's tensors, wit
         in.tokens.push_back(int32_t(rng.below(40)));
         targets.push_back(int32_t(rng.below(40)));
     }
-    std::vector<float> losses;
-    for (int step = 0; step < 8; ++step) {
-        opt.zero_grad();
-        Tensor loss = lm_loss(base.forward(in), targets);
-        losses.push_back(loss.item());
-        backward(loss);
-        opt.step();
-    }
+    const std::vector<float> losses = peft_testing::losses_of_steps(base, opt, in, targets, 8);
     base.set_hooks(nullptr);
     CHECK(losses.back() < losses.front());
     for (size_t i = 0; i < before.size(); ++i) CHECK(before[i].second.to_vector() == base_values[i]);  // base frozen

@@ -49,14 +49,7 @@ std::vector<float> train(GPT& base, Adapter& adapter, int steps) {
     o.lr = 1e-2;
     AdamW opt(adapter.parameters(), o);
     Batch b = make_batch(99);
-    std::vector<float> losses;
-    for (int s = 0; s < steps; ++s) {
-        opt.zero_grad();
-        Tensor loss = lm_loss(base.forward(b.in), b.targets);
-        losses.push_back(loss.item());
-        backward(loss);
-        opt.step();
-    }
+    const std::vector<float> losses = losses_of_steps(base, opt, b.in, b.targets, steps);
     base.set_hooks(nullptr);
     return losses;
 }

@@ -212,14 +212,7 @@ TEST_CASE("vera: training moves only the vectors: base and shared pair bitwise u
     AdamWOptions o;
     o.lr = 3e-2;
     AdamW opt(a->parameters(), o);
-    std::vector<float> losses;
-    for (int s = 0; s < 8; ++s) {
-        opt.zero_grad();
-        Tensor loss = lm_loss(base.forward(in), targets);
-        losses.push_back(loss.item());
-        backward(loss);
-        opt.step();
-    }
+    const std::vector<float> losses = losses_of_steps(base, opt, in, targets, 8);
     base.set_hooks(nullptr);
     CHECK(losses.back() < losses.front());
     for (size_t i = 0; i < original.size(); ++i) {
